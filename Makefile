@@ -1,0 +1,53 @@
+# Two commands matter: `make demo` (the main job, end to end on real data) and `make test`.
+# Both create .venv from requirements.lock when it is missing or older than the lock.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data/marketplace
+export DATA
+
+.PHONY: venv test test-all demo protos lock up down status bench-quick compose-check clean
+
+$(VENV)/.installed: requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	@touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest
+
+test-all: venv
+	$(PY) -m pytest -m ""
+
+demo: venv
+	$(PY) -m scripts.demo --data "$(DATA)"
+
+protos: venv
+	$(PY) -m scripts.gen_protos
+
+lock: venv
+	$(PY) -m pip install --quiet -r requirements.in
+	{ echo "# Fully pinned environment for the whole repo (pip freeze of requirements.in). Regenerate: make lock"; \
+	  $(PY) -m pip freeze; } > requirements.lock
+
+up: venv
+	$(PY) -m scripts.stack up
+
+down: venv
+	$(PY) -m scripts.stack down
+
+status: venv
+	$(PY) -m scripts.stack status
+
+bench-quick: venv
+	for b in accuracy embedder indexer gateway search_quality reliability; do \
+	  $(PY) -m benchmarks.$$b --quick || exit 1; done
+
+compose-check: venv
+	bash scripts/compose_check.sh
+
+clean:
+	rm -rf build run

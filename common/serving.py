@@ -1,0 +1,152 @@
+"""What every gRPC server of the stack shares: health, reflection, limits, request logging,
+error mapping and graceful shutdown.
+
+Servicers stay thin and never need to know about these; a service calls ``create_server`` with
+its servicers, marks itself SERVING once its model or index is loaded, and ``serve_until_signal``.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import logs
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits set deliberately on every server (not gRPC's 4 MiB default by accident)."""
+
+    max_receive_bytes: int = 16 * MiB
+    max_send_bytes: int = 16 * MiB
+    max_concurrent_rpcs: int = 64
+    max_workers: int = 16
+
+
+@dataclass
+class Server:
+    """A started gRPC server, the port it bound and its health servicer."""
+
+    grpc_server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service_names: list[str] = field(default_factory=list)
+
+    def set_serving(self, serving: bool = True) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        self.set_serving(False)
+        self.grpc_server.stop(grace).wait()
+
+
+class RequestContextInterceptor(grpc.ServerInterceptor):
+    """Per request: take or create the request id, log one line at debug level, and turn any
+    uncaught exception into INTERNAL with its message instead of a bare UNKNOWN."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        behaviour = handler.unary_unary
+
+        def wrapped(request, context):
+            token = logs.set_request_id(metadata.get(logs.REQUEST_ID_KEY) or logs.new_request_id())
+            start = time.perf_counter()
+            try:
+                return behaviour(request, context)
+            except Exception as exc:
+                if context.code() is None:  # not an intentional abort
+                    log.exception("unhandled error in %s", method)
+                    context.abort(grpc.StatusCode.INTERNAL,
+                                  f"internal error in {method}: {type(exc).__name__}: {exc}")
+                raise
+            finally:
+                code = context.code() or grpc.StatusCode.OK
+                log.debug("rpc", extra={"fields": {
+                    "method": method, "code": code.name,
+                    "ms": round((time.perf_counter() - start) * 1000, 2)}})
+                logs.reset_request_id(token)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def create_server(
+    register: Callable[[grpc.Server], Iterable[str]],
+    address: str = "127.0.0.1:0",
+    *,
+    limits: ServerLimits = ServerLimits(),
+    interceptors: Iterable[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> Server:
+    """Build and start a server on ``address`` (port 0 picks a free port).
+
+    ``register`` adds the service's servicers and returns their full service names, which get
+    health entries (NOT_SERVING until the caller says otherwise) and reflection.
+    """
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.max_workers),
+        interceptors=[RequestContextInterceptor(), *interceptors],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", limits.max_receive_bytes),
+            ("grpc.max_send_message_length", limits.max_send_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    service_names = list(register(grpc_server))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
+    if credentials is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    grpc_server.start()
+    server = Server(grpc_server, port, health_servicer, service_names)
+    server.set_serving(False)
+    return server
+
+
+def serve_until_signal(server: Server, *, grace: float = 5.0,
+                       on_stop: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or SIGINT, then stop accepting work, let in-flight RPCs finish for
+    ``grace`` seconds and run ``on_stop`` (e.g. a final snapshot)."""
+    stopping = threading.Event()
+
+    def handle(signum, _frame):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    while not stopping.wait(0.5):
+        pass
+    server.stop(grace)
+    if on_stop is not None:
+        on_stop()
+    log.info("stopped")
