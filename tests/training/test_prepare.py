@@ -1,0 +1,369 @@
+"""training.prepare: tabular cleaning, the join, photo cleaning, leak-free splits.
+
+Small fixtures are built by the tests themselves; the last test runs against the
+real shared data when it is present (and is skipped with a reason otherwise).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from training import prepare as prep
+from training.dataset import (
+    IMAGE_COLUMNS,
+    LISTING_COLUMNS,
+    SHARED_DATA_DIR,
+    CategoryLabels,
+    DataNotFoundError,
+    data_dir_default,
+    load_prepared,
+)
+
+HEADER = ",id,product_name,category,product_description,price,location\n"
+
+
+def listing_line(index: int, pid: str, title: str, category: str, description: str, price: str,
+                 town: str = "Leeds, West Yorkshire") -> str:
+    """One raw Products.csv line in the course format: quoted only when it holds a
+    comma, so a bare \r can sit unquoted, as in the real file."""
+    name = f"{title} | in {town} | Gumtree"
+    cells = [str(index), pid, name, category, description, price, town]
+    return ",".join(f'"{c}"' if "," in c else c for c in cells) + "\n"
+
+
+def jpeg(img: Image.Image, **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **params)
+    return buf.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ prices, titles
+
+
+@pytest.mark.parametrize(
+    "raw, value, currency",
+    [
+        ("£5.00", 5.0, "GBP"),
+        ("£1,900.00", 1900.0, "GBP"),
+        ("£10,000,000.00", 10_000_000.0, "GBP"),
+        ("1,234", 1234.0, "GBP"),  # bare number: the default currency
+        ("$25", 25.0, "USD"),
+        ("€3.50", 3.5, "EUR"),
+        ("25 GBP", 25.0, "GBP"),
+        (" £0.00 ", 0.0, "GBP"),
+        ("-£5", -5.0, "GBP"),
+        ("Free", None, ""),
+        ("£", None, ""),
+        ("", None, ""),
+        ("1,90", None, ""),  # a comma that is not a thousands separator
+        ("£1,900.00 ono", None, ""),
+    ],
+)
+def test_parse_price(raw: str, value: float | None, currency: str) -> None:
+    parsed = prep.parse_price(raw)
+    assert (parsed.value, parsed.currency) == (value, currency)
+
+
+@pytest.mark.parametrize(
+    "value, flag",
+    [(5.0, ""), (0.0, "zero"), (None, "unparseable"), (float("nan"), "unparseable"),
+     (100_000.0, ""), (100_000.01, "absurd"), (-5.0, "absurd")],
+)
+def test_price_flag(value: float | None, flag: str) -> None:
+    assert prep.price_flag(value, absurd_price=100_000) == flag
+
+
+def test_split_title_and_main_category() -> None:
+    assert prep.split_title("Sofa | in Leeds, West Yorkshire | Gumtree") == ("Sofa", "Leeds, West Yorkshire")
+    assert prep.split_title("Desk | chair | in Bath | Gumtree") == ("Desk | chair", "Bath")
+    assert prep.split_title("No suffix here") == ("No suffix here", None)
+    assert prep.main_category_of("Home & Garden / Garden & Patio / Sheds") == "Home & Garden"
+    assert prep.main_category_of("Other Goods") == "Other Goods"
+
+
+# ------------------------------------------------------------------ reading and cleaning
+
+
+def write_products(path: Path, lines: list[str]) -> None:
+    path.write_bytes((HEADER + "".join(lines)).encode("utf-8"))
+
+
+def test_row_broken_by_carriage_return_is_read_as_one_row(tmp_path: Path) -> None:
+    path = tmp_path / "Products.csv"
+    write_products(path, [
+        listing_line(0, "p0", "Logs", "Home & Garden / Other", "Seasoned\rDumpy bags\rFree delivery", "£80.00"),
+        listing_line(1, "p1", "Table", "Home & Garden / Other", "Quoted, with comma\rand a CR", "£1,900.00"),
+        listing_line(2, "p2", "Lamp", "Home & Garden / Other", "plain", "£5.00"),
+    ])
+    broken = pd.read_csv(path)  # the course's reader: \r ends a row
+    assert len(broken) > 3 and broken.isna().any().any()
+    raw, errors = prep.read_table(path, ["id", "price"])
+    assert len(raw) == 3 and errors == []
+    listings, report = prep.clean_listings(raw)
+    assert report["dropped"] == []
+    assert listings.loc[0, "description"] == "Seasoned\nDumpy bags\nFree delivery"
+    assert listings["price"].tolist() == [80.0, 1900.0, 5.0]
+
+
+def test_crlf_file_and_overlong_line_are_handled_and_reported(tmp_path: Path) -> None:
+    path = tmp_path / "Products.csv"
+    body = HEADER + listing_line(0, "p0", "Lamp", "Appliances / Lamps", "ok", "£5.00")
+    body += "1,p1,Extra | in Bath | Gumtree,Appliances,d,£1.00,Bath,UNEXPECTED\n"
+    path.write_bytes(body.replace("\n", "\r\n").encode())
+    raw, errors = prep.read_table(path, ["id", "location"])
+    assert list(raw.columns)[-1] == "location" and raw.loc[0, "location"] == "Leeds, West Yorkshire"
+    assert len(raw) == 1 and len(errors) == 1 and "expected 7 fields" in errors[0]
+
+
+def test_clean_listings_drops_only_incomplete_rows_and_flags_prices(tmp_path: Path) -> None:
+    path = tmp_path / "Products.csv"
+    write_products(path, [
+        listing_line(0, "p0", "Lamp", "Appliances / Lamps", "ok", "£5.00"),
+        listing_line(1, "p1", "No category", "", "ok", "£5.00"),
+        listing_line(2, "p2", "Free bed", "Home & Garden / Beds", "ok", "Free"),
+        listing_line(3, "p3", "Bike", "Sports, Leisure & Travel / Bicycles", "ok", "£10,000,000.00"),
+        listing_line(4, "p4", "Chair", "Home & Garden / Chairs", "", "£0.00"),
+        listing_line(5, "p0", "Lamp again", "Appliances / Lamps", "dup", "£6.00"),
+    ])
+    raw, _ = prep.read_table(path, ["id"])
+    listings, report = prep.clean_listings(raw, absurd_price=100_000)
+    assert list(listings.columns) == list(LISTING_COLUMNS)
+    assert listings["product_id"].tolist() == ["p0", "p2", "p3", "p4"]
+    reasons = {d["reason"]: (d["count"], d["examples"]) for d in report["dropped"]}
+    assert reasons == {"missing category": (1, ["p1"]), "duplicate product_id (first kept)": (1, ["p0"])}
+    by_id = listings.set_index("product_id")
+    assert np.isnan(by_id.at["p2", "price"]) and by_id.at["p2", "price_flag"] == "unparseable"
+    assert by_id.at["p2", "currency"] == ""
+    assert by_id.at["p3", "price_flag"] == "absurd" and by_id.at["p4", "price_flag"] == "zero"
+    assert by_id.at["p0", "title"] == "Lamp" and by_id.at["p0", "location"] == "Leeds, West Yorkshire"
+    assert by_id.at["p3", "main_category"] == "Sports, Leisure & Travel"
+    assert by_id.at["p3", "category"] == "Sports, Leisure & Travel / Bicycles"
+    prices = report["prices"]
+    assert (prices["unparseable"], prices["zero"], prices["absurd"]) == (1, 1, 1)
+    assert prices["unparseable_examples"] == ["p2: 'Free'"]
+
+
+def test_category_labels_round_trip(tmp_path: Path) -> None:
+    labels = CategoryLabels.from_names(["b", "a", "c", "a"])
+    labels.save(tmp_path / "labels.json")
+    assert json.loads((tmp_path / "labels.json").read_text()) == {"version": 1, "categories": ["a", "b", "c"]}
+    loaded = CategoryLabels.load(tmp_path / "labels.json")
+    assert loaded.encode("c") == 2 and loaded.decode(0) == "a"
+    with pytest.raises(KeyError):
+        loaded.encode("zzz")
+
+
+# ------------------------------------------------------------------ splits
+
+
+def synthetic_images(n_listings: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Listings with 1-2 photos in 3 categories; a chain of re-posts shares photos."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_listings):
+        for k in range(int(rng.integers(1, 3))):
+            rows.append({"image_id": f"i{i}_{k}", "product_id": f"p{i:03d}",
+                         "main_category": "abc"[i % 3], "sha256": f"h{i}_{k}"})
+    frame = pd.DataFrame(rows)
+    # p000 ~ p001 share a photo, p001 ~ p002 share another: one unit of 3 listings
+    frame.loc[frame["image_id"] == "i1_0", "sha256"] = "h0_0"
+    frame.loc[frame["image_id"] == "i2_0", "sha256"] = "shared"
+    frame.loc[frame["image_id"] == "i1_1", "sha256"] = "shared"
+    if not (frame["image_id"] == "i1_1").any():
+        frame.loc[len(frame)] = {"image_id": "i1_1", "product_id": "p001", "main_category": "b", "sha256": "shared"}
+    return frame
+
+
+def test_splits_group_reposts_stratify_and_are_reproducible() -> None:
+    images = synthetic_images()
+    images["split"] = prep.assign_splits(images, seed=7)
+    prep.assert_no_leak(images)
+    assert images.loc[images["product_id"].isin(["p000", "p001", "p002"]), "split"].nunique() == 1
+    for _, group in images.groupby("main_category"):
+        share = group["split"].value_counts(normalize=True)
+        assert abs(share["train"] - 0.70) < 0.05 and abs(share["valid"] - 0.15) < 0.05
+    assert prep.assign_splits(images, seed=7).equals(images["split"])
+    assert not prep.assign_splits(images, seed=8).equals(images["split"])
+
+
+def test_leak_check_catches_listing_and_photo_overlap() -> None:
+    leaky = pd.DataFrame({
+        "image_id": ["a", "b", "c", "d"],
+        "product_id": ["p1", "p1", "p2", "p3"],
+        "sha256": ["x", "y", "z", "z"],
+        "split": ["train", "test", "train", "valid"],
+    })
+    assert prep.split_leaks(leaky) == {"listings_in_several_splits": 1, "photos_in_several_splits": 1}
+    with pytest.raises(AssertionError, match="split leak"):
+        prep.assert_no_leak(leaky)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture()
+def tiny_data(tmp_path: Path) -> Path:
+    """A data folder with every kind of awkward photo the issue lists."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    categories = ["Appliances / Fridges", "Home & Garden / Sheds", "Other Goods / Misc"]
+    lines = [listing_line(i, f"p{i:02d}", f"Item {i}", categories[i % 3], "d", f"£{i},000.00") for i in range(12)]
+    lines.append(listing_line(12, "p12", "No photo row", categories[0], "d", "£1.00"))
+    lines.append(listing_line(13, "p13", "Missing category", "", "d", "£1.00"))
+    write_products(data / "Products.csv", lines)
+
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    portrait_exif = Image.Exif()
+    portrait_exif[0x0112] = 6  # stored landscape, shown portrait
+    top_left = Image.new("RGB", (512, 512))
+    top_left.paste(Image.new("RGB", (512, 256), (255, 255, 255)), (0, 0))
+    files = {
+        "i00a.jpg": jpeg(Image.new("RGB", (1024, 512), (200, 30, 30))),
+        "i00b_resized.jpg": jpeg(top_left),  # course-style 512x512, letterboxed top-left
+        "i01a.jpg": b"\xff\xd8\xff\xe0 definitely not a jpeg",  # corrupt
+        "i01b.jpg": jpeg(noise)[:3000],  # truncated
+        "i02a.png": png(Image.new("RGBA", (64, 32), (0, 255, 0, 128))),
+        "i03a.jpg": jpeg(Image.new("CMYK", (50, 80), (0, 255, 255, 0))),
+        "i04a.jpg": jpeg(Image.new("RGB", (80, 40), (0, 0, 255)), exif=portrait_exif.tobytes()),
+        "i05a.jpg": jpeg(noise),
+        "i06a.jpg": jpeg(noise),  # byte-identical to i05a: p05 and p06 must share a split
+        "stray.txt": b"not a photo name",
+        "i99a.jpg": jpeg(noise.rotate(90)),  # a file without an Images.csv row
+    }
+    for name, data_bytes in files.items():
+        (data / "images" / name).write_bytes(data_bytes)
+    for i in range(7, 12):  # plain photos for the remaining listings
+        (data / "images" / f"i{i:02d}a.jpg").write_bytes(jpeg(Image.new("RGB", (60 + i, 40), (i * 20, 90, 90))))
+
+    image_rows = [(f"i{i:02d}a", f"p{i:02d}") for i in range(12)]
+    image_rows += [("i00b", "p00"), ("i01b", "p01"), ("i07b", "p07"), ("i13a", "p13"), ("iXXa", "nobody")]
+    pd.DataFrame(image_rows, columns=["id", "product_id"]).to_csv(data / "Images.csv")
+    return data
+
+
+def test_prepare_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = prep.prepare(tiny_data, out, workers=2, progress=False, samples_per_category=2)
+
+    listings, images, categories = load_prepared(out, check_files=True)
+    assert list(listings.columns) == list(LISTING_COLUMNS) and list(images.columns) == list(IMAGE_COLUMNS)
+    assert categories == ["Appliances", "Home & Garden", "Other Goods"]
+    assert len(listings) == 13 and "p13" not in set(listings["product_id"])
+    assert summary["listings"]["dropped"][0]["reason"] == "missing category"
+
+    join = summary["join"]
+    assert join["image_rows"] == 17 and join["image_rows_without_listing"] == 2  # p13 dropped, "nobody"
+    assert join["image_rows_with_file"] == 14 and join["image_rows_without_file"] == 1  # i07b
+    assert join["listings_without_image_rows"] == 1 and join["files_without_image_row"] == 1
+    assert join["files_ignored_by_name"] == 1
+
+    failed = {f["image_id"] for f in summary["photos"]["failed_list"]}
+    assert failed == {"i01a", "i01b"}
+    assert set(images["image_id"]) == {r for r in [f"i{i:02d}a" for i in range(12)] + ["i00b"]} - failed
+    assert all(images["label"] == images["main_category"].map(categories.index))
+    assert images["path"].tolist() == [f"images/{i}.jpg" for i in images["image_id"]]
+
+    def photo(image_id: str) -> np.ndarray:
+        with Image.open(out / "images" / f"{image_id}.jpg") as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (512, 512))
+            return np.asarray(img)
+
+    wide = photo("i00a")  # 1024x512 -> 512x256 at y=128
+    assert wide[:120].max() < 10 and wide[136:376].min(axis=(0, 1))[0] > 150 and wide[392:].max() < 10
+    recentred = photo("i00b")  # content moved from the top to the middle
+    assert recentred[:120].max() < 10 and recentred[136:376].min() > 240 and recentred[392:].max() < 10
+    alpha = photo("i02a")  # half-transparent green on black
+    assert abs(int(alpha[256, 256, 1]) - 128) < 6 and alpha[256, 256, 0] < 6
+    cmyk = photo("i03a")  # red in CMYK, portrait -> pillarbox
+    assert cmyk[256, 256, 0] > 200 and cmyk[256, 256, 2] < 60 and cmyk[256, 10].max() < 10
+    rotated = photo("i04a")  # landscape pixels + orientation 6 -> portrait: black left/right
+    assert rotated[256, 10].max() < 10 and rotated[256, 256, 2] > 200
+
+    split_of = images.set_index("image_id")["split"]
+    assert split_of["i05a"] == split_of["i06a"]  # byte-identical photos, two listings
+    assert summary["splits"]["listings_in_several_splits"] == 0
+    assert summary["splits"]["photos_in_several_splits"] == 0
+    assert summary["duplicates"]["groups_spanning_listings"] == 1
+    assert json.loads((out / "summary.json").read_text())["photos"]["failed"] == 2
+    assert (out / "samples.png").stat().st_size > 0
+    assert "missing category" in prep.format_summary(summary)
+
+    # A re-run reuses every finished photo and gives the same tables.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    first_images = (out / "images.csv").read_bytes()
+    again = prep.prepare(tiny_data, out, workers=1, progress=False, samples_per_category=2)
+    assert again["photos"]["skipped_already_done"] == len(images)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
+    assert (out / "images.csv").read_bytes() == first_images
+
+
+def test_data_dir_default_and_cli_explain_what_is_missing(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataNotFoundError, match="Pass DATA=/path or --data"):
+        data_dir_default()
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "Products.csv").write_text(HEADER)
+    assert prep.main(["--data", str(tmp_path / "partial"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Images.csv" in err and "images/" in err and "--data" in err
+
+
+# ------------------------------------------------------------------ the real data
+
+
+@pytest.mark.skipif(not (SHARED_DATA_DIR / "Products.csv").is_file(), reason=f"shared data not present at {SHARED_DATA_DIR}")
+def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
+    """Tables plus file hashes (no re-encoding), so it runs in a few seconds."""
+    raw, errors = prep.read_table(SHARED_DATA_DIR / "Products.csv", ["id", "product_name", "category", "price"])
+    assert len(raw) == 7156 and errors == []
+    listings, report = prep.clean_listings(raw)
+    assert len(listings) == 7156 and report["dropped"] == []
+    assert report["distinct_category_paths"] == 435
+    assert report["prices"]["zero"] == 92 and report["prices"]["unparseable"] == 0
+    assert listings["main_category"].value_counts().to_dict() == {
+        "Home & Garden": 834, "Office Furniture & Equipment": 647, "Computers & Software": 619,
+        "Music, Films, Books & Games": 618, "Health & Beauty": 613, "DIY Tools & Materials": 543,
+        "Other Goods": 531, "Appliances": 521, "Video Games & Consoles": 515, "Sports, Leisure & Travel": 465,
+        "Phones, Mobile Phones & Telecoms": 440, "Clothes, Footwear & Accessories": 413, "Baby & Kids Stuff": 397,
+    }
+
+    image_rows, _ = prep.read_table(SHARED_DATA_DIR / "Images.csv", ["id", "product_id"])
+    files, _ = prep.find_image_files(SHARED_DATA_DIR / "images")
+    joined, join = prep.join_images(image_rows, listings, files)
+    assert (join["image_rows"], join["image_rows_joined"], join["image_rows_with_file"]) == (12604, 12604, 3453)
+    assert join["listings_without_image_rows"] == 104
+
+    joined["sha256"] = [prep.sha256_file(p) for p in joined["source"]]
+    joined["split"] = prep.assign_splits(joined)
+    prep.assert_no_leak(joined)
+    by_split = {s: set(g["product_id"]) for s, g in joined.groupby("split")}
+    assert not (by_split["train"] & by_split["valid"] or by_split["train"] & by_split["test"]
+                or by_split["valid"] & by_split["test"])
+    hashes = {s: set(g["sha256"]) for s, g in joined.groupby("split")}
+    assert not (hashes["train"] & hashes["valid"] or hashes["train"] & hashes["test"] or hashes["valid"] & hashes["test"])
+
+    # Our SHA-256 duplicate groups agree with the manifest's independent git blob hashes.
+    manifest = pd.read_csv(SHARED_DATA_DIR / "images_manifest.csv", dtype=str)
+    blob_groups = Counter(Counter(manifest["git_blob_sha1"]).values())
+    sha_groups = Counter(Counter(joined["sha256"]).values())
+    assert sha_groups == blob_groups
+    dup = prep.duplicate_report(joined)
+    assert dup["groups_spanning_listings"] == 14  # in the 3,453-photo subset (97 of 134 in the full set)
+
+    share = joined["split"].value_counts(normalize=True)
+    assert abs(share["train"] - 0.70) < 0.01 and abs(share["valid"] - 0.15) < 0.01
