@@ -1,0 +1,103 @@
+"""Access control and transport security shared by every service.
+
+Write RPCs (Upsert, Delete, AddListing, RemoveListing) need ``authorization: Bearer <token>``
+metadata matching the configured WRITE_TOKEN, compared in constant time: a missing token is
+UNAUTHENTICATED, a wrong one PERMISSION_DENIED. Read RPCs stay open. When WRITE_TOKEN is unset,
+writes are open and the server logs a warning at start-up (local development only).
+
+TLS is optional: TLS_CERT + TLS_KEY make a server speak TLS; adding TLS_CLIENT_CA makes it
+require client certificates signed by that CA (mutual TLS). Clients use TLS_CA (and
+TLS_CLIENT_CERT + TLS_CLIENT_KEY for mutual TLS) to reach such servers.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from common.config import ConfigError
+
+log = logging.getLogger(__name__)
+AUTH_HEADER = "authorization"
+
+
+def write_token() -> str | None:
+    return os.environ.get("WRITE_TOKEN") or None
+
+
+def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
+
+
+def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def abort(_request, context):
+        context.abort(code, message)
+
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class WriteTokenInterceptor(grpc.ServerInterceptor):
+    """Lets a write RPC through only with the right bearer token."""
+
+    def __init__(self, write_methods: set[str], token: str | None) -> None:
+        self.write_methods = write_methods
+        self.expected = token.encode() if token else None
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if self.expected is None or method not in self.write_methods:
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        header = metadata.get(AUTH_HEADER, "")
+        if not header.startswith("Bearer "):
+            return _deny(grpc.StatusCode.UNAUTHENTICATED,
+                         f"{method} changes stored data and needs 'authorization: Bearer <token>' "
+                         "metadata (the server's WRITE_TOKEN)")
+        if not hmac.compare_digest(header[len("Bearer "):].encode(), self.expected):
+            return _deny(grpc.StatusCode.PERMISSION_DENIED, f"{method}: the bearer token is not valid")
+        return continuation(handler_call_details)
+
+
+def write_token_interceptor(write_methods: set[str]) -> WriteTokenInterceptor:
+    token = write_token()
+    if token is None:
+        log.warning("WRITE_TOKEN is not set: write RPCs are open to every caller")
+    return WriteTokenInterceptor(write_methods, token)
+
+
+def _read(name: str) -> bytes | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{name}={value} is not a readable file")
+    return path.read_bytes()
+
+
+def server_credentials() -> grpc.ServerCredentials | None:
+    """TLS (or mutual TLS) credentials from TLS_CERT/TLS_KEY/TLS_CLIENT_CA; None for plaintext."""
+    cert, key, client_ca = _read("TLS_CERT"), _read("TLS_KEY"), _read("TLS_CLIENT_CA")
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError("TLS_CLIENT_CA needs TLS_CERT and TLS_KEY as well")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("TLS needs both TLS_CERT and TLS_KEY")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def open_channel(target: str, options: list[tuple[str, object]] | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS when TLS_CA is set (with a client certificate for mutual TLS
+    when TLS_CLIENT_CERT/TLS_CLIENT_KEY are set), plaintext otherwise."""
+    ca = _read("TLS_CA")
+    if ca is None:
+        return grpc.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=_read("TLS_CLIENT_KEY"),
+        certificate_chain=_read("TLS_CLIENT_CERT"))
+    return grpc.secure_channel(target, credentials, options=options)

@@ -1,0 +1,243 @@
+"""gRPC front of the indexer: validates requests, calls the core index, maps errors to status codes.
+
+Status codes
+    INVALID_ARGUMENT    wrong dimension, non-finite value, bad id, k outside 1..max_k, no queries,
+                        unknown filter field or operator, nprobe/ef_search out of bounds
+    RESOURCE_EXHAUSTED  more items/queries/ids than INDEXER_MAX_BATCH (limit in the message);
+                        gRPC itself answers it for messages over INDEXER_MAX_MESSAGE_MB
+    NOT_FOUND           unknown collection; unknown id on a strict Delete
+    UNAUTHENTICATED / PERMISSION_DENIED  Upsert/Delete without the WRITE_TOKEN (common.security)
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import faiss
+import grpc
+import numpy as np
+
+from common.logs import setup_logging
+from common.security import server_credentials, write_token_interceptor
+from common.serving import Server, create_server, serve_until_signal
+from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+from services.indexer.attributes import Attributes
+from services.indexer.config import IndexerConfig
+from services.indexer.core import IndexStore, StoreOptions
+from services.indexer.errors import IndexerError, InvalidArgument, LimitExceeded, NotFound
+from services.indexer.filters import Condition
+from services.indexer.vector_index import Hit, tune_faiss
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = indexer_pb2.DESCRIPTOR.services_by_name["Indexer"].full_name
+WRITE_METHODS = {f"/{SERVICE_NAME}/Upsert", f"/{SERVICE_NAME}/Delete"}
+
+_STATUS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+           LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+           NotFound: grpc.StatusCode.NOT_FOUND}
+
+
+def _maps_errors(method: Callable) -> Callable:
+    """Turn core errors into the matching status code with the error's message as details.
+
+    Also applies the configured FAISS thread count: OpenMP settings are per calling thread, so
+    setting it once in the main thread would not reach gRPC's worker threads."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        if self.faiss_threads:
+            faiss.omp_set_num_threads(self.faiss_threads)
+        try:
+            return method(self, request, context)
+        except IndexerError as exc:
+            code = next((c for cls, c in _STATUS.items() if isinstance(exc, cls)),
+                        grpc.StatusCode.FAILED_PRECONDITION)
+            context.abort(code, str(exc))
+
+    return wrapper
+
+
+# -- proto <-> core conversions ---------------------------------------------------------------------
+def attributes_from_proto(message: indexer_pb2.Attributes) -> Attributes:
+    return Attributes(message.listing_id, message.category,
+                      message.price if message.HasField("price") else None, message.location)
+
+
+def attributes_to_proto(attributes: Attributes) -> indexer_pb2.Attributes:
+    return indexer_pb2.Attributes(listing_id=attributes.listing_id, category=attributes.category,
+                                  price=attributes.price, location=attributes.location)
+
+
+def condition_from_proto(message: indexer_pb2.Condition) -> Condition:
+    op = message.WhichOneof("op") or ""
+    if op == "equals":
+        return Condition(message.field, op, (message.equals,))
+    if op in ("any_of", "none_of"):
+        return Condition(message.field, op, tuple(getattr(message, op).values))
+    if op == "range":
+        r = message.range
+        return Condition(message.field, op, (), r.gte if r.HasField("gte") else None,
+                         r.lte if r.HasField("lte") else None)
+    return Condition(message.field, op)  # raises: unknown field or missing operator
+
+
+def vectors_to_matrix(vectors: Sequence, dimension: int | None, what: str) -> np.ndarray:
+    """(n, d) float32 from repeated float fields; a ragged or wrong-sized one is INVALID_ARGUMENT
+    naming its position."""
+    if not len(vectors):
+        return np.zeros((0, dimension or 0), dtype=np.float32)
+    expected = dimension if dimension is not None else len(vectors[0])
+    for position, values in enumerate(vectors):
+        if len(values) != expected:
+            raise InvalidArgument(f"{what} {position} has dimension {len(values)}; expected {expected}")
+    return np.array(vectors, dtype=np.float32).reshape(len(vectors), expected)
+
+
+def hits_to_proto(hits: list[Hit]) -> indexer_pb2.NeighborList:
+    return indexer_pb2.NeighborList(neighbors=[
+        indexer_pb2.Neighbor(id=h.id, score=h.score, attributes=attributes_to_proto(h.attributes))
+        for h in hits])
+
+
+class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
+    """Thin gRPC layer over an IndexStore: request limits and conversions only."""
+
+    def __init__(self, store: IndexStore, *, max_batch: int = 1024, max_k: int = 1000,
+                 faiss_threads: int = 0) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.max_k = max_k
+        self.faiss_threads = faiss_threads
+
+    def _check_batch(self, count: int, what: str) -> None:
+        if count > self.max_batch:
+            raise LimitExceeded(f"{count} {what} in one request; the limit is {self.max_batch} "
+                                "(INDEXER_MAX_BATCH): split the request")
+
+    def _dimension_of(self, collection: str) -> int | None:
+        try:
+            return self.store.collection(collection).dimension
+        except NotFound:
+            return None  # Upsert may create it (auto-create); the store decides
+
+    @_maps_errors
+    def Upsert(self, request, context):
+        items = request.items
+        self._check_batch(len(items), "items")
+        vectors = vectors_to_matrix([item.vector for item in items],
+                                    self._dimension_of(request.collection), "item")
+        result = self.store.upsert(request.collection, [item.id for item in items], vectors,
+                                   [attributes_from_proto(item.attributes) for item in items])
+        return indexer_pb2.UpsertResponse(inserted=result.inserted, replaced=result.replaced)
+
+    @_maps_errors
+    def Delete(self, request, context):
+        self._check_batch(len(request.ids), "ids")
+        result = self.store.delete(request.collection, list(request.ids), strict=request.strict)
+        return indexer_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
+
+    @_maps_errors
+    def Search(self, request, context):
+        if not request.queries:
+            raise InvalidArgument("at least one query vector is required")
+        self._check_batch(len(request.queries), "queries")
+        if not 1 <= request.k <= self.max_k:
+            raise InvalidArgument(f"k must be in 1..{self.max_k} (got {request.k})")
+        index = self.store.collection(request.collection)
+        queries = vectors_to_matrix([q.values for q in request.queries], index.dimension, "query")
+        conditions = [condition_from_proto(c) for c in request.filter.must]
+        results = index.search(queries, request.k, conditions,
+                               group_by_listing=request.group_by_listing,
+                               nprobe=request.params.nprobe, ef_search=request.params.ef_search)
+        return indexer_pb2.SearchResponse(results=[hits_to_proto(hits) for hits in results])
+
+    @_maps_errors
+    def Fetch(self, request, context):
+        self._check_batch(len(request.ids), "ids")
+        items, missing = self.store.fetch(request.collection, list(request.ids))
+        return indexer_pb2.FetchResponse(
+            items=[indexer_pb2.Item(id=i.id, vector=i.vector.tolist(),
+                                    attributes=attributes_to_proto(i.attributes)) for i in items],
+            not_found=missing)
+
+    @_maps_errors
+    def GetStats(self, request, context):
+        return indexer_pb2.GetStatsResponse(collections=[
+            indexer_pb2.CollectionStats(**stats) for stats in self.store.stats(request.collection)])
+
+
+@dataclass
+class IndexerServer(Server):
+    """A started indexer: the gRPC server plus the store it serves. ``stop`` also closes the
+    store it owns (final snapshot, data directory released)."""
+
+    store: IndexStore | None = None
+    owns_store: bool = False
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        super().stop(grace)
+        if self.owns_store and self.store is not None:
+            self.store.close()
+
+
+def open_store(config: IndexerConfig) -> IndexStore:
+    """Open the data directory (snapshot + WAL replay) and start background snapshots."""
+    store = IndexStore.open(
+        config.data_dir, config.collections, specs_are_explicit=config.collections_explicit,
+        options=StoreOptions(fsync=config.fsync, snapshot_every_records=config.snapshot_wal_records,
+                             snapshot_every_bytes=config.snapshot_wal_bytes,
+                             compact_dead_fraction=config.compact_dead_fraction,
+                             auto_create=config.auto_create))
+    store.start_snapshots(config.snapshot_seconds)
+    return store
+
+
+def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServer:
+    """Start serving ``store`` (or the one in ``config.data_dir``) on ``config.host:port``.
+
+    Raises CorruptData / IndexerError when the data directory cannot be loaded safely.
+    """
+    tune_faiss(config.blas_threshold)
+    if config.faiss_threads:
+        faiss.omp_set_num_threads(config.faiss_threads)
+    owns_store = store is None
+    if store is None:
+        store = open_store(config)
+    servicer = IndexerServicer(store, max_batch=config.max_batch, max_k=config.max_k,
+                               faiss_threads=config.faiss_threads)
+
+    def register(server):
+        indexer_pb2_grpc.add_IndexerServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    try:
+        base = create_server(register, f"{config.host}:{config.port}", limits=config.limits,
+                             interceptors=[write_token_interceptor(WRITE_METHODS)],
+                             credentials=server_credentials())
+    except BaseException:
+        if owns_store:
+            store.close(snapshot=False)
+        raise
+    server = IndexerServer(base.grpc_server, base.port, base.health, base.service_names,
+                           store=store, owns_store=owns_store)
+    server.set_serving(True)
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = IndexerConfig.from_env(argv)
+    setup_logging("indexer", config.log_level)
+    try:
+        server = start(config)
+    except IndexerError as exc:
+        log.error("refusing to start: %s", exc)
+        raise SystemExit(f"indexer: refusing to start: {exc}") from None
+    log.info("indexer serving on %s:%d", config.host, server.port,
+             extra={"fields": {"collections": server.store.stats() if server.store else []}})
+
+    def stopped() -> None:
+        log.info("final snapshot written; data directory %s released", config.data_dir)
+
+    serve_until_signal(server, on_stop=stopped)
