@@ -14,13 +14,34 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from PIL import Image
 from torch import nn
 from torchvision import transforms
+
+from common.images import letterbox
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGNED_UNIT_MEAN = (0.5, 0.5, 0.5)  # scales [0, 1] to [-1, 1], what EfficientNet-Lite expects
 SIGNED_UNIT_STD = (0.5, 0.5, 0.5)
+
+
+#: Photos are letterboxed to this square before resizing, as the catalogue photos were in data
+#: preparation, so a query photo of any shape reaches the model the way training photos did.
+LETTERBOX_SIZE = 512
+
+
+class Letterbox:
+    """Transform step: fit in a black square keeping the aspect ratio (a no-op copy for photos
+    that are already square at this size, like the prepared catalogue)."""
+
+    def __init__(self, size: int = LETTERBOX_SIZE) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.size == (self.size, self.size) and image.mode == "RGB":
+            return image
+        return letterbox(image, self.size)
 
 
 class WeightsUnavailable(RuntimeError):
@@ -45,7 +66,7 @@ class Preprocessing:
 
     def transform(self) -> Callable:
         """The evaluation transform: PIL image -> float tensor (3, H, W)."""
-        steps: list = [transforms.Resize(self.resize, antialias=True)]
+        steps: list = [Letterbox(), transforms.Resize(self.resize, antialias=True)]
         if self.crop:
             steps.append(transforms.CenterCrop(self.crop))
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
@@ -56,6 +77,7 @@ class Preprocessing:
         crop, Gaussian blur) followed by the same normalisation as evaluation."""
         size = self.input_size
         return transforms.Compose([
+            Letterbox(),
             transforms.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
             transforms.RandomHorizontalFlip(),
             transforms.RandomApply([transforms.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),

@@ -84,6 +84,7 @@ def save_artifact(directory: Path, model: ListingModel, categories: list[str], *
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; containers read it as another user
     weights_sha = file_sha256(directory / WEIGHTS_FILE)
     backbone = get_backbone(model.backbone_name)
     card = {
@@ -142,8 +143,8 @@ def load_artifact(directory: Path, *, verify_checksum: bool = True) -> Artifact:
     model = ListingModel(backbone, len(card["categories"]), pretrained=False)
     try:
         model.load_state_dict(load_file(str(weights)))
-    except (RuntimeError, OSError) as exc:
-        raise ArtifactError(f"{weights} does not fit backbone {backbone.name} with "
+    except Exception as exc:  # safetensors raises its own error type for a non-safetensors file
+        raise ArtifactError(f"cannot load {weights}: not a safetensors file that fits backbone {backbone.name} with "
                             f"{len(card['categories'])} categories: {exc}") from None
     model.eval()
     return Artifact(model, card, Preprocessing.from_dict(card["preprocessing"]))

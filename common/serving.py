@@ -23,6 +23,18 @@ from common import logs
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+#: Longest status message a server sends, in UTF-8 bytes. Messages may echo a caller's input (an
+#: unknown id, a bad field name); gRPC carries them in a header, and a client drops a response
+#: whose headers pass its metadata limit (8 KiB soft, 16 KiB hard) as RESOURCE_EXHAUSTED.
+MAX_DETAILS_BYTES = 1024
+
+
+def clip_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """``message`` cut to at most about ``limit`` UTF-8 bytes, saying how long it was."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    return data[:max(0, limit - 48)].decode("utf-8", "ignore") + f"... ({len(data)} bytes, clipped)"
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,32 @@ class Server:
         self.grpc_server.stop(grace).wait()
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message of the method's type."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    """Wrap a request deserializer so bad bytes reach the handler as `_Undecodable` (answered
+    INVALID_ARGUMENT) instead of gRPC's own INTERNAL "Exception deserializing request!"."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(exc)
+
+    return parse
+
+
 class RequestContextInterceptor(grpc.ServerInterceptor):
-    """Per request: take or create the request id, log one line at debug level, and turn any
-    uncaught exception into INTERNAL with its message instead of a bare UNKNOWN."""
+    """Per request: take or create the request id, log one line at debug level, answer a request
+    that does not parse as INVALID_ARGUMENT, and turn any uncaught exception into INTERNAL with
+    its message instead of a bare UNKNOWN."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -71,12 +106,16 @@ class RequestContextInterceptor(grpc.ServerInterceptor):
             token = logs.set_request_id(metadata.get(logs.REQUEST_ID_KEY) or logs.new_request_id())
             start = time.perf_counter()
             try:
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip_details(
+                        f"the request is not a valid {method} request message: "
+                        f"{type(request.error).__name__}: {request.error}"))
                 return behaviour(request, context)
             except Exception as exc:
                 if context.code() is None:  # not an intentional abort
                     log.exception("unhandled error in %s", method)
-                    context.abort(grpc.StatusCode.INTERNAL,
-                                  f"internal error in {method}: {type(exc).__name__}: {exc}")
+                    context.abort(grpc.StatusCode.INTERNAL, clip_details(
+                        f"internal error in {method}: {type(exc).__name__}: {exc}"))
                 raise
             finally:
                 code = context.code() or grpc.StatusCode.OK
@@ -87,7 +126,7 @@ class RequestContextInterceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -127,6 +166,12 @@ def create_server(
     if port == 0:
         raise OSError(f"could not bind {address}")
     grpc_server.start()
+    log.info("listening on port %d (%s)", port, "TLS" if credentials is not None else "plaintext",
+             extra={"fields": {"services": service_names,
+                               "max_receive_bytes": limits.max_receive_bytes,
+                               "max_send_bytes": limits.max_send_bytes,
+                               "max_concurrent_rpcs": limits.max_concurrent_rpcs,
+                               "max_workers": limits.max_workers}})
     server = Server(grpc_server, port, health_servicer, service_names)
     server.set_serving(False)
     return server
