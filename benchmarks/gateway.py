@@ -1,0 +1,357 @@
+"""SearchByImage through the gateway vs the same work done in-process.
+
+    python -m benchmarks.gateway            # 3 s warm-up + 15 s per cell
+    python -m benchmarks.gateway --quick    # about a minute
+
+Two paths, each at concurrency 1 and 8 (closed loop: c threads, one request after another, a
+real 512x512 marketplace photo per request, k = 10, no filter):
+
+(a) in-process  the embedder's core (`services.embedder.core.Embedder`: decode, preprocess,
+                dynamic batching, model) and an in-memory `services.indexer.core.IndexStore`
+                holding every vector, called directly: embed + search, nothing else.
+(b) gateway     the stack as processes on loopback: ``python -m services.embedder``, N indexer
+                shards (default 2) and ``python -m services.gateway``; the client calls
+                SearchByImage, the gateway embeds through the embedder, fans the search out to
+                every shard, merges by listing and adds the catalogue entries.
+
+Both use the same model, torch thread count and batching settings, and the same vectors.
+The catalogue is the prepared data (``build/data``) when present, else every listing of the raw
+photo set. Index vectors: the artefact's precomputed ``embeddings/`` when it has them; otherwise
+the query photos are embedded for real and every other photo gets a nearby synthetic vector
+(a real one plus noise), so the index has the catalogue's size without embedding every photo.
+The cells of (a) and (b) alternate so both see the same background load. The last line is
+``RESULT p99_vs_inprocess=<p99 (b) / p99 (a) at concurrency 8> rps_c8=<(b) requests/s at 8>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from common.config import REPO_ROOT
+
+PREPARED_DIR = REPO_ROOT / "build" / "data"
+ARTIFACTS_DIR = REPO_ROOT / "artifacts"
+TEST_ARTIFACT_DIRS = (REPO_ROOT / "build" / "bench" / "embedder-test-artifact",
+                      REPO_ROOT / "build" / "bench" / "gateway-test-artifact")
+K = 10
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def find_artifact() -> tuple[Path, str]:
+    """The newest trained artefact under artifacts/, else the test artefact (exported once)."""
+    cards = sorted(ARTIFACTS_DIR.glob("**/model_card.json"), key=lambda p: p.stat().st_mtime)
+    if cards:
+        return cards[-1].parent, "trained"
+    from tests.support.artifacts import make_test_artifact
+    for directory in TEST_ARTIFACT_DIRS:
+        if (directory / "model_card.json").is_file():
+            return make_test_artifact(directory), "test artefact: pretrained backbone, random head"
+    return (make_test_artifact(TEST_ARTIFACT_DIRS[-1]),
+            "test artefact: pretrained backbone, random head")
+
+
+def prepared_dir(tmp: Path) -> tuple[Path, str]:
+    if (PREPARED_DIR / "listings.csv").is_file() and (PREPARED_DIR / "images.csv").is_file():
+        return PREPARED_DIR, str(PREPARED_DIR)
+    from tests.gateway.gateway_data import make_mini_prepared
+    return make_mini_prepared(tmp / "prepared", per_category=1000), "raw photo set (no build/data)"
+
+
+def catalogue_photos(prepared: Path) -> list[tuple[str, Path]]:
+    import pandas as pd
+    images = pd.read_csv(prepared / "images.csv", dtype=str, keep_default_na=False)
+    return [(row.image_id, prepared / row.path) for row in images.itertuples(index=False)
+            if (prepared / row.path).is_file()]
+
+
+def index_vectors(artifact_dir: Path, photo_ids: list[str], query_ids: list[str],
+                  query_vectors: np.ndarray, seed: int = 0) -> tuple[list[str], np.ndarray, str]:
+    """Vectors for every catalogue photo: precomputed ones, else real queries + synthetic others."""
+    from services.gateway.index_catalogue import load_artifact_embeddings
+    try:
+        ids, vectors = load_artifact_embeddings(artifact_dir)
+        return ids, vectors, f"{len(ids):,} precomputed embeddings of the artefact"
+    except (FileNotFoundError, ValueError):
+        pass
+    rng = np.random.default_rng(seed)
+    real = dict(zip(query_ids, query_vectors))
+    vectors = np.empty((len(photo_ids), query_vectors.shape[1]), dtype=np.float32)
+    for i, image_id in enumerate(photo_ids):
+        if image_id in real:
+            vectors[i] = real[image_id]
+        else:
+            base = query_vectors[i % len(query_vectors)]
+            noise = rng.standard_normal(base.shape).astype(np.float32)
+            vector = base + 0.8 * np.linalg.norm(base) * noise / np.linalg.norm(noise)
+            vectors[i] = vector / np.linalg.norm(vector)
+    return list(photo_ids), vectors, (f"{len(query_ids)} real embeddings of the query photos + "
+                                      f"{len(photo_ids) - len(query_ids):,} synthetic neighbours")
+
+
+# ------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Cell:
+    requests_per_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+def closed_loop(call: Callable[[int, int], None], workers: int, warmup_s: float,
+                measure_s: float) -> Cell:
+    """``workers`` threads each run ``call(worker, i)`` back to back; requests finishing inside
+    the measuring window count for throughput and latency."""
+    start = time.perf_counter()
+    window = (start + warmup_s, start + warmup_s + measure_s)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        i = index
+        while True:
+            began = time.perf_counter()
+            try:
+                call(index, i)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            ended = time.perf_counter()
+            i += workers
+            if window[0] <= ended <= window[1]:
+                with lock:
+                    latencies.append((ended - began) * 1000)
+            if ended >= window[1]:
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]!r}")
+    return Cell(len(latencies) / measure_s, latencies)
+
+
+# ------------------------------------------------------------------ processes
+
+
+class Service:
+    """``python -m services.<name>`` on a free port, stopped with SIGTERM."""
+
+    def __init__(self, name: str, env: dict[str, str], log_dir: Path, label: str) -> None:
+        from scripts.stack import free_port
+        self.name, self.port = name, free_port()
+        self.log_path = log_dir / f"{label}.log"
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port",
+                 str(self.port)], cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LOG_LEVEL": "warning", **env},
+                start_new_session=True)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait(self) -> None:
+        from scripts.stack import wait_healthy
+        wait_healthy(self.address, 300, self.process, self.log_path)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short cells, about a minute")
+    parser.add_argument("--concurrency", default="1,8")
+    parser.add_argument("--shards", type=int, default=2, help="indexer shards behind the gateway")
+    parser.add_argument("--queries", type=int, default=None, help="distinct query photos")
+    parser.add_argument("--seconds", type=float, default=None, help="measuring time per cell")
+    parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--batch-size", type=int, default=8, help="embedder model batch")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="embedder batching wait")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    warmup_s = 1.0 if args.quick else 3.0
+    measure_s = args.seconds or (3.0 if args.quick else 15.0)
+    n_queries = args.queries or (16 if args.quick else 64)
+    started = time.perf_counter()
+
+    import grpc
+
+    from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.embedder.config import EmbedderConfig
+    from services.embedder.core import Embedder
+    from services.gateway.catalogue import Catalogue
+    from services.gateway.config import RetryPolicy
+    from services.gateway.downstream import IndexerShards
+    from services.gateway.index_catalogue import index_embeddings
+    from services.indexer.attributes import Attributes
+    from services.indexer.core import IndexStore
+    from services.indexer.spec import CollectionSpec
+
+    artifact_dir, kind = find_artifact()
+    card = json.loads((artifact_dir / "model_card.json").read_text())
+    dim = int(card["embedding_dim"])
+    print(f"gateway benchmark: {card['model_version']} ({kind}), {cpu_name()}, "
+          f"torch threads {args.torch_threads}, {args.shards} indexer shard(s)")
+    print(f"before: {load_line()}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp_name:
+        tmp = Path(tmp_name)
+        prepared, prepared_label = prepared_dir(tmp)
+        db_path = tmp / "catalogue.sqlite3"
+        with Catalogue.open(db_path) as catalogue:
+            catalogue.load_prepared(prepared)
+            listing_count, image_count = catalogue.count(), catalogue.count_images()
+        photos = catalogue_photos(prepared)
+        step = max(1, len(photos) // n_queries)
+        queries = photos[::step][:n_queries]
+        query_bytes = [path.read_bytes() for _, path in queries]
+
+        # Start the stack's processes while the in-process embedder loads here.
+        embedder_env = {"EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
+                        "EMBEDDER_TORCH_THREADS": str(args.torch_threads),
+                        "EMBEDDER_BATCH_SIZE": str(args.batch_size),
+                        "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms)}
+        services: list[Service] = []
+        inprocess = None
+        try:
+            services.append(Service("embedder", embedder_env, tmp, "embedder"))
+            for i in range(args.shards):
+                services.append(Service("indexer", {
+                    "INDEXER_DATA_DIR": str(tmp / f"indexer-{i}"),
+                    "INDEXER_COLLECTIONS": f"image:{dim}:flat:ip", "INDEXER_FSYNC": "false"},
+                    tmp, f"indexer-{i}"))
+            shard_addresses = [s.address for s in services[1:]]
+            gateway = Service("gateway", {
+                "GATEWAY_DB": str(db_path), "EMBEDDER_ADDR": services[0].address,
+                "INDEXER_ADDRS": ",".join(shard_addresses),
+                "GATEWAY_MAX_WORKERS": str(max(16, 2 * max(levels)))}, tmp, "gateway")
+            services.append(gateway)
+            inprocess = Embedder.from_config(EmbedderConfig(
+                artifact_dir=artifact_dir, host="127.0.0.1", port=0,
+                torch_threads=args.torch_threads, batch_size=args.batch_size,
+                max_wait_ms=args.max_wait_ms))
+            query_vectors = np.concatenate([inprocess.embed(query_bytes[i:i + 8])
+                                            for i in range(0, len(query_bytes), 8)])
+            ids, vectors, vectors_label = index_vectors(
+                artifact_dir, [image_id for image_id, _ in photos],
+                [image_id for image_id, _ in queries], query_vectors)
+
+            with Catalogue.open(db_path) as catalogue:
+                rows = {row.image_id: row for row in catalogue.image_rows()}
+            keep = [i for i, image_id in enumerate(ids) if image_id in rows]
+            ids, vectors = [ids[i] for i in keep], vectors[keep]
+            store = IndexStore.in_memory([CollectionSpec("image", dim)])
+            store.upsert("image", ids, vectors, [
+                Attributes(rows[i].listing_id, rows[i].main_category, rows[i].price, rows[i].location)
+                for i in ids])
+
+            for service in services:
+                service.wait()
+            shards = IndexerShards(shard_addresses, RetryPolicy(),
+                                   write_token=os.environ.get("WRITE_TOKEN") or None)
+            with Catalogue.open(db_path) as catalogue:
+                report = index_embeddings(catalogue, shards, ids, vectors, progress=False)
+            shards.close()
+            print(f"catalogue: {listing_count:,} listings, {image_count:,} photos, from {prepared_label}; "
+                  f"index: {report.upserted:,} vectors ({vectors_label}), per shard "
+                  f"{dict(sorted(report.per_shard.items()))}; {len(queries)} query photos; "
+                  f"set-up {time.perf_counter() - started:.0f} s", flush=True)
+
+            def in_process(_worker: int, i: int) -> None:
+                vector = inprocess.embed([query_bytes[i % len(query_bytes)]])
+                store.search("image", vector, K, group_by_listing=True)
+
+            channel = grpc.insecure_channel(gateway.address, options=[
+                ("grpc.max_send_message_length", 64 << 20)])
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            requests = [gateway_pb2.SearchByImageRequest(image=data, k=K) for data in query_bytes]
+            reply = stub.SearchByImage(requests[0], timeout=60)
+            assert len(reply.results) == K, f"gateway returned {len(reply.results)} results"
+
+            def through_gateway(_worker: int, i: int) -> None:
+                stub.SearchByImage(requests[i % len(requests)], timeout=60)
+
+            cells: dict[tuple[str, int], Cell] = {}
+            for level in levels:
+                cells["a", level] = closed_loop(in_process, level, warmup_s, measure_s)
+                cells["b", level] = closed_loop(through_gateway, level, warmup_s, measure_s)
+            channel.close()
+        finally:
+            for service in reversed(services):
+                service.stop()
+            if inprocess is not None:
+                inprocess.close()
+
+    print(f"\nSearchByImage, k={K}: requests/s and latency (ms), {warmup_s:g} s warm-up + "
+          f"{measure_s:g} s per cell")
+    print("(a) in-process = embedder core + in-memory index, embed + search; "
+          f"(b) gateway = gRPC client -> gateway -> embedder + {args.shards} indexer shards")
+    header = (f"{'conc':>4} | {'(a) req/s':>9} {'p50':>7} {'p99':>7} | "
+              f"{'(b) req/s':>9} {'p50':>7} {'p99':>7} | {'p50 b/a':>7} {'p99 b/a':>7} {'rps b/a':>7}")
+    print(header)
+    print("-" * len(header))
+    for level in levels:
+        a, b = cells["a", level], cells["b", level]
+        print(f"{level:>4} | {a.requests_per_s:>9.1f} {a.percentile(50):>7.1f} {a.percentile(99):>7.1f} | "
+              f"{b.requests_per_s:>9.1f} {b.percentile(50):>7.1f} {b.percentile(99):>7.1f} | "
+              f"{b.percentile(50) / a.percentile(50):>7.2f} {b.percentile(99) / a.percentile(99):>7.2f} "
+              f"{b.requests_per_s / a.requests_per_s:>7.2f}")
+    top = 8 if 8 in levels else max(levels)
+    ratio = cells["b", top].percentile(99) / cells["a", top].percentile(99)
+    print(f"target: p99 of (b) within 1.3x of (a) at concurrency {top}: "
+          f"{'met' if ratio <= 1.3 else 'NOT met'} ({ratio:.2f}x)")
+    print(f"after: {load_line()}; total {time.perf_counter() - started:.0f} s")
+    print(f"RESULT p99_vs_inprocess={ratio:.2f} rps_c8={cells['b', top].requests_per_s:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

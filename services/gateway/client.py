@@ -1,0 +1,120 @@
+"""A small Python client for the gateway, returning plain dataclasses (`services.gateway.domain`).
+
+    from services.gateway.client import GatewayClient
+
+    with GatewayClient("127.0.0.1:50050") as gateway:
+        for result in gateway.search_by_image("photo.jpg", k=5, max_price=100):
+            print(result.rank, round(result.score, 3), result.listing.title, result.matched_image_id)
+        listing = gateway.add(["front.jpg", "back.jpg"], title="Oak table", price=40)
+        gateway.remove(listing.id)
+
+Photos may be given as bytes or as file paths. Errors are the gRPC errors (``grpc.RpcError``
+with ``.code()`` and ``.details()``); the gateway's messages are meant to be shown to a person.
+Write calls send ``authorization: Bearer <token>`` when a write token is given (default: the
+``WRITE_TOKEN`` environment variable). TLS follows ``TLS_CA`` (see `common.security`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import grpc
+
+from common.security import bearer_metadata, open_channel
+from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway import convert
+from services.gateway.domain import Classification, Listing, RankedListing, RemovedListing, SearchFilter
+
+Image = bytes | str | os.PathLike
+
+
+def read_image(image: Image) -> bytes:
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    return Path(image).read_bytes()
+
+
+class GatewayClient:
+    def __init__(self, address: str, *, timeout: float = 10.0, write_token: str | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        token = write_token if write_token is not None else os.environ.get("WRITE_TOKEN") or None
+        self._write_metadata = bearer_metadata(token)
+        self._own_channel = channel is None
+        self.channel = channel or open_channel(address, [
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        #: The raw stub, for callers who want the protos themselves.
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def close(self) -> None:
+        if self._own_channel:
+            self.channel.close()
+
+    def __enter__(self) -> "GatewayClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def _filter(main_category: str = "", min_price: float | None = None, max_price: float | None = None,
+                location: str = "", exclude: Iterable[str] = ()) -> gateway_pb2.ListingFilter:
+        return convert.filter_to_proto(SearchFilter(main_category, min_price, max_price, location,
+                                                    tuple(exclude)))
+
+    # ------------------------------------------------------------------ reads
+
+    def classify(self, image: Image, top_k: int = 3, *, timeout: float | None = None) -> Classification:
+        reply = self.stub.ClassifyImage(
+            gateway_pb2.ClassifyImageRequest(image=read_image(image), top_k=top_k),
+            timeout=self._timeout(timeout))
+        return convert.classification_from_proto(reply)
+
+    def search_by_image(self, image: Image, k: int = 10, *, main_category: str = "",
+                        min_price: float | None = None, max_price: float | None = None,
+                        location: str = "", exclude: Iterable[str] = (),
+                        timeout: float | None = None) -> list[RankedListing]:
+        reply = self.stub.SearchByImage(gateway_pb2.SearchByImageRequest(
+            image=read_image(image), k=k,
+            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            timeout=self._timeout(timeout))
+        return convert.ranked_from_proto(reply)
+
+    def similar(self, listing_id: str, k: int = 10, *, main_category: str = "",
+                min_price: float | None = None, max_price: float | None = None, location: str = "",
+                exclude: Iterable[str] = (), timeout: float | None = None) -> list[RankedListing]:
+        reply = self.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
+            listing_id=listing_id, k=k,
+            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            timeout=self._timeout(timeout))
+        return convert.ranked_from_proto(reply)
+
+    def get(self, listing_id: str, *, timeout: float | None = None) -> Listing:
+        reply = self.stub.GetListing(gateway_pb2.GetListingRequest(listing_id=listing_id),
+                                     timeout=self._timeout(timeout))
+        return convert.listing_from_proto(reply)
+
+    # ------------------------------------------------------------------ writes
+
+    def add(self, images: Sequence[Image], *, title: str, description: str = "", category: str = "",
+            main_category: str = "", price: float | None = None, currency: str = "",
+            location: str = "", listing_id: str = "", timeout: float | None = None) -> Listing:
+        """Add a listing with its photos; returns it with its assigned id and image ids.
+        An empty ``main_category`` is predicted from the photos."""
+        listing = Listing(listing_id, title, description, category, main_category, price, currency,
+                          location)
+        reply = self.stub.AddListing(gateway_pb2.AddListingRequest(
+            listing=convert.listing_to_proto(listing), images=[read_image(i) for i in images]),
+            timeout=self._timeout(timeout), metadata=self._write_metadata)
+        return convert.listing_from_proto(reply.listing)
+
+    def remove(self, listing_id: str, *, timeout: float | None = None) -> RemovedListing:
+        reply = self.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id),
+                                        timeout=self._timeout(timeout), metadata=self._write_metadata)
+        return convert.removed_from_proto(reply)

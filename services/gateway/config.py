@@ -1,0 +1,213 @@
+"""Gateway settings: environment variables, overridden by command-line flags.
+
+Environment variables (flag in brackets; defaults in parentheses):
+
+``GATEWAY_HOST`` [--host] (0.0.0.0)
+    Interface to listen on.
+``GATEWAY_PORT`` [--port] (50050)
+    Port to listen on; 0 picks a free one.
+``GATEWAY_DB`` [--db] (run/catalogue.sqlite3)
+    SQLite file of the listing catalogue; created and migrated on first start.
+``GATEWAY_SEED_DIR`` [--seed-dir] (unset)
+    A prepared-data folder (``listings.csv`` + ``images.csv`` from ``python -m training.prepare``)
+    loaded into the catalogue at start when the catalogue is empty. Unset: start empty (load with
+    ``python -m services.gateway.load_catalogue``).
+``EMBEDDER_ADDR`` [--embedder] (127.0.0.1:50051)
+    The embedder replicas. One ``host:port``; or a comma-separated list ``a:p1,b:p2`` that becomes
+    the gRPC target ``ipv4:a:p1,b:p2`` (hostnames in a list are resolved once at start); or any
+    gRPC target such as ``dns:///embedder:50051`` (every address the name resolves to is a
+    replica), used as-is. Calls are spread over replicas by gRPC's own ``round_robin``
+    load-balancing policy; a replica that is down is skipped while others are up.
+``INDEXER_ADDRS`` [--indexers] (127.0.0.1:50052)
+    Comma-separated indexer shard addresses (each ``host:port`` or a gRPC target). The order
+    defines the shard number: a listing lives on shard ``blake2b(listing_id) % N``. Searches go to
+    every shard in parallel and are merged by score. Changing N requires re-indexing.
+``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
+    Deadline for a request whose caller set none. A caller's deadline is always propagated to the
+    embedder and indexer calls made for it (minus a small margin so the gateway answers first).
+``GATEWAY_MAX_K`` (100)
+    Largest ``k`` accepted by the search RPCs (``k = 0`` means 10).
+``GATEWAY_MAX_IMAGES`` (16)
+    Most photos accepted in one AddListing.
+``GATEWAY_MAX_MESSAGE_MB`` (16)
+    Largest request the gateway accepts (and response it sends), in MiB; a bigger request is
+    RESOURCE_EXHAUSTED from gRPC itself, naming the limit in bytes. Keep it at least
+    ``EMBEDDER_MAX_IMAGE_BYTES`` so one full-size photo fits.
+``GATEWAY_RETRY_ATTEMPTS`` (3)
+    Attempts per downstream call (first try included). Only UNAVAILABLE is retried, and only for
+    idempotent calls (all the gateway makes are: Embed, Classify, GetModelInfo, Search, Fetch, and
+    Upsert/Delete by id). Never beyond the request's deadline.
+``GATEWAY_RETRY_BACKOFF_S`` (0.05) / ``GATEWAY_RETRY_BACKOFF_MAX_S`` (1.0)
+    First retry delay, doubled per retry up to the maximum, with random jitter (50-100%).
+``GATEWAY_RECONNECT_BACKOFF_MAX_S`` (2.0)
+    Cap on gRPC's reconnect backoff to a downstream that went away, so a restarted embedder or
+    indexer is used again within about this time (gRPC's own default grows to 120 s).
+``GATEWAY_MODEL_INFO_TTL_S`` (60)
+    How long the embedder's model info (categories, dimension, batch limit) is cached.
+``GATEWAY_COMPENSATION_TIMEOUT_S`` (5)
+    Budget for undoing a half-done AddListing (deleting upserted vectors) when the caller's own
+    deadline is spent.
+``WRITE_TOKEN`` (unset; shared with the indexer, see `common.security`)
+    When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
+    (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
+    same token on its Upsert/Delete calls to the indexer shards. Unset: writes are open (a
+    warning is logged at start).
+``TLS_CERT`` / ``TLS_KEY`` / ``TLS_CLIENT_CA``, ``TLS_CA`` / ``TLS_CLIENT_CERT`` / ``TLS_CLIENT_KEY``
+    Optional TLS for the gateway's own port and for its channels to embedder and indexers
+    (`common.security`); plaintext when unset.
+``GATEWAY_MAX_WORKERS`` (16)
+    gRPC server worker threads (concurrent requests being handled).
+``LOG_LEVEL`` [--log-level] (info)
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
+
+DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
+DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE for idempotent downstream calls: exponential backoff with jitter."""
+
+    attempts: int = 3
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    multiplier: float = 2.0
+
+    def backoff(self, retry: int) -> float:
+        """Upper bound of the delay before retry number ``retry`` (0-based)."""
+        return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** retry)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    db_path: Path = REPO_ROOT / "run" / "catalogue.sqlite3"
+    seed_dir: Path | None = None
+    embedder_addr: str = DEFAULT_EMBEDDER_ADDR
+    indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
+    downstream_timeout_s: float = 10.0
+    max_k: int = 100
+    max_images: int = 16
+    max_message_bytes: int = 16 * 1024 * 1024
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    reconnect_backoff_max_s: float = 2.0
+    model_info_ttl_s: float = 60.0
+    compensation_timeout_s: float = 5.0
+    write_token: str | None = None
+    max_workers: int = 16
+    log_level: str = "info"
+
+    @property
+    def embedder_target(self) -> str:
+        return embedder_target(self.embedder_addr)
+
+    @property
+    def indexer_targets(self) -> tuple[str, ...]:
+        return self.indexer_addrs
+
+    @classmethod
+    def from_env(cls, argv: list[str] | None = None) -> "GatewayConfig":
+        parser = argparse.ArgumentParser(prog="python -m services.gateway",
+                                         description="public API gateway (see config docstring for env)")
+        parser.add_argument("--host", default=env_str("GATEWAY_HOST", "0.0.0.0"))
+        parser.add_argument("--port", type=int, default=env_int("GATEWAY_PORT", 50050, minimum=0))
+        parser.add_argument("--db", type=Path,
+                            default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"))
+        parser.add_argument("--seed-dir", type=Path,
+                            default=env_str("GATEWAY_SEED_DIR", "") or None)
+        parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR))
+        parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
+        parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
+        args = parser.parse_args(argv)
+        token = env_str("WRITE_TOKEN", "") or None
+        config = cls(
+            host=args.host,
+            port=args.port,
+            db_path=args.db,
+            seed_dir=Path(args.seed_dir) if args.seed_dir else None,
+            embedder_addr=args.embedder,
+            indexer_addrs=parse_indexer_addrs(args.indexers),
+            downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
+            max_k=env_int("GATEWAY_MAX_K", 100, minimum=1),
+            max_images=env_int("GATEWAY_MAX_IMAGES", 16, minimum=1),
+            max_message_bytes=env_int("GATEWAY_MAX_MESSAGE_MB", 16, minimum=1) * 1024 * 1024,
+            retry=RetryPolicy(
+                attempts=env_int("GATEWAY_RETRY_ATTEMPTS", 3, minimum=1),
+                initial_backoff_s=env_float("GATEWAY_RETRY_BACKOFF_S", 0.05, minimum=0.0),
+                max_backoff_s=env_float("GATEWAY_RETRY_BACKOFF_MAX_S", 1.0, minimum=0.0),
+            ),
+            reconnect_backoff_max_s=env_float("GATEWAY_RECONNECT_BACKOFF_MAX_S", 2.0, minimum=0.1),
+            model_info_ttl_s=env_float("GATEWAY_MODEL_INFO_TTL_S", 60.0, minimum=0.0),
+            compensation_timeout_s=env_float("GATEWAY_COMPENSATION_TIMEOUT_S", 5.0, minimum=0.1),
+            write_token=token,
+            max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
+            log_level=args.log_level,
+        )
+        embedder_target(config.embedder_addr)  # fail fast on a malformed value
+        return config
+
+
+def parse_indexer_addrs(value: str) -> tuple[str, ...]:
+    """``INDEXER_ADDRS`` -> shard targets in shard order."""
+    addrs = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not addrs:
+        raise ConfigError(f"INDEXER_ADDRS={value!r} names no indexer shard")
+    if len(set(addrs)) != len(addrs):
+        raise ConfigError(f"INDEXER_ADDRS={value!r} lists a shard twice")
+    return addrs
+
+
+def _split_host_port(address: str) -> tuple[str, str]:
+    if address.startswith("["):  # [v6]:port
+        host, _, port = address[1:].partition("]:")
+    else:
+        host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"EMBEDDER_ADDR entry {address!r} is not host:port")
+    return host, port
+
+
+def embedder_target(value: str) -> str:
+    """``EMBEDDER_ADDR`` -> a gRPC target string (see the module docstring).
+
+    ``"10.0.0.1:50051"`` -> as-is; ``"10.0.0.1:1,10.0.0.2:2"`` -> ``"ipv4:10.0.0.1:1,10.0.0.2:2"``;
+    ``"dns:///embedder:50051"`` -> as-is; ``"localhost:1,localhost:2"`` -> ``"ipv4:127.0.0.1:1,..."``.
+    """
+    value = value.strip()
+    if not value:
+        raise ConfigError("EMBEDDER_ADDR is empty")
+    if value.startswith(_SCHEMES):
+        return value
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if len(parts) == 1:
+        _split_host_port(parts[0])
+        return parts[0]
+    resolved: list[tuple[int, str]] = []
+    for part in parts:
+        host, port = _split_host_port(part)
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), socket.AF_INET,
+                                                             socket.SOCK_STREAM)[0][4][0])
+            except (OSError, IndexError):
+                raise ConfigError(f"EMBEDDER_ADDR host {host!r} does not resolve; use IP "
+                                  "addresses or a dns:///name:port target") from None
+        resolved.append((ip.version, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"))
+    versions = {version for version, _ in resolved}
+    if len(versions) > 1:
+        raise ConfigError(f"EMBEDDER_ADDR={value!r} mixes IPv4 and IPv6 addresses")
+    scheme = "ipv6" if versions == {6} else "ipv4"
+    return f"{scheme}:" + ",".join(address for _, address in resolved)

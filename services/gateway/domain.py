@@ -1,0 +1,164 @@
+"""The gateway's own vocabulary: listings, filters, ranked results and errors.
+
+Plain dataclasses with no gRPC in them, so the catalogue, ranking and orchestration code (and the
+Python client's callers) can use them without knowing about protobuf or servicers. `convert`
+maps them to and from the public protos; `server` maps `GatewayError` to status codes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class GatewayError(Exception):
+    """An error with the gRPC status code (by name) the caller should see; ``str()`` is the details."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(GatewayError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(GatewayError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(GatewayError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(GatewayError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unavailable(GatewayError):
+    """A downstream service could not be reached (after retries); the message names it."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(GatewayError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(GatewayError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(GatewayError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(GatewayError):
+    code = "PERMISSION_DENIED"
+
+
+class DownstreamError(GatewayError):
+    """A downstream answered with an error that is not the caller's fault (INTERNAL, UNKNOWN...)."""
+
+    code = "INTERNAL"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A catalogue entry. ``price`` is None when unknown; ``image_ids`` in display order."""
+
+    id: str
+    title: str
+    description: str = ""
+    category: str = ""
+    main_category: str = ""
+    price: float | None = None
+    currency: str = ""
+    location: str = ""
+    image_ids: tuple[str, ...] = ()
+
+    def with_(self, **changes) -> "Listing":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SearchFilter:
+    """Which listings a search may return; empty / None fields do not filter."""
+
+    main_category: str = ""
+    min_price: float | None = None
+    max_price: float | None = None
+    location: str = ""
+    exclude_listing_ids: tuple[str, ...] = ()
+
+    def validate(self, known_categories: "set[str] | frozenset[str] | None" = None) -> None:
+        """Raise InvalidArgument for a bad price range or an unknown main category."""
+        for name, value in (("min_price", self.min_price), ("max_price", self.max_price)):
+            if value is not None and not math.isfinite(value):
+                raise InvalidArgument(f"filter.{name} must be a finite number, got {value}")
+        if (self.min_price is not None and self.max_price is not None
+                and self.min_price > self.max_price):
+            raise InvalidArgument(f"filter.min_price {self.min_price:g} is greater than "
+                                  f"filter.max_price {self.max_price:g}")
+        if self.main_category and known_categories is not None \
+                and self.main_category not in known_categories:
+            raise InvalidArgument(
+                f"filter.main_category {self.main_category!r} is not a known category; "
+                f"known: {', '.join(sorted(known_categories))}")
+
+    def excluding(self, *listing_ids: str) -> "SearchFilter":
+        extra = tuple(i for i in listing_ids if i not in self.exclude_listing_ids)
+        return replace(self, exclude_listing_ids=self.exclude_listing_ids + extra)
+
+    @property
+    def is_empty(self) -> bool:
+        return self == SearchFilter()
+
+
+@dataclass(frozen=True)
+class RankedListing:
+    """One search result: 1-based rank, score (higher is better), best-matching photo, listing."""
+
+    rank: int
+    score: float
+    matched_image_id: str
+    listing: Listing
+
+
+@dataclass(frozen=True)
+class CategoryScore:
+    category: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    categories: tuple[CategoryScore, ...]
+    model_version: str
+
+
+@dataclass(frozen=True)
+class RemovedListing:
+    listing_id: str
+    images_removed: int
+
+
+@dataclass
+class ModelInfo:
+    """What the embedder serves, as far as the gateway needs it."""
+
+    categories: tuple[str, ...]
+    embedding_dim: int
+    model_version: str
+    max_batch: int = 32
+    max_image_bytes: int = 0
+    modalities: tuple[str, ...] = ("image",)
+    text_embedding_dim: int = 0
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,449 @@
+"""The gateway's orchestration over gRPC against fake embedder/indexer servers (milliseconds each):
+filters reach the index, shards are fanned out and merged, writes are all or nothing, retries,
+deadlines, round_robin and error codes. The same behaviour against the real services is in
+test_gateway_integration.py."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from common.logs import REQUEST_ID_KEY
+from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from scripts.stack import free_port
+from services.gateway.client import GatewayClient
+from services.gateway.config import GatewayConfig, RetryPolicy
+from services.gateway.domain import Listing
+from services.gateway.downstream import IndexItem
+from services.gateway.server import start
+from services.gateway.shards import shard_of
+from tests.gateway.gateway_fakes import (
+    CATEGORIES,
+    FakeEmbedder,
+    FakeIndexer,
+    fake_vector,
+    near,
+    serve_embedder,
+    serve_indexer,
+)
+
+# (id, main category, price, location, photos)
+LISTINGS = [
+    ("L-table", "Home & Garden", 40.0, "Leeds, West Yorkshire", 2),
+    ("L-chair", "Home & Garden", 15.0, "Leeds, West Yorkshire", 1),
+    ("L-kettle", "Appliances", 12.0, "Wokingham, Berkshire", 2),
+    ("L-fridge", "Appliances", 150.0, "Leeds, West Yorkshire", 1),
+    ("L-box", "Other Goods", None, "Bath, Somerset", 1),
+    ("L-lamp", "Home & Garden", 8.0, "Bath, Somerset", 1),
+]
+
+
+def photo(listing_id: str, index: int = 0) -> bytes:
+    return f"photo of {listing_id} #{index}".encode()
+
+
+class Stack:
+    def __init__(self, tmp_path, embedders: int = 1, write_token: str | None = None, **overrides):
+        self.embedders = [FakeEmbedder(f"e{i}") for i in range(embedders)]
+        self.embedder_servers = [serve_embedder(e) for e in self.embedders]
+        self.indexers = [FakeIndexer(), FakeIndexer()]
+        self.indexer_servers = [serve_indexer(i) for i in self.indexers]
+        settings = dict(
+            host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
+            embedder_addr=",".join(f"127.0.0.1:{s.port}" for s in self.embedder_servers),
+            indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in self.indexer_servers),
+            downstream_timeout_s=5.0, retry=RetryPolicy(3, 0.01, 0.05), write_token=write_token,
+            max_workers=8)
+        settings.update(overrides)
+        self.config = GatewayConfig(**settings)
+        self.gateway = start(self.config)
+        self.address = f"127.0.0.1:{self.gateway.port}"
+        self.client = GatewayClient(self.address, timeout=5.0, write_token=write_token or "")
+        self.seed()
+
+    def seed(self) -> None:
+        catalogue = self.gateway.core.catalogue
+        for listing_id, main, price, location, photos in LISTINGS:
+            image_ids = tuple(f"{listing_id}-img{j}" for j in range(photos))
+            catalogue.add(Listing(listing_id, f"Title of {listing_id}", "", f"{main} / x", main, price,
+                                  "GBP" if price is not None else "", location, image_ids))
+            shard = self.indexers[shard_of(listing_id, 2)]
+            for j, image_id in enumerate(image_ids):
+                item = IndexItem(image_id, fake_vector(photo(listing_id, j)), listing_id, main, price,
+                                 location).to_proto()
+                shard.items[image_id] = (fake_vector(photo(listing_id, j)), item.attributes)
+
+    def close(self) -> None:
+        self.client.close()
+        self.gateway.stop(0)
+        for server in self.embedder_servers + self.indexer_servers:
+            server.stop(0)
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = Stack(tmp_path)
+    yield s
+    s.close()
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call(*args, **kwargs)
+    return raised.value
+
+
+def test_listings_are_on_both_shards(stack):
+    assert all(len(indexer.items) > 0 for indexer in stack.indexers)
+
+
+def test_search_by_own_photo_returns_own_listing_first(stack):
+    results = stack.client.search_by_image(photo("L-kettle", 1), k=3)
+    assert [r.rank for r in results] == [1, 2, 3]
+    top = results[0]
+    assert top.listing.id == "L-kettle" and top.matched_image_id == "L-kettle-img1"
+    assert top.score == pytest.approx(1.0, abs=1e-5)
+    assert top.listing.title == "Title of L-kettle" and top.listing.price == 12.0
+    assert len({r.listing.id for r in results}) == 3  # one entry per listing
+    assert all(a.score >= b.score for a, b in zip(results, results[1:]))
+    for indexer in stack.indexers:  # fanned out to every shard, once each
+        assert indexer.faults.calls["Search"] == 1
+
+
+def test_search_merges_shards_into_the_global_ranking(stack):
+    everything = stack.client.search_by_image(photo("L-table"), k=100)
+    assert sorted(r.listing.id for r in everything) == sorted(row[0] for row in LISTINGS)
+    top2 = stack.client.search_by_image(photo("L-table"), k=2)
+    assert [r.listing.id for r in top2] == [r.listing.id for r in everything[:2]]
+
+
+def test_filters_hold(stack):
+    query = photo("L-table")
+    appliances = stack.client.search_by_image(query, k=10, main_category="Appliances")
+    assert {r.listing.id for r in appliances} == {"L-kettle", "L-fridge"}
+    cheap = stack.client.search_by_image(query, k=10, min_price=10, max_price=40)
+    assert {r.listing.id for r in cheap} == {"L-table", "L-chair", "L-kettle"}
+    leeds = stack.client.search_by_image(query, k=10, location="Leeds, West Yorkshire",
+                                         exclude=["L-table"])
+    assert {r.listing.id for r in leeds} == {"L-chair", "L-fridge"}
+    combined = stack.client.search_by_image(query, k=10, main_category="Home & Garden", max_price=10)
+    assert [r.listing.id for r in combined] == ["L-lamp"]
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    (dict(image=b"", k=5), "image is empty"),
+    (dict(image=b"x", k=101), "k must be between 1 and 100"),
+    (dict(image=b"x", filter=gateway_pb2.ListingFilter(min_price=5, max_price=1)), "greater than"),
+    (dict(image=b"x", filter=gateway_pb2.ListingFilter(main_category="Cars")), "not a known category"),
+    (dict(image=b"bad bytes"), "images[0] is not a decodable image"),  # embedder's message passed through
+])
+def test_search_invalid_arguments(stack, request_kwargs, message):
+    error = rpc_error(stack.client.stub.SearchByImage,
+                      gateway_pb2.SearchByImageRequest(**request_kwargs), timeout=5)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+
+
+def test_similar_listings_excludes_the_listing_and_merges_its_photos(stack):
+    indexer = stack.indexers[shard_of("L-table", 2)]
+    # Make a close look-alike of each of L-table's photos in two other listings.
+    for other, index in (("L-lamp", 0), ("L-box", 1)):
+        vector = near(photo("L-table", index), 5 + index)
+        image_id = f"{other}-img0"
+        indexer_of_other = stack.indexers[shard_of(other, 2)]
+        indexer_of_other.items[image_id] = (vector, indexer_of_other.items[image_id][1])
+    results = stack.client.similar("L-table", k=3)
+    ids = [r.listing.id for r in results]
+    assert "L-table" not in ids
+    assert set(ids[:2]) == {"L-lamp", "L-box"}  # one found through each of the two photos
+    assert indexer.faults.calls["Fetch"] == 1
+    filtered = stack.client.similar("L-table", k=3, main_category="Other Goods")
+    assert [r.listing.id for r in filtered] == ["L-box"]
+
+
+def test_similar_and_get_unknown_listing_is_not_found(stack):
+    for call in (lambda: stack.client.similar("nope"), lambda: stack.client.get("nope")):
+        error = rpc_error(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "nope" in error.details()
+
+
+def test_similar_without_indexed_photos_is_failed_precondition(stack):
+    stack.gateway.core.catalogue.add(Listing("L-new", "t", image_ids=("never-indexed",)))
+    error = rpc_error(stack.client.similar, "L-new")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no indexed photos" in error.details()
+
+
+def test_add_search_remove_round_trip(stack):
+    images = [b"new photo A", b"new photo B"]
+    added = stack.client.add(images, title="  Brass lamp ", price=25, location="York, North Yorkshire",
+                             main_category="Home & Garden")
+    assert added.title == "Brass lamp" and added.currency == "GBP" and len(added.image_ids) == 2
+    assert stack.client.get(added.id) == added
+    shard = stack.indexers[shard_of(added.id, 2)]
+    assert set(added.image_ids) <= set(shard.items)  # routed to the listing's shard only
+    assert shard.items[added.image_ids[0]][1].listing_id == added.id
+    assert not set(added.image_ids) & set(stack.indexers[1 - shard_of(added.id, 2)].items)
+    top = stack.client.search_by_image(b"new photo B", k=1)[0]
+    assert (top.listing.id, top.matched_image_id) == (added.id, added.image_ids[1])
+
+    removed = stack.client.remove(added.id)
+    assert (removed.listing_id, removed.images_removed) == (added.id, 2)
+    assert not set(added.image_ids) & set(shard.items)
+    assert stack.client.search_by_image(b"new photo B", k=1)[0].listing.id != added.id
+    assert rpc_error(stack.client.get, added.id).code() == grpc.StatusCode.NOT_FOUND
+    assert rpc_error(stack.client.remove, added.id).code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_add_predicts_main_category_when_empty(stack):
+    added = stack.client.add([b"some photo"], title="Thing")
+    assert added.main_category in CATEGORIES
+    assert stack.embedders[0].faults.calls["Classify"] == 1 and stack.embedders[0].faults.calls["Embed"] == 0
+    derived = stack.client.add([b"other photo"], title="Thing", category="Appliances / Kettles")
+    assert derived.main_category == "Appliances"
+
+
+@pytest.mark.parametrize("kwargs, code, message", [
+    (dict(title=""), grpc.StatusCode.INVALID_ARGUMENT, "title is required"),
+    (dict(title="t", main_category="Cars"), grpc.StatusCode.INVALID_ARGUMENT, "not one of the model's"),
+    (dict(title="t", price=-1), grpc.StatusCode.INVALID_ARGUMENT, "non-negative"),
+    (dict(title="t", listing_id="L-table"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+    (dict(title="t", listing_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "listing.id"),
+])
+def test_add_invalid(stack, kwargs, code, message):
+    error = rpc_error(stack.client.add, [b"p"], **kwargs)
+    assert error.code() == code and message in error.details()
+    assert stack.gateway.core.catalogue.count() == len(LISTINGS)
+
+
+def test_add_without_images_or_with_a_bad_one(stack):
+    error = rpc_error(stack.client.add, [], title="t")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "at least one image" in error.details()
+    error = rpc_error(stack.client.add, [b"fine", b"bad photo"], title="t", main_category="Other Goods")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "images[1]" in error.details()
+    assert sum(i.faults.calls["Upsert"] for i in stack.indexers) == 0  # never reached the index
+
+
+def _item_counts(stack):
+    return [len(indexer.items) for indexer in stack.indexers]
+
+
+def test_add_is_all_or_nothing_when_the_index_write_fails(stack):
+    before = _item_counts(stack)
+    for indexer in stack.indexers:
+        indexer.faults.plan("Upsert", grpc.StatusCode.UNAVAILABLE, times=3)
+    error = rpc_error(stack.client.add, [b"p1"], title="t", main_category="Other Goods", listing_id="L-x")
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "indexer shard" in error.details() and "unavailable" in error.details()
+    assert stack.gateway.core.catalogue.get("L-x") is None
+    assert _item_counts(stack) == before
+    shard = stack.indexers[shard_of("L-x", 2)]
+    assert shard.faults.calls["Upsert"] == 3 and shard.faults.calls["Delete"] == 1  # retried, then undone
+
+
+def test_add_is_all_or_nothing_when_the_catalogue_write_fails(stack, monkeypatch):
+    before = _item_counts(stack)
+
+    def broken_add(listing, **_):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(stack.gateway.core.catalogue, "add", broken_add)
+    error = rpc_error(stack.client.add, [b"p1", b"p2"], title="t", main_category="Other Goods",
+                      listing_id="L-y")
+    assert error.code() == grpc.StatusCode.INTERNAL and "disk I/O error" in error.details()
+    shard = stack.indexers[shard_of("L-y", 2)]
+    assert shard.faults.calls["Upsert"] == 1 and shard.faults.calls["Delete"] == 1  # compensation
+    assert _item_counts(stack) == before
+    monkeypatch.undo()
+    assert stack.gateway.core.catalogue.get("L-y") is None
+
+
+def test_remove_keeps_the_listing_when_the_index_delete_fails(stack):
+    shard = stack.indexers[shard_of("L-chair", 2)]
+    shard.faults.plan("Delete", grpc.StatusCode.INTERNAL)
+    error = rpc_error(stack.client.remove, "L-chair")
+    assert error.code() == grpc.StatusCode.INTERNAL and "indexer shard" in error.details()
+    assert stack.client.get("L-chair").id == "L-chair"
+    assert stack.client.remove("L-chair").images_removed == 1  # a retry completes it
+
+
+def test_unavailable_is_retried_with_backoff(stack):
+    embedder = stack.embedders[0]
+    embedder.faults.plan("Embed", grpc.StatusCode.UNAVAILABLE, times=2)
+    assert stack.client.search_by_image(photo("L-box"), k=1)[0].listing.id == "L-box"
+    assert embedder.faults.calls["Embed"] == 3
+    embedder.faults.plan("Embed", grpc.StatusCode.UNAVAILABLE, times=3)
+    error = rpc_error(stack.client.search_by_image, photo("L-box"))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details().startswith(f"embedder at {stack.config.embedder_target} unavailable")
+
+
+def test_other_errors_are_not_retried(stack):
+    embedder = stack.embedders[0]
+    embedder.faults.plan("Embed", grpc.StatusCode.INTERNAL, times=1)
+    error = rpc_error(stack.client.search_by_image, photo("L-box"))
+    assert error.code() == grpc.StatusCode.INTERNAL and "embedder at" in error.details()
+    assert embedder.faults.calls["Embed"] == 1
+
+
+def test_dead_embedder_is_unavailable_fast_and_named(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    s = Stack(tmp_path, embedder_addr=dead)
+    try:
+        started = time.monotonic()
+        error = rpc_error(s.client.search_by_image, photo("L-box"), timeout=5)
+        assert time.monotonic() - started < 2.0
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert error.details().startswith(f"embedder at {dead} unavailable")
+        assert s.client.get("L-box").id == "L-box"  # catalogue reads do not need the embedder
+    finally:
+        s.close()
+
+
+def test_dead_shard_fails_search_naming_the_shard(stack):
+    stack.indexer_servers[1].stop(0)
+    error = rpc_error(stack.client.search_by_image, photo("L-box"))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details().startswith(f"indexer shard 1 at {stack.config.indexer_addrs[1]} unavailable")
+
+
+def test_callers_deadline_is_propagated(stack):
+    embedder = stack.embedders[0]
+    embedder.faults.plan("Embed", delay=2.0)  # a hung embedder
+    started = time.monotonic()
+    error = rpc_error(stack.client.search_by_image, photo("L-box"), timeout=0.6)
+    elapsed = time.monotonic() - started
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 1.0  # at the caller's deadline, not after the slow embedder
+    assert embedder.faults.time_remaining[-1] <= 0.6  # the embedder was given the caller's deadline
+    # Normally the gateway answers just before the caller's deadline, naming who was slow (the
+    # caller's own timer may win on a very busy machine).
+    assert "embedder at" in error.details() or error.details() == "Deadline Exceeded"
+
+
+def test_default_deadline_applies_when_the_caller_sets_none(tmp_path):
+    s = Stack(tmp_path, downstream_timeout_s=0.4)
+    try:
+        s.embedders[0].faults.plan("Embed", delay=1.5)
+        with grpc.insecure_channel(s.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            started = time.monotonic()
+            error = rpc_error(stub.SearchByImage, gateway_pb2.SearchByImageRequest(image=b"x"))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert error.details() == f"deadline exceeded waiting for embedder at {s.config.embedder_target}"
+        assert time.monotonic() - started < 1.2
+        assert 0 < s.embedders[0].faults.time_remaining[-1] <= 0.4
+    finally:
+        s.close()
+
+
+def test_request_id_and_write_token_reach_the_downstreams(tmp_path):
+    s = Stack(tmp_path, write_token="s3cret")
+    try:
+        no_token = GatewayClient(s.address, write_token="")
+        error = rpc_error(no_token.add, [b"p"], title="t")
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        wrong = GatewayClient(s.address, write_token="guess")
+        assert rpc_error(wrong.remove, "L-box").code() == grpc.StatusCode.PERMISSION_DENIED
+        assert no_token.get("L-box").id == "L-box"  # reads stay open
+        no_token.close()
+        wrong.close()
+
+        with grpc.insecure_channel(s.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            stub.AddListing(gateway_pb2.AddListingRequest(
+                listing=gateway_pb2.Listing(title="t", main_category="Other Goods"), images=[b"p"]),
+                metadata=((REQUEST_ID_KEY, "trace-me-123"), ("authorization", "Bearer s3cret")), timeout=5)
+        seen = [m for e in s.embedders for m in e.faults.metadata] + \
+               [m for i in s.indexers for m in i.faults.metadata]
+        upserts = [m for m in seen if m["method"] == "Upsert"]
+        assert upserts and all(m.get("authorization") == "Bearer s3cret" for m in upserts)
+        assert all(m.get(REQUEST_ID_KEY) == "trace-me-123" for m in seen)
+    finally:
+        s.close()
+
+
+def test_round_robin_over_embedder_replicas(tmp_path):
+    s = Stack(tmp_path, embedders=2)
+    try:
+        assert s.config.embedder_target.startswith("ipv4:")
+        s.client.search_by_image(photo("L-box"), k=1)  # connects to every replica
+        time.sleep(0.3)
+        for e in s.embedders:
+            e.faults.calls.clear()
+        for _ in range(10):
+            s.client.search_by_image(photo("L-box"), k=1)
+        counts = [e.faults.calls["Embed"] for e in s.embedders]
+        assert sum(counts) == 10 and min(counts) >= 3, counts  # both replicas used
+        s.embedder_servers[0].stop(0)  # one replica goes away: the other serves everything
+        for _ in range(5):
+            assert s.client.search_by_image(photo("L-box"), k=1)[0].listing.id == "L-box"
+    finally:
+        s.close()
+
+
+def test_text_and_hybrid_rpcs_are_unimplemented(stack):
+    error = rpc_error(stack.client.stub.SearchByText, gateway_pb2.SearchByTextRequest(query="oak"), timeout=5)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_cli_prints_tables(stack, tmp_path, capsys):
+    from services.gateway import cli
+
+    photo_file = tmp_path / "q.jpg"
+    photo_file.write_bytes(photo("L-table"))
+    assert cli.main(["--addr", stack.address, "search", str(photo_file), "-k", "3",
+                     "--category", "Home & Garden"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["rank", "score", "title"] and set(lines[1]) <= {"-", " "}
+    assert "Title of L-table" in lines[2] and "£40.00" in lines[2] and lines[2].endswith("L-table")
+    assert len(lines) == 5
+    assert cli.main(["--addr", stack.address, "get", "L-box"]) == 0
+    assert "\nprice          -\n" in capsys.readouterr().out
+    assert cli.main(["--addr", stack.address, "classify", str(photo_file)]) == 0
+    assert "model fake-1" in capsys.readouterr().out
+    assert cli.main(["--addr", stack.address, "add", "--title", "Lamp", "--price", "3",
+                     str(photo_file)]) == 0
+    added_id = capsys.readouterr().out.splitlines()[1].split()[-1]
+    assert cli.main(["--addr", stack.address, "similar", added_id, "-k", "1"]) == 0
+    assert "L-table" in capsys.readouterr().out  # same photo bytes as L-table's
+    assert cli.main(["--addr", stack.address, "remove", added_id]) == 0
+    assert "1 image vectors" in capsys.readouterr().out
+    assert cli.main(["--addr", stack.address, "get", added_id]) == 1
+    assert capsys.readouterr().err.startswith("error: NOT_FOUND: listing")
+
+
+def test_index_embeddings_routes_by_listing(stack, tmp_path):
+    from services.gateway.index_catalogue import index_embeddings, load_artifact_embeddings
+
+    for indexer in stack.indexers:
+        indexer.items.clear()
+    rows = stack.gateway.core.catalogue.image_rows()
+    ids = [r.image_id for r in rows] + ["not-in-catalogue"]
+    vectors = np.stack([fake_vector(i.encode()) for i in ids])
+    folder = tmp_path / "artifact" / "embeddings"
+    folder.mkdir(parents=True)
+    np.save(folder / "image_embeddings.npy", vectors)
+    (folder / "image_ids.json").write_text(json.dumps(ids))
+    loaded_ids, loaded = load_artifact_embeddings(tmp_path / "artifact")
+    assert loaded_ids == ids and loaded.shape == vectors.shape
+    report = index_embeddings(stack.gateway.core.catalogue, stack.gateway.core.indexer, loaded_ids,
+                              loaded, batch_size=3, progress=False)
+    assert report.upserted == len(rows) and report.skipped_not_in_catalogue == 1
+    for row in rows:
+        stored = stack.indexers[shard_of(row.listing_id, 2)].items[row.image_id][1]
+        assert (stored.listing_id, stored.category, stored.location) == \
+            (row.listing_id, row.main_category, row.location)
+    assert sum(i.faults.calls["Upsert"] for i in stack.indexers) >= 3  # batched
+
+
+def test_indexer_invalid_argument_is_not_blamed_on_the_caller(stack):
+    for indexer in stack.indexers:
+        indexer.faults.plan("Search", grpc.StatusCode.INVALID_ARGUMENT)
+    error = rpc_error(stack.client.search_by_image, photo("L-box"))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "indexer shard" in error.details() and "INVALID_ARGUMENT" in error.details()
