@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             inprocess = Embedder.from_config(EmbedderConfig(
                 artifact_dir=artifact_dir, host="127.0.0.1", port=0,
                 torch_threads=args.torch_threads, batch_size=args.batch_size,
-                max_wait_ms=args.max_wait_ms))
+                max_wait_ms=args.max_wait_ms, text_model="off"))
             query_vectors = np.concatenate([inprocess.embed(query_bytes[i:i + 8])
                                             for i in range(0, len(query_bytes), 8)])
             ids, vectors, vectors_label = index_vectors(

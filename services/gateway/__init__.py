@@ -3,13 +3,14 @@
     config.py          environment variables (documented there) -> GatewayConfig
     domain.py          Listing, SearchFilter, RankedListing, ... and GatewayError (status by name)
     catalogue.py       the listing catalogue in SQLite (versioned migrations, bulk load)
-    ranking.py         merge hits by listing; image/text fusion (common.ranking) for later
+    ranking.py         merge hits by listing; image/text fusion (common.ranking)
     shards.py          listing id -> indexer shard (stable hash)
     downstream.py      embedder / indexer-shard clients: deadlines, retries, fan-out, error mapping
-    core.py            the orchestration behind each RPC (search, similar, add/remove all-or-nothing)
+    core.py            the orchestration behind each RPC (image/text/hybrid search, similar,
+                       recommend, add/remove all-or-nothing)
     convert.py         public protos <-> domain objects
     server.py          the thin gRPC servicer, start(config) and main()
     client.py, cli.py  Python client and command line
     load_catalogue.py  python -m services.gateway.load_catalogue --prepared build/data --db PATH
-    index_catalogue.py python -m services.gateway.index_catalogue (vectors -> indexer shards)
+    index_catalogue.py python -m services.gateway.index_catalogue (photo and text vectors -> shards)
 """

@@ -2,6 +2,9 @@
 
     python -m services.gateway.cli --addr 127.0.0.1:50050 classify photo.jpg
     python -m services.gateway.cli search photo.jpg -k 5 --category "Home & Garden" --max-price 100
+    python -m services.gateway.cli text "oak dining table" -k 5 --max-price 100
+    python -m services.gateway.cli hybrid photo.jpg "oak dining table" --text-weight 0.3 --fusion rrf
+    python -m services.gateway.cli recommend --like ID1 --like ID2 --skip ID3 --seen ID4 -k 5
     python -m services.gateway.cli similar LISTING_ID -k 5
     python -m services.gateway.cli get LISTING_ID
     python -m services.gateway.cli add --title "Oak table" --price 40 --location "Leeds, West Yorkshire" a.jpg b.jpg
@@ -78,6 +81,11 @@ def _filters(args) -> dict:
                 location=args.location, exclude=args.exclude)
 
 
+#: --fusion choices of `hybrid` -> the client's fusion names.
+FUSION_CHOICES = {"cosine": "weighted_cosine", "weighted_cosine": "weighted_cosine",
+                  "rrf": "reciprocal_rank", "reciprocal_rank": "reciprocal_rank"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.cli",
                                      description="call the marketplace gateway")
@@ -93,6 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="listings that look like a photo")
     search.add_argument("photo")
     _add_filters(search)
+
+    text = commands.add_parser("text", help="listings whose text matches a query")
+    text.add_argument("query")
+    _add_filters(text)
+
+    hybrid = commands.add_parser("hybrid", help="listings ranked by a photo and a text query")
+    hybrid.add_argument("photo")
+    hybrid.add_argument("query")
+    hybrid.add_argument("--text-weight", type=float, default=None,
+                        help="weight of the text ranking in [0, 1] (default: the gateway's, 0.5)")
+    hybrid.add_argument("--fusion", choices=sorted(FUSION_CHOICES), default="cosine",
+                        help="cosine: (1-w)*image + w*text cosine (default); "
+                             "rrf: reciprocal-rank fusion")
+    _add_filters(hybrid)
+
+    recommend = commands.add_parser("recommend", help="listings like the liked ones")
+    recommend.add_argument("--like", action="append", default=[], metavar="LISTING_ID",
+                           required=True, help="a liked listing (repeat for more)")
+    recommend.add_argument("--skip", action="append", default=[], metavar="LISTING_ID",
+                           help="a skipped listing: move away from it, never return it")
+    recommend.add_argument("--seen", action="append", default=[], metavar="LISTING_ID",
+                           help="an already seen listing: never return it")
+    _add_filters(recommend)
 
     similar = commands.add_parser("similar", help="listings that look like a listing")
     similar.add_argument("listing_id")
@@ -124,6 +155,15 @@ def run(args, client: GatewayClient) -> str:
         return table(["category", "probability"], rows, right=(1,)) + f"\nmodel {result.model_version}"
     if args.command == "search":
         return results_table(client.search_by_image(args.photo, args.k, **_filters(args)))
+    if args.command == "text":
+        return results_table(client.search_by_text(args.query, args.k, **_filters(args)))
+    if args.command == "hybrid":
+        return results_table(client.search(args.photo, args.query, args.k,
+                                           text_weight=args.text_weight,
+                                           fusion=FUSION_CHOICES[args.fusion], **_filters(args)))
+    if args.command == "recommend":
+        return results_table(client.recommend(args.like, args.skip, args.seen, args.k,
+                                              **_filters(args)))
     if args.command == "similar":
         return results_table(client.similar(args.listing_id, args.k, **_filters(args)))
     if args.command == "get":

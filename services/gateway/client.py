@@ -5,6 +5,9 @@
     with GatewayClient("127.0.0.1:50050") as gateway:
         for result in gateway.search_by_image("photo.jpg", k=5, max_price=100):
             print(result.rank, round(result.score, 3), result.listing.title, result.matched_image_id)
+        gateway.search_by_text("oak dining table", k=5)
+        gateway.search(image="photo.jpg", text="oak", text_weight=0.3, fusion="reciprocal_rank")
+        gateway.recommend(liked=["id1", "id2"], skipped=["id3"], seen=["id4"], k=10)
         listing = gateway.add(["front.jpg", "back.jpg"], title="Oak table", price=40)
         gateway.remove(listing.id)
 
@@ -82,6 +85,45 @@ class GatewayClient:
                         timeout: float | None = None) -> list[RankedListing]:
         reply = self.stub.SearchByImage(gateway_pb2.SearchByImageRequest(
             image=read_image(image), k=k,
+            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            timeout=self._timeout(timeout))
+        return convert.ranked_from_proto(reply)
+
+    def search_by_text(self, query: str, k: int = 10, *, main_category: str = "",
+                       min_price: float | None = None, max_price: float | None = None,
+                       location: str = "", exclude: Iterable[str] = (),
+                       timeout: float | None = None) -> list[RankedListing]:
+        """Listings whose title and description best match ``query``."""
+        reply = self.stub.SearchByText(gateway_pb2.SearchByTextRequest(
+            query=query, k=k,
+            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            timeout=self._timeout(timeout))
+        return convert.ranked_from_proto(reply)
+
+    def search(self, image: Image | None = None, text: str = "", k: int = 10, *,
+               text_weight: float | None = None, fusion: str = "weighted_cosine",
+               main_category: str = "", min_price: float | None = None,
+               max_price: float | None = None, location: str = "", exclude: Iterable[str] = (),
+               timeout: float | None = None) -> list[RankedListing]:
+        """Hybrid search by a photo and/or a text query. ``text_weight`` in [0, 1] (None: the
+        gateway's default, 0.5); ``fusion`` "weighted_cosine" or "reciprocal_rank"."""
+        request = gateway_pb2.HybridSearchRequest(
+            image=read_image(image) if image is not None else b"", text=text, k=k,
+            filter=self._filter(main_category, min_price, max_price, location, exclude),
+            fusion=convert.fusion_to_proto(fusion))
+        if text_weight is not None:
+            request.text_weight = text_weight
+        return convert.ranked_from_proto(self.stub.Search(request, timeout=self._timeout(timeout)))
+
+    def recommend(self, liked: Iterable[str], skipped: Iterable[str] = (), seen: Iterable[str] = (),
+                  k: int = 10, *, main_category: str = "", min_price: float | None = None,
+                  max_price: float | None = None, location: str = "", exclude: Iterable[str] = (),
+                  timeout: float | None = None) -> list[RankedListing]:
+        """Listings like the ``liked`` ones and unlike the ``skipped`` ones; liked, skipped and
+        ``seen`` listings are never returned."""
+        reply = self.stub.Recommend(gateway_pb2.RecommendRequest(
+            liked_listing_ids=list(liked), skipped_listing_ids=list(skipped),
+            seen_listing_ids=list(seen), k=k,
             filter=self._filter(main_category, min_price, max_price, location, exclude)),
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)

@@ -10,6 +10,11 @@ from services.gateway.domain import (
     RemovedListing,
     SearchFilter,
 )
+from services.gateway.ranking import RECIPROCAL_RANK, WEIGHTED_COSINE
+
+#: Public Fusion enum <-> `ranking.fuse_image_and_text` method names.
+_FUSIONS = {gateway_pb2.FUSION_WEIGHTED_COSINE: WEIGHTED_COSINE,
+            gateway_pb2.FUSION_RECIPROCAL_RANK: RECIPROCAL_RANK}
 
 
 def listing_to_proto(listing: Listing) -> gateway_pb2.Listing:
@@ -48,6 +53,19 @@ def filter_to_proto(search_filter: SearchFilter) -> gateway_pb2.ListingFilter:
     if search_filter.max_price is not None:
         message.max_price = float(search_filter.max_price)
     return message
+
+
+def fusion_from_proto(value: int) -> str:
+    """A Fusion enum value -> its method name (an unknown value gives a name the core refuses)."""
+    return _FUSIONS.get(value, f"Fusion value {value}")
+
+
+def fusion_to_proto(method: str) -> int:
+    """A method name ("weighted_cosine" / "reciprocal_rank") -> the Fusion enum value."""
+    for value, name in _FUSIONS.items():
+        if name == method:
+            return value
+    raise ValueError(f"unknown fusion {method!r}; use one of {', '.join(_FUSIONS.values())}")
 
 
 def ranked_to_proto(results: list[RankedListing]) -> gateway_pb2.SearchListingsResponse:

@@ -17,9 +17,38 @@ catalogue insert fails, the upserted vectors are deleted (compensation). RemoveL
 vectors first, then the catalogue row, so a failure never leaves a catalogue entry pointing at
 half-deleted photos unnoticed (retrying RemoveListing completes it).
 
-A text collection ("text", listing id as item id) can be searched later through
-`_search_collection` and combined with `ranking.weighted_cosine_fusion` /
-`ranking.reciprocal_rank_fusion`.
+Text: the indexer's "text" collection holds one vector per listing (item id = listing id), the
+embedder's EmbedText vector (all-MiniLM-L6-v2, unit norm) of
+``common.text.listing_text(title, description)``. SearchByText embeds ``listing_text(query)``
+the same way and searches that collection on every shard (filters as for images); results carry
+no matched image id. AddListing also embeds and indexes the listing's text when the embedder
+serves text (GetModelInfo.modalities), within the same all-or-nothing steps (text embedded
+before anything is written, text vector upserted on the listing's shard after the photos, both
+undone if a later step fails); RemoveListing deletes the text vector too (a shard without a text
+collection is fine).
+
+Hybrid Search (an image and a text query). With only one of them it is exactly SearchByImage or
+SearchByText (``text_weight`` and ``fusion`` are then ignored). With both, each modality's top
+``k' = max(3k, 50)`` listings (one entry per listing: its best photo for the image side) are
+fetched with the same filter and fused with ``w = text_weight`` (unset: 0.5), by
+`ranking.fuse_image_and_text` over `common.ranking`:
+
+* FUSION_WEIGHTED_COSINE (default): ``score = (1 - w) * cos_image + w * cos_text``. A listing
+  found by one query only gets, for the other, the lowest score that query's k' list holds (an
+  upper bound on its true score). ``w = 0`` ranks exactly as the image search, ``w = 1`` as the
+  text search. Cosines of the two models live on different scales (EfficientNet features are
+  non-negative), so ``w`` also calibrates.
+* FUSION_RECIPROCAL_RANK: ``score = (1 - w) / (60 + rank_image) + w / (60 + rank_text)``
+  (Cormack et al. 2009, rank 1 = best; a list that lacks the listing adds nothing). Scale-free.
+
+Recommend (liked, skipped, seen listing ids): per modality ("image": a listing's vector is the
+normalised mean of its stored photo vectors; "text": its stored text vector), the Rocchio query
+``q = normalise(mean(liked) - 0.5 * mean(skipped))`` (`common.ranking.recommend_query`) searches
+that collection for the top k' listings, with liked, skipped and seen listings excluded inside
+the index (and again after merging). When both modalities have a query, the two rankings are
+fused by reciprocal rank with equal weights (``RECOMMEND_FUSION``: scale-free, no caller weight
+to calibrate cosines with), else the one ranking is used with its cosine scores. An unknown
+liked id is NOT_FOUND, no liked id INVALID_ARGUMENT; unknown skipped/seen ids are only excluded.
 """
 from __future__ import annotations
 
@@ -31,6 +60,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from common.listing_text import listing_text
+from common.ranking import recommend_query
 from services.gateway.catalogue import Catalogue, DuplicateListing
 from services.gateway.domain import (
     AlreadyExists,
@@ -48,12 +79,20 @@ from services.gateway.domain import (
 )
 from services.gateway.downstream import (
     IMAGE_COLLECTION,
+    TEXT_COLLECTION,
     Deadline,
     EmbedderClient,
     IndexerShards,
     IndexItem,
 )
-from services.gateway.ranking import Hit, merge_by_listing
+from services.gateway.ranking import (
+    FUSION_METHODS,
+    RECIPROCAL_RANK,
+    FusedHit,
+    Hit,
+    fuse_image_and_text,
+    merge_by_listing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +101,21 @@ DEFAULT_TOP_K = 3
 DEFAULT_CURRENCY = "GBP"
 _LISTING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+#: Text weight of a hybrid Search whose request leaves text_weight unset.
+DEFAULT_TEXT_WEIGHT = 0.5
+#: Longest text query accepted (listing_text keeps at most the first 200 characters of it).
+MAX_QUERY_CHARS = 2000
+#: Most liked + skipped listing ids one Recommend may carry (their vectors are fetched), and
+#: most seen ids (only excluded).
+MAX_FEEDBACK_IDS = 500
+MAX_SEEN_IDS = 5000
+#: How Recommend fuses its image and text rankings (see the module docstring).
+RECOMMEND_FUSION = RECIPROCAL_RANK
+
+
+def candidate_count(k: int) -> int:
+    """How many listings each modality contributes to a fusion: ``k' = max(3k, 50)``."""
+    return max(3 * k, 50)
 
 
 class GatewayCore:
@@ -147,11 +201,158 @@ class GatewayCore:
                                        search_filter.excluding(listing_id), deadline)
         return self._attach(merge_by_listing(hits, k, exclude=[listing_id]))
 
+    def search_by_text(self, query: str, k: int, search_filter: SearchFilter,
+                       deadline: Deadline) -> list[RankedListing]:
+        """Listings whose text best matches ``query`` (cosine of MiniLM vectors), best first."""
+        text = self._query_text(query)
+        k = self.resolve_k(k)
+        self._validate_filter(search_filter, deadline)
+        hits = self._search_collection(TEXT_COLLECTION, self._embed_query(text, deadline), k,
+                                       search_filter, deadline)
+        return self._attach([Hit(h.listing_id, h.score, "") for h in merge_by_listing(hits, k)])
+
+    def search(self, image: bytes, text: str, k: int, search_filter: SearchFilter,
+               text_weight: float | None, fusion: str, deadline: Deadline) -> list[RankedListing]:
+        """Hybrid search: an image query and/or a text query, fused (see the module docstring)."""
+        has_text = bool(text and text.strip())
+        if not image and not has_text:
+            raise InvalidArgument("send an image, a text query, or both")
+        weight = DEFAULT_TEXT_WEIGHT if text_weight is None else float(text_weight)
+        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+            raise InvalidArgument(f"text_weight must be between 0 and 1, got {text_weight}")
+        if fusion not in FUSION_METHODS:
+            raise InvalidArgument(f"fusion must be one of {', '.join(FUSION_METHODS)}; got {fusion}")
+        if not has_text:
+            return self.search_by_image(image, k, search_filter, deadline)
+        if not image:
+            return self.search_by_text(text, k, search_filter, deadline)
+        query = self._query_text(text)
+        k = self.resolve_k(k)
+        self._validate_filter(search_filter, deadline)
+        candidates = candidate_count(k)
+        image_query = self.embedder.embed([image], deadline)
+        text_query = self._embed_query(query, deadline)
+        image_hits = merge_by_listing(self._search_collection(
+            IMAGE_COLLECTION, image_query, candidates, search_filter, deadline), candidates)
+        text_hits = merge_by_listing(self._search_collection(
+            TEXT_COLLECTION, text_query, candidates, search_filter, deadline), candidates)
+        return self._attach_fused(fuse_image_and_text(image_hits, text_hits, weight, fusion, k))
+
+    def recommend(self, liked: Sequence[str], skipped: Sequence[str], seen: Sequence[str], k: int,
+                  search_filter: SearchFilter, deadline: Deadline) -> list[RankedListing]:
+        """Listings like the liked ones and unlike the skipped ones, none of liked, skipped or
+        seen returned (see the module docstring)."""
+        liked = list(dict.fromkeys(i for i in liked if i))
+        liked_set = set(liked)
+        skipped = [i for i in dict.fromkeys(i for i in skipped if i) if i not in liked_set]
+        seen = list(dict.fromkeys(i for i in seen if i))
+        if not liked:
+            raise InvalidArgument("liked_listing_ids is empty: like at least one listing")
+        if len(liked) + len(skipped) > MAX_FEEDBACK_IDS:
+            raise InvalidArgument(f"at most {MAX_FEEDBACK_IDS} liked and skipped listing ids in "
+                                  f"all, got {len(liked) + len(skipped)}")
+        if len(seen) > MAX_SEEN_IDS:
+            raise InvalidArgument(f"at most {MAX_SEEN_IDS} seen listing ids, got {len(seen)}")
+        k = self.resolve_k(k)
+        self._validate_filter(search_filter, deadline, catalogue_fallback=True)
+        known = self.catalogue.get_many(liked + skipped)
+        unknown = [i for i in liked if i not in known]
+        if unknown:
+            raise NotFound(f"liked listing{'s' if len(unknown) > 1 else ''} not found: "
+                           f"{', '.join(unknown[:10])}")
+        skipped = [i for i in skipped if i in known]  # unknown skips can only be excluded
+        feedback = [known[i] for i in liked + skipped]
+        vectors = {IMAGE_COLLECTION: self._listing_image_vectors(feedback, deadline),
+                   TEXT_COLLECTION: self._listing_text_vectors(feedback, deadline)}
+        excluded = liked + skipped + seen
+        candidates = candidate_count(k)
+        exclusion = search_filter.excluding(*excluded)
+        rankings: dict[str, list[Hit]] = {}
+        for collection, per_listing in vectors.items():
+            liked_vectors = [per_listing[i] for i in liked if i in per_listing]
+            if not liked_vectors:
+                continue
+            skipped_vectors = [per_listing[i] for i in skipped if i in per_listing]
+            query = recommend_query(np.stack(liked_vectors),
+                                    np.stack(skipped_vectors) if skipped_vectors else None)
+            hits = self._search_collection(collection, query, candidates, exclusion, deadline)
+            rankings[collection] = merge_by_listing(hits, candidates, exclude=excluded)
+        if not rankings:
+            raise FailedPrecondition("none of the liked listings has indexed vectors; index the "
+                                     "catalogue first (python -m services.gateway.index_catalogue)")
+        image, text = rankings.get(IMAGE_COLLECTION), rankings.get(TEXT_COLLECTION)
+        if image is not None and text is not None:
+            fused = fuse_image_and_text(image, text, 0.5, RECOMMEND_FUSION, k)
+        elif image is not None:
+            fused = [FusedHit(h.listing_id, h.score, h.item_id) for h in image[:k]]
+        else:
+            fused = [FusedHit(h.listing_id, h.score, "") for h in text[:k]]
+        return self._attach_fused(fused)
+
+    # ------------------------------------------------------------------ search helpers
+
+    def _validate_filter(self, search_filter: SearchFilter, deadline: Deadline, *,
+                         catalogue_fallback: bool = False) -> None:
+        search_filter.validate()
+        if search_filter.main_category:
+            search_filter.validate(self.categories(deadline, catalogue_fallback=catalogue_fallback))
+
+    @staticmethod
+    def _query_text(query: str) -> str:
+        """A text query -> the text to embed (`listing_text`), or InvalidArgument."""
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidArgument(f"the text query is {len(query)} characters long, the limit is "
+                                  f"{MAX_QUERY_CHARS}")
+        text = listing_text(query)
+        if not text:
+            raise InvalidArgument("the text query is empty")
+        return text
+
+    def _embed_query(self, text: str, deadline: Deadline) -> np.ndarray:
+        return self.embedder.embed_text([text], deadline)
+
+    def _listing_image_vectors(self, listings: Sequence[Listing],
+                               deadline: Deadline) -> dict[str, np.ndarray]:
+        """{listing id: normalised mean of its stored photo vectors} (listings without any
+        indexed photo are left out), fetched from the owning shards in parallel."""
+        by_shard: dict[int, list[str]] = {}
+        for listing in listings:
+            if listing.image_ids:
+                by_shard.setdefault(self.indexer.shard_for(listing.id), []).extend(listing.image_ids)
+        owner = {image_id: listing.id for listing in listings for image_id in listing.image_ids}
+        photos: dict[str, list[np.ndarray]] = {}
+        for item in self.indexer.fetch_many(by_shard, deadline):
+            listing_id = owner.get(item.id)
+            norm = float(np.linalg.norm(item.vector))
+            if listing_id is not None and norm > 0 and math.isfinite(norm):
+                photos.setdefault(listing_id, []).append(item.vector / norm)
+        means = {listing_id: np.mean(rows, axis=0) for listing_id, rows in photos.items()}
+        return {listing_id: mean / np.linalg.norm(mean) for listing_id, mean in means.items()
+                if np.linalg.norm(mean) > 1e-12}
+
+    def _listing_text_vectors(self, listings: Sequence[Listing],
+                              deadline: Deadline) -> dict[str, np.ndarray]:
+        """{listing id: stored text vector}; empty when the shards have no text collection."""
+        by_shard: dict[int, list[str]] = {}
+        for listing in listings:
+            by_shard.setdefault(self.indexer.shard_for(listing.id), []).append(listing.id)
+        try:
+            stored = self.indexer.fetch_many(by_shard, deadline, collection=TEXT_COLLECTION)
+        except FailedPrecondition as exc:  # e.g. NOT_FOUND: no "text" collection configured
+            log.info("no text vectors for Recommend: %s", exc)
+            return {}
+        wanted = {listing.id for listing in listings}
+        return {item.id: item.vector for item in stored
+                if item.id in wanted and np.linalg.norm(item.vector) > 0}
+
     def _search_collection(self, collection: str, queries: np.ndarray, k: int,
                            search_filter: SearchFilter, deadline: Deadline) -> list[list[Hit]]:
         """Per query, the hits of all shards (one per listing per shard)."""
         return self.indexer.search(queries, k, search_filter, deadline, collection=collection,
                                    group_by_listing=True)
+
+    def _attach_fused(self, fused: Sequence[FusedHit]) -> list[RankedListing]:
+        return self._attach([Hit(f.listing_id, f.score, f.matched_image_id) for f in fused])
 
     def _attach(self, hits: Sequence[Hit]) -> list[RankedListing]:
         """Hits -> ranked listings with their catalogue entries (hits without one are dropped)."""
@@ -215,47 +416,68 @@ class GatewayCore:
             predictions, vectors, _ = self.embedder.classify(
                 images, len(info.categories), deadline, include_embeddings=True)
             main_category = predict_category(predictions)
+        text_vector = None
+        if "text" in info.modalities:  # the embedder serves text: index the listing's text too
+            text_vector = self.embedder.embed_text(
+                [listing_text(listing.title, listing.description)], deadline)[0]
         listing = listing.with_(main_category=main_category,
                                 image_ids=tuple(str(uuid.uuid4()) for _ in images))
 
-        # 2. Index on the listing's shard.
+        # 2. Index on the listing's shard: photos, then the text vector (item id = listing id).
         shard = self.indexer.shard_for(listing.id)
         items = [IndexItem(image_id, vector, listing.id, main_category, listing.price, listing.location)
                  for image_id, vector in zip(listing.image_ids, vectors)]
+        with_text = text_vector is not None
         try:
             self.indexer.upsert(shard, items, deadline)
+            if with_text:
+                self.indexer.upsert(shard, [IndexItem(listing.id, text_vector, listing.id,
+                                                      main_category, listing.price,
+                                                      listing.location)],
+                                    deadline, collection=TEXT_COLLECTION)
         except GatewayError:
             # Usually nothing was stored, but after a timeout or a lost connection the write may
-            # have landed: delete the new image ids (idempotent) so nothing is left half-added.
-            self._undo_upsert(shard, listing)
+            # have landed: delete the new ids (idempotent) so nothing is left half-added.
+            self._undo_upsert(shard, listing, with_text)
             raise
 
         # 3. Catalogue, one transaction; undo the vectors if it fails.
         try:
             self.catalogue.add(listing)
         except DuplicateListing as exc:
-            self._undo_upsert(shard, listing)
+            self._undo_upsert(shard, listing, with_text)
             raise AlreadyExists(str(exc)) from None
         except BaseException:
-            self._undo_upsert(shard, listing)
+            self._undo_upsert(shard, listing, with_text)
             raise
         log.info("added listing %s with %d photos on shard %d", listing.id, len(images), shard)
         return listing
 
-    def _undo_upsert(self, shard: int, listing: Listing) -> None:
+    def _undo_upsert(self, shard: int, listing: Listing, with_text: bool = False) -> None:
         """Compensation: delete the listing's new vectors with a budget of its own."""
+        deadline = Deadline(self.compensation_timeout_s)
         try:
-            self.indexer.delete(shard, listing.image_ids, Deadline(self.compensation_timeout_s))
+            self.indexer.delete(shard, listing.image_ids, deadline)
         except GatewayError as exc:
             log.error("could not undo the upsert of listing %s on shard %d; orphan vectors %s: %s",
                       listing.id, shard, ", ".join(listing.image_ids), exc)
+        if with_text:
+            try:
+                self.indexer.delete(shard, [listing.id], deadline, collection=TEXT_COLLECTION)
+            except GatewayError as exc:
+                log.error("could not undo the text upsert of listing %s on shard %d: %s",
+                          listing.id, shard, exc)
 
     def remove_listing(self, listing_id: str, deadline: Deadline) -> RemovedListing:
         listing = self.get_listing(listing_id)
         removed = 0
+        shard = self.indexer.shard_for(listing_id)
         if listing.image_ids:
-            removed = self.indexer.delete(self.indexer.shard_for(listing_id), listing.image_ids,
-                                          deadline)
+            removed = self.indexer.delete(shard, listing.image_ids, deadline)
+        try:
+            self.indexer.delete(shard, [listing_id], deadline, collection=TEXT_COLLECTION)
+        except FailedPrecondition as exc:  # no "text" collection on this shard: nothing to delete
+            log.debug("no text vector deleted for listing %s: %s", listing_id, exc)
         self.catalogue.remove(listing_id)
         log.info("removed listing %s (%d vectors)", listing_id, removed)
         return RemovedListing(listing_id, removed)

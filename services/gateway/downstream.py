@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 IMAGE_COLLECTION = "image"
+#: The indexer collection of listing texts: item id = listing id, vector = the EmbedText vector
+#: of `common.text.listing_text(title, description)`.
+TEXT_COLLECTION = "text"
+#: Most ids in one Fetch (the indexer's INDEXER_MAX_BATCH defaults to 1024).
+FETCH_CHUNK = 512
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -247,6 +252,22 @@ class EmbedderClient:
                                   f"{len(images)} images")
         return np.stack(vectors)
 
+    def embed_text(self, texts: Sequence[str], deadline: Deadline) -> np.ndarray:
+        """(len(texts), text dim) float32 unit vectors from EmbedText, in input order; batches of
+        at most the embedder's max_batch sent in parallel. An embedder without the text model
+        answers FAILED_PRECONDITION (UNIMPLEMENTED if older), both passed on as
+        FailedPrecondition naming the embedder."""
+        texts = list(texts)
+        size = len(texts) if len(texts) <= 1 else max(1, self.model_info(deadline).max_batch)
+        batches = [texts[i:i + size] for i in range(0, len(texts), max(1, size))]
+        replies = call_all([self._call(self.stub.EmbedText, embedder_pb2.EmbedTextRequest(texts=batch))
+                            for batch in batches], deadline, self.policy)
+        vectors = [_vector(v.values) for reply in replies for v in reply.embeddings]
+        if len(vectors) != len(texts):
+            raise DownstreamError(f"{self.label} returned {len(vectors)} text embeddings for "
+                                  f"{len(texts)} texts")
+        return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
+
     def classify(self, images: Sequence[bytes], top_k: int, deadline: Deadline, *,
                  include_embeddings: bool = False
                  ) -> tuple[list[list[CategoryScore]], np.ndarray | None, str]:
@@ -373,6 +394,22 @@ class IndexerShards:
                          deadline, self.policy)
         return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
                 for item in reply.items]
+
+    def fetch_many(self, ids_by_shard: dict[int, Sequence[str]], deadline: Deadline, *,
+                   collection: str = IMAGE_COLLECTION) -> list[StoredItem]:
+        """The stored vectors of the ids on each shard (``{shard: ids}``), all shards fetched in
+        parallel in chunks of `FETCH_CHUNK` ids; unknown ids are skipped."""
+        calls = []
+        for shard, ids in sorted(ids_by_shard.items()):
+            ids = list(ids)
+            for start in range(0, len(ids), FETCH_CHUNK):
+                calls.append(Call(self.shards[shard].label, self.stubs[shard].Fetch,
+                                  indexer_pb2.FetchRequest(collection=collection,
+                                                           ids=ids[start:start + FETCH_CHUNK]),
+                                  caller_input=False))
+        replies = call_all(calls, deadline, self.policy) if calls else []
+        return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
+                for reply in replies for item in reply.items]
 
     def upsert(self, shard: int, items: Sequence[IndexItem], deadline: Deadline, *,
                collection: str = IMAGE_COLLECTION) -> indexer_pb2.UpsertResponse:

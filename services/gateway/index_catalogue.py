@@ -1,4 +1,4 @@
-"""Put the catalogue's photo vectors into the indexer shards, through gRPC.
+"""Put the catalogue's photo vectors (and listing text vectors) into the indexer shards, through gRPC.
 
     # precomputed embeddings exported with a model (embeddings/image_embeddings.npy + image_ids.json)
     python -m services.gateway.index_catalogue --db run/catalogue.sqlite3 \\
@@ -13,6 +13,12 @@ on the listing's shard (`shards.shard_of`, the same routing the gateway uses), i
 progress bar. Photos that are not in the catalogue are skipped and counted. Upserts replace by
 id, so running it again is harmless. ``--indexers`` defaults to ``INDEXER_ADDRS`` and the write
 token to ``WRITE_TOKEN``, as for the gateway.
+
+Text (``--text auto|on|off``, default auto): the "text" collection gets one vector per catalogue
+listing (item id = listing id), from ``<artefact>/embeddings/text_embeddings.npy`` +
+``text_ids.json`` (written by ``python -m training.text``) when ``--artifact`` has them, else by
+calling the embedder's EmbedText on ``common.text.listing_text(title, description)`` of every
+catalogue listing. ``auto`` skips text (with a note) when neither is possible; ``on`` fails.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from common.config import REPO_ROOT, env_path, env_str
+from common.listing_text import listing_text
 from services.gateway.catalogue import Catalogue
 from services.gateway.config import (
     DEFAULT_EMBEDDER_ADDR,
@@ -39,11 +46,21 @@ from services.gateway.config import (
     parse_indexer_addrs,
 )
 from services.gateway.domain import GatewayError
-from services.gateway.downstream import IMAGE_COLLECTION, Deadline, EmbedderClient, IndexerShards, IndexItem
+from services.gateway.downstream import (
+    IMAGE_COLLECTION,
+    TEXT_COLLECTION,
+    Deadline,
+    EmbedderClient,
+    IndexerShards,
+    IndexItem,
+)
 
 EMBEDDINGS_DIR = "embeddings"
 EMBEDDINGS_FILE = "image_embeddings.npy"
 IDS_FILE = "image_ids.json"
+TEXT_EMBEDDINGS_FILE = "text_embeddings.npy"   # training.text's output, rows = listings
+TEXT_IDS_FILE = "text_ids.json"                # their listing ids, same order
+TEXT_MODES = ("auto", "on", "off")
 BATCH_TIMEOUT_S = 120.0
 
 
@@ -70,6 +87,103 @@ def load_artifact_embeddings(artifact_dir: str | Path) -> tuple[list[str], np.nd
         raise ValueError(f"{ids_path} and {vectors_path} disagree: {len(ids or [])} ids, "
                          f"vectors of shape {vectors.shape}")
     return [str(i) for i in ids], vectors
+
+
+def load_artifact_text_embeddings(artifact_dir: str | Path) -> tuple[list[str], np.ndarray] | None:
+    """(listing ids, float32 text vectors) from ``<artifact>/embeddings/``; None if absent."""
+    folder = Path(artifact_dir) / EMBEDDINGS_DIR
+    vectors_path, ids_path = folder / TEXT_EMBEDDINGS_FILE, folder / TEXT_IDS_FILE
+    if not vectors_path.is_file() or not ids_path.is_file():
+        return None
+    vectors = np.load(vectors_path, allow_pickle=False).astype(np.float32, copy=False)
+    ids = json.loads(ids_path.read_text())
+    if isinstance(ids, dict):
+        ids = ids.get("listing_ids") or ids.get("ids")
+    if not isinstance(ids, list) or vectors.ndim != 2 or len(ids) != len(vectors):
+        raise ValueError(f"{ids_path} and {vectors_path} disagree: {len(ids or [])} ids, "
+                         f"vectors of shape {vectors.shape}")
+    return [str(i) for i in ids], vectors
+
+
+def embed_catalogue_texts(catalogue: Catalogue, embedder: EmbedderClient, *, batch_size: int = 128,
+                          progress: bool = True) -> tuple[list[str], np.ndarray]:
+    """Embed ``listing_text(title, description)`` of every catalogue listing through EmbedText
+    (listings whose text is empty are skipped)."""
+    all_ids = catalogue.listing_ids()
+    ids: list[str] = []
+    vectors: list[np.ndarray] = []
+    with tqdm(total=len(all_ids), desc="embed text", unit="listing", disable=not progress) as bar:
+        for start in range(0, len(all_ids), batch_size):
+            chunk = all_ids[start:start + batch_size]
+            listings = catalogue.get_many(chunk)
+            texts = {i: listing_text(listings[i].title, listings[i].description)
+                     for i in chunk if i in listings}
+            texts = {i: text for i, text in texts.items() if text}
+            if texts:
+                vectors.append(embedder.embed_text(list(texts.values()), Deadline(BATCH_TIMEOUT_S)))
+                ids += list(texts)
+            bar.update(len(chunk))
+    return ids, (np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32))
+
+
+def index_text_embeddings(catalogue: Catalogue, shards: IndexerShards, listing_ids: Sequence[str],
+                          vectors: np.ndarray, *, batch_size: int = 256,
+                          collection: str = TEXT_COLLECTION, progress: bool = True) -> IndexReport:
+    """Upsert text ``vectors`` (row i is listing ``listing_ids[i]``; item id = listing id) to the
+    shards owning those listings; listings not in the catalogue are skipped and counted."""
+    started = time.perf_counter()
+    report = IndexReport()
+    position = {listing_id: i for i, listing_id in enumerate(listing_ids)}
+    listings = catalogue.get_many(position)
+    report.skipped_not_in_catalogue = len(position) - len(listings)
+    by_shard: dict[int, list[IndexItem]] = {}
+    for listing_id in position:
+        listing = listings.get(listing_id)
+        if listing is None:
+            continue
+        by_shard.setdefault(shards.shard_for(listing_id), []).append(IndexItem(
+            listing_id, vectors[position[listing_id]], listing_id, listing.main_category,
+            listing.price, listing.location))
+    with tqdm(total=len(listings), desc="index text", unit="vector", disable=not progress) as bar:
+        for shard, items in sorted(by_shard.items()):
+            for start in range(0, len(items), batch_size):
+                batch = items[start:start + batch_size]
+                shards.upsert(shard, batch, Deadline(BATCH_TIMEOUT_S), collection=collection)
+                report.per_shard[shard] = report.per_shard.get(shard, 0) + len(batch)
+                report.upserted += len(batch)
+                bar.update(len(batch))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
+                 embedder_addr: str, policy: RetryPolicy) -> tuple[list[str], np.ndarray] | str:
+    """The text vectors to index for ``--text mode``: from the artefact, else through the
+    embedder's EmbedText; or, when there are none, the reason (a string). ``on`` raises instead
+    of returning a reason."""
+    if mode == "off":
+        return "--text off"
+    if artifact_dir is not None:
+        loaded = load_artifact_text_embeddings(artifact_dir)
+        if loaded is not None:
+            return loaded
+    embedder = EmbedderClient(embedder_target(embedder_addr), policy)
+    try:
+        try:
+            info = embedder.model_info(Deadline(30))
+        except GatewayError as exc:
+            if mode == "on":
+                raise
+            return f"no text embeddings in the artefact and the embedder is not reachable: {exc}"
+        if "text" not in info.modalities:
+            reason = (f"the embedder at {embedder_addr} serves no text model (EMBEDDER_TEXT_MODEL) "
+                      "and the artefact has no embeddings/" + TEXT_EMBEDDINGS_FILE)
+            if mode == "on":
+                raise ValueError(reason)
+            return reason
+        return embed_catalogue_texts(catalogue, embedder)
+    finally:
+        embedder.close()
 
 
 def embed_prepared(prepared_dir: str | Path, catalogue: Catalogue, embedder: EmbedderClient, *,
@@ -132,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--artifact", type=Path, help="model artefact with embeddings/")
     source.add_argument("--prepared", type=Path, help="prepared data folder (embed its photos)")
     parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR),
-                        help="embedder address, with --prepared")
+                        help="embedder address, with --prepared (and for text without "
+                             "precomputed text embeddings)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="with --prepared: embed at most N photos")
     parser.add_argument("--collection", default=IMAGE_COLLECTION)
+    parser.add_argument("--text", choices=TEXT_MODES, default="auto",
+                        help='also fill the "text" collection: auto (if text vectors can be had), '
+                             "on (fail if not), off")
     args = parser.parse_args(argv)
 
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
@@ -154,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                     embedder.close()
             report = index_embeddings(catalogue, shards, ids, vectors, batch_size=args.batch_size,
                                       collection=args.collection)
+            texts = text_vectors(args.text, args.artifact, catalogue, args.embedder, policy)
+            text_report = None
+            if not isinstance(texts, str):
+                text_report = index_text_embeddings(catalogue, shards, *texts,
+                                                    batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, GatewayError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -162,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     shards_text = ", ".join(f"shard {s}: {n:,}" for s, n in sorted(report.per_shard.items()))
     print(f"indexed {report.upserted:,} vectors ({shards_text}) in {report.seconds:.1f}s; "
           f"{report.skipped_not_in_catalogue:,} photos skipped (not in the catalogue)")
+    if text_report is None:
+        print(f"text not indexed: {texts}")
+    else:
+        shards_text = ", ".join(f"shard {s}: {n:,}" for s, n in sorted(text_report.per_shard.items()))
+        print(f"indexed {text_report.upserted:,} listing text vectors ({shards_text}) in "
+              f"{text_report.seconds:.1f}s; {text_report.skipped_not_in_catalogue:,} listings "
+              "skipped (not in the catalogue)")
     return 0
 
 

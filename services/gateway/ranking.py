@@ -6,9 +6,9 @@ shards or the catalogue:
 * `merge_by_listing` - several hit lists (one per shard and/or per query photo) -> one entry per
   listing, its best score and the item that gave it, best first. Used by SearchByImage (fan-out over
   shards) and SimilarListings (one query per photo of the listing).
-* `fuse_image_and_text` - an image ranking and (later) a ranking from the "text" collection
+* `fuse_image_and_text` - an image ranking and a ranking from the "text" collection
   (item id = listing id) combined with `common.ranking`'s weighted-cosine or reciprocal-rank
-  fusion, the two `Fusion` modes of the public proto.
+  fusion, the two `Fusion` modes of the public proto (`WEIGHTED_COSINE`, `RECIPROCAL_RANK`).
 
 Ties are broken by listing id so results are deterministic whatever order shards answered in.
 """
@@ -19,6 +19,12 @@ from dataclasses import dataclass
 
 from common import ranking as common_ranking
 from common.ranking import RRF_K
+
+#: The fusion methods, as `fuse_image_and_text` names them (FUSION_WEIGHTED_COSINE and
+#: FUSION_RECIPROCAL_RANK in the public proto).
+WEIGHTED_COSINE = "weighted_cosine"
+RECIPROCAL_RANK = "reciprocal_rank"
+FUSION_METHODS = (WEIGHTED_COSINE, RECIPROCAL_RANK)
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class FusedHit:
 
 
 def fuse_image_and_text(image_hits: Sequence[Hit], text_hits: Sequence[Hit], text_weight: float,
-                        method: str = "weighted_cosine", k: int | None = None) -> list[FusedHit]:
+                        method: str = WEIGHTED_COSINE, k: int | None = None) -> list[FusedHit]:
     """Combine an image ranking and a text ranking of listings (each one hit per listing, best
     first, e.g. from `merge_by_listing`) with `common.ranking`'s fusion:
 
@@ -76,11 +82,11 @@ def fuse_image_and_text(image_hits: Sequence[Hit], text_hits: Sequence[Hit], tex
     """
     image = merge_by_listing([image_hits])
     text = merge_by_listing([text_hits])
-    if method == "weighted_cosine":
+    if method == WEIGHTED_COSINE:
         fused = common_ranking.weighted_cosine_fusion(
             {h.listing_id: h.score for h in image}, {h.listing_id: h.score for h in text},
             text_weight, top_k=k)
-    elif method == "reciprocal_rank":
+    elif method == RECIPROCAL_RANK:
         fused = common_ranking.reciprocal_rank_fusion(
             [[h.listing_id for h in image], [h.listing_id for h in text]],
             [1.0 - text_weight, text_weight], RRF_K, top_k=k)

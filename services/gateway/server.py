@@ -5,8 +5,9 @@ set none), convert the request to `domain` objects, call `core.GatewayCore`, con
 `domain.GatewayError` becomes its status code with its message (INVALID_ARGUMENT, NOT_FOUND,
 ALREADY_EXISTS, FAILED_PRECONDITION, UNAVAILABLE naming the dead downstream, DEADLINE_EXCEEDED,
 and, from `common.security.WriteTokenInterceptor`, UNAUTHENTICATED / PERMISSION_DENIED for
-AddListing/RemoveListing without the write token). SearchByText, Search
-(hybrid) and Recommend answer UNIMPLEMENTED through the generated base class for now.
+AddListing/RemoveListing without the write token). SearchByText, Search (hybrid: fusion formulas
+in `core`'s docstring) and Recommend answer FAILED_PRECONDITION when the embedder serves no text
+model or the shards have no "text" collection where text is needed.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ _NO_DEADLINE = 1e8  # gRPC reports "no deadline" as None or as a huge number of 
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """Thin: validate -> core -> map errors. RPCs not implemented yet answer UNIMPLEMENTED."""
+    """Thin: validate -> core -> map errors."""
 
     def __init__(self, core: GatewayCore, config: GatewayConfig) -> None:
         self.core = core
@@ -74,6 +75,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self._run(context, lambda deadline: convert.ranked_to_proto(
             self.core.search_by_image(request.image, request.k,
                                       convert.filter_from_proto(request.filter), deadline)))
+
+    def SearchByText(self, request, context):
+        return self._run(context, lambda deadline: convert.ranked_to_proto(
+            self.core.search_by_text(request.query, request.k,
+                                     convert.filter_from_proto(request.filter), deadline)))
+
+    def Search(self, request, context):
+        return self._run(context, lambda deadline: convert.ranked_to_proto(
+            self.core.search(request.image, request.text, request.k,
+                             convert.filter_from_proto(request.filter),
+                             request.text_weight if request.HasField("text_weight") else None,
+                             convert.fusion_from_proto(request.fusion), deadline)))
+
+    def Recommend(self, request, context):
+        return self._run(context, lambda deadline: convert.ranked_to_proto(
+            self.core.recommend(list(request.liked_listing_ids), list(request.skipped_listing_ids),
+                                list(request.seen_listing_ids), request.k,
+                                convert.filter_from_proto(request.filter), deadline)))
 
     def SimilarListings(self, request, context):
         return self._run(context, lambda deadline: convert.ranked_to_proto(

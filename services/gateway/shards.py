@@ -1,6 +1,6 @@
 """Which indexer shard holds a listing's vectors.
 
-A listing's vectors (all its photos, and later its text vector) live on one shard, chosen by a
+A listing's vectors (all its photos, and its text vector) live on one shard, chosen by a
 stable hash of the listing id modulo the number of shards. Writes, deletes and fetches for a
 listing go to that shard only; searches go to every shard and are merged by score
 (`ranking.merge_by_listing`).

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.timeout(300)
 
 def spawn_embedder(port: int, root: Path, artifact: Path):
     return spawn("embedder", port, root / "embedder.log",
-                 {"EMBEDDER_ARTIFACT_DIR": str(artifact), "LOG_LEVEL": "warning"})
+                 {"EMBEDDER_ARTIFACT_DIR": str(artifact), "LOG_LEVEL": "warning",
+                  "EMBEDDER_TEXT_MODEL": "off"})
 
 
 def start_shards(root: Path, count: int = 2) -> list:
@@ -60,7 +61,9 @@ def gateway_config(root: Path, embedder_addr: str, shards, seed_dir: Path | None
 def real(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("gateway_real")
     prepared = make_mini_prepared(root / "prepared", per_category=2)
-    embedder_config = EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0)
+    # Images only: text search has its own servers in test_text_integration.py.
+    embedder_config = EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
+                                     text_model="off")
     embedder = start_embedder(embedder_config)
     embedder_config = replace(embedder_config, port=embedder.port)
     shards = start_shards(root)

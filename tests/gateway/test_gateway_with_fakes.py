@@ -386,9 +386,40 @@ def test_round_robin_over_embedder_replicas(tmp_path):
         s.close()
 
 
-def test_text_and_hybrid_rpcs_are_unimplemented(stack):
-    error = rpc_error(stack.client.stub.SearchByText, gateway_pb2.SearchByTextRequest(query="oak"), timeout=5)
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_text_search_needs_an_embedder_that_serves_text(stack):
+    """The fake embedder serves images only (no EmbedText): text queries are FAILED_PRECONDITION
+    naming the embedder; a hybrid Search with only an image is SearchByImage."""
+    error = rpc_error(stack.client.search_by_text, "oak")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "embedder at" in error.details()
+    error = rpc_error(stack.client.search, photo("L-box"), "oak")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    by_image = stack.client.search_by_image(photo("L-kettle", 1), k=4)
+    assert stack.client.search(photo("L-kettle", 1), k=4) == by_image
+    assert stack.client.search(photo("L-kettle", 1), "  ", k=4, text_weight=1.0) == by_image
+
+
+def test_hybrid_search_and_recommend_refuse_bad_requests(stack):
+    def code(call, *args, **kwargs):
+        return rpc_error(call, *args, **kwargs).code()
+
+    assert code(stack.client.search) == grpc.StatusCode.INVALID_ARGUMENT  # neither image nor text
+    assert code(stack.client.search, photo("L-box"), "oak", text_weight=1.5) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(stack.client.search_by_text, "   ") == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(stack.client.recommend, []) == grpc.StatusCode.INVALID_ARGUMENT
+    error = rpc_error(stack.client.recommend, ["L-table", "L-nope"])
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "L-nope" in error.details()
+
+
+def test_recommend_never_returns_liked_skipped_or_seen_listings(stack):
+    """Image-only here (the fake index has no text vectors)."""
+    everything = stack.client.recommend(["L-table"], k=10)
+    assert {r.listing.id for r in everything} == {"L-chair", "L-kettle", "L-fridge", "L-box", "L-lamp"}
+    assert all(r.matched_image_id.startswith(r.listing.id) for r in everything)
+    assert all(a.score >= b.score for a, b in zip(everything, everything[1:]))
+    results = stack.client.recommend(["L-table"], skipped=["L-kettle"], seen=["L-box", "L-unknown"], k=10)
+    assert {r.listing.id for r in results} == {"L-chair", "L-fridge", "L-lamp"}
+    fetches = sum(i.faults.calls["Fetch"] for i in stack.indexers)
+    assert fetches >= 2  # the liked and skipped listings' photos, from their own shards
 
 
 def test_cli_prints_tables(stack, tmp_path, capsys):
@@ -447,3 +478,36 @@ def test_indexer_invalid_argument_is_not_blamed_on_the_caller(stack):
     error = rpc_error(stack.client.search_by_image, photo("L-box"))
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "indexer shard" in error.details() and "INVALID_ARGUMENT" in error.details()
+
+
+def test_index_catalogue_text_needs_text_vectors_from_somewhere(stack, tmp_path):
+    """No text embeddings in the artefact and an image-only embedder: --text auto skips text with
+    the reason, --text on fails, --text off does not ask."""
+    from services.gateway.index_catalogue import text_vectors
+
+    policy = RetryPolicy(2, 0.01, 0.05)
+    address = stack.config.embedder_addr
+    reason = text_vectors("auto", tmp_path, stack.gateway.core.catalogue, address, policy)
+    assert isinstance(reason, str) and "serves no text model" in reason
+    with pytest.raises(ValueError, match="serves no text model"):
+        text_vectors("on", tmp_path, stack.gateway.core.catalogue, address, policy)
+    calls = stack.embedders[0].faults.calls["GetModelInfo"]
+    assert text_vectors("off", tmp_path, stack.gateway.core.catalogue, address, policy) == "--text off"
+    assert stack.embedders[0].faults.calls["GetModelInfo"] == calls
+
+
+def test_cli_recommend_and_text_commands(stack, tmp_path, capsys):
+    from services.gateway import cli
+
+    assert cli.main(["--addr", stack.address, "recommend", "--like", "L-table", "--skip", "L-kettle",
+                     "--seen", "L-box", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("rank") and len(out.splitlines()) == 5
+    assert "L-table" not in out and "L-kettle" not in out and "L-box" not in out
+    photo_file = tmp_path / "q.jpg"
+    photo_file.write_bytes(photo("L-table"))
+    assert cli.main(["--addr", stack.address, "text", "oak table"]) == 1  # image-only embedder
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert cli.main(["--addr", stack.address, "hybrid", str(photo_file), "oak", "--fusion", "rrf",
+                     "--text-weight", "0.3"]) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err

@@ -1,0 +1,253 @@
+"""Text search, hybrid (image + text) search and recommendations through the real services: the
+embedder serving the small real image model (`test_artifact`) and all-MiniLM-L6-v2, two indexer
+shards with an "image" (1280-d) and a "text" (384-d) collection, and the gateway, all real gRPC
+servers in-process on ephemeral ports. The catalogue is 60 real listings (10 in each of 6 main
+categories) with their ~100 real photos; photos are embedded through Embed and listing texts through
+EmbedText, written as an artefact's ``embeddings/`` files and indexed with
+``python -m services.gateway.index_catalogue --artifact``'s ``main``.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.text import listing_text
+from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+from services.embedder.config import EmbedderConfig
+from services.gateway import index_catalogue
+from services.gateway.client import GatewayClient
+from services.gateway.core import candidate_count
+from services.gateway.config import GatewayConfig, RetryPolicy
+from services.gateway.downstream import TEXT_COLLECTION, Deadline
+from services.gateway.server import start as start_gateway
+from services.indexer.config import IndexerConfig
+from services.indexer.server import start as start_indexer
+from services.indexer.spec import parse_collections
+from tests.gateway.gateway_data import make_mini_prepared, outside_photos
+from tests.support.text import start_text_embedder
+
+pytestmark = pytest.mark.timeout(300)
+
+CATEGORIES = ["Appliances", "Baby & Kids Stuff", "Clothes, Footwear & Accessories",
+              "Computers & Software", "Home & Garden", "Sports, Leisure & Travel"]
+PER_CATEGORY = 10
+COLLECTIONS = "image:1280:flat:ip,text:384:flat:ip"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, test_artifact):
+    root = tmp_path_factory.mktemp("gateway_text")
+    prepared = make_mini_prepared(root / "prepared", per_category=PER_CATEGORY,
+                                  categories=CATEGORIES)
+    embedder = start_text_embedder(EmbedderConfig(
+        artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="on"))
+    shards = [start_indexer(IndexerConfig(
+        host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
+        collections=tuple(parse_collections(COLLECTIONS)), collections_explicit=True,
+        fsync=False)) for i in range(2)]
+    gateway = client = None
+    try:
+        config = GatewayConfig(
+            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=prepared,
+            embedder_addr=f"127.0.0.1:{embedder.port}",
+            indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
+            downstream_timeout_s=30.0, retry=RetryPolicy(3, 0.05, 0.2))
+        gateway = start_gateway(config)
+        core = gateway.core
+        # An artefact's embeddings/ folder, as training exports it (plus a text vector of a
+        # listing the catalogue does not have, which indexing must skip).
+        artefact = root / "artefact"
+        (artefact / "embeddings").mkdir(parents=True)
+        image_ids, image_vectors = index_catalogue.embed_prepared(prepared, core.catalogue,
+                                                                  core.embedder, progress=False)
+        np.save(artefact / "embeddings" / "image_embeddings.npy", image_vectors)
+        (artefact / "embeddings" / "image_ids.json").write_text(json.dumps(image_ids))
+        text_ids, text_vectors = index_catalogue.embed_catalogue_texts(
+            core.catalogue, core.embedder, batch_size=16, progress=False)
+        np.save(artefact / "embeddings" / "text_embeddings.npy",
+                np.concatenate([text_vectors, text_vectors[:1]]))
+        (artefact / "embeddings" / "text_ids.json").write_text(json.dumps(text_ids + ["gone"]))
+        code = index_catalogue.main([
+            "--db", str(config.db_path), "--indexers", ",".join(config.indexer_addrs),
+            "--artifact", str(artefact), "--embedder", config.embedder_addr])
+        assert code == 0
+        client = GatewayClient(f"127.0.0.1:{gateway.port}", timeout=60)
+        yield SimpleNamespace(
+            root=root, prepared=prepared, shards=shards, gateway=gateway, client=client,
+            text_ids=text_ids, text_vectors=text_vectors,
+            listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
+            images=pd.read_csv(prepared / "images.csv", dtype=str))
+    finally:
+        if client is not None:
+            client.close()
+        if gateway is not None:
+            gateway.stop(0)
+        for shard in shards:
+            shard.stop(0)
+        embedder.stop(0)
+
+
+def photo_of(real, listing_id: str) -> bytes:
+    rows = real.images[real.images["product_id"] == listing_id].sort_values("image_id")
+    return Path(rows.iloc[0]["path"]).read_bytes()
+
+
+def ids(results) -> list[str]:
+    return [r.listing.id for r in results]
+
+
+def text_count(real, shard: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{real.shards[shard].port}") as channel:
+        stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(
+            indexer_pb2.GetStatsRequest(collection=TEXT_COLLECTION), timeout=10)
+    return sum(c.count for c in stats.collections)
+
+
+def test_every_catalogue_listing_has_one_text_vector_on_its_shard(real):
+    assert real.gateway.core.catalogue.count() == len(CATEGORIES) * PER_CATEGORY
+    assert sorted(real.text_ids) == sorted(real.listings["product_id"])
+    counts = [text_count(real, shard) for shard in range(2)]
+    assert sum(counts) == len(real.listings) and min(counts) > 0  # "gone" was skipped
+    info = real.gateway.core.embedder.model_info(Deadline(10))
+    assert "text" in info.modalities and info.text_embedding_dim == 384
+    # EmbedText through the gateway's client gives the vectors that were indexed
+    again = real.gateway.core.embedder.embed_text(
+        [listing_text(real.listings.iloc[0]["title"], real.listings.iloc[0]["description"])],
+        Deadline(30))
+    row = real.text_ids.index(real.listings.iloc[0]["product_id"])
+    np.testing.assert_allclose(again[0], real.text_vectors[row], atol=1e-5)
+
+
+def test_search_by_text_finds_a_listing_by_its_own_title(real):
+    """A title is only part of what is embedded (title + description), and some titles say
+    little ("🔥🔥🔥log burners🔥🔥🔥"), so a few listings may miss: most must come first."""
+    first = top3 = 0
+    misses = []
+    for listing in real.listings.itertuples(index=False):
+        results = real.client.search_by_text(listing.title, k=3)
+        assert len(results) == 3 and [r.rank for r in results] == [1, 2, 3]
+        assert all(r.matched_image_id == "" for r in results)  # text matches name no photo
+        assert all(a.score >= b.score for a, b in zip(results, results[1:]))
+        assert -1.0 <= results[-1].score <= results[0].score <= 1.0 + 1e-5
+        first += results[0].listing.id == listing.product_id
+        top3 += listing.product_id in ids(results)
+        if listing.product_id not in ids(results):
+            misses.append(listing.title)
+    print(f"own title: first for {first}, top 3 for {top3} of {len(real.listings)}; missed {misses}")
+    assert top3 >= 0.95 * len(real.listings) and first >= 0.9 * len(real.listings), misses
+
+
+def test_search_by_text_applies_the_filters(real):
+    everything = real.client.search_by_text("something for the kitchen", k=100)
+    assert len(everything) == len(real.listings)
+    kids = real.client.search_by_text("something for the kitchen", k=100, main_category="Baby & Kids Stuff")
+    assert len(kids) == PER_CATEGORY and {r.listing.main_category for r in kids} == {"Baby & Kids Stuff"}
+    cheap = real.client.search_by_text("something for the kitchen", k=100, max_price=20)
+    expected = real.listings[real.listings["price"] <= 20]["product_id"]
+    assert set(ids(cheap)) == set(expected)
+    rest = real.client.search_by_text("something for the kitchen", k=100, exclude=ids(everything)[:4])
+    assert ids(rest) == ids(everything)[4:]
+
+
+def test_hybrid_search_fuses_both_rankings(real):
+    listings = real.listings.set_index("product_id")
+    image_listing, text_listing = listings.index[2], listings.index[17]
+    photo, query = photo_of(real, image_listing), listings.loc[text_listing, "title"]
+    k, candidates = 5, candidate_count(5)  # each modality contributes its top max(3k, 50)
+    by_image = {r.listing.id: r.score for r in real.client.search_by_image(photo, k=candidates)}
+    by_text = {r.listing.id: r.score for r in real.client.search_by_text(query, k=candidates)}
+    image_floor, text_floor = min(by_image.values()), min(by_text.values())
+
+    fused = real.client.search(photo, query, k=k)  # text_weight unset: 0.5, weighted cosine
+    assert len(fused) == k and {image_listing, text_listing} <= set(ids(fused))
+    for result in fused:  # a listing missing from one list gets that list's lowest score
+        expected = (0.5 * by_image.get(result.listing.id, image_floor)
+                    + 0.5 * by_text.get(result.listing.id, text_floor))
+        assert result.score == pytest.approx(expected, abs=1e-4)
+    assert fused[0].listing.id in (image_listing, text_listing)
+    assert next(r for r in fused if r.listing.id == image_listing).matched_image_id
+
+    rrf = real.client.search(photo, query, k=k, fusion="reciprocal_rank")
+    assert len(rrf) == k and {image_listing, text_listing} & set(ids(rrf))
+    image_rank = {listing_id: rank for rank, listing_id in enumerate(by_image, 1)}
+    text_rank = {listing_id: rank for rank, listing_id in enumerate(by_text, 1)}
+    for result in rrf:  # 0.5 / (60 + image rank) + 0.5 / (60 + text rank); absent: nothing
+        expected = sum(0.5 / (60 + ranks[result.listing.id])
+                       for ranks in (image_rank, text_rank) if result.listing.id in ranks)
+        assert result.score == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["weighted_cosine", "reciprocal_rank"])
+def test_text_weight_extremes_are_the_single_modality_rankings(real, fusion):
+    listings = real.listings.set_index("product_id")
+    photo = photo_of(real, listings.index[8])
+    query = "warm winter coat"
+    text_only = real.client.search_by_text(query, k=10)
+    image_only = real.client.search_by_image(photo, k=10)
+    assert ids(text_only) != ids(image_only)
+    assert ids(real.client.search(photo, query, k=10, text_weight=1.0, fusion=fusion)) == ids(text_only)
+    assert ids(real.client.search(photo, query, k=10, text_weight=0.0, fusion=fusion)) == ids(image_only)
+    if fusion == "weighted_cosine":
+        scores = [r.score for r in real.client.search(photo, query, k=10, text_weight=1.0)]
+        assert scores == pytest.approx([r.score for r in text_only], abs=1e-5)
+
+
+def test_recommend_follows_the_liked_category_and_never_returns_feedback(real):
+    """For each category: like 3 of its listings, skip one listing of two other categories, have
+    seen a 4th of the liked category. 6 of the 54 candidates (11%) are in the liked category; in
+    the top 5 it must be at least half of all results, and present every time."""
+    listings = real.listings.sort_values("product_id")
+    by_category = {c: list(g["product_id"]) for c, g in listings.groupby("main_category")}
+    in_liked_category, shown = 0, 0
+    for liked_category in CATEGORIES:
+        same = by_category[liked_category]
+        liked, seen = same[:3], same[3:4]
+        skipped = [by_category[c][0] for c in CATEGORIES if c != liked_category][:2]
+        feedback = set(liked + skipped + seen)
+        results = real.client.recommend(liked, skipped, seen, k=5)
+        assert len(results) == 5 and not set(ids(results)) & feedback
+        assert all(a.score >= b.score for a, b in zip(results, results[1:]))
+        categories = Counter(r.listing.main_category for r in results)
+        assert categories[liked_category] >= 1, (liked_category, categories)
+        in_liked_category += categories[liked_category]
+        shown += len(results)
+        everything = real.client.recommend(liked, skipped, seen, k=100)
+        assert len(everything) == len(listings) - len(feedback)
+        assert not set(ids(everything)) & feedback
+    assert in_liked_category / shown >= 0.5, f"{in_liked_category} of {shown}"
+
+
+def test_recommend_refuses_unknown_or_missing_likes(real):
+    with pytest.raises(grpc.RpcError) as raised:
+        real.client.recommend(["no-such-listing"])
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-listing" in raised.value.details()
+    with pytest.raises(grpc.RpcError) as raised:
+        real.client.recommend([], skipped=[real.listings["product_id"].iloc[0]])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_added_listing_is_found_by_text_and_removed_from_the_text_index(real):
+    photos = [p.read_bytes() for p in outside_photos(real.prepared, 1)]
+    added = real.client.add(photos, title="Vintage brass telescope on a wooden tripod",
+                            description="Nautical style, extends to 60cm. Collection only.",
+                            price=35.0, main_category="Other Goods")
+    shard = real.gateway.core.indexer.shard_for(added.id)
+    try:
+        top = real.client.search_by_text("brass telescope", k=3)[0]
+        assert top.listing.id == added.id and top.listing.price == 35.0
+        hybrid = real.client.search(photos[0], "brass telescope", k=3)
+        assert hybrid[0].listing.id == added.id and hybrid[0].matched_image_id == added.image_ids[0]
+    finally:
+        real.client.remove(added.id)
+    assert added.id not in ids(real.client.search_by_text("brass telescope", k=10))
+    with grpc.insecure_channel(f"127.0.0.1:{real.shards[shard].port}") as channel:
+        fetched = indexer_pb2_grpc.IndexerStub(channel).Fetch(
+            indexer_pb2.FetchRequest(collection=TEXT_COLLECTION, ids=[added.id]), timeout=10)
+    assert list(fetched.not_found) == [added.id]
