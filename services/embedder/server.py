@@ -9,6 +9,7 @@ import grpc
 
 from common.logs import setup_logging
 from common.model import ArtifactError
+from common.security import server_credentials
 from common.serving import Server, create_server, serve_until_signal
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig
@@ -102,7 +103,9 @@ class EmbedderServer(Server):
 
 def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServer:
     """Load the model (raising ``ArtifactError`` before binding anything if the artefact is
-    unusable), start the server on ``config.port`` (0: any free port) and report SERVING."""
+    unusable), start the server on ``config.port`` (0: any free port) and report SERVING.
+    TLS / mutual TLS when TLS_CERT + TLS_KEY (+ TLS_CLIENT_CA) are set (`common.security`)."""
+    credentials = server_credentials()  # a bad TLS_* path fails before the model loads
     core = core or Embedder.from_config(config)
     servicer = EmbedderServicer(core, config)
 
@@ -112,7 +115,7 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
 
     try:
         server = create_server(register, f"{config.host}:{config.port}",
-                               limits=config.server_limits())
+                               limits=config.server_limits(), credentials=credentials)
     except Exception:
         core.close()
         raise

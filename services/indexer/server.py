@@ -21,7 +21,7 @@ import numpy as np
 
 from common.logs import setup_logging
 from common.security import server_credentials, write_token_interceptor
-from common.serving import Server, create_server, serve_until_signal
+from common.serving import Server, clip_details, create_server, serve_until_signal
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.indexer.attributes import Attributes
 from services.indexer.config import IndexerConfig
@@ -54,7 +54,7 @@ def _maps_errors(method: Callable) -> Callable:
         except IndexerError as exc:
             code = next((c for cls, c in _STATUS.items() if isinstance(exc, cls)),
                         grpc.StatusCode.FAILED_PRECONDITION)
-            context.abort(code, str(exc))
+            context.abort(code, clip_details(str(exc)))  # may echo a caller's long id
 
     return wrapper
 
