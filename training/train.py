@@ -1,0 +1,668 @@
+"""Train the listing model on the prepared data, evaluate it honestly and export an artefact.
+
+    python -m training.train --preset probe --data build/data --out artifacts/lite0-probe
+    python -m training.train --mode finetune --backbone efficientnet_lite2 --set unfrozen_blocks=6 ...
+    python -m training.train --config configs/best.json --out artifacts/lite2-best
+    python -m training.search --data build/data                  # small hyper-parameter search
+
+Everything that costs backbone passes is cached under ``build/cache/features`` (keyed by photo bytes,
+backbone and view), and an artefact directory remembers the data fingerprint and configuration that
+made it: re-running with unchanged inputs prints "up to date" and trains nothing (``--force`` retrains).
+
+Model selection uses the valid split only; the test split is looked at once, for the reported metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from common.backbones import get_backbone
+from common.model import CARD_FILE, ListingModel
+from training.config import PRESETS, TrainConfig, load_config, parse_override, preset
+from training.dataset import DEFAULT_OUT_DIR, load_prepared
+from training.evaluate import (DEFINITIONS, classification_metrics, retrieval_metrics, softmax)
+from training.features import (DEFAULT_CACHE_DIR, FeatureExtractor, FrozenPrefix, TrainableSuffix,
+                               backbone_blocks, cut_for, file_digest)
+
+log = logging.getLogger("training")
+
+#: Bump when a change in this code changes what a given config trains (invalidates artefacts).
+TRAINER_VERSION = 1
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Catalogue:
+    """The prepared photos with what training needs: absolute file, cache key, label, split."""
+
+    data_dir: Path
+    images: pd.DataFrame
+    categories: list[str]
+    fingerprint: str
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.data_dir / p for p in self.images["path"]]
+
+    @property
+    def keys(self) -> list[str]:
+        return self.images["key"].tolist()
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.images["label"].to_numpy(dtype=np.int64)
+
+    @property
+    def splits(self) -> np.ndarray:
+        return self.images["split"].to_numpy()
+
+    @property
+    def listing_ids(self) -> np.ndarray:
+        return self.images["product_id"].to_numpy()
+
+    def mask(self, *splits: str) -> np.ndarray:
+        return np.isin(self.images["split"].to_numpy(), splits)
+
+
+def load_catalogue(data_dir: Path | str) -> Catalogue:
+    """Read a prepared folder and hash every photo (the feature-cache key and the data fingerprint)."""
+    data_dir = Path(data_dir)
+    _, images, categories = load_prepared(data_dir, check_files=True)
+    images = images.sort_values("image_id").reset_index(drop=True)
+    images["key"] = [file_digest(data_dir / p) for p in images["path"]]
+    digest = hashlib.sha256(json.dumps(categories).encode())
+    for row in images[["image_id", "product_id", "label", "split", "key"]].itertuples(index=False):
+        digest.update("|".join(map(str, row)).encode() + b"\n")
+    return Catalogue(data_dir, images, list(categories), digest.hexdigest())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads() -> None:
+    """Threads for the convolution passes: env TORCH_THREADS, else every core (at most 8)."""
+    threads = int(os.environ.get("TORCH_THREADS", "0")) or min(os.cpu_count() or 1, 8)
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def single_thread():
+    """Small matrix products (a linear head, a projection) run many times faster on one thread than
+    on two when the cores are shared: the threads otherwise spin waiting for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, mininterval=2.0, leave=False)
+
+
+def _schedule(optimiser, config: TrainConfig, steps: int):
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _: 1.0)
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def _optimiser(groups: list[dict], config: TrainConfig):
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _freeze_bn(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.eval()
+
+
+# --------------------------------------------------------------------------- the head (probe)
+
+
+def train_head(head: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
+               y_valid: np.ndarray, config: TrainConfig, *, progress: bool = True) -> list[dict]:
+    """Train a linear head on fixed features; keep the epoch with the best valid accuracy.
+
+    `x_train` may hold several views of each train photo (rows repeated with their label).
+    Returns the per-epoch history.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    xt = torch.as_tensor(x_train, dtype=torch.float32)
+    yt = torch.as_tensor(y_train)
+    xv = torch.as_tensor(x_valid, dtype=torch.float32)
+    yv = torch.as_tensor(y_valid)
+    dropout = nn.Dropout(config.dropout)
+    steps_per_epoch = max(1, math.ceil(len(xt) / config.batch_size))
+    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay) \
+        if config.optimizer == "adamw" else _optimiser([{"params": head.parameters()}], config)
+    scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
+    history, best = [], None
+    bar = tqdm(range(config.epochs), desc="head", unit="epoch", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for epoch in bar:
+        head.train()
+        order = torch.randperm(len(xt), generator=generator)
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            logits = head(dropout(xt[rows]))
+            loss = F.cross_entropy(logits, yt[rows], label_smoothing=config.label_smoothing)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(rows)
+            correct += int((logits.argmax(1) == yt[rows]).sum())
+        head.eval()
+        entry = {"epoch": epoch + 1, "train_loss": total_loss / len(xt), "train_acc": correct / len(xt)}
+        if len(xv):
+            with torch.no_grad():
+                logits = head(xv)
+            entry["valid_loss"] = float(F.cross_entropy(logits, yv))
+            entry["valid_acc"] = float((logits.argmax(1) == yv).float().mean())
+            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
+                best = ((entry["valid_acc"], -entry["valid_loss"]),
+                        {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch + 1)
+        history.append(entry)
+        bar.set_postfix(valid_acc=f"{entry.get('valid_acc', float('nan')):.3f}")
+    if best is not None:
+        head.load_state_dict(best[1])
+        history.append({"best_epoch": best[2]})
+    return history
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+class CachedViews:
+    """Activations at the frozen cut for every photo and view, in memory (float16)."""
+
+    def __init__(self, views: dict[str, np.ndarray]):
+        self.views = views  # view -> (N, C, H, W) float16
+
+    def batch(self, rows: np.ndarray, view_of_row: list[str]) -> torch.Tensor:
+        arrays = [self.views[v][r] for r, v in zip(rows, view_of_row)]
+        return torch.from_numpy(np.stack(arrays)).float().contiguous(memory_format=torch.channels_last)
+
+
+def cache_cut(features: nn.Module, backbone_name: str, cut: int) -> int:
+    """Where to cache activations for a given trainable cut: the end of the last stride-16 stage or
+    `cut` when it is earlier, so different numbers of unfrozen blocks share one cache."""
+    blocks = backbone_blocks(features)
+    if hasattr(features, "blocks"):  # EfficientNet: stages 0-4 end at stride 16
+        boundary = sum(len(stage) for stage in list(features.blocks)[:5])
+    else:  # ResNet: layer1-3
+        boundary = len(features.layer1) + len(features.layer2) + len(features.layer3)
+    return min(cut, boundary, len(blocks))
+
+
+@torch.inference_mode()
+def _advance(features: nn.Module, activations: np.ndarray, start: int, stop: int,
+             batch: int = 128) -> np.ndarray:
+    """Run frozen blocks ``start..stop`` over cached activations (float16 in and out)."""
+    if start == stop:
+        return activations
+    blocks = nn.Sequential(*backbone_blocks(features)[start:stop]).eval()
+    out = [blocks(torch.from_numpy(activations[i:i + batch]).float()
+                  .contiguous(memory_format=torch.channels_last)).to(torch.float16).numpy()
+           for i in range(0, len(activations), batch)]
+    return np.concatenate(out)
+
+
+def finetune_cached(model: ListingModel, cut: int, views: CachedViews, train_rows: np.ndarray,
+                    train_views: list[str], labels: np.ndarray, valid_rows: np.ndarray,
+                    config: TrainConfig, *, progress: bool = True) -> list[dict]:
+    """Train blocks ``cut..`` + head conv + linear head on cached activations; keep the best epoch
+    on the valid split (centre view)."""
+    generator = np.random.default_rng(config.seed)
+    suffix = TrainableSuffix(model.features, cut)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = list(suffix.parameters())
+    for p in trainable + list(model.head.parameters()):
+        p.requires_grad_(True)
+    optimiser = _optimiser([
+        {"params": trainable, "lr": config.lr},
+        {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
+    ], config)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
+    y = torch.tensor(np.asarray(labels))
+    history, best = [], None
+    for epoch in range(config.epochs):
+        suffix.train()
+        if config.freeze_bn:
+            _freeze_bn(suffix)
+        model.dropout.train()
+        order = generator.permutation(train_rows)
+        chosen = generator.integers(len(train_views), size=len(order))
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = _progress(len(order), f"epoch {epoch + 1}/{config.epochs}", progress)
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            x = views.batch(rows, [train_views[c] for c in chosen[start:start + config.batch_size]])
+            logits = model.head(model.dropout(suffix(x)))
+            loss = F.cross_entropy(logits, y[rows], label_smoothing=config.label_smoothing)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(rows)
+            correct += int((logits.argmax(1) == y[rows]).sum())
+            seen += len(rows)
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        bar.close()
+        entry = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen}
+        if len(valid_rows):
+            logits = cached_logits(model, suffix, views, valid_rows, "center")[1]
+            yv = y[valid_rows]
+            entry["valid_loss"] = float(F.cross_entropy(logits, yv))
+            entry["valid_acc"] = float((logits.argmax(1) == yv).float().mean())
+            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
+                best = ((entry["valid_acc"], -entry["valid_loss"]),
+                        {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        history.append(entry)
+        log.info("epoch %d/%d  train loss %.3f acc %.3f  valid loss %s acc %s", epoch + 1, config.epochs,
+                 entry["train_loss"], entry["train_acc"], _fmt(entry.get("valid_loss")),
+                 _fmt(entry.get("valid_acc")))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if best is not None:
+        model.load_state_dict(best[1])
+        history.append({"best_epoch": best[2]})
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def cached_logits(model: ListingModel, suffix: TrainableSuffix, views: CachedViews, rows: np.ndarray,
+                  view: str, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled features, logits) of `rows` computed from cached activations, in eval mode."""
+    was_training = suffix.training
+    suffix.eval()
+    feats = []
+    for start in range(0, len(rows), batch):
+        part = rows[start:start + batch]
+        feats.append(suffix(views.batch(part, [view] * len(part))))
+    suffix.train(was_training)
+    features = torch.cat(feats) if feats else torch.zeros(0, model.head.in_features)
+    return features, model.head(features)
+
+
+def finetune_end_to_end(model: ListingModel, catalogue: Catalogue, train_rows: np.ndarray,
+                        valid_rows: np.ndarray, config: TrainConfig, *, progress: bool = True) -> list[dict]:
+    """The original project's way: every epoch decodes and augments every train photo afresh."""
+    from PIL import Image
+
+    backbone = get_backbone(config.backbone)
+    augment = backbone.preprocessing.train_transform()
+    evaluate = backbone.preprocessing.transform()
+    files = catalogue.files
+    labels = torch.as_tensor(catalogue.labels)
+    model.to(memory_format=torch.channels_last)
+    head_params = set(map(id, model.head.parameters()))
+    optimiser = _optimiser([
+        {"params": [p for p in model.parameters() if id(p) not in head_params], "lr": config.lr},
+        {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
+    ], config)
+    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
+    scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
+    generator = np.random.default_rng(config.seed)
+
+    def load(rows, transform):
+        tensors = []
+        for r in rows:
+            with Image.open(files[r]) as img:
+                tensors.append(transform(img.convert("RGB")))
+        return torch.stack(tensors).contiguous(memory_format=torch.channels_last)
+
+    history, best = [], None
+    for epoch in range(config.epochs):
+        model.train()
+        if config.freeze_bn:
+            _freeze_bn(model)
+        order = generator.permutation(train_rows)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = _progress(len(order), f"epoch {epoch + 1}/{config.epochs}", progress)
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start:start + config.batch_size]
+            logits = model(load(rows, augment))
+            loss = F.cross_entropy(logits, labels[rows], label_smoothing=config.label_smoothing)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(rows)
+            correct += int((logits.argmax(1) == labels[rows]).sum())
+            seen += len(rows)
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        bar.close()
+        model.eval()
+        entry = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen}
+        if len(valid_rows):
+            with torch.no_grad():
+                logits = torch.cat([model(load(valid_rows[i:i + 64], evaluate))
+                                    for i in range(0, len(valid_rows), 64)])
+            entry["valid_loss"] = float(F.cross_entropy(logits, labels[valid_rows]))
+            entry["valid_acc"] = float((logits.argmax(1) == labels[valid_rows]).float().mean())
+            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
+                best = ((entry["valid_acc"], -entry["valid_loss"]),
+                        {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        history.append(entry)
+        log.info("epoch %d/%d  train loss %.3f acc %.3f  valid acc %s", epoch + 1, config.epochs,
+                 entry["train_loss"], entry["train_acc"], _fmt(entry.get("valid_acc")))
+    if best is not None:
+        model.load_state_dict(best[1])
+        history.append({"best_epoch": best[2]})
+    model.eval()
+    return history
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class TrainResult:
+    model: ListingModel
+    config: TrainConfig
+    history: list[dict]
+    #: pooled features / embeddings / logits of every catalogue photo (catalogue order).
+    features: np.ndarray
+    embeddings: np.ndarray
+    logits: np.ndarray
+    timings: dict
+
+
+def _train_views(config: TrainConfig) -> list[str]:
+    views = ["center"] + (["flip"] if config.flip_views else [])
+    return views + [f"aug{k}" for k in range(config.aug_views if config.mode == "finetune" else 0)]
+
+
+def fit(config: TrainConfig, catalogue: Catalogue, *, cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
+        progress: bool = True, extractor: FeatureExtractor | None = None,
+        exact_outputs: bool = True) -> TrainResult:
+    """Train per `config` on `catalogue`; return the model and its outputs on every photo.
+
+    With `exact_outputs` a fine-tuned model's outputs come from a fresh pass of the final model over
+    every photo (what the embedder will compute); without, from the cached float16 activations
+    (hyper-parameter search: nearly the same numbers, no backbone pass)."""
+    seed_everything(config.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    backbone = get_backbone(config.backbone)
+    model = ListingModel(backbone, len(catalogue.categories), pretrained=True, dropout=config.dropout)
+    model.eval()
+    extractor = extractor or FeatureExtractor(backbone, cache_dir=cache_dir, progress=progress,
+                                              features=model.features)
+    extractor._features = model.features  # one set of weights in memory
+    files, keys, labels = catalogue.files, catalogue.keys, catalogue.labels
+    fit_splits = ("train", "valid") if config.fit_on == "train+valid" else ("train",)
+    train_rows = np.flatnonzero(catalogue.mask(*fit_splits))
+    valid_rows = np.flatnonzero(catalogue.mask("valid")) if config.fit_on == "train" else np.array([], int)
+    train_files = [files[r] for r in train_rows]
+    train_keys = [keys[r] for r in train_rows]
+
+    unfrozen = config.unfrozen_blocks
+    end_to_end = config.mode == "finetune" and unfrozen == "all"
+    cut = None if config.mode == "probe" or end_to_end else cut_for(model.features, int(unfrozen))
+    base_cut = cache_cut(model.features, config.backbone, cut) if cut is not None else None
+    outputs = ("pooled",) + ((f"cut{base_cut}",) if base_cut is not None else ())
+
+    # 1. backbone passes (cached): every photo's centre view; train photos' extra views.
+    t0 = time.perf_counter()
+    center = extractor.get(files, keys, "center", outputs)
+    extra: dict[str, dict[str, np.ndarray]] = {}
+    for view in _train_views(config)[1:]:
+        if config.mode == "probe" and view != "flip":
+            continue
+        extra[view] = extractor.get(train_files, train_keys, view, outputs)
+    timings["features_s"] = time.perf_counter() - t0
+
+    # 2. the linear head on frozen pooled features (probe mode; LP-FT's first step).
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    needs_probe = config.mode == "probe" or config.init_head_from_probe
+    if needs_probe:
+        x_train = [center["pooled"][train_rows]] + [extra[v]["pooled"] for v in extra if v == "flip"]
+        y_train = np.concatenate([labels[train_rows]] * len(x_train))
+        probe_config = config if config.mode == "probe" else config.with_overrides(
+            **PRESETS["probe"] | {"name": config.name, "backbone": config.backbone, "seed": config.seed,
+                                  "fit_on": config.fit_on})
+        with single_thread():
+            head_history = train_head(model.head, np.concatenate(x_train), y_train,
+                                      center["pooled"][valid_rows], labels[valid_rows], probe_config,
+                                      progress=progress)
+        history = head_history if config.mode == "probe" else []
+        if config.mode != "probe":
+            log.info("probe head: valid acc %s", _fmt(max((h.get("valid_acc", 0) for h in head_history),
+                                                           default=None)))
+    timings["head_s"] = time.perf_counter() - t0
+
+    # 3. fine-tuning.
+    t0 = time.perf_counter()
+    if config.mode == "finetune" and end_to_end:
+        history = finetune_end_to_end(model, catalogue, train_rows, valid_rows, config, progress=progress)
+    elif config.mode == "finetune":
+        n = len(files)
+        center_act = _advance(model.features, center[f"cut{base_cut}"], base_cut, cut)
+        act_views = {"center": center_act}
+        for view, arrays in extra.items():  # place train-only views at their catalogue rows
+            advanced = _advance(model.features, arrays[f"cut{base_cut}"], base_cut, cut)
+            full = np.zeros((n,) + advanced.shape[1:], dtype=np.float16)
+            full[train_rows] = advanced
+            act_views[view] = full
+        history = finetune_cached(model, cut, CachedViews(act_views), train_rows, _train_views(config),
+                                  labels, valid_rows, config, progress=progress)
+        del act_views
+    timings["train_s"] = time.perf_counter() - t0
+
+    # 4. outputs on every photo with the final model. Probe: the cached pooled features are exactly
+    #    the frozen backbone's output. Fine-tuned: one fresh pass of the exported model.
+    t0 = time.perf_counter()
+    if config.mode == "probe":
+        features = center["pooled"]
+    elif not exact_outputs and cut is not None:
+        suffix = TrainableSuffix(model.features, cut).eval()
+        with torch.no_grad():
+            features = cached_logits(model, suffix, CachedViews({"center": center_act}),
+                                     np.arange(len(files)), "center")[0].numpy()
+    else:
+        features = FeatureExtractor(backbone, cache_dir=None, progress=progress,
+                                    features=model.features).get(files, keys, "center", ("pooled",),
+                                                                 desc="final model, all photos")["pooled"]
+    timings["final_pass_s"] = time.perf_counter() - t0
+
+    # 5. the embedding projection (optional), trained on train-split listings only.
+    t0 = time.perf_counter()
+    if config.projection == "pairs":
+        from training.projection import listing_pairs, train_projection
+        pair_rows = np.flatnonzero(catalogue.mask(*fit_splits))
+        pairs = listing_pairs(catalogue.listing_ids, pair_rows)
+        with single_thread():
+            layer = train_projection(features, pairs, dim=config.projection_dim,
+                                     epochs=config.projection_epochs,
+                                     temperature=config.projection_temperature, seed=config.seed)
+        model.set_projection(layer)
+    timings["projection_s"] = time.perf_counter() - t0
+
+    model.eval()
+    with torch.no_grad():
+        tensor = torch.as_tensor(features, dtype=torch.float32)
+        logits = model.head(tensor).numpy()
+        embeddings = (model.embed_features(tensor) if hasattr(model, "embed_features")
+                      else F.normalize(tensor, dim=1)).numpy()
+    timings["total_s"] = time.perf_counter() - started
+    return TrainResult(model, config, history, features, embeddings, logits, timings)
+
+
+def evaluate_result(result: TrainResult, catalogue: Catalogue) -> dict:
+    """Metrics on valid and test from the final model's outputs."""
+    probs = softmax(result.logits)
+    metrics: dict = {"definitions": DEFINITIONS}
+    for split in ("valid", "test"):
+        rows = catalogue.mask(split)
+        if rows.any():
+            metrics[split] = classification_metrics(probs[rows], catalogue.labels[rows],
+                                                    catalogue.listing_ids[rows], catalogue.categories)
+    metrics["retrieval"] = retrieval_metrics(result.embeddings, catalogue.labels, catalogue.splits,
+                                             catalogue.listing_ids)
+    if result.config.projection != "none":
+        metrics["retrieval_unprojected"] = retrieval_metrics(result.features, catalogue.labels,
+                                                             catalogue.splits, catalogue.listing_ids)
+    return metrics
+
+
+def summary(metrics: dict) -> dict:
+    """The headline numbers (test split)."""
+    test = metrics.get("test", {})
+    retrieval = metrics.get("retrieval", {})
+    return {
+        "image_top1": test.get("image_top1"),
+        "image_top3": test.get("image_top3"),
+        "listing_top1": test.get("listing_top1"),
+        "listing_top3": test.get("listing_top3"),
+        "valid_image_top1": metrics.get("valid", {}).get("image_top1"),
+        "precision_at_10": retrieval.get("precision_at_10"),
+        "same_listing_recall_at_1": retrieval.get("same_listing_recall_at_1"),
+        "same_listing_recall_at_5": retrieval.get("same_listing_recall_at_5"),
+    }
+
+
+def train_key(config: TrainConfig, catalogue: Catalogue) -> str:
+    payload = {"trainer": TRAINER_VERSION, "config": config.to_dict(), "data": catalogue.fingerprint}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def up_to_date(out_dir: Path, key: str) -> dict | None:
+    """The model card of `out_dir` when it was made from the same data and config, else None."""
+    from training.export import artifact_complete
+    card_path = Path(out_dir) / CARD_FILE
+    if not card_path.is_file() or not artifact_complete(out_dir):
+        return None
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return card if card.get("train_key") == key else None
+
+
+def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
+        cache_dir: Path | str | None = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = True,
+        catalogue: Catalogue | None = None) -> dict:
+    """Train, evaluate and export unless `out_dir` already holds this exact result; return the card."""
+    from training.export import export_artifact
+
+    started = time.perf_counter()
+    catalogue = catalogue or load_catalogue(data_dir)
+    key = train_key(config, catalogue)
+    if not force and (card := up_to_date(Path(out_dir), key)):
+        log.info("%s is up to date (same data fingerprint and config); nothing to train", out_dir)
+        card["up_to_date"] = True
+        return card
+    result = fit(config, catalogue, cache_dir=cache_dir, progress=progress)
+    metrics = evaluate_result(result, catalogue)
+    result.timings["wall_s"] = time.perf_counter() - started
+    card = export_artifact(Path(out_dir), result, catalogue, metrics, train_key=key)
+    card["up_to_date"] = False
+    return card
+
+
+def format_summary(card: dict) -> str:
+    m = card.get("metrics", {})
+    parts = [f"{k}={v:.3f}" for k, v in m.items() if isinstance(v, float)]
+    return f"{card.get('model_version')}: " + " ".join(parts)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    if args.config:
+        config = load_config(args.config)
+    else:
+        name = args.preset or ("probe" if (args.mode or "probe") == "probe" else None)
+        config = preset(name) if name else TrainConfig(mode=args.mode)
+    changes = {}
+    if args.mode:
+        changes["mode"] = args.mode
+    if args.backbone:
+        changes["backbone"] = args.backbone
+    for text in args.set or []:
+        key, value = parse_override(text)
+        changes[key] = value
+    if args.name:
+        changes["name"] = args.name
+    elif args.out and not args.config and not args.preset:
+        changes["name"] = Path(args.out).name
+    return TrainConfig.from_dict(config.to_dict() | changes) if changes else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_OUT_DIR, help="prepared data folder")
+    parser.add_argument("--out", type=Path, default=None, help="artefact directory (default artifacts/<name>)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
+    parser.add_argument("--config", type=Path, help="a JSON file of TrainConfig keys (may name a preset)")
+    parser.add_argument("--mode", choices=("probe", "finetune"), help="override the mode")
+    parser.add_argument("--backbone", help="override the backbone (efficientnet_lite0/1/2, resnet34)")
+    parser.add_argument("--name", help="override the config name")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache directory")
+    parser.add_argument("--force", action="store_true", help="retrain even when the artefact is up to date")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    set_threads()
+    try:
+        config = build_config(args)
+    except (ValueError, KeyError) as exc:
+        parser.error(str(exc))
+    out = args.out or Path("artifacts") / config.name
+    card = run(config, args.data, out, cache_dir=args.cache, force=args.force, progress=not args.no_progress)
+    print(format_summary(card))
+    print(f"artefact: {out}  ({'up to date, nothing trained' if card.get('up_to_date') else 'written'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
