@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/marketplace
+# Absolute, so every tool and test resolves it the same way whatever its working directory.
+override DATA := $(abspath $(DATA))
 export DATA
 
 .PHONY: venv test test-all demo protos lock up down status bench-quick compose-check clean

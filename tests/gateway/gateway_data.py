@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SHARED = Path(os.environ.get("DATA") or Path(__file__).resolve().parents[3] / "shared" / "data" / "marketplace")
+SHARED = Path(os.environ.get("DATA") or Path(__file__).resolve().parents[3] / "shared" / "data" / "marketplace").resolve()
 LISTING_COLUMNS = ["product_id", "title", "location", "description", "category", "main_category",
                    "price", "currency", "price_flag"]
 IMAGE_COLUMNS = ["image_id", "product_id", "main_category", "label", "split", "path", "sha256"]
