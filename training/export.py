@@ -118,7 +118,7 @@ def export_artifact(directory: Path, result: "TrainResult", catalogue: "Catalogu
     embedding = {
         "dim": int(result.embeddings.shape[1]),
         "normalised": True,
-        "source": "projection" if config.projection != "none" else "pooled backbone features",
+        "source": "pooled backbone features (ListingModel.embed_and_classify)",
         "count": int(len(result.embeddings)),
     }
     return save_artifact(

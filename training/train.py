@@ -510,25 +510,11 @@ def fit(config: TrainConfig, catalogue: Catalogue, *, cache_dir: Path | str | No
                                                                  desc="final model, all photos")["pooled"]
     timings["final_pass_s"] = time.perf_counter() - t0
 
-    # 5. the embedding projection (optional), trained on train-split listings only.
-    t0 = time.perf_counter()
-    if config.projection == "pairs":
-        from training.projection import listing_pairs, train_projection
-        pair_rows = np.flatnonzero(catalogue.mask(*fit_splits))
-        pairs = listing_pairs(catalogue.listing_ids, pair_rows)
-        with single_thread():
-            layer = train_projection(features, pairs, dim=config.projection_dim,
-                                     epochs=config.projection_epochs,
-                                     temperature=config.projection_temperature, seed=config.seed)
-        model.set_projection(layer)
-    timings["projection_s"] = time.perf_counter() - t0
-
     model.eval()
     with torch.no_grad():
         tensor = torch.as_tensor(features, dtype=torch.float32)
         logits = model.head(tensor).numpy()
-        embeddings = (model.embed_features(tensor) if hasattr(model, "embed_features")
-                      else F.normalize(tensor, dim=1)).numpy()
+        embeddings = F.normalize(tensor, dim=1).numpy()  # what ListingModel.embed_and_classify gives
     timings["total_s"] = time.perf_counter() - started
     return TrainResult(model, config, history, features, embeddings, logits, timings)
 
@@ -544,9 +530,6 @@ def evaluate_result(result: TrainResult, catalogue: Catalogue) -> dict:
                                                     catalogue.listing_ids[rows], catalogue.categories)
     metrics["retrieval"] = retrieval_metrics(result.embeddings, catalogue.labels, catalogue.splits,
                                              catalogue.listing_ids)
-    if result.config.projection != "none":
-        metrics["retrieval_unprojected"] = retrieval_metrics(result.features, catalogue.labels,
-                                                             catalogue.splits, catalogue.listing_ids)
     return metrics
 
 

@@ -30,6 +30,15 @@ TINY_FINETUNE = dict(name="tiny-ft", mode="finetune", backbone=TINY, unfrozen_bl
 
 
 @pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def tiny_backbone():
     lite0 = backbones.REGISTRY["efficientnet_lite0"]
     tiny = Backbone(TINY, lite0.embedding_dim, Preprocessing(72, 64, SIGNED_UNIT_MEAN, SIGNED_UNIT_STD),
