@@ -335,6 +335,11 @@ class TextHead:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.astype(np.float32) for k, v in self.tensors.items()},
                   str(directory / TEXT_HEAD_FILE))
+        # safetensors creates the file owner-only (0600); make it as readable as the other
+        # artefact files so a service running as another user (containers) can load it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(directory / TEXT_HEAD_FILE, 0o666 & ~umask)
         if self.tfidf is not None:
             (directory / TEXT_VOCAB_FILE).write_text(
                 json.dumps(self.tfidf.terms, ensure_ascii=False) + "\n", encoding="utf-8")

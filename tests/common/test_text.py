@@ -144,6 +144,7 @@ def test_text_head_round_trips_through_safetensors_and_json(tmp_path):
                                head.predict_fused(x, image_lp, texts), atol=1e-5)
     np.testing.assert_allclose(loaded.predict_text(x, texts).sum(axis=1), 1.0, atol=1e-9)
     loaded.check_image_model("m-1")
+    assert (tmp_path / "text_head.safetensors").stat().st_mode & 0o044  # group/other can read
     with pytest.raises(TextHeadError, match="re-run"):
         loaded.check_image_model("m-2")
 
