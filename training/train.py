@@ -1,8 +1,9 @@
 """Train the listing model on the prepared data, evaluate it honestly and export an artefact.
 
     python -m training.train --preset probe --data build/data --out artifacts/lite0-probe
-    python -m training.train --mode finetune --backbone efficientnet_lite2 --set unfrozen_blocks=6 ...
-    python -m training.train --config configs/best.json --out artifacts/lite2-best
+    python -m training.train --preset lite2-probe            # presets: see training.config.PRESETS
+    python -m training.train --preset finetune --set unfrozen_blocks=3 --set epochs=6
+    python -m training.train --config my.json --out artifacts/mine   # TrainConfig keys as JSON
     python -m training.search --data build/data                  # small hyper-parameter search
 
 Everything that costs backbone passes is cached under ``build/cache/features`` (keyed by photo bytes,

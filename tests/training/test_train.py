@@ -254,3 +254,14 @@ def test_retrieval_metrics_on_hand_made_embeddings():
     recall = same_listing_recall(emb, listings, query, ks=(1, 2))
     # photo 3 (listing c): nearest 2 (b), then 4 (c); photo 4: nearest 1, 0, then 3
     assert recall[1] == 0.0 and recall[2] == 0.5
+
+
+def test_search_grid_and_table():
+    from training.search import DEFAULT_BASE, format_table, trials
+
+    configs = trials(TrainConfig.from_dict(DEFAULT_BASE), {"lr": [0.003, 0.01], "unfrozen_blocks": [1, 4]})
+    assert [(c.lr, c.unfrozen_blocks) for c in configs] == [(0.003, 1), (0.003, 4), (0.01, 1), (0.01, 4)]
+    assert all(c.mode == "finetune" and c.optimizer == "sgd" for c in configs)
+    table = format_table([{"trial": 1, "unfrozen_blocks": 4, "lr": 0.01, "momentum": 0.9, "epochs": 6,
+                           "best_epoch": 5, "valid_image_top1": 0.55, "valid_listing_top1": 0.58, "minutes": 3.0}])
+    assert "valid img top-1" in table and "0.550" in table
