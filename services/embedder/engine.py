@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from common.images import ImageError, open_image
 from common.model import Artifact, ArtifactError, load_artifact
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 #: Resizing the shorter side to the input size makes a 1 x 40M-pixel strip 40 Gpx big; no
 #: listing photo is this elongated, so such an image is refused before it is resized.
 MAX_ASPECT_RATIO = 50
+#: Largest difference folding batch norms may make to an embedding or a probability; float32
+#: rounding makes about 1e-6, a wrongly folded layer makes O(1).
+FOLD_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,33 @@ def detect_bf16() -> Bf16Support:
                               "emulated")
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every eval-mode batch norm into the convolution right before it, in place; return
+    how many were folded.
+
+    A frozen BN is a per-channel affine map, so ``conv -> bn`` equals one conv with scaled
+    weights and a bias: one pass over the activations less per layer, about 1.5x faster on a CPU
+    for EfficientNet-Lite. timm's ``BatchNormAct2d`` also holds the activation; that is kept in
+    the BN's place. Pairs are found by child order (conv then its BN, as timm and torchvision
+    declare them), so the caller must check the folded model still computes the same thing.
+    """
+    folded = 0
+    previous: tuple[str, nn.Module] | None = None
+    for name, child in list(module.named_children()):
+        if (isinstance(child, nn.BatchNorm2d) and previous is not None
+                and isinstance(previous[1], nn.Conv2d) and child.track_running_stats):
+            setattr(module, previous[0], fuse_conv_bn_eval(previous[1], child))
+            after = nn.Sequential(getattr(child, "drop", nn.Identity()),
+                                  getattr(child, "act", nn.Identity()))
+            setattr(module, name, after)
+            folded += 1
+            child = after
+        else:
+            folded += fold_batch_norms(child)
+        previous = (name, child)
+    return folded
+
+
 def configure_torch(threads: int) -> None:
     """Intra-op threads for the model; process-wide, so the service sets it once at start-up."""
     torch.set_num_threads(max(1, threads))
@@ -72,7 +104,7 @@ class ImageModel:
 
     def __init__(self, artifact: Artifact, *, max_image_bytes: int | None = None,
                  max_pixels: int | None = None, bf16: bool = False,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, fold_bn: bool = True) -> None:
         self.artifact = artifact
         self.max_image_bytes = max_image_bytes
         self.max_pixels = max_pixels
@@ -82,6 +114,7 @@ class ImageModel:
         model = artifact.model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
+        self.folded_batch_norms = self._fold(model) if fold_bn else 0
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self._model = model
@@ -135,6 +168,21 @@ class ImageModel:
         """Run the model once per batch size so the first requests don't pay for kernel setup."""
         for size in sorted(set(batch_sizes)):
             self.forward(torch.zeros(size, 3, self.input_size, self.input_size))
+
+    def _fold(self, model: nn.Module) -> int:
+        """Fold the model's batch norms (in place) and prove on a random batch that the outputs
+        did not change; ``ArtifactError`` if they did (a layout this folding does not know)."""
+        side = int(self.artifact.card.get("input_size") or self.artifact.preprocessing.input_size)
+        probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():   # not inference_mode: the folded weights must stay normal tensors
+            before = model.embed_and_classify(probe)
+            folded = fold_batch_norms(model)
+            after = model.embed_and_classify(probe)
+        worst = max(float((b - a).abs().max()) for b, a in zip(before, after))
+        if worst > FOLD_TOLERANCE:
+            raise ArtifactError(f"folding batch norms changed the model's outputs by {worst:.3g}; "
+                                "start with EMBEDDER_FOLD_BN=off and report the backbone")
+        return folded
 
     def _check_shapes(self) -> None:
         side = self.input_size

@@ -129,3 +129,33 @@ def test_close_fails_queued_work_and_refuses_new_work(model):
         queued.result(5)
     with pytest.raises(BatcherClosed):
         batcher.submit(rows(2, 1)).result(5)
+
+
+def test_two_workers_run_batches_side_by_side_and_reassemble_a_split_request():
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    both_running = threading.Barrier(2, timeout=10)
+
+    def model(batch: torch.Tensor):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        try:
+            both_running.wait()      # fails (BrokenBarrierError) unless two calls overlap
+        except threading.BrokenBarrierError:
+            pass
+        with lock:
+            in_flight[0] -= 1
+        values = batch.numpy().reshape(batch.shape[0], -1)
+        return (values * 2,)
+
+    batcher = DynamicBatcher(model, max_batch_size=3, max_wait_s=0.0, workers=2)
+    try:
+        (doubled,) = batcher.submit(rows(0, 6)).result(20)   # split 3 + 3 over both workers
+        assert doubled.ravel().tolist() == [0, 2, 4, 6, 8, 10]
+        assert most[0] == 2
+        assert batcher.stats.batches == 2 and batcher.stats.items == 6
+    finally:
+        batcher.close()
+    with pytest.raises(ValueError, match="workers"):
+        DynamicBatcher(model, max_batch_size=3, max_wait_s=0.0, workers=0)

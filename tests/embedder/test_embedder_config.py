@@ -22,7 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 
 ENV_NAMES = ("EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "EMBEDDER_MAX_BATCH", "EMBEDDER_BATCH_SIZE",
              "EMBEDDER_MAX_WAIT_MS", "EMBEDDER_TORCH_THREADS", "EMBEDDER_MAX_IMAGE_BYTES",
-             "EMBEDDER_MAX_PIXELS", "EMBEDDER_BF16", "EMBEDDER_DECODE_THREADS")
+             "EMBEDDER_MAX_PIXELS", "EMBEDDER_BF16", "EMBEDDER_DECODE_THREADS",
+             "EMBEDDER_MODEL_WORKERS", "EMBEDDER_FOLD_BN")
 
 
 @pytest.fixture
@@ -48,6 +49,25 @@ def test_env_sets_values_and_flags_override_them(clean_env, tmp_path):
     assert (config.batch_size, config.max_wait_ms, config.torch_threads) == (16, 2.5, 3)
     assert config.max_image_bytes == MiB and config.bf16 == "on"
     assert EmbedderConfig.from_env(["--bf16", "auto"]).bf16 == "auto"
+
+
+@pytest.mark.parametrize("cores, workers, threads", [(1, 1, 1), (2, 2, 1), (16, 2, 8)])
+def test_model_workers_share_the_cores_out_by_default(monkeypatch, tmp_path, cores, workers,
+                                                      threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    config = EmbedderConfig(artifact_dir=tmp_path)
+    assert (config.resolved_model_workers, config.resolved_torch_threads) == (workers, threads)
+    chosen = EmbedderConfig(artifact_dir=tmp_path, model_workers=3, torch_threads=5)
+    assert (chosen.resolved_model_workers, chosen.resolved_torch_threads) == (3, 5)
+
+
+def test_model_workers_and_folding_come_from_env(clean_env, tmp_path):
+    clean_env.setenv("EMBEDDER_ARTIFACT_DIR", str(tmp_path))
+    clean_env.setenv("EMBEDDER_MODEL_WORKERS", "3")
+    clean_env.setenv("EMBEDDER_FOLD_BN", "off")
+    config = EmbedderConfig.from_env([])
+    assert (config.model_workers, config.fold_bn) == (3, False)
+    assert EmbedderConfig.from_env(["--fold-bn"]).fold_bn is True
 
 
 @pytest.mark.parametrize("name, value", [("EMBEDDER_MAX_BATCH", "0"), ("EMBEDDER_PORT", "x"),
