@@ -13,7 +13,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Sequence, TextIO
 
 
@@ -140,3 +141,79 @@ def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | N
     print("  ".join("-" * w for w in widths), file=out)
     for row in cells:
         print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))), file=out)
+
+
+# ------------------------------------------------------------------ time windows
+
+
+@dataclass
+class WindowCell:
+    """One closed-loop measurement: items completed per second inside the measuring window, and
+    the latency of the call that completed each of them."""
+
+    per_s: float
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        return percentile(self.latencies_ms, q) if self.latencies_ms else math.nan
+
+
+def closed_loop(call: Callable[[int, int], int | None], workers: int, warmup_s: float,
+                measure_s: float) -> WindowCell:
+    """``workers`` threads each run ``call(worker, i)`` back to back (``i``: that worker's
+    request number, ``worker + k * workers``), for ``warmup_s`` and then ``measure_s`` seconds.
+    ``call`` returns how many items it completed (None: one). Calls that finish inside the
+    measuring window count, for throughput and for latency (once per item)."""
+    start = time.perf_counter()
+    window = (start + warmup_s, start + warmup_s + measure_s)
+    lock = threading.Lock()
+    done = 0
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        nonlocal done
+        i = index
+        while True:
+            began = time.perf_counter()
+            try:
+                count = call(index, i)
+            except BaseException as exc:  # surfaced after the run
+                errors.append(exc)
+                return
+            ended = time.perf_counter()
+            count = 1 if count is None else count
+            i += workers
+            if window[0] <= ended <= window[1]:
+                with lock:
+                    done += count
+                    latencies.extend([(ended - began) * 1000] * count)
+            if ended >= window[1]:
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]!r}")
+    return WindowCell(done / measure_s, latencies)
+
+
+# ------------------------------------------------------------------ machine
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

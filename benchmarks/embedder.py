@@ -30,14 +30,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
 from common.config import REPO_ROOT
 
 ARTIFACTS_DIR = REPO_ROOT / "artifacts"
@@ -71,58 +69,8 @@ def load_photos(count: int) -> list[bytes]:
 # ------------------------------------------------------------------ measuring
 
 
-@dataclass
-class Cell:
-    """One (path, concurrency) measurement."""
-
-    images_per_s: float
-    latencies_ms: list[float] = field(default_factory=list)
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
-
-
-def closed_loop(call: Callable[[int], int], workers: int, warmup_s: float,
-                measure_s: float) -> Cell:
-    """``workers`` threads each call ``call(worker)`` back to back (it returns the number of
-    images it completed). Throughput counts images completed inside the measuring window;
-    latency is recorded per image for calls that finished inside it."""
-    start = time.perf_counter()
-    window = (start + warmup_s, start + warmup_s + measure_s)
-    lock = threading.Lock()
-    done_images = 0
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        nonlocal done_images
-        while True:
-            began = time.perf_counter()
-            try:
-                count = call(index)
-            except BaseException as exc:  # surfaced after the run
-                errors.append(exc)
-                return
-            ended = time.perf_counter()
-            if window[0] <= ended <= window[1]:
-                with lock:
-                    done_images += count
-                    latencies.extend([(ended - began) * 1000] * count)
-            if ended >= window[1]:
-                return
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]!r}")
-    return Cell(done_images / measure_s, latencies)
-
-
 def raw_cell(model, photos: list[bytes], level: int, batch_size: int, warmup_s: float,
-             measure_s: float) -> Cell:
+             measure_s: float) -> WindowCell:
     """(a): decode + preprocess + forward in one thread, at the batch the service would form."""
     import torch
 
@@ -130,7 +78,7 @@ def raw_cell(model, photos: list[bytes], level: int, batch_size: int, warmup_s: 
     model.warm_up((size,))
     cursor = [0]
 
-    def one_batch(_: int) -> int:
+    def one_batch(_: int, __: int) -> int:
         start = cursor[0]
         cursor[0] = (start + size) % len(photos)
         chosen = [photos[(start + i) % len(photos)] for i in range(size)]
@@ -141,14 +89,14 @@ def raw_cell(model, photos: list[bytes], level: int, batch_size: int, warmup_s: 
 
 
 def server_cell(stub, photos: list[bytes], level: int, warmup_s: float,
-                measure_s: float) -> Cell:
+                measure_s: float) -> WindowCell:
     """(b) and (c): ``level`` clients, one image per Embed request, closed loop."""
     from marketplace.embedder.v1 import embedder_pb2
 
     requests = [embedder_pb2.EmbedRequest(images=[data]) for data in photos]
     counters = list(range(level))
 
-    def one_request(worker: int) -> int:
+    def one_request(worker: int, _: int) -> int:
         counters[worker] = (counters[worker] + level) % len(requests)
         reply = stub.Embed(requests[counters[worker]], timeout=300)
         return len(reply.embeddings)
@@ -280,21 +228,6 @@ def bf16_check(artifact_dir: Path, photos: list[bytes], batch_size: int, seconds
 # ------------------------------------------------------------------ report
 
 
-def load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def log_entry(log_text: str, message: str) -> dict | None:
     """The last JSON log line of the service whose ``msg`` is ``message``."""
     for line in reversed(log_text.splitlines()):
@@ -393,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                                           seconds)
                     served[level] = server_cell(service_stub, photos, level, warmup_s, seconds)
                     seeded[level] = server_cell(seed_stub, photos, level, warmup_s, seconds)
-                    print(f"  c={level}: raw {raw[level].images_per_s:.1f}, service "
-                          f"{served[level].images_per_s:.1f}, seed "
-                          f"{seeded[level].images_per_s:.1f} img/s ({load_line()})", flush=True)
+                    print(f"  c={level}: raw {raw[level].per_s:.1f}, service "
+                          f"{served[level].per_s:.1f}, seed "
+                          f"{seeded[level].per_s:.1f} img/s ({load_line()})", flush=True)
         finally:
             service_log = service.stop()
             if seed is not None:
@@ -412,11 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for level in levels:
         a, b, c = raw[level], served[level], seeded[level]
-        print(f"{level:>4} | {a.images_per_s:>13.1f} {a.percentile(50):>7.0f} "
+        print(f"{level:>4} | {a.per_s:>13.1f} {a.percentile(50):>7.0f} "
               f"{a.percentile(99):>7.0f} | "
-              f"{b.images_per_s:>13.1f} {b.percentile(50):>7.0f} {b.percentile(99):>7.0f} | "
-              f"{c.images_per_s:>14.1f} {c.percentile(50):>7.0f} {c.percentile(99):>7.0f} | "
-              f"{b.images_per_s / a.images_per_s:>5.2f} {b.images_per_s / c.images_per_s:>5.2f}")
+              f"{b.per_s:>13.1f} {b.percentile(50):>7.0f} {b.percentile(99):>7.0f} | "
+              f"{c.per_s:>14.1f} {c.percentile(50):>7.0f} {c.percentile(99):>7.0f} | "
+              f"{b.per_s / a.per_s:>5.2f} {b.per_s / c.per_s:>5.2f}")
     print(f"service over the whole run: {service_setup(service_log)}")
 
     if args.bf16_check:
@@ -425,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"after: {load_line()}")
     top = max(levels)
-    b = served[top].images_per_s
-    print(f"RESULT service_vs_raw={b / raw[top].images_per_s:.2f} "
-          f"service_vs_seed={b / seeded[top].images_per_s:.2f}")
+    b = served[top].per_s
+    print(f"RESULT service_vs_raw={b / raw[top].per_s:.2f} "
+          f"service_vs_seed={b / seeded[top].per_s:.2f}")
     return 0
 
 

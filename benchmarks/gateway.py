@@ -31,14 +31,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
 from common.config import REPO_ROOT
 
 PREPARED_DIR = REPO_ROOT / "build" / "data"
@@ -105,52 +103,6 @@ def index_vectors(artifact_dir: Path, photo_ids: list[str], query_ids: list[str]
 # ------------------------------------------------------------------ measuring
 
 
-@dataclass
-class Cell:
-    requests_per_s: float
-    latencies_ms: list[float] = field(default_factory=list)
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
-
-
-def closed_loop(call: Callable[[int, int], None], workers: int, warmup_s: float,
-                measure_s: float) -> Cell:
-    """``workers`` threads each run ``call(worker, i)`` back to back; requests finishing inside
-    the measuring window count for throughput and latency."""
-    start = time.perf_counter()
-    window = (start + warmup_s, start + warmup_s + measure_s)
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        i = index
-        while True:
-            began = time.perf_counter()
-            try:
-                call(index, i)
-            except BaseException as exc:
-                errors.append(exc)
-                return
-            ended = time.perf_counter()
-            i += workers
-            if window[0] <= ended <= window[1]:
-                with lock:
-                    latencies.append((ended - began) * 1000)
-            if ended >= window[1]:
-                return
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]!r}")
-    return Cell(len(latencies) / measure_s, latencies)
-
-
 # ------------------------------------------------------------------ processes
 
 
@@ -186,21 +138,6 @@ class Service:
                 self.process.wait()
 
 
-def load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 # ------------------------------------------------------------------ main
 
 
@@ -212,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=2, help="indexer shards behind the gateway")
     parser.add_argument("--queries", type=int, default=None, help="distinct query photos")
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per cell")
-    parser.add_argument("--torch-threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="embedder torch threads per model worker, in-process and served "
+                             "alike (0: the embedder's default, the cores shared out among its "
+                             "model workers)")
+    parser.add_argument("--model-workers", type=int, default=0,
+                        help="embedder model workers, in-process and served alike (0: its "
+                             "default, min(2, cores))")
     parser.add_argument("--batch-size", type=int, default=8, help="embedder model batch")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="embedder batching wait")
     args = parser.parse_args(argv)
@@ -239,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     card = json.loads((artifact_dir / "model_card.json").read_text())
     dim = int(card["embedding_dim"])
     print(f"gateway benchmark: {card['model_version']} ({kind}), {cpu_name()}, "
-          f"torch threads {args.torch_threads}, {args.shards} indexer shard(s)")
+          f"embedder torch threads {args.torch_threads or 'default'}, {args.shards} indexer shard(s)")
     print(f"before: {load_line()}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp_name:
@@ -257,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         # Start the stack's processes while the in-process embedder loads here.
         embedder_env = {"EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
                         "EMBEDDER_TORCH_THREADS": str(args.torch_threads),
+                        "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
                         "EMBEDDER_BATCH_SIZE": str(args.batch_size),
                         "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms)}
         services: list[Service] = []
@@ -276,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             services.append(gateway)
             inprocess = Embedder.from_config(EmbedderConfig(
                 artifact_dir=artifact_dir, host="127.0.0.1", port=0,
-                torch_threads=args.torch_threads, batch_size=args.batch_size,
+                torch_threads=args.torch_threads, model_workers=args.model_workers,
+                batch_size=args.batch_size,
                 max_wait_ms=args.max_wait_ms, text_model="off"))
             query_vectors = np.concatenate([inprocess.embed(query_bytes[i:i + 8])
                                             for i in range(0, len(query_bytes), 8)])
@@ -319,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             def through_gateway(_worker: int, i: int) -> None:
                 stub.SearchByImage(requests[i % len(requests)], timeout=60)
 
-            cells: dict[tuple[str, int], Cell] = {}
+            cells: dict[tuple[str, int], WindowCell] = {}
             for level in levels:
                 cells["a", level] = closed_loop(in_process, level, warmup_s, measure_s)
                 cells["b", level] = closed_loop(through_gateway, level, warmup_s, measure_s)
@@ -340,16 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for level in levels:
         a, b = cells["a", level], cells["b", level]
-        print(f"{level:>4} | {a.requests_per_s:>9.1f} {a.percentile(50):>7.1f} {a.percentile(99):>7.1f} | "
-              f"{b.requests_per_s:>9.1f} {b.percentile(50):>7.1f} {b.percentile(99):>7.1f} | "
+        print(f"{level:>4} | {a.per_s:>9.1f} {a.percentile(50):>7.1f} {a.percentile(99):>7.1f} | "
+              f"{b.per_s:>9.1f} {b.percentile(50):>7.1f} {b.percentile(99):>7.1f} | "
               f"{b.percentile(50) / a.percentile(50):>7.2f} {b.percentile(99) / a.percentile(99):>7.2f} "
-              f"{b.requests_per_s / a.requests_per_s:>7.2f}")
+              f"{b.per_s / a.per_s:>7.2f}")
     top = 8 if 8 in levels else max(levels)
     ratio = cells["b", top].percentile(99) / cells["a", top].percentile(99)
     print(f"target: p99 of (b) within 1.3x of (a) at concurrency {top}: "
           f"{'met' if ratio <= 1.3 else 'NOT met'} ({ratio:.2f}x)")
     print(f"after: {load_line()}; total {time.perf_counter() - started:.0f} s")
-    print(f"RESULT p99_vs_inprocess={ratio:.2f} rps_c8={cells['b', top].requests_per_s:.1f}")
+    print(f"RESULT p99_vs_inprocess={ratio:.2f} rps_c8={cells['b', top].per_s:.1f}")
     return 0
 
 
