@@ -45,6 +45,12 @@ class ServerLimits:
     max_send_bytes: int = 16 * MiB
     max_concurrent_rpcs: int = 64
     max_workers: int = 16
+    #: Close each client connection (GOAWAY, in-flight calls finish within the grace) after this
+    #: long, so clients reconnect and re-resolve their target: a gateway with
+    #: ``dns:///embedder:50051`` then finds replicas added by ``--scale`` instead of keeping its
+    #: first connections for ever. None: connections live as long as the client keeps them.
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float = 30.0
 
 
 @dataclass
@@ -131,6 +137,20 @@ class RequestContextInterceptor(grpc.ServerInterceptor):
         )
 
 
+def _server_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", limits.max_receive_bytes),
+        ("grpc.max_send_message_length", limits.max_send_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    if limits.max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(limits.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(limits.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
 def create_server(
     register: Callable[[grpc.Server], Iterable[str]],
     address: str = "127.0.0.1:0",
@@ -148,11 +168,7 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=limits.max_workers),
         interceptors=[RequestContextInterceptor(), *interceptors],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", limits.max_receive_bytes),
-            ("grpc.max_send_message_length", limits.max_send_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=_server_options(limits),
     )
     service_names = list(register(grpc_server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -171,7 +187,8 @@ def create_server(
                                "max_receive_bytes": limits.max_receive_bytes,
                                "max_send_bytes": limits.max_send_bytes,
                                "max_concurrent_rpcs": limits.max_concurrent_rpcs,
-                               "max_workers": limits.max_workers}})
+                               "max_workers": limits.max_workers,
+                               "max_connection_age_s": limits.max_connection_age_s}})
     server = Server(grpc_server, port, health_servicer, service_names)
     server.set_serving(False)
     return server

