@@ -132,22 +132,29 @@ def index_text_embeddings(catalogue: Catalogue, shards: IndexerShards, listing_i
     """Upsert text ``vectors`` (row i is listing ``listing_ids[i]``; item id = listing id) to the
     shards owning those listings; listings not in the catalogue are skipped and counted."""
     started = time.perf_counter()
-    report = IndexReport()
     position = {listing_id: i for i, listing_id in enumerate(listing_ids)}
     listings = catalogue.get_many(position)
-    report.skipped_not_in_catalogue = len(position) - len(listings)
+    items = [IndexItem(listing_id, vectors[position[listing_id]], listing_id,
+                       listing.main_category, listing.price, listing.location)
+             for listing_id, listing in ((i, listings.get(i)) for i in position)
+             if listing is not None]
+    return _upsert_by_shard(shards, items, len(position) - len(listings), batch_size=batch_size,
+                            collection=collection, desc="index text", progress=progress,
+                            started=started)
+
+
+def _upsert_by_shard(shards: IndexerShards, items: Sequence[IndexItem], skipped: int, *,
+                     batch_size: int, collection: str, desc: str, progress: bool,
+                     started: float) -> IndexReport:
+    """Upsert ``items`` in batches to the shard owning each one's listing, shard by shard."""
+    report = IndexReport(skipped_not_in_catalogue=skipped)
     by_shard: dict[int, list[IndexItem]] = {}
-    for listing_id in position:
-        listing = listings.get(listing_id)
-        if listing is None:
-            continue
-        by_shard.setdefault(shards.shard_for(listing_id), []).append(IndexItem(
-            listing_id, vectors[position[listing_id]], listing_id, listing.main_category,
-            listing.price, listing.location))
-    with tqdm(total=len(listings), desc="index text", unit="vector", disable=not progress) as bar:
-        for shard, items in sorted(by_shard.items()):
-            for start in range(0, len(items), batch_size):
-                batch = items[start:start + batch_size]
+    for item in items:
+        by_shard.setdefault(shards.shard_for(item.listing_id), []).append(item)
+    with tqdm(total=len(items), desc=desc, unit="vector", disable=not progress) as bar:
+        for shard, shard_items in sorted(by_shard.items()):
+            for start in range(0, len(shard_items), batch_size):
+                batch = shard_items[start:start + batch_size]
                 shards.upsert(shard, batch, Deadline(BATCH_TIMEOUT_S), collection=collection)
                 report.per_shard[shard] = report.per_shard.get(shard, 0) + len(batch)
                 report.upserted += len(batch)
@@ -213,25 +220,13 @@ def index_embeddings(catalogue: Catalogue, shards: IndexerShards, image_ids: Seq
                      progress: bool = True) -> IndexReport:
     """Upsert ``vectors`` (row i is photo ``image_ids[i]``) to the shards owning their listings."""
     started = time.perf_counter()
-    report = IndexReport()
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     rows = catalogue.image_rows(image_ids)
-    report.skipped_not_in_catalogue = len(position) - len(rows)
-    by_shard: dict[int, list[IndexItem]] = {}
-    for row in rows:
-        by_shard.setdefault(shards.shard_for(row.listing_id), []).append(IndexItem(
-            row.image_id, vectors[position[row.image_id]], row.listing_id, row.main_category,
-            row.price, row.location))
-    with tqdm(total=len(rows), desc="index", unit="vector", disable=not progress) as bar:
-        for shard, items in sorted(by_shard.items()):
-            for start in range(0, len(items), batch_size):
-                batch = items[start:start + batch_size]
-                shards.upsert(shard, batch, Deadline(BATCH_TIMEOUT_S), collection=collection)
-                report.per_shard[shard] = report.per_shard.get(shard, 0) + len(batch)
-                report.upserted += len(batch)
-                bar.update(len(batch))
-    report.seconds = time.perf_counter() - started
-    return report
+    items = [IndexItem(row.image_id, vectors[position[row.image_id]], row.listing_id,
+                       row.main_category, row.price, row.location) for row in rows]
+    return _upsert_by_shard(shards, items, len(position) - len(rows), batch_size=batch_size,
+                            collection=collection, desc="index", progress=progress,
+                            started=started)
 
 
 def main(argv: list[str] | None = None) -> int:
