@@ -139,16 +139,9 @@ def stop_services(procs: dict[str, stack.ServiceProcess]) -> None:
 
 
 def index_catalogue(artifact_dir: Path, procs: dict[str, stack.ServiceProcess]) -> None:
-    from services.gateway import index_catalogue
-
-    indexers = ",".join(p.address for n, p in procs.items() if n.startswith("indexer"))
     # Listing texts come from the artefact's text embeddings (python -m training.text) when it
     # has them, else through the running embedder's EmbedText.
-    code = index_catalogue.main(["--db", str(RUN_DIR / "catalogue.sqlite3"), "--indexers", indexers,
-                                 "--artifact", str(artifact_dir),
-                                 "--embedder", procs["embedder"].address])
-    if code != 0:
-        raise SystemExit(f"indexing failed with exit code {code}")
+    stack.index_catalogue(RUN_DIR / "catalogue.sqlite3", artifact_dir, PREPARED, procs)
 
 
 def pick_query_photo() -> pd.Series:

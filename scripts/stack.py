@@ -6,6 +6,11 @@ started the same way everywhere. Logs and pid files live under one run directory
     python -m scripts.stack up [--run-dir run]      # background processes, logs in run/logs/
     python -m scripts.stack status
     python -m scripts.stack down
+
+``up`` serves the model in ``artifacts/current`` (or ``--artifact-dir`` / EMBEDDER_ARTIFACT_DIR)
+and, the first time (empty catalogue), loads the prepared listings of ``build/data`` into the
+gateway's catalogue and indexes their photos: the artefact's precomputed embeddings when it has
+them, else through the running embedder. Later ``up``s keep whatever the stack holds.
 """
 from __future__ import annotations
 
@@ -125,8 +130,9 @@ def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0)
         for proc in started.values():
             wait_healthy(proc.address, timeout, proc.process, proc.log_path)
     except Exception:
-        for proc in started.values():
+        for name, proc in started.items():
             proc.stop()
+            (run_dir / f"{name}.pid").unlink(missing_ok=True)
         raise
     return started
 
@@ -138,28 +144,110 @@ def down(run_dir: Path, timeout: float = 15.0) -> None:
         if not pid_file.exists():
             continue
         pid = int(pid_file.read_text())
+        pid_file.unlink()
+        if not _is_service(pid, name):  # exited already (its pid may now be someone else's)
+            print(f"{name} (pid {pid}) was not running")
+            continue
         try:
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.1)
-            os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        pid_file.unlink()
-        print(f"stopped {name} (pid {pid})")
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            print(f"killed {name} (pid {pid}): it did not stop within {timeout:g}s of SIGTERM")
+        else:
+            print(f"stopped {name} (pid {pid})")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited child of ours is reaped, a zombie counts as gone)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:   # not our child: `make up` started it from another process
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _is_service(pid: int, name: str) -> bool:
+    """Whether ``pid`` is alive and runs ``python -m services.<name>``."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"services.{name}".encode() in command
+
+
+def seed_catalogue(db_path: Path, prepared: Path) -> bool:
+    """Load ``prepared`` into an empty catalogue (True when it did); a catalogue that already
+    holds listings is left alone, so listings added or removed through the gateway stay so."""
+    from services.gateway.catalogue import Catalogue
+
+    with Catalogue.open(db_path) as catalogue:
+        held = catalogue.count()
+        if held:
+            print(f"catalogue {db_path}: {held:,} listings kept (not reloaded)")
+            return False
+        if not (prepared / "listings.csv").is_file():
+            print(f"catalogue {db_path} is empty and there is no prepared data at {prepared}: "
+                  "run `make demo` (or python -m training.prepare) and `make up` again, or add "
+                  "listings through the gateway")
+            return False
+        report = catalogue.load_prepared(prepared)
+    print(f"catalogue {db_path}: loaded {report.listings:,} listings and {report.images:,} photos "
+          f"from {prepared}")
+    return True
+
+
+def index_catalogue(db_path: Path, artifact_dir: Path, prepared: Path,
+                    procs: dict[str, "ServiceProcess"]) -> None:
+    """Index the catalogue's photos (and listing texts) into the running indexer(s)."""
+    from services.gateway import index_catalogue as indexing
+
+    indexers = ",".join(p.address for n, p in procs.items() if n.startswith("indexer"))
+    source = (["--artifact", str(artifact_dir)] if (artifact_dir / "embeddings").is_dir()
+              else ["--prepared", str(prepared)])
+    code = indexing.main(["--db", str(db_path), "--indexers", indexers, *source,
+                          "--embedder", procs["embedder"].address])
+    if code != 0:
+        raise RuntimeError(f"indexing the catalogue failed (exit code {code})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="local stack of embedder, indexer and gateway")
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--run-dir", type=Path, default=REPO / "run")
+    parser.add_argument("--artifact-dir", type=Path,
+                        default=Path(os.environ.get("EMBEDDER_ARTIFACT_DIR")
+                                     or REPO / "artifacts" / "current"),
+                        help="model artefact the embedder serves (env EMBEDDER_ARTIFACT_DIR; "
+                             "default artifacts/current, made by `make demo`)")
+    parser.add_argument("--prepared", type=Path, default=REPO / "build" / "data",
+                        help="prepared data loaded into an empty catalogue on `up`")
     args = parser.parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "up":
-        for name, proc in up(args.run_dir).items():
+        artifact = args.artifact_dir.resolve()
+        if not (artifact / "model_card.json").is_file():
+            print(f"no model artefact at {args.artifact_dir} (model_card.json missing): run "
+                  "`make demo` once, which trains and exports one to artifacts/current, or point "
+                  "EMBEDDER_ARTIFACT_DIR / --artifact-dir at an exported artefact",
+                  file=sys.stderr)
+            return 2
+        db_path = args.run_dir / "catalogue.sqlite3"
+        seeded = seed_catalogue(db_path, args.prepared)
+        procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact)})
+        for name, proc in procs.items():
             print(f"{name:9s} {proc.address:22s} pid {proc.process.pid}  log {proc.log_path}")
+        if seeded:
+            index_catalogue(db_path, artifact, args.prepared, procs)
     elif args.command == "down":
         down(args.run_dir)
     else:
