@@ -22,8 +22,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from common.backbones import Backbone, Preprocessing, get_backbone
+
+#: Largest difference folding batch norms may make to an embedding or a probability; float32
+#: rounding makes about 1e-6, a wrongly folded layer makes O(1).
+FOLD_TOLERANCE = 1e-3
 
 CARD_FILE = "model_card.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -148,3 +153,30 @@ def load_artifact(directory: Path, *, verify_checksum: bool = True) -> Artifact:
                             f"{len(card['categories'])} categories: {exc}") from None
     model.eval()
     return Artifact(model, card, Preprocessing.from_dict(card["preprocessing"]))
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every eval-mode batch norm into the convolution right before it, in place; return
+    how many were folded.
+
+    A frozen BN is a per-channel affine map, so ``conv -> bn`` equals one conv with scaled
+    weights and a bias: one pass over the activations less per layer, about 1.5x faster on a CPU
+    for EfficientNet-Lite. timm's ``BatchNormAct2d`` also holds the activation; that is kept in
+    the BN's place. Pairs are found by child order (conv then its BN, as timm and torchvision
+    declare them), so the caller must check the folded model still computes the same thing.
+    """
+    folded = 0
+    previous: tuple[str, nn.Module] | None = None
+    for name, child in list(module.named_children()):
+        if (isinstance(child, nn.BatchNorm2d) and previous is not None
+                and isinstance(previous[1], nn.Conv2d) and child.track_running_stats):
+            setattr(module, previous[0], fuse_conv_bn_eval(previous[1], child))
+            after = nn.Sequential(getattr(child, "drop", nn.Identity()),
+                                  getattr(child, "act", nn.Identity()))
+            setattr(module, name, after)
+            folded += 1
+            child = after
+        else:
+            folded += fold_batch_norms(child)
+        previous = (name, child)
+    return folded

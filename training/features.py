@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.backbones import Backbone
+from common.model import FOLD_TOLERANCE, fold_batch_norms
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,8 @@ class FeatureExtractor:
     @property
     def features(self) -> nn.Module:
         if self._features is None:
-            self._features = self.backbone.build(True).eval().to(memory_format=torch.channels_last)
+            self._features = _folded(self.backbone.build(True).eval(),
+                                     self.backbone.preprocessing.input_size)
         return self._features
 
     def _store(self, view: ViewTransform, output: str) -> FeatureStore | None:
@@ -307,6 +309,21 @@ class FeatureExtractor:
                     pending_keys = []
         finally:
             bar.close()
+
+
+def _folded(features: nn.Module, input_size: int) -> nn.Module:
+    """The frozen pretrained backbone with its batch norms folded into the convolutions (the
+    embedder serves it the same way): the same features to float32 rounding, about 1.5x faster
+    on a CPU. Refuses a backbone whose outputs the folding would change."""
+    probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():   # not inference_mode: the folded weights must stay normal tensors
+        before = features(probe)
+        fold_batch_norms(features)
+        worst = float((features(probe) - before).abs().max())
+    if worst > FOLD_TOLERANCE:
+        raise RuntimeError(f"folding the batch norms of {type(features).__name__} changed its "
+                           f"features by {worst:.3g}")
+    return features.to(memory_format=torch.channels_last)
 
 
 def _open_rgb(path: Path | str) -> Image.Image:

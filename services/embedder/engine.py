@@ -15,19 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from common.images import ImageError, open_image
-from common.model import Artifact, ArtifactError, load_artifact
+from common.model import FOLD_TOLERANCE, Artifact, ArtifactError, fold_batch_norms, load_artifact
 
 log = logging.getLogger(__name__)
 
 #: Resizing the shorter side to the input size makes a 1 x 40M-pixel strip 40 Gpx big; no
 #: listing photo is this elongated, so such an image is refused before it is resized.
 MAX_ASPECT_RATIO = 50
-#: Largest difference folding batch norms may make to an embedding or a probability; float32
-#: rounding makes about 1e-6, a wrongly folded layer makes O(1).
-FOLD_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -61,33 +57,6 @@ def detect_bf16() -> Bf16Support:
     return Bf16Support(False, f"no avx512_bf16/amx_bf16 CPU flag (ATen {capability}, oneDNN bf16 "
                               f"{'available' if onednn_bf16 else 'unavailable'}); bf16 would be "
                               "emulated")
-
-
-def fold_batch_norms(module: nn.Module) -> int:
-    """Fold every eval-mode batch norm into the convolution right before it, in place; return
-    how many were folded.
-
-    A frozen BN is a per-channel affine map, so ``conv -> bn`` equals one conv with scaled
-    weights and a bias: one pass over the activations less per layer, about 1.5x faster on a CPU
-    for EfficientNet-Lite. timm's ``BatchNormAct2d`` also holds the activation; that is kept in
-    the BN's place. Pairs are found by child order (conv then its BN, as timm and torchvision
-    declare them), so the caller must check the folded model still computes the same thing.
-    """
-    folded = 0
-    previous: tuple[str, nn.Module] | None = None
-    for name, child in list(module.named_children()):
-        if (isinstance(child, nn.BatchNorm2d) and previous is not None
-                and isinstance(previous[1], nn.Conv2d) and child.track_running_stats):
-            setattr(module, previous[0], fuse_conv_bn_eval(previous[1], child))
-            after = nn.Sequential(getattr(child, "drop", nn.Identity()),
-                                  getattr(child, "act", nn.Identity()))
-            setattr(module, name, after)
-            folded += 1
-            child = after
-        else:
-            folded += fold_batch_norms(child)
-        previous = (name, child)
-    return folded
 
 
 def configure_torch(threads: int) -> None:
