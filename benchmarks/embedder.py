@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,44 +105,18 @@ def server_cell(stub, photos: list[bytes], level: int, warmup_s: float,
 # ------------------------------------------------------------------ servers
 
 
-def free_port() -> int:
-    from scripts.stack import free_port as stack_free_port
-    return stack_free_port()
+def start_server(name: str, env: dict[str, str], log_dir: Path, *, module: str | None = None,
+                 args: list[str] | None = None):
+    """``python -m <module>`` (default ``services.<name>``) on a free port, SERVING on return."""
+    from scripts.stack import free_port, spawn, wait_healthy
 
-
-class Subprocess:
-    """A server process on a free port, logs in a temporary file, stopped with SIGTERM."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_dir: Path, name: str) -> None:
-        from scripts.stack import wait_healthy
-
-        self.port = free_port()
-        self.log_path = log_dir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
-        with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        try:
-            wait_healthy(self.address, 300, self.process, self.log_path)
-        except Exception:
-            self.stop()
-            raise
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.log_path.read_text(errors="replace")
+    server = spawn(name, free_port(), log_dir / f"{name}.log", env, args, module=module)
+    try:
+        wait_healthy(server.address, 300, server.process, server.log_path)
+    except Exception:
+        server.stop(30)
+        raise
+    return server
 
 
 def serve_seed(argv: list[str]) -> None:
@@ -256,8 +228,8 @@ def service_setup(log_text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--serve-seed"]:
-        serve_seed(argv[1:])
+    if "--serve-seed" in argv:
+        serve_seed([arg for arg in argv if arg != "--serve-seed"])
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.embedder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,17 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-embedder-") as tmp:
         # Both servers run (idle) for the whole benchmark so the three paths of one concurrency
         # are measured back to back, under the same background load.
-        service = Subprocess(["services.embedder"], {
+        service = start_server("embedder", {
             "EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
             "EMBEDDER_BATCH_SIZE": str(args.batch_size),
             "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms),
             "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
-            "LOG_LEVEL": "info"}, Path(tmp), "service")
+            "LOG_LEVEL": "info"}, Path(tmp))
         seed = None
         try:
-            seed = Subprocess(["benchmarks.embedder", "--serve-seed", "--artifact-dir",
-                               str(artifact_dir), "--torch-threads", str(args.torch_threads)],
-                              {}, Path(tmp), "seed")
+            seed = start_server("seed", {}, Path(tmp), module="benchmarks.embedder",
+                                args=["--serve-seed", "--artifact-dir", str(artifact_dir),
+                                      "--torch-threads", str(args.torch_threads)])
             with grpc.insecure_channel(service.address) as service_channel, \
                     grpc.insecure_channel(seed.address) as seed_channel:
                 service_stub = embedder_pb2_grpc.EmbedderStub(service_channel)
@@ -330,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{served[level].per_s:.1f}, seed "
                           f"{seeded[level].per_s:.1f} img/s ({load_line()})", flush=True)
         finally:
-            service_log = service.stop()
+            service.stop(30)
+            service_log = service.log_path.read_text(errors="replace")
             if seed is not None:
-                seed.stop()
+                seed.stop(30)
 
     print("\nimages/s and per-image latency (ms); every path includes decode + preprocess")
     print("(a) raw = in-process model, batch min(c, model batch), one thread; (b) service = "

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import numpy as np
 
 from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
 from common.config import REPO_ROOT
+from scripts.stack import free_port, spawn, wait_healthy
 
 PREPARED_DIR = REPO_ROOT / "build" / "data"
 ARTIFACTS_DIR = REPO_ROOT / "artifacts"
@@ -100,42 +99,13 @@ def index_vectors(artifact_dir: Path, photo_ids: list[str], query_ids: list[str]
                                       f"{len(photo_ids) - len(query_ids):,} synthetic neighbours")
 
 
-# ------------------------------------------------------------------ measuring
-
-
 # ------------------------------------------------------------------ processes
 
 
-class Service:
-    """``python -m services.<name>`` on a free port, stopped with SIGTERM."""
-
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path, label: str) -> None:
-        from scripts.stack import free_port
-        self.name, self.port = name, free_port()
-        self.log_path = log_dir / f"{label}.log"
-        with open(self.log_path, "wb") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port",
-                 str(self.port)], cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LOG_LEVEL": "warning", **env},
-                start_new_session=True)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait(self) -> None:
-        from scripts.stack import wait_healthy
-        wait_healthy(self.address, 300, self.process, self.log_path)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start_service(name: str, env: dict[str, str], log_dir: Path, label: str):
+    """``python -m services.<name>`` on a free port (not waited for: see ``wait_healthy``)."""
+    return spawn(name, free_port(), log_dir / f"{label}.log",
+                 {"LOG_LEVEL": "warning", **env})
 
 
 # ------------------------------------------------------------------ main
@@ -203,17 +173,17 @@ def main(argv: list[str] | None = None) -> int:
                         "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
                         "EMBEDDER_BATCH_SIZE": str(args.batch_size),
                         "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms)}
-        services: list[Service] = []
+        services: list = []
         inprocess = None
         try:
-            services.append(Service("embedder", embedder_env, tmp, "embedder"))
+            services.append(start_service("embedder", embedder_env, tmp, "embedder"))
             for i in range(args.shards):
-                services.append(Service("indexer", {
+                services.append(start_service("indexer", {
                     "INDEXER_DATA_DIR": str(tmp / f"indexer-{i}"),
                     "INDEXER_COLLECTIONS": f"image:{dim}:flat:ip", "INDEXER_FSYNC": "false"},
                     tmp, f"indexer-{i}"))
             shard_addresses = [s.address for s in services[1:]]
-            gateway = Service("gateway", {
+            gateway = start_service("gateway", {
                 "GATEWAY_DB": str(db_path), "EMBEDDER_ADDR": services[0].address,
                 "INDEXER_ADDRS": ",".join(shard_addresses),
                 "GATEWAY_MAX_WORKERS": str(max(16, 2 * max(levels)))}, tmp, "gateway")
@@ -239,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in ids])
 
             for service in services:
-                service.wait()
+                wait_healthy(service.address, 300, service.process, service.log_path)
             shards = IndexerShards(shard_addresses, RetryPolicy(),
                                    write_token=os.environ.get("WRITE_TOKEN") or None)
             with Catalogue.open(db_path) as catalogue:
@@ -271,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             channel.close()
         finally:
             for service in reversed(services):
-                service.stop()
+                service.stop(30)
             if inprocess is not None:
                 inprocess.close()
 

@@ -91,13 +91,15 @@ class ServiceProcess:
 
 
 def spawn(name: str, port: int, log_path: Path, env: dict[str, str] | None = None,
-          args: list[str] | None = None) -> ServiceProcess:
-    """Start ``python -m services.<name> --port PORT`` with its output in ``log_path``."""
+          args: list[str] | None = None, module: str | None = None) -> ServiceProcess:
+    """Start ``python -m services.<name> --port PORT`` (or ``python -m <module>``, e.g. a
+    benchmark's stand-in server) with its output in ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", module or f"services.{name}", "--host", "127.0.0.1",
+             "--port", str(port),
              *(args or [])],
             cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)
