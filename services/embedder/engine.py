@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.images import ImageError, open_image
-from common.model import FOLD_TOLERANCE, Artifact, ArtifactError, fold_batch_norms, load_artifact
+from common.model import (FOLD_TOLERANCE, Artifact, ArtifactError, fold_batch_norms_measured,
+                          load_artifact)
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,7 @@ class ImageModel:
         """Fold the model's batch norms (in place) and prove on a random batch that the outputs
         did not change; ``ArtifactError`` if they did (a layout this folding does not know)."""
         side = int(self.artifact.card.get("input_size") or self.artifact.preprocessing.input_size)
-        probe = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():   # not inference_mode: the folded weights must stay normal tensors
-            before = model.embed_and_classify(probe)
-            folded = fold_batch_norms(model)
-            after = model.embed_and_classify(probe)
-        worst = max(float((b - a).abs().max()) for b, a in zip(before, after))
+        folded, worst = fold_batch_norms_measured(model, model.embed_and_classify, side)
         if worst > FOLD_TOLERANCE:
             raise ArtifactError(f"folding batch norms changed the model's outputs by {worst:.3g}; "
                                 "start with EMBEDDER_FOLD_BN=off and report the backbone")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from common import model as common_model
 from common.model import ArtifactError, fold_batch_norms, load_artifact
-from services.embedder import engine
 from services.embedder.engine import ImageModel
 
 
@@ -58,11 +58,12 @@ def test_the_served_model_is_folded_and_embeds_as_the_unfolded_one(test_artifact
 
 def test_a_fold_that_changes_the_outputs_refuses_to_serve(test_artifact, monkeypatch):
     def wrong_fold(module: nn.Module) -> int:   # stands in for a layout folded the wrong way
-        count = fold_batch_norms(module)
-        next(layer for layer in module.modules() if isinstance(layer, nn.Conv2d)).weight.data.mul_(3.0)
+        count = fold_batch_norms(module)       # (its recursion calls wrong_fold too)
+        if isinstance(module, nn.Conv2d):
+            module.weight.data.mul_(3.0)
         return count
 
-    monkeypatch.setattr(engine, "fold_batch_norms", wrong_fold)
+    monkeypatch.setattr(common_model, "fold_batch_norms", wrong_fold)
     with pytest.raises(ArtifactError, match="EMBEDDER_FOLD_BN=off"):
         ImageModel.load(test_artifact)
     assert ImageModel.load(test_artifact, fold_bn=False).folded_batch_norms == 0

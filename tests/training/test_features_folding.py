@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from torch import nn
 
+from common import model as common_model
 from common.backbones import get_backbone
-from training import features as features_module
 from training.features import FeatureExtractor
 from tests.support.photos import photo_files
 
@@ -38,7 +38,7 @@ def test_a_fold_that_changes_the_features_is_refused(monkeypatch):
         next(layer for layer in module.modules() if isinstance(layer, nn.Conv2d)).weight.data.mul_(3)
         return 0
 
-    monkeypatch.setattr(features_module, "fold_batch_norms", wrong_fold)
+    monkeypatch.setattr(common_model, "fold_batch_norms", wrong_fold)
     extractor = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None, progress=False)
     with pytest.raises(RuntimeError, match="changed its features"):
         extractor.features
