@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
 from common.config import REPO_ROOT
-from scripts.stack import free_port, spawn, wait_healthy
+from scripts.stack import free_port, spawn, wait_ready
 
 PREPARED_DIR = REPO_ROOT / "build" / "data"
 ARTIFACTS_DIR = REPO_ROOT / "artifacts"
@@ -103,7 +103,7 @@ def index_vectors(artifact_dir: Path, photo_ids: list[str], query_ids: list[str]
 
 
 def start_service(name: str, env: dict[str, str], log_dir: Path, label: str):
-    """``python -m services.<name>`` on a free port (not waited for: see ``wait_healthy``)."""
+    """``python -m services.<name>`` on a free port (not waited for: see ``wait_ready``)."""
     return spawn(name, free_port(), log_dir / f"{label}.log",
                  {"LOG_LEVEL": "warning", **env})
 
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in ids])
 
             for service in services:
-                wait_healthy(service.address, 300, service.process, service.log_path)
+                wait_ready(service, 300)
             shards = IndexerShards(shard_addresses, RetryPolicy(),
                                    write_token=os.environ.get("WRITE_TOKEN") or None)
             with Catalogue.open(db_path) as catalogue:

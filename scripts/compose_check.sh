@@ -354,6 +354,9 @@ show() {  # show NAME: one line per ranked listing
 
 "$GRPCURL" -plaintext "$GATEWAY" grpc.health.v1.Health/Check >"$Q/health.json"
 check health '.status == "SERVING"' "grpc.health.v1.Health/Check: SERVING"
+"$GRPCURL" -plaintext -d '{"service": "marketplace.gateway.v1.Gateway"}' "$GATEWAY" \
+  grpc.health.v1.Health/Check >"$Q/ready.json"
+check ready '.status == "SERVING"' "gateway readiness (embedder and indexer serving): SERVING"
 "$GRPCURL" -plaintext "$GATEWAY" list >"$Q/list.txt"
 grep -qx marketplace.gateway.v1.Gateway "$Q/list.txt" || { cat "$Q/list.txt"; die "reflection does not list the gateway"; }
 echo "ok  reflection lists: $(tr '\n' ' ' <"$Q/list.txt")"

@@ -124,7 +124,7 @@ def start_services(artifact_dir: Path) -> dict[str, stack.ServiceProcess]:
         "GATEWAY_DB": str(RUN_DIR / "catalogue.sqlite3")})
     try:
         for name, proc in procs.items():
-            stack.wait_healthy(proc.address, 300, proc.process, proc.log_path)
+            stack.wait_ready(proc, 300)
             print(f"    {name:10s} SERVING on {proc.address}  (log {proc.log_path.relative_to(REPO)})")
     except Exception:
         stop_services(procs)

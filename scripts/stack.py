@@ -29,6 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("indexer", "embedder", "gateway")  # start order: downstreams first
+#: The gateway's readiness entry (SERVING while its downstreams are; services.gateway.readiness).
+GATEWAY_SERVICE = "marketplace.gateway.v1.Gateway"
 DEFAULT_PORTS = {"gateway": 50050, "embedder": 50051, "indexer": 50052}
 
 
@@ -50,17 +52,26 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
 
 
 def wait_healthy(address: str, timeout: float = 120.0, process: subprocess.Popen | None = None,
-                 log_path: Path | None = None) -> None:
-    """Block until the server at ``address`` reports SERVING; fail early if its process died."""
+                 log_path: Path | None = None, service: str = "") -> None:
+    """Block until ``service`` at ``address`` reports SERVING; fail early if its process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
             raise RuntimeError(f"service at {address} exited with {process.returncode}:\n{tail}")
-        if health_status(address) == "SERVING":
+        if health_status(address, service) == "SERVING":
             return
         time.sleep(0.2)
-    raise TimeoutError(f"service at {address} not SERVING after {timeout:.0f}s")
+    raise TimeoutError(f"{service or 'service'} at {address} not SERVING after {timeout:.0f}s")
+
+
+def wait_ready(proc: "ServiceProcess", timeout: float = 120.0) -> None:
+    """`wait_healthy`, and for a gateway also its readiness entry: SERVING once it reaches every
+    downstream over its own channels, so a first request does not meet a channel that is still
+    backing off from a downstream that was not up yet."""
+    wait_healthy(proc.address, timeout, proc.process, proc.log_path)
+    if proc.name == "gateway":
+        wait_healthy(proc.address, timeout, proc.process, proc.log_path, GATEWAY_SERVICE)
 
 
 @dataclass
@@ -130,7 +141,7 @@ def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0)
             (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
             started[name] = proc
         for proc in started.values():
-            wait_healthy(proc.address, timeout, proc.process, proc.log_path)
+            wait_ready(proc, timeout)
     except Exception:
         for name, proc in started.items():
             proc.stop()
@@ -255,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for name in SERVICES:
             port = int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name]))
-            print(f"{name:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}")
+            line = f"{name:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}"
+            if name == "gateway":  # readiness: are its downstreams serving?
+                ready = health_status(f"127.0.0.1:{port}", GATEWAY_SERVICE)
+                line += f"  (ready: {ready})"
+            print(line)
     return 0
 
 

@@ -45,7 +45,7 @@ def running_stack(tmp_path_factory, test_artifact):
              for name in stack.SERVICES}
     try:
         for proc in procs.values():
-            stack.wait_healthy(proc.address, 180, proc.process, proc.log_path)
+            stack.wait_ready(proc, 180)
         yield procs
     finally:
         codes = {name: proc.stop() for name, proc in procs.items()}

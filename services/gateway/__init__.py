@@ -9,6 +9,7 @@
     core.py            the orchestration behind each RPC (image/text/hybrid search, similar,
                        recommend, add/remove all-or-nothing)
     convert.py         public protos <-> domain objects
+    readiness.py       health entry "marketplace.gateway.v1.Gateway" follows the downstreams'
     server.py          the thin gRPC servicer, start(config) and main()
     client.py, cli.py  Python client and command line
     load_catalogue.py  python -m services.gateway.load_catalogue --prepared build/data --db PATH

@@ -57,6 +57,11 @@ Environment variables (flag in brackets; defaults in parentheses):
     (`common.security`); plaintext when unset.
 ``GATEWAY_MAX_WORKERS`` (16)
     gRPC server worker threads (concurrent requests being handled).
+``GATEWAY_READINESS_INTERVAL_S`` (5) / ``GATEWAY_READINESS_TIMEOUT_S`` (1)
+    How often the gateway checks the health of the embedder and every indexer shard, and the
+    timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
+    while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
+    stays SERVING like the server's own ``""``.
 ``LOG_LEVEL`` [--log-level] (info)
 """
 from __future__ import annotations
@@ -106,6 +111,8 @@ class GatewayConfig:
     compensation_timeout_s: float = 5.0
     write_token: str | None = None
     max_workers: int = 16
+    readiness_interval_s: float = 5.0
+    readiness_timeout_s: float = 1.0
     log_level: str = "info"
 
     @property
@@ -152,6 +159,8 @@ class GatewayConfig:
             compensation_timeout_s=env_float("GATEWAY_COMPENSATION_TIMEOUT_S", 5.0, minimum=0.1),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
+            readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
+            readiness_timeout_s=env_float("GATEWAY_READINESS_TIMEOUT_S", 1.0, minimum=0.01),
             log_level=args.log_level,
         )
         embedder_target(config.embedder_addr)  # fail fast on a malformed value

@@ -8,6 +8,9 @@ and, from `common.security.WriteTokenInterceptor`, UNAUTHENTICATED / PERMISSION_
 AddListing/RemoveListing without the write token). SearchByText, Search (hybrid: fusion formulas
 in `core`'s docstring) and Recommend answer FAILED_PRECONDITION when the embedder serves no text
 model or the shards have no "text" collection where text is needed.
+
+Health: ``""`` is SERVING while the process runs (liveness); ``marketplace.gateway.v1.Gateway``
+is SERVING only while the embedder and every indexer shard are (readiness, `readiness`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards
+from services.gateway.readiness import DownstreamWatch
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -120,11 +124,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 @dataclass
 class GatewayServer(Server):
-    """The started server plus the core it serves (tests reach the catalogue through it)."""
+    """The started server plus the core it serves (tests reach the catalogue through it) and
+    the watch that keeps its readiness entry in step with the downstreams."""
 
     core: GatewayCore | None = None
+    watch: DownstreamWatch | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         super().stop(grace)
         if self.core is not None:
             self.core.close()
@@ -174,6 +182,12 @@ def start(config: GatewayConfig) -> GatewayServer:
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core)
     gateway.set_serving(True)
+    if config.readiness_interval_s > 0:
+        gateway.watch = DownstreamWatch(
+            [core.embedder.downstream, *core.indexer.shards],
+            lambda status: server.health.set(SERVICE_NAME, status),
+            interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
+        gateway.watch.start()
     return gateway
 
 

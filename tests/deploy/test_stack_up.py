@@ -63,6 +63,11 @@ def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_arti
         with GatewayClient(f"127.0.0.1:{ports['gateway']}", timeout=60) as gateway:
             top = gateway.search_by_image(prepared / "images" / "photo-1.jpg", k=3)
         assert top[0].listing.id == "listing-1" and top[0].score > 0.99
+        assert stack.main(["status"]) == 0
+        status = capsys.readouterr().out.splitlines()
+        assert [line.split()[:3] for line in status] == [
+            [name, f"127.0.0.1:{ports[name]}", "SERVING"] for name in stack.SERVICES]
+        assert status[-1].endswith("(ready: SERVING)")  # the gateway's downstreams serve
         pids = {name: int((run_dir / f"{name}.pid").read_text()) for name in stack.SERVICES}
     finally:
         stack.main(["down", *args])

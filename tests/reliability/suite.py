@@ -39,7 +39,7 @@ from PIL import Image
 from marketplace.embedder.v1 import embedder_pb2
 from marketplace.gateway.v1 import gateway_pb2
 from marketplace.indexer.v1 import indexer_pb2
-from scripts.stack import ServiceProcess, free_port, spawn, wait_healthy
+from scripts.stack import ServiceProcess, free_port, spawn, wait_ready
 from services.gateway.shards import shard_of
 
 LOOPBACK = "127.0.0.1"
@@ -209,7 +209,7 @@ class Stack:
 
     def wait(self, key: str, timeout: float | None = None) -> None:
         proc = self.procs[key]
-        wait_healthy(proc.address, timeout or self.start_timeout_s, proc.process, proc.log_path)
+        wait_ready(proc, timeout or self.start_timeout_s)
 
     def kill(self, key: str) -> None:
         """SIGKILL: no goodbye, no final snapshot."""
