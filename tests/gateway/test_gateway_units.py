@@ -207,12 +207,15 @@ def test_config_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GATEWAY_MAX_K", "50")
     monkeypatch.setenv("GATEWAY_RETRY_ATTEMPTS", "4")
     monkeypatch.setenv("WRITE_TOKEN", "s3cret")
+    monkeypatch.setenv("GATEWAY_READINESS_INTERVAL_S", "0")
+    monkeypatch.setenv("GATEWAY_READINESS_TIMEOUT_S", "0.25")
     config = GatewayConfig.from_env(["--port", "0"])
     assert config.embedder_target == "ipv4:127.0.0.1:7001,127.0.0.1:7002"
     assert config.indexer_targets == ("127.0.0.1:8001", "127.0.0.1:8002")
     assert config.db_path == tmp_path / "db.sqlite3" and config.port == 0
     assert (config.downstream_timeout_s, config.max_k, config.retry.attempts) == (2.5, 50, 4)
     assert config.write_token == "s3cret"
+    assert (config.readiness_interval_s, config.readiness_timeout_s) == (0.0, 0.25)
     monkeypatch.setenv("GATEWAY_MAX_K", "lots")
     with pytest.raises(ConfigError, match="GATEWAY_MAX_K"):
         GatewayConfig.from_env([])
