@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import grpc
@@ -78,8 +79,30 @@ def _read(name: str) -> bytes | None:
     return path.read_bytes()
 
 
+def check_key_pair(cert_name: str, key_name: str) -> None:
+    """ConfigError unless the files named by the two variables are a PEM certificate (chain) and
+    its private key. gRPC itself only says "Failed to bind to address" for a bad pair."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(os.environ[cert_name],
+                                                                os.environ[key_name])
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH"
+               else "expected a PEM certificate (chain) and its unencrypted PEM private key")
+        raise ConfigError(f"{cert_name}={os.environ[cert_name]} / {key_name}="
+                          f"{os.environ[key_name]}: {why}") from None
+
+
+def check_ca(name: str, pem: bytes) -> None:
+    """ConfigError unless ``pem`` (the file named by ``name``) holds PEM CA certificates."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError):
+        raise ConfigError(f"{name}={os.environ[name]}: expected PEM CA certificate(s)") from None
+
+
 def server_credentials() -> grpc.ServerCredentials | None:
-    """TLS (or mutual TLS) credentials from TLS_CERT/TLS_KEY/TLS_CLIENT_CA; None for plaintext."""
+    """TLS (or mutual TLS) credentials from TLS_CERT/TLS_KEY/TLS_CLIENT_CA; None for plaintext.
+    The files are checked here, so a wrong one is named in a ConfigError."""
     cert, key, client_ca = _read("TLS_CERT"), _read("TLS_KEY"), _read("TLS_CLIENT_CA")
     if cert is None and key is None:
         if client_ca is not None:
@@ -87,6 +110,9 @@ def server_credentials() -> grpc.ServerCredentials | None:
         return None
     if cert is None or key is None:
         raise ConfigError("TLS needs both TLS_CERT and TLS_KEY")
+    check_key_pair("TLS_CERT", "TLS_KEY")
+    if client_ca is not None:
+        check_ca("TLS_CLIENT_CA", client_ca)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
 
@@ -97,6 +123,12 @@ def open_channel(target: str, options: list[tuple[str, object]] | None = None) -
     ca = _read("TLS_CA")
     if ca is None:
         return grpc.insecure_channel(target, options=options)
+    check_ca("TLS_CA", ca)
+    client_cert, client_key = _read("TLS_CLIENT_CERT"), _read("TLS_CLIENT_KEY")
+    if (client_cert is None) != (client_key is None):
+        raise ConfigError("mutual TLS needs both TLS_CLIENT_CERT and TLS_CLIENT_KEY")
+    if client_cert is not None:
+        check_key_pair("TLS_CLIENT_CERT", "TLS_CLIENT_KEY")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=_read("TLS_CLIENT_KEY"),
         certificate_chain=_read("TLS_CLIENT_CERT"))

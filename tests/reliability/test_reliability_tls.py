@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 
+from common.config import ConfigError
+from common.security import open_channel
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -223,3 +225,33 @@ def test_gateway_to_indexer_over_mutual_tls_with_the_write_token(pki, clean_env,
         if gateway is not None:
             gateway.stop(0)
         indexer.stop(0)
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(TLS_CERT="server", TLS_KEY="client"), "the key does not belong to the certificate"),
+    (dict(TLS_CERT="not-pem", TLS_KEY="server"), "expected a PEM certificate (chain)"),
+    (dict(TLS_CERT="server", TLS_KEY="server", TLS_CLIENT_CA="not-pem"),
+     "TLS_CLIENT_CA=.*: expected PEM CA certificate"),
+])
+def test_wrong_tls_files_are_named_before_binding(pki, clean_env, tmp_path, setting, message):
+    """gRPC alone says only "Failed to bind to address" for a bad certificate or key."""
+    (pki.dir / "not-pem.pem").write_text("hello\n")
+    for name, which in setting.items():
+        clean_env.setenv(name, str(pki.key(which) if name == "TLS_KEY" else pki.dir / f"{which}.pem"))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _start_indexer(tmp_path / "index")
+
+
+def test_wrong_client_tls_files_are_named(pki, clean_env, tmp_path):
+    clean_env.setenv("TLS_CA", str(pki.key("ca")))  # a key, not a certificate
+    with pytest.raises(ConfigError, match="TLS_CA=.*: expected PEM CA certificate"):
+        open_channel("127.0.0.1:1")
+    clean_env.setenv("TLS_CA", str(pki.ca))
+    clean_env.setenv("TLS_CLIENT_CERT", str(pki.client))
+    with pytest.raises(ConfigError, match="needs both TLS_CLIENT_CERT and TLS_CLIENT_KEY"):
+        open_channel("127.0.0.1:1")
+    clean_env.setenv("TLS_CLIENT_KEY", str(pki.key("rogue-client")))
+    with pytest.raises(ConfigError, match="the key does not belong to the certificate"):
+        open_channel("127.0.0.1:1")
+    clean_env.setenv("TLS_CLIENT_KEY", str(pki.key("client")))
+    open_channel("127.0.0.1:1").close()
