@@ -328,15 +328,15 @@ def test_callers_deadline_is_propagated(stack):
 def test_default_deadline_applies_when_the_caller_sets_none(tmp_path):
     s = Stack(tmp_path, downstream_timeout_s=0.4)
     try:
-        s.embedders[0].faults.plan("Embed", delay=1.5)
+        s.embedders[0].faults.plan("Embed", delay=3.0)
         with grpc.insecure_channel(s.address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             started = time.monotonic()
             error = rpc_error(stub.SearchByImage, gateway_pb2.SearchByImageRequest(image=b"x"))
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert error.details() == f"deadline exceeded waiting for embedder at {s.config.embedder_target}"
-        assert time.monotonic() - started < 1.2
-        assert 0 < s.embedders[0].faults.time_remaining[-1] <= 0.4
+        assert time.monotonic() - started < 2.5  # did not wait for the 3 s reply (room for load)
+        assert 0 < s.embedders[0].faults.time_remaining[-1] <= 0.41  # gRPC rounds the deadline
     finally:
         s.close()
 
