@@ -130,6 +130,5 @@ def open_channel(target: str, options: list[tuple[str, object]] | None = None) -
     if client_cert is not None:
         check_key_pair("TLS_CLIENT_CERT", "TLS_CLIENT_KEY")
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=_read("TLS_CLIENT_KEY"),
-        certificate_chain=_read("TLS_CLIENT_CERT"))
+        root_certificates=ca, private_key=client_key, certificate_chain=client_cert)
     return grpc.secure_channel(target, credentials, options=options)

@@ -27,10 +27,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from marketplace.gateway.v1 import gateway_pb2
+
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = ("indexer", "embedder", "gateway")  # start order: downstreams first
 #: The gateway's readiness entry (SERVING while its downstreams are; services.gateway.readiness).
-GATEWAY_SERVICE = "marketplace.gateway.v1.Gateway"
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 DEFAULT_PORTS = {"gateway": 50050, "embedder": 50051, "indexer": 50052}
 
 
@@ -66,12 +68,11 @@ def wait_healthy(address: str, timeout: float = 120.0, process: subprocess.Popen
 
 
 def wait_ready(proc: "ServiceProcess", timeout: float = 120.0) -> None:
-    """`wait_healthy`, and for a gateway also its readiness entry: SERVING once it reaches every
+    """`wait_healthy`; for a gateway on its readiness entry, SERVING once it reaches every
     downstream over its own channels, so a first request does not meet a channel that is still
     backing off from a downstream that was not up yet."""
-    wait_healthy(proc.address, timeout, proc.process, proc.log_path)
-    if proc.name == "gateway":
-        wait_healthy(proc.address, timeout, proc.process, proc.log_path, GATEWAY_SERVICE)
+    wait_healthy(proc.address, timeout, proc.process, proc.log_path,
+                 GATEWAY_SERVICE if proc.name == "gateway" else "")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards
-from services.gateway.readiness import DownstreamWatch
+from services.gateway.readiness import SERVING, DownstreamWatch
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -181,13 +181,16 @@ def start(config: GatewayConfig) -> GatewayServer:
              ", ".join(config.indexer_targets))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core)
-    gateway.set_serving(True)
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
             [core.embedder.downstream, *core.indexer.shards],
             lambda status: server.health.set(SERVICE_NAME, status),
             interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
+        # the first check publishes the readiness entry: it never says SERVING before that
         gateway.watch.start()
+        server.health.set("", SERVING)
+    else:
+        gateway.set_serving(True)
     return gateway
 
 
