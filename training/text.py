@@ -17,16 +17,22 @@ of ``images.csv``, which are grouped by listing and by shared photo, so nothing 
                     set of listings, never in valid/test; any whose text is a near-duplicate,
                     cosine >= 0.95, of a valid/test listing is dropped first).
    The better on validation is exported; the metrics keep both.
+   With ``--finetune-epochs N`` (the command line's default, 3; `run`'s default, 0), MiniLM
+   itself is also fine-tuned end to end on the chosen training set (`training.text_finetune`:
+   about 7 minutes an epoch on 2 cores, cached): a third text source, ``finetuned``, which both
+   fusions then take as an input; the table also shows what the frozen sources alone give.
 3. Image model: the artefact's ``embed_and_classify`` on every valid/test photo (cached by model
    version), log of the mean softmax over a listing's photos.
 4. Fusions, fit on the validation split only, of per-source log-probabilities: text-only
-   (minilm + tfidf) and text+image (minilm + tfidf + image). Candidates: "weighted"
+   (minilm + tfidf [+ finetuned]) and text+image (the same + image). Candidates: "weighted"
    (p ~ exp(sum_k a_k log p_k), the a_k >= 0 minimising validation NLL: temperature scaling and
    mixing in one) and "stacking" (logistic regression over the concatenated log-probs, C on a
    grid). Each scored by 5-fold cross-validation on valid; the best is refit on all of valid.
    The test split is used only for the final table (and for nothing else).
 5. Outputs in the artefact directory (or ``--out``): ``text_head.safetensors`` +
-   ``text_vocab.json`` + ``text_card.json`` (read with `common.text.TextHead`, NumPy only),
+   ``text_vocab.json`` + ``text_card.json`` (read with `common.text.TextHead`, NumPy only;
+   with fine-tuning also ``text_finetuned.safetensors`` and the curve
+   ``text_finetune_curve.png``),
    ``text_metrics.json``, and ``embeddings/text_embeddings.npy`` (float32, N x 384) +
    ``embeddings/text_ids.json`` (listing ids, same order: every listing in listings.csv) for the
    indexer's "text" collection.
@@ -40,6 +46,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +62,7 @@ from common.text import (
     listing_text,
 )
 from training.dataset import DEFAULT_OUT_DIR, SPLITS, load_prepared
+from training.text_finetune import FinetuneConfig, finetune, plot_history
 
 log = logging.getLogger("training.text")
 
@@ -69,6 +77,7 @@ SEED = 42
 METRICS_FILE = "text_metrics.json"
 TEXT_EMBEDDINGS_FILE = "text_embeddings.npy"
 TEXT_IDS_FILE = "text_ids.json"
+FINETUNE_CURVE_FILE = "text_finetune_curve.png"
 
 
 # ============================================================================ data
@@ -359,7 +368,8 @@ def train_text_heads(texts: list[str], embeddings: np.ndarray, y: np.ndarray, tr
 
 
 def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
-        cache_dir: Path = DEFAULT_CACHE_DIR, extra_text: str = "auto") -> dict:
+        cache_dir: Path = DEFAULT_CACHE_DIR, extra_text: str = "auto",
+        finetune_epochs: int = 0, finetune_lr: float = FinetuneConfig.lr) -> dict:
     """The whole pipeline; returns the metrics dict (also written to text_metrics.json)."""
     listings, images, categories = load_prepared(data_dir)
     card = json.loads((Path(artifact_dir) / "model_card.json").read_text())
@@ -408,9 +418,20 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     tensors = {"minilm.weight": h["minilm"]["weight"], "minilm.bias": h["minilm"]["bias"],
                "tfidf.idf": vectorizer.idf_, "tfidf.weight": h["tfidf"]["weight"],
                "tfidf.bias": h["tfidf"]["bias"]}
+
+    # 2b. optionally MiniLM fine-tuned end to end on the same training listings
+    finetuned, finetune_config, finetune_history = None, None, []
+    if finetune_epochs > 0:
+        finetune_config = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr)
+        train_idx = train_sets[chosen]
+        finetuned, finetune_history = finetune(
+            [texts[i] for i in train_idx], y[train_idx], categories,
+            valid_texts=[texts[i] for i in rows["valid"]], valid_labels=y[rows["valid"]],
+            config=finetune_config, cache_dir=cache_dir)
+    text_inputs = (["finetuned"] if finetuned is not None else []) + ["minilm", "tfidf"]
     bare = TextHead(categories, tensors, vocabulary,
-                    {"text_fusion_inputs": ["minilm", "tfidf"],
-                     "fusion_inputs": ["minilm", "tfidf", "image"]})
+                    {"text_fusion_inputs": text_inputs, "fusion_inputs": text_inputs + ["image"]},
+                    finetuned)
 
     # 3. image-model log-probs per listing, valid and test
     eval_images = images[images["split"].isin(["valid", "test"])].reset_index(drop=True)
@@ -438,8 +459,12 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
         return [s_valid[n] for n in names], [s_test[n] for n in names]
 
     fusions = {}
-    for key, names in (("text", ["minilm", "tfidf"]), ("text+image", ["minilm", "tfidf", "image"]),
-                       ("minilm+image", ["minilm", "image"])):
+    candidates = [("text", text_inputs), ("text+image", text_inputs + ["image"]),
+                  ("minilm+image", ["minilm", "image"])]
+    if finetuned is not None:  # what the frozen sources alone give, for comparison
+        candidates += [("frozen text", ["minilm", "tfidf"]),
+                       ("frozen text+image", ["minilm", "tfidf", "image"])]
+    for key, names in candidates:
         valid_sources, _ = pick(names)
         fusions[key] = choose_fusion(valid_sources, y_valid, num_classes)
         fusions[key]["inputs"] = names
@@ -453,16 +478,23 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     def naive(parts):
         return _log_softmax(sum(parts))
 
+    def fused(key):
+        return row(fusions[key]["inputs"], lambda p: apply_fusion(fusions[key], p))
+
     table = {
         "image": row(["image"], lambda p: p[0]),
         "text: MiniLM embedding + logistic regression": row(["minilm"], lambda p: p[0]),
         "text: TF-IDF + logistic regression": row(["tfidf"], lambda p: p[0]),
-        "text": row(["minilm", "tfidf"], lambda p: apply_fusion(fusions["text"], p)),
-        "text+image, naive sum of log-probs": row(["minilm", "tfidf", "image"], naive),
-        "MiniLM embedding + image (fused)": row(["minilm", "image"],
-                                                 lambda p: apply_fusion(fusions["minilm+image"], p)),
-        "text+image": row(["minilm", "tfidf", "image"],
-                          lambda p: apply_fusion(fusions["text+image"], p)),
+    }
+    if finetuned is not None:
+        table["text: MiniLM fine-tuned end to end"] = row(["finetuned"], lambda p: p[0])
+        table["text, frozen MiniLM + TF-IDF (fused)"] = fused("frozen text")
+        table["text+image, frozen MiniLM + TF-IDF + image (fused)"] = fused("frozen text+image")
+    table |= {
+        "text": fused("text"),
+        "text+image, naive sum of log-probs": row(text_inputs + ["image"], naive),
+        "MiniLM embedding + image (fused)": fused("minilm+image"),
+        "text+image": fused("text+image"),
     }
 
     # 5. the exported head, and its numbers re-computed from it
@@ -475,7 +507,7 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
         return {"kind": f["kind"], "name": f["name"], "params": f["params"], "inputs": f["inputs"],
                 "fit_on": "valid", "valid_cv": f["cv"]}
 
-    head = TextHead(categories, tensors, vocabulary, dict(bare.card))
+    head = TextHead(categories, tensors, vocabulary, dict(bare.card), finetuned)
     test_idx = rows["test"]
     test_texts = [texts[i] for i in test_idx]
     exported_text = accuracy(np.log(head.predict_text(embeddings[test_idx], test_texts)), y_test)
@@ -484,7 +516,7 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     assert abs(exported_text - table["text"]["test"]) < 1e-9
     assert abs(exported_fused - table["text+image"]["test"]) < 1e-9
 
-    pred = apply_fusion(fusions["text+image"], pick(["minilm", "tfidf", "image"])[1]).argmax(1)
+    pred = apply_fusion(fusions["text+image"], pick(text_inputs + ["image"])[1]).argmax(1)
     per_class = {name: {"listings": int((y_test == k).sum()),
                         "text+image_top1": float((pred[y_test == k] == k).mean())
                         if (y_test == k).any() else None}
@@ -507,16 +539,23 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
                        "used": int(len(extra_kept)) if "train+extra" in train_sets else 0,
                        "near_duplicate_cosine": NEAR_DUPLICATE_COSINE},
         "fusions": {k: describe(f) for k, f in fusions.items()},
+        "finetuned": None if finetuned is None else {
+            **asdict(finetune_config), "train_listings": int(len(train_sets[chosen])),
+            "trained_on": chosen, "history": finetune_history},
         "image_aggregation": "log of mean softmax over a listing's photos",
         "test_per_class": per_class,
     }
 
     out_dir = Path(out_dir)
+    extra_card = {}
+    if finetuned is not None:
+        extra_card["finetuned"] = {k: v for k, v in metrics["finetuned"].items() if k != "history"}
+        plot_history(finetune_history, out_dir / FINETUNE_CURVE_FILE)
     head.save(out_dir, image_model_version=card["model_version"], text_heads_trained_on=chosen,
               minilm_C=h["minilm"]["C"], tfidf={"C": h["tfidf"]["C"], "min_df": TFIDF_MIN_DF},
               text_fusion=describe(fusions["text"]), fusion=describe(fusions["text+image"]),
               image_aggregation=metrics["image_aggregation"],
-              test_top1={k: round(v["test"], 4) for k, v in table.items()})
+              test_top1={k: round(v["test"], 4) for k, v in table.items()}, **extra_card)
     (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "embeddings" / TEXT_EMBEDDINGS_FILE, embeddings.astype(np.float32))
     (out_dir / "embeddings" / TEXT_IDS_FILE).write_text(
@@ -544,14 +583,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-text", choices=("auto", "yes", "no"), default="auto",
                         help="train the text heads also on listings without photos "
                              "(auto: whichever scores better on valid)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--finetune-epochs", type=int, default=3,
+                        help="also fine-tune MiniLM end to end for this many epochs (about 7 min "
+                             "an epoch on 2 cores; cached) as a third text source; 0: frozen "
+                             "MiniLM and TF-IDF only, about a minute")
+    parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default, every core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     metrics = run(args.data, args.artifact, args.out or args.artifact, cache_dir=args.cache,
-                  extra_text=args.extra_text)
+                  extra_text=args.extra_text, finetune_epochs=args.finetune_epochs,
+                  finetune_lr=args.finetune_lr)
     print(format_table(metrics))
     print(f"text+image fusion: {metrics['fusions']['text+image']['name']} "
           f"{metrics['fusions']['text+image']['params']}; text heads trained on "

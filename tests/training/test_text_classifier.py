@@ -4,6 +4,7 @@ model (a real MiniLM, a few dozen short texts)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -179,3 +180,71 @@ def test_search_quality_benchmark_prints_the_result_line(prepared, trained, caps
     assert float(fields["text_top1"]) == pytest.approx(metrics["text"]["test"], abs=1e-4)
     assert float(fields["fused_top1"]) == pytest.approx(metrics["text+image"]["test"], abs=1e-4)
     assert float(fields["text_p_at_10"]) > 0.5  # 12 test listings, 15 same-category others each
+
+
+# ------------------------------------------------------------------ fine-tuned MiniLM
+
+
+def _word_texts():
+    texts, labels = [], []
+    for label, name in enumerate(CATEGORIES):
+        for word in WORDS[name]:
+            texts += [f"{word} for sale", f"selling my {word}, collection only"]
+            labels += [label, label]
+    return texts, np.array(labels)
+
+
+def test_finetune_lowers_the_loss_and_is_cached(tmp_path):
+    from training.text_finetune import FinetuneConfig, finetune
+
+    texts, labels = _word_texts()
+    config = FinetuneConfig(epochs=3, batch_size=8, lr=2e-4, seed=0)
+    model, history = finetune(texts, labels, CATEGORIES, valid_texts=texts[::2],
+                              valid_labels=labels[::2], config=config, cache_dir=tmp_path)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["valid_top1"] > 0.8
+    again, cached_history = finetune(texts, labels, CATEGORIES, config=config, cache_dir=tmp_path)
+    assert cached_history == json.loads(json.dumps(history))
+    np.testing.assert_allclose(again.log_probs(texts[:6]), model.log_probs(texts[:6]), atol=1e-6)
+    assert len(list(tmp_path.glob("text_finetuned_*.safetensors"))) == 1
+
+
+def test_finetuned_state_of_another_shape_is_refused():
+    from common.text import FineTunedTextClassifier, TextHeadError
+
+    model = FineTunedTextClassifier(CATEGORIES)
+    state = model.state()
+    with pytest.raises(TextHeadError, match="does not fit .* 2 categories"):
+        FineTunedTextClassifier(CATEGORIES[:2], state)
+    del state["head.bias"]
+    with pytest.raises(TextHeadError, match="head.bias|bias"):
+        model.load_state(state)
+
+
+def test_run_with_finetuning_exports_a_third_source(prepared, tmp_path, capsys):
+    from benchmarks import search_quality
+
+    data, artifact, cache = prepared
+    out = tmp_path / "finetuned"
+    shutil.copytree(artifact, out)  # the image model, with its own text head beside it
+    metrics = T.run(data, out, out, cache_dir=cache, finetune_epochs=2)
+    assert metrics["fusions"]["text"]["inputs"] == ["finetuned", "minilm", "tfidf"]
+    assert metrics["fusions"]["text+image"]["inputs"] == ["finetuned", "minilm", "tfidf", "image"]
+    assert {"text: MiniLM fine-tuned end to end", "text, frozen MiniLM + TF-IDF (fused)",
+            "text+image, frozen MiniLM + TF-IDF + image (fused)"} <= set(metrics["top1"])
+    assert [row["epoch"] for row in metrics["finetuned"]["history"]] == [1, 2]
+    assert (out / "text_finetuned.safetensors").is_file()
+    assert (out / T.FINETUNE_CURVE_FILE).stat().st_size > 1000
+    head = TextHead.load(out)
+    assert head.finetuned is not None and head.card["finetuned"]["epochs"] == 2
+    with pytest.raises(ValueError, match="pass texts"):
+        head.predict_text(np.zeros((1, TEXT_DIM)))
+    # the files alone (the benchmark loads them) give the numbers training reported
+    capsys.readouterr()
+    assert search_quality.main(["--artifact", str(out), "--data", str(data),
+                                "--cache", str(cache), "--quick"]) == 0
+    fields = dict(item.split("=") for item in capsys.readouterr().out.split("\n")[-2].split()[1:])
+    assert float(fields["text_top1"]) == pytest.approx(metrics["top1"]["text"]["test"], abs=1e-4)
+    assert float(fields["fused_top1"]) == pytest.approx(metrics["top1"]["text+image"]["test"],
+                                                        abs=1e-4)
