@@ -17,9 +17,9 @@ of ``images.csv``, which are grouped by listing and by shared photo, so nothing 
                     set of listings, never in valid/test; any whose text is a near-duplicate,
                     cosine >= 0.95, of a valid/test listing is dropped first).
    The better on validation is exported; the metrics keep both.
-   With ``--finetune-epochs N`` (the command line's default, 3; `run`'s default, 0), MiniLM
+   With ``--finetune-epochs N`` (opt-in; default 0), MiniLM
    itself is also fine-tuned end to end on the chosen training set (`training.text_finetune`:
-   about 7 minutes an epoch on 2 cores, cached): a third text source, ``finetuned``, which both
+   about 8 minutes an epoch on 2 cores, cached): a third text source, ``finetuned``, which both
    fusions then take as an input; the table also shows what the frozen sources alone give.
 3. Image model: the artefact's ``embed_and_classify`` on every valid/test photo (cached by model
    version), log of the mean softmax over a listing's photos.
@@ -583,10 +583,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-text", choices=("auto", "yes", "no"), default="auto",
                         help="train the text heads also on listings without photos "
                              "(auto: whichever scores better on valid)")
-    parser.add_argument("--finetune-epochs", type=int, default=3,
-                        help="also fine-tune MiniLM end to end for this many epochs (about 7 min "
-                             "an epoch on 2 cores; cached) as a third text source; 0: frozen "
-                             "MiniLM and TF-IDF only, about a minute")
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="also fine-tune MiniLM end to end for this many epochs (about 8 min "
+                             "an epoch on 2 cores; cached) as a third text source (default 0: "
+                             "frozen MiniLM and TF-IDF only; on the shared data 3 epochs gave "
+                             "no reliable gain, see training.text_finetune)")
     parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, every core)")
