@@ -32,7 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.text import TEXT_MODEL_NAME, TEXT_PACKAGE, FineTunedTextClassifier
+from common.text import (
+    FINETUNED_MAX_LENGTH,
+    TEXT_MODEL_NAME,
+    TEXT_PACKAGE,
+    FineTunedTextClassifier,
+)
 
 log = logging.getLogger("training.text_finetune")
 
@@ -45,7 +50,7 @@ class FinetuneConfig:
     lr: float = 1e-4
     head_lr_mult: float = 10.0
     batch_size: int = 32
-    max_length: int = 128
+    max_length: int = FINETUNED_MAX_LENGTH
     weight_decay: float = 0.01
     warmup: float = 0.1
     label_smoothing: float = 0.1
