@@ -2,8 +2,10 @@
 
 Write RPCs (Upsert, Delete, AddListing, RemoveListing) need ``authorization: Bearer <token>``
 metadata matching the configured WRITE_TOKEN, compared in constant time: a missing token is
-UNAUTHENTICATED, a wrong one PERMISSION_DENIED. Read RPCs stay open. When WRITE_TOKEN is unset,
-writes are open and the server logs a warning at start-up (local development only).
+UNAUTHENTICATED, a wrong one PERMISSION_DENIED. Read RPCs stay open. WRITE_TOKEN_FILE names a
+file holding the token instead (a Docker or Kubernetes secret, e.g. /run/secrets/write_token;
+surrounding whitespace is ignored); setting both is an error. When neither is set, writes are
+open and the server logs a warning at start-up (local development only).
 
 TLS is optional: TLS_CERT + TLS_KEY make a server speak TLS; adding TLS_CLIENT_CA makes it
 require client certificates signed by that CA (mutual TLS). Clients use TLS_CA (and
@@ -26,7 +28,20 @@ AUTH_HEADER = "authorization"
 
 
 def write_token() -> str | None:
-    return os.environ.get("WRITE_TOKEN") or None
+    """The write token from WRITE_TOKEN or the file WRITE_TOKEN_FILE names; None when neither is set."""
+    value, file = os.environ.get("WRITE_TOKEN") or None, os.environ.get("WRITE_TOKEN_FILE") or None
+    if file is None:
+        return value
+    if value is not None:
+        raise ConfigError("WRITE_TOKEN and WRITE_TOKEN_FILE are both set: keep one")
+    try:
+        token = Path(file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"WRITE_TOKEN_FILE={file} cannot be read ({exc.__class__.__name__}): "
+                          "mount the write-token secret there") from None
+    if not token:
+        raise ConfigError(f"WRITE_TOKEN_FILE={file} is empty: put the token in it")
+    return token
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from common.security import bearer_metadata, open_channel
+from common.security import write_token as env_write_token
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
 from services.gateway.domain import Classification, Listing, RankedListing, RemovedListing, SearchFilter
@@ -43,7 +44,7 @@ class GatewayClient:
                  channel: grpc.Channel | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        token = write_token if write_token is not None else os.environ.get("WRITE_TOKEN") or None
+        token = write_token if write_token is not None else env_write_token()
         self._write_metadata = bearer_metadata(token)
         self._own_channel = channel is None
         self.channel = channel or open_channel(address, [

@@ -47,7 +47,7 @@ Environment variables (flag in brackets; defaults in parentheses):
 ``GATEWAY_COMPENSATION_TIMEOUT_S`` (5)
     Budget for undoing a half-done AddListing (deleting upserted vectors) when the caller's own
     deadline is spent.
-``WRITE_TOKEN`` (unset; shared with the indexer, see `common.security`)
+``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
     When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
     (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
     same token on its Upsert/Delete calls to the indexer shards. Unset: writes are open (a
@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
+from common.security import write_token
 
 DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
@@ -137,7 +138,7 @@ class GatewayConfig:
         parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
-        token = env_str("WRITE_TOKEN", "") or None
+        token = write_token()
         config = cls(
             host=args.host,
             port=args.port,

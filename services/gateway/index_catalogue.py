@@ -12,7 +12,7 @@ Each vector is stored with its listing's attributes (listing id, main category, 
 on the listing's shard (`shards.shard_of`, the same routing the gateway uses), in batches, with a
 progress bar. Photos that are not in the catalogue are skipped and counted. Upserts replace by
 id, so running it again is harmless. ``--indexers`` defaults to ``INDEXER_ADDRS`` and the write
-token to ``WRITE_TOKEN``, as for the gateway.
+token to ``WRITE_TOKEN`` (or ``WRITE_TOKEN_FILE``), as for the gateway.
 
 Text (``--text auto|on|off``, default auto): the "text" collection gets one vector per catalogue
 listing (item id = listing id), from ``<artefact>/embeddings/text_embeddings.npy`` +
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from common.config import REPO_ROOT, env_path, env_str
 from common.listing_text import listing_text
+from common.security import write_token
 from services.gateway.catalogue import Catalogue
 from services.gateway.config import (
     DEFAULT_EMBEDDER_ADDR,
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     shards = IndexerShards(parse_indexer_addrs(args.indexers), policy,
-                           write_token=os.environ.get("WRITE_TOKEN") or None)
+                           write_token=write_token())
     try:
         with Catalogue.open(args.db) as catalogue:
             if args.artifact is not None:
