@@ -1,0 +1,333 @@
+"""The deployments (docker-compose.yml, deploy/swarm/, deploy/k8s/) against what the services read.
+
+Kubernetes manifests are validated offline against the Kubernetes JSON schemas (the
+kubernetes-validate package ships them) and rendered with `kubectl kustomize`. Every image,
+port, gRPC probe and environment variable of every deployment is checked against the services
+themselves: ports from the ``<SERVICE>_PORT`` defaults in their config modules and the
+Dockerfiles, health service names from their servers, variable names from the code each image
+runs (the same import closure `test_containers` checks the Dockerfiles with).
+"""
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from services.embedder.server import SERVICE_NAME as EMBEDDER_SERVICE
+from services.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
+from services.indexer.server import SERVICE_NAME as INDEXER_SERVICE
+from tests.deploy.test_containers import service_closure
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+SWARM = REPO / "deploy" / "swarm" / "stack.yml"
+COMPOSE = REPO / "docker-compose.yml"
+SERVICES = ("embedder", "indexer", "gateway")
+HEALTH_NAMES = {"embedder": EMBEDDER_SERVICE, "indexer": INDEXER_SERVICE, "gateway": GATEWAY_SERVICE}
+#: Kubernetes versions validated against: the oldest EKS still supports and the newest schemas.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+#: Variables read by third-party code in the images rather than ours.
+THIRD_PARTY_ENV = {"HF_HUB_OFFLINE"}
+#: What each service cannot start without (besides the write token, checked apart).
+REQUIRED_ENV = {"embedder": {"EMBEDDER_ARTIFACT_DIR"}, "indexer": {"INDEXER_DATA_DIR"},
+                "gateway": {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB"}}
+_ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_path", "getenv", "get", "_read"}
+_ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
+
+
+# --- what the services read -------------------------------------------------------------------
+@cache
+def env_read_by(service: str) -> frozenset[str]:
+    """Environment variable names the service's code reads (env_* helpers, os.environ, getenv)."""
+    files, _ = service_closure(service)
+    names = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if name in _ENV_READERS and isinstance(node.args[0].value, str):
+                    names.add(node.args[0].value)
+            elif (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                  and ast.unparse(node.value) == "os.environ"):
+                names.add(node.slice.value)
+    return frozenset(n for n in names if isinstance(n, str) and _ENV_NAME.match(n))
+
+
+@cache
+def service_port(service: str) -> int:
+    """The default of ``<SERVICE>_PORT`` in the service's config module, which its Dockerfile
+    must EXPOSE and pass as --port."""
+    config = REPO / "services" / service / "config.py"
+    for node in ast.walk(ast.parse(config.read_text())):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "env_int"
+                and ast.literal_eval(node.args[0]) == f"{service.upper()}_PORT"):
+            port = ast.literal_eval(node.args[1])
+            dockerfile = (REPO / "services" / service / "Dockerfile").read_text()
+            assert f"EXPOSE {port}" in dockerfile and f'"--port", "{port}"' in dockerfile
+            return port
+    raise AssertionError(f"{config} reads no {service.upper()}_PORT")
+
+
+def test_what_the_services_read_is_found():
+    """The derivation itself: it must see the variables we know each service reads."""
+    assert {"EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "LOG_LEVEL"} <= env_read_by("embedder")
+    assert {"INDEXER_DATA_DIR", "INDEXER_COLLECTIONS", "WRITE_TOKEN", "WRITE_TOKEN_FILE",
+            "TLS_CERT"} <= env_read_by("indexer")
+    assert {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB", "WRITE_TOKEN_FILE", "TLS_CA"} <= env_read_by("gateway")
+    assert "GATEWAY_DB" not in env_read_by("indexer")
+    assert [service_port(s) for s in SERVICES] == [50051, 50052, 50050]
+
+
+def image_service(image: str) -> str:
+    """``registry/marketplace-gateway:tag`` -> ``gateway``."""
+    name = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+    assert name.startswith("marketplace-"), image
+    service = name[len("marketplace-"):]
+    assert service in SERVICES and (REPO / "services" / service / "Dockerfile").exists(), image
+    return service
+
+
+def check_env(service: str, env: dict[str, str], where: str) -> None:
+    unknown = set(env) - env_read_by(service) - THIRD_PARTY_ENV
+    assert not unknown, f"{where}: {service} reads no {sorted(unknown)}"
+    missing = REQUIRED_ENV[service] - set(env)
+    assert not missing, f"{where}: {service} needs {sorted(missing)}"
+    if service in ("indexer", "gateway"):
+        assert ("WRITE_TOKEN" in env) != ("WRITE_TOKEN_FILE" in env), f"{where}: {service} needs one write token"
+
+
+def check_gateway_targets(env: dict[str, str], services: dict[str, int], shard_order: list[str], where: str):
+    """EMBEDDER_ADDR names the embedder's address and port; INDEXER_ADDRS every shard, in order."""
+    embedder = re.fullmatch(r"dns:///([\w.-]+):(\d+)", env["EMBEDDER_ADDR"])
+    assert embedder, f"{where}: EMBEDDER_ADDR={env['EMBEDDER_ADDR']} is not a dns:/// target (round_robin)"
+    assert services.get(embedder[1]) == int(embedder[2]) == service_port("embedder"), where
+    shards = [address.rsplit(":", 1) for address in env["INDEXER_ADDRS"].split(",")]
+    assert [name for name, _ in shards] == shard_order, f"{where}: INDEXER_ADDRS is not every shard in order"
+    assert all(services.get(name) == int(port) == service_port("indexer") for name, port in shards), where
+
+
+# --- docker-compose.yml and the Swarm stack ---------------------------------------------------
+def compose_env(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+@pytest.mark.parametrize("path", [COMPOSE, SWARM], ids=["compose", "swarm"])
+def test_compose_format_services_match_the_code(path):
+    spec = yaml.safe_load(path.read_text())
+    services = {}
+    for name, service in spec["services"].items():
+        image = re.sub(r"\$\{[^}]*\}", "", str(service.get("image", "")))  # ${IMAGE_PREFIX:-} etc.
+        if not image.split(":")[0].rsplit("/", 1)[-1].startswith("marketplace-"):
+            continue  # third-party services (databases, monitoring) are checked elsewhere
+        kind = image_service(image)
+        services[name] = kind
+        env = compose_env(service)
+        check_env(kind, env, f"{path.name} {name}")
+        port = service_port(kind)
+        test = " ".join(service["healthcheck"]["test"])
+        assert f"127.0.0.1:{port} grpc.health.v1.Health/Check" in test, f"{path.name} {name}: healthcheck"
+        assert "command" not in service and "entrypoint" not in service, "the image's CMD runs the service"
+    shards = sorted((n for n, k in services.items() if k == "indexer"), key=lambda n: int(n.rsplit("-", 1)[1]))
+    gateway = spec["services"][next(n for n, k in services.items() if k == "gateway")]
+    addresses = {n: service_port(k) for n, k in services.items()}
+    check_gateway_targets(compose_env(gateway), addresses, shards, path.name)
+
+
+def test_swarm_stack_secrets_balancing_and_rollout():
+    spec = yaml.safe_load(SWARM.read_text())
+    services = spec["services"]
+    assert spec["secrets"]["write_token"].get("external") is True, "the token is made outside the stack"
+    for name, service in services.items():
+        env = compose_env(service)
+        if "WRITE_TOKEN_FILE" in env:
+            assert env["WRITE_TOKEN_FILE"] == "/run/secrets/write_token" and "write_token" in service["secrets"]
+        deploy = service["deploy"]
+        assert deploy["restart_policy"]["condition"] == "any"
+        assert deploy["update_config"]["parallelism"] == 1
+        assert set(deploy["resources"]) == {"limits", "reservations"}
+        if name.startswith("indexer-"):
+            # gRPC clients balance over the tasks themselves; one writer per shard volume
+            assert deploy["endpoint_mode"] == "dnsrr" and deploy["update_config"]["order"] == "stop-first"
+            assert f"node.labels.marketplace.{name} == true" in deploy["placement"]["constraints"]
+        elif name == "embedder":
+            assert deploy["endpoint_mode"] == "dnsrr" and deploy["update_config"]["order"] == "start-first"
+            assert deploy["replicas"] >= 2
+        elif name == "gateway":
+            assert deploy["update_config"]["order"] == "start-first" and deploy["replicas"] >= 2
+            assert service["ports"][0]["target"] == service_port("gateway")
+
+
+def test_no_default_write_token_anywhere():
+    compose = COMPOSE.read_text()
+    assert "change-me" not in compose and "${WRITE_TOKEN:?" in compose
+    for path in [SWARM, *K8S.rglob("*.yaml")]:
+        text = path.read_text()
+        assert not re.search(r"WRITE_TOKEN\s*[:=]\s*\S", text.replace("WRITE_TOKEN_FILE", "")), path
+    assert not [p for p in (K8S / "overlays" / "example" / "secrets").iterdir() if p.name != ".gitignore"
+                and subprocess.run(["git", "ls-files", "--error-unmatch", str(p)], cwd=REPO,
+                                   capture_output=True).returncode == 0], "secret values are committed"
+
+
+def test_compose_refuses_to_start_without_a_write_token(tmp_path):
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("no docker-compose CLI installed (apt-get install docker-compose)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                            timeout=60, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "WRITE_TOKEN" in result.stderr and "openssl rand -hex 32" in result.stderr
+    ok = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                        timeout=60, env={**env, "WRITE_TOKEN": "t"}, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+def documents(paths) -> list[dict]:
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def base_documents() -> list[dict]:
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    listed = {K8S / "base" / name for name in kustomization["resources"]}
+    on_disk = set((K8S / "base").glob("*.yaml")) - {K8S / "base" / "kustomization.yaml"}
+    assert listed == on_disk, "every base manifest is listed in kustomization.yaml"
+    return documents(sorted(listed))
+
+
+def validate_all(docs: list[dict]) -> None:
+    for version in K8S_VERSIONS:
+        for doc in docs:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}): "
+                                     f"{exc.message} at {'.'.join(map(str, exc.path))}") from None
+
+
+def test_k8s_base_validates_against_the_kubernetes_schemas():
+    docs = base_documents()
+    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler",
+                                        "PodDisruptionBudget", "NetworkPolicy"}
+    validate_all(docs)
+    overlay = K8S / "overlays" / "example"
+    validate_all(documents([overlay / "namespace.yaml"]))
+
+
+def test_schema_validation_can_fail():
+    bad = yaml.safe_load((K8S / "base" / "embedder.yaml").read_text().split("---")[1])
+    bad["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[0], strict=True)
+
+
+def pod_specs(docs):
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            yield doc, doc["spec"]["template"]["spec"]
+
+
+def check_k8s(docs: list[dict], where: str) -> None:
+    by_kind = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    service_ports = {name: svc["spec"]["ports"][0]["port"] for name, svc in by_kind["Service"].items()}
+    secrets = by_kind.get("Secret", {})
+    shards = []
+    kinds = {}
+    for workload, pod in pod_specs(docs):
+        (container,) = pod["containers"]
+        kind = image_service(container["image"])
+        kinds[workload["metadata"]["name"]] = kind
+        port = service_port(kind)
+        label = f"{where} {workload['kind']} {workload['metadata']['name']}"
+        assert "command" not in container and "args" not in container, f"{label}: the image's CMD runs it"
+        assert [p["containerPort"] for p in container["ports"]] == [port], label
+        env = {e["name"]: e.get("value", "<from secret>") for e in container["env"]}
+        check_env(kind, env, label)
+        for probe in ("readinessProbe", "livenessProbe"):
+            grpc_probe = container[probe]["grpc"]
+            assert grpc_probe["port"] == port, f"{label}: {probe} port"
+            assert grpc_probe.get("service", "") == (HEALTH_NAMES[kind] if probe == "readinessProbe" else ""), \
+                f"{label}: {probe} asks the wrong health entry"
+        assert set(container["resources"]) == {"requests", "limits"}, label
+        if "WRITE_TOKEN_FILE" in env:
+            directory, key = env["WRITE_TOKEN_FILE"].rsplit("/", 1)
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            name = volume["secret"]["secretName"]
+            if secrets:  # rendered: the generated secret exists and holds that key
+                assert key in secrets[name]["data"], f"{label}: secret {name} lacks {key}"
+        # the Service in front selects these pods and forwards to the same port
+        selected = [s for s in by_kind["Service"].values()
+                    if all(pod_label in workload["spec"]["template"]["metadata"]["labels"].items()
+                           for pod_label in s["spec"]["selector"].items())]
+        assert selected and all(s["spec"]["ports"][0]["port"] == port for s in selected), label
+        if kind == "indexer":
+            assert workload["kind"] == "StatefulSet", label
+            service = by_kind["Service"][workload["spec"]["serviceName"]]
+            assert service["spec"]["clusterIP"] == "None", f"{label}: headless Service per shard"
+            shards.append(workload["metadata"]["name"])
+        if kind == "embedder":
+            assert by_kind["Service"]["embedder"]["spec"]["clusterIP"] == "None", "dns:/// needs a headless Service"
+        if kind == "gateway":
+            gateway_env = env
+    check_gateway_targets(gateway_env, service_ports, sorted(shards, key=lambda n: int(n.rsplit("-", 1)[1])), where)
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind["HorizontalPodAutoscaler"].values()}
+    assert scaled == {n for n, k in kinds.items() if k in ("gateway", "embedder")}, f"{where}: HPAs"
+    budgets = [p["spec"]["selector"]["matchLabels"] for p in by_kind["PodDisruptionBudget"].values()]
+    for workload, _ in pod_specs(docs):
+        assert workload["spec"]["selector"]["matchLabels"] in budgets, f"{where}: no PDB for {workload['metadata']['name']}"
+    # only the gateway reaches the embedder and the indexers
+    for policy in by_kind["NetworkPolicy"].values():
+        target = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        if target in ("embedder", "indexer"):
+            (rule,) = policy["spec"]["ingress"]
+            assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]
+            assert rule["ports"] == [{"protocol": "TCP", "port": service_port(target)}]
+    protected = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in by_kind["NetworkPolicy"].values()}
+    assert {"embedder", "indexer"} <= protected
+
+
+def test_k8s_base_matches_the_code():
+    check_k8s(base_documents(), "base")
+
+
+def kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.skip("kubectl is not installed (.ci/run installs Debian's kubernetes-client)")
+    return found
+
+
+def render(overlay: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+
+
+def test_k8s_example_overlay_renders_validates_and_matches_the_code(tmp_path):
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("write_token", "catalogue_url"))
+    secrets = copy / "overlays" / "example" / "secrets"
+    refused = render(copy / "overlays" / "example")
+    assert refused.returncode != 0 and "write_token" in refused.stderr, "renders without a write token"
+    (secrets / "write_token").write_text("0123456789abcdef\n")
+    (secrets / "catalogue_url").write_text("postgresql://marketplace:pw@catalogue-db:5432/marketplace\n")
+    result = render(copy / "overlays" / "example")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    validate_all(docs)
+    assert all(d["metadata"].get("namespace") == "marketplace" for d in docs if d["kind"] != "Namespace")
+    for _, pod in pod_specs(docs):
+        assert pod["containers"][0]["image"].startswith("123456789012.dkr.ecr.")
+    check_k8s(docs, "example overlay")
