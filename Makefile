@@ -8,7 +8,7 @@ DATA ?= ../shared/data/marketplace
 override DATA := $(abspath $(DATA))
 export DATA
 
-.PHONY: venv test test-all demo protos lock up down status bench-quick compose-check clean
+.PHONY: venv test test-all demo protos lock up down status bench-quick compose-check swarm-check clean
 
 $(VENV)/.installed: requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench-quick: venv
 
 compose-check: venv
 	bash scripts/compose_check.sh
+
+# opt-in, root: the deploy/swarm stack on a single-node Docker Swarm under faults
+swarm-check: venv
+	bash scripts/swarm_check.sh
 
 clean:
 	rm -rf build run
