@@ -34,6 +34,8 @@ export WRITE_TOKEN="check-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 export GATEWAY_PUBLISHED_PORT="${GATEWAY_PUBLISHED_PORT:-$(free_port)}"
 GATEWAY="127.0.0.1:$GATEWAY_PUBLISHED_PORT"
 WORKERS="${SWARM_CHECK_WORKERS:-4}"
+# one small host carries every task (4 embedders during a start-first update): reserve little
+export EMBEDDER_CPU_RESERVATION=0.1 INDEXER_CPU_RESERVATION=0.1 GATEWAY_CPU_RESERVATION=0.1
 SWARM_MADE=0
 STACK_UP=0
 GUARD_RULE=()

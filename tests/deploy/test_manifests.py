@@ -331,3 +331,21 @@ def test_k8s_example_overlay_renders_validates_and_matches_the_code(tmp_path):
     for _, pod in pod_specs(docs):
         assert pod["containers"][0]["image"].startswith("123456789012.dkr.ecr.")
     check_k8s(docs, "example overlay")
+
+
+def test_swarm_stack_is_read_by_the_docker_cli():
+    """`docker stack config` (no daemon needed) reads the stack as `docker stack deploy` would,
+    and refuses it while the host folders are not given."""
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode:
+        pytest.skip("no docker CLI with `docker stack config` (docker.io) installed")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    refused = subprocess.run([docker, "stack", "config", "-c", str(SWARM)], capture_output=True, text=True,
+                             timeout=60, env=env)
+    assert refused.returncode != 0 and "ARTIFACT_DIR" in refused.stderr
+    result = subprocess.run([docker, "stack", "config", "-c", str(SWARM)], capture_output=True, text=True,
+                            timeout=60, env={**env, "ARTIFACT_DIR": "/srv/model", "PREPARED_DIR": "/srv/data"})
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    assert rendered["services"]["embedder"]["deploy"]["endpoint_mode"] == "dnsrr"
+    assert rendered["secrets"]["write_token"]["name"] == "marketplace_write_token"
