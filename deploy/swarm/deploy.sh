@@ -6,6 +6,7 @@
 #   docker stack deploy --resolve-image never -c deploy/swarm/stack.yml STACK      (STACK: marketplace)
 # (--resolve-image never: images built on the hosts are used as they are; with a registry
 # (IMAGE_PREFIX=...) pass RESOLVE_IMAGE=always so every node pulls the same digest.)
+# SWARM_TLS=1 adds deploy/swarm/tls.yml: TLS and mutual TLS from the marketplace_tls_* secrets.
 set -Eeuo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,6 +20,14 @@ problems=()
 if ! docker secret inspect "$SECRET" >/dev/null 2>&1; then
   problems+=("no write-token secret '$SECRET': the stack does not start without one. Create it (keep the token for write clients):
       openssl rand -hex 32 | tee write_token.txt | docker secret create $SECRET -")
+fi
+files=(-c "$HERE/stack.yml")
+if [[ "${SWARM_TLS:-0}" == 1 ]]; then
+  files+=(-c "$HERE/tls.yml")
+  for part in cert key ca flags; do
+    docker secret inspect "${TLS_SECRET_PREFIX:-marketplace_tls}_$part" >/dev/null 2>&1 \
+      || problems+=("no secret ${TLS_SECRET_PREFIX:-marketplace_tls}_$part: see the commands at the top of deploy/swarm/tls.yml")
+  done
 fi
 labels="$(docker node ls -q | xargs docker node inspect -f '{{range $k, $v := .Spec.Labels}}{{$k}}={{$v}} {{end}}')"
 for label in $(sed -n 's/.*node\.labels\.\([a-z0-9.-]*\) == true.*/\1/p' "$HERE/stack.yml" | sort -u); do
@@ -38,4 +47,4 @@ if ((${#problems[@]})); then
   exit 2
 fi
 
-exec docker stack deploy --prune --resolve-image "${RESOLVE_IMAGE:-never}" -c "$HERE/stack.yml" "$STACK"
+exec docker stack deploy --prune --resolve-image "${RESOLVE_IMAGE:-never}" "${files[@]}" "$STACK"

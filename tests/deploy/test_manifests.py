@@ -349,3 +349,26 @@ def test_swarm_stack_is_read_by_the_docker_cli():
     rendered = yaml.safe_load(result.stdout)
     assert rendered["services"]["embedder"]["deploy"]["endpoint_mode"] == "dnsrr"
     assert rendered["secrets"]["write_token"]["name"] == "marketplace_write_token"
+
+
+def test_swarm_tls_overlay_merges_into_settings_the_services_read():
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode:
+        pytest.skip("no docker CLI with `docker stack config` (docker.io) installed")
+    result = subprocess.run([docker, "stack", "config", "-c", str(SWARM), "-c", str(SWARM.with_name("tls.yml"))],
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "ARTIFACT_DIR": "/m", "PREPARED_DIR": "/d"})
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    for name, service in rendered["services"].items():
+        kind = image_service(re.sub(r"\$\{[^}]*\}", "", service["image"]))
+        env = compose_env(service)
+        check_env(kind, env, f"stack.yml + tls.yml {name}")
+        mounted = {f"/run/secrets/{s.get('target', s['source'])}" for s in service["secrets"]}
+        tls_files = {v for k, v in env.items() if k.startswith("TLS_")}
+        assert {"TLS_CERT", "TLS_KEY"} <= set(env) and tls_files <= mounted, name
+        assert "/run/secrets/tls_flags" in mounted and "tls_flags" in " ".join(service["healthcheck"]["test"])
+        (key,) = [s for s in service["secrets"] if s["source"] == "tls_key"]
+        assert key["uid"] == "10001" and key["mode"] == 0o400, "the key is readable by the service user only"
+    assert set(rendered["services"]["embedder"]["environment"]) >= {"TLS_CLIENT_CA"}, "mutual TLS to the embedder"
+    assert "write_token" not in {s["source"] for s in rendered["services"]["embedder"].get("secrets", [])}
