@@ -5,8 +5,10 @@
 #  2. `docker swarm init` on 127.0.0.1 (when this host is in no swarm), the write-token secret
 #     (deploy.sh is first shown to refuse the stack without it), node labels for the shards
 #     and the catalogue, deploy.sh, wait until every task is healthy;
-#  3. the grpcurl sample queries of compose-check against the routing mesh port (a free port,
-#     answered for 127.0.0.0/8 only: an iptables rule drops anything else);
+#  3. the grpcurl sample queries of compose-check against the gateway on 127.0.0.1: the routing
+#     mesh on a free port, or, on a kernel without IPVS (no routing mesh, no virtual IPs; this
+#     build VM), each gateway task's host-mode port; iptables/ip6tables rules drop what does not
+#     come from 127.0.0.0/8 while the check runs;
 #  4. steps under bounded client load (python -m scripts.swarm_load; UNAVAILABLE retried once):
 #     steady, kill an embedder container, kill an indexer container, kill a gateway container,
 #     scale the embedder 2 -> 3, `docker service update --force` the embedder; each reports
@@ -31,14 +33,16 @@ exec > >(tee "$LOG") 2>&1
 STACK="${SWARM_CHECK_STACK:-mktcheck}"
 export WRITE_TOKEN_SECRET="${STACK}_write_token"
 export WRITE_TOKEN="check-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-export GATEWAY_PUBLISHED_PORT="${GATEWAY_PUBLISHED_PORT:-$(free_port)}"
-GATEWAY="127.0.0.1:$GATEWAY_PUBLISHED_PORT"
+GATEWAY=""
+TARGETS="$WORK/gateways.txt"
+DISCOVERY_PID=""
+MADE_GWBRIDGE=0
 WORKERS="${SWARM_CHECK_WORKERS:-4}"
 # one small host carries every task (4 embedders during a start-first update): reserve little
 export EMBEDDER_CPU_RESERVATION=0.1 INDEXER_CPU_RESERVATION=0.1 GATEWAY_CPU_RESERVATION=0.1
 SWARM_MADE=0
 STACK_UP=0
-GUARD_RULE=()
+GUARD_RULES=()   # "iptables|ip6tables RULE...", inserted by guard, deleted at the end
 LABELLED_NODE=""
 LABELS=(marketplace.indexer-0 marketplace.indexer-1 marketplace.catalogue)
 REPORT=()
@@ -61,6 +65,7 @@ cleanup() {
     done
   fi
   [[ -f "$WORK/load.stop" ]] || touch "$WORK/load.stop"
+  [[ -n "$DISCOVERY_PID" ]] && { kill "$DISCOVERY_PID" 2>/dev/null; wait "$DISCOVERY_PID" 2>/dev/null; }
   if [[ $STACK_UP == 1 ]]; then
     step "remove the stack, its volumes and secret"
     docker stack rm "$STACK"
@@ -72,14 +77,16 @@ cleanup() {
     docker volume ls -q --filter "label=com.docker.stack.namespace=$STACK" | xargs -r docker volume rm
   fi
   docker secret rm "$WRITE_TOKEN_SECRET" >/dev/null 2>&1
-  ((${#GUARD_RULE[@]})) && iptables -D "${GUARD_RULE[@]}" 2>/dev/null
+  local rule
+  for rule in "${GUARD_RULES[@]}"; do ${rule%%|*} -D ${rule#*|} 2>/dev/null; done
   if [[ -n "$LABELLED_NODE" && $SWARM_MADE == 0 ]]; then
     docker node update $(printf -- '--label-rm %s ' "${LABELS[@]}") "$LABELLED_NODE" >/dev/null
   fi
   if [[ $SWARM_MADE == 1 ]]; then
     step "leave the swarm this check made"
     docker swarm leave --force
-    docker network rm docker_gwbridge >/dev/null 2>&1 && echo "removed the docker_gwbridge network"
+    [[ $MADE_GWBRIDGE == 1 ]] && docker network rm docker_gwbridge >/dev/null 2>&1 \
+      && echo "removed the docker_gwbridge network"
   fi
   stop_wheel_server
   stop_dockerd
@@ -132,6 +139,7 @@ prepare_images
 step "swarm"
 state="$(docker info -f '{{.Swarm.LocalNodeState}}')"
 if [[ "$state" == inactive ]]; then
+  docker network inspect docker_gwbridge >/dev/null 2>&1 || MADE_GWBRIDGE=1   # swarm init makes it
   # on the loopback address: the check's swarm talks to nobody else
   docker swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377 >/dev/null
   SWARM_MADE=1
@@ -142,6 +150,17 @@ else
   echo "using the swarm this host is a manager of (stack $STACK)"
 fi
 docker node ls
+
+if [[ -e /proc/net/ip_vs ]] || modprobe -q ip_vs 2>/dev/null; then
+  MESH=1
+  export GATEWAY_PUBLISHED_PORT="${GATEWAY_PUBLISHED_PORT:-$(free_port)}"
+  echo "IPVS present: the gateway behind the routing mesh on port $GATEWAY_PUBLISHED_PORT"
+else
+  MESH=0
+  export GATEWAY_PUBLISH_MODE=host GATEWAY_ENDPOINT_MODE=dnsrr GATEWAY_PUBLISHED_PORT=0
+  echo "no IPVS in this kernel (no routing mesh, no virtual IPs): every gateway task publishes a"
+  echo "host-mode port on 127.0.0.1 and the load client follows the healthy ones, as a load balancer would"
+fi
 
 step "deploy.sh refuses a stack without its write-token secret, and says how to make it"
 docker secret rm "$WRITE_TOKEN_SECRET" >/dev/null 2>&1 || true
@@ -160,11 +179,20 @@ echo "labels on this node: ${LABELS[*]}"
 deploy_start=$(date +%s)
 STACK_UP=1
 deploy/swarm/deploy.sh "$STACK"
-# The routing mesh publishes on every address of the host: drop whatever does not come from
-# loopback (DOCKER-USER runs before Docker's own forwarding rules).
-GUARD_RULE=(DOCKER-USER -p tcp --dport "$GATEWAY_PUBLISHED_PORT" ! -s 127.0.0.0/8 -j DROP)
-iptables -I "${GUARD_RULE[@]}"
-echo "iptables: port $GATEWAY_PUBLISHED_PORT of the routing mesh answers 127.0.0.0/8 only"
+# Published ports listen on every address of the host: drop what does not come from loopback.
+# IPv4 reaches the gateways through DNAT and FORWARD, where DOCKER-USER runs before Docker's own
+# rules (the mesh keeps the published port, a host-mode port becomes the container's 50050);
+# IPv6 reaches docker-proxy itself, on host-mode ports Docker picks from the ephemeral range.
+guard() { "${1%%|*}" -I ${1#*|} && GUARD_RULES+=("$1"); }
+if [[ $MESH == 1 ]]; then
+  guard "iptables|DOCKER-USER -p tcp --dport $GATEWAY_PUBLISHED_PORT ! -s 127.0.0.0/8 -j DROP"
+else
+  guard "iptables|DOCKER-USER -p tcp --dport 50050 ! -s 127.0.0.0/8 -j DROP"
+  read -r low high </proc/sys/net/ipv4/ip_local_port_range
+  guard "ip6tables|INPUT ! -i lo -p tcp --dport $low:$high -m conntrack --ctstate NEW -j DROP" \
+    || echo "warning: no ip6tables rule: host-mode ports may answer on IPv6 addresses"
+fi
+echo "only 127.0.0.0/8 reaches the gateways: ${GUARD_RULES[*]}"
 
 declare -A REPLICAS=([indexer-0]=1 [indexer-1]=1 [embedder]=2 [gateway]=2)
 for service in indexer-0 indexer-1 embedder gateway; do
@@ -172,6 +200,29 @@ for service in indexer-0 indexer-1 embedder gateway; do
     || die "$service: ${REPLICAS[$service]} healthy tasks not reached in time"
   echo "ok  $service: ${REPLICAS[$service]}/${REPLICAS[$service]} healthy ($(elapsed "$deploy_start") after deploy)"
 done
+# where the gateways answer: the mesh port, or each healthy task's host port (kept current
+# in the background, as a load balancer's health checks keep its target list)
+write_targets() {
+  local c found=()
+  if [[ $MESH == 1 ]]; then
+    found=("127.0.0.1:$GATEWAY_PUBLISHED_PORT")
+  else
+    for c in $(docker ps -q --filter "label=com.docker.swarm.service.name=$(svc gateway)" --filter health=healthy); do
+      found+=("$(docker port "$c" 50050/tcp 2>/dev/null | sed -n '1s/.*:\([0-9]*\)$/127.0.0.1:\1/p')")
+    done
+  fi
+  printf '%s\n' "${found[@]}" | grep . >"$TARGETS.new" || true
+  [[ -s "$TARGETS.new" ]] && mv "$TARGETS.new" "$TARGETS"
+  return 0
+}
+write_targets
+[[ -s "$TARGETS" ]] || die "no gateway reachable on 127.0.0.1"
+if [[ $MESH == 0 ]]; then
+  rm -f "$WORK/discovery.stop"
+  (while [[ ! -f "$WORK/discovery.stop" ]]; do write_targets; sleep 1; done) &
+  DISCOVERY_PID=$!
+fi
+GATEWAY="$(head -1 "$TARGETS")"
 # the gateway's readiness entry follows the embedder and every shard
 for _ in $(seq 60); do
   "$GRPCURL" -plaintext -d '{"service": "marketplace.gateway.v1.Gateway"}' "$GATEWAY" grpc.health.v1.Health/Check \
@@ -179,7 +230,8 @@ for _ in $(seq 60); do
   sleep 2
 done
 healthy_after="$(elapsed "$deploy_start")"
-REPORT+=("stack healthy ${healthy_after} after deploy (2 gateways, 2 embedders, 2 indexer shards x 1)")
+echo "gateways: $(tr '\n' ' ' <"$TARGETS")"
+REPORT+=("stack healthy ${healthy_after} after deploy (2 gateways, 2 embedders, 2 indexer shards x 1; gateway $([[ $MESH == 1 ]] && echo "behind the routing mesh" || echo "tasks on host-mode ports, no IPVS here"))")
 docker service ls --filter "label=com.docker.stack.namespace=$STACK"
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +260,7 @@ under_load() {
   local name=$1; shift
   step "under load: $name"
   rm -f "$WORK/load.stop" "$WORK/load.json"
-  (cd "$REPO" && nice -n 5 "$PY" -m scripts.swarm_load --target "$GATEWAY" --workers "$WORKERS" \
+  (cd "$REPO" && nice -n 5 "$PY" -m scripts.swarm_load --targets-file "$TARGETS" --workers "$WORKERS" \
      $(printf -- '--photo %s ' "${load_photos[@]}") --stop-file "$WORK/load.stop" \
      --max-seconds "$(( ${SWARM_CHECK_STEP_TIMEOUT:-300} + 60 ))" --out "$WORK/load.json" >/dev/null) &
   local load_pid=$! outcome
