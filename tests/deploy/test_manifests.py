@@ -128,8 +128,8 @@ def test_compose_format_services_match_the_code(path):
     services = {}
     for name, service in spec["services"].items():
         image = re.sub(r"\$\{[^}]*\}", "", str(service.get("image", "")))  # ${IMAGE_PREFIX:-} etc.
-        if not image.split(":")[0].rsplit("/", 1)[-1].startswith("marketplace-"):
-            continue  # third-party services (databases, monitoring) are checked elsewhere
+        if image.split(":")[0].rsplit("/", 1)[-1] not in {f"marketplace-{s}" for s in SERVICES}:
+            continue  # other services (databases, monitoring, web edge) are checked elsewhere
         kind = image_service(image)
         services[name] = kind
         env = compose_env(service)
