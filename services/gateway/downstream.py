@@ -61,6 +61,8 @@ TEXT_COLLECTION = "text"
 #: Most ids in one Fetch (the indexer's INDEXER_MAX_BATCH defaults to 1024).
 FETCH_CHUNK = 512
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+#: Least time between two DNS resolutions of a downstream name (gRPC's default: 30 s).
+DNS_MIN_RESOLUTION_INTERVAL_MS = 1000
 
 
 class Deadline:
@@ -87,6 +89,9 @@ def channel_options(reconnect_backoff_max_s: float = 2.0, max_message_bytes: int
         ("grpc.initial_reconnect_backoff_ms", min(100, backoff_ms)),
         ("grpc.min_reconnect_backoff_ms", min(100, backoff_ms)),
         ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        # re-resolve a name soon after its address stops answering: a replaced Swarm task or
+        # Kubernetes pod behind a DNS-listed service comes back at a new IP (gRPC waits 30 s)
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
     ]
 
 
