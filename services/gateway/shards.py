@@ -1,4 +1,4 @@
-"""Which indexer shard holds a listing's vectors.
+"""Which indexer shard holds a listing's vectors, and which replicas serve each shard.
 
 A listing's vectors (all its photos, and its text vector) live on one shard, chosen by a
 stable hash of the listing id modulo the number of shards. Writes, deletes and fetches for a
@@ -8,11 +8,23 @@ listing go to that shard only; searches go to every shard and are merged by scor
 The hash is BLAKE2b, not Python's ``hash()`` (salted per process), so every gateway replica and
 every run agree. Changing the number of shards moves most listings: re-index
 (`python -m services.gateway.index_catalogue`) into fresh shards after changing ``INDEXER_ADDRS``.
+
+Replicas: each shard may be served by several indexer processes holding the same data
+(``INDEXER_SHARDS="0=a:50052|b:50052;1=c:50052|d:50052"``, `parse_shard_replicas`). Reads go to
+one of them, writes to all of them (`downstream.IndexerShards`); a replica that missed writes
+catches up from a peer before it serves (`services.indexer.replication`).
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+
+#: One tuple of replica targets per shard, in shard order.
+ShardReplicas = tuple[tuple[str, ...], ...]
+
+
+class ShardMapError(ValueError):
+    """An indexer shard/replica configuration that cannot be used (the message says why)."""
 
 
 def shard_of(listing_id: str, num_shards: int) -> int:
@@ -31,3 +43,45 @@ def group_by_shard(listing_ids: Iterable[str], num_shards: int) -> dict[int, lis
     for listing_id in listing_ids:
         groups.setdefault(shard_of(listing_id, num_shards), []).append(listing_id)
     return groups
+
+
+def parse_shard_replicas(value: str) -> ShardReplicas:
+    """``INDEXER_SHARDS`` -> the replica targets of each shard, in shard order.
+
+    Format: ``shard=target|target;shard=target``, e.g. ``0=a:50052|b:50052;1=c:50052``. Every
+    shard from 0 to N-1 must appear exactly once with at least one replica, and no target may
+    serve two shards or appear twice (a listing's writes would land twice on one process)."""
+    shards: dict[int, tuple[str, ...]] = {}
+    for part in (p.strip() for p in value.split(";")):
+        if not part:
+            continue
+        number, equals, targets = part.partition("=")
+        if not equals or not number.strip().isdigit():
+            raise ShardMapError(f"INDEXER_SHARDS entry {part!r} is not shard=target|target "
+                                "(e.g. 0=10.0.0.1:50052|10.0.0.2:50052)")
+        shard = int(number)
+        if shard in shards:
+            raise ShardMapError(f"INDEXER_SHARDS lists shard {shard} twice")
+        replicas = tuple(t.strip() for t in targets.split("|") if t.strip())
+        if not replicas:
+            raise ShardMapError(f"INDEXER_SHARDS gives shard {shard} no replica")
+        shards[shard] = replicas
+    if not shards:
+        raise ShardMapError(f"INDEXER_SHARDS={value!r} names no indexer shard")
+    missing = sorted(set(range(len(shards))) - set(shards))
+    if missing:
+        raise ShardMapError(f"INDEXER_SHARDS has shards {sorted(shards)} but no shard "
+                            f"{', '.join(map(str, missing))}: number shards 0..N-1")
+    seen: dict[str, int] = {}
+    for shard in sorted(shards):
+        for target in shards[shard]:
+            if target in seen:
+                where = "twice in shard" if seen[target] == shard else f"in shards {seen[target]} and"
+                raise ShardMapError(f"INDEXER_SHARDS lists replica {target} {where} {shard}")
+            seen[target] = shard
+    return tuple(shards[shard] for shard in range(len(shards)))
+
+
+def single_replica_shards(targets: Iterable[str]) -> ShardReplicas:
+    """``INDEXER_ADDRS`` (one target per shard) as a replica map with one replica per shard."""
+    return tuple((target,) for target in targets)

@@ -24,6 +24,15 @@ Durability
     ``INDEXER_COMPACT_DEAD_FRACTION`` (0.3): compact a collection at snapshot time when this
     fraction of its slots is dead (deleted or replaced).
 
+Replicas (``services.indexer.replication``, design in ``docs/indexer-replication.md``)
+    ``INDEXER_SHARD`` [--shard] (unset) / ``INDEXER_SHARD_COUNT`` [--shard-count] (unset): the
+    shard this replica's data belongs to and the number of shards; recorded in the data
+    directory at first start, and a directory of another shard is refused, naming both.
+    ``INDEXER_PEERS`` [--peers] (unset): comma list of the other replicas of the same shard. With
+    peers, the replica reports NOT_SERVING and answers reads with UNAVAILABLE until it has caught
+    up from a serving peer (its snapshot plus the WAL records after it); writes are accepted
+    meanwhile. Without peers it serves its own data at once.
+
 Limits
     ``INDEXER_MAX_BATCH`` (1024) items/queries/ids per request, ``INDEXER_MAX_K`` (1000),
     ``INDEXER_MAX_MESSAGE_MB`` (64) for received and sent messages.
@@ -65,6 +74,9 @@ class IndexerConfig:
     max_message_bytes: int = 64 * MiB
     faiss_threads: int = 0
     blas_threshold: int = 20
+    shard: int = -1
+    shard_count: int = 0
+    peers: tuple[str, ...] = ()
 
     @property
     def limits(self) -> ServerLimits:
@@ -83,7 +95,16 @@ class IndexerConfig:
         parser.add_argument("--snapshot-seconds", type=float,
                             default=env_float("INDEXER_SNAPSHOT_SECONDS", 300.0, minimum=0))
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
+        parser.add_argument("--shard", type=int, default=env_int("INDEXER_SHARD", -1, minimum=-1))
+        parser.add_argument("--shard-count", type=int,
+                            default=env_int("INDEXER_SHARD_COUNT", 0, minimum=0))
+        parser.add_argument("--peers", default=env_str("INDEXER_PEERS", ""),
+                            help="other replicas of this shard, host:port,host:port")
         args = parser.parse_args(argv)
+        if (args.shard >= 0) != (args.shard_count > 0) or args.shard >= max(args.shard_count, 1):
+            raise ConfigError(f"INDEXER_SHARD={args.shard} and INDEXER_SHARD_COUNT="
+                              f"{args.shard_count}: set both, with 0 <= shard < shard count")
+        peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
         try:
             collections = tuple(parse_collections(args.collections or DEFAULT_COLLECTIONS))
         except InvalidArgument as exc:
@@ -103,4 +124,5 @@ class IndexerConfig:
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
             faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
+            shard=args.shard, shard_count=args.shard_count, peers=peers,
         )
