@@ -25,9 +25,10 @@ Durability
     fraction of its slots is dead (deleted or replaced).
 
 Replicas (``services.indexer.replication``, design in ``docs/indexer-replication.md``)
-    ``INDEXER_SHARD`` [--shard] (unset) / ``INDEXER_SHARD_COUNT`` [--shard-count] (unset): the
-    shard this replica's data belongs to and the number of shards; recorded in the data
-    directory at first start, and a directory of another shard is refused, naming both.
+    ``INDEXER_SHARD`` [--shard] (unset) / ``INDEXER_PARTITIONS`` [--partitions] (256): the
+    shard this replica's data belongs to and the cluster's number of logical partitions (fixed
+    when the cluster is created); recorded in the data directory at first start, and a directory
+    of another shard or partition count is refused, naming both.
     ``INDEXER_PEERS`` [--peers] (unset): comma list of the other replicas of the same shard. With
     peers, the replica reports NOT_SERVING and answers reads with UNAVAILABLE until it has caught
     up from a serving peer (its snapshot plus the WAL records after it); writes are accepted
@@ -75,7 +76,7 @@ class IndexerConfig:
     faiss_threads: int = 0
     blas_threshold: int = 20
     shard: int = -1
-    shard_count: int = 0
+    partitions: int = 0
     peers: tuple[str, ...] = ()
 
     @property
@@ -96,14 +97,14 @@ class IndexerConfig:
                             default=env_float("INDEXER_SNAPSHOT_SECONDS", 300.0, minimum=0))
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         parser.add_argument("--shard", type=int, default=env_int("INDEXER_SHARD", -1, minimum=-1))
-        parser.add_argument("--shard-count", type=int,
-                            default=env_int("INDEXER_SHARD_COUNT", 0, minimum=0))
+        parser.add_argument("--partitions", type=int,
+                            default=env_int("INDEXER_PARTITIONS", 256, minimum=1))
         parser.add_argument("--peers", default=env_str("INDEXER_PEERS", ""),
                             help="other replicas of this shard, host:port,host:port")
         args = parser.parse_args(argv)
-        if (args.shard >= 0) != (args.shard_count > 0) or args.shard >= max(args.shard_count, 1):
-            raise ConfigError(f"INDEXER_SHARD={args.shard} and INDEXER_SHARD_COUNT="
-                              f"{args.shard_count}: set both, with 0 <= shard < shard count")
+        if args.shard >= args.partitions:
+            raise ConfigError(f"INDEXER_SHARD={args.shard} must be below INDEXER_PARTITIONS="
+                              f"{args.partitions} (a shard owns at least one partition)")
         peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
         try:
             collections = tuple(parse_collections(args.collections or DEFAULT_COLLECTIONS))
@@ -124,5 +125,5 @@ class IndexerConfig:
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
             faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
-            shard=args.shard, shard_count=args.shard_count, peers=peers,
+            shard=args.shard, partitions=args.partitions if args.shard >= 0 else 0, peers=peers,
         )

@@ -2,8 +2,8 @@
 
 Design and failure cases: ``docs/indexer-replication.md``. In short:
 
-* Identity. A data directory records which shard it holds and for how many shards
-  (``REPLICA.json``, written at first start from ``INDEXER_SHARD`` / ``INDEXER_SHARD_COUNT``).
+* Identity. A data directory records which shard it holds and the cluster's partition count
+  (``REPLICA.json``, written at first start from ``INDEXER_SHARD`` / ``INDEXER_PARTITIONS``).
   Starting on another shard's directory is refused, naming both; so is catching up from a peer
   that holds another shard.
 * Catch-up. A replica started with ``INDEXER_PEERS`` serves no reads (health NOT_SERVING,
@@ -54,17 +54,19 @@ class ReplicaMismatch(IndexerError):
 
 @dataclass(frozen=True)
 class ReplicaIdentity:
-    """Which shard a replica's data belongs to, out of how many (-1 / 0: not configured)."""
+    """Which shard a replica's data belongs to, in a cluster of how many logical partitions
+    (-1 / 0: not configured)."""
 
     shard: int = -1
-    shard_count: int = 0
+    partitions: int = 0
 
     @property
     def configured(self) -> bool:
         return self.shard >= 0
 
     def __str__(self) -> str:
-        return f"shard {self.shard} of {self.shard_count}" if self.configured else "no shard"
+        return (f"shard {self.shard} of a {self.partitions}-partition cluster" if self.configured
+                else "no shard")
 
 
 def check_identity(data_dir: Path, identity: ReplicaIdentity) -> None:
@@ -74,14 +76,14 @@ def check_identity(data_dir: Path, identity: ReplicaIdentity) -> None:
     path = data_dir / IDENTITY_FILE
     if path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
-        have = ReplicaIdentity(int(stored["shard"]), int(stored["shard_count"]))
+        have = ReplicaIdentity(int(stored["shard"]), int(stored["partitions"]))
         if have != identity:
             raise ReplicaMismatch(f"data directory {data_dir} holds {have}, but this replica is "
-                                  f"configured as {identity} (INDEXER_SHARD / INDEXER_SHARD_COUNT); "
+                                  f"configured as {identity} (INDEXER_SHARD / INDEXER_PARTITIONS); "
                                   "point it at the right directory or an empty one")
         return
     data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"shard": identity.shard, "shard_count": identity.shard_count}) + "\n",
+    path.write_text(json.dumps({"shard": identity.shard, "partitions": identity.partitions}) + "\n",
                     encoding="utf-8")
 
 
@@ -140,7 +142,7 @@ class Replicator:
     def status(self) -> indexer_pb2.ReplicaStatus:
         items = sum(entry["count"] for entry in self.store.stats())
         return indexer_pb2.ReplicaStatus(
-            shard=self.identity.shard, shard_count=self.identity.shard_count, state=self.state,
+            shard=self.identity.shard, partitions=self.identity.partitions, state=self.state,
             last_write_unix_ms=self.store.last_write_ms, items=items, detail=self.detail)
 
     def request_catch_up(self) -> str:
@@ -211,7 +213,7 @@ class Replicator:
         for peer, status in statuses.items():
             if status is None:
                 continue
-            theirs = ReplicaIdentity(status.shard, status.shard_count)
+            theirs = ReplicaIdentity(status.shard, status.partitions)
             if theirs != self.identity:
                 log.error("peer %s holds %s but this replica is %s: not copying from it; fix "
                           "INDEXER_PEERS or that peer's INDEXER_SHARD", peer, theirs, self.identity)
@@ -261,7 +263,7 @@ class Replicator:
             handles: dict[str, object] = {}
             for chunk in stub.StreamState(indexer_pb2.StreamStateRequest(), timeout=600):
                 if chunk.HasField("source"):
-                    theirs = ReplicaIdentity(chunk.source.shard, chunk.source.shard_count)
+                    theirs = ReplicaIdentity(chunk.source.shard, chunk.source.partitions)
                     if theirs != self.identity:
                         raise ReplicaMismatch(f"peer {peer} holds {theirs}, this replica is {self.identity}")
                 part = chunk.WhichOneof("part")

@@ -247,7 +247,7 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
     if config.faiss_threads:
         faiss.omp_set_num_threads(config.faiss_threads)
     owns_store = store is None
-    identity = ReplicaIdentity(config.shard, config.shard_count)
+    identity = ReplicaIdentity(config.shard, config.partitions)
     if store is None:
         check_identity(config.data_dir, identity)
         store = open_store(config)

@@ -61,7 +61,7 @@ class ReplicatedStack:
             host="127.0.0.1", port=self.ports[shard][replica],
             data_dir=self.root / f"shard{shard}-replica{replica}", log_level="info",
             collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
-            snapshot_seconds=0, fsync=False, shard=shard, shard_count=SHARDS, peers=peers))
+            snapshot_seconds=0, fsync=False, shard=shard, partitions=256, peers=peers))
 
     def ready(self) -> str:
         reply = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)

@@ -23,12 +23,12 @@ from tests.indexer.indexer_testutil import unit_vectors
 D = 8
 
 
-def config(data_dir: Path, port: int, peers: tuple[str, ...], shard: int = 0, count: int = 2,
+def config(data_dir: Path, port: int, peers: tuple[str, ...], shard: int = 0, count: int = 256,
            **overrides) -> IndexerConfig:
     return IndexerConfig(host="127.0.0.1", port=port, data_dir=data_dir, log_level="info",
                          collections=tuple(parse_collections(f"image:{D}:flat:ip")),
                          collections_explicit=True, snapshot_seconds=0, fsync=False,
-                         shard=shard, shard_count=count, peers=peers, **overrides)
+                         shard=shard, partitions=count, peers=peers, **overrides)
 
 
 class Replica:
@@ -102,7 +102,7 @@ def test_new_empty_replicas_serve_and_a_stale_one_catches_up(pair, tmp_path):
     assert len(expected) == 10 and "x-5" not in expected
     assert fetch_all(b_again, ids) == expected
     status = b_again.replication.GetReplicaStatus(pb.GetReplicaStatusRequest(), timeout=2)
-    assert (status.shard, status.shard_count, status.state, status.items) == (0, 2, "serving", 10)
+    assert (status.shard, status.partitions, status.state, status.items) == (0, 256, "serving", 10)
 
 
 def test_catch_up_on_request_refuses_reads_meanwhile_and_keeps_new_writes(pair):
@@ -142,10 +142,11 @@ def test_reads_refused_while_no_peer_can_be_copied(tmp_path):
 
 
 def test_data_of_another_shard_is_refused_naming_both(tmp_path):
-    first = Replica(tmp_path / "d", free_port(), (), shard=1, count=2)
+    first = Replica(tmp_path / "d", free_port(), (), shard=1, count=256)
     first.stop()
     with pytest.raises(ReplicaMismatch) as error:
-        start(config(tmp_path / "d", free_port(), (), shard=0, count=2))
-    assert "holds shard 1 of 2" in str(error.value) and "configured as shard 0 of 2" in str(error.value)
-    with pytest.raises(ReplicaMismatch):
-        start(config(tmp_path / "d", free_port(), (), shard=1, count=3))
+        start(config(tmp_path / "d", free_port(), (), shard=0, count=256))
+    assert ("holds shard 1 of a 256-partition cluster" in str(error.value)
+            and "configured as shard 0 of a 256-partition cluster" in str(error.value))
+    with pytest.raises(ReplicaMismatch, match="configured as shard 1 of a 64-partition"):
+        start(config(tmp_path / "d", free_port(), (), shard=1, count=64))

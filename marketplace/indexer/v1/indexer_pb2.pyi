@@ -199,20 +199,20 @@ class GetReplicaStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("shard", "shard_count", "state", "last_write_unix_ms", "items", "detail")
+    __slots__ = ("shard", "partitions", "state", "last_write_unix_ms", "items", "detail")
     SHARD_FIELD_NUMBER: _ClassVar[int]
-    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_WRITE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     shard: int
-    shard_count: int
+    partitions: int
     state: str
     last_write_unix_ms: int
     items: int
     detail: str
-    def __init__(self, shard: _Optional[int] = ..., shard_count: _Optional[int] = ..., state: _Optional[str] = ..., last_write_unix_ms: _Optional[int] = ..., items: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+    def __init__(self, shard: _Optional[int] = ..., partitions: _Optional[int] = ..., state: _Optional[str] = ..., last_write_unix_ms: _Optional[int] = ..., items: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StreamStateRequest(_message.Message):
     __slots__ = ()

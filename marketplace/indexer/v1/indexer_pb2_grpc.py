@@ -314,7 +314,7 @@ class ReplicationServicer:
     """
 
     def GetReplicaStatus(self, request, context):
-        """This replica's identity (shard, shard count) and state.
+        """This replica's identity (shard, partition count) and state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
