@@ -56,7 +56,7 @@ from services.gateway.domain import (
     Unavailable,
 )
 from services.gateway.ranking import Hit
-from services.gateway.shards import shard_of
+from services.gateway.shards import ShardRouting
 
 log = logging.getLogger(__name__)
 
@@ -477,7 +477,7 @@ class IndexerShards:
 
     def __init__(self, topology: Sequence[str | Sequence[str]], policy: RetryPolicy, *,
                  reconnect_backoff_max_s: float = 2.0, write_token: str | None = None,
-                 events: ReplicaEvents | None = None) -> None:
+                 events: ReplicaEvents | None = None, routing: ShardRouting | None = None) -> None:
         if not topology:
             raise ValueError("at least one indexer shard is needed")
         self.events = events or ReplicaEvents()
@@ -495,6 +495,7 @@ class IndexerShards:
         self.policy = policy
         self.write_metadata = bearer_metadata(write_token)  # the indexer's Upsert/Delete need it
         self.catch_up_wanted = threading.Event()
+        self.routing = routing or ShardRouting(len(self.replica_sets))
 
     def __len__(self) -> int:
         return len(self.replica_sets)
@@ -508,7 +509,9 @@ class IndexerShards:
             replica.downstream.close()
 
     def shard_for(self, listing_id: str) -> int:
-        return shard_of(listing_id, len(self.replica_sets))
+        """The shard to read ``listing_id``'s vectors from; as a `ShardRoute` it also names the
+        shard its writes must reach too while a rebalance moves it."""
+        return self.routing.shard_for(listing_id)
 
     # ------------------------------------------------------------------ reads
 
@@ -589,10 +592,11 @@ class IndexerShards:
             collection=collection, k=k, filter=to_index_filter(search_filter),
             group_by_listing=group_by_listing,
             queries=[indexer_pb2.Vector(values=row.tolist()) for row in queries])
-        replies = self._read("Search", [(shard, request) for shard in range(len(self))], deadline,
+        shards = self.routing.search_shards()
+        replies = self._read("Search", [(shard, request) for shard in shards], deadline,
                              partial=_partial_results.get())
         per_query: list[list[Hit]] = [[] for _ in range(len(queries))]
-        for replica_set, reply in zip(self.replica_sets, replies):
+        for replica_set, reply in zip((self.replica_sets[s] for s in shards), replies):
             if reply is None:
                 continue
             if len(reply.results) != len(queries):
@@ -606,8 +610,8 @@ class IndexerShards:
     def fetch(self, shard: int, ids: Sequence[str], deadline: Deadline, *,
               collection: str = IMAGE_COLLECTION) -> list[StoredItem]:
         """The stored vectors of ``ids`` found on ``shard`` (request order; unknown ids skipped)."""
-        reply = self._read("Fetch", [(shard, indexer_pb2.FetchRequest(collection=collection,
-                                                                      ids=list(ids)))], deadline)[0]
+        reply = self._read("Fetch", [(int(shard), indexer_pb2.FetchRequest(
+            collection=collection, ids=list(ids)))], deadline)[0]
         return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
                 for item in reply.items]
 
@@ -619,7 +623,7 @@ class IndexerShards:
         for shard, ids in sorted(ids_by_shard.items()):
             ids = list(ids)
             for start in range(0, len(ids), FETCH_CHUNK):
-                requests.append((shard, indexer_pb2.FetchRequest(
+                requests.append((int(shard), indexer_pb2.FetchRequest(
                     collection=collection, ids=ids[start:start + FETCH_CHUNK])))
         replies = self._read("Fetch", requests, deadline) if requests else []
         return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
@@ -632,7 +636,14 @@ class IndexerShards:
     # ------------------------------------------------------------------ writes
 
     def _write(self, shard: int, method: str, request, deadline: Deadline):
-        """Send a write to every replica of ``shard`` at once (see the class docstring)."""
+        """Send a write to every replica of ``shard`` at once (see the class docstring), and to
+        the shards in ``shard.also`` (a `ShardRoute` of a partition being moved) after it."""
+        reply = self._write_shard(int(shard), method, request, deadline)
+        for other in getattr(shard, "also", ()):
+            self._write_shard(other, method, request, deadline)
+        return reply
+
+    def _write_shard(self, shard: int, method: str, request, deadline: Deadline):
         replica_set = self.replica_sets[shard]
         metadata = outgoing_metadata() + self.write_metadata
         rounds = 0

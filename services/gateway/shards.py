@@ -13,18 +13,23 @@ Replicas: each shard may be served by several indexer processes holding the same
 (``INDEXER_SHARDS="0=a:50052|b:50052;1=c:50052|d:50052"``, `parse_shard_replicas`). Reads go to
 one of them, writes to all of them (`downstream.IndexerShards`); a replica that missed writes
 catches up from a peer before it serves (`services.indexer.replication`).
+
+Shard map: with ``GATEWAY_SHARD_MAP`` the listing -> shard routing comes from the versioned map
+of `common.shard_map` (listing -> one of P partitions -> its owner shard), so shards can be added
+by moving only some partitions (``python -m services.gateway.rebalance --to N``) instead of
+re-indexing; `ShardRouting` applies it.
 """
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
 
+from common.shard_map import ShardMap, ShardMapError, partition_of
+
 #: One tuple of replica targets per shard, in shard order.
 ShardReplicas = tuple[tuple[str, ...], ...]
 
 
-class ShardMapError(ValueError):
-    """An indexer shard/replica configuration that cannot be used (the message says why)."""
 
 
 def shard_of(listing_id: str, num_shards: int) -> int:
@@ -85,3 +90,48 @@ def parse_shard_replicas(value: str) -> ShardReplicas:
 def single_replica_shards(targets: Iterable[str]) -> ShardReplicas:
     """``INDEXER_ADDRS`` (one target per shard) as a replica map with one replica per shard."""
     return tuple((target,) for target in targets)
+
+
+class ShardRoute(int):
+    """A shard number (where a listing is read) that also says which other shards its writes
+    must reach: while a rebalance moves the listing's partition, writes go to the old and the
+    new owner (`common.shard_map`). Being an int, callers that only pass shard numbers along
+    (the gateway core) need not know."""
+
+    also: tuple[int, ...]
+
+    def __new__(cls, shard: int, also: tuple[int, ...] = ()) -> "ShardRoute":
+        route = super().__new__(cls, shard)
+        route.also = tuple(s for s in also if s != shard)
+        return route
+
+
+class ShardRouting:
+    """Routes listings to shards: by the versioned shard map when there is one, else by
+    `shard_of` over the configured shards (the original routing). The map is swapped whole
+    (`use`), so a request sees one version throughout each routing decision."""
+
+    def __init__(self, shards: int, shard_map: ShardMap | None = None) -> None:
+        self.shards = shards
+        self.map: ShardMap | None = None
+        if shard_map is not None:
+            self.use(shard_map)
+
+    def use(self, shard_map: ShardMap) -> None:
+        """Switch to ``shard_map``; ShardMapError if it places partitions on unconfigured shards."""
+        if shard_map.shards > self.shards:
+            raise ShardMapError(f"shard map v{shard_map.version} places partitions on shard "
+                                f"{shard_map.shards - 1}, but only shards 0..{self.shards - 1} are "
+                                "configured (INDEXER_SHARDS / INDEXER_ADDRS)")
+        self.map = shard_map
+
+    def shard_for(self, listing_id: str) -> ShardRoute:
+        shard_map = self.map
+        if shard_map is None:
+            return ShardRoute(shard_of(listing_id, self.shards))
+        partition = partition_of(listing_id, shard_map.partitions)
+        return ShardRoute(shard_map.read_owner(partition), shard_map.write_owners(partition))
+
+    def search_shards(self) -> tuple[int, ...]:
+        shard_map = self.map
+        return tuple(range(self.shards)) if shard_map is None else shard_map.search_shards()

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -359,6 +359,47 @@ class IndexStore:
             self._dirty = True
             self.snapshot(force=True)
             return len(journal)
+
+    def merge_partitions(self, collections: dict[str, VectorIndex],
+                         belongs: Callable[[str], bool]) -> int:
+        """Take over a peer's items whose listing (``belongs(listing_id)``) moves to this shard:
+        drop what this store holds of them (an interrupted earlier import), upsert the peer's,
+        re-apply the writes journalled since `begin_journal`, and snapshot. Returns how many
+        items were taken over."""
+        with self._write_lock:
+            journal, self._journal = self._journal or [], None
+            taken = 0
+            for name, source in collections.items():
+                if name not in self._collections:
+                    self.create_collection(source.spec)
+                local = self._collections[name]
+                held, _ = local.fetch(local.ids())
+                stale = [item.id for item in held if belongs(item.attributes.listing_id or item.id)]
+                if stale:
+                    self.delete(name, stale)
+                items, _ = source.fetch(source.ids())
+                chosen = [item for item in items if belongs(item.attributes.listing_id or item.id)]
+                for start in range(0, len(chosen), 1024):
+                    batch = chosen[start:start + 1024]
+                    self.upsert(name, [i.id for i in batch], np.stack([i.vector for i in batch]),
+                                [i.attributes for i in batch])
+                taken += len(chosen)
+            for record in journal:
+                self._replay(record, f"import journal record {record.seq}")
+            self._dirty = True
+            self.snapshot(force=True)
+            return taken
+
+    def drop_partitions(self, belongs: Callable[[str], bool]) -> int:
+        """Delete (durably) every item whose listing ``belongs``; returns how many."""
+        with self._write_lock:
+            dropped = 0
+            for name, index in list(self._collections.items()):
+                held, _ = index.fetch(index.ids())
+                ids = [item.id for item in held if belongs(item.attributes.listing_id or item.id)]
+                for start in range(0, len(ids), 1024):
+                    dropped += self.delete(name, ids[start:start + 1024]).deleted
+            return dropped
 
     def start_snapshots(self, interval_s: float) -> None:
         """Snapshot in a background thread every ``interval_s`` seconds (if changed) and whenever

@@ -33,6 +33,7 @@ import grpc
 
 from common.security import open_channel
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+from common.shard_map import partition_of
 from services.indexer.core import IndexStore
 from services.indexer.errors import CorruptData, IndexerError
 from services.indexer.snapshot import CURRENT, MANIFEST, SNAPSHOTS, read_snapshot
@@ -251,18 +252,63 @@ class Replicator:
         self._set(SERVING, "")
         return True
 
-    def _copy_from(self, peer: str):
+    def _channel(self, target: str) -> grpc.Channel:
+        if target not in self._channels:
+            self._channels[target] = open_channel(target)
+        return self._channels[target]
+
+    def import_partitions(self, sources: Sequence[str], partitions: set[int],
+                          partition_count: int) -> tuple[int, str]:
+        """Rebalance: take over ``partitions`` from a serving replica among ``sources`` (another
+        shard's). Returns (items taken over, the source copied)."""
+        if self.identity.configured and partition_count != self.identity.partitions:
+            raise ReplicaMismatch(f"the rebalance uses {partition_count} partitions, this replica "
+                                  f"is {self.identity}")
+        source = None
+        for target in sources:
+            try:
+                status = indexer_pb2_grpc.ReplicationStub(self._channel(target)).GetReplicaStatus(
+                    indexer_pb2.GetReplicaStatusRequest(), timeout=5)
+            except grpc.RpcError:
+                continue
+            if status.state == SERVING and status.partitions in (0, partition_count):
+                source = target
+                break
+        if source is None:
+            raise IndexerError(f"no serving replica among {', '.join(sources)} to import "
+                               f"partitions from")
+        self.store.begin_journal()
+        try:
+            collections, _, _ = self._copy_from(source, same_shard=False)
+            taken = self.store.merge_partitions(
+                collections, lambda listing_id: partition_of(listing_id, partition_count) in partitions)
+        except BaseException:
+            self.store.end_journal()
+            raise
+        log.info("imported %d item(s) of %d partition(s) from %s", taken, len(partitions), source)
+        return taken, source
+
+    def drop_partitions(self, partitions: set[int], partition_count: int) -> int:
+        if self.identity.configured and partition_count != self.identity.partitions:
+            raise ReplicaMismatch(f"the rebalance uses {partition_count} partitions, this replica "
+                                  f"is {self.identity}")
+        dropped = self.store.drop_partitions(
+            lambda listing_id: partition_of(listing_id, partition_count) in partitions)
+        log.info("dropped %d item(s) of %d partition(s) moved to another shard", dropped, len(partitions))
+        return dropped
+
+    def _copy_from(self, peer: str, *, same_shard: bool = True):
         """The peer's collections (snapshot + WAL records after it) and its newest write time."""
         assert self.store.data_dir is not None
         root = self.store.data_dir / CATCH_UP_DIR
         shutil.rmtree(root, ignore_errors=True)
         records = []
         snapshot_name = None
-        stub = indexer_pb2_grpc.ReplicationStub(self._channels[peer])
+        stub = indexer_pb2_grpc.ReplicationStub(self._channel(peer))
         try:
             handles: dict[str, object] = {}
             for chunk in stub.StreamState(indexer_pb2.StreamStateRequest(), timeout=600):
-                if chunk.HasField("source"):
+                if chunk.HasField("source") and same_shard:
                     theirs = ReplicaIdentity(chunk.source.shard, chunk.source.partitions)
                     if theirs != self.identity:
                         raise ReplicaMismatch(f"peer {peer} holds {theirs}, this replica is {self.identity}")

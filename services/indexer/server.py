@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = indexer_pb2.DESCRIPTOR.services_by_name["Indexer"].full_name
 REPLICATION_SERVICE = indexer_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
 WRITE_METHODS = {f"/{SERVICE_NAME}/Upsert", f"/{SERVICE_NAME}/Delete",
-                 f"/{REPLICATION_SERVICE}/CatchUp"}
+                 *(f"/{REPLICATION_SERVICE}/{m}" for m in ("CatchUp", "ImportPartitions",
+                                                            "DropPartitions"))}
 
 _STATUS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
            LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -207,6 +208,32 @@ class ReplicationServicer(indexer_pb2_grpc.ReplicationServicer):
 
     def CatchUp(self, request, context):
         return indexer_pb2.CatchUpResponse(state=self.replicator.request_catch_up())
+
+    def _partitions(self, partitions, count: int, context) -> set[int]:
+        if count < 1 or any(p >= count for p in partitions):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"partitions must lie in 0..partition_count-1 (partition_count {count})")
+        return set(partitions)
+
+    def ImportPartitions(self, request, context):
+        wanted = self._partitions(request.partitions, request.partition_count, context)
+        if not self.replicator.serving:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"this replica is {self.replicator.state}: import when it serves")
+        try:
+            taken, source = self.replicator.import_partitions(list(request.sources), wanted,
+                                                              request.partition_count)
+        except IndexerError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, clip_details(str(exc)))
+        return indexer_pb2.ImportPartitionsResponse(imported=taken, source=source)
+
+    def DropPartitions(self, request, context):
+        wanted = self._partitions(request.partitions, request.partition_count, context)
+        try:
+            dropped = self.replicator.drop_partitions(wanted, request.partition_count)
+        except IndexerError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, clip_details(str(exc)))
+        return indexer_pb2.DropPartitionsResponse(dropped=dropped)
 
 
 @dataclass

@@ -54,6 +54,8 @@ class ReplicatedStack:
         for replicas in self.indexers:
             for replica in replicas:
                 wait_until(lambda r=replica: r.store is not None and r.replicator.serving, 20)
+        # and the gateway has seen every replica serve (so reads are spread over all of them)
+        wait_until(lambda: all(r.state == "SERVING" for r in self.gateway.core.indexer.replicas), 10)
 
     def start_replica(self, shard: int, replica: int):
         peers = tuple(f"127.0.0.1:{p}" for i, p in enumerate(self.ports[shard]) if i != replica)

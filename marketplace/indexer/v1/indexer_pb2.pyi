@@ -247,3 +247,35 @@ class CatchUpResponse(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: str
     def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class ImportPartitionsRequest(_message.Message):
+    __slots__ = ("sources", "partitions", "partition_count")
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    partition_count: int
+    def __init__(self, sources: _Optional[_Iterable[str]] = ..., partitions: _Optional[_Iterable[int]] = ..., partition_count: _Optional[int] = ...) -> None: ...
+
+class ImportPartitionsResponse(_message.Message):
+    __slots__ = ("imported", "source")
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    imported: int
+    source: str
+    def __init__(self, imported: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class DropPartitionsRequest(_message.Message):
+    __slots__ = ("partitions", "partition_count")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    partition_count: int
+    def __init__(self, partitions: _Optional[_Iterable[int]] = ..., partition_count: _Optional[int] = ...) -> None: ...
+
+class DropPartitionsResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...

@@ -303,6 +303,16 @@ class ReplicationStub:
                 request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpRequest.SerializeToString,
                 response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpResponse.FromString,
                 _registered_method=True)
+        self.ImportPartitions = channel.unary_unary(
+                '/marketplace.indexer.v1.Replication/ImportPartitions',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsResponse.FromString,
+                _registered_method=True)
+        self.DropPartitions = channel.unary_unary(
+                '/marketplace.indexer.v1.Replication/DropPartitions',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsResponse.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -336,6 +346,21 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportPartitions(self, request, context):
+        """Rebalance: copy the listed partitions from a serving replica of another shard (its
+        snapshot + WAL, like a catch-up) and keep them; writes meanwhile are kept. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropPartitions(self, request, context):
+        """Rebalance: delete (durably) every item of the listed partitions. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +378,16 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.CatchUp,
                     request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpRequest.FromString,
                     response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpResponse.SerializeToString,
+            ),
+            'ImportPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPartitions,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsResponse.SerializeToString,
+            ),
+            'DropPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropPartitions,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +476,60 @@ class Replication:
             '/marketplace.indexer.v1.Replication/CatchUp',
             marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpRequest.SerializeToString,
             marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/ImportPartitions',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/DropPartitions',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
