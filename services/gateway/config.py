@@ -29,6 +29,14 @@ Environment variables (flag in brackets; defaults in parentheses):
     one replica of each shard (spread over the replicas, another replica of the same shard in the
     same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
     listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
+``GATEWAY_SHARD_MAP`` (unset) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
+    A directory holding the versioned shard map (`common.shard_map`; share it between gateways
+    and the rebalance command). Set: listings are routed listing -> one of
+    ``INDEXER_PARTITIONS`` partitions -> the shard that owns it, the map is re-read every
+    ``GATEWAY_SHARD_MAP_POLL_S`` seconds, and shards can be added with ``python -m
+    services.gateway.rebalance --to N``. An empty directory gets version 1, which routes exactly
+    as the unset case when the partition count is a multiple of the shard count. Unset: shard
+    ``blake2b(listing_id) % N``.
 ``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
     Deadline for a request whose caller set none. A caller's deadline is always propagated to the
     embedder and indexer calls made for it (minus a small margin so the gateway answers first).
@@ -112,6 +120,9 @@ class GatewayConfig:
     indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
     #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
     indexer_shards: ShardReplicas | None = None
+    shard_map_dir: Path | None = None
+    shard_map_poll_s: float = 2.0
+    partitions: int = 256
     downstream_timeout_s: float = 10.0
     max_k: int = 100
     max_images: int = 16
@@ -154,6 +165,8 @@ class GatewayConfig:
         parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
         parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                             help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
+        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
+                            help="directory of the versioned shard map (enables rebalancing)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = env_str("WRITE_TOKEN", "") or None
@@ -165,6 +178,9 @@ class GatewayConfig:
             embedder_addr=args.embedder,
             indexer_addrs=parse_indexer_addrs(args.indexers),
             indexer_shards=shard_replicas_setting(args.shards, args.indexers),
+            shard_map_dir=Path(args.shard_map) if args.shard_map else None,
+            shard_map_poll_s=env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05),
+            partitions=env_int("INDEXER_PARTITIONS", 256, minimum=1),
             downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
             max_k=env_int("GATEWAY_MAX_K", 100, minimum=1),
             max_images=env_int("GATEWAY_MAX_IMAGES", 16, minimum=1),

@@ -22,7 +22,9 @@ from typing import Callable, TypeVar
 
 import grpc
 
+from common.config import ConfigError
 from common.logs import setup_logging
+from common.shard_map import JsonShardMapStore, ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -33,6 +35,7 @@ from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
 from services.gateway.readiness import SERVING, DownstreamWatch
+from services.gateway.shards import ShardMapWatch, ShardRouting, open_shard_map
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -140,10 +143,13 @@ class GatewayServer(Server):
 
     core: GatewayCore | None = None
     watch: DownstreamWatch | None = None
+    map_watch: ShardMapWatch | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         if self.watch is not None:
             self.watch.stop()
+        if self.map_watch is not None:
+            self.map_watch.stop()
         super().stop(grace)
         if self.core is not None:
             self.core.close()
@@ -160,10 +166,23 @@ def build_core(config: GatewayConfig) -> GatewayCore:
                               model_info_ttl_s=config.model_info_ttl_s)
     indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token)
+                            write_token=config.write_token, routing=shard_routing(config))
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
                        max_images=config.max_images,
                        compensation_timeout_s=config.compensation_timeout_s)
+
+
+def shard_routing(config: GatewayConfig) -> ShardRouting:
+    """Routing by the shard map when GATEWAY_SHARD_MAP is set (refusing one that names shards
+    that are not configured), else by hash over the configured shards."""
+    shards = len(config.indexer_replicas)
+    if config.shard_map_dir is None:
+        return ShardRouting(shards)
+    try:
+        shard_map = open_shard_map(JsonShardMapStore(config.shard_map_dir), shards, config.partitions)
+        return ShardRouting(shards, shard_map)
+    except ShardMapError as exc:
+        raise ConfigError(f"GATEWAY_SHARD_MAP={config.shard_map_dir}: {exc}") from None
 
 
 def start(config: GatewayConfig) -> GatewayServer:
@@ -192,6 +211,10 @@ def start(config: GatewayConfig) -> GatewayServer:
              "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core)
+    if config.shard_map_dir is not None:
+        gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
+                                          core.indexer.routing, config.shard_map_poll_s)
+        gateway.map_watch.start()
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
             [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),

@@ -22,9 +22,13 @@ re-indexing; `ShardRouting` applies it.
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 from collections.abc import Iterable
 
-from common.shard_map import ShardMap, ShardMapError, partition_of
+from common.shard_map import ShardMap, ShardMapError, ShardMapStore, initial, partition_of
+
+log = logging.getLogger(__name__)
 
 #: One tuple of replica targets per shard, in shard order.
 ShardReplicas = tuple[tuple[str, ...], ...]
@@ -135,3 +139,67 @@ class ShardRouting:
     def search_shards(self) -> tuple[int, ...]:
         shard_map = self.map
         return tuple(range(self.shards)) if shard_map is None else shard_map.search_shards()
+
+
+class ShardMapWatch:
+    """Reads the newest shard map from its store every ``interval_s`` and switches the routing
+    to it, so every gateway follows a rebalance within about that time. A map that cannot be
+    used is logged (once per version) and the current one kept."""
+
+    def __init__(self, store: ShardMapStore, routing: ShardRouting, interval_s: float = 2.0) -> None:
+        self.store = store
+        self.routing = routing
+        self.interval_s = interval_s
+        self._refused: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> None:
+        try:
+            latest = self.store.latest()
+        except (ShardMapError, OSError) as exc:
+            log.error("cannot read the shard map: %s; keeping v%s", exc,
+                      self.routing.map.version if self.routing.map else "none")
+            return
+        current = self.routing.map
+        if latest is None or (current is not None and latest.version <= current.version):
+            return
+        try:
+            self.routing.use(latest)
+        except ShardMapError as exc:
+            if self._refused != latest.version:
+                log.error("not switching to shard map v%d: %s", latest.version, exc)
+                self._refused = latest.version
+            return
+        log.info("switched to shard map v%d (%s, %d shards, %d partition(s) moving)",
+                 latest.version, latest.state, latest.shards, len(latest.moves))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="shard-map-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval_s + 1)
+
+
+def open_shard_map(store: ShardMapStore, shards: int, partitions: int) -> ShardMap:
+    """The newest map in ``store``; a new store gets version 1 for ``shards`` shards
+    (`common.shard_map.initial`: the original routing when ``partitions`` is a multiple)."""
+    latest = store.latest()
+    if latest is not None:
+        return latest
+    try:
+        store.publish(initial(shards, partitions))
+    except ShardMapError:  # another gateway created it first
+        pass
+    latest = store.latest()
+    assert latest is not None
+    log.info("created shard map v%d: %d partitions on %d shard(s)", latest.version,
+             latest.partitions, latest.shards)
+    return latest
