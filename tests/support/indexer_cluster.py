@@ -156,6 +156,10 @@ class KillOutcome:
     failover_p99_ms: float
     steady_p99_ms: float
     mismatches: list[str]
+    #: (seconds since the load began, search latency ms), and when the kill and restart happened
+    timeline: list[tuple[float, float]]
+    killed_at_s: float
+    restarted_at_s: float
 
 
 def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: list[bytes],
@@ -280,4 +284,5 @@ def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: lis
     steady = [ms for at, ms in latencies if at < kill_time]
     return KillOutcome(len(latencies) + len(failed_searches), failed_searches, len(added),
                        len(removed), failed_writes, lost, converge_s,
-                       percentile(after_kill, 99), percentile(steady, 99), mismatches)
+                       percentile(after_kill, 99), percentile(steady, 99), mismatches,
+                       sorted(latencies), kill_time, restart_time - begin)
