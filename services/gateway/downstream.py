@@ -690,9 +690,18 @@ class IndexerShards:
 
     def upsert(self, shard: int, items: Sequence[IndexItem], deadline: Deadline, *,
                collection: str = IMAGE_COLLECTION) -> indexer_pb2.UpsertResponse:
-        """Store ``items`` on every replica of ``shard`` (replace by id, so a retry is harmless)."""
-        return self._write(shard, "Upsert", indexer_pb2.UpsertRequest(
-            collection=collection, items=[item.to_proto() for item in items]), deadline)
+        """Store ``items`` on every replica of ``shard`` (replace by id, so a retry is harmless),
+        and on the other shard of any item whose partition a rebalance is moving (each item's
+        own route, so a batch of many listings is placed right)."""
+        targets: dict[int, list[IndexItem]] = {int(shard): list(items)}
+        for item in items:
+            for other in self.routing.shard_for(item.listing_id).writes:
+                if other != int(shard):
+                    targets.setdefault(other, []).append(item)
+        replies = [self._write(target, "Upsert", indexer_pb2.UpsertRequest(
+            collection=collection, items=[item.to_proto() for item in chunk]), deadline)
+            for target, chunk in targets.items()]
+        return replies[0]
 
     def delete(self, shard: int, ids: Sequence[str], deadline: Deadline, *,
                collection: str = IMAGE_COLLECTION) -> int:

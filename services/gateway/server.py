@@ -35,7 +35,7 @@ from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
 from services.gateway.readiness import SERVING, DownstreamWatch
-from services.gateway.shards import ShardMapWatch, ShardRouting, open_shard_map
+from services.gateway.shards import ShardMapWatch, ShardRouting, routing_for
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -175,12 +175,8 @@ def build_core(config: GatewayConfig) -> GatewayCore:
 def shard_routing(config: GatewayConfig) -> ShardRouting:
     """Routing by the shard map when GATEWAY_SHARD_MAP is set (refusing one that names shards
     that are not configured), else by hash over the configured shards."""
-    shards = len(config.indexer_replicas)
-    if config.shard_map_dir is None:
-        return ShardRouting(shards)
     try:
-        shard_map = open_shard_map(JsonShardMapStore(config.shard_map_dir), shards, config.partitions)
-        return ShardRouting(shards, shard_map)
+        return routing_for(len(config.indexer_replicas), config.shard_map_dir, config.partitions)
     except ShardMapError as exc:
         raise ConfigError(f"GATEWAY_SHARD_MAP={config.shard_map_dir}: {exc}") from None
 

@@ -25,8 +25,10 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
-from common.shard_map import ShardMap, ShardMapError, ShardMapStore, initial, partition_of
+from common.shard_map import (JsonShardMapStore, ShardMap, ShardMapError, ShardMapStore, initial,
+                              partition_of)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,11 @@ class ShardRoute(int):
         route = super().__new__(cls, shard)
         route.also = tuple(s for s in also if s != shard)
         return route
+
+    @property
+    def writes(self) -> tuple[int, ...]:
+        """Every shard a write must reach: this one first."""
+        return (int(self), *self.also)
 
 
 class ShardRouting:
@@ -203,3 +210,13 @@ def open_shard_map(store: ShardMapStore, shards: int, partitions: int) -> ShardM
     log.info("created shard map v%d: %d partitions on %d shard(s)", latest.version,
              latest.partitions, latest.shards)
     return latest
+
+
+def routing_for(shards: int, shard_map_dir: Path | None, partitions: int) -> ShardRouting:
+    """The routing a gateway (or a tool writing like one) uses: by the shard map in
+    ``shard_map_dir`` (created at version 1 when empty), else by hash over ``shards``.
+    ShardMapError when the map cannot be used with these shards."""
+    if shard_map_dir is None:
+        return ShardRouting(shards)
+    shard_map = open_shard_map(JsonShardMapStore(shard_map_dir), shards, partitions)
+    return ShardRouting(shards, shard_map)
