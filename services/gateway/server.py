@@ -156,6 +156,7 @@ class GatewayServer(Server):
 
 
 def build_core(config: GatewayConfig) -> GatewayCore:
+    routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
     catalogue = Catalogue.open(config.db_path)
     if config.seed_dir is not None and catalogue.count() == 0:
         report = catalogue.load_prepared(config.seed_dir)
@@ -166,7 +167,7 @@ def build_core(config: GatewayConfig) -> GatewayCore:
                               model_info_ttl_s=config.model_info_ttl_s)
     indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token, routing=shard_routing(config))
+                            write_token=config.write_token, routing=routing)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
                        max_images=config.max_images,
                        compensation_timeout_s=config.compensation_timeout_s)
