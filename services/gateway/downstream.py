@@ -651,10 +651,18 @@ class IndexerShards:
             timeout = deadline.remaining() - min(0.2, 0.05 * max(deadline.remaining(), 0.0))
             if timeout <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before writing to {replica_set.label}")
+            others_usable = sum(r.usable() for r in replica_set.replicas) > 0
             futures = [(replica, getattr(replica.stub, method).future(
-                request, timeout=timeout, metadata=metadata)) for replica in replica_set.replicas]
+                request, metadata=metadata,
+                timeout=timeout if replica.usable() or not others_usable
+                else min(timeout, SUSPECT_WRITE_S))) for replica in replica_set.replicas]
+            _await_writes([future for _, future in futures])
             stored, catching_up, down, refused = [], [], [], []
             for replica, future in futures:
+                if not future.done():  # a serving replica stored it long ago: do not wait
+                    future.cancel()
+                    down.append((replica, None))
+                    continue
                 try:
                     reply = future.result()
                 except grpc.RpcError as error:
@@ -666,7 +674,8 @@ class IndexerShards:
                 (catching_up if reply.replica_catching_up else stored).append((replica, reply))
             if stored:
                 for replica, error in down + refused:
-                    why = f"{error.code().name}: {error.details()}" if error is not None else "cancelled"
+                    why = (f"{error.code().name}: {error.details()}" if error is not None
+                           else "no answer while the others had long stored it")
                     replica.set_state(MISSED_WRITES, f"a {method} failed there: {why}")
                 if down or refused:
                     self.catch_up_wanted.set()
@@ -749,6 +758,46 @@ class IndexerShards:
                      error.code().name)
             return
         replica.set_state(NOT_SERVING, f"asked to catch up: {reply.state}")
+
+
+#: A write to a replica already seen failing gets at most this long (it is likely down).
+SUSPECT_WRITE_S = 1.0
+#: Once a serving replica stored a write, the others get this long (or 4x the time the first
+#: took, if longer) before they count as having missed it: a hung replica cannot stall writes.
+WRITE_GRACE_S = 1.0
+
+
+def _await_writes(futures: Sequence) -> None:
+    """Wait until every write future is done, or one succeeded on a serving replica and the
+    grace period after it has passed."""
+    condition = threading.Condition()
+    started = time.monotonic()
+
+    def wake(_future) -> None:
+        with condition:
+            condition.notify_all()
+
+    for future in futures:
+        future.add_done_callback(wake)
+    first_stored_at = None
+    with condition:
+        while True:
+            if all(future.done() for future in futures):
+                return
+            if first_stored_at is None:
+                for future in futures:
+                    if future.done() and not future.cancelled() and future.exception() is None \
+                            and not future.result().replica_catching_up:
+                        first_stored_at = time.monotonic()
+                        break
+            if first_stored_at is not None:
+                grace = max(WRITE_GRACE_S, 4 * (first_stored_at - started))
+                left = first_stored_at + grace - time.monotonic()
+                if left <= 0:
+                    return
+                condition.wait(min(left, 0.1))
+            else:
+                condition.wait(0.1)
 
 
 class _ReadAttempt:

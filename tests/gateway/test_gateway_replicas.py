@@ -196,3 +196,50 @@ def test_indexer_shards_parse_errors():
 def test_stats_reach_one_replica_per_shard(stack):
     stats = stack.gateway.core.indexer.stats(Deadline(5))
     assert len(stats) == SHARDS and all(isinstance(s, indexer_pb2.GetStatsResponse) for s in stats)
+
+
+def test_a_hung_replica_slows_neither_reads_nor_writes_for_long(tmp_path):
+    """A replica that accepts connections and never answers (a cut-off host): reads move to the
+    other replica after their share of the deadline, writes are acknowledged by the live
+    replica after a short grace and the hung one is marked as having missed them."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # never accepted, never answered
+    live = start_indexer(IndexerConfig(
+        host="127.0.0.1", port=0, data_dir=tmp_path / "live", log_level="info",
+        collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
+        snapshot_seconds=0, fsync=False))
+    embedder = serve_embedder(FakeEmbedder())
+    spec = f"0=127.0.0.1:{hole.getsockname()[1]}|127.0.0.1:{live.port}"
+    gateway = start_gateway(GatewayConfig(
+        host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
+        embedder_addr=f"127.0.0.1:{embedder.port}",
+        indexer_shards=shard_replicas_setting(spec, "127.0.0.1:50052"),
+        downstream_timeout_s=5.0, retry=RetryPolicy(1, 0.01, 0.05), readiness_interval_s=0))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            for _ in range(2):  # reads rotate over the replicas: one of these asks the hung one
+                started = time.monotonic()
+                stub.SearchByImage(gateway_pb2.SearchByImageRequest(image=b"photo", k=1), timeout=4)
+                assert time.monotonic() - started < 3.9
+            assert gateway.core.indexer.replica_sets[0].replicas[0].state == "UNREACHABLE"
+            started = time.monotonic()
+            listing = stub.AddListing(gateway_pb2.AddListingRequest(
+                listing=gateway_pb2.Listing(id="H-1", title="hung", main_category="Appliances"),
+                images=[b"photo H-1"]), timeout=6).listing
+            assert time.monotonic() - started < 3.5
+            hung = gateway.core.indexer.replica_sets[0].replicas[0]
+            assert hung.state == "MISSED_WRITES"
+            for _ in range(3):  # never read from the replica that missed writes
+                started = time.monotonic()
+                reply = stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
+                    listing_id=listing.id, k=1), timeout=6)
+                assert time.monotonic() - started < 1.5 and not reply.missing_shards
+    finally:
+        gateway.stop(0)
+        embedder.stop(0)
+        live.stop(0)
+        hole.close()
