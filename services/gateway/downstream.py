@@ -561,8 +561,15 @@ class IndexerShards:
                 if attempt.position + 1 < len(attempt.order) and deadline.remaining() > 0:
                     attempt.position += 1
                     self.events.failover(shard, replica, code, attempt.replica)
-                    start(attempt)
-                    continue
+                    try:
+                        start(attempt)
+                        continue
+                    except DeadlineExceeded:
+                        if partial is None:
+                            raise
+                        partial.missing_shards.add(shard)
+                        self.events.partial_result(shard, "no time left for another replica")
+                        return None
                 rounds += 1
                 delay = self.policy.backoff(rounds - 1) * random.uniform(0.5, 1.0)
                 if (code == grpc.StatusCode.UNAVAILABLE and rounds < self.policy.attempts
