@@ -764,6 +764,10 @@ class IndexerShards:
             log.info("%s missed writes and cannot be asked to catch up yet: %s", replica.label,
                      error.code().name)
             return
+        if reply.state == "refusing":  # it has no INDEXER_PEERS: it can never catch up
+            log.error("%s missed writes but cannot catch up (no INDEXER_PEERS?); it is not read "
+                      "from until it is restarted with its peers", replica.label)
+            return
         replica.set_state(NOT_SERVING, f"asked to catch up: {reply.state}")
 
 
