@@ -414,6 +414,7 @@ class Replica:
         self.replication = indexer_pb2_grpc.ReplicationStub(self.downstream.channel)
         self.events = events
         self.state = UNKNOWN
+        self.refused_catch_up = False
         self._lock = threading.Lock()
 
     @property
@@ -765,9 +766,13 @@ class IndexerShards:
                      error.code().name)
             return
         if reply.state == "refusing":  # it has no INDEXER_PEERS: it can never catch up
+            if replica.refused_catch_up:
+                return
+            replica.refused_catch_up = True
             log.error("%s missed writes but cannot catch up (no INDEXER_PEERS?); it is not read "
                       "from until it is restarted with its peers", replica.label)
             return
+        replica.refused_catch_up = False
         replica.set_state(NOT_SERVING, f"asked to catch up: {reply.state}")
 
 
