@@ -21,7 +21,7 @@ from marketplace.indexer.v1 import indexer_pb2
 from scripts.stack import free_port
 from common.config import ConfigError
 from services.gateway.config import GatewayConfig, RetryPolicy, shard_replicas_setting
-from services.gateway.downstream import Deadline
+from services.gateway.downstream import Deadline, IndexerShards
 from services.gateway.server import SERVICE_NAME
 from services.gateway.server import start as start_gateway
 from services.gateway.shards import shard_of
@@ -243,3 +243,18 @@ def test_a_hung_replica_slows_neither_reads_nor_writes_for_long(tmp_path):
         embedder.stop(0)
         live.stop(0)
         hole.close()
+
+
+def test_reads_rotate_over_usable_replicas_and_never_reach_one_that_missed_writes():
+    shards = IndexerShards([("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")], RetryPolicy())
+    try:
+        replicas = shards.replica_sets[0]
+        firsts = [replicas.read_order()[0].number for _ in range(6)]
+        assert firsts == [0, 1, 2, 0, 1, 2]
+        a, b, c = replicas.replicas
+        b.set_state("UNREACHABLE", "test")
+        c.set_state("MISSED_WRITES", "test")
+        orders = [[r.number for r in replicas.read_order()] for _ in range(3)]
+        assert all(order == [0, 1] for order in orders)  # usable first, stale never
+    finally:
+        shards.close()
