@@ -37,7 +37,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 THIRD_PARTY_ENV = {"HF_HUB_OFFLINE"}
 #: What each service cannot start without (besides the write token, checked apart).
 REQUIRED_ENV = {"embedder": {"EMBEDDER_ARTIFACT_DIR"}, "indexer": {"INDEXER_DATA_DIR"},
-                "gateway": {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB"}}
+                "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"}}
 _ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_path", "getenv", "get", "_read"}
 _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
 
@@ -102,16 +102,39 @@ def check_env(service: str, env: dict[str, str], where: str) -> None:
     assert not missing, f"{where}: {service} needs {sorted(missing)}"
     if service in ("indexer", "gateway"):
         assert ("WRITE_TOKEN" in env) != ("WRITE_TOKEN_FILE" in env), f"{where}: {service} needs one write token"
+    if service == "gateway":
+        assert ("INDEXER_ADDRS" in env) != ("INDEXER_SHARDS" in env), f"{where}: the gateway needs one shard list"
 
 
-def check_gateway_targets(env: dict[str, str], services: dict[str, int], shard_order: list[str], where: str):
-    """EMBEDDER_ADDR names the embedder's address and port; INDEXER_ADDRS every shard, in order."""
+def gateway_shards(env: dict[str, str]) -> list[list[str]]:
+    """The indexer addresses per shard, in shard order, from INDEXER_SHARDS or INDEXER_ADDRS."""
+    if "INDEXER_SHARDS" in env:
+        shards = dict(part.split("=", 1) for part in env["INDEXER_SHARDS"].split(";"))
+        assert sorted(map(int, shards)) == list(range(len(shards))), env["INDEXER_SHARDS"]
+        return [shards[str(i)].split("|") for i in range(len(shards))]
+    return [[address] for address in env["INDEXER_ADDRS"].split(",")]
+
+
+def check_gateway_targets(env: dict[str, str], services: dict[str, int],
+                          indexers: dict[str, dict[str, str]], where: str) -> None:
+    """EMBEDDER_ADDR names the embedder's address and port; the gateway's shard list holds every
+    indexer, each in the shard its INDEXER_SHARD says, its INDEXER_PEERS the other replicas."""
     embedder = re.fullmatch(r"dns:///([\w.-]+):(\d+)", env["EMBEDDER_ADDR"])
     assert embedder, f"{where}: EMBEDDER_ADDR={env['EMBEDDER_ADDR']} is not a dns:/// target (round_robin)"
     assert services.get(embedder[1]) == int(embedder[2]) == service_port("embedder"), where
-    shards = [address.rsplit(":", 1) for address in env["INDEXER_ADDRS"].split(",")]
-    assert [name for name, _ in shards] == shard_order, f"{where}: INDEXER_ADDRS is not every shard in order"
-    assert all(services.get(name) == int(port) == service_port("indexer") for name, port in shards), where
+    shards = gateway_shards(env)
+    listed = [address.rsplit(":", 1)[0] for replicas in shards for address in replicas]
+    assert sorted(listed) == sorted(indexers), f"{where}: the gateway lists {listed}, the indexers are {sorted(indexers)}"
+    for number, replicas in enumerate(shards):
+        for address in replicas:
+            name, port = address.rsplit(":", 1)
+            assert services.get(name) == int(port) == service_port("indexer"), f"{where}: {address}"
+            indexer_env = indexers[name]
+            if len(replicas) > 1 or "INDEXER_SHARD" in indexer_env:
+                assert indexer_env.get("INDEXER_SHARD") == str(number), f"{where}: {name} is not shard {number}"
+                peers = sorted(indexer_env.get("INDEXER_PEERS", "").split(",")) if len(replicas) > 1 else [""]
+                assert peers == sorted(a for a in replicas if a != address) or len(replicas) == 1, \
+                    f"{where}: {name}'s INDEXER_PEERS are not the other replicas of shard {number}"
 
 
 # --- docker-compose.yml and the Swarm stack ---------------------------------------------------
@@ -138,10 +161,10 @@ def test_compose_format_services_match_the_code(path):
         test = " ".join(service["healthcheck"]["test"])
         assert f"127.0.0.1:{port} grpc.health.v1.Health/Check" in test, f"{path.name} {name}: healthcheck"
         assert "command" not in service and "entrypoint" not in service, "the image's CMD runs the service"
-    shards = sorted((n for n, k in services.items() if k == "indexer"), key=lambda n: int(n.rsplit("-", 1)[1]))
+    indexers = {n: compose_env(spec["services"][n]) for n, k in services.items() if k == "indexer"}
     gateway = spec["services"][next(n for n, k in services.items() if k == "gateway")]
     addresses = {n: service_port(k) for n, k in services.items()}
-    check_gateway_targets(compose_env(gateway), addresses, shards, path.name)
+    check_gateway_targets(compose_env(gateway), addresses, indexers, path.name)
 
 
 def test_swarm_stack_secrets_balancing_and_rollout():
@@ -160,6 +183,7 @@ def test_swarm_stack_secrets_balancing_and_rollout():
             # gRPC clients balance over the tasks themselves; one writer per shard volume
             assert deploy["endpoint_mode"] == "dnsrr" and deploy["update_config"]["order"] == "stop-first"
             assert f"node.labels.marketplace.{name} == true" in deploy["placement"]["constraints"]
+            assert deploy["replicas"] == 1, "one task per replica service: each has its own volume"
         elif name == "embedder":
             assert deploy["endpoint_mode"] == "dnsrr" and deploy["update_config"]["order"] == "start-first"
             assert deploy["replicas"] >= 2
@@ -244,7 +268,7 @@ def check_k8s(docs: list[dict], where: str) -> None:
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     service_ports = {name: svc["spec"]["ports"][0]["port"] for name, svc in by_kind["Service"].items()}
     secrets = by_kind.get("Secret", {})
-    shards = []
+    shard_envs = {}
     kinds = {}
     for workload, pod in pod_specs(docs):
         (container,) = pod["containers"]
@@ -278,12 +302,12 @@ def check_k8s(docs: list[dict], where: str) -> None:
             assert workload["kind"] == "StatefulSet", label
             service = by_kind["Service"][workload["spec"]["serviceName"]]
             assert service["spec"]["clusterIP"] == "None", f"{label}: headless Service per shard"
-            shards.append(workload["metadata"]["name"])
+            shard_envs[workload["spec"]["serviceName"]] = env
         if kind == "embedder":
             assert by_kind["Service"]["embedder"]["spec"]["clusterIP"] == "None", "dns:/// needs a headless Service"
         if kind == "gateway":
             gateway_env = env
-    check_gateway_targets(gateway_env, service_ports, sorted(shards, key=lambda n: int(n.rsplit("-", 1)[1])), where)
+    check_gateway_targets(gateway_env, service_ports, shard_envs, where)
     scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind["HorizontalPodAutoscaler"].values()}
     assert scaled == {n for n, k in kinds.items() if k in ("gateway", "embedder")}, f"{where}: HPAs"
     budgets = [p["spec"]["selector"]["matchLabels"] for p in by_kind["PodDisruptionBudget"].values()]
