@@ -312,7 +312,8 @@ def check_k8s(docs: list[dict], where: str) -> None:
     assert scaled == {n for n, k in kinds.items() if k in ("gateway", "embedder")}, f"{where}: HPAs"
     budgets = [p["spec"]["selector"]["matchLabels"] for p in by_kind["PodDisruptionBudget"].values()]
     for workload, _ in pod_specs(docs):
-        assert workload["spec"]["selector"]["matchLabels"] in budgets, f"{where}: no PDB for {workload['metadata']['name']}"
+        labels = workload["spec"]["template"]["metadata"]["labels"].items()
+        assert any(budget.items() <= labels for budget in budgets), f"{where}: no PDB for {workload['metadata']['name']}"
     # only the gateway reaches the embedder and the indexers
     for policy in by_kind["NetworkPolicy"].values():
         target = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
