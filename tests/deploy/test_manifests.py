@@ -160,6 +160,8 @@ def test_compose_format_services_match_the_code(path):
         port = service_port(kind)
         test = " ".join(service["healthcheck"]["test"])
         assert f"127.0.0.1:{port} grpc.health.v1.Health/Check" in test, f"{path.name} {name}: healthcheck"
+        if "INDEXER_PEERS" in env:  # replicas must see each other while catching up: alive, not SERVING
+            assert '"SERVING"' not in test, f"{path.name} {name}: a replica's healthcheck must not need SERVING"
         assert "command" not in service and "entrypoint" not in service, "the image's CMD runs the service"
     indexers = {n: compose_env(spec["services"][n]) for n, k in services.items() if k == "indexer"}
     gateway = spec["services"][next(n for n, k in services.items() if k == "gateway")]
