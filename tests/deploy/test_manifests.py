@@ -283,6 +283,10 @@ def check_k8s(docs: list[dict], where: str) -> None:
         env = {e["name"]: e.get("value", "<from secret>") for e in container["env"]}
         check_env(kind, env, label)
         for probe in ("readinessProbe", "livenessProbe"):
+            if kind == "indexer" and probe == "livenessProbe":
+                # a catching-up replica says NOT_SERVING on every entry: alive = accepts connections
+                assert container[probe]["tcpSocket"]["port"] == port, f"{label}: {probe}"
+                continue
             grpc_probe = container[probe]["grpc"]
             assert grpc_probe["port"] == port, f"{label}: {probe} port"
             assert grpc_probe.get("service", "") == (HEALTH_NAMES[kind] if probe == "readinessProbe" else ""), \
@@ -303,7 +307,9 @@ def check_k8s(docs: list[dict], where: str) -> None:
         if kind == "indexer":
             assert workload["kind"] == "StatefulSet", label
             service = by_kind["Service"][workload["spec"]["serviceName"]]
-            assert service["spec"]["clusterIP"] == "None", f"{label}: headless Service per shard"
+            assert service["spec"]["clusterIP"] == "None", f"{label}: headless Service per replica"
+            if "INDEXER_PEERS" in env:
+                assert service["spec"].get("publishNotReadyAddresses"), f"{label}: peers must see it while catching up"
             shard_envs[workload["spec"]["serviceName"]] = env
         if kind == "embedder":
             assert by_kind["Service"]["embedder"]["spec"]["clusterIP"] == "None", "dns:/// needs a headless Service"
