@@ -326,9 +326,14 @@ def check_k8s(docs: list[dict], where: str) -> None:
     for policy in by_kind["NetworkPolicy"].values():
         target = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
         if target in ("embedder", "indexer"):
-            (rule,) = policy["spec"]["ingress"]
-            assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]
-            assert rule["ports"] == [{"protocol": "TCP", "port": service_port(target)}]
+            # the gateway; for indexers also their peers (replica catch-up)
+            allowed = {"gateway"} | ({"indexer"} if target == "indexer" else set())
+            sources = set()
+            for rule in policy["spec"]["ingress"]:
+                assert rule["ports"] == [{"protocol": "TCP", "port": service_port(target)}]
+                sources |= {f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in rule["from"]}
+                assert all(set(f) == {"podSelector"} for f in rule["from"]), "pods only, no namespaces or IPs"
+            assert sources == allowed, f"{where}: {target} reachable from {sources}"
     protected = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in by_kind["NetworkPolicy"].values()}
     assert {"embedder", "indexer"} <= protected
 
