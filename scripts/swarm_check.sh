@@ -211,7 +211,8 @@ write_targets() {
     found=("127.0.0.1:$GATEWAY_PUBLISHED_PORT")
   else
     for c in $(docker ps -q --filter "label=com.docker.swarm.service.name=$(svc gateway)" --filter health=healthy); do
-      found+=("$(docker port "$c" 50050/tcp 2>/dev/null | sed -n '1s/.*:\([0-9]*\)$/127.0.0.1:\1/p')")
+      # (|| true: a container killed since `docker ps` has no port, and pipefail would end the loop)
+      found+=("$( (docker port "$c" 50050/tcp 2>/dev/null || true) | sed -n '1s/.*:\([0-9]*\)$/127.0.0.1:\1/p')")
     done
   fi
   printf '%s\n' "${found[@]}" | grep . >"$TARGETS.new" || true
