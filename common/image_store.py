@@ -119,9 +119,8 @@ class LocalImageStore:
     atomically (temporary file + rename), so a reader never sees half a photo."""
 
     def __init__(self, root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.root = Path(root).resolve()
+        self.root = Path(root).resolve()   # created by the first photo stored
         self.max_bytes = max_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"LocalImageStore({str(self.root)!r})"
@@ -136,7 +135,7 @@ class LocalImageStore:
     def put(self, image_id: str, data: bytes) -> StoredImage:
         path = self.path_of(image_id)
         content_type = check_photo(data, self.max_bytes)
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
         try:
             with os.fdopen(handle, "wb") as file:
@@ -158,7 +157,7 @@ class LocalImageStore:
         size = source.stat().st_size
         if size > self.max_bytes or sniff_content_type(head) is None:
             check_photo(source.read_bytes(), self.max_bytes)   # raises with the reason
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, path)
         except OSError:

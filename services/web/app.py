@@ -21,6 +21,8 @@ from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Requ
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.image_store import ImageNotFound, ImageStore, InvalidImageId, open_image_store
@@ -28,7 +30,7 @@ from common.security import open_channel
 from marketplace.gateway.v1 import gateway_pb2
 from services.gateway.client import GatewayClient
 from services.web.config import WebConfig
-from services.web.errors import EdgeError, from_rpc_error
+from services.web.errors import HTTP_CODE_NAMES, EdgeError, from_rpc_error
 from services.web.schemas import (
     CategoriesOut,
     ClassificationOut,
@@ -55,6 +57,9 @@ _BLANK_PNG = base64.b64decode(
 _ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 429, 503, 504)}
 _WRITE_ERRORS = {**_ERRORS, **{status: {"model": ErrorBody} for status in (401, 403, 409)}}
 _bearer = HTTPBearer(auto_error=False, description="the gateway's WRITE_TOKEN")
+#: Writes send the bearer token on to the gateway, which requires it only when its WRITE_TOKEN
+#: is set: so the document says "bearer token, or none".
+_WRITE_SECURITY = {"security": [{}]}   # appended to FastAPI's [{"HTTPBearer": []}]
 
 
 class UploadLimit:
@@ -130,6 +135,21 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
     @app.exception_handler(EdgeError)
     async def edge_error(_request: Request, exc: EdgeError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"detail": exc.detail, "code": exc.code})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The framework's own refusals (malformed multipart, unknown path) in the same shape;
+        a 405's Allow names every method of the path (Starlette names only its first route's)."""
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            methods = set()
+            for route in app.router.routes:
+                if route.matches(request.scope)[0] != Match.NONE:
+                    methods |= getattr(route, "methods", None) or set()
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse(status_code=exc.status_code, headers=headers,
+                            content={"detail": str(exc.detail), "code": HTTP_CODE_NAMES.get(
+                                exc.status_code, "UNKNOWN")})
 
     def call(work: Callable[[], T]) -> T:
         try:
@@ -260,7 +280,7 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
     # ------------------------------------------------------------------ writes
 
     @app.post("/api/listings", response_model=ListingOut, status_code=201,
-              responses=_WRITE_ERRORS, tags=["listings"],
+              responses=_WRITE_ERRORS, tags=["listings"], openapi_extra=_WRITE_SECURITY,
               summary="AddListing: a new listing with its photos (write token)")
     def add_listing(images: Annotated[list[UploadFile], File(description="the photos, in order")],
                     title: Annotated[str, Form()],
@@ -285,7 +305,8 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
             listing_id=listing_id, write_token=token)))
 
     @app.delete("/api/listings/{listing_id}", response_model=RemovedOut, responses=_WRITE_ERRORS,
-                tags=["listings"], summary="RemoveListing: a listing and its photos (write token)")
+                tags=["listings"], openapi_extra=_WRITE_SECURITY,
+                summary="RemoveListing: a listing and its photos (write token)")
     def remove_listing(listing_id: Annotated[str, PathParam()],
                        auth: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
                        ) -> RemovedOut:

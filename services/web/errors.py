@@ -24,6 +24,11 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
+#: The code name given to the framework's own HTTP errors (a malformed multipart body, ...).
+HTTP_CODE_NAMES: dict[int, str] = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
+                                   403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                                   405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+
 
 class EdgeError(Exception):
     """An answer other than 200: HTTP status, gRPC-style code name and a message for a person."""
@@ -41,6 +46,6 @@ def from_rpc_error(error: grpc.RpcError, gateway: str) -> EdgeError:
     if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details or "Connection" in details
                                                 or not details):
         # the channel's own words ("failed to connect to all addresses ...") mean nothing to a user
-        details = (f"the search service (gateway at {gateway}) is not reachable right now; "
+        details = (f"The search service (gateway at {gateway}) is not reachable right now; "
                    f"try again in a moment ({details or 'no answer'})")
     return EdgeError(HTTP_STATUS.get(code, 500), code.name, details or code.name)

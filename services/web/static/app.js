@@ -220,7 +220,6 @@ async function classify() {
     renderPrediction(await api("/api/classify?top_k=5", { method: "POST", body: form }));
   } catch (err) {
     $("prediction-panel").hidden = true;
-    showError(err.message);
     throw err;
   }
 }
@@ -238,8 +237,12 @@ async function usePhoto(file) {
   try {
     await classify();
   } catch (err) {
+    // the gateway's reason is on the page; searching the same photo would only repeat it
+    showError(`This photo could not be used: ${err.message}`);
+    clearPhoto();
+    $("results").replaceChildren();
     $("results-summary").textContent = "The photo could not be searched.";
-    return;   // the message is on the page; searching the same photo would only repeat it
+    return;
   }
   await search();
 }
