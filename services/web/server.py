@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import uvicorn
@@ -32,6 +33,10 @@ def seed_photos(config: WebConfig) -> None:
     threading.Thread(target=fill, name="seed-photos", daemon=True).start()
 
 
+def _stopped(_signum, _frame) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = WebConfig.from_env(argv)
     setup_logging("web", config.log_level)
@@ -39,5 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(config)
     log.info("web edge for gateway %s on http://%s:%d/ (photos from %s)", config.gateway_addr,
              config.host, config.port, config.image_store_dir)
+    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again with the handler
+    # it found: this one, so a stop on request exits 0 like the other services.
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                 access_log=config.log_level.lower() == "debug", timeout_graceful_shutdown=5)

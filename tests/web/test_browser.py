@@ -5,6 +5,7 @@ text, like listings and see the recommendations change, upload a text file and r
 phone-sized screen, and a dead gateway. Each step is saved as a PNG under ``build/web/``."""
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -158,7 +159,16 @@ def test_the_page_fits_a_phone(browser, web_stack):
     page, problems = new_page(browser, viewport={"width": 390, "height": 844},
                               device_scale_factor=2, is_mobile=True, has_touch=True)
     page.goto(web_stack.url)
-    page.set_input_files("#photo", str(outside_photos(web_stack.prepared, 2)[1]))
+    photo = outside_photos(web_stack.prepared, 2)[1]
+    # dropped on the drop zone, as a file dragged from another window would be
+    page.evaluate("""([name, encoded]) => {
+        const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+        document.querySelector("#dropzone").dispatchEvent(
+            new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }""", [photo.name, base64.b64encode(photo.read_bytes()).decode()])
+    page.wait_for_function("document.querySelector('#predicted-category').textContent.includes('%')")
     wait_for_cards(page, "#results", 5)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     columns = page.evaluate("getComputedStyle(document.querySelector('#results'))"
