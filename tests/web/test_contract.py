@@ -33,7 +33,7 @@ def test_the_edge_serves_the_document_the_contract_tests_use(web_stack):
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=15, deadline=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 def test_every_endpoint_keeps_its_contract(case, web_stack):
     response = case.call_and_validate(base_url=web_stack.url, timeout=120,
