@@ -434,3 +434,19 @@ class IndexerShards:
         request = indexer_pb2.GetStatsRequest(collection=collection)
         return call_all([Call(shard.label, stub.GetStats, request, caller_input=False)
                          for shard, stub in zip(self.shards, self.stubs)], deadline, self.policy)
+
+    def list_ids(self, shard: int, deadline: Deadline, *, collection: str = IMAGE_COLLECTION,
+                 page_size: int = 1000) -> list[tuple[str, str]]:
+        """Every (item id, listing id) stored on ``shard`` in ``collection``, paged (ListIds)."""
+        listed: list[tuple[str, str]] = []
+        token = ""
+        while True:
+            reply = call_one(Call(self.shards[shard].label, self.stubs[shard].ListIds,
+                                  indexer_pb2.ListIdsRequest(collection=collection, page_size=page_size,
+                                                             page_token=token),
+                                  caller_input=False),
+                             deadline, self.policy)
+            listed.extend((entry.id, entry.listing_id) for entry in reply.ids)
+            token = reply.next_page_token
+            if not token:
+                return listed

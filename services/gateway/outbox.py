@@ -1,0 +1,195 @@
+"""Applies the catalogue's outbox: pending vector writes pushed to the owning indexer shard.
+
+AddListing and RemoveListing write the catalogue and queue their index writes in one transaction
+(`catalogue.Catalogue.add_pending` / `remove_queued`), then ask this applier to push that
+listing's entries at once (`apply_listing`, within the request's deadline). Whatever is not
+acknowledged then (a shard down, the gateway killed) is pushed by the background loop of any
+gateway sharing the catalogue (`start`), with backoff, until the shard acknowledges it. Writes are
+idempotent (Upsert replaces by id, Delete ignores unknown ids), so applying an entry twice (a
+lease that ran out, a crash after the shard acknowledged but before the entry was marked done)
+changes nothing. Shard calls go through `downstream.IndexerShards` (``upsert``/``delete`` on a
+shard number), the one place that knows how a shard is reached.
+
+Ordering: an entry is taken only when it is the first pending one of its listing and nobody
+holds its lease, so an Upsert and a later Delete of the same listing never overtake each other;
+the lease (``GATEWAY_OUTBOX_LEASE_S``) is longer than any single push (at most half of it), so a
+push that is slow is never still running when the next holder starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from services.gateway.catalogue import (
+    DELETE,
+    Catalogue,
+    CatalogueError,
+    CatalogueUnavailable,
+    OutboxEntry,
+)
+from services.gateway.domain import FailedPrecondition, GatewayError
+from services.gateway.downstream import IMAGE_COLLECTION, Deadline, IndexerShards, IndexItem
+
+log = logging.getLogger(__name__)
+
+#: Most seconds between two attempts at one failing entry.
+MAX_RETRY_DELAY_S = 30.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Delay before the next attempt after ``attempts`` failed ones: 0.2 s doubling, capped."""
+    return min(MAX_RETRY_DELAY_S, 0.2 * 2 ** min(attempts, 10))
+
+
+class OutboxApplier:
+    def __init__(self, catalogue: Catalogue, indexer: IndexerShards, *, lease_s: float = 30.0,
+                 interval_s: float = 0.5, batch: int = 64) -> None:
+        self.catalogue = catalogue
+        self.indexer = indexer
+        self.lease_s = lease_s
+        self.interval_s = interval_s
+        self.batch = batch
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ one entry
+
+    def push_timeout_s(self) -> float:
+        return self.lease_s / 2
+
+    def apply(self, entry: OutboxEntry, deadline: Deadline) -> bool:
+        """Push one claimed entry to its shard; mark it done (True) or schedule a retry (False)."""
+        try:
+            if entry.op == DELETE:
+                self._push_delete(entry, deadline)
+            else:
+                self._push_upsert(entry, deadline)
+        except GatewayError as exc:
+            delay = retry_delay(entry.attempts)
+            log.warning("outbox entry %d (%s listing %s on shard %d) not applied, retry in %.1f s: %s",
+                        entry.seq, entry.op, entry.listing_id, entry.shard, delay, exc.message)
+            self._record_failure(entry, exc.message, delay)
+            return False
+        self.catalogue.complete(entry)
+        return True
+
+    def _record_failure(self, entry: OutboxEntry, message: str, delay: float) -> None:
+        try:
+            self.catalogue.fail(entry, message, delay)
+        except (CatalogueUnavailable, CatalogueError) as exc:  # the lease runs out by itself
+            log.warning("could not record the failure of outbox entry %d: %s", entry.seq, exc)
+
+    def _push_upsert(self, entry: OutboxEntry, deadline: Deadline) -> None:
+        listing = entry.listing
+        if listing is None or not entry.vectors:
+            return  # removed since (its delete entry follows): nothing to push
+        by_collection: dict[str, list[IndexItem]] = {}
+        for stored in entry.vectors:
+            by_collection.setdefault(stored.collection, []).append(IndexItem(
+                stored.item_id, stored.vector, listing.id, listing.main_category, listing.price,
+                listing.location))
+        # photos first, then the text vector: the same order the request path always used
+        for collection in sorted(by_collection, key=lambda c: (c != IMAGE_COLLECTION, c)):
+            self.indexer.upsert(entry.shard, by_collection[collection], deadline, collection=collection)
+
+    def _push_delete(self, entry: OutboxEntry, deadline: Deadline) -> None:
+        for collection, ids in sorted(entry.item_ids.items()):
+            if not ids:
+                continue
+            try:
+                self.indexer.delete(entry.shard, ids, deadline, collection=collection)
+            except FailedPrecondition as exc:  # e.g. no "text" collection on this shard
+                if collection == IMAGE_COLLECTION:
+                    raise
+                log.debug("nothing deleted from %s for listing %s: %s", collection, entry.listing_id, exc)
+
+    # ------------------------------------------------------------------ one listing (request path)
+
+    def apply_listing(self, listing_id: str, deadline: Deadline) -> bool:
+        """Push every pending entry of ``listing_id`` in order before ``deadline``; True when none
+        is left. An entry another gateway holds is waited for (it is being pushed)."""
+        while True:
+            try:
+                pending = self.catalogue.pending_outbox(listing_id)
+            except CatalogueUnavailable as exc:
+                log.warning("outbox of listing %s not applied now: %s", listing_id, exc.message)
+                return False
+            if not pending:
+                return True
+            budget = min(deadline.remaining(), self.push_timeout_s())
+            if budget <= 0.01:
+                return False
+            try:
+                entry = self.catalogue.claim(pending[0], self.holder, self.lease_s, ignore_backoff=True)
+                if entry is None:
+                    time.sleep(min(0.02, max(0.0, deadline.remaining())))
+                    continue
+                if not self.apply(entry, Deadline(budget)):
+                    self._wake.set()
+                    return False
+            except CatalogueUnavailable as exc:  # committed already: the loop finishes the job
+                log.warning("outbox of listing %s not applied now: %s", listing_id, exc.message)
+                return False
+
+    # ------------------------------------------------------------------ background loop
+
+    def run_once(self) -> int:
+        """Push every entry that is due now; returns how many were applied."""
+        applied = 0
+        for seq in self.catalogue.due_outbox(time.time(), self.batch):
+            if self._stop.is_set():
+                break
+            entry = self.catalogue.claim(seq, self.holder, self.lease_s)
+            if entry is not None and self.apply(entry, Deadline(self.push_timeout_s())):
+                applied += 1
+        return applied
+
+    def drain(self, timeout_s: float) -> bool:
+        """Apply until nothing is pending (True) or ``timeout_s`` passed (False)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                self.run_once()
+                if not self.catalogue.pending_outbox():
+                    return True
+            except (CatalogueUnavailable, CatalogueError) as exc:
+                log.warning("outbox: %s", exc)
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+        return False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="outbox-applier", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                applied = self.run_once()
+            except (CatalogueUnavailable, CatalogueError) as exc:
+                log.warning("outbox applier: %s", exc)
+                applied = 0
+            except Exception:  # keep the loop alive; the entry stays queued
+                log.exception("outbox applier failed")
+                applied = 0
+            if applied:
+                continue  # more may be due
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
