@@ -382,12 +382,12 @@ class Catalogue:
 
     def remove_queued(self, listing_id: str, shard: int, *,
                       text_collection: str = "text") -> tuple[Listing, OutboxEntry] | None:
-        """RemoveListing's one transaction: delete the live listing (with its photos and vectors)
-        and queue the deletion of its photo and text vectors on ``shard``. None if no live listing
-        has that id."""
+        """RemoveListing's one transaction: delete the listing (with its photos and vectors;
+        pending or live) and queue the deletion of its photo and text vectors on ``shard``, after
+        any write of it still queued. None if no listing has that id."""
         now = time.time()
         with self._tx() as tx:
-            listing = _read_listing(tx, listing_id, include_pending=False)
+            listing = _read_listing(tx, listing_id, include_pending=True)
             if listing is None:
                 return None
             item_ids = {"image": list(listing.image_ids), text_collection: [listing_id]}

@@ -243,13 +243,17 @@ def test_entries_of_one_listing_apply_in_order(catalogue_url):
     item = listing("L1")
     with Catalogue.open(catalogue_url) as catalogue:
         add = catalogue.add_pending(item, vectors_of(item), shard=0)
-        assert catalogue.remove_queued("L1", 0) is None  # pending: not removable yet
+        removed, delete = catalogue.remove_queued("L1", 0)  # still pending: removable all the same
+        assert catalogue.due_outbox(time.time()) == [add.seq]  # the deletion waits for the upsert
+        assert catalogue.claim(delete.seq, "B", 30) is None
         first = catalogue.claim(add.seq, "A", 30)
+        assert first.listing is None  # gone since: nothing to push
         catalogue.complete(first)
-        removed, delete = catalogue.remove_queued("L1", 0)
+        assert catalogue.remove_queued("L1", 0) is None
         assert removed == item and delete.op == "delete"
         assert delete.item_ids == {"image": ["L1-a", "L1-b"], "text": ["L1"]}
         again = catalogue.add_pending(item, vectors_of(item), shard=0)  # same id added again
+        assert again.seq > delete.seq
         assert catalogue.due_outbox(time.time()) == [delete.seq]  # the re-add waits its turn
         assert catalogue.claim(again.seq, "B", 30) is None
         catalogue.complete(catalogue.claim(delete.seq, "A", 30))
