@@ -31,6 +31,7 @@ from tests.gateway.gateway_fakes import (
     serve_embedder,
     serve_indexer,
 )
+from tests.support.postgres import PostgresCluster
 
 # (id, main category, price, location, photos)
 LISTINGS = [
@@ -543,3 +544,39 @@ def test_cli_recommend_and_text_commands(stack, tmp_path, capsys):
     assert cli.main(["--addr", stack.address, "hybrid", str(photo_file), "oak", "--fusion", "rrf",
                      "--text-weight", "0.3"]) == 1
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def _answers(call) -> bool:
+    try:
+        call()
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_catalogue_database_going_away_is_unavailable_then_recovers(tmp_path):
+    """A real PostgreSQL catalogue stopped under a serving gateway: every call that needs it is
+    UNAVAILABLE naming the database; started again, the same gateway serves (no restart)."""
+    cluster = PostgresCluster().start()
+    try:
+        s = Stack(tmp_path, db_path=cluster.create_database("gw"), db_connect_timeout_s=1.0)
+        try:
+            assert s.client.get("L-box").id == "L-box"
+            cluster.stop()
+            for call in (lambda: s.client.get("L-box"),
+                         lambda: s.client.search_by_image(photo("L-box"), k=1),
+                         lambda: s.client.add([b"p"], title="t", main_category="Other Goods"),
+                         lambda: s.client.remove("L-box")):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                assert "catalogue database" in error.details()
+                assert f"127.0.0.1:{cluster.port}/gw" in error.details()
+            cluster.start()
+            assert wait_for(lambda: _answers(lambda: s.client.get("L-box")), 30)
+            added = s.client.add_listing([b"after"], title="t", main_category="Other Goods")
+            assert not added.pending and s.client.get(added.listing.id) == added.listing
+            assert s.client.search_by_image(photo("L-box"), k=1)[0].listing.id == "L-box"
+        finally:
+            s.close()
+    finally:
+        cluster.destroy()
