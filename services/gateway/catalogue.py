@@ -419,11 +419,16 @@ class Catalogue:
     def due_outbox(self, now: float, limit: int = 64, listing_id: str | None = None) -> list[int]:
         """Sequence numbers of entries an applier may take now: not leased, not backing off, and
         first in line for their listing (entries of one listing apply strictly in order)."""
+        return [seq for seq, _ in self.due_outbox_shards(now, limit, listing_id)]
+
+    def due_outbox_shards(self, now: float, limit: int = 64,
+                          listing_id: str | None = None) -> list[tuple[int, int]]:
+        """`due_outbox` with each entry's shard: [(seq, shard)]."""
         where = " AND o.listing_id = ?" if listing_id is not None else ""
         params: tuple = (now, now) + ((listing_id,) if listing_id is not None else ()) + (limit,)
         with self._tx() as tx:
-            return [int(row[0]) for row in tx.execute(
-                "SELECT o.seq FROM outbox o WHERE o.next_attempt_at <= ? AND o.lease_until < ?"
+            return [(int(row[0]), int(row[1])) for row in tx.execute(
+                "SELECT o.seq, o.shard FROM outbox o WHERE o.next_attempt_at <= ? AND o.lease_until < ?"
                 f"{where} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = o.listing_id "
                 "AND e.seq < o.seq) ORDER BY o.seq LIMIT ?", params).fetchall()]
 
@@ -476,6 +481,20 @@ class Catalogue:
             if entry.op == UPSERT:
                 tx.execute("UPDATE listings SET state = ? WHERE id = ? AND write_id = ?",
                            (LIVE, entry.listing_id, entry.write_id))
+
+    def cancel_upsert(self, entry: OutboxEntry, holder: str, error: str) -> bool:
+        """AddListing's shard refused or could not be reached: while ``holder`` still holds the
+        entry, drop the pending listing and turn the entry into a deletion of the same ids (in
+        case an attempt landed after all), in one transaction. False if the entry moved on."""
+        with self._tx() as tx:
+            changed = tx.execute(
+                "UPDATE outbox SET op = ?, write_id = '', lease_holder = '', lease_until = 0, "
+                "attempts = 0, next_attempt_at = 0, last_error = ? WHERE seq = ? AND op = ? "
+                "AND lease_holder = ?", (DELETE, error[:1000], entry.seq, UPSERT, holder)).rowcount
+            if changed != 1:
+                return False
+            tx.execute("DELETE FROM listings WHERE id = ? AND write_id = ?", (entry.listing_id, entry.write_id))
+        return True
 
     def fail(self, entry: OutboxEntry, error: str, retry_in_s: float) -> None:
         """Applying ``entry`` failed: release it and try again after ``retry_in_s``."""

@@ -14,8 +14,10 @@ AddListing is all or nothing with no window for orphan vectors (design and failu
 ``docs/catalogue.md``): embed (nothing stored yet) -> one catalogue transaction holding the listing
 (``pending``, invisible to reads), its vectors and an outbox entry -> the outbox pushes the vectors
 to the listing's shard (at once, within the request's deadline; else later, by any gateway's
-applier loop) and the listing turns live in the transaction that marks the entry done. The
-response says ``pending`` when the shard has not acknowledged yet. RemoveListing deletes the row
+applier loop) and the listing turns live in the transaction that marks the entry done. If the
+shard refuses the vectors or cannot be reached, the add is cancelled (the listing dropped and its
+ids queued for deletion, in one transaction) and the error returned; if the outcome is unknown (a
+timeout), the response says ``pending`` and the outbox keeps pushing. RemoveListing deletes the row
 and queues the vector deletion in one transaction, then pushes it the same way. Nothing is ever
 undone by a compensating call that a late write could overtake: writes only roll forward.
 
@@ -450,8 +452,13 @@ class GatewayCore:
         except DuplicateListing as exc:
             raise AlreadyExists(str(exc)) from None
 
-        # 3. Push the vectors now if the shard answers in time; otherwise the outbox loop will.
-        pending = not self.outbox.apply_listing(listing.id, deadline)
+        # 3. Push the vectors now. Refused, or the shard unreachable: the add is cancelled and
+        # the error returned. Unknown outcome (a timeout): the outbox loop keeps pushing and
+        # the caller hears "pending".
+        pushed = self.outbox.apply_listing(listing.id, deadline, cancel_refused_add=True)
+        if pushed.cancelled:
+            raise pushed.error
+        pending = not pushed.done
         log.info("added listing %s with %d photos on shard %d%s", listing.id, len(images), shard,
                  " (vectors pending)" if pending else "")
         return AddedListing(listing, pending)
@@ -466,7 +473,7 @@ class GatewayCore:
         if removed is None:
             raise NotFound(f"listing {listing_id} not found")
         listing, _ = removed
-        pending = not self.outbox.apply_listing(listing_id, deadline)
+        pending = not self.outbox.apply_listing(listing_id, deadline).done
         log.info("removed listing %s (%d photos%s)", listing_id, len(listing.image_ids),
                  ", vector deletion pending" if pending else "")
         return RemovedListing(listing_id, len(listing.image_ids), pending)

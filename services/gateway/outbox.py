@@ -23,26 +23,50 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from services.gateway.catalogue import (
     DELETE,
+    UPSERT,
     Catalogue,
     CatalogueError,
     CatalogueUnavailable,
     OutboxEntry,
 )
-from services.gateway.domain import FailedPrecondition, GatewayError
+from services.gateway.domain import (
+    FailedPrecondition,
+    GatewayError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.gateway.downstream import IMAGE_COLLECTION, Deadline, IndexerShards, IndexItem
 
 log = logging.getLogger(__name__)
 
-#: Most seconds between two attempts at one failing entry.
-MAX_RETRY_DELAY_S = 30.0
+#: Most seconds between two attempts at one failing entry (and at a shard that failed): short,
+#: so writes queued while a shard was down land within about this long after it is back.
+MAX_RETRY_DELAY_S = 2.0
+#: Errors after which an Upsert certainly did not land, or could not land later: the indexer
+#: refused it as a whole (it is atomic), or the connection was refused or lost (UNAVAILABLE:
+#: no later delivery once the connection is gone).
+REFUSALS = (Unavailable, FailedPrecondition, InvalidArgument, ResourceExhausted)
 
 
 def retry_delay(attempts: int) -> float:
     """Delay before the next attempt after ``attempts`` failed ones: 0.2 s doubling, capped."""
     return min(MAX_RETRY_DELAY_S, 0.2 * 2 ** min(attempts, 10))
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What became of a listing's queued writes in `OutboxApplier.apply_listing`: all applied
+    (``done``), or not yet (``error``: the last failure), or, when the caller allowed it, the
+    add was cancelled (``cancelled``: the listing is gone and its ids are queued for deletion)."""
+
+    done: bool
+    error: GatewayError | None = None
+    cancelled: bool = False
 
 
 class OutboxApplier:
@@ -57,6 +81,8 @@ class OutboxApplier:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shards_lock = threading.Lock()
+        self._shard_retry_at: dict[int, float] = {}  # the loop skips a shard that just failed
 
     # ------------------------------------------------------------------ one entry
 
@@ -65,19 +91,54 @@ class OutboxApplier:
 
     def apply(self, entry: OutboxEntry, deadline: Deadline) -> bool:
         """Push one claimed entry to its shard; mark it done (True) or schedule a retry (False)."""
+        return self.push(entry, deadline) is None
+
+    def push(self, entry: OutboxEntry, deadline: Deadline, *,
+             cancel_refused_add: bool = False) -> GatewayError | None:
+        """Push a claimed entry; None when done. On failure the entry is released for a retry,
+        or, with ``cancel_refused_add`` and an upsert the shard refused or could not be reached
+        for (`REFUSALS`), the add is cancelled (`Catalogue.cancel_upsert`); the error is returned."""
         try:
             if entry.op == DELETE:
                 self._push_delete(entry, deadline)
             else:
                 self._push_upsert(entry, deadline)
         except GatewayError as exc:
+            if (cancel_refused_add and entry.op == UPSERT and isinstance(exc, REFUSALS)
+                    and self._cancel(entry, exc)):
+                raise _Cancelled(exc) from None
             delay = retry_delay(entry.attempts)
             log.warning("outbox entry %d (%s listing %s on shard %d) not applied, retry in %.1f s: %s",
                         entry.seq, entry.op, entry.listing_id, entry.shard, delay, exc.message)
             self._record_failure(entry, exc.message, delay)
-            return False
+            self._shard_failed(entry.shard, delay)
+            return exc
         self.catalogue.complete(entry)
-        return True
+        self._shard_ok(entry.shard)
+        return None
+
+    def _cancel(self, entry: OutboxEntry, exc: GatewayError) -> bool:
+        try:
+            cancelled = self.catalogue.cancel_upsert(entry, self.holder, exc.message)
+        except (CatalogueUnavailable, CatalogueError) as error:
+            log.warning("could not cancel the add of listing %s: %s", entry.listing_id, error)
+            return False
+        if cancelled:
+            log.info("add of listing %s cancelled: %s", entry.listing_id, exc.message)
+            self._wake.set()  # its ids are queued for deletion in case an attempt landed
+        return cancelled
+
+    def _shard_failed(self, shard: int, delay: float) -> None:
+        with self._shards_lock:
+            self._shard_retry_at[shard] = time.monotonic() + delay
+
+    def _shard_ok(self, shard: int) -> None:
+        with self._shards_lock:
+            self._shard_retry_at.pop(shard, None)
+
+    def _shard_backing_off(self, shard: int) -> bool:
+        with self._shards_lock:
+            return self._shard_retry_at.get(shard, 0.0) > time.monotonic()
 
     def _record_failure(self, entry: OutboxEntry, message: str, delay: float) -> None:
         try:
@@ -111,40 +172,44 @@ class OutboxApplier:
 
     # ------------------------------------------------------------------ one listing (request path)
 
-    def apply_listing(self, listing_id: str, deadline: Deadline) -> bool:
-        """Push every pending entry of ``listing_id`` in order before ``deadline``; True when none
-        is left. An entry another gateway holds is waited for (it is being pushed)."""
+    def apply_listing(self, listing_id: str, deadline: Deadline, *,
+                      cancel_refused_add: bool = False) -> PushResult:
+        """Push every pending entry of ``listing_id`` in order before ``deadline`` (an entry another
+        gateway holds is waited for: it is being pushed). With ``cancel_refused_add``, an add the
+        shard refused or could not be reached for is cancelled (see `push`)."""
+        error: GatewayError | None = None
         while True:
             try:
                 pending = self.catalogue.pending_outbox(listing_id)
-            except CatalogueUnavailable as exc:
-                log.warning("outbox of listing %s not applied now: %s", listing_id, exc.message)
-                return False
-            if not pending:
-                return True
-            budget = min(deadline.remaining(), self.push_timeout_s())
-            if budget <= 0.01:
-                return False
-            try:
+                if not pending:
+                    return PushResult(True)
+                budget = min(deadline.remaining() - 0.02, self.push_timeout_s())
+                if budget <= 0.01:
+                    return PushResult(False, error)
                 entry = self.catalogue.claim(pending[0], self.holder, self.lease_s, ignore_backoff=True)
                 if entry is None:
                     time.sleep(min(0.02, max(0.0, deadline.remaining())))
                     continue
-                if not self.apply(entry, Deadline(budget)):
+                error = self.push(entry, Deadline(budget), cancel_refused_add=cancel_refused_add)
+                if error is not None:
                     self._wake.set()
-                    return False
+                    return PushResult(False, error)
+            except _Cancelled as cancelled:
+                return PushResult(False, cancelled.error, cancelled=True)
             except CatalogueUnavailable as exc:  # committed already: the loop finishes the job
                 log.warning("outbox of listing %s not applied now: %s", listing_id, exc.message)
-                return False
+                return PushResult(False, exc)
 
     # ------------------------------------------------------------------ background loop
 
     def run_once(self) -> int:
         """Push every entry that is due now; returns how many were applied."""
         applied = 0
-        for seq in self.catalogue.due_outbox(time.time(), self.batch):
+        for seq, shard in self.catalogue.due_outbox_shards(time.time(), self.batch):
             if self._stop.is_set():
                 break
+            if self._shard_backing_off(shard):
+                continue
             entry = self.catalogue.claim(seq, self.holder, self.lease_s)
             if entry is not None and self.apply(entry, Deadline(self.push_timeout_s())):
                 applied += 1
@@ -193,3 +258,9 @@ class OutboxApplier:
                 continue  # more may be due
             self._wake.wait(self.interval_s)
             self._wake.clear()
+
+
+class _Cancelled(Exception):
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error

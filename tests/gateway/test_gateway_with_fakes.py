@@ -243,21 +243,40 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
     return condition()
 
 
-def test_add_stays_pending_while_the_shard_fails_then_lands(stack):
-    """No compensation that a late write could overtake: the listing is committed with its
-    vectors and outbox entry, invisible to reads until its shard acknowledges the vectors."""
+def test_add_to_an_unreachable_shard_is_unavailable_and_leaves_nothing(stack):
+    """The shard cannot be reached: the add is cancelled in one transaction (listing dropped, its
+    ids queued for deletion in case an attempt landed after all) and the caller hears why."""
     before = _item_counts(stack)
+    shard = stack.indexers[shard_of("L-x", 2)]
+    shard.faults.plan("Upsert", grpc.StatusCode.UNAVAILABLE, times=3)
+    error = rpc_error(stack.client.add, [b"p1"], title="t", main_category="Other Goods", listing_id="L-x")
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "indexer shard" in error.details() and "unavailable" in error.details()
+    assert stack.gateway.core.catalogue.get("L-x", include_pending=True) is None
+    assert shard.faults.calls["Upsert"] == 3  # retried, then given up
+    assert wait_for(lambda: stack.gateway.core.catalogue.pending_outbox() == [])
+    assert shard.faults.calls["Delete"] == 1  # the queued deletion, pushed by the outbox loop
+    assert _item_counts(stack) == before
+    added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x")
+    assert not added.pending and stack.client.get("L-x") == added.listing  # the id is free again
+
+
+def test_add_whose_outcome_is_unknown_is_pending_until_it_lands(stack):
+    """The shard is slow (the push times out; it may or may not have landed): no undo that the
+    late write could overtake. The listing is committed, invisible to reads, and visible once the
+    outbox has pushed its vectors again."""
     shard_number = shard_of("L-x", 2)
     shard = stack.indexers[shard_number]
-    shard.faults.plan("Upsert", grpc.StatusCode.UNAVAILABLE, times=6)
-    added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x")
+    before = _item_counts(stack)
+    shard.faults.plan("Upsert", delay=2.5)
+    added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x",
+                                     timeout=1.5)
     assert added.pending and added.listing.id == "L-x"
     assert shard.faults.calls["Delete"] == 0  # nothing undone
-    assert rpc_error(stack.client.get, "L-x").code() == grpc.StatusCode.NOT_FOUND  # not searchable yet
+    assert rpc_error(stack.client.get, "L-x").code() == grpc.StatusCode.NOT_FOUND
     assert stack.client.get("L-x", include_pending=True).image_ids == added.listing.image_ids
     assert rpc_error(stack.client.add, [b"p2"], title="t", main_category="Other Goods",
                      listing_id="L-x").code() == grpc.StatusCode.ALREADY_EXISTS
-    # the applier loop retries with backoff until the shard takes the vectors
     assert wait_for(lambda: stack.gateway.core.catalogue.get("L-x") is not None)
     assert stack.client.get("L-x").image_ids == added.listing.image_ids
     assert set(added.listing.image_ids) <= set(shard.items)

@@ -42,7 +42,7 @@ def add_indexed(catalogue: Catalogue, shards: IndexerShards, listing_id: str, se
     stored = [StoredVector("image", image_id, vector(seed + n)) for n, image_id in enumerate(item.image_ids)]
     stored.append(StoredVector("text", listing_id, vector(seed + 100)))
     catalogue.add_pending(item, stored, shards.shard_for(listing_id))
-    assert OutboxApplier(catalogue, shards).apply_listing(listing_id, Deadline(10))
+    assert OutboxApplier(catalogue, shards).apply_listing(listing_id, Deadline(10)).done
     return item
 
 
