@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common.config import REPO_ROOT, env_path, env_str
+from common.config import REPO_ROOT, env_str
 from common.listing_text import listing_text
 from services.gateway.catalogue import Catalogue
 from services.gateway.config import (
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.index_catalogue",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path,
-                        default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"))
+    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
+                        help="catalogue: a path, sqlite:///path or postgresql://... (default $GATEWAY_DB)")
     parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS),
                         help="comma-separated shard addresses, in shard order")
     source = parser.add_mutually_exclusive_group(required=True)
