@@ -633,20 +633,22 @@ class _translated:
     def __enter__(self) -> Transaction:
         try:
             return self._context.__enter__()
-        except DatabaseUnavailable as exc:
-            raise CatalogueUnavailable(str(exc)) from None
+        except DatabaseError as exc:
+            raise _catalogue_error(exc) from None
 
     def __exit__(self, kind, value, traceback) -> bool:
         try:
             return bool(self._context.__exit__(kind, value, traceback))
-        except UniqueViolation:
-            raise
-        except DatabaseUnavailable as exc:
-            raise CatalogueUnavailable(str(exc)) from None
-        except CatalogueError:
-            raise
         except DatabaseError as exc:
-            raise CatalogueError(str(exc)) from None
+            raise _catalogue_error(exc) from None
+
+
+def _catalogue_error(exc: DatabaseError) -> Exception:
+    if isinstance(exc, (UniqueViolation, CatalogueError)):
+        return exc
+    if isinstance(exc, DatabaseUnavailable):
+        return CatalogueUnavailable(str(exc))
+    return CatalogueError(str(exc))
 
 
 def _parse_price(raw: str) -> float | None:

@@ -223,10 +223,9 @@ class PostgresDatabase:
         self.connect_timeout_s = connect_timeout_s
         self._pool = ConnectionPool(
             url.target, min_size=1, max_size=max(2, max_connections), open=False,
-            kwargs={"autocommit": False, "connect_timeout": max(1, int(round(connect_timeout_s)))},
-            check=ConnectionPool.check_connection, timeout=connect_timeout_s,
-            reconnect_timeout=0,  # keep trying in the background however long the server is away
-            name="catalogue")
+            # autocommit: every statement runs inside an explicit transaction() block below
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(round(connect_timeout_s)))},
+            check=ConnectionPool.check_connection, timeout=connect_timeout_s, name="catalogue")
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
         except Exception as exc:  # PoolTimeout, OperationalError: the server is unreachable

@@ -117,7 +117,6 @@ class GatewayConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     reconnect_backoff_max_s: float = 2.0
     model_info_ttl_s: float = 60.0
-    compensation_timeout_s: float = 5.0
     db_connect_timeout_s: float = 5.0
     outbox_interval_s: float = 0.5
     outbox_lease_s: float = 30.0
@@ -167,7 +166,6 @@ class GatewayConfig:
             ),
             reconnect_backoff_max_s=env_float("GATEWAY_RECONNECT_BACKOFF_MAX_S", 2.0, minimum=0.1),
             model_info_ttl_s=env_float("GATEWAY_MODEL_INFO_TTL_S", 60.0, minimum=0.0),
-            compensation_timeout_s=env_float("GATEWAY_COMPENSATION_TIMEOUT_S", 5.0, minimum=0.1),
             db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
             outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
             outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),

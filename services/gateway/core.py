@@ -127,14 +127,12 @@ def candidate_count(k: int) -> int:
 
 class GatewayCore:
     def __init__(self, catalogue: Catalogue, embedder: EmbedderClient, indexer: IndexerShards, *,
-                 max_k: int = 100, max_images: int = 16, compensation_timeout_s: float = 5.0,
-                 outbox: OutboxApplier | None = None) -> None:
+                 max_k: int = 100, max_images: int = 16, outbox: OutboxApplier | None = None) -> None:
         self.catalogue = catalogue
         self.embedder = embedder
         self.indexer = indexer
         self.max_k = max_k
         self.max_images = max_images
-        self.compensation_timeout_s = compensation_timeout_s
         self.outbox = outbox or OutboxApplier(catalogue, indexer)
 
     def close(self) -> None:

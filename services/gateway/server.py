@@ -165,8 +165,7 @@ def build_core(config: GatewayConfig) -> GatewayCore:
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
                            interval_s=config.outbox_interval_s)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images,
-                       compensation_timeout_s=config.compensation_timeout_s, outbox=outbox)
+                       max_images=config.max_images, outbox=outbox)
 
 
 def start(config: GatewayConfig) -> GatewayServer:

@@ -107,6 +107,13 @@ def test_refuses_a_newer_schema(catalogue_url):
         Catalogue.open(catalogue_url)
 
 
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, just some text " * 100)
+    with pytest.raises(CatalogueError, match="notes.txt"):
+        Catalogue.open(f"sqlite:///{path}")
+
+
 def test_a_version_1_catalogue_is_migrated_and_keeps_its_listings(tmp_path):
     """A file written by the gateway before the outbox (schema 1) opens as live listings."""
     path = tmp_path / "old.sqlite3"
