@@ -221,10 +221,16 @@ class PostgresDatabase:
         self.url = url
         self._psycopg = psycopg
         self.connect_timeout_s = connect_timeout_s
+        timeout = max(1, int(round(connect_timeout_s)))
+        try:  # one direct connection first: its error says why (refused, no such database, ...)
+            psycopg.connect(url.target, connect_timeout=timeout).close()
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"cannot connect to the catalogue database {url.display}: "
+                                      f"{_reason(exc)}") from None
         self._pool = ConnectionPool(
             url.target, min_size=1, max_size=max(2, max_connections), open=False,
             # autocommit: every statement runs inside an explicit transaction() block below
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(round(connect_timeout_s)))},
+            kwargs={"autocommit": True, "connect_timeout": timeout},
             check=ConnectionPool.check_connection, timeout=connect_timeout_s, name="catalogue")
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
@@ -277,6 +283,12 @@ def open_database(value: str | Path, *, max_connections: int = 16,
     if url.is_sqlite:
         return SqliteDatabase(url)
     return PostgresDatabase(url, max_connections=max_connections, connect_timeout_s=connect_timeout_s)
+
+
+def _reason(exc: BaseException) -> str:
+    """libpq's message without its "connection to server at ... failed:" preamble."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return re.sub(r"^connection failed: ", "", text) or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:

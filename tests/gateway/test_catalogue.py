@@ -329,6 +329,11 @@ def test_unreachable_postgres_at_open_is_unavailable_and_masks_the_password():
     assert "127.0.0.1" in str(raised.value) and "s3cret" not in str(raised.value)
 
 
+def test_a_missing_postgres_database_is_named(postgres):
+    with pytest.raises(CatalogueUnavailable, match='database "nosuchdb" does not exist'):
+        Catalogue.open(postgres.url("nosuchdb"), connect_timeout_s=2.0)
+
+
 @pytest.mark.parametrize("value, expect", [
     ("mysql://u@h/db", "unknown scheme"),
     (None, "cannot connect to the catalogue database"),
