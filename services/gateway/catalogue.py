@@ -110,7 +110,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 UNUSABLE_PRICE_FLAGS = frozenset({"unparseable", "absurd"})
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's variable limit
 LIVE, PENDING = "live", "pending"
-UPSERT, DELETE = "upsert", "delete"
+#: Outbox operations. ``upsert`` and ``delete`` follow the listing to wherever the routing puts it
+#: when they are pushed (both old and new owner while a rebalance moves it); ``purge`` deletes
+#: from the one shard it names (reconcile: vectors on a shard that does not own them).
+UPSERT, DELETE, PURGE = "upsert", "delete", "purge"
 _LISTING_COLUMNS = "id, title, description, category, main_category, price, currency, location"
 
 
@@ -396,9 +399,10 @@ class Catalogue:
         return listing, OutboxEntry(seq, listing_id, "", shard, DELETE, item_ids)
 
     def queue_delete(self, listing_id: str, shard: int, item_ids: dict[str, list[str]]) -> int:
-        """Queue the deletion of index items (reconcile: vectors without a listing)."""
+        """Queue the deletion of index items from ``shard`` exactly (reconcile: vectors without a
+        listing, or on a shard that does not own them)."""
         with self._tx() as tx:
-            return _enqueue(tx, listing_id, "", shard, DELETE, item_ids, time.time())
+            return _enqueue(tx, listing_id, "", shard, PURGE, item_ids, time.time())
 
     def queue_upsert(self, listing_id: str, shard: int) -> int | None:
         """Queue re-pushing a listing's stored vectors (reconcile: listings without vectors);

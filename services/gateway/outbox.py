@@ -7,8 +7,9 @@ acknowledged then (a shard down, the gateway killed) is pushed by the background
 gateway sharing the catalogue (`start`), with backoff, until the shard acknowledges it. Writes are
 idempotent (Upsert replaces by id, Delete ignores unknown ids), so applying an entry twice (a
 lease that ran out, a crash after the shard acknowledged but before the entry was marked done)
-changes nothing. Shard calls go through `downstream.IndexerShards` (``upsert``/``delete`` on a
-shard number), the one place that knows how a shard is reached.
+changes nothing. Shard calls go through `downstream.IndexerShards` (``upsert``/``delete`` on the
+listing's route at push time: every replica of its shard, and the new owner too while a rebalance
+moves it), the one place that knows how a shard is reached.
 
 Ordering: an entry is taken only when it is the first pending one of its listing and nobody
 holds its lease, so an Upsert and a later Delete of the same listing never overtake each other;
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 from services.gateway.catalogue import (
     DELETE,
+    PURGE,
     UPSERT,
     Catalogue,
     CatalogueError,
@@ -99,7 +101,7 @@ class OutboxApplier:
         or, with ``cancel_refused_add`` and an upsert the shard refused or could not be reached
         for (`REFUSALS`), the add is cancelled (`Catalogue.cancel_upsert`); the error is returned."""
         try:
-            if entry.op == DELETE:
+            if entry.op in (DELETE, PURGE):
                 self._push_delete(entry, deadline)
             else:
                 self._push_upsert(entry, deadline)
@@ -156,15 +158,24 @@ class OutboxApplier:
                 stored.item_id, stored.vector, listing.id, listing.main_category, listing.price,
                 listing.location))
         # photos first, then the text vector: the same order the request path always used
+        shard = self._route(entry)
         for collection in sorted(by_collection, key=lambda c: (c != IMAGE_COLLECTION, c)):
-            self.indexer.upsert(entry.shard, by_collection[collection], deadline, collection=collection)
+            self.indexer.upsert(shard, by_collection[collection], deadline, collection=collection)
+
+    def _route(self, entry: OutboxEntry) -> int:
+        """Where to push: the listing's route now (a `shards.ShardRoute`, which also names the
+        shard a rebalance is moving it to), or for a purge exactly the shard it names."""
+        if entry.op == PURGE:
+            return entry.shard
+        return self.indexer.shard_for(entry.listing_id)
 
     def _push_delete(self, entry: OutboxEntry, deadline: Deadline) -> None:
+        shard = self._route(entry)
         for collection, ids in sorted(entry.item_ids.items()):
             if not ids:
                 continue
             try:
-                self.indexer.delete(entry.shard, ids, deadline, collection=collection)
+                self.indexer.delete(shard, ids, deadline, collection=collection)
             except FailedPrecondition as exc:  # e.g. no "text" collection on this shard
                 if collection == IMAGE_COLLECTION:
                     raise

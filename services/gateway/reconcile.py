@@ -15,6 +15,7 @@ as ``pending``. Since a listing's vectors only reach a shard after its row is co
 row only goes away in the transaction that queues the deletion, neither a concurrent AddListing
 nor a concurrent RemoveListing is reported.
 
+Run it outside a rebalance (vectors being copied to a new owner would count as orphans there).
 Repairs go through the outbox, so they are ordered with any write of the same listing: an
 orphan's deletion is queued as a delete entry; a missing listing's stored vectors (the catalogue
 keeps every vector AddListing wrote) are queued for upsert. Listings loaded in bulk and indexed
@@ -25,16 +26,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from common.config import REPO_ROOT, env_str
+from common.config import REPO_ROOT, env_int, env_str
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import RetryPolicy, parse_indexer_addrs
+from services.gateway.config import RetryPolicy, parse_indexer_addrs, shard_replicas_setting
 from services.gateway.domain import FailedPrecondition
 from services.gateway.downstream import IMAGE_COLLECTION, TEXT_COLLECTION, Deadline, IndexerShards
 from services.gateway.outbox import OutboxApplier
+from services.gateway.shards import routing_for, single_replica_shards
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="catalogue (default $GATEWAY_DB): a path, sqlite:///path or postgresql://...")
     parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", "127.0.0.1:50052"),
                         help="indexer shards in shard order (default $INDEXER_ADDRS)")
+    parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
+                        help="shards with replicas, 0=a:p|b:p;1=... (default $INDEXER_SHARDS)")
+    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
+                        help="route by the shard map in this directory (default $GATEWAY_SHARD_MAP)")
     parser.add_argument("--repair", action="store_true", help="fix what is found (through the outbox)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole run")
     args = parser.parse_args(argv)
@@ -143,7 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"reconcile: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
-    indexer = IndexerShards(parse_indexer_addrs(args.indexers), RetryPolicy())
+    replicas = (shard_replicas_setting(args.shards, args.indexers)
+                or single_replica_shards(parse_indexer_addrs(args.indexers)))
+    routing = routing_for(len(replicas), Path(args.shard_map) if args.shard_map else None,
+                          env_int("INDEXER_PARTITIONS", 256, minimum=1))
+    indexer = IndexerShards(replicas, RetryPolicy(), routing=routing,
+                            write_token=os.environ.get("WRITE_TOKEN") or None)
     try:
         report = reconcile(catalogue, indexer, repair=args.repair, timeout_s=args.timeout)
         if args.repair and report.repaired:

@@ -1,328 +1,260 @@
-"""Stateless gateways: two gateway processes on one real PostgreSQL catalogue, the real embedder
-(pretrained test model) and two real indexer shards, all on ephemeral loopback ports; and a
-gateway SIGKILLed at random points of its write path, then restarted, losing nothing.
+"""Indexer shards with replicas behind the gateway, over real gRPC: real indexer servers
+(durable data directories, replication on) as two shards of two replicas each, the fake
+embedder (photos -> deterministic vectors; the embedder is not what is tested here).
 
-The embedder and the indexers run in this process (servers on real ports); the gateways are
-real processes (``python -m services.gateway``), so a SIGKILL is a real crash.
-"""
+Reads fail over to the other replica of a shard, writes reach every replica, a restarted
+replica catches up before it serves, readiness needs one serving replica per shard, and a shard
+with every replica down is UNAVAILABLE naming it, or left out and named with
+allow_partial_results."""
 from __future__ import annotations
 
-import os
-import random
-import signal
-import threading
+import logging
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from scripts.stack import free_port, spawn, wait_ready
-from services.embedder.config import EmbedderConfig
-from services.embedder.server import start as start_embedder
-from services.gateway.catalogue import Catalogue
-from services.gateway.client import GatewayClient
-from services.gateway.config import RetryPolicy
+from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from marketplace.indexer.v1 import indexer_pb2
+from scripts.stack import free_port
+from common.config import ConfigError
+from services.gateway.config import GatewayConfig, RetryPolicy, shard_replicas_setting
 from services.gateway.downstream import Deadline, IndexerShards
-from services.gateway.reconcile import reconcile
+from services.gateway.server import SERVICE_NAME
+from services.gateway.server import start as start_gateway
+from services.gateway.shards import shard_of
 from services.indexer.config import IndexerConfig
-from services.indexer.errors import IndexerError
-from services.indexer.server import open_store
 from services.indexer.server import start as start_indexer
 from services.indexer.spec import parse_collections
-from tests.support.photos import photo_files, real_photos
+from tests.gateway.gateway_fakes import DIM, FakeEmbedder, serve_embedder
 
-pytestmark = pytest.mark.timeout(600)
-CATEGORY = "Home & Garden"
-
-
-def photos(count: int) -> list[bytes]:
-    files = photo_files(count)
-    if len(files) == count:
-        return [path.read_bytes() for path in files]
-    base = real_photos(4)  # no marketplace data: distinct enough crops of the samples
-    from PIL import Image
-    import io
-    out = []
-    for n in range(count):
-        image = Image.open(io.BytesIO(base[n % 4])).convert("RGB")
-        w, h = image.size
-        box = (n % 7 * w // 40, n // 7 % 7 * h // 40, w - n % 5 * w // 40, h - n % 3 * h // 40)
-        buffer = io.BytesIO()
-        image.crop(box).save(buffer, "JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
+SHARDS, REPLICAS = 2, 2
 
 
-def indexer_config(root: Path, n: int) -> IndexerConfig:
-    return IndexerConfig(host="127.0.0.1", port=0, data_dir=root / f"indexer-{n}", log_level="warning",
-                         collections=tuple(parse_collections("image:1280:flat:ip")),
-                         collections_explicit=True, fsync=False)
+class ReplicatedStack:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ports = [[free_port() for _ in range(REPLICAS)] for _ in range(SHARDS)]
+        self.indexers = [[self.start_replica(s, r) for r in range(REPLICAS)] for s in range(SHARDS)]
+        self.embedder = serve_embedder(FakeEmbedder())
+        shards = ";".join(f"{s}=" + "|".join(f"127.0.0.1:{p}" for p in ports)
+                          for s, ports in enumerate(self.ports))
+        self.config = GatewayConfig(
+            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
+            embedder_addr=f"127.0.0.1:{self.embedder.port}",
+            indexer_shards=shard_replicas_setting(shards, "127.0.0.1:50052"),
+            downstream_timeout_s=5.0, retry=RetryPolicy(2, 0.01, 0.05), reconnect_backoff_max_s=0.2,
+            readiness_interval_s=0.2, readiness_timeout_s=0.5)
+        self.gateway = start_gateway(self.config)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        for replicas in self.indexers:
+            for replica in replicas:
+                wait_until(lambda r=replica: r.store is not None and r.replicator.serving, 20)
+        # and the gateway has seen every replica serve (so reads are spread over all of them)
+        wait_until(lambda: all(r.state == "SERVING" for r in self.gateway.core.indexer.replicas), 10)
+
+    def start_replica(self, shard: int, replica: int):
+        peers = tuple(f"127.0.0.1:{p}" for i, p in enumerate(self.ports[shard]) if i != replica)
+        return start_indexer(IndexerConfig(
+            host="127.0.0.1", port=self.ports[shard][replica],
+            data_dir=self.root / f"shard{shard}-replica{replica}", log_level="info",
+            collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
+            snapshot_seconds=0, fsync=False, shard=shard, partitions=256, peers=peers))
+
+    def ready(self) -> str:
+        reply = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def add(self, listing_id: str, photos: int = 2) -> gateway_pb2.Listing:
+        request = gateway_pb2.AddListingRequest(
+            listing=gateway_pb2.Listing(id=listing_id, title=f"title {listing_id}",
+                                        main_category="Appliances", price=10.0),
+            images=[f"photo {listing_id} {i}".encode() for i in range(photos)])
+        return self.stub.AddListing(request, timeout=5).listing
+
+    def contents(self, shard: int, replica: int, ids: list[str]) -> dict:
+        store = self.indexers[shard][replica].store
+        items, _ = store.fetch("image", ids)
+        return {i.id: (i.vector.tobytes(), i.attributes) for i in items}
+
+    def close(self) -> None:
+        self.channel.close()
+        self.gateway.stop(0)
+        self.embedder.stop(0)
+        for replicas in self.indexers:
+            for replica in replicas:
+                replica.stop(0)
 
 
-def gateway_env(db_url: str, embedder_port: int, shards, lease_s: float = 10) -> dict[str, str]:
-    return {"GATEWAY_DB": db_url, "EMBEDDER_ADDR": f"127.0.0.1:{embedder_port}",
-            "INDEXER_ADDRS": ",".join(f"127.0.0.1:{s.port}" for s in shards),
-            "LOG_LEVEL": "warning", "GATEWAY_OUTBOX_LEASE_S": str(lease_s), "GATEWAY_OUTBOX_INTERVAL_S": "0.2",
-            "GATEWAY_READINESS_INTERVAL_S": "1", "GATEWAY_DOWNSTREAM_TIMEOUT_S": "30",
-            "GATEWAY_MAX_WORKERS": "16"}
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
-def shards_client(shards) -> IndexerShards:
-    return IndexerShards([f"127.0.0.1:{s.port}" for s in shards], RetryPolicy(3, 0.05, 0.2))
+@pytest.fixture
+def stack(tmp_path):
+    s = ReplicatedStack(tmp_path)
+    yield s
+    s.close()
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory, test_artifact):
-    root = tmp_path_factory.mktemp("replicas")
-    embedder = start_embedder(EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
-                                             text_model="off"))
-    shards = [start_indexer(indexer_config(root, n)) for n in range(2)]
-    yield root, embedder, shards
-    for server in [embedder, *shards]:
-        server.stop(None)
+def listing_on(shard: int, prefix: str) -> str:
+    return next(f"{prefix}-{i}" for i in range(1000) if shard_of(f"{prefix}-{i}", SHARDS) == shard)
 
 
-@pytest.fixture(scope="module")
-def two_gateways(services, postgres):
-    root, embedder, shards = services
-    url = postgres.create_database("replicas")
-    env = gateway_env(url, embedder.port, shards)
-    gateways = [spawn("gateway", free_port(), root / f"gateway-{name}.log", env) for name in "ab"]
-    clients = []
+def test_writes_reach_every_replica_and_reads_spread_over_them(stack):
+    added = [stack.add(f"L-{i}") for i in range(6)]
+    for listing in added:
+        shard = shard_of(listing.id, SHARDS)
+        ids = list(listing.image_ids)
+        assert stack.contents(shard, 0, ids) == stack.contents(shard, 1, ids)
+        assert len(stack.contents(shard, 0, ids)) == 2
+    before = [[r.store.stats()[0]["count"] for r in replicas] for replicas in stack.indexers]
+    assert sum(map(sum, before)) == 2 * 12  # every photo on both replicas of its shard
+    served = {}
+    for _ in range(8):
+        reply = stack.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
+            listing_id=added[0].id, k=5), timeout=5)
+        assert len(reply.results) == 5 and not reply.missing_shards
+    for replicas in stack.gateway.core.indexer.replica_sets:
+        served[replicas.shard] = [r.state for r in replicas.replicas]
+    assert all(state == ["SERVING", "SERVING"] for state in served.values())
+
+
+def test_a_dead_replica_is_failed_over_and_catches_up_when_back(stack, caplog):
+    caplog.set_level(logging.INFO, logger="services.gateway.downstream")
+    added = [stack.add(f"A-{i}") for i in range(4)]
+    for shard in range(SHARDS):
+        stack.indexers[shard][0].stop(0)
+    # every read still answers (the first try of half of them hits a dead replica)
+    for _ in range(6):
+        reply = stack.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
+            listing_id=added[0].id, k=3), timeout=5)
+        assert len(reply.results) == 3 and not reply.missing_shards
+    # writes are acknowledged by the surviving replica; the dead one misses them
+    fresh = [stack.add(f"B-{i}") for i in range(4)]
+    removed = stack.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=added[1].id),
+                                       timeout=5)
+    assert removed.images_removed == 2
+    assert stack.ready() == "SERVING"  # one serving replica per shard is enough
+    for shard in range(SHARDS):
+        stack.indexers[shard][0] = stack.start_replica(shard, 0)
+    for shard in range(SHARDS):
+        wait_until(lambda s=shard: stack.indexers[s][0].replicator.serving, 30)
+    ids = [i for listing in added + fresh for i in listing.image_ids]
+    for shard in range(SHARDS):
+        assert stack.contents(shard, 0, ids) == stack.contents(shard, 1, ids)
+        assert (stack.indexers[shard][0].store.stats()[0]["count"]
+                == stack.indexers[shard][1].store.stats()[0]["count"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("-> UNREACHABLE" in m for m in messages)
+    assert any("answered UNAVAILABLE; asking" in m for m in messages)
+
+
+def test_a_shard_with_every_replica_down(stack):
+    added = [stack.add(f"C-{i}") for i in range(8)]
+    down = shard_of(added[0].id, SHARDS)
+    up_listing = next(listing for listing in added if shard_of(listing.id, SHARDS) != down)
+    for replica in stack.indexers[down]:
+        replica.stop(0)
+    request = gateway_pb2.SimilarListingsRequest(listing_id=up_listing.id, k=5)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        stack.stub.SimilarListings(request, timeout=3)
+    assert time.monotonic() - started < 3
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"indexer shard {down} unavailable" in error.value.details()
+    request.allow_partial_results = True
+    reply = stack.stub.SimilarListings(request, timeout=3)
+    assert list(reply.missing_shards) == [down]
+    assert reply.results and all(shard_of(r.listing.id, SHARDS) != down for r in reply.results)
+    wait_until(lambda: stack.ready() == "NOT_SERVING", 5)
+    # a write to the dead shard is refused (no replica took it), never acknowledged
+    with pytest.raises(grpc.RpcError) as error:
+        stack.add(listing_on(down, "D"))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"indexer shard {down}" in error.value.details()
+
+
+def test_indexer_shards_parse_errors():
+    assert shard_replicas_setting("0=a:1|b:1;1=c:1", "127.0.0.1:50052") == (("a:1", "b:1"), ("c:1",))
+    for bad, message in [("0=a:1;2=b:1", "no shard 1"), ("0=a:1|a:1", "twice in shard 0"),
+                         ("0=a:1;1=a:1", "in shards 0 and 1"), ("0=", "no replica"),
+                         ("x=a:1", "is not shard=target")]:
+        with pytest.raises(ConfigError, match=message):
+            shard_replicas_setting(bad, "127.0.0.1:50052")
+    with pytest.raises(ConfigError, match="not both"):
+        shard_replicas_setting("0=a:1", "b:1,c:1")
+
+
+def test_stats_reach_one_replica_per_shard(stack):
+    stats = stack.gateway.core.indexer.stats(Deadline(5))
+    assert len(stats) == SHARDS and all(isinstance(s, indexer_pb2.GetStatsResponse) for s in stats)
+
+
+def test_a_hung_replica_slows_neither_reads_nor_writes_for_long(tmp_path):
+    """A replica that accepts connections and never answers (a cut-off host): reads move to the
+    other replica after their share of the deadline, writes are acknowledged by the live
+    replica after a short grace and the hung one is marked as having missed them."""
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # never accepted, never answered
+    live = start_indexer(IndexerConfig(
+        host="127.0.0.1", port=0, data_dir=tmp_path / "live", log_level="info",
+        collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
+        snapshot_seconds=0, fsync=False))
+    embedder = serve_embedder(FakeEmbedder())
+    spec = f"0=127.0.0.1:{hole.getsockname()[1]}|127.0.0.1:{live.port}"
+    gateway = start_gateway(GatewayConfig(
+        host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
+        embedder_addr=f"127.0.0.1:{embedder.port}",
+        indexer_shards=shard_replicas_setting(spec, "127.0.0.1:50052"),
+        downstream_timeout_s=5.0, retry=RetryPolicy(1, 0.01, 0.05), readiness_interval_s=0))
     try:
-        for gateway in gateways:  # started together: they migrate the empty database one at a time
-            wait_ready(gateway, 180)
-        clients = [GatewayClient(g.address, timeout=60) for g in gateways]
-        yield url, clients, shards
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            for _ in range(2):  # reads rotate over the replicas: one of these asks the hung one
+                started = time.monotonic()
+                stub.SearchByImage(gateway_pb2.SearchByImageRequest(image=b"photo", k=1), timeout=4)
+                assert time.monotonic() - started < 3.9
+            assert gateway.core.indexer.replica_sets[0].replicas[0].state == "UNREACHABLE"
+            started = time.monotonic()
+            listing = stub.AddListing(gateway_pb2.AddListingRequest(
+                listing=gateway_pb2.Listing(id="H-1", title="hung", main_category="Appliances"),
+                images=[b"photo H-1"]), timeout=6).listing
+            assert time.monotonic() - started < 3.5
+            hung = gateway.core.indexer.replica_sets[0].replicas[0]
+            assert hung.state == "MISSED_WRITES"
+            for _ in range(3):  # never read from the replica that missed writes
+                started = time.monotonic()
+                reply = stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
+                    listing_id=listing.id, k=1), timeout=6)
+                assert time.monotonic() - started < 1.5 and not reply.missing_shards
     finally:
-        for client in clients:
-            client.close()
-        for gateway in gateways:
-            gateway.stop()
+        gateway.stop(0)
+        embedder.stop(0)
+        live.stop(0)
+        hole.close()
 
 
-def test_a_listing_added_through_one_gateway_is_found_through_the_other(two_gateways):
-    url, (a, b), _ = two_gateways
-    chair, lamp, table = photos(3)
-    first = a.add([chair], title="Oak chair", main_category=CATEGORY, price=20)
-    a.add([lamp], title="Brass lamp", main_category=CATEGORY)
-    a.add([table], title="Pine table", main_category=CATEGORY)
-    # at once, through B: the catalogue is shared and the vectors were acknowledged before A answered
-    assert b.get(first.id) == first
-    top = b.search_by_image(chair, k=3)[0]
-    assert (top.listing.id, top.matched_image_id) == (first.id, first.image_ids[0])
-    similar = b.similar(first.id, k=2)
-    assert similar and first.id not in {r.listing.id for r in similar}
-
-    removed = b.remove(first.id)
-    assert (removed.listing_id, removed.images_removed, removed.pending) == (first.id, 1, False)
-    with pytest.raises(grpc.RpcError) as raised:
-        a.get(first.id)
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-    assert first.id not in {r.listing.id for r in a.search_by_image(chair, k=3)}
-    with pytest.raises(grpc.RpcError) as raised:
-        a.remove(first.id)
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_concurrent_adds_over_both_gateways_are_exact(two_gateways):
-    url, clients, shards = two_gateways
-    count = 200
-    images = photos(count)
-    with Catalogue.open(url) as catalogue:
-        before = catalogue.count(include_pending=True)
-
-    def add(n: int):
-        client = clients[n % 2]
-        return client.add_listing([images[n]], title=f"Listing {n}", main_category=CATEGORY,
-                                  listing_id=f"burst-{n:03d}", price=n)
-
-    with ThreadPoolExecutor(16) as pool:
-        added = list(pool.map(add, range(count)))
-    assert [result.listing.id for result in added] == [f"burst-{n:03d}" for n in range(count)]
-    with Catalogue.open(url) as catalogue:  # a push that timed out on a loaded machine lands later
-        end = time.monotonic() + 60
-        while catalogue.pending_outbox() and time.monotonic() < end:
-            time.sleep(0.2)
-    # the same ids again, through the other gateway, concurrently: every one refused, none doubled
-    def again(n: int):
-        try:
-            clients[1 - n % 2].add([images[n]], title="dup", main_category=CATEGORY,
-                                   listing_id=f"burst-{n:03d}")
-        except grpc.RpcError as error:
-            return error.code()
-        return grpc.StatusCode.OK
-
-    with ThreadPoolExecutor(16) as pool:
-        assert set(pool.map(again, range(0, count, 10))) == {grpc.StatusCode.ALREADY_EXISTS}
-
-    with Catalogue.open(url) as catalogue:
-        assert catalogue.count(include_pending=True) == before + count
-        assert catalogue.count() == before + count  # all live
-        assert catalogue.pending_outbox() == []
-    ids = {f"burst-{n:03d}" for n in range(count)}
-    for n in range(count):
-        listing = clients[(n + 1) % 2].get(f"burst-{n:03d}")
-        assert listing.price == n and len(listing.image_ids) == 1
-    indexer = shards_client(shards)
+def test_reads_rotate_over_usable_replicas_and_never_reach_one_that_missed_writes():
+    shards = IndexerShards([("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")], RetryPolicy())
     try:
-        listed = [item for shard in range(2)
-                  for item in indexer.list_ids(shard, Deadline(30))]
-        burst = [(item, owner) for item, owner in listed if owner in ids]
-        assert len(burst) == count and len({item for item, _ in burst}) == count  # no duplicates
-        for n in random.Random(7).sample(range(count), 5):  # findable by their own photo
-            top = clients[n % 2].search_by_image(images[n], k=1)[0]
-            assert top.listing.id == f"burst-{n:03d}"
-        with Catalogue.open(url) as catalogue:
-            report = reconcile(catalogue, indexer)
-        assert (report.orphans, report.missing, report.pending) == (0, 0, 0), report.examples
+        replicas = shards.replica_sets[0]
+        firsts = [replicas.read_order()[0].number for _ in range(6)]
+        assert firsts == [0, 1, 2, 0, 1, 2]
+        a, b, c = replicas.replicas
+        b.set_state("UNREACHABLE", "test")
+        c.set_state("MISSED_WRITES", "test")
+        orders = [[r.number for r in replicas.read_order()] for _ in range(3)]
+        assert all(order == [0, 1] for order in orders)  # usable first, stale never
     finally:
-        indexer.close()
-
-
-# ----------------------------------------------------------------------------- crashes
-
-
-class CrashingShard:
-    """Wraps a real indexer store so the test can SIGKILL the gateway at chosen index writes:
-    "before" (the catalogue committed, the shard not written: the write fails) or "after" (the
-    shard wrote, the gateway dies before hearing it, so the entry is never marked done)."""
-
-    def __init__(self, store, plan: dict[int, str]) -> None:
-        self.plan = plan
-        self.writes = 0
-        self.kills: list[str] = []
-        self.victim: int | None = None
-        self.lock = threading.Lock()
-        for name in ("upsert", "delete"):
-            setattr(store, name, self._wrap(getattr(store, name), name))
-
-    def _point(self) -> str | None:
-        with self.lock:
-            self.writes += 1
-            return self.plan.get(self.writes)
-
-    def _kill(self, point: str, method: str) -> None:
-        if self.victim is not None:
-            try:
-                os.kill(self.victim, signal.SIGKILL)
-                self.kills.append(f"{point} {method}")
-            except ProcessLookupError:
-                pass
-
-    def _wrap(self, write, method: str):
-        def wrapped(*args, **kwargs):
-            point = self._point()
-            if point == "before":
-                self._kill(point, method)
-                raise IndexerError("the gateway was killed before this write")
-            result = write(*args, **kwargs)
-            if point == "after":
-                self._kill(point, method)
-            return result
-        return wrapped
-
-
-def test_gateway_killed_anywhere_in_the_write_path_loses_and_orphans_nothing(services, postgres, tmp_path):
-    root, embedder, _ = services
-    rng = random.Random(1717)
-    stores = [open_store(indexer_config(tmp_path, n)) for n in range(2)]
-    plan = {n: rng.choice(["before", "after"]) for n in sorted(rng.sample(range(2, 90), 8))}
-    crashing = [CrashingShard(store, plan) for store in stores]  # same plan, counted per shard
-    shards = [start_indexer(indexer_config(tmp_path, n), store=store) for n, store in enumerate(stores)]
-    url = postgres.create_database("crashes")
-    env = gateway_env(url, embedder.port, shards, lease_s=4)  # a dead holder's entries move on soon
-    port = free_port()
-    images = photos(70)
-    state = {"gateway": None, "restarts": 0, "client": None}
-    failures: Counter = Counter()
-
-    def ensure_gateway() -> GatewayClient:
-        gateway = state["gateway"]
-        if gateway is not None and gateway.process.poll() is None:
-            return state["client"]
-        if gateway is not None:
-            gateway.process.wait()
-            state["restarts"] += 1
-            state["client"].close()  # a fresh channel: the old one is backing off from the dead one
-        gateway = spawn("gateway", port, tmp_path / "gateway.log", env)
-        wait_ready(gateway, 180)
-        state["gateway"] = gateway
-        state["client"] = GatewayClient(f"127.0.0.1:{port}", timeout=30)
-        for shard in crashing:
-            shard.victim = gateway.process.pid
-        return state["client"]
-
-    acknowledged_adds: set[str] = set()
-    acknowledged_removes: set[str] = set()
-    maybe_removed: set[str] = set()  # a remove that was not acknowledged may or may not have happened
-    attempted: list[str] = []
-    timer_kills = set(rng.sample(range(100), 4))  # plus kills at random moments of a call
-    try:
-        for op in range(100):
-            client = ensure_gateway()
-            if op in timer_kills:
-                pid = state["gateway"].process.pid
-                threading.Timer(rng.uniform(0.0, 0.3), lambda: _kill_quietly(pid)).start()
-            removable = [i for i in attempted if i not in acknowledged_removes]
-            if op % 10 >= 7 and removable:
-                listing_id = rng.choice(removable)
-                try:
-                    client.remove(listing_id)
-                    acknowledged_removes.add(listing_id)
-                    acknowledged_adds.discard(listing_id)
-                except grpc.RpcError as error:
-                    failures[f"RemoveListing {error.code().name}"] += 1
-                    maybe_removed.add(listing_id)  # not acknowledged: either outcome is allowed
-            else:
-                listing_id = f"crash-{op:03d}"
-                attempted.append(listing_id)
-                try:
-                    client.add([images[len(attempted) - 1]], title=f"Crash {op}", main_category=CATEGORY,
-                               listing_id=listing_id)
-                    acknowledged_adds.add(listing_id)
-                except grpc.RpcError as error:
-                    failures[f"AddListing {error.code().name}"] += 1
-            time.sleep(0.02)
-        time.sleep(0.5)  # let a last timer kill land
-        ensure_gateway()
-        kills = [k for shard in crashing for k in shard.kills]
-        assert any(k.startswith("before") for k in kills) and any(k.startswith("after") for k in kills)
-        assert state["restarts"] >= 5
-        print(f"crash test: {state['restarts']} restarts; kills at shard writes: {kills}; "
-              f"{len(acknowledged_adds)} adds and {len(acknowledged_removes)} removes acknowledged; "
-              f"failed calls: {dict(failures)}")
-
-        with Catalogue.open(url) as catalogue:
-            end = time.monotonic() + 120
-            while catalogue.pending_outbox() and time.monotonic() < end:
-                time.sleep(0.2)
-            assert catalogue.pending_outbox() == [], catalogue.outbox_stats()
-            indexer = shards_client(shards)
-            try:
-                report = reconcile(catalogue, indexer)
-            finally:
-                indexer.close()
-            assert (report.orphans, report.missing, report.pending) == (0, 0, 0), report.examples
-            live = set(catalogue.listing_ids(include_pending=True))
-            assert catalogue.count() == len(live)  # nothing left pending
-            assert acknowledged_adds - maybe_removed <= live
-            assert not acknowledged_removes & live
-            assert len(acknowledged_adds) >= 30
-    finally:
-        if state["client"] is not None:
-            state["client"].close()
-        if state["gateway"] is not None:
-            state["gateway"].stop()
-        for shard in shards:
-            shard.stop(None)
-
-
-def _kill_quietly(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        shards.close()

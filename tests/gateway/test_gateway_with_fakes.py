@@ -268,7 +268,7 @@ def test_add_whose_outcome_is_unknown_is_pending_until_it_lands(stack):
     shard_number = shard_of("L-x", 2)
     shard = stack.indexers[shard_number]
     before = _item_counts(stack)
-    shard.faults.plan("Upsert", delay=2.5)
+    shard.faults.plan("Upsert", delay=2.5, times=2)  # the request's try and its retry
     added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x",
                                      timeout=1.5)
     assert added.pending and added.listing.id == "L-x"

@@ -85,7 +85,7 @@ def test_reconcile_reports_then_repairs(catalogue_url, shards, capsys):
         assert shards.fetch(wrong, ["kept-a"], deadline) == []
         assert catalogue.get("kept") == kept
 
-    addrs = ",".join(s.target for s in shards.shards)
+    addrs = ",".join(r.downstream.target for r in shards.replicas)
     assert main(["--db", catalogue_url, "--indexers", addrs]) == 1  # "bulk" still lacks its vector
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "RECONCILE orphans=0 missing=1 pending=0 unrepairable=1 repaired=0")
