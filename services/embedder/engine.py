@@ -75,7 +75,8 @@ class ImageModel:
     The batch runs in one inference runtime (`common.runtimes`): ``runtime`` is ``torch`` (the
     reference), ``onnxruntime``, ``openvino`` or ``auto`` (the fastest that passes the check) and
     ``precision`` fp32, bf16 or int8. Every choice other than torch fp32 is compared with torch on
-    the artefact's check photos at load and refused (``RuntimeUnavailable``) if it falls short.
+    the artefact's check photos at load and refused (``ArtifactError`` naming the setting) if it
+    falls short; ``choice`` records the checks and what was passed over and why.
     ``threads`` is each model worker's thread count and ``workers`` how many call ``forward`` at
     once. ``preprocess`` and ``forward`` are safe to call from many threads at once.
     """
