@@ -35,10 +35,8 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
 from common.config import REPO_ROOT

@@ -14,7 +14,8 @@ real 512x512 marketplace photo per request, k = 10, no filter):
                 SearchByImage, the gateway embeds through the embedder, fans the search out to
                 every shard, merges by listing and adds the catalogue entries.
 
-Both use the same model, torch thread count and batching settings, and the same vectors.
+Both use the same model, torch thread count and batching settings, and the same vectors; the
+in-process search runs with the indexer's default FAISS thread count.
 The catalogue is the prepared data (``build/data``) when present, else every listing of the raw
 photo set. Index vectors: the artefact's precomputed ``embeddings/`` when it has them; otherwise
 the query photos are embedded for real and every other photo gets a nearby synthetic vector
@@ -228,7 +229,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{dict(sorted(report.per_shard.items()))}; {len(queries)} query photos; "
                   f"set-up {time.perf_counter() - started:.0f} s", flush=True)
 
+            import dataclasses
+
+            import faiss
+
+            from services.indexer.config import IndexerConfig
+            default_threads = next(f.default for f in dataclasses.fields(IndexerConfig)
+                                   if f.name == "faiss_threads")
+            search_threads = int(os.environ.get("INDEXER_FAISS_THREADS", default_threads))
+
             def in_process(_worker: int, i: int) -> None:
+                if search_threads:  # per calling thread, as the indexer does for each request
+                    faiss.omp_set_num_threads(search_threads)
                 vector = inprocess.embed([query_bytes[i % len(query_bytes)]])
                 store.search("image", vector, K, group_by_listing=True)
 
