@@ -112,7 +112,9 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             # a restarted gateway is used again within seconds, not gRPC's default 2 minutes
             ("grpc.max_reconnect_backoff_ms", 2000),
-            ("grpc.initial_reconnect_backoff_ms", 200)]))
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            # a dns:/// target naming several gateway replicas: spread calls over all of them
+            ("grpc.lb_policy_name", "round_robin")]))
     categories: list[str] = []
     categories_lock = threading.Lock()
 
