@@ -86,6 +86,10 @@ Environment variables (flag in brackets; defaults in parentheses):
     timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
     while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
     stays SERVING like the server's own ``""``.
+``IMAGE_STORE_DIR`` (unset)
+    Folder of the listing photo store (`common.image_store`, shared with the HTTP edge): the photos
+    of listings added through AddListing are kept there (removed with the listing). Unset: they
+    are embedded and indexed but not kept.
 ``LOG_LEVEL`` [--log-level] (info)
 """
 from __future__ import annotations
@@ -147,6 +151,7 @@ class GatewayConfig:
     readiness_interval_s: float = 5.0
     readiness_timeout_s: float = 1.0
     log_level: str = "info"
+    image_store_dir: Path | None = None
 
     @property
     def embedder_target(self) -> str:
@@ -180,6 +185,7 @@ class GatewayConfig:
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = env_str("WRITE_TOKEN", "") or None
+        image_store = env_str("IMAGE_STORE_DIR", "")
         config = cls(
             host=args.host,
             port=args.port,
@@ -210,6 +216,7 @@ class GatewayConfig:
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
             readiness_timeout_s=env_float("GATEWAY_READINESS_TIMEOUT_S", 1.0, minimum=0.01),
             log_level=args.log_level,
+            image_store_dir=Path(image_store) if image_store else None,
         )
         embedder_target(config.embedder_addr)  # fail fast on a malformed value
         return config

@@ -23,6 +23,7 @@ from typing import Callable, TypeVar
 import grpc
 
 from common.config import ConfigError
+from common.image_store import open_image_store
 from common.logs import setup_logging
 from common.shard_map import JsonShardMapStore, ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
@@ -36,6 +37,7 @@ from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
 from services.gateway.outbox import OutboxApplier
+from services.gateway.photos import ListingPhotos
 from services.gateway.readiness import SERVING, DownstreamWatch
 from services.gateway.shards import ShardMapWatch, ShardRouting, routing_for
 
@@ -53,9 +55,11 @@ _NO_DEADLINE = 1e8  # gRPC reports "no deadline" as None or as a huge number of 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Thin: validate -> core -> map errors."""
 
-    def __init__(self, core: GatewayCore, config: GatewayConfig) -> None:
+    def __init__(self, core: GatewayCore, config: GatewayConfig,
+                 photos: ListingPhotos | None = None) -> None:
         self.core = core
         self.config = config
+        self.photos = photos or ListingPhotos(None)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -130,17 +134,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         def work(deadline):
             added = self.core.add_listing(convert.listing_from_proto(request.listing),
                                           list(request.images), deadline)
+            self._keep_photos(added.listing, request.images, deadline)
             return gateway_pb2.AddListingResponse(listing=convert.listing_to_proto(added.listing),
                                                   pending=added.pending)
         return self._run(context, work)
 
     def RemoveListing(self, request, context):
         def work(deadline):
+            image_ids = self.core.get_listing(request.listing_id).image_ids
             removed = self.core.remove_listing(request.listing_id, deadline)
+            self.photos.forget(image_ids)
             return gateway_pb2.RemoveListingResponse(listing_id=removed.listing_id,
                                                      images_removed=removed.images_removed,
                                                      pending=removed.pending)
         return self._run(context, work)
+
+    def _keep_photos(self, listing, images, deadline: Deadline) -> None:
+        """The image-store hook of AddListing (`photos`): a store failure undoes the listing."""
+        try:
+            self.photos.keep(listing, images)
+        except GatewayError:
+            self.core.remove_listing(listing.id, deadline)
+            raise
 
 
 @dataclass
@@ -197,7 +212,9 @@ def shard_routing(config: GatewayConfig) -> ShardRouting:
 
 def start(config: GatewayConfig) -> GatewayServer:
     core = build_core(config)
-    servicer = GatewayServicer(core, config)
+    photos = ListingPhotos(open_image_store(config.image_store_dir, config.max_message_bytes)
+                           if config.image_store_dir else None)
+    servicer = GatewayServicer(core, config, photos)
 
     def register(server):
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

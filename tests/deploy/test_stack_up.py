@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from services.gateway.client import GatewayClient
 from tests.support.photos import NoPhotos, real_photos
 
 pytestmark = pytest.mark.timeout(300)
+SERVICES_ORDER = list(stack.SERVICES)
 CATEGORIES = ("Home & Garden", "Video Games & Consoles", "Sports, Leisure & Travel")
 
 
@@ -60,6 +62,14 @@ def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_arti
         out = capsys.readouterr().out
         assert "loaded 3 listings and 3 photos" in out
         assert "indexed 3 vectors" in out      # through the running embedder: no embeddings/
+        assert "image store" in out and "3 prepared photos added" in out
+        page = f"http://127.0.0.1:{ports['web']}/"
+        assert f"page: {page}" in out
+        with urllib.request.urlopen(page, timeout=30) as reply:
+            assert b"Marketplace visual search" in reply.read()
+        with urllib.request.urlopen(f"{page}api/images/photo-1", timeout=30) as reply:
+            assert reply.headers["Content-Type"] == "image/jpeg"
+            assert reply.read() == (prepared / "images" / "photo-1.jpg").read_bytes()
         with GatewayClient(f"127.0.0.1:{ports['gateway']}", timeout=60) as gateway:
             top = gateway.search_by_image(prepared / "images" / "photo-1.jpg", k=3)
         assert top[0].listing.id == "listing-1" and top[0].score > 0.99
@@ -67,7 +77,8 @@ def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_arti
         status = capsys.readouterr().out.splitlines()
         assert [line.split()[:3] for line in status] == [
             [name, f"127.0.0.1:{ports[name]}", "SERVING"] for name in stack.SERVICES]
-        assert status[-1].endswith("(ready: SERVING)")  # the gateway's downstreams serve
+        gateway_line = status[SERVICES_ORDER.index("gateway")]
+        assert gateway_line.endswith("(ready: SERVING)")  # the gateway's downstreams serve
         pids = {name: int((run_dir / f"{name}.pid").read_text()) for name in stack.SERVICES}
     finally:
         stack.main(["down", *args])
