@@ -163,8 +163,8 @@ def stack_env(run_dir: Path, ports: dict[str, int], artifact_dir: Path | None = 
 
 def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0, *,
        gateways: int = 1) -> dict[str, ServiceProcess]:
-    """Start indexer, embedder, gateway (``gateways`` replicas of it, on one shared catalogue)
-    and the edge in the background and wait until all are SERVING."""
+    """Start indexer, embedder, gateway (``gateways`` replicas of it, on one shared catalogue) and
+    the edge in the background and wait until all are SERVING."""
     ports = {name: int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name])) for name in SERVICES}
     full_env = {**stack_env(run_dir, ports), **(env or {})}
     started: dict[str, ServiceProcess] = {}
