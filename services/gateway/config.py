@@ -62,6 +62,10 @@ Environment variables (flag in brackets; defaults in parentheses):
     timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
     while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
     stays SERVING like the server's own ``""``.
+``GATEWAY_METRICS_PORT`` [--metrics-port] (9450)
+    HTTP port of the Prometheus ``/metrics`` endpoint (`common.metrics`): the gateway's own RPCs,
+    its calls to every downstream, the catalogue size and each downstream's readiness. 0 turns
+    metrics off.
 ``LOG_LEVEL`` [--log-level] (info)
 """
 from __future__ import annotations
@@ -73,6 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 
 DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
@@ -113,7 +118,12 @@ class GatewayConfig:
     max_workers: int = 16
     readiness_interval_s: float = 5.0
     readiness_timeout_s: float = 1.0
+    metrics_port: int = 0             # 0: off (from_env defaults to 9450)
     log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
 
     @property
     def embedder_target(self) -> str:
@@ -135,6 +145,9 @@ class GatewayConfig:
                             default=env_str("GATEWAY_SEED_DIR", "") or None)
         parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR))
         parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
+        parser.add_argument("--metrics-port", type=int,
+                            default=env_int("GATEWAY_METRICS_PORT", DEFAULT_METRICS_PORTS["gateway"],
+                                            minimum=0))
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = env_str("WRITE_TOKEN", "") or None
@@ -161,6 +174,7 @@ class GatewayConfig:
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
             readiness_timeout_s=env_float("GATEWAY_READINESS_TIMEOUT_S", 1.0, minimum=0.01),
+            metrics_port=args.metrics_port,
             log_level=args.log_level,
         )
         embedder_target(config.embedder_addr)  # fail fast on a malformed value

@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 
 from common.logs import outgoing_metadata
+from common.metrics import GrpcClientMetrics
 from common.security import bearer_metadata, open_channel
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -93,14 +94,18 @@ def channel_options(reconnect_backoff_max_s: float = 2.0, max_message_bytes: int
 class Downstream:
     """One named downstream target: its channel and a label for error messages."""
 
-    def __init__(self, name: str, target: str, *, reconnect_backoff_max_s: float = 2.0) -> None:
+    def __init__(self, name: str, target: str, *, reconnect_backoff_max_s: float = 2.0,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
         self.name = name
         self.target = target
         self.label = f"{name} at {target}"
-        self.channel = open_channel(target, channel_options(reconnect_backoff_max_s))
+        self._channel = open_channel(target, channel_options(reconnect_backoff_max_s))
+        #: every call through it is counted and timed when metrics are on (`common.metrics`)
+        self.channel = (client_metrics.instrument(self._channel, name, target)
+                        if client_metrics is not None else self._channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._channel.close()
 
 
 @dataclass(frozen=True)
@@ -199,8 +204,10 @@ class EmbedderClient:
     """The embedder replicas behind one round_robin channel."""
 
     def __init__(self, target: str, policy: RetryPolicy, *, reconnect_backoff_max_s: float = 2.0,
-                 model_info_ttl_s: float = 60.0) -> None:
-        self.downstream = Downstream("embedder", target, reconnect_backoff_max_s=reconnect_backoff_max_s)
+                 model_info_ttl_s: float = 60.0,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
+        self.downstream = Downstream("embedder", target, reconnect_backoff_max_s=reconnect_backoff_max_s,
+                                     client_metrics=client_metrics)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.downstream.channel)
         self.policy = policy
         self.model_info_ttl_s = model_info_ttl_s
@@ -345,11 +352,13 @@ class IndexerShards:
     """The indexer shards, in INDEXER_ADDRS order; a listing's vectors live on `shard_for(id)`."""
 
     def __init__(self, targets: Sequence[str], policy: RetryPolicy, *,
-                 reconnect_backoff_max_s: float = 2.0, write_token: str | None = None) -> None:
+                 reconnect_backoff_max_s: float = 2.0, write_token: str | None = None,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
         if not targets:
             raise ValueError("at least one indexer shard is needed")
         self.shards = [Downstream(f"indexer shard {i}", target,
-                                  reconnect_backoff_max_s=reconnect_backoff_max_s)
+                                  reconnect_backoff_max_s=reconnect_backoff_max_s,
+                                  client_metrics=client_metrics)
                        for i, target in enumerate(targets)]
         self.stubs = [indexer_pb2_grpc.IndexerStub(shard.channel) for shard in self.shards]
         self.policy = policy

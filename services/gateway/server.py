@@ -21,6 +21,7 @@ from typing import Callable, TypeVar
 import grpc
 
 from common.logs import setup_logging
+from common.metrics import GrpcClientMetrics, ServiceMetrics
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -30,6 +31,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.readiness import SERVING, DownstreamWatch
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,8 @@ class GatewayServer(Server):
             self.core.close()
 
 
-def build_core(config: GatewayConfig) -> GatewayCore:
+def build_core(config: GatewayConfig,
+               client_metrics: GrpcClientMetrics | None = None) -> GatewayCore:
     catalogue = Catalogue.open(config.db_path)
     if config.seed_dir is not None and catalogue.count() == 0:
         report = catalogue.load_prepared(config.seed_dir)
@@ -146,17 +149,20 @@ def build_core(config: GatewayConfig) -> GatewayCore:
                  report.listings, report.images)
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                              model_info_ttl_s=config.model_info_ttl_s)
+                              model_info_ttl_s=config.model_info_ttl_s,
+                              client_metrics=client_metrics)
     indexer = IndexerShards(config.indexer_targets, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token)
+                            write_token=config.write_token, client_metrics=client_metrics)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
                        max_images=config.max_images,
                        compensation_timeout_s=config.compensation_timeout_s)
 
 
 def start(config: GatewayConfig) -> GatewayServer:
-    core = build_core(config)
+    metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "GATEWAY_METRICS_PORT")
+    core = build_core(config, metrics.client() if metrics is not None else None)
+    observed = GatewayMetrics(metrics.registry, core.catalogue) if metrics is not None else None
     servicer = GatewayServicer(core, config)
 
     def register(server):
@@ -170,7 +176,7 @@ def start(config: GatewayConfig) -> GatewayServer:
                                                    max_workers=config.max_workers,
                                                    max_concurrent_rpcs=max(64, 4 * config.max_workers)),
                                interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
-                               credentials=server_credentials())
+                               credentials=server_credentials(), metrics=metrics)
     except BaseException:
         core.close()
         raise
@@ -180,12 +186,14 @@ def start(config: GatewayConfig) -> GatewayServer:
              core.catalogue.count(), config.embedder_target, len(config.indexer_targets),
              ", ".join(config.indexer_targets))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
-                            core=core)
+                            core=core, metrics=server.metrics)
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
             [core.embedder.downstream, *core.indexer.shards],
             lambda status: server.health.set(SERVICE_NAME, status),
             interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
+        if observed is not None:
+            observed.watch = gateway.watch
         # the first check publishes the readiness entry: it never says SERVING before that
         gateway.watch.start()
         server.health.set("", SERVING)

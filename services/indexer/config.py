@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, REPO_ROOT, env_bool, env_float, env_int, env_path, env_str
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from common.serving import MiB, ServerLimits
 from services.indexer.errors import InvalidArgument
 from services.indexer.spec import CollectionSpec, parse_collections
@@ -65,6 +66,12 @@ class IndexerConfig:
     max_message_bytes: int = 64 * MiB
     faiss_threads: int = 0
     blas_threshold: int = 20
+    #: Prometheus ``/metrics`` HTTP port (0: off); INDEXER_METRICS_PORT, 9452 when unset
+    metrics_port: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
 
     @property
     def limits(self) -> ServerLimits:
@@ -82,6 +89,10 @@ class IndexerConfig:
                             help=f"name:dim[:type[:metric]],... (default {DEFAULT_COLLECTIONS})")
         parser.add_argument("--snapshot-seconds", type=float,
                             default=env_float("INDEXER_SNAPSHOT_SECONDS", 300.0, minimum=0))
+        parser.add_argument("--metrics-port", type=int,
+                            default=env_int("INDEXER_METRICS_PORT", DEFAULT_METRICS_PORTS["indexer"],
+                                            minimum=0),
+                            help="HTTP port of the Prometheus /metrics endpoint (0: off)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         try:
@@ -103,4 +114,5 @@ class IndexerConfig:
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
             faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
+            metrics_port=args.metrics_port,
         )

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -69,6 +69,8 @@ class IndexStore:
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
         self.last_snapshot_error: str | None = None
+        #: called with the seconds each snapshot took (metrics: `services.indexer.metrics`)
+        self.snapshot_observer: Callable[[float], None] | None = None
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -292,8 +294,11 @@ class IndexStore:
                                   fsync=self.options.fsync)
             self._wal.drop_before(segment)
             self._dirty = False
+            seconds = time.perf_counter() - started
             log.info("snapshot %s written in %.2fs (WAL truncated up to seq %d)", name,
-                     time.perf_counter() - started, last_seq)
+                     seconds, last_seq)
+            if self.snapshot_observer is not None:
+                self.snapshot_observer(seconds)
             return name
 
     def start_snapshots(self, interval_s: float) -> None:
