@@ -3,34 +3,16 @@ the real ``/metrics`` endpoint: names and labels of go-grpc-prometheus, exact co
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.metrics import GrpcClientMetrics, MetricsPortError, ServiceMetrics, split_method
 from common.serving import create_server
+from tests.support.metrics import scrape, value
 
 HEALTH = "grpc.health.v1.Health"
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of ``/metrics`` on ``port``: {(name, sorted labels): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    """The one sample ``name`` whose labels include ``labels`` (0 when absent)."""
-    found = [v for (n, ls), v in samples.items()
-             if n == name and set(labels.items()) <= set(ls)]
-    assert len(found) <= 1, f"{name}{labels} matches {len(found)} series"
-    return found[0] if found else 0.0
 
 
 @pytest.fixture()
