@@ -97,3 +97,38 @@ def test_embedder_metrics_on_a_real_embedder(test_artifact):
                                          "backbone": core.model.backbone,
                                          "embedding_dim": str(core.model.embedding_dim),
                                          "text_model": ""}) == 1
+
+
+def test_embedder_server_exports_text_counts_and_rpc_codes(embedder_config):
+    """A real embedder server with the text model and metrics on: EmbedText's texts are counted
+    only when embedded, and each call lands under its code."""
+    from dataclasses import replace
+
+    import grpc
+
+    from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+    from scripts.stack import free_port
+    from tests.support.metrics import scrape, value
+    from tests.support.text import start_text_embedder
+
+    server = start_text_embedder(replace(embedder_config, text_model="on",
+                                         metrics_port=free_port()))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = embedder_pb2_grpc.EmbedderStub(channel)
+            stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["oak table", "bike", "lamp"]),
+                           timeout=60)
+            stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["sofa", "desk"]), timeout=60)
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["chair", " "]), timeout=60)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        samples = scrape(server.metrics.bound_port)
+    finally:
+        server.stop(grace=1)
+    assert value(samples, "embedder_texts_embedded_total") == 5
+    method = dict(grpc_service="marketplace.embedder.v1.Embedder", grpc_method="EmbedText")
+    assert value(samples, "grpc_server_handled_total", grpc_code="OK", **method) == 2
+    assert value(samples, "grpc_server_handled_total", grpc_code="INVALID_ARGUMENT", **method) == 1
+    assert value(samples, "grpc_server_handling_seconds_count", **method) == 3
+    assert value(samples, "embedder_images_embedded_total") == 0
+    assert value(samples, "embedder_model_info", text_model=server.core.text.name) == 1
