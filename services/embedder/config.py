@@ -57,6 +57,9 @@ class EmbedderConfig:
     batches by the batcher). ``text_model`` says whether the text model (EmbedText) is loaded:
     ``auto`` (default) loads it when its package is installed, ``on`` refuses to start without
     it, ``off`` serves images only; ``max_text_chars`` is the longest text EmbedText accepts.
+    ``metrics_port`` serves Prometheus ``/metrics`` (gRPC metrics, batch sizes, queue wait,
+    model time; `services.embedder.metrics`); 0 (the default here, 9451 from the environment)
+    turns it off.
     """
 
     artifact_dir: Path

@@ -30,6 +30,11 @@ Limits
     ``INDEXER_FAISS_THREADS`` (0 = FAISS default, one per core) OpenMP threads per request.
     ``INDEXER_BLAS_THRESHOLD`` (20): batches of at least this many queries use BLAS for exact
     distances (FAISS 1.15's own default, 128000, is several times slower for batched search).
+
+Metrics
+    ``INDEXER_METRICS_PORT`` / ``--metrics-port`` (9452): HTTP port of the Prometheus
+    ``/metrics`` endpoint (gRPC metrics, vectors per collection, WAL bytes, snapshot age and
+    duration, search time; `services.indexer.metrics`); 0 turns it off.
 """
 from __future__ import annotations
 
