@@ -193,9 +193,11 @@ def test_prometheus_sees_exactly_the_requests_sent(stack):
     photos = real_photos(4)
     with grpc.insecure_channel(procs["gateway"].address) as channel:
         gateway = gateway_pb2_grpc.GatewayStub(channel)
+        # the first listing has 3 photos: one Embed call, one model batch of 3
+        images_per_listing = [photos[:3], [photos[1]], [photos[2]]]
         added = [gateway.AddListing(gateway_pb2.AddListingRequest(
-            listing=listing(f"metrics {i}"), images=[photos[i]]), timeout=120).listing.id
-            for i in range(3)]
+            listing=listing(f"metrics {i}"), images=images), timeout=120).listing.id
+            for i, images in enumerate(images_per_listing)]
         for i in range(5):
             reply = gateway.SearchByImage(
                 gateway_pb2.SearchByImageRequest(image=photos[i % 4], k=3), timeout=60)
@@ -263,18 +265,24 @@ def test_prometheus_sees_exactly_the_requests_sent(stack):
     assert sorted(shard_searches.values()) == [5, 5]
     assert prometheus.scalar(f'sum(grpc_server_handled_total{{job="indexer",grpc_method="Upsert"}})') == 3
     assert prometheus.scalar('sum(indexer_search_seconds_count{collection="image"})') == 10
-    assert prometheus.scalar('sum(indexer_vectors{collection="image"})') == 3
+    assert prometheus.scalar('sum(indexer_vectors{collection="image"})') == 5
     client_targets = prometheus.by(
         f'sum by (downstream) (grpc_client_handled_total{{job="gateway",grpc_service="{INDEXER}",'
         f'grpc_method="Search"}})', "downstream")
     assert client_targets == {("indexer shard 0",): 5, ("indexer shard 1",): 5}
 
-    # The embedder's batching: 10 photos went through the model, in batches of 1..BATCH_SIZE.
-    assert prometheus.scalar('embedder_images_embedded_total') == 3 + 5 + 2
-    assert prometheus.scalar('embedder_batch_size_sum') == 3 + 5 + 2
+    # The embedder's batching: 12 photos in 10 requests went through the model, in batches of
+    # 1..BATCH_SIZE; the 3-photo listing made at least one batch of more than 2.
+    photos_embedded = 5 + 5 + 2
+    assert prometheus.scalar('embedder_images_embedded_total') == photos_embedded
+    assert prometheus.scalar('embedder_batch_size_sum') == photos_embedded
     average_batch = prometheus.scalar('embedder_batch_size_sum / embedder_batch_size_count')
-    assert 1 <= average_batch <= BATCH_SIZE
-    assert prometheus.scalar('embedder_queue_wait_seconds_count') == 3 + 5 + 2
+    assert 1 < average_batch <= BATCH_SIZE
+    assert prometheus.scalar('embedder_batch_size_bucket{le="2.0"}') < prometheus.scalar(
+        'embedder_batch_size_count')
+    assert prometheus.scalar(f'embedder_batch_size_bucket{{le="{float(BATCH_SIZE)}"}}') == prometheus.scalar(
+        'embedder_batch_size_count')
+    assert prometheus.scalar('embedder_queue_wait_seconds_count') == 3 + 5 + 2  # requests
     assert prometheus.scalar('embedder_model_seconds_count') == prometheus.scalar(
         'embedder_batch_size_count')
     assert prometheus.scalar('count(embedder_model_info{backbone!=""})') == 1
