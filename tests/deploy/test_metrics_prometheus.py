@@ -291,3 +291,29 @@ def test_prometheus_sees_exactly_the_requests_sent(stack):
     assert prometheus.scalar('gateway_catalogue_listings') == 3
     assert prometheus.by('gateway_downstream_ready', "downstream") == {
         ("embedder",): 1, ("indexer shard 0",): 1, ("indexer shard 1",): 1}
+
+
+def readme_promql() -> list[str]:
+    """The PromQL expressions of the README's metrics section, one per comment line above it."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("```promql\n", 1)[1].split("```", 1)[0]
+    expressions: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("#") or not line.strip():
+            expressions.append("")
+        elif line.startswith(" ") and expressions:
+            expressions[-1] += " " + line.strip()
+        else:
+            expressions.append(line.strip())
+    return [e for e in expressions if e]
+
+
+def test_readme_promql_runs_on_the_scraped_metrics(stack):
+    """Every query the README gives operators is valid PromQL and finds series (after the
+    traffic of the test above: run in this module's order)."""
+    _, prometheus = stack
+    queries = readme_promql()
+    assert len(queries) >= 5
+    for promql in queries:
+        result = prometheus.query(promql)
+        assert result, f"README query found nothing: {promql}"
