@@ -21,7 +21,22 @@ Environment variables (flag in brackets; defaults in parentheses):
 ``INDEXER_ADDRS`` [--indexers] (127.0.0.1:50052)
     Comma-separated indexer shard addresses (each ``host:port`` or a gRPC target). The order
     defines the shard number: a listing lives on shard ``blake2b(listing_id) % N``. Searches go to
-    every shard in parallel and are merged by score. Changing N requires re-indexing.
+    every shard in parallel and are merged by score. Changing N requires re-indexing. Same as
+    ``INDEXER_SHARDS`` with one replica per shard.
+``INDEXER_SHARDS`` [--shards] (unset)
+    Indexer shards with replicas: ``0=a:50052|b:50052;1=c:50052|d:50052`` (shard number =
+    replica targets separated by ``|``; shards ``;``-separated, numbered 0..N-1). A search asks
+    one replica of each shard (spread over the replicas, another replica of the same shard in the
+    same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
+    listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
+``GATEWAY_SHARD_MAP`` (unset) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
+    A directory holding the versioned shard map (`common.shard_map`; share it between gateways
+    and the rebalance command). Set: listings are routed listing -> one of
+    ``INDEXER_PARTITIONS`` partitions -> the shard that owns it, the map is re-read every
+    ``GATEWAY_SHARD_MAP_POLL_S`` seconds, and shards can be added with ``python -m
+    services.gateway.rebalance --to N``. An empty directory gets version 1, which routes exactly
+    as the unset case when the partition count is a multiple of the shard count. Unset: shard
+    ``blake2b(listing_id) % N``.
 ``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
     Deadline for a request whose caller set none. A caller's deadline is always propagated to the
     embedder and indexer calls made for it (minus a small margin so the gateway answers first).
@@ -78,6 +93,8 @@ from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
+from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
+                                     single_replica_shards)
 
 DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
@@ -106,6 +123,11 @@ class GatewayConfig:
     seed_dir: Path | None = None
     embedder_addr: str = DEFAULT_EMBEDDER_ADDR
     indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
+    #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
+    indexer_shards: ShardReplicas | None = None
+    shard_map_dir: Path | None = None
+    shard_map_poll_s: float = 2.0
+    partitions: int = 256
     downstream_timeout_s: float = 10.0
     max_k: int = 100
     max_images: int = 16
@@ -131,7 +153,13 @@ class GatewayConfig:
 
     @property
     def indexer_targets(self) -> tuple[str, ...]:
-        return self.indexer_addrs
+        """Every indexer replica target, shard by shard."""
+        return tuple(target for replicas in self.indexer_replicas for target in replicas)
+
+    @property
+    def indexer_replicas(self) -> ShardReplicas:
+        """The replica targets of each shard, in shard order."""
+        return self.indexer_shards or single_replica_shards(self.indexer_addrs)
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "GatewayConfig":
@@ -148,6 +176,10 @@ class GatewayConfig:
         parser.add_argument("--metrics-port", type=int,
                             default=env_int("GATEWAY_METRICS_PORT", DEFAULT_METRICS_PORTS["gateway"],
                                             minimum=0))
+        parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
+                            help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
+        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
+                            help="directory of the versioned shard map (enables rebalancing)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = env_str("WRITE_TOKEN", "") or None
@@ -158,6 +190,10 @@ class GatewayConfig:
             seed_dir=Path(args.seed_dir) if args.seed_dir else None,
             embedder_addr=args.embedder,
             indexer_addrs=parse_indexer_addrs(args.indexers),
+            indexer_shards=shard_replicas_setting(args.shards, args.indexers),
+            shard_map_dir=Path(args.shard_map) if args.shard_map else None,
+            shard_map_poll_s=env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05),
+            partitions=env_int("INDEXER_PARTITIONS", 256, minimum=1),
             downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
             max_k=env_int("GATEWAY_MAX_K", 100, minimum=1),
             max_images=env_int("GATEWAY_MAX_IMAGES", 16, minimum=1),
@@ -189,6 +225,20 @@ def parse_indexer_addrs(value: str) -> tuple[str, ...]:
     if len(set(addrs)) != len(addrs):
         raise ConfigError(f"INDEXER_ADDRS={value!r} lists a shard twice")
     return addrs
+
+
+def shard_replicas_setting(shards: str | None, addrs: str) -> ShardReplicas | None:
+    """``INDEXER_SHARDS`` parsed, or None when unset; setting it beside a non-default
+    ``INDEXER_ADDRS`` is an error (which one would the operator mean?)."""
+    if not shards:
+        return None
+    if addrs.strip() != DEFAULT_INDEXER_ADDRS:
+        raise ConfigError("set INDEXER_SHARDS or INDEXER_ADDRS, not both (INDEXER_SHARDS "
+                          "with one replica per shard is INDEXER_ADDRS)")
+    try:
+        return parse_shard_replicas(shards)
+    except ShardMapError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _split_host_port(address: str) -> tuple[str, str]:

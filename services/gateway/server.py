@@ -10,7 +10,9 @@ in `core`'s docstring) and Recommend answer FAILED_PRECONDITION when the embedde
 model or the shards have no "text" collection where text is needed.
 
 Health: ``""`` is SERVING while the process runs (liveness); ``marketplace.gateway.v1.Gateway``
-is SERVING only while the embedder and every indexer shard are (readiness, `readiness`).
+is SERVING only while the embedder is and every indexer shard has a serving replica
+(readiness, `readiness`). Search RPCs with ``allow_partial_results`` answer without shards
+whose replicas are all down and name them in ``missing_shards``.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from typing import Callable, TypeVar
 
 import grpc
 
+from common.config import ConfigError
 from common.logs import setup_logging
-from common.metrics import GrpcClientMetrics, ServiceMetrics
+from common.metrics import ServiceMetrics
+from common.shard_map import JsonShardMapStore, ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -30,9 +34,10 @@ from services.gateway.catalogue import Catalogue
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
-from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards
+from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.readiness import SERVING, DownstreamWatch
+from services.gateway.shards import ShardMapWatch, ShardRouting, routing_for
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -71,6 +76,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             # clipped: a message may echo a caller's input (e.g. a 100 KB listing id)
             context.abort(getattr(grpc.StatusCode, exc.code), clip_details(exc.message))
 
+    def _search(self, context: grpc.ServicerContext, request,
+                work: Callable[[Deadline], list]) -> gateway_pb2.SearchListingsResponse:
+        """A search RPC: with ``request.allow_partial_results`` shards whose replicas are all
+        down are left out and named in ``missing_shards``."""
+        with partial_results(request.allow_partial_results) as outcome:
+            response = convert.ranked_to_proto(self._run(context, work))
+        response.missing_shards.extend(sorted(outcome.missing_shards))
+        return response
+
     # ------------------------------------------------------------------ RPCs
 
     def ClassifyImage(self, request, context):
@@ -78,30 +92,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.core.classify(request.image, request.top_k, deadline)))
 
     def SearchByImage(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.search_by_image(request.image, request.k,
                                       convert.filter_from_proto(request.filter), deadline)))
 
     def SearchByText(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.search_by_text(request.query, request.k,
                                      convert.filter_from_proto(request.filter), deadline)))
 
     def Search(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.search(request.image, request.text, request.k,
                              convert.filter_from_proto(request.filter),
                              request.text_weight if request.HasField("text_weight") else None,
                              convert.fusion_from_proto(request.fusion), deadline)))
 
     def Recommend(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.recommend(list(request.liked_listing_ids), list(request.skipped_listing_ids),
                                 list(request.seen_listing_ids), request.k,
                                 convert.filter_from_proto(request.filter), deadline)))
 
     def SimilarListings(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.similar_listings(request.listing_id, request.k,
                                        convert.filter_from_proto(request.filter), deadline)))
 
@@ -131,17 +145,22 @@ class GatewayServer(Server):
 
     core: GatewayCore | None = None
     watch: DownstreamWatch | None = None
+    map_watch: ShardMapWatch | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         if self.watch is not None:
             self.watch.stop()
+        if self.map_watch is not None:
+            self.map_watch.stop()
         super().stop(grace)
         if self.core is not None:
             self.core.close()
 
 
-def build_core(config: GatewayConfig,
-               client_metrics: GrpcClientMetrics | None = None) -> GatewayCore:
+def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
+    """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
+    states are measured (`services.gateway.metrics`)."""
+    routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
     catalogue = Catalogue.open(config.db_path)
     if config.seed_dir is not None and catalogue.count() == 0:
         report = catalogue.load_prepared(config.seed_dir)
@@ -150,19 +169,32 @@ def build_core(config: GatewayConfig,
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
                               model_info_ttl_s=config.model_info_ttl_s,
-                              client_metrics=client_metrics)
-    indexer = IndexerShards(config.indexer_targets, config.retry,
+                              client_metrics=metrics.client if metrics else None)
+    indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token, client_metrics=client_metrics)
+                            write_token=config.write_token, routing=routing,
+                            events=metrics.replica_events() if metrics else None,
+                            client_metrics=metrics.client if metrics else None)
+    if metrics is not None:
+        metrics.catalogue, metrics.indexer = catalogue, indexer
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
                        max_images=config.max_images,
                        compensation_timeout_s=config.compensation_timeout_s)
 
 
+def shard_routing(config: GatewayConfig) -> ShardRouting:
+    """Routing by the shard map when GATEWAY_SHARD_MAP is set (refusing one that names shards
+    that are not configured), else by hash over the configured shards."""
+    try:
+        return routing_for(len(config.indexer_replicas), config.shard_map_dir, config.partitions)
+    except ShardMapError as exc:
+        raise ConfigError(f"GATEWAY_SHARD_MAP={config.shard_map_dir}: {exc}") from None
+
+
 def start(config: GatewayConfig) -> GatewayServer:
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "GATEWAY_METRICS_PORT")
-    core = build_core(config, metrics.client() if metrics is not None else None)
-    observed = GatewayMetrics(metrics.registry, core.catalogue) if metrics is not None else None
+    observed = GatewayMetrics(metrics) if metrics is not None else None
+    core = build_core(config, observed)
     servicer = GatewayServicer(core, config)
 
     def register(server):
@@ -183,14 +215,18 @@ def start(config: GatewayConfig) -> GatewayServer:
     if not config.write_token:
         log.warning("WRITE_TOKEN is not set: AddListing and RemoveListing are open to any caller")
     log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", config.db_path,
-             core.catalogue.count(), config.embedder_target, len(config.indexer_targets),
-             ", ".join(config.indexer_targets))
+             core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
+             "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core, metrics=server.metrics)
+    if config.shard_map_dir is not None:
+        gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
+                                          core.indexer.routing, config.shard_map_poll_s)
+        gateway.map_watch.start()
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
-            [core.embedder.downstream, *core.indexer.shards],
-            lambda status: server.health.set(SERVICE_NAME, status),
+            [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),
+            shards=core.indexer,
             interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
         if observed is not None:
             observed.watch = gateway.watch

@@ -24,6 +24,16 @@ Durability
     ``INDEXER_COMPACT_DEAD_FRACTION`` (0.3): compact a collection at snapshot time when this
     fraction of its slots is dead (deleted or replaced).
 
+Replicas (``services.indexer.replication``, design in ``docs/indexer-replication.md``)
+    ``INDEXER_SHARD`` [--shard] (unset) / ``INDEXER_PARTITIONS`` [--partitions] (256): the
+    shard this replica's data belongs to and the cluster's number of logical partitions (fixed
+    when the cluster is created); recorded in the data directory at first start, and a directory
+    of another shard or partition count is refused, naming both.
+    ``INDEXER_PEERS`` [--peers] (unset): comma list of the other replicas of the same shard. With
+    peers, the replica reports NOT_SERVING and answers reads with UNAVAILABLE until it has caught
+    up from a serving peer (its snapshot plus the WAL records after it); writes are accepted
+    meanwhile. Without peers it serves its own data at once.
+
 Limits
     ``INDEXER_MAX_BATCH`` (1024) items/queries/ids per request, ``INDEXER_MAX_K`` (1000),
     ``INDEXER_MAX_MESSAGE_MB`` (64) for received and sent messages.
@@ -71,6 +81,9 @@ class IndexerConfig:
     max_message_bytes: int = 64 * MiB
     faiss_threads: int = 0
     blas_threshold: int = 20
+    shard: int = -1
+    partitions: int = 0
+    peers: tuple[str, ...] = ()
     #: Prometheus ``/metrics`` HTTP port (0: off); INDEXER_METRICS_PORT, 9452 when unset
     metrics_port: int = 0
 
@@ -99,7 +112,16 @@ class IndexerConfig:
                                             minimum=0),
                             help="HTTP port of the Prometheus /metrics endpoint (0: off)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
+        parser.add_argument("--shard", type=int, default=env_int("INDEXER_SHARD", -1, minimum=-1))
+        parser.add_argument("--partitions", type=int,
+                            default=env_int("INDEXER_PARTITIONS", 256, minimum=1))
+        parser.add_argument("--peers", default=env_str("INDEXER_PEERS", ""),
+                            help="other replicas of this shard, host:port,host:port")
         args = parser.parse_args(argv)
+        if args.shard >= args.partitions:
+            raise ConfigError(f"INDEXER_SHARD={args.shard} must be below INDEXER_PARTITIONS="
+                              f"{args.partitions} (a shard owns at least one partition)")
+        peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
         try:
             collections = tuple(parse_collections(args.collections or DEFAULT_COLLECTIONS))
         except InvalidArgument as exc:
@@ -119,5 +141,6 @@ class IndexerConfig:
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
             faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
+            shard=args.shard, partitions=args.partitions if args.shard >= 0 else 0, peers=peers,
             metrics_port=args.metrics_port,
         )

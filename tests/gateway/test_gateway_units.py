@@ -223,6 +223,33 @@ def test_config_from_env(monkeypatch, tmp_path):
         parse_indexer_addrs("a:1,a:1")
 
 
+def test_indexer_shards_and_shard_map_from_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("INDEXER_ADDRS", raising=False)
+    monkeypatch.setenv("INDEXER_SHARDS", "0=127.0.0.1:1|127.0.0.1:2;1=127.0.0.1:3")
+    monkeypatch.setenv("GATEWAY_SHARD_MAP", str(tmp_path / "map"))
+    monkeypatch.setenv("GATEWAY_SHARD_MAP_POLL_S", "0.5")
+    config = GatewayConfig.from_env([])
+    assert config.indexer_replicas == (("127.0.0.1:1", "127.0.0.1:2"), ("127.0.0.1:3",))
+    assert config.indexer_targets == ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+    assert (config.shard_map_dir, config.shard_map_poll_s, config.partitions) == (
+        tmp_path / "map", 0.5, 256)
+    monkeypatch.setenv("INDEXER_ADDRS", "127.0.0.1:9")
+    with pytest.raises(ConfigError, match="not both"):
+        GatewayConfig.from_env([])
+
+
+def test_gateway_refuses_a_shard_map_naming_unconfigured_shards(tmp_path):
+    from common.shard_map import JsonShardMapStore, initial
+    from services.gateway.server import start
+
+    JsonShardMapStore(tmp_path / "map").publish(initial(4))
+    config = GatewayConfig(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
+                           indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
+                           shard_map_dir=tmp_path / "map", readiness_interval_s=0)
+    with pytest.raises(ConfigError, match="places partitions on shard 3, but only shards 0..1"):
+        start(config)
+
+
 def test_retry_backoff_grows_and_is_capped():
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3)
     assert [policy.backoff(i) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]
