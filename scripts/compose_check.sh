@@ -171,7 +171,8 @@ fi
 
 if [[ "${COMPOSE_CHECK_FRESH:-0}" == 1 ]]; then
   step "fresh: removing cached images and the wheelhouse stamp"
-  docker rmi -f marketplace-indexer:latest marketplace-embedder:latest marketplace-gateway:latest marketplace-prometheus:latest \
+  docker rmi -f marketplace-indexer:latest marketplace-embedder:latest marketplace-gateway:latest \
+    marketplace-web:latest marketplace-prometheus:latest \
     "$LOCAL_BASE_TAG" "$BASE_ROOTFS_TAG" 2>/dev/null | grep -c '^Deleted' | sed 's/$/ layers deleted/' || true
   rm -f "$WORK/wheels/.stamp"
 fi
@@ -219,7 +220,8 @@ if [[ "${COMPOSE_CHECK_WHEELHOUSE:-1}" == 1 ]]; then
     || die "the host Python must be 3.11 like the images to build their wheels"
   wheels="$WORK/wheels"
   mkdir -p "$wheels"
-  reqs=(services/indexer/requirements.txt services/gateway/requirements.txt services/embedder/requirements.txt)
+  reqs=(services/indexer/requirements.txt services/gateway/requirements.txt services/embedder/requirements.txt
+        services/web/requirements.txt)
   stamp="$(cat "${reqs[@]}" | sha256sum | cut -c1-16)"
   if [[ "$(cat "$wheels/.stamp" 2>/dev/null)" == "$stamp" ]]; then
     echo "cached for these requirements"
@@ -315,7 +317,7 @@ if [[ -n "$WHEEL_SERVER_PID" ]]; then
   kill "$WHEEL_SERVER_PID" 2>/dev/null; wait "$WHEEL_SERVER_PID" 2>/dev/null || true; WHEEL_SERVER_PID=""
 fi
 docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep '^marketplace-'
-for svc in indexer embedder gateway prometheus; do
+for svc in indexer embedder gateway web prometheus; do
   user="$(docker image inspect -f '{{.Config.User}}' "marketplace-$svc:latest")"
   [[ -n "$user" && "$user" != root && "$user" != 0 ]] || die "marketplace-$svc runs as root"
 done
@@ -426,6 +428,13 @@ jq -n --arg id "${ids[0]}" '{listing_id: $id}' | "$GRPCURL" -plaintext -d @ "$GA
   marketplace.gateway.v1.Gateway/GetListing >/dev/null 2>"$Q/gone.err" && die "removed listing still there"
 grep -q 'Code: NotFound' "$Q/gone.err" || { cat "$Q/gone.err"; die "GetListing of a removed listing: wrong error"; }
 echo "ok  GetListing of the removed listing: NotFound"
+
+# The HTTP edge (services/web) on its published port: the page and the original /predict/image.
+WEB="${WEB:-127.0.0.1:8000}"
+curl -sf "http://$WEB/" | grep -q "Marketplace visual search" || die "the page at http://$WEB/ does not load"
+echo "ok  the page loads at http://$WEB/"
+curl -sf -F "image=@${photos[0]}" "http://$WEB/predict/image" >"$Q/predict.json" || die "POST /predict/image failed"
+check predict '(.Category | type) == "string" and .Probability > 0' "POST /predict/image: $(jq -c . "$Q/predict.json")"
 
 # ---------------------------------------------------------------------------------------------
 # The catalogue: the gateway loaded the prepared listings (GATEWAY_SEED_DIR) at start; its photo

@@ -651,6 +651,20 @@ class IndexerShards:
         request = indexer_pb2.GetStatsRequest(collection=collection)
         return self._read("GetStats", [(shard, request) for shard in range(len(self))], deadline)
 
+    def list_ids(self, shard: int, deadline: Deadline, *, collection: str = IMAGE_COLLECTION,
+                 page_size: int = 1000) -> list[tuple[str, str]]:
+        """Every (item id, listing id) stored on ``shard`` in ``collection``, paged (ListIds;
+        each page from one replica of the shard, like any read)."""
+        listed: list[tuple[str, str]] = []
+        token = ""
+        while True:
+            reply = self._read("ListIds", [(int(shard), indexer_pb2.ListIdsRequest(
+                collection=collection, page_size=page_size, page_token=token))], deadline)[0]
+            listed.extend((entry.id, entry.listing_id) for entry in reply.ids)
+            token = reply.next_page_token
+            if not token:
+                return listed
+
     # ------------------------------------------------------------------ writes
 
     def _write(self, shard: int, method: str, request, deadline: Deadline):

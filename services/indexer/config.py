@@ -37,7 +37,9 @@ Replicas (``services.indexer.replication``, design in ``docs/indexer-replication
 Limits
     ``INDEXER_MAX_BATCH`` (1024) items/queries/ids per request, ``INDEXER_MAX_K`` (1000),
     ``INDEXER_MAX_MESSAGE_MB`` (64) for received and sent messages.
-    ``INDEXER_FAISS_THREADS`` (0 = FAISS default, one per core) OpenMP threads per request.
+    ``INDEXER_FAISS_THREADS`` (1; 0 = FAISS default, one per core) OpenMP threads per request.
+    One: a search of one query vector does not parallelise, and a team per gRPC thread would
+    only wake (and spin) idle threads on cores the embedder needs.
     ``INDEXER_BLAS_THRESHOLD`` (20): batches of at least this many queries use BLAS for exact
     distances (FAISS 1.15's own default, 128000, is several times slower for batched search).
 
@@ -79,7 +81,7 @@ class IndexerConfig:
     max_batch: int = 1024
     max_k: int = 1000
     max_message_bytes: int = 64 * MiB
-    faiss_threads: int = 0
+    faiss_threads: int = 1
     blas_threshold: int = 20
     shard: int = -1
     partitions: int = 0
@@ -139,7 +141,7 @@ class IndexerConfig:
             max_batch=env_int("INDEXER_MAX_BATCH", 1024, minimum=1),
             max_k=env_int("INDEXER_MAX_K", 1000, minimum=1),
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
-            faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
+            faiss_threads=env_int("INDEXER_FAISS_THREADS", 1, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
             shard=args.shard, partitions=args.partitions if args.shard >= 0 else 0, peers=peers,
             metrics_port=args.metrics_port,

@@ -281,6 +281,9 @@ class IndexStore:
     def fetch(self, collection: str, ids: Sequence[str]) -> tuple[list[StoredItem], list[str]]:
         return self.collection(collection).fetch(ids)
 
+    def list_ids(self, collection: str, after: str, limit: int) -> list[tuple[str, str]]:
+        return self.collection(collection).list_ids(after, limit)
+
     def stats(self, collection: str = "") -> list[dict]:
         chosen = [self.collection(collection)] if collection else list(self._collections.values())
         return [{"name": c.name, "count": c.count, "dimension": c.dimension,

@@ -192,6 +192,17 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
             not_found=missing)
 
     @_maps_errors
+    def ListIds(self, request, context):
+        self._check_batch(request.page_size, "ids per page")
+        size = request.page_size or self.max_batch
+        listed = self.store.list_ids(request.collection, request.page_token, size + 1)
+        more = len(listed) > size
+        listed = listed[:size]
+        return indexer_pb2.ListIdsResponse(
+            ids=[indexer_pb2.ListedId(id=i, listing_id=listing) for i, listing in listed],
+            next_page_token=listed[-1][0] if more else "")
+
+    @_maps_errors
     def GetStats(self, request, context):
         return indexer_pb2.GetStatsResponse(collections=[
             indexer_pb2.CollectionStats(**stats) for stats in self.store.stats(request.collection)])
