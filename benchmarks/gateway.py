@@ -25,7 +25,10 @@ artefact without runtime files is given them in a copy, see ``benchmarks.embedde
 The cells of every path alternate so all see the same background load; a new path is one more
 entry in ``paths`` (its column and ratios to (a) follow). The last line is
 ``RESULT p99_vs_inprocess=<p99 (b) / p99 (a) at concurrency 8>
-rps_vs_inprocess_c8=<requests/s (b) / (a) at 8> rps_c8=<(b) requests/s at 8>``.
+rps_vs_inprocess_c8=<requests/s (b) / (a) at 8> rps_c8=<(b) requests/s at 8>
+metrics_overhead_p50=<p50 with metrics / p50 without, lowest concurrency>``: unless
+``--no-metrics-overhead``, two more stacks, identical but for the services' Prometheus metrics
+(off / on), run SearchByImage in alternating cells (off, on, on, off).
 
     python -m benchmarks.gateway --db postgres [--quick]
 
@@ -42,6 +45,7 @@ orphans=<vectors without a listing found by reconcile>``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -125,6 +129,186 @@ def start_service(name: str, env: dict[str, str], log_dir: Path, label: str):
                  {"LOG_LEVEL": "warning", **env})
 
 
+# ------------------------------------------------------------------ metrics on vs off
+# (issue 20) Kept apart from the comparison above: two more stacks, identical but for the
+# services' Prometheus metrics (every gRPC call counted and timed on the server and, in the
+# gateway, on the client side; batching, search and catalogue metrics), measured in alternating
+# cells (off, on, on, off at each concurrency) so that background drift cancels out.
+
+
+def start_metrics_stack(label: str, tmp: Path, embedder_env: dict[str, str], dim: int,
+                        shard_count: int, db_path: Path, max_workers: int,
+                        metrics: bool) -> tuple[list, object, dict[str, int]]:
+    """Embedder, shards and gateway as processes; with ``metrics``, each serves /metrics on a
+    free port. Returns (all processes, the gateway, {service label: metrics port})."""
+    ports: dict[str, int] = {}
+
+    def start(name: str, env: dict[str, str], name_label: str):
+        ports[name_label] = free_port() if metrics else 0
+        return spawn(name, free_port(), tmp / f"{label}-{name_label}.log",
+                     {"LOG_LEVEL": "warning", **env}, metrics_port=ports[name_label])
+
+    procs = [start("embedder", embedder_env, "embedder")]
+    for i in range(shard_count):
+        procs.append(start("indexer", {"INDEXER_DATA_DIR": str(tmp / f"{label}-indexer-{i}"),
+                                       "INDEXER_COLLECTIONS": f"image:{dim}:flat:ip",
+                                       "INDEXER_FSYNC": "false"}, f"indexer-{i}"))
+    gateway = start("gateway", {
+        "GATEWAY_DB": str(db_path), "EMBEDDER_ADDR": procs[0].address,
+        "INDEXER_ADDRS": ",".join(p.address for p in procs[1:]),
+        "GATEWAY_MAX_WORKERS": str(max_workers)}, "gateway")
+    return [*procs, gateway], gateway, ports
+
+
+def scraped_requests(port: int, method: str) -> float:
+    """``grpc_server_handled_total`` of gateway ``method`` (all codes) from the live /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "grpc_server_handled_total"
+               and sample.labels.get("grpc_method") == method)
+
+
+def measure_metrics_overhead(tmp: Path, embedder_env: dict[str, str], dim: int, shard_count: int,
+                             db_path: Path, ids: list[str], vectors: np.ndarray,
+                             query_bytes: list[bytes], levels: list[int], warmup_s: float,
+                             measure_s: float, max_workers: int,
+                             rounds: int = 1) -> dict[tuple[str, int], "WindowCell"]:
+    """SearchByImage through a stack with metrics off and one with metrics on, alternating
+    (off, on, on, off) ``rounds`` times per concurrency, each cell ``measure_s / 2`` long."""
+    import grpc
+
+    from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+    from services.gateway.catalogue import Catalogue
+    from services.gateway.config import RetryPolicy
+    from services.gateway.downstream import IndexerShards
+    from services.gateway.index_catalogue import index_embeddings
+
+    stacks: dict[str, tuple] = {}
+    channels: list = []
+    try:
+        for mode in ("off", "on"):
+            stacks[mode] = start_metrics_stack(f"metrics-{mode}", tmp, embedder_env, dim,
+                                               shard_count, db_path, max_workers, mode == "on")
+        stubs = {}
+        for mode, (procs, gateway, _ports) in stacks.items():
+            for proc in procs:
+                wait_ready(proc, 300)
+            shards = IndexerShards([p.address for p in procs[1:-1]], RetryPolicy(),
+                                   write_token=os.environ.get("WRITE_TOKEN") or None)
+            with Catalogue.open(db_path) as catalogue:
+                index_embeddings(catalogue, shards, ids, vectors, progress=False)
+            shards.close()
+            channel = grpc.insecure_channel(gateway.address, options=[
+                ("grpc.max_send_message_length", 64 << 20)])
+            channels.append(channel)
+            stubs[mode] = gateway_pb2_grpc.GatewayStub(channel)
+        requests = [gateway_pb2.SearchByImageRequest(image=data, k=K) for data in query_bytes]
+        calls = {mode: itertools.count() for mode in stubs}  # next() is atomic: a call counter
+
+        def through(mode: str):
+            stub = stubs[mode]
+
+            def call(_worker: int, i: int) -> None:
+                next(calls[mode])
+                stub.SearchByImage(requests[i % len(requests)], timeout=60)
+            return call
+
+        for mode in stubs:
+            through(mode)(0, 0)
+
+        cells: dict[tuple[str, int], WindowCell] = {}
+        for level in levels:
+            for mode in ("off", "on", "on", "off") * rounds:
+                cell = closed_loop(through(mode), level, warmup_s, measure_s / 2)
+                before = cells.get((mode, level))
+                cells[mode, level] = cell if before is None else WindowCell(
+                    before.per_s + cell.per_s, before.latencies_ms + cell.latencies_ms)
+            for mode in stubs:  # per_s summed over the 2 * rounds cells: the mean
+                cells[mode, level].per_s /= 2 * rounds
+        sent = next(calls["on"])
+        counted = scraped_requests(stacks["on"][2]["gateway"], "SearchByImage")
+        print(f"metrics on: the gateway's /metrics counted {counted:,.0f} SearchByImage calls of "
+              f"the {sent:,} sent to it; metrics off: no /metrics endpoint", flush=True)
+        if counted != sent:
+            raise RuntimeError(f"the metrics-on gateway counted {counted} of {sent} calls")
+        return cells
+    finally:
+        for channel in channels:
+            channel.close()
+        for procs, _gateway, _ports in stacks.values():
+            for proc in reversed(procs):
+                proc.stop(30)
+
+
+def metrics_cost_us(calls: int = 20_000) -> float:
+    """Microseconds one RPC's metrics cost: a unary handler through the server metrics
+    interceptor minus the bare handler, in-process (load-independent, unlike the cells)."""
+    import grpc
+    from prometheus_client import CollectorRegistry
+
+    from common.metrics import GrpcServerMetrics
+
+    class Details:
+        method = "/marketplace.gateway.v1.Gateway/SearchByImage"
+        invocation_metadata = ()
+
+    class Context:
+        def code(self):
+            return None
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    observed = GrpcServerMetrics(CollectorRegistry()).interceptor().intercept_service(
+        lambda _details: handler, Details())
+    context = Context()
+    best = []
+    for behaviour in (handler.unary_unary, observed.unary_unary):
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(calls):
+                behaviour(None, context)
+            times.append((time.perf_counter() - started) / calls)
+        best.append(min(times))
+    return (best[1] - best[0]) * 1e6
+
+
+#: Metric recordings per SearchByImage with metrics on: the gateway's server series, its client
+#: series for Embed and one Search per shard (2), the embedder's server series and its batch
+#: (batch size, model seconds, images, queue wait), each shard's server series and search time.
+RECORDINGS_PER_SEARCH = 1 + 3 + 1 + 2 + 2 * 2
+
+
+def print_metrics_overhead(cells: dict[tuple[str, int], "WindowCell"], levels: list[int]) -> float:
+    """The metrics on/off table; returns p50(on) / p50(off) at the lowest concurrency."""
+    print("\nSearchByImage through the gateway, Prometheus metrics off vs on (alternating cells)")
+    header = (f"{'conc':>4} | {'off req/s':>9} {'p50':>7} {'p99':>7} | {'on req/s':>9} {'p50':>7} "
+              f"{'p99':>7} | {'p50 on/off':>10} {'p99 on/off':>10}")
+    print(header)
+    print("-" * len(header))
+    for level in levels:
+        off, on = cells["off", level], cells["on", level]
+        print(f"{level:>4} | {off.per_s:>9.1f} {off.percentile(50):>7.1f} {off.percentile(99):>7.1f} | "
+              f"{on.per_s:>9.1f} {on.percentile(50):>7.1f} {on.percentile(99):>7.1f} | "
+              f"{on.percentile(50) / off.percentile(50):>10.3f} "
+              f"{on.percentile(99) / off.percentile(99):>10.3f}")
+    low = min(levels)
+    ratio = cells["on", low].percentile(50) / cells["off", low].percentile(50)
+    print(f"target: p50 with metrics within 1.03x of without at concurrency {low}: "
+          f"{'met' if ratio <= 1.03 else 'NOT met'} ({ratio:.3f}x)")
+    cost = metrics_cost_us()
+    estimate = RECORDINGS_PER_SEARCH * cost / 1000 / cells["off", low].percentile(50)
+    print(f"cost of one RPC's metrics, in-process: {cost:.1f} us; about {RECORDINGS_PER_SEARCH} "
+          f"recordings per SearchByImage across the stack = {estimate:.3%} of its p50 at "
+          f"concurrency {low} (what the cells measure beyond this is noise)")
+    return ratio
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -145,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                              "default, min(2, cores))")
     parser.add_argument("--batch-size", type=int, default=8, help="embedder model batch")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="embedder batching wait")
+    parser.add_argument("--no-metrics-overhead", dest="metrics_overhead", action="store_false",
+                        help="skip the metrics on vs off comparison (two more stacks)")
     parser.add_argument("--db", choices=["postgres"], default=None,
                         help="postgres: compare the catalogue back ends (SQLite vs PostgreSQL, "
                              "one gateway vs two) instead of gateway vs in-process")
@@ -282,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
                 service.stop(30)
             if inprocess is not None:
                 inprocess.close()
+        metrics_cells = None
+        if args.metrics_overhead:
+            metrics_cells = measure_metrics_overhead(
+                tmp, embedder_env, dim, args.shards, db_path, ids, vectors, query_bytes, levels,
+                warmup_s, measure_s, max(16, 2 * max(levels)), rounds=2 if args.quick else 4)
 
     print(f"\nSearchByImage, k={K}: requests/s and latency (ms), {warmup_s:g} s warm-up + "
           f"{measure_s:g} s per cell")
@@ -307,9 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"targets at concurrency {top}: p99 of (b) within 1.5x of (a): "
           f"{'met' if ratio <= 1.5 else 'NOT met'} ({ratio:.2f}x); requests/s of (b) at least "
           f"0.8x (a): {'met' if rps_ratio >= 0.8 else 'NOT met'} ({rps_ratio:.2f}x)")
+    overhead = ""
+    if metrics_cells is not None:
+        overhead = f" metrics_overhead_p50={print_metrics_overhead(metrics_cells, levels):.3f}"
     print(f"after: {load_line()}; total {time.perf_counter() - started:.0f} s")
     print(f"RESULT p99_vs_inprocess={ratio:.2f} rps_vs_inprocess_c{top}={rps_ratio:.2f} "
-          f"rps_c{top}={cells['b', top].per_s:.1f}")
+          f"rps_c{top}={cells['b', top].per_s:.1f}{overhead}")
     return 0
 
 

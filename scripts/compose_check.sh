@@ -172,7 +172,7 @@ fi
 if [[ "${COMPOSE_CHECK_FRESH:-0}" == 1 ]]; then
   step "fresh: removing cached images and the wheelhouse stamp"
   docker rmi -f marketplace-indexer:latest marketplace-embedder:latest marketplace-gateway:latest \
-    marketplace-web:latest \
+    marketplace-web:latest marketplace-prometheus:latest \
     "$LOCAL_BASE_TAG" "$BASE_ROOTFS_TAG" 2>/dev/null | grep -c '^Deleted' | sed 's/$/ layers deleted/' || true
   rm -f "$WORK/wheels/.stamp"
 fi
@@ -252,6 +252,24 @@ if [[ "${COMPOSE_CHECK_WHEELHOUSE:-1}" == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# The Prometheus image installs Debian's package; offline, apt inside the build cannot reach a
+# mirror, so the packages the base lacks are downloaded here (host apt, resolved against the
+# base image's own dpkg status) into deploy/prometheus/debs/, which its Dockerfile installs.
+PROM_DEBS="$REPO/deploy/prometheus/debs"
+if [[ "$BASE_IMAGE" == "$LOCAL_BASE_TAG" ]] && ! ls "$PROM_DEBS"/prometheus_*.deb >/dev/null 2>&1; then
+  step "prometheus packages for the offline image build (deploy/prometheus/debs)"
+  [[ $(id -u) == 0 ]] || die "downloading Debian packages needs root (apt-get)"
+  docker run --rm --entrypoint cat "$BASE_IMAGE" /var/lib/dpkg/status >"$WORK/base-dpkg-status" \
+    || die "cannot read the base image's dpkg status"
+  mkdir -p "$PROM_DEBS/partial"
+  apt-get install --download-only -y -qq --no-install-recommends \
+    -o Dir::State::status="$WORK/base-dpkg-status" -o Dir::Cache::archives="$PROM_DEBS" prometheus \
+    >"$WORK/prometheus-debs.log" 2>&1 || { tail -20 "$WORK/prometheus-debs.log"; die "apt-get download of prometheus failed"; }
+  rm -rf "$PROM_DEBS/partial" "$PROM_DEBS/lock"
+  echo "$(ls "$PROM_DEBS"/*.deb | wc -l) packages, $(du -sh "$PROM_DEBS" | cut -f1)"
+fi
+
+# ---------------------------------------------------------------------------------------------
 step "inputs: model artefact and prepared data"
 if [[ -z "${ARTIFACT_DIR:-}" ]]; then
   if [[ -f artifacts/current/model_card.json ]]; then
@@ -299,7 +317,7 @@ if [[ -n "$WHEEL_SERVER_PID" ]]; then
   kill "$WHEEL_SERVER_PID" 2>/dev/null; wait "$WHEEL_SERVER_PID" 2>/dev/null || true; WHEEL_SERVER_PID=""
 fi
 docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep '^marketplace-'
-for svc in indexer embedder gateway web; do
+for svc in indexer embedder gateway web prometheus; do
   user="$(docker image inspect -f '{{.Config.User}}' "marketplace-$svc:latest")"
   [[ -n "$user" && "$user" != root && "$user" != 0 ]] || die "marketplace-$svc runs as root"
 done
@@ -455,5 +473,27 @@ fi
 if optional_rpc recommend Recommend < <(jq -n --arg id "$first" '{liked_listing_ids: [$id], k: 5}'); then
   check recommend "(.results | length) > 0 and all(.results[]; .listing.id != \"$first\")" "Recommend: liked listing not returned"
 fi
+
+# ---------------------------------------------------------------------------------------------
+step "metrics: Prometheus scrapes every replica and saw the sample queries"
+PROM="http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+promql() { curl -sf --get --data-urlencode "query=$1" "$PROM/api/v1/query"; }
+deadline=$(( $(date +%s) + 120 ))
+while :; do  # first scrapes after start: wait until every target is up
+  curl -sf "$PROM/api/v1/targets" >"$Q/targets.json" || true
+  if jq -e '(.data.activeTargets | length) >= 5 and all(.data.activeTargets[]; .health == "up")' \
+       "$Q/targets.json" >/dev/null 2>&1; then break; fi
+  (( $(date +%s) < deadline )) || { jq -c '.data.activeTargets[]? | [.scrapeUrl, .health, .lastError]' "$Q/targets.json"; die "Prometheus targets not all up"; }
+  sleep 5
+done
+jq -r '.data.activeTargets[] | "    \(.labels.job)  \(.scrapeUrl)  \(.health)"' "$Q/targets.json"
+sleep 20  # one more scrape (15 s interval) after the queries above
+promql 'sum by (grpc_method, grpc_code) (grpc_server_handled_total{job="gateway",grpc_service="marketplace.gateway.v1.Gateway"}) > 0' >"$Q/handled.json"
+jq -r '.data.result[] | "    \(.metric.grpc_method) \(.metric.grpc_code): \(.value[1])"' "$Q/handled.json"
+jq -e 'any(.data.result[]; .metric.grpc_method == "AddListing" and .metric.grpc_code == "OK" and (.value[1] | tonumber) >= 2)' \
+  "$Q/handled.json" >/dev/null || die "Prometheus did not see the AddListing calls"
+echo "ok  grpc_server_handled_total of the gateway counts the sample queries"
+promql 'sum(embedder_batch_size_sum) / sum(embedder_batch_size_count)' >"$Q/batch.json"
+echo "ok  embedder average batch size: $(jq -r '.data.result[0].value[1]' "$Q/batch.json")"
 
 step "all sample queries passed${SKIPPED:+ (skipped as UNIMPLEMENTED: ${SKIPPED[*]})}"

@@ -38,6 +38,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from marketplace.gateway.v1 import gateway_pb2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,15 +132,20 @@ class ServiceProcess:
 
 
 def spawn(name: str, port: int, log_path: Path, env: dict[str, str] | None = None,
-          args: list[str] | None = None, module: str | None = None) -> ServiceProcess:
+          args: list[str] | None = None, module: str | None = None,
+          metrics_port: int = 0) -> ServiceProcess:
     """Start ``python -m services.<name> --port PORT`` (or ``python -m <module>``, e.g. a
-    benchmark's stand-in server) with its output in ``log_path``."""
+    benchmark's stand-in server) with its output in ``log_path``. A service's Prometheus
+    ``/metrics`` endpoint is off unless ``metrics_port`` is given: processes started side by side
+    (tests, shards on one host) must not all bind the default metrics port."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    metrics = ([] if module or name not in DEFAULT_METRICS_PORTS
+               else ["--metrics-port", str(metrics_port)])
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", module or f"services.{name}", "--host", "127.0.0.1",
-             "--port", str(port),
+             "--port", str(port), *metrics,
              *(args or [])],
             cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)
@@ -166,12 +172,15 @@ def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
     """Start indexer, embedder, gateway (``gateways`` replicas of it, on one shared catalogue) and
     the edge in the background and wait until all are SERVING."""
     ports = {name: int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name])) for name in SERVICES}
+    metrics_ports = {name: int(os.environ.get(f"{name.upper()}_METRICS_PORT", default))
+                     for name, default in DEFAULT_METRICS_PORTS.items()}
     full_env = {**stack_env(run_dir, ports), **(env or {})}
     started: dict[str, ServiceProcess] = {}
     replicas = list(GATEWAY_REPLICAS.items())[:max(0, gateways - 1)]
     try:
         for name in SERVICES:
-            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log", full_env)
+            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log", full_env,
+                         metrics_port=metrics_ports.get(name, 0))
             (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
             started[name] = proc
         for key, (variable, default) in replicas:

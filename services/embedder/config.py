@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, env_bool, env_float, env_int, env_str
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from common.runtimes import PRECISIONS, RUNTIME_SETTINGS
 from common.serving import MiB, ServerLimits
 
@@ -63,6 +64,9 @@ class EmbedderConfig:
     batches by the batcher). ``text_model`` says whether the text model (EmbedText) is loaded:
     ``auto`` (default) loads it when its package is installed, ``on`` refuses to start without
     it, ``off`` serves images only; ``max_text_chars`` is the longest text EmbedText accepts.
+    ``metrics_port`` serves Prometheus ``/metrics`` (gRPC metrics, batch sizes, queue wait,
+    model time; `services.embedder.metrics`); 0 (the default here, 9451 from the environment)
+    turns it off.
     """
 
     artifact_dir: Path
@@ -85,6 +89,8 @@ class EmbedderConfig:
     #: seconds before a client connection is recycled (0: never), so gateways re-resolve
     #: ``dns:///embedder`` and spread over replicas added later
     max_connection_age_s: float = 60.0
+    #: Prometheus ``/metrics`` HTTP port (0: off); EMBEDDER_METRICS_PORT, 9451 when unset
+    metrics_port: int = 0
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -93,6 +99,8 @@ class EmbedderConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_wait_ms < 0:
             raise ConfigError(f"max_wait_ms={self.max_wait_ms} must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
         if self.max_connection_age_s < 0:
             raise ConfigError(f"max_connection_age_s={self.max_connection_age_s} must be >= 0")
         if self.runtime not in RUNTIME_SETTINGS:
@@ -174,6 +182,10 @@ class EmbedderConfig:
             default=env_float("EMBEDDER_MAX_CONNECTION_AGE_S", 60.0, minimum=0),
             help="recycle each client connection after this many seconds (0: never), so a "
                  "gateway resolving dns:///embedder picks up replicas added later")
+        add("--metrics-port", type=int,
+            default=env_int("EMBEDDER_METRICS_PORT", DEFAULT_METRICS_PORTS["embedder"], minimum=0),
+            help="HTTP port of the Prometheus /metrics endpoint (0: metrics off); "
+                 "env EMBEDDER_METRICS_PORT")
         add("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         if args.artifact_dir is None:
@@ -188,5 +200,6 @@ class EmbedderConfig:
             max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
             runtime=args.runtime, precision=args.precision,
             fold_bn=args.fold_bn, text_model=args.text_model, max_text_chars=args.max_text_chars,
-            max_connection_age_s=args.max_connection_age_s, log_level=args.log_level,
+            max_connection_age_s=args.max_connection_age_s, metrics_port=args.metrics_port,
+            log_level=args.log_level,
         )

@@ -86,6 +86,10 @@ Environment variables (flag in brackets; defaults in parentheses):
     timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
     while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
     stays SERVING like the server's own ``""``.
+``GATEWAY_METRICS_PORT`` [--metrics-port] (9450)
+    HTTP port of the Prometheus ``/metrics`` endpoint (`common.metrics`): the gateway's own RPCs,
+    its calls to every downstream, the catalogue size and each downstream's readiness. 0 turns
+    metrics off.
 ``IMAGE_STORE_DIR`` (unset)
     Folder of the listing photo store (`common.image_store`, shared with the HTTP edge): the photos
     of listings added through AddListing are kept there (removed with the listing). Unset: they
@@ -101,6 +105,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -150,8 +155,13 @@ class GatewayConfig:
     max_workers: int = 16
     readiness_interval_s: float = 5.0
     readiness_timeout_s: float = 1.0
+    metrics_port: int = 0             # 0: off (from_env defaults to 9450)
     log_level: str = "info"
     image_store_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
 
     @property
     def embedder_target(self) -> str:
@@ -178,6 +188,9 @@ class GatewayConfig:
                             default=env_str("GATEWAY_SEED_DIR", "") or None)
         parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR))
         parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
+        parser.add_argument("--metrics-port", type=int,
+                            default=env_int("GATEWAY_METRICS_PORT", DEFAULT_METRICS_PORTS["gateway"],
+                                            minimum=0))
         parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                             help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
         parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
@@ -215,6 +228,7 @@ class GatewayConfig:
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
             readiness_timeout_s=env_float("GATEWAY_READINESS_TIMEOUT_S", 1.0, minimum=0.01),
+            metrics_port=args.metrics_port,
             log_level=args.log_level,
             image_store_dir=Path(image_store) if image_store else None,
         )

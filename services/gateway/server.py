@@ -25,6 +25,7 @@ import grpc
 from common.config import ConfigError
 from common.image_store import open_image_store
 from common.logs import setup_logging
+from common.metrics import ServiceMetrics
 from common.shard_map import JsonShardMapStore, ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
@@ -36,6 +37,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import OutboxApplier
 from services.gateway.photos import ListingPhotos
 from services.gateway.readiness import SERVING, DownstreamWatch
@@ -181,7 +183,9 @@ class GatewayServer(Server):
             self.core.close()
 
 
-def build_core(config: GatewayConfig) -> GatewayCore:
+def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
+    """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
+    states are measured (`services.gateway.metrics`)."""
     routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
     catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
                                connect_timeout_s=config.db_connect_timeout_s)
@@ -195,10 +199,15 @@ def build_core(config: GatewayConfig) -> GatewayCore:
                      report.listings, report.images)
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                              model_info_ttl_s=config.model_info_ttl_s)
+                              model_info_ttl_s=config.model_info_ttl_s,
+                              client_metrics=metrics.client if metrics else None)
     indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token, routing=routing)
+                            write_token=config.write_token, routing=routing,
+                            events=metrics.replica_events() if metrics else None,
+                            client_metrics=metrics.client if metrics else None)
+    if metrics is not None:
+        metrics.catalogue, metrics.indexer = catalogue, indexer
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
                            interval_s=config.outbox_interval_s)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
@@ -215,7 +224,9 @@ def shard_routing(config: GatewayConfig) -> ShardRouting:
 
 
 def start(config: GatewayConfig) -> GatewayServer:
-    core = build_core(config)
+    metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "GATEWAY_METRICS_PORT")
+    observed = GatewayMetrics(metrics) if metrics is not None else None
+    core = build_core(config, observed)
     photos = ListingPhotos(open_image_store(config.image_store_dir, config.max_message_bytes)
                            if config.image_store_dir else None)
     servicer = GatewayServicer(core, config, photos)
@@ -231,7 +242,7 @@ def start(config: GatewayConfig) -> GatewayServer:
                                                    max_workers=config.max_workers,
                                                    max_concurrent_rpcs=max(64, 4 * config.max_workers)),
                                interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
-                               credentials=server_credentials())
+                               credentials=server_credentials(), metrics=metrics)
     except BaseException:
         core.close()
         raise
@@ -242,7 +253,7 @@ def start(config: GatewayConfig) -> GatewayServer:
              core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
              "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
-                            core=core)
+                            core=core, metrics=server.metrics)
     if config.shard_map_dir is not None:
         gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
                                           core.indexer.routing, config.shard_map_poll_s)
@@ -252,6 +263,8 @@ def start(config: GatewayConfig) -> GatewayServer:
             [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),
             shards=core.indexer,
             interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
+        if observed is not None:
+            observed.watch = gateway.watch
         # the first check publishes the readiness entry: it never says SERVING before that
         gateway.watch.start()
         server.health.set("", SERVING)
