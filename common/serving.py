@@ -1,5 +1,5 @@
 """What every gRPC server of the stack shares: health, reflection, limits, request logging,
-error mapping and graceful shutdown.
+error mapping, Prometheus metrics (`common.metrics`) and graceful shutdown.
 
 Servicers stay thin and never need to know about these; a service calls ``create_server`` with
 its servicers, marks itself SERVING once its model or index is loaded, and ``serve_until_signal``.
@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import logs
+from common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class Server:
     port: int
     health: health.HealthServicer
     service_names: list[str] = field(default_factory=list)
+    #: The service's metrics and their ``/metrics`` endpoint; None when metrics are off.
+    metrics: ServiceMetrics | None = field(default=None, kw_only=True)
 
     def set_serving(self, serving: bool = True) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -71,6 +74,8 @@ class Server:
     def stop(self, grace: float | None = 5.0) -> None:
         self.set_serving(False)
         self.grpc_server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 class _Undecodable:
@@ -158,15 +163,20 @@ def create_server(
     limits: ServerLimits = ServerLimits(),
     interceptors: Iterable[grpc.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> Server:
     """Build and start a server on ``address`` (port 0 picks a free port).
 
     ``register`` adds the service's servicers and returns their full service names, which get
-    health entries (NOT_SERVING until the caller says otherwise) and reflection.
+    health entries (NOT_SERVING until the caller says otherwise) and reflection. With
+    ``metrics``, every RPC is counted and timed (outermost, so with the status the caller sees)
+    and ``/metrics`` is served on the metrics port; a metrics port that cannot be bound stops
+    the start (`common.metrics.MetricsPortError`).
     """
+    observed = [metrics.server.interceptor()] if metrics is not None else []
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_workers),
-        interceptors=[RequestContextInterceptor(), *interceptors],
+        interceptors=[*observed, RequestContextInterceptor(), *interceptors],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         options=_server_options(limits),
     )
@@ -181,6 +191,13 @@ def create_server(
         port = grpc_server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}")
+    if metrics is not None:
+        metrics.server.initialize([*service_names, health.SERVICE_NAME])
+        try:
+            metrics.serve()
+        except OSError:
+            grpc_server.stop(None)
+            raise
     grpc_server.start()
     log.info("listening on port %d (%s)", port, "TLS" if credentials is not None else "plaintext",
              extra={"fields": {"services": service_names,
@@ -189,7 +206,7 @@ def create_server(
                                "max_concurrent_rpcs": limits.max_concurrent_rpcs,
                                "max_workers": limits.max_workers,
                                "max_connection_age_s": limits.max_connection_age_s}})
-    server = Server(grpc_server, port, health_servicer, service_names)
+    server = Server(grpc_server, port, health_servicer, service_names, metrics=metrics)
     server.set_serving(False)
     return server
 

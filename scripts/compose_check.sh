@@ -99,7 +99,7 @@ while :; do
   states="$(for c in $(compose ps -q); do
     docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$c"
   done)"
-  if ! grep -qv ' healthy$' <<<"$states" && [[ $(wc -l <<<"$states") -ge 4 ]]; then break; fi
+  if ! grep -qv ' healthy$' <<<"$states" && [[ $(wc -l <<<"$states") -ge 5 ]]; then break; fi
   grep -qE ' (exited|dead) | unhealthy$' <<<"$states" && { echo "$states"; die "a service failed"; }
   (( $(date +%s) < deadline )) || { echo "$states"; die "services not healthy in time"; }
   sleep 5
@@ -117,4 +117,36 @@ index_in_compose() {  # index_in_compose ARGS...: index_catalogue inside the sta
     compose exec -T gateway python -m services.gateway.index_catalogue "$@"
   fi
 }
-run_sample_queries "$GATEWAY" index_in_compose
+# The HTTP edge (services/web) on its published port: the page and the original /predict/image
+# (run by run_sample_queries after the write path, with its photos and helpers).
+check_web_edge() {
+  WEB="${WEB:-127.0.0.1:8000}"
+  curl -sf "http://$WEB/" | grep -q "Marketplace visual search" || die "the page at http://$WEB/ does not load"
+  echo "ok  the page loads at http://$WEB/"
+  curl -sf -F "image=@${photos[0]}" "http://$WEB/predict/image" >"$Q/predict.json" || die "POST /predict/image failed"
+  check predict '(.Category | type) == "string" and .Probability > 0' "POST /predict/image: $(jq -c . "$Q/predict.json")"
+}
+AFTER_WRITE_PATH=check_web_edge run_sample_queries "$GATEWAY" index_in_compose
+
+# ---------------------------------------------------------------------------------------------
+step "metrics: Prometheus scrapes every replica and saw the sample queries"
+PROM="http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+promql() { curl -sf --get --data-urlencode "query=$1" "$PROM/api/v1/query"; }
+deadline=$(( $(date +%s) + 120 ))
+while :; do  # first scrapes after start: wait until every target is up
+  curl -sf "$PROM/api/v1/targets" >"$Q/targets.json" || true
+  if jq -e '(.data.activeTargets | length) >= 5 and all(.data.activeTargets[]; .health == "up")' \
+       "$Q/targets.json" >/dev/null 2>&1; then break; fi
+  (( $(date +%s) < deadline )) || { jq -c '.data.activeTargets[]? | [.scrapeUrl, .health, .lastError]' "$Q/targets.json"; die "Prometheus targets not all up"; }
+  sleep 5
+done
+jq -r '.data.activeTargets[] | "    \(.labels.job)  \(.scrapeUrl)  \(.health)"' "$Q/targets.json"
+sleep 20  # one more scrape (15 s interval) after the queries above
+promql 'sum by (grpc_method, grpc_code) (grpc_server_handled_total{job="gateway",grpc_service="marketplace.gateway.v1.Gateway"}) > 0' >"$Q/handled.json"
+jq -r '.data.result[] | "    \(.metric.grpc_method) \(.metric.grpc_code): \(.value[1])"' "$Q/handled.json"
+jq -e 'any(.data.result[]; .metric.grpc_method == "AddListing" and .metric.grpc_code == "OK" and (.value[1] | tonumber) >= 2)' \
+  "$Q/handled.json" >/dev/null || die "Prometheus did not see the AddListing calls"
+echo "ok  grpc_server_handled_total of the gateway counts the sample queries"
+promql 'sum(embedder_batch_size_sum) / sum(embedder_batch_size_count)' >"$Q/batch.json"
+echo "ok  embedder average batch size: $(jq -r '.data.result[0].value[1]' "$Q/batch.json")"
+step "compose-check: all checks passed"

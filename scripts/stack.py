@@ -1,16 +1,25 @@
-"""Run the three services as local processes: start, wait for health, stop.
+"""Run the three services and the HTTP edge as local processes: start, wait for health, stop.
 
 Used by `make up` / `make down`, by the demo, and by the integration tests, so the stack is
 started the same way everywhere. Logs and pid files live under one run directory.
 
     python -m scripts.stack up [--run-dir run]      # background processes, logs in run/logs/
+    python -m scripts.stack up --db postgres        # PostgreSQL in run/postgres + two gateways
     python -m scripts.stack status
     python -m scripts.stack down
 
 ``up`` serves the model in ``artifacts/current`` (or ``--artifact-dir`` / EMBEDDER_ARTIFACT_DIR)
 and, the first time (empty catalogue), loads the prepared listings of ``build/data`` into the
 gateway's catalogue and indexes their photos: the artefact's precomputed embeddings when it has
-them, else through the running embedder. Later ``up``s keep whatever the stack holds.
+them, else through the running embedder. Later ``up``s keep whatever the stack holds. The
+prepared photos missing from the image store (``run/images``, shared by the gateway and the edge)
+are linked into it on every ``up``. ``up`` ends by printing the page's address (the edge,
+``services.web``, on WEB_PORT, default 8000).
+
+``--db postgres`` (``make up DB=postgres``) starts a PostgreSQL server from the machine's
+packages with its data in ``run/postgres/`` (port ``POSTGRES_PORT``, 50057), keeps the catalogue
+in its database ``catalogue`` and starts two gateway replicas on it (``GATEWAY_PORT`` and
+``GATEWAY2_PORT``, 50050 and 50056): a listing added through one is served by the other.
 """
 from __future__ import annotations
 
@@ -21,25 +30,42 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from marketplace.gateway.v1 import gateway_pb2
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICES = ("indexer", "embedder", "gateway")  # start order: downstreams first
+SERVICES = ("indexer", "embedder", "gateway", "web")  # start order: downstreams first
+#: Services that answer HTTP (health: GET /api/health) rather than the gRPC health service.
+HTTP_SERVICES = ("web",)
 #: The gateway's readiness entry (SERVING while its downstreams are; services.gateway.readiness).
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-DEFAULT_PORTS = {"gateway": 50050, "embedder": 50051, "indexer": 50052}
+DEFAULT_PORTS = {"gateway": 50050, "embedder": 50051, "indexer": 50052, "web": 8000}
+#: Extra gateway replicas (``--db postgres``): pid-file name -> (port variable, default port).
+GATEWAY_REPLICAS = {"gateway-2": ("GATEWAY2_PORT", 50056)}
+POSTGRES_PORT = ("POSTGRES_PORT", 50057)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def http_status(address: str, timeout: float = 1.0) -> str:
+    """SERVING when the HTTP edge at ``address`` answers its health endpoint, else UNREACHABLE."""
+    try:
+        with urllib.request.urlopen(f"http://{address}/api/health", timeout=timeout) as reply:
+            return "SERVING" if reply.status == 200 else "UNREACHABLE"
+    except (OSError, urllib.error.URLError):
+        return "UNREACHABLE"
 
 
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
@@ -54,14 +80,16 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
 
 
 def wait_healthy(address: str, timeout: float = 120.0, process: subprocess.Popen | None = None,
-                 log_path: Path | None = None, service: str = "") -> None:
-    """Block until ``service`` at ``address`` reports SERVING; fail early if its process died."""
+                 log_path: Path | None = None, service: str = "", http: bool = False) -> None:
+    """Block until ``service`` at ``address`` reports SERVING (``http``: the edge's health
+    endpoint answers); fail early if its process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
             raise RuntimeError(f"service at {address} exited with {process.returncode}:\n{tail}")
-        if health_status(address, service) == "SERVING":
+        status = http_status(address) if http else health_status(address, service)
+        if status == "SERVING":
             return
         time.sleep(0.2)
     raise TimeoutError(f"{service or 'service'} at {address} not SERVING after {timeout:.0f}s")
@@ -72,7 +100,8 @@ def wait_ready(proc: "ServiceProcess", timeout: float = 120.0) -> None:
     downstream over its own channels, so a first request does not meet a channel that is still
     backing off from a downstream that was not up yet."""
     wait_healthy(proc.address, timeout, proc.process, proc.log_path,
-                 GATEWAY_SERVICE if proc.name == "gateway" else "")
+                 GATEWAY_SERVICE if proc.name == "gateway" else "",
+                 http=proc.name in HTTP_SERVICES)
 
 
 @dataclass
@@ -103,15 +132,20 @@ class ServiceProcess:
 
 
 def spawn(name: str, port: int, log_path: Path, env: dict[str, str] | None = None,
-          args: list[str] | None = None, module: str | None = None) -> ServiceProcess:
+          args: list[str] | None = None, module: str | None = None,
+          metrics_port: int = 0) -> ServiceProcess:
     """Start ``python -m services.<name> --port PORT`` (or ``python -m <module>``, e.g. a
-    benchmark's stand-in server) with its output in ``log_path``."""
+    benchmark's stand-in server) with its output in ``log_path``. A service's Prometheus
+    ``/metrics`` endpoint is off unless ``metrics_port`` is given: processes started side by side
+    (tests, shards on one host) must not all bind the default metrics port."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    metrics = ([] if module or name not in DEFAULT_METRICS_PORTS
+               else ["--metrics-port", str(metrics_port)])
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", module or f"services.{name}", "--host", "127.0.0.1",
-             "--port", str(port),
+             "--port", str(port), *metrics,
              *(args or [])],
             cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True)
@@ -119,8 +153,10 @@ def spawn(name: str, port: int, log_path: Path, env: dict[str, str] | None = Non
 
 
 def stack_env(run_dir: Path, ports: dict[str, int], artifact_dir: Path | None = None) -> dict:
-    """Environment wiring the three services together on loopback."""
+    """Environment wiring the three services and the edge together on loopback."""
     env = {
+        "GATEWAY_ADDR": f"127.0.0.1:{ports['gateway']}",
+        "IMAGE_STORE_DIR": str(run_dir / "images"),
         "EMBEDDER_ADDR": f"127.0.0.1:{ports['embedder']}",
         "INDEXER_ADDRS": f"127.0.0.1:{ports['indexer']}",
         "INDEXER_DATA_DIR": str(run_dir / "indexer"),
@@ -131,16 +167,27 @@ def stack_env(run_dir: Path, ports: dict[str, int], artifact_dir: Path | None = 
     return env
 
 
-def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0) -> dict[str, ServiceProcess]:
-    """Start indexer, embedder and gateway in the background and wait until all are SERVING."""
+def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0, *,
+       gateways: int = 1) -> dict[str, ServiceProcess]:
+    """Start indexer, embedder, gateway (``gateways`` replicas of it, on one shared catalogue) and
+    the edge in the background and wait until all are SERVING."""
     ports = {name: int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name])) for name in SERVICES}
+    metrics_ports = {name: int(os.environ.get(f"{name.upper()}_METRICS_PORT", default))
+                     for name, default in DEFAULT_METRICS_PORTS.items()}
     full_env = {**stack_env(run_dir, ports), **(env or {})}
     started: dict[str, ServiceProcess] = {}
+    replicas = list(GATEWAY_REPLICAS.items())[:max(0, gateways - 1)]
     try:
         for name in SERVICES:
-            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log", full_env)
+            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log", full_env,
+                         metrics_port=metrics_ports.get(name, 0))
             (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
             started[name] = proc
+        for key, (variable, default) in replicas:
+            proc = spawn("gateway", int(os.environ.get(variable, default)),
+                         run_dir / "logs" / f"{key}.log", full_env)
+            (run_dir / f"{key}.pid").write_text(str(proc.process.pid))
+            started[key] = proc
         for proc in started.values():
             wait_ready(proc, timeout)
     except Exception:
@@ -151,10 +198,29 @@ def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0)
     return started
 
 
+def local_postgres(run_dir: Path):
+    """The stack's PostgreSQL server (data in ``run_dir/postgres``), not started."""
+    from scripts.postgres import LocalPostgres
+
+    variable, default = POSTGRES_PORT
+    return LocalPostgres(run_dir / "postgres", int(os.environ.get(variable, default)))
+
+
+def start_postgres(run_dir: Path) -> str:
+    """Start (or find running) the stack's PostgreSQL; returns the catalogue database's URL."""
+    server = local_postgres(run_dir)
+    if not server.running():
+        server.start()
+        print(f"postgres  127.0.0.1:{server.port:<6d} data {server.data}  log {server.log}")
+    return server.create_database("catalogue", exist_ok=True)
+
+
 def down(run_dir: Path, timeout: float = 15.0) -> None:
-    """Stop the services whose pid files are in ``run_dir`` (gateway first)."""
-    for name in reversed(SERVICES):
-        pid_file = run_dir / f"{name}.pid"
+    """Stop the services whose pid files are in ``run_dir`` (gateways first), then the stack's
+    PostgreSQL if it runs."""
+    for key in [*reversed(GATEWAY_REPLICAS), *reversed(SERVICES)]:
+        name = key.split("-")[0]
+        pid_file = run_dir / f"{key}.pid"
         if not pid_file.exists():
             continue
         pid = int(pid_file.read_text())
@@ -171,9 +237,14 @@ def down(run_dir: Path, timeout: float = 15.0) -> None:
             time.sleep(0.1)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
-            print(f"killed {name} (pid {pid}): it did not stop within {timeout:g}s of SIGTERM")
+            print(f"killed {key} (pid {pid}): it did not stop within {timeout:g}s of SIGTERM")
         else:
-            print(f"stopped {name} (pid {pid})")
+            print(f"stopped {key} (pid {pid})")
+    if (run_dir / "postgres" / "data").exists():
+        server = local_postgres(run_dir)
+        if server.running():
+            server.stop()
+            print(f"stopped postgres (data kept in {server.data})")
 
 
 def _alive(pid: int) -> bool:
@@ -199,7 +270,7 @@ def _is_service(pid: int, name: str) -> bool:
     return f"services.{name}".encode() in command
 
 
-def seed_catalogue(db_path: Path, prepared: Path) -> bool:
+def seed_catalogue(db_path: Path | str, prepared: Path) -> bool:
     """Load ``prepared`` into an empty catalogue (True when it did); a catalogue that already
     holds listings is left alone, so listings added or removed through the gateway stay so."""
     from services.gateway.catalogue import Catalogue
@@ -220,7 +291,19 @@ def seed_catalogue(db_path: Path, prepared: Path) -> bool:
     return True
 
 
-def index_catalogue(db_path: Path, artifact_dir: Path, prepared: Path,
+def fill_image_store(store_dir: Path, prepared: Path) -> None:
+    """Link the prepared photos missing from the image store into it (the page shows them)."""
+    from common.image_store import LocalImageStore, fill_from_prepared
+
+    if not (prepared / "images.csv").is_file():
+        return
+    report = fill_from_prepared(LocalImageStore(store_dir), prepared)
+    print(f"image store {store_dir}: {report.added:,} prepared photos added, "
+          f"{report.already_there:,} already there" +
+          (f", {report.skipped:,} skipped (missing or not photos)" if report.skipped else ""))
+
+
+def index_catalogue(db_path: Path | str, artifact_dir: Path, prepared: Path,
                     procs: dict[str, "ServiceProcess"]) -> None:
     """Index the catalogue's photos (and listing texts) into the running indexer(s)."""
     from services.gateway import index_catalogue as indexing
@@ -245,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default artifacts/current, made by `make demo`)")
     parser.add_argument("--prepared", type=Path, default=REPO / "build" / "data",
                         help="prepared data loaded into an empty catalogue on `up`")
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default=os.environ.get("DB") or "sqlite",
+                        help="catalogue: a SQLite file in the run directory and one gateway "
+                             "(default), or a local PostgreSQL server and two gateway replicas")
     args = parser.parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "up":
@@ -255,23 +341,37 @@ def main(argv: list[str] | None = None) -> int:
                   "EMBEDDER_ARTIFACT_DIR / --artifact-dir at an exported artefact",
                   file=sys.stderr)
             return 2
-        db_path = args.run_dir / "catalogue.sqlite3"
+        postgres = args.db == "postgres"
+        db_path = start_postgres(args.run_dir) if postgres else args.run_dir / "catalogue.sqlite3"
         seeded = seed_catalogue(db_path, args.prepared)
-        procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact)})
+        fill_image_store(args.run_dir / "images", args.prepared)
+        procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact), "GATEWAY_DB": str(db_path)},
+                   gateways=2 if postgres else 1)
         for name, proc in procs.items():
             print(f"{name:9s} {proc.address:22s} pid {proc.process.pid}  log {proc.log_path}")
         if seeded:
             index_catalogue(db_path, artifact, args.prepared, procs)
+        print(f"page: http://{procs['web'].address}/  (JSON API: http://{procs['web'].address}/docs)")
     elif args.command == "down":
         down(args.run_dir)
     else:
         for name in SERVICES:
             port = int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name]))
-            line = f"{name:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}"
+            address = f"127.0.0.1:{port}"
+            status = http_status(address) if name in HTTP_SERVICES else health_status(address)
+            line = f"{name:9s} {address:16s} {status}"
             if name == "gateway":  # readiness: are its downstreams serving?
-                ready = health_status(f"127.0.0.1:{port}", GATEWAY_SERVICE)
+                ready = health_status(address, GATEWAY_SERVICE)
                 line += f"  (ready: {ready})"
             print(line)
+        for key, (variable, default) in GATEWAY_REPLICAS.items():
+            if (args.run_dir / f"{key}.pid").exists():
+                port = int(os.environ.get(variable, default))
+                print(f"{key:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}  "
+                      f"(ready: {health_status(f'127.0.0.1:{port}', GATEWAY_SERVICE)})")
+        if (args.run_dir / "postgres" / "data").exists():
+            server = local_postgres(args.run_dir)
+            print(f"postgres  127.0.0.1:{server.port:<6d} {'RUNNING' if server.running() else 'STOPPED'}")
     return 0
 
 

@@ -124,6 +124,7 @@ stop_dockerd() {  # only the daemon ensure_dockerd started, by its PID
 forget_cached_images() {  # a cold build from scratch: images, base and wheelhouse stamp
   step "fresh: removing cached images and the wheelhouse stamp"
   docker rmi -f marketplace-indexer:latest marketplace-embedder:latest marketplace-gateway:latest \
+    marketplace-web:latest marketplace-prometheus:latest marketplace-postgres:latest marketplace-grpc-proxy:latest \
     "$LOCAL_BASE_TAG" "$BASE_ROOTFS_TAG" 2>/dev/null | grep -c '^Deleted' | sed 's/$/ layers deleted/' || true
   rm -f "$CACHE/wheels/.stamp"
 }
@@ -172,7 +173,8 @@ start_wheel_server() {  # sets and exports PIP_INSTALL_OPTS (COMPOSE_CHECK_WHEEL
     || die "the host Python must be 3.11 like the images to build their wheels"
   local wheels="$CACHE/wheels" reqs stamp bridge_ip
   mkdir -p "$wheels"
-  reqs=(services/indexer/requirements.txt services/gateway/requirements.txt services/embedder/requirements.txt)
+  reqs=(services/indexer/requirements.txt services/gateway/requirements.txt services/embedder/requirements.txt
+        services/web/requirements.txt)
   stamp="$(cd "$REPO" && cat "${reqs[@]}" | sha256sum | cut -c1-16)"
   if [[ "$(cat "$wheels/.stamp" 2>/dev/null)" == "$stamp" ]]; then
     echo "cached for these requirements"
@@ -263,10 +265,28 @@ build_images() {  # the three service images from docker-compose.yml's build sec
   stop_wheel_server
   docker images --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep '^marketplace-'
   local svc user
-  for svc in "${SERVICES[@]}"; do
+  for svc in "${SERVICES[@]}" web prometheus; do
     user="$(docker image inspect -f '{{.Config.User}}' "marketplace-$svc:latest")"
     [[ -n "$user" && "$user" != root && "$user" != 0 ]] || die "marketplace-$svc runs as root"
   done
+}
+
+# The Prometheus image installs Debian's package; offline, apt inside the build cannot reach a
+# mirror, so the packages the base lacks are downloaded here (host apt, resolved against the
+# base image's own dpkg status) into deploy/prometheus/debs/, which its Dockerfile installs.
+prometheus_debs() {
+  local debs="$REPO/deploy/prometheus/debs"
+  [[ "$BASE_IMAGE" == "$LOCAL_BASE_TAG" ]] && ! ls "$debs"/prometheus_*.deb >/dev/null 2>&1 || return 0
+  step "prometheus packages for the offline image build (deploy/prometheus/debs)"
+  [[ $(id -u) == 0 ]] || die "downloading Debian packages needs root (apt-get)"
+  docker run --rm --entrypoint cat "$BASE_IMAGE" /var/lib/dpkg/status >"$WORK/base-dpkg-status" \
+    || die "cannot read the base image's dpkg status"
+  mkdir -p "$debs/partial"
+  apt-get install --download-only -y -qq --no-install-recommends \
+    -o Dir::State::status="$WORK/base-dpkg-status" -o Dir::Cache::archives="$debs" prometheus \
+    >"$WORK/prometheus-debs.log" 2>&1 || { tail -20 "$WORK/prometheus-debs.log"; die "apt-get download of prometheus failed"; }
+  rm -rf "$debs/partial" "$debs/lock"
+  echo "$(ls "$debs"/*.deb | wc -l) packages, $(du -sh "$debs" | cut -f1)"
 }
 
 prepare_images() {  # everything up to built images: daemon, base, wheels, inputs, build
@@ -275,6 +295,7 @@ prepare_images() {  # everything up to built images: daemon, base, wheels, input
   [[ "${COMPOSE_CHECK_FRESH:-0}" == 1 ]] && forget_cached_images
   ensure_base_image
   start_wheel_server
+  prometheus_debs
   resolve_inputs
   build_images
 }
@@ -372,6 +393,7 @@ print('\n'.join(map(str, photo_files(3))))" 2>/dev/null || true)
     marketplace.gateway.v1.Gateway/GetListing >/dev/null 2>"$Q/gone.err" && die "removed listing still there"
   grep -q 'Code: NotFound' "$Q/gone.err" || { cat "$Q/gone.err"; die "GetListing of a removed listing: wrong error"; }
   echo "ok  GetListing of the removed listing: NotFound"
+  [[ -z "${AFTER_WRITE_PATH:-}" ]] || "$AFTER_WRITE_PATH"   # e.g. compose-check's web edge checks
 
   # The catalogue: the gateway loaded the prepared listings (GATEWAY_SEED_DIR) at start; its photo
   # vectors go into the shards with index_catalogue, run inside the stack (service names as addresses).

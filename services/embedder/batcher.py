@@ -20,7 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 
 #: The model: a batch (B, ...) in, a tuple of arrays with B rows each out.
 RunBatch = Callable[[torch.Tensor], Sequence[np.ndarray]]
+
+
+class BatchObserver(Protocol):
+    """Told about every model call that succeeded (metrics, `services.embedder.metrics`)."""
+
+    def batch_done(self, size: int, model_seconds: float, queue_waits: Sequence[float]) -> None:
+        """``size`` items ran in ``model_seconds``; ``queue_waits``: for each submission that
+        reached the model for the first time in this batch, seconds from submit to model call."""
 
 
 class BatcherClosed(RuntimeError):
@@ -42,6 +50,7 @@ class _Job:
     outputs: list[np.ndarray] | None = None
     taken: int = 0       # rows handed to the worker so far
     done: int = 0        # rows whose outputs are in place
+    queued_at: float = field(default_factory=time.perf_counter)
 
     @property
     def size(self) -> int:
@@ -103,6 +112,7 @@ class DynamicBatcher:
         self._closed = False
         self._cond = threading.Condition()
         self.stats = BatcherStats()
+        self.observer: BatchObserver | None = None
         self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
                          for i in range(workers)]
         for worker in self._workers:
@@ -204,6 +214,7 @@ class DynamicBatcher:
                 continue
             parts = [job.inputs[a:b] for job, a, b in live]
             batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+            started = time.perf_counter()
             try:
                 outputs = self._run_batch(batch)
             except Exception as exc:  # the callers get it; the worker keeps serving
@@ -211,7 +222,11 @@ class DynamicBatcher:
                 for job, _, _ in live:
                     _settle(job.future, error=exc)
                 continue
+            model_seconds = time.perf_counter() - started
             self._route(live, outputs, int(batch.shape[0]))
+            if self.observer is not None:
+                self._observe(int(batch.shape[0]), model_seconds,
+                              [started - job.queued_at for job, a, _ in live if a == 0])
 
     def _route(self, live: list[tuple[_Job, int, int]], outputs: Sequence[np.ndarray],
                size: int) -> None:
@@ -236,6 +251,12 @@ class DynamicBatcher:
                     finished.append(job)
         for job in finished:   # outside the lock: callbacks of the future run here
             _settle(job.future, result=tuple(job.outputs))
+
+    def _observe(self, size: int, model_seconds: float, queue_waits: list[float]) -> None:
+        try:
+            self.observer.batch_done(size, model_seconds, queue_waits)
+        except Exception:  # metrics must never stop the model worker
+            log.exception("batch observer failed")
 
     def _record(self, size: int) -> None:
         stats = self.stats

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import grpc
 
 from common.logs import setup_logging
+from common.metrics import ServiceMetrics
 from common.model import ArtifactError
 from common.security import server_credentials
 from common.serving import Server, create_server, serve_until_signal
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig
 from services.embedder.core import Embedder, EmbedderUnavailable, RequestError, TextNotServed
+from services.embedder.metrics import EmbedderMetrics
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
@@ -28,9 +30,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     shutting down -> UNAVAILABLE, EmbedText without a text model -> FAILED_PRECONDITION saying
     how to enable it."""
 
-    def __init__(self, core: Embedder, config: EmbedderConfig) -> None:
+    def __init__(self, core: Embedder, config: EmbedderConfig,
+                 metrics: EmbedderMetrics | None = None) -> None:
         self.core = core
         self.config = config
+        self.metrics = metrics
 
     def Embed(self, request, context):
         with _status(context):
@@ -54,6 +58,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     def EmbedText(self, request, context):
         with _status(context):
             embeddings = self.core.embed_text(list(request.texts))
+        if self.metrics is not None:
+            self.metrics.texts_embedded(len(embeddings))
         return embedder_pb2.EmbedTextResponse(embeddings=[_vector(row) for row in embeddings],
                                               text_model=self.core.text.name)
 
@@ -107,7 +113,10 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
     TLS / mutual TLS when TLS_CERT + TLS_KEY (+ TLS_CLIENT_CA) are set (`common.security`)."""
     credentials = server_credentials()  # a bad TLS_* path fails before the model loads
     core = core or Embedder.from_config(config)
-    servicer = EmbedderServicer(core, config)
+    metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "EMBEDDER_METRICS_PORT")
+    observed = (EmbedderMetrics(metrics.registry, core, config.batch_size)
+                if metrics is not None else None)
+    servicer = EmbedderServicer(core, config, observed)
 
     def register(server):
         embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
@@ -115,12 +124,13 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
 
     try:
         server = create_server(register, f"{config.host}:{config.port}",
-                               limits=config.server_limits(), credentials=credentials)
+                               limits=config.server_limits(), credentials=credentials,
+                               metrics=metrics)
     except Exception:
         core.close()
         raise
     embedder_server = EmbedderServer(server.grpc_server, server.port, server.health,
-                                     server.service_names, core)
+                                     server.service_names, core, metrics=server.metrics)
     embedder_server.set_serving(True)
     return embedder_server
 

@@ -14,7 +14,8 @@
 Photos may be given as bytes or as file paths. Errors are the gRPC errors (``grpc.RpcError``
 with ``.code()`` and ``.details()``); the gateway's messages are meant to be shown to a person.
 Write calls send ``authorization: Bearer <token>`` when a write token is given (default: the
-``WRITE_TOKEN`` environment variable). TLS follows ``TLS_CA`` (see `common.security`).
+``WRITE_TOKEN`` environment variable; ``write_token=`` on `add` / `remove` sends a caller's own
+token instead, as the HTTP edge does with the token its caller presented). TLS follows ``TLS_CA`` (see `common.security`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,14 @@ from common.security import bearer_metadata, open_channel
 from common.security import write_token as env_write_token
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
-from services.gateway.domain import Classification, Listing, RankedListing, RemovedListing, SearchFilter
+from services.gateway.domain import (
+    AddedListing,
+    Classification,
+    Listing,
+    RankedListing,
+    RemovedListing,
+    SearchFilter,
+)
 
 Image = bytes | str | os.PathLike
 
@@ -138,8 +146,10 @@ class GatewayClient:
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)
 
-    def get(self, listing_id: str, *, timeout: float | None = None) -> Listing:
-        reply = self.stub.GetListing(gateway_pb2.GetListingRequest(listing_id=listing_id),
+    def get(self, listing_id: str, *, include_pending: bool = False,
+            timeout: float | None = None) -> Listing:
+        reply = self.stub.GetListing(gateway_pb2.GetListingRequest(listing_id=listing_id,
+                                                                   include_pending=include_pending),
                                      timeout=self._timeout(timeout))
         return convert.listing_from_proto(reply)
 
@@ -147,17 +157,34 @@ class GatewayClient:
 
     def add(self, images: Sequence[Image], *, title: str, description: str = "", category: str = "",
             main_category: str = "", price: float | None = None, currency: str = "",
-            location: str = "", listing_id: str = "", timeout: float | None = None) -> Listing:
+            location: str = "", listing_id: str = "", timeout: float | None = None,
+            write_token: str | None = None) -> Listing:
         """Add a listing with its photos; returns it with its assigned id and image ids.
         An empty ``main_category`` is predicted from the photos."""
+        return self.add_listing(images, title=title, description=description, category=category,
+                                main_category=main_category, price=price, currency=currency,
+                                location=location, listing_id=listing_id, timeout=timeout,
+                                write_token=write_token).listing
+
+    def add_listing(self, images: Sequence[Image], *, title: str, description: str = "",
+                    category: str = "", main_category: str = "", price: float | None = None,
+                    currency: str = "", location: str = "", listing_id: str = "",
+                    timeout: float | None = None, write_token: str | None = None) -> AddedListing:
+        """`add`, also saying whether the listing's vectors are still pending (see AddedListing)."""
         listing = Listing(listing_id, title, description, category, main_category, price, currency,
                           location)
         reply = self.stub.AddListing(gateway_pb2.AddListingRequest(
             listing=convert.listing_to_proto(listing), images=[read_image(i) for i in images]),
-            timeout=self._timeout(timeout), metadata=self._write_metadata)
-        return convert.listing_from_proto(reply.listing)
+            timeout=self._timeout(timeout), metadata=self._write_auth(write_token))
+        return AddedListing(convert.listing_from_proto(reply.listing), bool(reply.pending))
 
-    def remove(self, listing_id: str, *, timeout: float | None = None) -> RemovedListing:
+    def remove(self, listing_id: str, *, timeout: float | None = None,
+               write_token: str | None = None) -> RemovedListing:
         reply = self.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id),
-                                        timeout=self._timeout(timeout), metadata=self._write_metadata)
+                                        timeout=self._timeout(timeout),
+                                        metadata=self._write_auth(write_token))
         return convert.removed_from_proto(reply)
+
+    def _write_auth(self, write_token: str | None):
+        """Metadata of a write call: ``write_token`` when given, else the client's own."""
+        return bearer_metadata(write_token) if write_token is not None else self._write_metadata

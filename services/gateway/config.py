@@ -7,7 +7,19 @@ Environment variables (flag in brackets; defaults in parentheses):
 ``GATEWAY_PORT`` [--port] (50050)
     Port to listen on; 0 picks a free one.
 ``GATEWAY_DB`` [--db] (run/catalogue.sqlite3)
-    SQLite file of the listing catalogue; created and migrated on first start.
+    The listing catalogue: a path or ``sqlite:///path`` (an embedded SQLite file, created on
+    first start; one gateway process), or ``postgresql://user:password@host:port/dbname`` (a
+    PostgreSQL database shared by every gateway replica). Migrated to the current schema at start
+    (replicas starting together take turns). A malformed value or a database that cannot be
+    reached at start stops the gateway with one line naming this setting; a database that goes
+    away later makes catalogue calls UNAVAILABLE until it is back (no restart needed).
+``GATEWAY_DB_CONNECT_TIMEOUT_S`` (5)
+    How long to wait for a PostgreSQL connection (at start, and per request from the pool).
+``GATEWAY_OUTBOX_INTERVAL_S`` (0.5) / ``GATEWAY_OUTBOX_LEASE_S`` (30)
+    How often the outbox applier looks for vector writes not yet acknowledged by their shard
+    (left by a shard that was down or a gateway that died), and how long one gateway holds an
+    entry while pushing it (pushes are given half of it; after a crash another gateway takes the
+    entry over once the lease ran out). See ``docs/catalogue.md``.
 ``GATEWAY_SEED_DIR`` [--seed-dir] (unset)
     A prepared-data folder (``listings.csv`` + ``images.csv`` from ``python -m training.prepare``)
     loaded into the catalogue at start when the catalogue is empty. Unset: start empty (load with
@@ -59,9 +71,6 @@ Environment variables (flag in brackets; defaults in parentheses):
     indexer is used again within about this time (gRPC's own default grows to 120 s).
 ``GATEWAY_MODEL_INFO_TTL_S`` (60)
     How long the embedder's model info (categories, dimension, batch limit) is cached.
-``GATEWAY_COMPENSATION_TIMEOUT_S`` (5)
-    Budget for undoing a half-done AddListing (deleting upserted vectors) when the caller's own
-    deadline is spent.
 ``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
     When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
     (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
@@ -77,6 +86,14 @@ Environment variables (flag in brackets; defaults in parentheses):
     timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
     while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
     stays SERVING like the server's own ``""``.
+``GATEWAY_METRICS_PORT`` [--metrics-port] (9450)
+    HTTP port of the Prometheus ``/metrics`` endpoint (`common.metrics`): the gateway's own RPCs,
+    its calls to every downstream, the catalogue size and each downstream's readiness. 0 turns
+    metrics off.
+``IMAGE_STORE_DIR`` (unset)
+    Folder of the listing photo store (`common.image_store`, shared with the HTTP edge): the photos
+    of listings added through AddListing are kept there (removed with the listing). Unset: they
+    are embedded and indexed but not kept.
 ``LOG_LEVEL`` [--log-level] (info)
 """
 from __future__ import annotations
@@ -89,6 +106,7 @@ from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
 from common.security import write_token
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -115,7 +133,7 @@ class RetryPolicy:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 0
-    db_path: Path = REPO_ROOT / "run" / "catalogue.sqlite3"
+    db_path: Path | str = REPO_ROOT / "run" / "catalogue.sqlite3"  # GATEWAY_DB: a path or a URL
     seed_dir: Path | None = None
     embedder_addr: str = DEFAULT_EMBEDDER_ADDR
     indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
@@ -131,12 +149,20 @@ class GatewayConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     reconnect_backoff_max_s: float = 2.0
     model_info_ttl_s: float = 60.0
-    compensation_timeout_s: float = 5.0
+    db_connect_timeout_s: float = 5.0
+    outbox_interval_s: float = 0.5
+    outbox_lease_s: float = 30.0
     write_token: str | None = None
     max_workers: int = 16
     readiness_interval_s: float = 5.0
     readiness_timeout_s: float = 1.0
+    metrics_port: int = 0             # 0: off (from_env defaults to 9450)
     log_level: str = "info"
+    image_store_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
 
     @property
     def embedder_target(self) -> str:
@@ -158,12 +184,14 @@ class GatewayConfig:
                                          description="public API gateway (see config docstring for env)")
         parser.add_argument("--host", default=env_str("GATEWAY_HOST", "0.0.0.0"))
         parser.add_argument("--port", type=int, default=env_int("GATEWAY_PORT", 50050, minimum=0))
-        parser.add_argument("--db", type=Path,
-                            default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"))
+        parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")))
         parser.add_argument("--seed-dir", type=Path,
                             default=env_str("GATEWAY_SEED_DIR", "") or None)
         parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR))
         parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
+        parser.add_argument("--metrics-port", type=int,
+                            default=env_int("GATEWAY_METRICS_PORT", DEFAULT_METRICS_PORTS["gateway"],
+                                            minimum=0))
         parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                             help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
         parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
@@ -171,10 +199,11 @@ class GatewayConfig:
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = write_token()
+        image_store = env_str("IMAGE_STORE_DIR", "")
         config = cls(
             host=args.host,
             port=args.port,
-            db_path=args.db,
+            db_path=database_setting(args.db),
             seed_dir=Path(args.seed_dir) if args.seed_dir else None,
             embedder_addr=args.embedder,
             indexer_addrs=parse_indexer_addrs(args.indexers),
@@ -193,15 +222,30 @@ class GatewayConfig:
             ),
             reconnect_backoff_max_s=env_float("GATEWAY_RECONNECT_BACKOFF_MAX_S", 2.0, minimum=0.1),
             model_info_ttl_s=env_float("GATEWAY_MODEL_INFO_TTL_S", 60.0, minimum=0.0),
-            compensation_timeout_s=env_float("GATEWAY_COMPENSATION_TIMEOUT_S", 5.0, minimum=0.1),
+            db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
+            outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
+            outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
             readiness_timeout_s=env_float("GATEWAY_READINESS_TIMEOUT_S", 1.0, minimum=0.01),
+            metrics_port=args.metrics_port,
             log_level=args.log_level,
+            image_store_dir=Path(image_store) if image_store else None,
         )
         embedder_target(config.embedder_addr)  # fail fast on a malformed value
         return config
+
+
+def database_setting(value: str) -> Path | str:
+    """``GATEWAY_DB`` checked: a bare path stays a Path (as before), a URL a string."""
+    from services.gateway.catalogue_db import DatabaseError, parse_database_url
+
+    try:
+        parse_database_url(value)
+    except DatabaseError as exc:
+        raise ConfigError(str(exc)) from None
+    return value if "://" in value else Path(value)
 
 
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:

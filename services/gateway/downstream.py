@@ -39,6 +39,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import outgoing_metadata
+from common.metrics import GrpcClientMetrics
 from common.security import bearer_metadata, open_channel
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -105,14 +106,18 @@ def channel_options(reconnect_backoff_max_s: float = 2.0, max_message_bytes: int
 class Downstream:
     """One named downstream target: its channel and a label for error messages."""
 
-    def __init__(self, name: str, target: str, *, reconnect_backoff_max_s: float = 2.0) -> None:
+    def __init__(self, name: str, target: str, *, reconnect_backoff_max_s: float = 2.0,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
         self.name = name
         self.target = target
         self.label = f"{name} at {target}"
-        self.channel = open_channel(target, channel_options(reconnect_backoff_max_s))
+        self._channel = open_channel(target, channel_options(reconnect_backoff_max_s))
+        #: every call through it is counted and timed when metrics are on (`common.metrics`)
+        self.channel = (client_metrics.instrument(self._channel, name, target)
+                        if client_metrics is not None else self._channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._channel.close()
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,10 @@ class EmbedderClient:
     """The embedder replicas behind one round_robin channel."""
 
     def __init__(self, target: str, policy: RetryPolicy, *, reconnect_backoff_max_s: float = 2.0,
-                 model_info_ttl_s: float = 60.0) -> None:
-        self.downstream = Downstream("embedder", target, reconnect_backoff_max_s=reconnect_backoff_max_s)
+                 model_info_ttl_s: float = 60.0,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
+        self.downstream = Downstream("embedder", target, reconnect_backoff_max_s=reconnect_backoff_max_s,
+                                     client_metrics=client_metrics)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.downstream.channel)
         self.policy = policy
         self.model_info_ttl_s = model_info_ttl_s
@@ -409,11 +416,13 @@ class Replica:
     """One indexer process serving one shard: its channel, stubs and state."""
 
     def __init__(self, shard: int, number: int, target: str, label: str, events: ReplicaEvents,
-                 reconnect_backoff_max_s: float) -> None:
+                 reconnect_backoff_max_s: float,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
         self.shard = shard
         self.number = number
         self.downstream = Downstream(f"indexer shard {shard}", target,
-                                     reconnect_backoff_max_s=reconnect_backoff_max_s)
+                                     reconnect_backoff_max_s=reconnect_backoff_max_s,
+                                     client_metrics=client_metrics)
         self.downstream.label = label
         self.stub = indexer_pb2_grpc.IndexerStub(self.downstream.channel)
         self.replication = indexer_pb2_grpc.ReplicationStub(self.downstream.channel)
@@ -483,7 +492,8 @@ class IndexerShards:
 
     def __init__(self, topology: Sequence[str | Sequence[str]], policy: RetryPolicy, *,
                  reconnect_backoff_max_s: float = 2.0, write_token: str | None = None,
-                 events: ReplicaEvents | None = None, routing: ShardRouting | None = None) -> None:
+                 events: ReplicaEvents | None = None, routing: ShardRouting | None = None,
+                 client_metrics: GrpcClientMetrics | None = None) -> None:
         if not topology:
             raise ValueError("at least one indexer shard is needed")
         self.events = events or ReplicaEvents()
@@ -495,7 +505,7 @@ class IndexerShards:
             replicas = [Replica(shard, number, target,
                                 f"indexer shard {shard} at {target}" if len(targets) == 1
                                 else f"indexer shard {shard} replica {number} at {target}",
-                                self.events, reconnect_backoff_max_s)
+                                self.events, reconnect_backoff_max_s, client_metrics)
                         for number, target in enumerate(targets)]
             self.replica_sets.append(ShardReplicas(shard, replicas))
         self.policy = policy
@@ -645,6 +655,20 @@ class IndexerShards:
     def stats(self, deadline: Deadline, collection: str = "") -> list[indexer_pb2.GetStatsResponse]:
         request = indexer_pb2.GetStatsRequest(collection=collection)
         return self._read("GetStats", [(shard, request) for shard in range(len(self))], deadline)
+
+    def list_ids(self, shard: int, deadline: Deadline, *, collection: str = IMAGE_COLLECTION,
+                 page_size: int = 1000) -> list[tuple[str, str]]:
+        """Every (item id, listing id) stored on ``shard`` in ``collection``, paged (ListIds;
+        each page from one replica of the shard, like any read)."""
+        listed: list[tuple[str, str]] = []
+        token = ""
+        while True:
+            reply = self._read("ListIds", [(int(shard), indexer_pb2.ListIdsRequest(
+                collection=collection, page_size=page_size, page_token=token))], deadline)[0]
+            listed.extend((entry.id, entry.listing_id) for entry in reply.ids)
+            token = reply.next_page_token
+            if not token:
+                return listed
 
     # ------------------------------------------------------------------ writes
 

@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.index_catalogue",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path,
-                        default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"))
+    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
+                        help="catalogue: a path, sqlite:///path or postgresql://... (default $GATEWAY_DB)")
     parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS),
                         help="comma-separated shard addresses, in shard order")
     parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,

@@ -50,6 +50,8 @@ class DownstreamWatch:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.problems: list[str] | None = None  # None: not probed yet
+        #: each downstream's outcome in the last check (SERVING or not), for the metrics
+        self.serving: dict[Downstream, bool] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -59,7 +61,9 @@ class DownstreamWatch:
 
     def check(self) -> list[str]:
         """Probe every downstream now; publish and log when the outcome changed."""
-        problems = [p for p in (probe(d, self.timeout_s) for d in self.downstreams) if p]
+        outcomes = [(d, probe(d, self.timeout_s)) for d in self.downstreams]
+        self.serving = {d: problem is None for d, problem in outcomes}
+        problems = [problem for _, problem in outcomes if problem]
         if self.shards is not None:
             problems += self.shards.check_replicas(self.timeout_s)
         if problems != self.problems:

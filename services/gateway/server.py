@@ -23,17 +23,23 @@ from typing import Callable, TypeVar
 import grpc
 
 from common.config import ConfigError
+from common.image_store import open_image_store
 from common.logs import setup_logging
+from common.metrics import ServiceMetrics
 from common.shard_map import JsonShardMapStore, ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
-from services.gateway.catalogue import Catalogue
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
+from services.gateway.catalogue_db import UniqueViolation
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.outbox import OutboxApplier
+from services.gateway.photos import ListingPhotos
 from services.gateway.readiness import SERVING, DownstreamWatch
 from services.gateway.shards import ShardMapWatch, ShardRouting, routing_for
 
@@ -51,9 +57,11 @@ _NO_DEADLINE = 1e8  # gRPC reports "no deadline" as None or as a huge number of 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Thin: validate -> core -> map errors."""
 
-    def __init__(self, core: GatewayCore, config: GatewayConfig) -> None:
+    def __init__(self, core: GatewayCore, config: GatewayConfig,
+                 photos: ListingPhotos | None = None) -> None:
         self.core = core
         self.config = config
+        self.photos = photos or ListingPhotos(None)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -69,6 +77,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if deadline.remaining() <= 0:
                 raise DeadlineExceeded("the caller's deadline had expired before the gateway started")
             return work(deadline)
+        except CatalogueError as exc:  # e.g. a constraint the validation did not foresee
+            log.error("catalogue error: %s", exc)
+            context.abort(grpc.StatusCode.INTERNAL, clip_details(f"catalogue error: {exc}"))
         except GatewayError as exc:
             log.info("request failed: %s: %s", exc.code, clip_details(exc.message))
             # clipped: a message may echo a caller's input (e.g. a 100 KB listing id)
@@ -119,21 +130,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def GetListing(self, request, context):
         return self._run(context, lambda deadline: convert.listing_to_proto(
-            self.core.get_listing(request.listing_id)))
+            self.core.get_listing(request.listing_id, include_pending=request.include_pending)))
 
     def AddListing(self, request, context):
         def work(deadline):
-            listing = self.core.add_listing(convert.listing_from_proto(request.listing),
-                                            list(request.images), deadline)
-            return gateway_pb2.AddListingResponse(listing=convert.listing_to_proto(listing))
+            added = self.core.add_listing(convert.listing_from_proto(request.listing),
+                                          list(request.images), deadline)
+            self._keep_photos(added.listing, request.images, deadline)
+            return gateway_pb2.AddListingResponse(listing=convert.listing_to_proto(added.listing),
+                                                  pending=added.pending)
         return self._run(context, work)
 
     def RemoveListing(self, request, context):
         def work(deadline):
+            image_ids = self.core.get_listing(request.listing_id).image_ids
             removed = self.core.remove_listing(request.listing_id, deadline)
+            self.photos.forget(image_ids)
             return gateway_pb2.RemoveListingResponse(listing_id=removed.listing_id,
-                                                     images_removed=removed.images_removed)
+                                                     images_removed=removed.images_removed,
+                                                     pending=removed.pending)
         return self._run(context, work)
+
+    def _keep_photos(self, listing, images, deadline: Deadline) -> None:
+        """The image-store hook of AddListing (`photos`): a store failure undoes the listing."""
+        try:
+            self.photos.keep(listing, images)
+        except GatewayError:
+            try:
+                self.core.remove_listing(listing.id, deadline)
+            except GatewayError as exc:
+                log.error("listing %s stays without its photos: removing it failed: %s",
+                          listing.id, exc)
+            raise
 
 
 @dataclass
@@ -155,22 +183,35 @@ class GatewayServer(Server):
             self.core.close()
 
 
-def build_core(config: GatewayConfig) -> GatewayCore:
+def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
+    """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
+    states are measured (`services.gateway.metrics`)."""
     routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
-    catalogue = Catalogue.open(config.db_path)
-    if config.seed_dir is not None and catalogue.count() == 0:
-        report = catalogue.load_prepared(config.seed_dir)
-        log.info("catalogue seeded from %s: %d listings, %d images", config.seed_dir,
-                 report.listings, report.images)
+    catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
+                               connect_timeout_s=config.db_connect_timeout_s)
+    if config.seed_dir is not None and catalogue.count(include_pending=True) == 0:
+        try:
+            report = catalogue.load_prepared(config.seed_dir)
+        except (CatalogueError, UniqueViolation) as exc:  # another replica seeded it meanwhile
+            log.info("catalogue not seeded from %s: %s", config.seed_dir, exc)
+        else:
+            log.info("catalogue seeded from %s: %d listings, %d images", config.seed_dir,
+                     report.listings, report.images)
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                              model_info_ttl_s=config.model_info_ttl_s)
+                              model_info_ttl_s=config.model_info_ttl_s,
+                              client_metrics=metrics.client if metrics else None)
     indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token, routing=routing)
+                            write_token=config.write_token, routing=routing,
+                            events=metrics.replica_events() if metrics else None,
+                            client_metrics=metrics.client if metrics else None)
+    if metrics is not None:
+        metrics.catalogue, metrics.indexer = catalogue, indexer
+    outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
+                           interval_s=config.outbox_interval_s)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images,
-                       compensation_timeout_s=config.compensation_timeout_s)
+                       max_images=config.max_images, outbox=outbox)
 
 
 def shard_routing(config: GatewayConfig) -> ShardRouting:
@@ -183,8 +224,12 @@ def shard_routing(config: GatewayConfig) -> ShardRouting:
 
 
 def start(config: GatewayConfig) -> GatewayServer:
-    core = build_core(config)
-    servicer = GatewayServicer(core, config)
+    metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "GATEWAY_METRICS_PORT")
+    observed = GatewayMetrics(metrics) if metrics is not None else None
+    core = build_core(config, observed)
+    photos = ListingPhotos(open_image_store(config.image_store_dir, config.max_message_bytes)
+                           if config.image_store_dir else None)
+    servicer = GatewayServicer(core, config, photos)
 
     def register(server):
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -197,17 +242,18 @@ def start(config: GatewayConfig) -> GatewayServer:
                                                    max_workers=config.max_workers,
                                                    max_concurrent_rpcs=max(64, 4 * config.max_workers)),
                                interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
-                               credentials=server_credentials())
+                               credentials=server_credentials(), metrics=metrics)
     except BaseException:
         core.close()
         raise
     if not config.write_token:
         log.warning("WRITE_TOKEN is not set: AddListing and RemoveListing are open to any caller")
-    log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", config.db_path,
+    core.outbox.start()  # pushes index writes left pending (a shard down, a gateway killed)
+    log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", core.catalogue.path,
              core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
              "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
-                            core=core)
+                            core=core, metrics=server.metrics)
     if config.shard_map_dir is not None:
         gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
                                           core.indexer.routing, config.shard_map_poll_s)
@@ -217,6 +263,8 @@ def start(config: GatewayConfig) -> GatewayServer:
             [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),
             shards=core.indexer,
             interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
+        if observed is not None:
+            observed.watch = gateway.watch
         # the first check publishes the readiness entry: it never says SERVING before that
         gateway.watch.start()
         server.health.set("", SERVING)
@@ -228,6 +276,9 @@ def start(config: GatewayConfig) -> GatewayServer:
 def main(argv: list[str] | None = None) -> None:
     config = GatewayConfig.from_env(argv)
     setup_logging("gateway", config.log_level)
-    server = start(config)
+    try:
+        server = start(config)
+    except (CatalogueError, CatalogueUnavailable) as exc:
+        raise SystemExit(f"gateway: GATEWAY_DB: {exc}") from None
     log.info("gateway serving on %s:%d", config.host, server.port)
     serve_until_signal(server)

@@ -37,9 +37,16 @@ Replicas (``services.indexer.replication``, design in ``docs/indexer-replication
 Limits
     ``INDEXER_MAX_BATCH`` (1024) items/queries/ids per request, ``INDEXER_MAX_K`` (1000),
     ``INDEXER_MAX_MESSAGE_MB`` (64) for received and sent messages.
-    ``INDEXER_FAISS_THREADS`` (0 = FAISS default, one per core) OpenMP threads per request.
+    ``INDEXER_FAISS_THREADS`` (1; 0 = FAISS default, one per core) OpenMP threads per request.
+    One: a search of one query vector does not parallelise, and a team per gRPC thread would
+    only wake (and spin) idle threads on cores the embedder needs.
     ``INDEXER_BLAS_THRESHOLD`` (20): batches of at least this many queries use BLAS for exact
     distances (FAISS 1.15's own default, 128000, is several times slower for batched search).
+
+Metrics
+    ``INDEXER_METRICS_PORT`` / ``--metrics-port`` (9452): HTTP port of the Prometheus
+    ``/metrics`` endpoint (gRPC metrics, vectors per collection, WAL bytes, snapshot age and
+    duration, search time; `services.indexer.metrics`); 0 turns it off.
 """
 from __future__ import annotations
 
@@ -49,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, REPO_ROOT, env_bool, env_float, env_int, env_path, env_str
+from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from common.serving import MiB, ServerLimits
 from services.indexer.errors import InvalidArgument
 from services.indexer.spec import CollectionSpec, parse_collections
@@ -73,11 +81,17 @@ class IndexerConfig:
     max_batch: int = 1024
     max_k: int = 1000
     max_message_bytes: int = 64 * MiB
-    faiss_threads: int = 0
+    faiss_threads: int = 1
     blas_threshold: int = 20
     shard: int = -1
     partitions: int = 0
     peers: tuple[str, ...] = ()
+    #: Prometheus ``/metrics`` HTTP port (0: off); INDEXER_METRICS_PORT, 9452 when unset
+    metrics_port: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
 
     @property
     def limits(self) -> ServerLimits:
@@ -95,6 +109,10 @@ class IndexerConfig:
                             help=f"name:dim[:type[:metric]],... (default {DEFAULT_COLLECTIONS})")
         parser.add_argument("--snapshot-seconds", type=float,
                             default=env_float("INDEXER_SNAPSHOT_SECONDS", 300.0, minimum=0))
+        parser.add_argument("--metrics-port", type=int,
+                            default=env_int("INDEXER_METRICS_PORT", DEFAULT_METRICS_PORTS["indexer"],
+                                            minimum=0),
+                            help="HTTP port of the Prometheus /metrics endpoint (0: off)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         parser.add_argument("--shard", type=int, default=env_int("INDEXER_SHARD", -1, minimum=-1))
         parser.add_argument("--partitions", type=int,
@@ -123,7 +141,8 @@ class IndexerConfig:
             max_batch=env_int("INDEXER_MAX_BATCH", 1024, minimum=1),
             max_k=env_int("INDEXER_MAX_K", 1000, minimum=1),
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
-            faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
+            faiss_threads=env_int("INDEXER_FAISS_THREADS", 1, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
             shard=args.shard, partitions=args.partitions if args.shard >= 0 else 0, peers=peers,
+            metrics_port=args.metrics_port,
         )

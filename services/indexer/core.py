@@ -70,6 +70,8 @@ class IndexStore:
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
         self.last_snapshot_error: str | None = None
+        #: called with the seconds each snapshot took (metrics: `services.indexer.metrics`)
+        self.snapshot_observer: Callable[[float], None] | None = None
         #: Wall-clock ms of the newest write applied (persisted in WAL headers and snapshots).
         self.last_write_ms = 0
         #: Writes logged while a catch-up runs (`begin_journal`), re-applied by `adopt`.
@@ -279,6 +281,9 @@ class IndexStore:
     def fetch(self, collection: str, ids: Sequence[str]) -> tuple[list[StoredItem], list[str]]:
         return self.collection(collection).fetch(ids)
 
+    def list_ids(self, collection: str, after: str, limit: int) -> list[tuple[str, str]]:
+        return self.collection(collection).list_ids(after, limit)
+
     def stats(self, collection: str = "") -> list[dict]:
         chosen = [self.collection(collection)] if collection else list(self._collections.values())
         return [{"name": c.name, "count": c.count, "dimension": c.dimension,
@@ -309,8 +314,11 @@ class IndexStore:
                                   fsync=self.options.fsync, last_write_ms=self.last_write_ms)
             self._wal.drop_before(segment)
             self._dirty = False
+            seconds = time.perf_counter() - started
             log.info("snapshot %s written in %.2fs (WAL truncated up to seq %d)", name,
-                     time.perf_counter() - started, last_seq)
+                     seconds, last_seq)
+            if self.snapshot_observer is not None:
+                self.snapshot_observer(seconds)
             return name
 
     # -- replication (services.indexer.replication) --------------------------------------------------

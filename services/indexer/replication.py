@@ -279,7 +279,11 @@ class Replicator:
                                f"partitions from")
         self.store.begin_journal()
         try:
-            collections, _, _ = self._copy_from(source, same_shard=False)
+            try:
+                collections, _, _ = self._copy_from(source, same_shard=False)
+            except grpc.RpcError as error:  # the source went away mid-copy: the caller retries
+                raise IndexerError(f"copying from {source} failed: {error.code().name}: "
+                                   f"{error.details()}") from None
             taken = self.store.merge_partitions(
                 collections, lambda listing_id: partition_of(listing_id, partition_count) in partitions)
         except BaseException:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -22,6 +23,7 @@ import grpc
 import numpy as np
 
 from common.logs import setup_logging
+from common.metrics import ServiceMetrics
 from common.security import server_credentials, write_token_interceptor
 from common.serving import Server, clip_details, create_server, serve_until_signal
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -32,6 +34,7 @@ from services.indexer.errors import IndexerError, InvalidArgument, LimitExceeded
 from services.indexer.replication import (ReplicaIdentity, Replicator, check_identity,
                                           stream_state)
 from services.indexer.filters import Condition
+from services.indexer.metrics import IndexerMetrics
 from services.indexer.vector_index import Hit, tune_faiss
 
 log = logging.getLogger(__name__)
@@ -112,9 +115,11 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
     """Thin gRPC layer over an IndexStore: request limits and conversions only."""
 
     def __init__(self, store: IndexStore, *, max_batch: int = 1024, max_k: int = 1000,
-                 faiss_threads: int = 0, replicator: Replicator | None = None) -> None:
+                 faiss_threads: int = 0, replicator: Replicator | None = None,
+                 metrics: IndexerMetrics | None = None) -> None:
         self.store = store
         self.replicator = replicator
+        self.metrics = metrics
         self.max_batch = max_batch
         self.max_k = max_k
         self.faiss_threads = faiss_threads
@@ -168,9 +173,12 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
         index = self.store.collection(request.collection)
         queries = vectors_to_matrix([q.values for q in request.queries], index.dimension, "query")
         conditions = [condition_from_proto(c) for c in request.filter.must]
+        started = time.perf_counter()
         results = index.search(queries, request.k, conditions,
                                group_by_listing=request.group_by_listing,
                                nprobe=request.params.nprobe, ef_search=request.params.ef_search)
+        if self.metrics is not None:
+            self.metrics.searched(index.name, time.perf_counter() - started)
         return indexer_pb2.SearchResponse(results=[hits_to_proto(hits) for hits in results])
 
     @_maps_errors
@@ -182,6 +190,17 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
             items=[indexer_pb2.Item(id=i.id, vector=i.vector.tolist(),
                                     attributes=attributes_to_proto(i.attributes)) for i in items],
             not_found=missing)
+
+    @_maps_errors
+    def ListIds(self, request, context):
+        self._check_batch(request.page_size, "ids per page")
+        size = request.page_size or self.max_batch
+        listed = self.store.list_ids(request.collection, request.page_token, size + 1)
+        more = len(listed) > size
+        listed = listed[:size]
+        return indexer_pb2.ListIdsResponse(
+            ids=[indexer_pb2.ListedId(id=i, listing_id=listing) for i, listing in listed],
+            next_page_token=listed[-1][0] if more else "")
 
     @_maps_errors
     def GetStats(self, request, context):
@@ -279,8 +298,10 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
         check_identity(config.data_dir, identity)
         store = open_store(config)
     replicator = Replicator(store, identity, config.peers, lambda serving: None)
+    metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "INDEXER_METRICS_PORT")
     servicer = IndexerServicer(store, max_batch=config.max_batch, max_k=config.max_k,
-                               faiss_threads=config.faiss_threads, replicator=replicator)
+                               faiss_threads=config.faiss_threads, replicator=replicator,
+                               metrics=IndexerMetrics(metrics.registry, store) if metrics else None)
 
     def register(server):
         indexer_pb2_grpc.add_IndexerServicer_to_server(servicer, server)
@@ -290,13 +311,14 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
     try:
         base = create_server(register, f"{config.host}:{config.port}", limits=config.limits,
                              interceptors=[write_token_interceptor(WRITE_METHODS)],
-                             credentials=server_credentials())
+                             credentials=server_credentials(), metrics=metrics)
     except BaseException:
         if owns_store:
             store.close(snapshot=False)
         raise
     server = IndexerServer(base.grpc_server, base.port, base.health, base.service_names,
-                           store=store, owns_store=owns_store, replicator=replicator)
+                           store=store, owns_store=owns_store, replicator=replicator,
+                           metrics=base.metrics)
     replicator.on_serving = server.set_serving
     replicator.start()  # SERVING at once without peers; after catching up with them
     return server

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICES = ("embedder", "indexer", "gateway")
+SERVICES = ("embedder", "indexer", "gateway", "web")
 # import name -> distribution name, where they differ
 DISTRIBUTION = {
     "grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",

@@ -196,7 +196,7 @@ def test_swarm_stack_secrets_balancing_and_rollout():
 
 def test_no_default_write_token_anywhere():
     compose = COMPOSE.read_text()
-    assert "change-me" not in compose and "${WRITE_TOKEN:?" in compose
+    assert "${WRITE_TOKEN:-" not in compose and "${WRITE_TOKEN:?" in compose
     for path in [SWARM, *K8S.rglob("*.yaml")]:
         text = path.read_text()
         assert not re.search(r"WRITE_TOKEN\s*[:=]\s*\S", text.replace("WRITE_TOKEN_FILE", "")), path

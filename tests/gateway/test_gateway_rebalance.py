@@ -185,3 +185,39 @@ def test_an_interrupted_rebalance_is_finished_by_running_it_again(cluster):
     assert all(held[i] == 1 for i in extra.image_ids)
     again = cluster.rebalancer().run(3)  # a third run has nothing left to do
     assert again.moved_partitions == 0 and again.versions == []
+
+
+def test_sigkill_of_the_rebalance_command_then_rerun(cluster):
+    """The real command as a process, SIGKILLed once the map says `switched`; run again it
+    finishes: every listing once, on its new owner."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "GATEWAY_SHARD_MAP": str(cluster.map_dir),
+           "INDEXER_SHARDS": ";".join(f"{s}={r[0]}" for s, r in enumerate(cluster.replicas))}
+    env.pop("INDEXER_ADDRS", None)
+    command = [sys.executable, "-m", "services.gateway.rebalance", "--to", "3", "--settle-s", "1"]
+    process = subprocess.Popen(command, env=env, cwd=repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    switched = cluster.map_dir / "shard-map-v000003.json"
+    deadline = time.monotonic() + 120
+    while not switched.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    output = process.communicate()[0]
+    assert switched.exists(), output
+    assert max(cluster.holders().values()) == 2  # copies on old and new owners for now
+    rerun = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "rebalance done" in rerun.stdout
+    held = cluster.holders()
+    assert set(held.values()) == {1} and sum(held.values()) == 2 * len(cluster.listings)
+    latest = JsonShardMapStore(cluster.map_dir).latest()
+    for listing in cluster.listings:
+        owner = latest.owners[partition_of(listing.id, 256)]
+        assert all(cluster.indexers[owner].store.collection("image").contains(i)
+                   for i in listing.image_ids)

@@ -165,10 +165,12 @@ class RecommendRequest(_message.Message):
     def __init__(self, liked_listing_ids: _Optional[_Iterable[str]] = ..., skipped_listing_ids: _Optional[_Iterable[str]] = ..., seen_listing_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class GetListingRequest(_message.Message):
-    __slots__ = ("listing_id",)
+    __slots__ = ("listing_id", "include_pending")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PENDING_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
-    def __init__(self, listing_id: _Optional[str] = ...) -> None: ...
+    include_pending: bool
+    def __init__(self, listing_id: _Optional[str] = ..., include_pending: _Optional[bool] = ...) -> None: ...
 
 class AddListingRequest(_message.Message):
     __slots__ = ("listing", "images")
@@ -179,10 +181,12 @@ class AddListingRequest(_message.Message):
     def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AddListingResponse(_message.Message):
-    __slots__ = ("listing",)
+    __slots__ = ("listing", "pending")
     LISTING_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     listing: Listing
-    def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ...) -> None: ...
+    pending: bool
+    def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ..., pending: _Optional[bool] = ...) -> None: ...
 
 class RemoveListingRequest(_message.Message):
     __slots__ = ("listing_id",)
@@ -191,9 +195,11 @@ class RemoveListingRequest(_message.Message):
     def __init__(self, listing_id: _Optional[str] = ...) -> None: ...
 
 class RemoveListingResponse(_message.Message):
-    __slots__ = ("listing_id", "images_removed")
+    __slots__ = ("listing_id", "images_removed", "pending")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
     images_removed: int
-    def __init__(self, listing_id: _Optional[str] = ..., images_removed: _Optional[int] = ...) -> None: ...
+    pending: bool
+    def __init__(self, listing_id: _Optional[str] = ..., images_removed: _Optional[int] = ..., pending: _Optional[bool] = ...) -> None: ...

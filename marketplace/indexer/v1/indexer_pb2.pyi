@@ -194,6 +194,32 @@ class GetStatsResponse(_message.Message):
     collections: _containers.RepeatedCompositeFieldContainer[CollectionStats]
     def __init__(self, collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ...) -> None: ...
 
+class ListIdsRequest(_message.Message):
+    __slots__ = ("collection", "page_size", "page_token")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    page_size: int
+    page_token: str
+    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListedId(_message.Message):
+    __slots__ = ("id", "listing_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LISTING_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    listing_id: str
+    def __init__(self, id: _Optional[str] = ..., listing_id: _Optional[str] = ...) -> None: ...
+
+class ListIdsResponse(_message.Message):
+    __slots__ = ("ids", "next_page_token")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedCompositeFieldContainer[ListedId]
+    next_page_token: str
+    def __init__(self, ids: _Optional[_Iterable[_Union[ListedId, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class GetReplicaStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

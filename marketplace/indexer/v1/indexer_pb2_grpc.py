@@ -59,6 +59,11 @@ class IndexerStub:
                 request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ListIds = channel.unary_unary(
+                '/marketplace.indexer.v1.Indexer/ListIds',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsResponse.FromString,
+                _registered_method=True)
 
 
 class IndexerServicer:
@@ -99,6 +104,14 @@ class IndexerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIds(self, request, context):
+        """Every stored id with its listing id, in id order, one page at a time (for reconciling a
+        catalogue against the index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_IndexerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsRequest.FromString,
                     response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIds,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,33 @@ class Indexer:
             '/marketplace.indexer.v1.Indexer/GetStats',
             marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsRequest.SerializeToString,
             marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Indexer/ListIds',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsResponse.FromString,
             options,
             channel_credentials,
             insecure,
