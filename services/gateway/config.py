@@ -44,6 +44,10 @@ Environment variables (flag in brackets; defaults in parentheses):
     indexer is used again within about this time (gRPC's own default grows to 120 s).
 ``GATEWAY_MODEL_INFO_TTL_S`` (60)
     How long the embedder's model info (categories, dimension, batch limit) is cached.
+``GATEWAY_SIMILAR_TEXT_WEIGHT`` (0.7)
+    Text weight ``w`` in [0, 1] of SimilarListings: ``(1 - w) * photo cosine + w * text cosine``
+    (0: photos only, as a request's ``photos_only``). The default was chosen on the valid split
+    (``python -m benchmarks.search_quality`` prints the best weight for an artefact).
 ``GATEWAY_COMPENSATION_TIMEOUT_S`` (5)
     Budget for undoing a half-done AddListing (deleting upserted vectors) when the caller's own
     deadline is spent.
@@ -73,6 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
+from services.gateway.ranking import DEFAULT_SIMILAR_TEXT_WEIGHT
 
 DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
@@ -109,6 +114,7 @@ class GatewayConfig:
     reconnect_backoff_max_s: float = 2.0
     model_info_ttl_s: float = 60.0
     compensation_timeout_s: float = 5.0
+    similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT
     write_token: str | None = None
     max_workers: int = 16
     readiness_interval_s: float = 5.0
@@ -157,6 +163,7 @@ class GatewayConfig:
             reconnect_backoff_max_s=env_float("GATEWAY_RECONNECT_BACKOFF_MAX_S", 2.0, minimum=0.1),
             model_info_ttl_s=env_float("GATEWAY_MODEL_INFO_TTL_S", 60.0, minimum=0.0),
             compensation_timeout_s=env_float("GATEWAY_COMPENSATION_TIMEOUT_S", 5.0, minimum=0.1),
+            similar_text_weight=similar_text_weight_from_env(),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
@@ -165,6 +172,14 @@ class GatewayConfig:
         )
         embedder_target(config.embedder_addr)  # fail fast on a malformed value
         return config
+
+
+def similar_text_weight_from_env() -> float:
+    """``GATEWAY_SIMILAR_TEXT_WEIGHT``, a number in [0, 1]."""
+    weight = env_float("GATEWAY_SIMILAR_TEXT_WEIGHT", DEFAULT_SIMILAR_TEXT_WEIGHT, minimum=0.0)
+    if weight > 1.0:
+        raise ConfigError(f"GATEWAY_SIMILAR_TEXT_WEIGHT must be between 0 and 1, got {weight}")
+    return weight
 
 
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:

@@ -25,6 +25,10 @@ from common.ranking import RRF_K
 WEIGHTED_COSINE = "weighted_cosine"
 RECIPROCAL_RANK = "reciprocal_rank"
 FUSION_METHODS = (WEIGHTED_COSINE, RECIPROCAL_RANK)
+#: Text weight of SimilarListings' weighted-cosine fusion (GATEWAY_SIMILAR_TEXT_WEIGHT): the
+#: weight with the best listing-to-listing same-category precision@10 on the valid split
+#: (``python -m benchmarks.search_quality`` prints it as ``similar_text_weight``).
+DEFAULT_SIMILAR_TEXT_WEIGHT = 0.7
 
 
 @dataclass(frozen=True)

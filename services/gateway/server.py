@@ -101,7 +101,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def SimilarListings(self, request, context):
         return self._run(context, lambda deadline: convert.ranked_to_proto(
             self.core.similar_listings(request.listing_id, request.k,
-                                       convert.filter_from_proto(request.filter), deadline)))
+                                       convert.filter_from_proto(request.filter), deadline,
+                                       photos_only=request.photos_only)))
 
     def GetListing(self, request, context):
         return self._run(context, lambda deadline: convert.listing_to_proto(
@@ -152,7 +153,8 @@ def build_core(config: GatewayConfig) -> GatewayCore:
                             write_token=config.write_token)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
                        max_images=config.max_images,
-                       compensation_timeout_s=config.compensation_timeout_s)
+                       compensation_timeout_s=config.compensation_timeout_s,
+                       similar_text_weight=config.similar_text_weight)
 
 
 def start(config: GatewayConfig) -> GatewayServer:

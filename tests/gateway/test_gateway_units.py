@@ -223,6 +223,17 @@ def test_config_from_env(monkeypatch, tmp_path):
         parse_indexer_addrs("a:1,a:1")
 
 
+def test_similar_text_weight_from_env(monkeypatch):
+    monkeypatch.delenv("GATEWAY_SIMILAR_TEXT_WEIGHT", raising=False)
+    assert GatewayConfig.from_env([]).similar_text_weight == 0.7
+    monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", "0.25")
+    assert GatewayConfig.from_env([]).similar_text_weight == 0.25
+    for bad in ("1.5", "-0.1", "half"):
+        monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", bad)
+        with pytest.raises(ConfigError, match="GATEWAY_SIMILAR_TEXT_WEIGHT"):
+            GatewayConfig.from_env([])
+
+
 def test_retry_backoff_grows_and_is_capped():
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3)
     assert [policy.backoff(i) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]

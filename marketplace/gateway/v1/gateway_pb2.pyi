@@ -129,14 +129,16 @@ class HybridSearchRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., text: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., text_weight: _Optional[float] = ..., fusion: _Optional[_Union[Fusion, str]] = ...) -> None: ...
 
 class SimilarListingsRequest(_message.Message):
-    __slots__ = ("listing_id", "k", "filter")
+    __slots__ = ("listing_id", "k", "filter", "photos_only")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    PHOTOS_ONLY_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
     k: int
     filter: ListingFilter
-    def __init__(self, listing_id: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ...) -> None: ...
+    photos_only: bool
+    def __init__(self, listing_id: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., photos_only: _Optional[bool] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("liked_listing_ids", "skipped_listing_ids", "seen_listing_ids", "k", "filter")
