@@ -15,10 +15,7 @@ Fusion of an image query and a text query (``Search`` with both):
 
 Recommendations (``Recommend``): `recommend_query` turns liked and skipped listing embeddings
 into one unit query vector (Rocchio relevance feedback); the gateway searches the index with it
-and drops listings already seen with `exclude_ids`.
-
-The "image" collection holds photos and the "text" collection listings: collapse photo hits
-to listings with `best_per_listing` before fusing.
+and drops listings already liked, skipped or seen.
 
 All functions are deterministic: ties are broken by the id's first appearance in the inputs.
 """
@@ -31,8 +28,6 @@ import numpy as np
 
 __all__ = [
     "RRF_K",
-    "best_per_listing",
-    "exclude_ids",
     "normalise_rows",
     "reciprocal_rank_fusion",
     "recommend_query",
@@ -184,36 +179,3 @@ def recommend_query(liked: np.ndarray, skipped: np.ndarray | None = None,
         if norm < 1e-12:  # liked embeddings cancel each other out: no direction is preferred
             raise ValueError("the liked embeddings cancel out; no query direction")
     return (query / norm).astype(np.float32)
-
-
-def best_per_listing(hits: Iterable[tuple[Hashable, float]],
-                     listing_of: Mapping[Hashable, Hashable]) -> dict[Hashable, float]:
-    """Collapse per-photo hits [(image_id, score)] into {listing_id: best score}, in order of
-    each listing's best photo (the "image" collection holds photos, the "text" collection
-    listings; fuse at listing level). Photos missing from ``listing_of`` are skipped."""
-    best: dict = {}
-    for image_id, score in hits:
-        listing = listing_of.get(image_id)
-        if listing is None:
-            continue
-        if listing not in best or float(score) > best[listing]:
-            best[listing] = float(score)
-    return dict(sorted(best.items(), key=lambda item: -item[1]))
-
-
-def exclude_ids(ranked: Iterable, exclude: Iterable[Hashable],
-                limit: int | None = None) -> list:
-    """Drop items whose id is in ``exclude`` (e.g. liked, skipped and seen listings) and keep the
-    first ``limit``. Items are ids or (id, score) pairs; order is kept."""
-    banned = set(exclude)
-    kept: list = []
-    if limit is not None and limit <= 0:
-        return kept
-    for item in ranked:
-        key = item[0] if isinstance(item, tuple) else item
-        if key in banned:
-            continue
-        kept.append(item)
-        if limit is not None and len(kept) >= limit:
-            break
-    return kept

@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 
 from common.ranking import (
-    best_per_listing,
-    exclude_ids,
     reciprocal_rank_fusion,
     recommend_query,
     weighted_cosine_fusion,
@@ -132,7 +130,7 @@ def test_recommendations_rank_like_liked_and_unlike_skipped():
     skipped = [catalogue["phone0"]]
     q = recommend_query(np.stack(liked), np.stack(skipped))
     scores = {k: float(v @ q) for k, v in catalogue.items()}
-    ranked = exclude_ids(sorted(scores, key=scores.get, reverse=True), ["sofa0", "phone0"])
+    ranked = [r for r in sorted(scores, key=scores.get, reverse=True) if r not in {"sofa0", "phone0"}]
     assert len(ranked) == 8 and all(r.startswith("sofa") for r in ranked[:4])
     assert all(r.startswith("phone") for r in ranked[4:])
     # the skip pushes the query away from phones
@@ -162,18 +160,3 @@ def test_recommend_query_falls_back_to_liked_when_skips_cancel_it():
 def test_recommend_query_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
         recommend_query(**kwargs)
-
-
-def test_exclude_ids_keeps_order_pairs_and_limit():
-    ranked = [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6)]
-    assert exclude_ids(ranked, {"b"}) == [("a", 0.9), ("c", 0.7), ("d", 0.6)]
-    assert exclude_ids(ranked, ["a"], limit=2) == [("b", 0.8), ("c", 0.7)]
-    assert exclude_ids(["a", "b"], [], limit=0) == []
-
-
-def test_best_per_listing_keeps_each_listings_best_photo():
-    hits = [("p1", 0.9), ("p2", 0.95), ("p3", 0.5), ("p4", 0.7), ("orphan", 0.99)]
-    listing_of = {"p1": "A", "p2": "B", "p3": "A", "p4": "B"}
-    assert best_per_listing(hits, listing_of) == {"B": 0.95, "A": 0.9}
-    assert list(best_per_listing(hits, listing_of)) == ["B", "A"]
-    assert best_per_listing([], listing_of) == {}

@@ -6,7 +6,8 @@ real services.
 
 FakeEmbedder: a photo's vector is a deterministic unit vector derived from its bytes (same bytes,
 same vector); bytes starting with b"bad" are refused with INVALID_ARGUMENT. FakeIndexer: brute
-force inner product over a dict, with the indexer's filter semantics.
+force inner product over one dict per collection, with the indexer's filter semantics (checked
+against the real indexer in test_fake_indexer_congruence.py).
 """
 from __future__ import annotations
 
@@ -132,41 +133,54 @@ def _matches(attributes: indexer_pb2.Attributes, item_id: str, condition) -> boo
 
 class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
     def __init__(self) -> None:
+        #: The "image" collection, which most tests look into; other collections are beside it.
         self.items: dict[str, tuple[np.ndarray, indexer_pb2.Attributes]] = {}
+        self.collections: dict[str, dict[str, tuple[np.ndarray, indexer_pb2.Attributes]]] = {"image": self.items}
         self.lock = threading.Lock()
         self.faults = Faults()
+
+    def _collection(self, name: str, context, *, create: bool = False) -> dict:
+        if name not in self.collections:
+            if not create:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"collection {name!r} does not exist")
+            self.collections[name] = {}
+        return self.collections[name]
 
     def Upsert(self, request, context):
         self.faults.enter("Upsert", context)
         inserted = replaced = 0
         with self.lock:
+            items = self._collection(request.collection, context, create=True)
             for item in request.items:
-                replaced += item.id in self.items
-                inserted += item.id not in self.items
-                self.items[item.id] = (np.asarray(item.vector, dtype=np.float32), item.attributes)
+                replaced += item.id in items
+                inserted += item.id not in items
+                items[item.id] = (np.asarray(item.vector, dtype=np.float32), item.attributes)
         return indexer_pb2.UpsertResponse(inserted=inserted, replaced=replaced)
 
     def Delete(self, request, context):
         self.faults.enter("Delete", context)
         with self.lock:
-            found = [i for i in request.ids if i in self.items]
+            items = self._collection(request.collection, context)
+            found = [i for i in request.ids if i in items]
             for item_id in found:
-                del self.items[item_id]
+                del items[item_id]
         return indexer_pb2.DeleteResponse(deleted=len(found),
                                           not_found=[i for i in request.ids if i not in found])
 
     def Fetch(self, request, context):
         self.faults.enter("Fetch", context)
         with self.lock:
-            items = [indexer_pb2.Item(id=i, vector=self.items[i][0].tolist(), attributes=self.items[i][1])
-                     for i in request.ids if i in self.items]
-        return indexer_pb2.FetchResponse(items=items,
-                                         not_found=[i for i in request.ids if i not in self.items])
+            items = self._collection(request.collection, context)
+            found = [indexer_pb2.Item(id=i, vector=items[i][0].tolist(), attributes=items[i][1])
+                     for i in request.ids if i in items]
+            missing = [i for i in request.ids if i not in items]
+        return indexer_pb2.FetchResponse(items=found, not_found=missing)
 
     def Search(self, request, context):
         self.faults.enter("Search", context)
         with self.lock:
-            candidates = [(item_id, vector, attrs) for item_id, (vector, attrs) in self.items.items()
+            items = self._collection(request.collection, context)
+            candidates = [(item_id, vector, attrs) for item_id, (vector, attrs) in items.items()
                           if all(_matches(attrs, item_id, c) for c in request.filter.must)]
         results = []
         for query in request.queries:
@@ -186,8 +200,12 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
         return indexer_pb2.SearchResponse(results=results)
 
     def GetStats(self, request, context):
-        return indexer_pb2.GetStatsResponse(collections=[indexer_pb2.CollectionStats(
-            name="image", count=len(self.items), dimension=DIM, index_type="flat", metric="ip")])
+        with self.lock:
+            names = [request.collection] if request.collection else sorted(self.collections)
+            counts = [len(self._collection(name, context)) for name in names]
+        return indexer_pb2.GetStatsResponse(collections=[
+            indexer_pb2.CollectionStats(name=name, count=count, dimension=DIM, index_type="flat", metric="ip")
+            for name, count in zip(names, counts)])
 
 
 def serve_embedder(servicer: FakeEmbedder, address: str = "127.0.0.1:0") -> Server:
