@@ -90,8 +90,8 @@ from services.gateway.downstream import (
     IndexItem,
 )
 from services.gateway.ranking import (
-    FUSION_METHODS,
     DEFAULT_SIMILAR_TEXT_WEIGHT,
+    FUSION_METHODS,
     RECIPROCAL_RANK,
     WEIGHTED_COSINE,
     FusedHit,
