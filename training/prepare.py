@@ -656,6 +656,7 @@ def photo_groups(images: pd.DataFrame, pairs: np.ndarray) -> pd.Series:
 
 
 def _name_groups(keys: list, uf: "_UnionFind", index: pd.Index) -> pd.Series:
+    """Each key -> the smallest key of its union-find group (independent of row order)."""
     members: dict = defaultdict(list)
     for key in keys:
         members[uf.find(key)].append(key)
