@@ -11,7 +11,7 @@ vectors (fetched from its shard, no re-embedding) are the queries; the per-photo
 merged by best score and the listing itself is excluded. Unless the caller asks for photos only,
 its stored text vector also searches the "text" collection, and the two top ``k' = max(3k, 50)``
 rankings are fused by weighted cosine (as hybrid Search, below) with ``w = similar_text_weight``
-(GATEWAY_SIMILAR_TEXT_WEIGHT, chosen on the valid split); without a text vector (or a text
+(GATEWAY_SIMILAR_TEXT_WEIGHT, to be chosen on the valid split); without a text vector (or a text
 collection) it is the photos-only ranking, without indexed photos the text ranking.
 
 AddListing is all or nothing: embed (nothing stored yet) -> upsert the vectors on the listing's

@@ -264,7 +264,7 @@ def test_similar_listings_photos_only_is_todays_ranking_and_fused_is_what_the_we
     core = real.gateway.core
     listings = real.listings.sort_values("product_id")["product_id"].tolist()
     default_weight = core.similar_text_weight
-    assert default_weight == 0.7  # GATEWAY_SIMILAR_TEXT_WEIGHT's default, chosen on valid
+    assert default_weight == 0.7  # GATEWAY_SIMILAR_TEXT_WEIGHT's default
     differs = 0
     try:
         for weight in (default_weight, 0.3):
