@@ -48,7 +48,7 @@ Environment variables (flag in brackets; defaults in parentheses):
     Text weight ``w`` in [0, 1] of SimilarListings: ``(1 - w) * photo cosine + w * text cosine``
     (0: photos only, as a request's ``photos_only``). Set it to the weight that
     ``python -m benchmarks.search_quality`` chooses on the valid split for the served artefact; the
-    default 0.7 is the best fused weight measured on the earlier 3,453-photo split.
+    default 0.7 is the weight of a first measurement on the earlier 3,453-photo split.
 ``GATEWAY_COMPENSATION_TIMEOUT_S`` (5)
     Budget for undoing a half-done AddListing (deleting upserted vectors) when the caller's own
     deadline is spent.
