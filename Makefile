@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/marketplace
+# Catalogue of `make up`: sqlite (one gateway) or postgres (a local PostgreSQL in run/postgres, two gateways).
+DB ?= sqlite
 # Absolute, so every tool and test resolves it the same way whatever its working directory.
 override DATA := $(abspath $(DATA))
 export DATA
@@ -36,7 +38,7 @@ lock: venv
 	  $(PY) -m pip freeze; } > requirements.lock
 
 up: venv
-	$(PY) -m scripts.stack up
+	$(PY) -m scripts.stack up --db $(DB)
 
 down: venv
 	$(PY) -m scripts.stack down

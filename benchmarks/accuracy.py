@@ -20,6 +20,10 @@ whole catalogue of every prepared photo; and, easier, among the test photos only
 (what picks the best mode), minutes of wall time.
 The last line is ``RESULT image_top1=... listing_top1=... p_at_10=... same_listing_r5=... minutes=...``
 for the best mode (highest image top-1 on the *valid* split, so the test split chooses nothing).
+
+``--precisions`` also serves the best mode's artefact in every inference runtime and precision
+(`common.runtimes`; int8 quantised with training photos) and reports the image top-1 each gives
+on the test photos, with whether it passes the embedder's load-time check.
 """
 from __future__ import annotations
 
@@ -88,6 +92,53 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: (runtime, precision) pairs ``--precisions`` evaluates; torch fp32 is the reference.
+PRECISION_COLUMNS = (("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"),
+                     ("openvino", "bf16"), ("onnxruntime", "int8"), ("openvino", "int8"))
+
+
+def precision_accuracy(artifact_dir: Path, files: list[Path], labels, *,
+                       batch_size: int = 32) -> list[dict]:
+    """Image top-1 of ``files`` (true category indices ``labels``) for each runtime/precision the
+    artefact can be served in; a refused one gets its reason instead (bounds do not apply: the
+    check is bypassed by comparing with very loose bounds, so the accuracy is still reported)."""
+    import numpy as np
+    import torch
+
+    from common import runtimes
+    from common.model import ArtifactError
+    from services.embedder.engine import ImageModel
+
+    rows = []
+    loose = {p: runtimes.CheckBounds(-1.0, 0.0) for p in runtimes.PRECISIONS}
+    for runtime, precision in PRECISION_COLUMNS:
+        strict = dict(runtimes.CHECK_BOUNDS)
+        try:
+            model = ImageModel.load(artifact_dir, runtime=runtime, precision=precision)
+            passed = True
+        except ArtifactError as exc:
+            if "fails the load-time check" not in str(exc):
+                rows.append({"runtime": runtime, "precision": precision, "error": str(exc)})
+                continue
+            runtimes.CHECK_BOUNDS.update(loose)  # load it anyway to measure what it would cost
+            try:
+                model = ImageModel.load(artifact_dir, runtime=runtime, precision=precision)
+            finally:
+                runtimes.CHECK_BOUNDS.update(strict)
+            passed = False
+        predicted = []
+        for start in range(0, len(files), batch_size):
+            batch = torch.stack([model.preprocess(Path(p).read_bytes())
+                                 for p in files[start:start + batch_size]])
+            predicted.append(model.forward(batch)[1].argmax(1))
+        top1 = float(np.mean(np.concatenate(predicted) == np.asarray(labels)))
+        check = model.choice.check
+        rows.append({"runtime": runtime, "precision": precision, "image_top1": top1,
+                     "passes_check": passed,
+                     "min_cosine": check.min_cosine if check else 1.0})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse-cache", action="store_true",
                         help="reuse the shared feature cache (build/cache/features) instead of a fresh one")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--precisions", action="store_true",
+                        help="also the test image top-1 of the best mode in every runtime/precision")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from common.model import load_artifact
     from training.features import DEFAULT_CACHE_DIR
     from training.train import load_catalogue, run, set_threads
 
@@ -134,6 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     best = max(rows, key=lambda r: (round(r["valid_image_top1"] or 0, 4), r["valid_listing_top1"] or 0))
     print(f"best mode (by valid image top-1): {best['mode']}")
+    if args.precisions:
+        from training.export import write_runtime_files
+        best_dir = args.work / "artifacts" / best["mode"]
+        write_runtime_files(best_dir, load_artifact(best_dir).model, catalogue, int8=True)
+        test = catalogue.mask("test")
+        files = [f for f, keep in zip(catalogue.files, test) if keep]
+        print(f"\n{best['mode']} on the {len(files)} test photos in each runtime and precision:")
+        for row in precision_accuracy(best_dir, files, catalogue.labels[test]):
+            if "error" in row:
+                print(f"  {row['runtime']:>12} {row['precision']:>5}: not available: {row['error']}")
+            else:
+                print(f"  {row['runtime']:>12} {row['precision']:>5}: image top-1 "
+                      f"{row['image_top1']:.4f}, min check cosine {row['min_cosine']:.4f}, "
+                      f"{'passes' if row['passes_check'] else 'FAILS'} the load-time check")
     print(f"RESULT image_top1={best['image_top1']:.4f} listing_top1={best['listing_top1']:.4f} "
           f"p_at_10={best['p_at_10']:.4f} same_listing_r5={best['same_listing_r5']:.4f} "
           f"minutes={best['minutes']:.2f}")

@@ -1,8 +1,8 @@
-"""Embedder throughput and latency: raw model vs the service (dynamic batching) vs the seed's way.
+"""Embedder throughput and latency: the model in each inference runtime vs the service (dynamic
+batching, on the best runtime) vs the seed's way.
 
     python -m benchmarks.embedder            # ~15 s per cell
-    python -m benchmarks.embedder --quick    # about a minute
-    python -m benchmarks.embedder --bf16-check   # also: bf16 autocast accuracy and speed
+    python -m benchmarks.embedder --quick    # a few minutes
 
 At concurrency c, for each path:
 
@@ -16,10 +16,17 @@ At concurrency c, for each path:
               decode + a batch-1 forward (torch.no_grad) of the model as loaded, in the
               request's handler thread.
 
-All three pay the same decode + preprocess per image (``common.images.open_image`` +
-``Preprocessing.transform``). (a) and (b) run the same folded model; (a) and (c) use
-``--torch-threads`` (default: every core). The last line is
-``RESULT service_vs_raw=... service_vs_seed=...`` at concurrency 32.
+(d) runtime   as (a), the model compiled in another runtime (`common.runtimes`): one column per
+              runtime and precision that is installed and passes the load-time check against
+              torch on the artefact's check photos (refusals are printed with their reason).
+
+All pay the same decode + preprocess per image (``common.images.open_image`` +
+``Preprocessing.transform``). (a) and (b) run the same folded model; (a), (c) and (d) use
+``--torch-threads`` (default: every core) as the runtime's threads. An artefact without runtime
+files (older than the runtimes) is copied under build/bench/ and given them. The last line is
+``RESULT runtime_vs_torch=... service_vs_raw=... service_vs_seed=... images_per_s_c32=...`` at
+the highest concurrency: the fastest checked raw runtime over raw torch, the service over that
+fastest raw runtime, the service over the seed, and the service's images/s.
 """
 from __future__ import annotations
 
@@ -28,10 +35,8 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
 from common.config import REPO_ROOT
@@ -163,41 +168,67 @@ def serve_seed(argv: list[str]) -> None:
     serve_until_signal(server, grace=1)
 
 
-# ------------------------------------------------------------------ bf16
+# ------------------------------------------------------------------ runtimes
+
+#: (runtime, precision) columns of (d); each is shown when installed and passing its check.
+RUNTIME_COLUMNS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"),
+                   ("onnxruntime", "int8"), ("openvino", "int8"))
 
 
-def bf16_check(artifact_dir: Path, photos: list[bytes], batch_size: int, seconds: float) -> None:
-    """Accuracy and speed of bf16 autocast against float32 on the same photos."""
-    import torch
+def with_runtime_files(artifact_dir: Path) -> Path:
+    """``artifact_dir`` if it carries the runtime files, else a copy under build/bench/ given
+    them (check photos and calibration photos from the marketplace photos the cells don't use)."""
+    from common.model import add_runtime_files, runtime_model_file
 
-    from common.model import load_artifact
-    from services.embedder.engine import ImageModel, detect_bf16
+    card = json.loads((artifact_dir / "model_card.json").read_text())
+    if runtime_model_file(artifact_dir, card, "fp32") is not None:
+        return artifact_dir
+    copy = REPO_ROOT / "build" / "bench" / f"{card['model_version']}-runtimes"
+    copied = json.loads((copy / "model_card.json").read_text()) if (copy / "model_card.json"
+                                                                   ).is_file() else {}
+    if runtime_model_file(copy, copied, "fp32") is not None:
+        return copy
+    import shutil
+    shutil.copytree(artifact_dir, copy, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("embeddings"))
+    files = sorted(MARKETPLACE_IMAGES.glob("*.jpg")) if MARKETPLACE_IMAGES.is_dir() else []
+    print(f"adding runtime files to a copy of the artefact in {copy} ...", flush=True)
+    add_runtime_files(copy, check_photos=files[64:80], calibration_photos=files[80:144])
+    return copy
 
-    support = detect_bf16()
-    print(f"\nbf16 autocast check: native support: {'yes' if support.native else 'no'} "
-          f"({support.reason})")
-    fp32 = ImageModel(load_artifact(artifact_dir))
-    bf16 = ImageModel(load_artifact(artifact_dir), bf16=True)
-    inputs = torch.stack([fp32.preprocess(data) for data in photos])
-    e32, p32 = fp32.forward(inputs)
-    e16, p16 = bf16.forward(inputs)
-    cos = np.sum(e32 * e16, axis=1)
-    agree = float(np.mean(p32.argmax(1) == p16.argmax(1)))
-    print(f"  {len(photos)} photos: embedding cosine(fp32, bf16) min {cos.min():.4f} "
-          f"mean {cos.mean():.4f}; top-1 category agreement {agree:.1%}; "
-          f"max |prob diff| {np.abs(p32 - p16).max():.4f}")
-    batch = inputs[:batch_size]
-    for name, model in (("fp32", fp32), ("bf16", bf16)):
-        model.warm_up((len(batch),))
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            model.forward(batch)
-            done += len(batch)
-        print(f"  {name}: {done / (time.perf_counter() - start):6.1f} img/s (forward only, "
-              f"batch {len(batch)})")
+
+def load_runtimes(artifact_dir: Path, threads: int) -> dict[str, object]:
+    """(d): each runtime column that loads and passes its check, by label; refusals printed."""
+    from common.model import ArtifactError
+    from services.embedder.engine import ImageModel
+
+    models: dict[str, object] = {}
+    for runtime, precision in RUNTIME_COLUMNS:
+        label = f"{runtime} {precision}"
+        try:
+            model = ImageModel.load(artifact_dir, runtime=runtime, precision=precision,
+                                    threads=threads, workers=1)
+        except ArtifactError as exc:
+            print(f"  (d) {label}: not measured: {exc}")
+            continue
+        print(f"  (d) {label}: {model.choice.check.describe()}")
+        models[label] = model
+    return models
 
 
 # ------------------------------------------------------------------ report
+
+
+def print_cells(columns: dict[str, dict[int, WindowCell]], levels: list[int]) -> None:
+    """One row per concurrency: images/s, p50 and p99 (ms) of every column."""
+    header = f"{'conc':>4} | " + " | ".join(f"{name:>20} {'p50':>6} {'p99':>6}"
+                                             for name in columns)
+    print(header)
+    print("-" * len(header))
+    for level in levels:
+        print(f"{level:>4} | " + " | ".join(
+            f"{cells[level].per_s:>20.1f} {cells[level].percentile(50):>6.0f} "
+            f"{cells[level].percentile(99):>6.0f}" for cells in columns.values()))
 
 
 def log_entry(log_text: str, message: str) -> dict | None:
@@ -217,8 +248,9 @@ def service_setup(log_text: str) -> str:
     loaded, stats = log_entry(log_text, "model loaded"), log_entry(log_text, "batcher stats")
     parts = []
     if loaded:
-        parts.append(f"{loaded['model_workers']} model worker(s) x {loaded['torch_threads']} "
-                     f"torch thread(s), {loaded['folded_batch_norms']} batch norms folded")
+        parts.append(f"runtime {loaded.get('runtime', 'torch')} {loaded.get('precision', '')}, "
+                     f"{loaded['model_workers']} model worker(s) x {loaded.get('threads')} "
+                     f"thread(s), {loaded['folded_batch_norms']} batch norms folded")
     if stats:
         parts.append(f"{stats['batches']} model calls, mean batch {stats['mean_batch']:.1f}, "
                      f"sizes {stats['histogram']}")
@@ -242,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the service's EMBEDDER_MODEL_WORKERS (0: its default, min(2, "
                              "cores), each with the cores shared out as torch threads)")
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per cell")
-    parser.add_argument("--bf16-check", action="store_true")
+    parser.add_argument("--runtime", default="auto", help="the service's EMBEDDER_RUNTIME")
+    parser.add_argument("--precision", default="fp32", help="the service's EMBEDDER_PRECISION")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     warmup_s = 0.5 if args.quick else 3.0
@@ -257,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(args.torch_threads)
     artifact_dir, kind = find_artifact()
+    artifact_dir = with_runtime_files(artifact_dir)
     photos = load_photos(64)
     card = json.loads((artifact_dir / "model_card.json").read_text())
     print(f"embedder benchmark: {card['model_version']} ({kind}, {artifact_dir}), "
@@ -272,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     from marketplace.embedder.v1 import embedder_pb2_grpc
     from services.embedder.engine import ImageModel
 
-    raw_model = ImageModel.load(artifact_dir)
+    raw_model = ImageModel.load(artifact_dir, runtime="torch")
+    runtimes = load_runtimes(artifact_dir, args.torch_threads)
     raw, served, seeded = {}, {}, {}
+    runs: dict[str, dict[int, WindowCell]] = {label: {} for label in runtimes}
     with tempfile.TemporaryDirectory(prefix="bench-embedder-") as tmp:
         # Both servers run (idle) for the whole benchmark so the three paths of one concurrency
         # are measured back to back, under the same background load.
@@ -282,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "EMBEDDER_BATCH_SIZE": str(args.batch_size),
             "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms),
             "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
+            "EMBEDDER_RUNTIME": args.runtime, "EMBEDDER_PRECISION": args.precision,
             "LOG_LEVEL": "info"}, Path(tmp))
         seed = None
         try:
@@ -296,9 +333,14 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = measure_s(level)
                     raw[level] = raw_cell(raw_model, photos, level, args.batch_size, warmup_s,
                                           seconds)
+                    for label, model in runtimes.items():
+                        runs[label][level] = raw_cell(model, photos, level, args.batch_size,
+                                                      warmup_s, seconds)
                     served[level] = server_cell(service_stub, photos, level, warmup_s, seconds)
                     seeded[level] = server_cell(seed_stub, photos, level, warmup_s, seconds)
-                    print(f"  c={level}: raw {raw[level].per_s:.1f}, service "
+                    columns = "".join(f", {label} {runs[label][level].per_s:.1f}"
+                                      for label in runtimes)
+                    print(f"  c={level}: raw torch {raw[level].per_s:.1f}{columns}, service "
                           f"{served[level].per_s:.1f}, seed "
                           f"{seeded[level].per_s:.1f} img/s ({load_line()})", flush=True)
         finally:
@@ -308,32 +350,30 @@ def main(argv: list[str] | None = None) -> int:
                 seed.stop(30)
 
     print("\nimages/s and per-image latency (ms); every path includes decode + preprocess")
-    print("(a) raw = in-process model, batch min(c, model batch), one thread; (b) service = "
+    print("(a) raw = in-process torch model, batch min(c, model batch), one thread; (b) service = "
           "gRPC, 1 image/request, dynamic batching; (c) seed = gRPC, 1 image/request, batch-1 "
-          "model call in the handler thread")
-    header = (f"{'conc':>4} | {'(a) raw img/s':>13} {'p50':>7} {'p99':>7} | "
-              f"{'(b) svc img/s':>13} {'p50':>7} {'p99':>7} | "
-              f"{'(c) seed img/s':>14} {'p50':>7} {'p99':>7} | {'b/a':>5} {'b/c':>5}")
-    print(header)
-    print("-" * len(header))
+          "model call in the handler thread; (d) = (a) in another runtime")
+    columns = {"(a) torch": raw, **{f"(d) {label}": cells for label, cells in runs.items()},
+               "(b) service": served, "(c) seed": seeded}
+    print_cells(columns, levels)
+    best = {level: max([raw[level]] + [cells[level] for cells in runs.values()],
+                       key=lambda cell: cell.per_s) for level in levels}
+    best_label = {level: next((label for label, cells in runs.items()
+                               if cells[level] is best[level]), "torch") for level in levels}
+    print(f"{'conc':>4} | fastest raw runtime | runtime/torch | service/fastest raw | "
+          f"service/seed")
     for level in levels:
-        a, b, c = raw[level], served[level], seeded[level]
-        print(f"{level:>4} | {a.per_s:>13.1f} {a.percentile(50):>7.0f} "
-              f"{a.percentile(99):>7.0f} | "
-              f"{b.per_s:>13.1f} {b.percentile(50):>7.0f} {b.percentile(99):>7.0f} | "
-              f"{c.per_s:>14.1f} {c.percentile(50):>7.0f} {c.percentile(99):>7.0f} | "
-              f"{b.per_s / a.per_s:>5.2f} {b.per_s / c.per_s:>5.2f}")
+        print(f"{level:>4} | {best_label[level]:>19} | {best[level].per_s / raw[level].per_s:>13.2f}"
+              f" | {served[level].per_s / best[level].per_s:>19.2f} | "
+              f"{served[level].per_s / seeded[level].per_s:>12.2f}")
     print(f"service over the whole run: {service_setup(service_log)}")
-
-    if args.bf16_check:
-        bf16_check(artifact_dir, photos[:16 if args.quick else 64], args.batch_size,
-                   3.0 if args.quick else 10.0)
 
     print(f"after: {load_line()}")
     top = max(levels)
     b = served[top].per_s
-    print(f"RESULT service_vs_raw={b / raw[top].per_s:.2f} "
-          f"service_vs_seed={b / seeded[top].per_s:.2f}")
+    print(f"RESULT runtime_vs_torch={best[top].per_s / raw[top].per_s:.2f} "
+          f"service_vs_raw={b / best[top].per_s:.2f} "
+          f"service_vs_seed={b / seeded[top].per_s:.2f} images_per_s_c{top}={b:.1f}")
     return 0
 
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -196,3 +198,186 @@ def fold_batch_norms_measured(module: nn.Module, run: Callable[[torch.Tensor], o
     if isinstance(before, torch.Tensor):
         before, after = (before,), (after,)
     return folded, max(float((b - a).abs().max()) for b, a in zip(before, after))
+
+
+# --------------------------------------------------------------------------- runtime files
+#
+# The artefact also carries the model for the ONNX runtimes (`common.runtimes`), versioned with
+# the weights it was exported from:
+#
+#     model.onnx        the ListingModel as ONNX: images (B, 3, H, W) float32 -> embeddings
+#                       (B, D, unit norm), logits (B, C); dynamic batch size
+#     model.int8.onnx   the same, quantised to int8 (QDQ) with a calibration set of training photos
+#     check_photos/     the real photos every runtime is compared with torch on at load
+#
+# and the model card says how: ``card["runtimes"]`` (files, checksums, opset, the versions of
+# torch / onnx / onnxruntime / openvino at export, the calibration set).
+
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+CHECK_PHOTOS_DIR = "check_photos"
+#: Check photos copied into an artefact: enough to see a bad kernel or a lossy precision, few
+#: enough that comparing every runtime with torch at load takes a second or two.
+CHECK_PHOTO_COUNT = 16
+#: Training photos the int8 quantisation calibrates its activation ranges on.
+CALIBRATION_PHOTO_COUNT = 64
+ONNX_INPUT = "images"
+ONNX_OUTPUTS = ("embeddings", "logits")
+
+
+class EmbedAndClassify(nn.Module):
+    """``ListingModel.embed_and_classify`` as a module's forward, the graph ONNX export traces."""
+
+    def __init__(self, model: ListingModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.embed_and_classify(images)
+
+
+def export_onnx(module: nn.Module, input_size: int, path: Path,
+                output_names: tuple[str, ...] = ONNX_OUTPUTS) -> dict:
+    """Export ``module`` (images -> outputs) to ONNX at ``path`` with a dynamic batch size; the
+    module's train/eval mode is left as it was. Returns what the model card records."""
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = module.training
+    module.eval()
+    sample = torch.zeros(1, 3, input_size, input_size)
+    dynamic = {name: {0: "batch"} for name in (ONNX_INPUT, *output_names)}
+    tmp = path.with_suffix(".tmp.onnx")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            # The TorchScript exporter: a plain static graph of the traced network, readable by
+            # every runtime we pin, and no dependency on onnxscript.
+            torch.onnx.export(module, (sample,), str(tmp), dynamo=False, opset_version=_opset(),
+                              input_names=[ONNX_INPUT], output_names=list(output_names),
+                              dynamic_axes=dynamic, do_constant_folding=True)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        module.train(was_training)
+    path.chmod(0o644)
+    from common.runtimes import runtime_versions
+    return {"file": path.name, "sha256": file_sha256(path), "opset": _opset(),
+            "input": ONNX_INPUT, "outputs": list(output_names), "dynamic_batch": True,
+            "exported_with": runtime_versions()}
+
+
+def _opset() -> int:
+    from common.runtimes import ONNX_OPSET
+    return ONNX_OPSET
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> dict:
+    """Post-training static int8 quantisation of an exported model with ONNX Runtime's quantiser
+    (QDQ format: per-channel symmetric int8 weights, int8 activations with ranges from
+    ``calibration``, a float32 batch of preprocessed training photos). ONNX Runtime and OpenVINO
+    both run the result. Returns what the model card records."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._rows = iter(range(0, len(calibration), 8))
+
+        def get_next(self):
+            start = next(self._rows, None)
+            if start is None:
+                return None
+            return {ONNX_INPUT: np.ascontiguousarray(calibration[start:start + 8], np.float32)}
+
+    int8_path = Path(int8_path)
+    prepared = int8_path.with_suffix(".prep.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs a line per adjusted channel on the root logger
+    try:
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), Photos(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        root.setLevel(level)
+        prepared.unlink(missing_ok=True)
+    int8_path.chmod(0o644)
+    return {"file": int8_path.name, "sha256": file_sha256(int8_path),
+            "calibration_photos": int(len(calibration)),
+            "method": "onnxruntime quantize_static, QDQ, per-channel int8 weights, MinMax "
+                      "calibrated int8 activations"}
+
+
+def preprocess_files(files: list[Path], preprocessing: Preprocessing) -> np.ndarray:
+    """Photo files -> the model's float32 input batch (N, 3, H, W), the evaluation transform."""
+    from PIL import Image
+
+    transform = preprocessing.transform()
+    rows = []
+    for path in files:
+        with Image.open(path) as image:
+            rows.append(transform(image.convert("RGB")))
+    return torch.stack(rows).numpy()
+
+
+def add_runtime_files(directory: Path, *, check_photos: list[Path],
+                      calibration_photos: list[Path] = (), model: ListingModel | None = None
+                      ) -> dict:
+    """Write ``model.onnx`` (and ``model.int8.onnx`` when calibration photos are given) and the
+    check photos into an artefact directory, and record them in its model card; returns the card.
+
+    ``model`` is the artefact's model when the caller has it in memory (training), else it is
+    loaded from the directory.
+    """
+    import shutil
+
+    directory = Path(directory)
+    card = _read_json(directory / CARD_FILE)
+    if model is None:
+        model = load_artifact(directory).model
+    side = int(card.get("input_size") or Preprocessing.from_dict(card["preprocessing"]).input_size)
+    runtimes: dict = {"model_version": card["model_version"]}
+    runtimes["onnx"] = export_onnx(EmbedAndClassify(model), side, directory / ONNX_FILE)
+    check_dir = directory / CHECK_PHOTOS_DIR
+    if check_dir.exists():
+        shutil.rmtree(check_dir)
+    check_dir.mkdir()
+    names = []
+    for path in list(check_photos)[:CHECK_PHOTO_COUNT]:
+        shutil.copyfile(path, check_dir / Path(path).name)
+        (check_dir / Path(path).name).chmod(0o644)
+        names.append(Path(path).name)
+    runtimes["check_photos"] = names
+    (directory / ONNX_INT8_FILE).unlink(missing_ok=True)
+    if calibration_photos:
+        calibration = preprocess_files(list(calibration_photos)[:CALIBRATION_PHOTO_COUNT],
+                                       Preprocessing.from_dict(card["preprocessing"]))
+        runtimes["int8"] = quantize_int8(directory / ONNX_FILE, directory / ONNX_INT8_FILE,
+                                         calibration)
+    card["runtimes"] = runtimes
+    (directory / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
+    return card
+
+
+def runtime_model_file(directory: Path, card: dict, precision: str) -> Path | None:
+    """The artefact's ONNX model for ``precision`` (int8: the quantised one, else the float one)
+    if it is there, was exported from these weights and is intact; None otherwise."""
+    runtimes = card.get("runtimes") or {}
+    entry = runtimes.get("int8" if precision == "int8" else "onnx")
+    if not entry or runtimes.get("model_version") != card.get("model_version"):
+        return None
+    path = Path(directory) / entry["file"]
+    if not path.is_file() or file_sha256(path) != entry.get("sha256"):
+        return None
+    return path
+
+
+def check_photo_files(directory: Path) -> list[Path]:
+    """The artefact's check photos, in a fixed order ([] when it has none)."""
+    folder = Path(directory) / CHECK_PHOTOS_DIR
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []

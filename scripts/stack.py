@@ -4,6 +4,7 @@ Used by `make up` / `make down`, by the demo, and by the integration tests, so t
 started the same way everywhere. Logs and pid files live under one run directory.
 
     python -m scripts.stack up [--run-dir run]      # background processes, logs in run/logs/
+    python -m scripts.stack up --db postgres        # PostgreSQL in run/postgres + two gateways
     python -m scripts.stack status
     python -m scripts.stack down
 
@@ -11,6 +12,11 @@ started the same way everywhere. Logs and pid files live under one run directory
 and, the first time (empty catalogue), loads the prepared listings of ``build/data`` into the
 gateway's catalogue and indexes their photos: the artefact's precomputed embeddings when it has
 them, else through the running embedder. Later ``up``s keep whatever the stack holds.
+
+``--db postgres`` (``make up DB=postgres``) starts a PostgreSQL server from the machine's
+packages with its data in ``run/postgres/`` (port ``POSTGRES_PORT``, 50057), keeps the catalogue
+in its database ``catalogue`` and starts two gateway replicas on it (``GATEWAY_PORT`` and
+``GATEWAY2_PORT``, 50050 and 50056): a listing added through one is served by the other.
 """
 from __future__ import annotations
 
@@ -34,6 +40,9 @@ SERVICES = ("indexer", "embedder", "gateway")  # start order: downstreams first
 #: The gateway's readiness entry (SERVING while its downstreams are; services.gateway.readiness).
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 DEFAULT_PORTS = {"gateway": 50050, "embedder": 50051, "indexer": 50052}
+#: Extra gateway replicas (``--db postgres``): pid-file name -> (port variable, default port).
+GATEWAY_REPLICAS = {"gateway-2": ("GATEWAY2_PORT", 50056)}
+POSTGRES_PORT = ("POSTGRES_PORT", 50057)
 
 
 def free_port() -> int:
@@ -131,16 +140,24 @@ def stack_env(run_dir: Path, ports: dict[str, int], artifact_dir: Path | None = 
     return env
 
 
-def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0) -> dict[str, ServiceProcess]:
-    """Start indexer, embedder and gateway in the background and wait until all are SERVING."""
+def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0, *,
+       gateways: int = 1) -> dict[str, ServiceProcess]:
+    """Start indexer, embedder and gateway (``gateways`` replicas of it, on one shared catalogue)
+    in the background and wait until all are SERVING."""
     ports = {name: int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name])) for name in SERVICES}
     full_env = {**stack_env(run_dir, ports), **(env or {})}
     started: dict[str, ServiceProcess] = {}
+    replicas = list(GATEWAY_REPLICAS.items())[:max(0, gateways - 1)]
     try:
         for name in SERVICES:
             proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log", full_env)
             (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
             started[name] = proc
+        for key, (variable, default) in replicas:
+            proc = spawn("gateway", int(os.environ.get(variable, default)),
+                         run_dir / "logs" / f"{key}.log", full_env)
+            (run_dir / f"{key}.pid").write_text(str(proc.process.pid))
+            started[key] = proc
         for proc in started.values():
             wait_ready(proc, timeout)
     except Exception:
@@ -151,10 +168,29 @@ def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0)
     return started
 
 
+def local_postgres(run_dir: Path):
+    """The stack's PostgreSQL server (data in ``run_dir/postgres``), not started."""
+    from scripts.postgres import LocalPostgres
+
+    variable, default = POSTGRES_PORT
+    return LocalPostgres(run_dir / "postgres", int(os.environ.get(variable, default)))
+
+
+def start_postgres(run_dir: Path) -> str:
+    """Start (or find running) the stack's PostgreSQL; returns the catalogue database's URL."""
+    server = local_postgres(run_dir)
+    if not server.running():
+        server.start()
+        print(f"postgres  127.0.0.1:{server.port:<6d} data {server.data}  log {server.log}")
+    return server.create_database("catalogue", exist_ok=True)
+
+
 def down(run_dir: Path, timeout: float = 15.0) -> None:
-    """Stop the services whose pid files are in ``run_dir`` (gateway first)."""
-    for name in reversed(SERVICES):
-        pid_file = run_dir / f"{name}.pid"
+    """Stop the services whose pid files are in ``run_dir`` (gateways first), then the stack's
+    PostgreSQL if it runs."""
+    for key in [*reversed(GATEWAY_REPLICAS), *reversed(SERVICES)]:
+        name = key.split("-")[0]
+        pid_file = run_dir / f"{key}.pid"
         if not pid_file.exists():
             continue
         pid = int(pid_file.read_text())
@@ -171,9 +207,14 @@ def down(run_dir: Path, timeout: float = 15.0) -> None:
             time.sleep(0.1)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
-            print(f"killed {name} (pid {pid}): it did not stop within {timeout:g}s of SIGTERM")
+            print(f"killed {key} (pid {pid}): it did not stop within {timeout:g}s of SIGTERM")
         else:
-            print(f"stopped {name} (pid {pid})")
+            print(f"stopped {key} (pid {pid})")
+    if (run_dir / "postgres" / "data").exists():
+        server = local_postgres(run_dir)
+        if server.running():
+            server.stop()
+            print(f"stopped postgres (data kept in {server.data})")
 
 
 def _alive(pid: int) -> bool:
@@ -199,7 +240,7 @@ def _is_service(pid: int, name: str) -> bool:
     return f"services.{name}".encode() in command
 
 
-def seed_catalogue(db_path: Path, prepared: Path) -> bool:
+def seed_catalogue(db_path: Path | str, prepared: Path) -> bool:
     """Load ``prepared`` into an empty catalogue (True when it did); a catalogue that already
     holds listings is left alone, so listings added or removed through the gateway stay so."""
     from services.gateway.catalogue import Catalogue
@@ -220,7 +261,7 @@ def seed_catalogue(db_path: Path, prepared: Path) -> bool:
     return True
 
 
-def index_catalogue(db_path: Path, artifact_dir: Path, prepared: Path,
+def index_catalogue(db_path: Path | str, artifact_dir: Path, prepared: Path,
                     procs: dict[str, "ServiceProcess"]) -> None:
     """Index the catalogue's photos (and listing texts) into the running indexer(s)."""
     from services.gateway import index_catalogue as indexing
@@ -245,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default artifacts/current, made by `make demo`)")
     parser.add_argument("--prepared", type=Path, default=REPO / "build" / "data",
                         help="prepared data loaded into an empty catalogue on `up`")
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default=os.environ.get("DB") or "sqlite",
+                        help="catalogue: a SQLite file in the run directory and one gateway "
+                             "(default), or a local PostgreSQL server and two gateway replicas")
     args = parser.parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "up":
@@ -255,9 +299,11 @@ def main(argv: list[str] | None = None) -> int:
                   "EMBEDDER_ARTIFACT_DIR / --artifact-dir at an exported artefact",
                   file=sys.stderr)
             return 2
-        db_path = args.run_dir / "catalogue.sqlite3"
+        postgres = args.db == "postgres"
+        db_path = start_postgres(args.run_dir) if postgres else args.run_dir / "catalogue.sqlite3"
         seeded = seed_catalogue(db_path, args.prepared)
-        procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact)})
+        procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact), "GATEWAY_DB": str(db_path)},
+                   gateways=2 if postgres else 1)
         for name, proc in procs.items():
             print(f"{name:9s} {proc.address:22s} pid {proc.process.pid}  log {proc.log_path}")
         if seeded:
@@ -272,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                 ready = health_status(f"127.0.0.1:{port}", GATEWAY_SERVICE)
                 line += f"  (ready: {ready})"
             print(line)
+        for key, (variable, default) in GATEWAY_REPLICAS.items():
+            if (args.run_dir / f"{key}.pid").exists():
+                port = int(os.environ.get(variable, default))
+                print(f"{key:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}  "
+                      f"(ready: {health_status(f'127.0.0.1:{port}', GATEWAY_SERVICE)})")
+        if (args.run_dir / "postgres" / "data").exists():
+            server = local_postgres(args.run_dir)
+            print(f"postgres  127.0.0.1:{server.port:<6d} {'RUNNING' if server.running() else 'STOPPED'}")
     return 0
 
 

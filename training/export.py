@@ -18,6 +18,11 @@ Layout written here::
     embeddings/image_ids.json         [image_id, ...] in the same order
     embeddings/image_embeddings.json  {image_id: [floats]} (the original project's format)
     embeddings/images.csv             image_id, product_id, main_category, split (same order)
+    model.onnx               the same model for ONNX Runtime / OpenVINO (`common.model.add_runtime_files`;
+                             the card's ``runtimes`` entry: opset, checksums, versions at export)
+    check_photos/            16 validation photos every runtime is compared with torch on at load
+    model.int8.onnx          only with ``python -m training.runtimes --int8``: int8, calibrated on
+                             64 training photos
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from common.model import CARD_FILE, LABELS_FILE, WEIGHTS_FILE, save_artifact
+from common.model import (CALIBRATION_PHOTO_COUNT, CARD_FILE, CHECK_PHOTO_COUNT, LABELS_FILE,
+                          WEIGHTS_FILE, add_runtime_files, save_artifact)
 from training.evaluate import plot_confusion, plot_curves, softmax
 
 if TYPE_CHECKING:
@@ -121,7 +127,7 @@ def export_artifact(directory: Path, result: "TrainResult", catalogue: "Catalogu
         "source": "pooled backbone features (ListingModel.embed_and_classify)",
         "count": int(len(result.embeddings)),
     }
-    return save_artifact(
+    save_artifact(
         directory, result.model, catalogue.categories,
         name=config.name,
         mode=config.mode,
@@ -137,3 +143,25 @@ def export_artifact(directory: Path, result: "TrainResult", catalogue: "Catalogu
         embedding=embedding,
         files=files | {"metrics": "metrics.json", "predictions": "predictions.csv"},
     )
+    return write_runtime_files(directory, result.model, catalogue)
+
+
+def spread(files: list[Path], count: int) -> list[Path]:
+    """``count`` files evenly spread over ``files`` (a fixed choice, every category likely)."""
+    if len(files) <= count:
+        return list(files)
+    return [files[round(i * (len(files) - 1) / (count - 1))] for i in range(count)]
+
+
+def write_runtime_files(directory: Path, model, catalogue: "Catalogue", *,
+                        int8: bool = False) -> dict:
+    """The ONNX model and check photos from the validation split for the embedder's runtimes;
+    with ``int8`` also the int8 quantisation calibrated on training photos (opt-in: about a
+    minute more, and on EfficientNet-Lite0 it fails the check, see common.runtimes)."""
+    files = catalogue.files
+    valid = [files[i] for i in np.flatnonzero(catalogue.mask("valid"))]
+    train = [files[i] for i in np.flatnonzero(catalogue.mask("train"))]
+    return add_runtime_files(directory, model=model,
+                             check_photos=spread(valid or train, CHECK_PHOTO_COUNT),
+                             calibration_photos=spread(train, CALIBRATION_PHOTO_COUNT)
+                             if int8 else [])

@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,12 +40,16 @@ from torch import nn
 from tqdm import tqdm
 
 from common.backbones import Backbone
-from common.model import FOLD_TOLERANCE, fold_batch_norms_measured
+from common.model import FOLD_TOLERANCE, export_onnx, fold_batch_norms_measured
+from common.runtimes import (Choice, RuntimeUnavailable, Session, TorchSession, choose_session,
+                             open_session)
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "build" / "cache" / "features"
+#: Photos of the first batch a runtime is compared with torch on before it computes features.
+CHECK_PHOTOS = 16
 
 
 # --------------------------------------------------------------------------- backbone split
@@ -163,7 +169,8 @@ class FeatureStore:
     interrupted or incremental run keeps what it computed; a ``meta.json`` says what it holds.
     """
 
-    def __init__(self, root: Path, backbone: Backbone, view: ViewTransform, output: str) -> None:
+    def __init__(self, root: Path, backbone: Backbone, view: ViewTransform, output: str, *,
+                 precision: str | None = None) -> None:
         self.meta = {
             "cache_version": CACHE_VERSION,
             "backbone": backbone.name,
@@ -171,6 +178,8 @@ class FeatureStore:
             "view": view.describe(),
             "output": output,
         }
+        if precision:
+            self.meta["precision"] = precision
         tag = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / backbone.name / f"{output}-{view.view}-{tag}"
         self._data: dict[str, np.ndarray] | None = None
@@ -217,13 +226,22 @@ class FeatureExtractor:
     """
 
     def __init__(self, backbone: Backbone, *, cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
-                 batch_size: int = 32, progress: bool = True, features: nn.Module | None = None) -> None:
+                 batch_size: int = 32, progress: bool = True, features: nn.Module | None = None,
+                 runtime: str | None = None, precision: str | None = None) -> None:
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size = batch_size
         self.progress = progress
         self._features = features
         self._memory: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        #: where the pooled features are computed (`common.runtimes`): TRAINING_RUNTIME (auto:
+        #: the fastest runtime that matches torch on the first photos) and TRAINING_PRECISION
+        self.runtime = runtime or os.environ.get("TRAINING_RUNTIME", "auto").strip().lower()
+        self.precision = precision or os.environ.get("TRAINING_PRECISION", "fp32").strip().lower()
+        self._session: Session | None = None
+        self._session_features: nn.Module | None = None
+        self._export_dir: tempfile.TemporaryDirectory | None = None
+        self.choice: Choice | None = None
 
     @property
     def features(self) -> nn.Module:
@@ -235,7 +253,46 @@ class FeatureExtractor:
     def _store(self, view: ViewTransform, output: str) -> FeatureStore | None:
         if self.cache_dir is None:
             return None
-        return FeatureStore(self.cache_dir, self.backbone, view, output)
+        # fp32 runtimes give torch's features to float32 rounding and share its cache; a lossy
+        # precision gets a cache of its own
+        precision = self.precision if output == "pooled" and self.precision != "fp32" else None
+        return FeatureStore(self.cache_dir, self.backbone, view, output, precision=precision)
+
+    def pooled_session(self, check_batch: torch.Tensor) -> Session | None:
+        """The session computing pooled features, chosen once per backbone module on the first
+        batch of real photos (`common.runtimes.choose_session`); None means torch."""
+        features = self.features
+        if self._session_features is features:
+            return self._session
+        reference = TorchSession(features, channels_last=True)
+        inputs = check_batch[:CHECK_PHOTOS].numpy()
+
+        def open_candidate(runtime: str, precision: str) -> Session:
+            if runtime == "torch":
+                return TorchSession(features, precision=precision, channels_last=True)
+            if precision == "int8":
+                raise RuntimeUnavailable("int8 is not used for the training features (it would "
+                                         "train the head on quantised features)")
+            return open_session(runtime, self._onnx_file(features), precision=precision,
+                                threads=torch.get_num_threads(), workers=1)
+
+        choice = choose_session(self.runtime, self.precision, reference=reference, inputs=inputs,
+                                open_candidate=open_candidate,
+                                names=("TRAINING_RUNTIME", "TRAINING_PRECISION"))
+        for reason in choice.passed_over:
+            log.info("feature runtime passed over: %s", reason)
+        log.info("backbone features computed by %s %s%s", choice.session.runtime,
+                 choice.session.precision, f" ({choice.check.describe()})" if choice.check else "")
+        self.choice = choice
+        self._session_features = features
+        self._session = None if choice.session is reference else choice.session
+        return self._session
+
+    def _onnx_file(self, features: nn.Module) -> Path:
+        self._export_dir = tempfile.TemporaryDirectory(prefix="features-onnx-")
+        path = Path(self._export_dir.name) / "features.onnx"
+        export_onnx(features, self.backbone.preprocessing.input_size, path, ("features",))
+        return path
 
     def get(self, paths: Sequence[Path | str], keys: Sequence[str], view: str = "center",
             outputs: Sequence[str] = ("pooled",), desc: str | None = None) -> dict[str, np.ndarray]:
@@ -278,6 +335,7 @@ class FeatureExtractor:
         if bad:
             raise ValueError(f"unknown outputs {bad}: use pooled or cut<n>")
         features = self.features.eval()
+        pooled_only = tuple(outputs) == ("pooled",)
         blocks = backbone_blocks(features)
         stem = nn.Sequential(*_stem(features))
         tail = nn.Sequential(*_tail(features))
@@ -292,15 +350,19 @@ class FeatureExtractor:
                 batch = torch.stack([
                     transform(_open_rgb(p), k) for p, k in zip(paths[start:start + self.batch_size], batch_keys)
                 ]).contiguous(memory_format=torch.channels_last)
-                x = stem(batch)
-                for i, block in enumerate(blocks[:last]):
-                    if i in cuts:
-                        pending[f"cut{i}"].append(x.to(torch.float16).contiguous().numpy())
-                    x = block(x)
-                if last in cuts:
-                    pending[f"cut{last}"].append(x.to(torch.float16).contiguous().numpy())
-                if "pooled" in outputs:
-                    pending["pooled"].append(tail(x).flatten(1).float().numpy())
+                session = self.pooled_session(batch) if pooled_only else None
+                if session is not None:  # the whole backbone in the faster runtime
+                    pending["pooled"].append(session.run(batch.contiguous().numpy())[0])
+                else:  # torch, block by block, keeping the cut activations asked for
+                    x = stem(batch)
+                    for i, block in enumerate(blocks[:last]):
+                        if i in cuts:
+                            pending[f"cut{i}"].append(x.to(torch.float16).contiguous().numpy())
+                        x = block(x)
+                    if last in cuts:
+                        pending[f"cut{last}"].append(x.to(torch.float16).contiguous().numpy())
+                    if "pooled" in outputs:
+                        pending["pooled"].append(tail(x).flatten(1).float().numpy())
                 pending_keys += batch_keys
                 bar.update(len(batch_keys))
                 if len(pending_keys) >= flush or start + self.batch_size >= len(paths):

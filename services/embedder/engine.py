@@ -8,17 +8,21 @@ Nothing here knows about gRPC or batching.
 from __future__ import annotations
 
 import logging
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.images import ImageError, open_image
-from common.model import (FOLD_TOLERANCE, Artifact, ArtifactError, fold_batch_norms_measured,
-                          load_artifact)
+from common.model import (FOLD_TOLERANCE, ONNX_FILE, Artifact, ArtifactError, EmbedAndClassify,
+                          check_photo_files, export_onnx, fold_batch_norms_measured,
+                          load_artifact, runtime_model_file)
+from common.runtimes import (Choice, RuntimeUnavailable, Session, TorchSession, choose_session,
+                             open_session, runtime_versions)
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +72,25 @@ def configure_torch(threads: int) -> None:
 class ImageModel:
     """A loaded listing model: decode + preprocess one image, embed + classify a batch.
 
-    ``preprocess`` is safe to call from many threads at once; ``forward`` is meant to be called
-    from one thread (the batcher's worker), which owns the model.
+    The batch runs in one inference runtime (`common.runtimes`): ``runtime`` is ``torch`` (the
+    reference), ``onnxruntime``, ``openvino`` or ``auto`` (the fastest that passes the check) and
+    ``precision`` fp32, bf16 or int8. Every choice other than torch fp32 is compared with torch on
+    the artefact's check photos at load and refused (``ArtifactError`` naming the setting) if it
+    falls short; ``choice`` records the checks and what was passed over and why.
+    ``threads`` is each model worker's thread count and ``workers`` how many call ``forward`` at
+    once. ``preprocess`` and ``forward`` are safe to call from many threads at once.
     """
 
     def __init__(self, artifact: Artifact, *, max_image_bytes: int | None = None,
-                 max_pixels: int | None = None, bf16: bool = False,
-                 channels_last: bool = True, fold_bn: bool = True) -> None:
+                 max_pixels: int | None = None, runtime: str = "torch", precision: str = "fp32",
+                 threads: int = 1, workers: int = 1, channels_last: bool = True,
+                 fold_bn: bool = True, artifact_dir: Path | None = None,
+                 check_photos: list[Path] | None = None,
+                 setting_names: tuple[str, str] = ("EMBEDDER_RUNTIME", "EMBEDDER_PRECISION"),
+                 ) -> None:
         self.artifact = artifact
         self.max_image_bytes = max_image_bytes
         self.max_pixels = max_pixels
-        self.bf16 = bf16
         self.channels_last = channels_last
         self._transform = artifact.preprocessing.transform()
         model = artifact.model.eval()
@@ -94,7 +106,20 @@ class ImageModel:
         self.embedding_dim: int = int(artifact.card["embedding_dim"])
         self.input_size: int = int(artifact.card.get("input_size")
                                    or artifact.preprocessing.input_size)
+        self._artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
+        self._threads, self._workers = max(1, threads), max(1, workers)
+        self._export_dir: tempfile.TemporaryDirectory | None = None
+        self.reference = TorchSession(model.embed_and_classify, channels_last=channels_last)
+        self.session: Session = self.reference
         self._check_shapes()
+        if check_photos is None and self._artifact_dir is not None:
+            check_photos = check_photo_files(self._artifact_dir)
+        self.choice = self._choose(runtime, precision, check_photos or [], setting_names)
+        self.session = self.choice.session
+        self.runtime: str = self.session.runtime
+        self.precision: str = self.session.precision
+        if self.session is not self.reference:
+            self._check_shapes()
 
     @classmethod
     def load(cls, directory: Path, **options) -> "ImageModel":
@@ -106,6 +131,7 @@ class ImageModel:
         except Exception as exc:  # e.g. safetensors' own error for a weights file that isn't one
             raise ArtifactError(f"cannot load the artefact in {directory}: "
                                 f"{type(exc).__name__}: {exc}") from None
+        options.setdefault("artifact_dir", Path(directory))
         return cls(artifact, **options)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
@@ -120,19 +146,75 @@ class ImageModel:
 
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """One backbone pass, two heads: (unit-norm embeddings (B, D), softmax probabilities
-        (B, C)), both float32."""
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.bf16:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    embeddings, logits = self._model.embed_and_classify(batch)
-            else:
-                embeddings, logits = self._model.embed_and_classify(batch)
-            # float32 and unit length whatever precision the pass ran in
-            embeddings = F.normalize(embeddings.float(), dim=1)
-            probabilities = torch.softmax(logits.float(), dim=1)
-        return embeddings.numpy(), probabilities.numpy()
+        (B, C)), both float32, whatever runtime and precision computed them."""
+        inputs = batch if self.session is self.reference else batch.numpy()
+        embeddings, logits = self.session.run(inputs)[:2]
+        embeddings = embeddings.astype(np.float32, copy=False)
+        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        logits = logits.astype(np.float32, copy=False)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return embeddings, shifted / shifted.sum(axis=1, keepdims=True)
+
+    def describe_runtime(self) -> dict:
+        """What serves the model and why, for the start-up log and benchmarks."""
+        check = self.choice.check
+        return {"runtime": self.runtime, "precision": self.precision,
+                "check": check.describe() if check else "torch fp32 is the reference",
+                "passed_over": self.choice.passed_over, "versions": runtime_versions()}
+
+    def _choose(self, runtime: str, precision: str, check_photos: list[Path],
+                names: tuple[str, str]) -> Choice:
+        """Resolve the runtime setting (see ``common.runtimes.choose_session``)."""
+        inputs = np.zeros((0, 3, self.input_size, self.input_size), np.float32)
+        if not (runtime == "torch" and precision == "fp32"):
+            inputs = self._check_inputs(check_photos)
+
+        def open_candidate(name: str, want: str) -> Session:
+            if name == "torch":
+                support = detect_bf16()
+                if want == "bf16" and runtime == "auto" and not support.native:
+                    raise RuntimeUnavailable(f"torch bf16 would be emulated: {support.reason}")
+                return TorchSession(self._model.embed_and_classify, precision=want,
+                                    channels_last=self.channels_last)
+            return open_session(name, self._onnx_file(want), precision=want,
+                                threads=self._threads, workers=self._workers)
+
+        try:
+            return choose_session(runtime, precision, reference=self.reference, inputs=inputs,
+                                  open_candidate=open_candidate, names=names)
+        except RuntimeUnavailable as exc:
+            raise ArtifactError(str(exc)) from None
+
+    def _check_inputs(self, files: list[Path]) -> np.ndarray:
+        rows = []
+        for path in files:
+            try:
+                rows.append(self.preprocess(Path(path).read_bytes()))
+            except (OSError, ImageError) as exc:
+                log.warning("skipping check photo %s: %s", path, exc)
+        if not rows:
+            return np.zeros((0, 3, self.input_size, self.input_size), np.float32)
+        return torch.stack(rows).numpy()
+
+    def _onnx_file(self, precision: str) -> Path:
+        """The artefact's ONNX model for ``precision``; for fp32/bf16 an artefact without one
+        (exported before runtimes existed) gets one exported now into a temporary folder."""
+        if self._artifact_dir is not None:
+            path = runtime_model_file(self._artifact_dir, self.artifact.card, precision)
+            if path is not None:
+                return path
+        if precision == "int8":
+            raise RuntimeUnavailable(
+                "the artefact has no int8 model (model.int8.onnx, quantised with training photos); "
+                "add it with `python -m training.runtimes --artifact DIR --int8`")
+        if self._export_dir is None:
+            self._export_dir = tempfile.TemporaryDirectory(prefix="embedder-onnx-")
+            path = Path(self._export_dir.name) / ONNX_FILE
+            started = time.perf_counter()
+            export_onnx(EmbedAndClassify(self._model), self.input_size, path)
+            log.info("the artefact has no %s: exported one in %.1f s", ONNX_FILE,
+                     time.perf_counter() - started)
+        return Path(self._export_dir.name) / ONNX_FILE
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run the model once per batch size so the first requests don't pay for kernel setup."""

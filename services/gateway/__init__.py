@@ -2,7 +2,9 @@
 
     config.py          environment variables (documented there) -> GatewayConfig
     domain.py          Listing, SearchFilter, RankedListing, ... and GatewayError (status by name)
-    catalogue.py       the listing catalogue in SQLite (versioned migrations, bulk load)
+    catalogue.py       the listing catalogue: listings, stored vectors, outbox (migrations, bulk load)
+    catalogue_db.py    GATEWAY_DB as a URL; the SQLite and PostgreSQL back ends
+    outbox.py          pushes queued vector writes to the owning shard (docs/catalogue.md)
     ranking.py         merge hits by listing; image/text fusion (common.ranking)
     shards.py          listing id -> indexer shard (stable hash)
     downstream.py      embedder / indexer-shard clients: deadlines, retries, fan-out, error mapping
@@ -14,4 +16,5 @@
     client.py, cli.py  Python client and command line
     load_catalogue.py  python -m services.gateway.load_catalogue --prepared build/data --db PATH
     index_catalogue.py python -m services.gateway.index_catalogue (photo and text vectors -> shards)
+    reconcile.py       python -m services.gateway.reconcile [--repair] (catalogue vs shards)
 """

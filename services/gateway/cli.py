@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = commands.add_parser("get", help="one listing")
     get.add_argument("listing_id")
+    get.add_argument("--include-pending", action="store_true",
+                     help="also a listing whose vectors are not searchable yet")
 
     add = commands.add_parser("add", help="add a listing with its photos")
     add.add_argument("photos", nargs="+")
@@ -169,16 +171,19 @@ def run(args, client: GatewayClient) -> str:
         return results_table(client.similar(args.listing_id, args.k, photos_only=args.photos_only,
                                             **_filters(args)))
     if args.command == "get":
-        return listing_table(client.get(args.listing_id))
+        return listing_table(client.get(args.listing_id, include_pending=args.include_pending))
     if args.command == "add":
-        listing = client.add(args.photos, title=args.title, description=args.description,
-                             category=args.category, main_category=args.main_category,
-                             price=args.price, currency=args.currency, location=args.location,
-                             listing_id=args.id)
-        return "added\n" + listing_table(listing)
+        added = client.add_listing(args.photos, title=args.title, description=args.description,
+                                   category=args.category, main_category=args.main_category,
+                                   price=args.price, currency=args.currency, location=args.location,
+                                   listing_id=args.id)
+        note = (" (pending: stored; searchable once its shard has taken the vectors)"
+                if added.pending else "")
+        return f"added{note}\n" + listing_table(added.listing)
     if args.command == "remove":
         removed = client.remove(args.listing_id)
-        return f"removed listing {removed.listing_id} ({removed.images_removed} image vectors)"
+        note = "; vector deletion pending" if removed.pending else ""
+        return f"removed listing {removed.listing_id} ({removed.images_removed} image vectors{note})"
     raise ValueError(args.command)
 
 

@@ -27,7 +27,14 @@ import grpc
 from common.security import bearer_metadata, open_channel
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
-from services.gateway.domain import Classification, Listing, RankedListing, RemovedListing, SearchFilter
+from services.gateway.domain import (
+    AddedListing,
+    Classification,
+    Listing,
+    RankedListing,
+    RemovedListing,
+    SearchFilter,
+)
 
 Image = bytes | str | os.PathLike
 
@@ -139,8 +146,10 @@ class GatewayClient:
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)
 
-    def get(self, listing_id: str, *, timeout: float | None = None) -> Listing:
-        reply = self.stub.GetListing(gateway_pb2.GetListingRequest(listing_id=listing_id),
+    def get(self, listing_id: str, *, include_pending: bool = False,
+            timeout: float | None = None) -> Listing:
+        reply = self.stub.GetListing(gateway_pb2.GetListingRequest(listing_id=listing_id,
+                                                                   include_pending=include_pending),
                                      timeout=self._timeout(timeout))
         return convert.listing_from_proto(reply)
 
@@ -151,12 +160,21 @@ class GatewayClient:
             location: str = "", listing_id: str = "", timeout: float | None = None) -> Listing:
         """Add a listing with its photos; returns it with its assigned id and image ids.
         An empty ``main_category`` is predicted from the photos."""
+        return self.add_listing(images, title=title, description=description, category=category,
+                                main_category=main_category, price=price, currency=currency,
+                                location=location, listing_id=listing_id, timeout=timeout).listing
+
+    def add_listing(self, images: Sequence[Image], *, title: str, description: str = "",
+                    category: str = "", main_category: str = "", price: float | None = None,
+                    currency: str = "", location: str = "", listing_id: str = "",
+                    timeout: float | None = None) -> AddedListing:
+        """`add`, also saying whether the listing's vectors are still pending (see AddedListing)."""
         listing = Listing(listing_id, title, description, category, main_category, price, currency,
                           location)
         reply = self.stub.AddListing(gateway_pb2.AddListingRequest(
             listing=convert.listing_to_proto(listing), images=[read_image(i) for i in images]),
             timeout=self._timeout(timeout), metadata=self._write_metadata)
-        return convert.listing_from_proto(reply.listing)
+        return AddedListing(convert.listing_from_proto(reply.listing), bool(reply.pending))
 
     def remove(self, listing_id: str, *, timeout: float | None = None) -> RemovedListing:
         reply = self.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id),

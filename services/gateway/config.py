@@ -7,7 +7,19 @@ Environment variables (flag in brackets; defaults in parentheses):
 ``GATEWAY_PORT`` [--port] (50050)
     Port to listen on; 0 picks a free one.
 ``GATEWAY_DB`` [--db] (run/catalogue.sqlite3)
-    SQLite file of the listing catalogue; created and migrated on first start.
+    The listing catalogue: a path or ``sqlite:///path`` (an embedded SQLite file, created on
+    first start; one gateway process), or ``postgresql://user:password@host:port/dbname`` (a
+    PostgreSQL database shared by every gateway replica). Migrated to the current schema at start
+    (replicas starting together take turns). A malformed value or a database that cannot be
+    reached at start stops the gateway with one line naming this setting; a database that goes
+    away later makes catalogue calls UNAVAILABLE until it is back (no restart needed).
+``GATEWAY_DB_CONNECT_TIMEOUT_S`` (5)
+    How long to wait for a PostgreSQL connection (at start, and per request from the pool).
+``GATEWAY_OUTBOX_INTERVAL_S`` (0.5) / ``GATEWAY_OUTBOX_LEASE_S`` (30)
+    How often the outbox applier looks for vector writes not yet acknowledged by their shard
+    (left by a shard that was down or a gateway that died), and how long one gateway holds an
+    entry while pushing it (pushes are given half of it; after a crash another gateway takes the
+    entry over once the lease ran out). See ``docs/catalogue.md``.
 ``GATEWAY_SEED_DIR`` [--seed-dir] (unset)
     A prepared-data folder (``listings.csv`` + ``images.csv`` from ``python -m training.prepare``)
     loaded into the catalogue at start when the catalogue is empty. Unset: start empty (load with
@@ -21,7 +33,22 @@ Environment variables (flag in brackets; defaults in parentheses):
 ``INDEXER_ADDRS`` [--indexers] (127.0.0.1:50052)
     Comma-separated indexer shard addresses (each ``host:port`` or a gRPC target). The order
     defines the shard number: a listing lives on shard ``blake2b(listing_id) % N``. Searches go to
-    every shard in parallel and are merged by score. Changing N requires re-indexing.
+    every shard in parallel and are merged by score. Changing N requires re-indexing. Same as
+    ``INDEXER_SHARDS`` with one replica per shard.
+``INDEXER_SHARDS`` [--shards] (unset)
+    Indexer shards with replicas: ``0=a:50052|b:50052;1=c:50052|d:50052`` (shard number =
+    replica targets separated by ``|``; shards ``;``-separated, numbered 0..N-1). A search asks
+    one replica of each shard (spread over the replicas, another replica of the same shard in the
+    same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
+    listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
+``GATEWAY_SHARD_MAP`` (unset) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
+    A directory holding the versioned shard map (`common.shard_map`; share it between gateways
+    and the rebalance command). Set: listings are routed listing -> one of
+    ``INDEXER_PARTITIONS`` partitions -> the shard that owns it, the map is re-read every
+    ``GATEWAY_SHARD_MAP_POLL_S`` seconds, and shards can be added with ``python -m
+    services.gateway.rebalance --to N``. An empty directory gets version 1, which routes exactly
+    as the unset case when the partition count is a multiple of the shard count. Unset: shard
+    ``blake2b(listing_id) % N``.
 ``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
     Deadline for a request whose caller set none. A caller's deadline is always propagated to the
     embedder and indexer calls made for it (minus a small margin so the gateway answers first).
@@ -49,9 +76,6 @@ Environment variables (flag in brackets; defaults in parentheses):
     (0: photos only, as a request's ``photos_only``). Set it to the weight that
     ``python -m benchmarks.search_quality`` chooses on the valid split for the served artefact; the
     default 0.7 is the weight of a first measurement on the earlier 3,453-photo split.
-``GATEWAY_COMPENSATION_TIMEOUT_S`` (5)
-    Budget for undoing a half-done AddListing (deleting upserted vectors) when the caller's own
-    deadline is spent.
 ``WRITE_TOKEN`` (unset; shared with the indexer, see `common.security`)
     When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
     (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
@@ -79,6 +103,8 @@ from pathlib import Path
 
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
 from services.gateway.ranking import DEFAULT_SIMILAR_TEXT_WEIGHT
+from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
+                                     single_replica_shards)
 
 DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
@@ -103,10 +129,15 @@ class RetryPolicy:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 0
-    db_path: Path = REPO_ROOT / "run" / "catalogue.sqlite3"
+    db_path: Path | str = REPO_ROOT / "run" / "catalogue.sqlite3"  # GATEWAY_DB: a path or a URL
     seed_dir: Path | None = None
     embedder_addr: str = DEFAULT_EMBEDDER_ADDR
     indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
+    #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
+    indexer_shards: ShardReplicas | None = None
+    shard_map_dir: Path | None = None
+    shard_map_poll_s: float = 2.0
+    partitions: int = 256
     downstream_timeout_s: float = 10.0
     max_k: int = 100
     max_images: int = 16
@@ -114,7 +145,9 @@ class GatewayConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     reconnect_backoff_max_s: float = 2.0
     model_info_ttl_s: float = 60.0
-    compensation_timeout_s: float = 5.0
+    db_connect_timeout_s: float = 5.0
+    outbox_interval_s: float = 0.5
+    outbox_lease_s: float = 30.0
     similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT
     write_token: str | None = None
     max_workers: int = 16
@@ -128,7 +161,13 @@ class GatewayConfig:
 
     @property
     def indexer_targets(self) -> tuple[str, ...]:
-        return self.indexer_addrs
+        """Every indexer replica target, shard by shard."""
+        return tuple(target for replicas in self.indexer_replicas for target in replicas)
+
+    @property
+    def indexer_replicas(self) -> ShardReplicas:
+        """The replica targets of each shard, in shard order."""
+        return self.indexer_shards or single_replica_shards(self.indexer_addrs)
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "GatewayConfig":
@@ -136,22 +175,29 @@ class GatewayConfig:
                                          description="public API gateway (see config docstring for env)")
         parser.add_argument("--host", default=env_str("GATEWAY_HOST", "0.0.0.0"))
         parser.add_argument("--port", type=int, default=env_int("GATEWAY_PORT", 50050, minimum=0))
-        parser.add_argument("--db", type=Path,
-                            default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"))
+        parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")))
         parser.add_argument("--seed-dir", type=Path,
                             default=env_str("GATEWAY_SEED_DIR", "") or None)
         parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR))
         parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
+        parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
+                            help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
+        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
+                            help="directory of the versioned shard map (enables rebalancing)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = env_str("WRITE_TOKEN", "") or None
         config = cls(
             host=args.host,
             port=args.port,
-            db_path=args.db,
+            db_path=database_setting(args.db),
             seed_dir=Path(args.seed_dir) if args.seed_dir else None,
             embedder_addr=args.embedder,
             indexer_addrs=parse_indexer_addrs(args.indexers),
+            indexer_shards=shard_replicas_setting(args.shards, args.indexers),
+            shard_map_dir=Path(args.shard_map) if args.shard_map else None,
+            shard_map_poll_s=env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05),
+            partitions=env_int("INDEXER_PARTITIONS", 256, minimum=1),
             downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
             max_k=env_int("GATEWAY_MAX_K", 100, minimum=1),
             max_images=env_int("GATEWAY_MAX_IMAGES", 16, minimum=1),
@@ -163,7 +209,9 @@ class GatewayConfig:
             ),
             reconnect_backoff_max_s=env_float("GATEWAY_RECONNECT_BACKOFF_MAX_S", 2.0, minimum=0.1),
             model_info_ttl_s=env_float("GATEWAY_MODEL_INFO_TTL_S", 60.0, minimum=0.0),
-            compensation_timeout_s=env_float("GATEWAY_COMPENSATION_TIMEOUT_S", 5.0, minimum=0.1),
+            db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
+            outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
+            outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),
             similar_text_weight=similar_text_weight_from_env(),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
@@ -183,6 +231,17 @@ def similar_text_weight_from_env() -> float:
     return weight
 
 
+def database_setting(value: str) -> Path | str:
+    """``GATEWAY_DB`` checked: a bare path stays a Path (as before), a URL a string."""
+    from services.gateway.catalogue_db import DatabaseError, parse_database_url
+
+    try:
+        parse_database_url(value)
+    except DatabaseError as exc:
+        raise ConfigError(str(exc)) from None
+    return value if "://" in value else Path(value)
+
+
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:
     """``INDEXER_ADDRS`` -> shard targets in shard order."""
     addrs = tuple(part.strip() for part in value.split(",") if part.strip())
@@ -191,6 +250,20 @@ def parse_indexer_addrs(value: str) -> tuple[str, ...]:
     if len(set(addrs)) != len(addrs):
         raise ConfigError(f"INDEXER_ADDRS={value!r} lists a shard twice")
     return addrs
+
+
+def shard_replicas_setting(shards: str | None, addrs: str) -> ShardReplicas | None:
+    """``INDEXER_SHARDS`` parsed, or None when unset; setting it beside a non-default
+    ``INDEXER_ADDRS`` is an error (which one would the operator mean?)."""
+    if not shards:
+        return None
+    if addrs.strip() != DEFAULT_INDEXER_ADDRS:
+        raise ConfigError("set INDEXER_SHARDS or INDEXER_ADDRS, not both (INDEXER_SHARDS "
+                          "with one replica per shard is INDEXER_ADDRS)")
+    try:
+        return parse_shard_replicas(shards)
+    except ShardMapError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _split_host_port(address: str) -> tuple[str, str]:

@@ -93,4 +93,4 @@ def classification_from_proto(message: gateway_pb2.ClassifyImageResponse) -> Cla
 
 
 def removed_from_proto(message: gateway_pb2.RemoveListingResponse) -> RemovedListing:
-    return RemovedListing(message.listing_id, int(message.images_removed))
+    return RemovedListing(message.listing_id, int(message.images_removed), bool(message.pending))

@@ -14,12 +14,16 @@ rankings are fused by weighted cosine (as hybrid Search, below) with ``w = simil
 (GATEWAY_SIMILAR_TEXT_WEIGHT, to be chosen on the valid split); without a text vector (or a text
 collection) it is the photos-only ranking, without indexed photos the text ranking.
 
-AddListing is all or nothing: embed (nothing stored yet) -> upsert the vectors on the listing's
-shard -> insert into the catalogue in one SQLite transaction. If the upsert fails its outcome may
-be unknown (a timeout after the write), so the image ids are deleted again (idempotent); if the
-catalogue insert fails, the upserted vectors are deleted (compensation). RemoveListing deletes
-vectors first, then the catalogue row, so a failure never leaves a catalogue entry pointing at
-half-deleted photos unnoticed (retrying RemoveListing completes it).
+AddListing is all or nothing with no window for orphan vectors (design and failure cases in
+``docs/catalogue.md``): embed (nothing stored yet) -> one catalogue transaction holding the listing
+(``pending``, invisible to reads), its vectors and an outbox entry -> the outbox pushes the vectors
+to the listing's shard (at once, within the request's deadline; else later, by any gateway's
+applier loop) and the listing turns live in the transaction that marks the entry done. If the
+shard refuses the vectors or cannot be reached, the add is cancelled (the listing dropped and its
+ids queued for deletion, in one transaction) and the error returned; if the outcome is unknown (a
+timeout), the response says ``pending`` and the outbox keeps pushing. RemoveListing deletes the row
+and queues the vector deletion in one transaction, then pushes it the same way. Nothing is ever
+undone by a compensating call that a late write could overtake: writes only roll forward.
 
 Text: the indexer's "text" collection holds one vector per listing (item id = listing id), the
 embedder's EmbedText vector (all-MiniLM-L6-v2, unit norm) of
@@ -27,9 +31,8 @@ embedder's EmbedText vector (all-MiniLM-L6-v2, unit norm) of
 the same way and searches that collection on every shard (filters as for images); results carry
 no matched image id. AddListing also embeds and indexes the listing's text when the embedder
 serves text (GetModelInfo.modalities), within the same all-or-nothing steps (text embedded
-before anything is written, text vector upserted on the listing's shard after the photos, both
-undone if a later step fails); RemoveListing deletes the text vector too (a shard without a text
-collection is fine).
+before anything is written, its vector stored and pushed with the photos'); RemoveListing
+deletes the text vector too (a shard without a text collection is fine).
 
 Hybrid Search (an image and a text query). With only one of them it is exactly SearchByImage or
 SearchByText (``text_weight`` and ``fusion`` are then ignored). With both, each modality's top
@@ -66,8 +69,9 @@ import numpy as np
 
 from common.listing_text import listing_text
 from common.ranking import recommend_query
-from services.gateway.catalogue import Catalogue, DuplicateListing
+from services.gateway.catalogue import Catalogue, DuplicateListing, StoredVector
 from services.gateway.domain import (
+    AddedListing,
     AlreadyExists,
     Classification,
     CategoryScore,
@@ -87,8 +91,8 @@ from services.gateway.downstream import (
     Deadline,
     EmbedderClient,
     IndexerShards,
-    IndexItem,
 )
+from services.gateway.outbox import OutboxApplier
 from services.gateway.ranking import (
     DEFAULT_SIMILAR_TEXT_WEIGHT,
     FUSION_METHODS,
@@ -107,6 +111,9 @@ DEFAULT_TOP_K = 3
 DEFAULT_CURRENCY = "GBP"
 _LISTING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
+#: Longest value of each free-text listing field AddListing accepts (characters).
+FIELD_LIMITS = {"title": 500, "description": 20_000, "category": 500, "main_category": 200,
+                "location": 500}
 #: Text weight of a hybrid Search whose request leaves text_weight unset.
 DEFAULT_TEXT_WEIGHT = 0.5
 #: Longest text query accepted (listing_text keeps at most the first 200 characters of it).
@@ -126,17 +133,18 @@ def candidate_count(k: int) -> int:
 
 class GatewayCore:
     def __init__(self, catalogue: Catalogue, embedder: EmbedderClient, indexer: IndexerShards, *,
-                 max_k: int = 100, max_images: int = 16, compensation_timeout_s: float = 5.0,
+                 max_k: int = 100, max_images: int = 16, outbox: OutboxApplier | None = None,
                  similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT) -> None:
         self.catalogue = catalogue
         self.embedder = embedder
         self.indexer = indexer
         self.max_k = max_k
         self.max_images = max_images
-        self.compensation_timeout_s = compensation_timeout_s
+        self.outbox = outbox or OutboxApplier(catalogue, indexer)
         self.similar_text_weight = similar_text_weight
 
     def close(self) -> None:
+        self.outbox.stop()
         self.embedder.close()
         self.indexer.close()
         self.catalogue.close()
@@ -166,10 +174,12 @@ class GatewayCore:
 
     # ------------------------------------------------------------------ reads
 
-    def get_listing(self, listing_id: str) -> Listing:
+    def get_listing(self, listing_id: str, *, include_pending: bool = False) -> Listing:
+        """A live listing; with ``include_pending`` also one whose vectors are still being
+        indexed (see `AddedListing`)."""
         if not listing_id:
             raise InvalidArgument("listing_id is empty")
-        listing = self.catalogue.get(listing_id)
+        listing = self.catalogue.get(listing_id, include_pending=include_pending)
         if listing is None:
             raise NotFound(f"listing {listing_id} not found")
         return listing
@@ -384,8 +394,9 @@ class GatewayCore:
         return self._attach([Hit(f.listing_id, f.score, f.matched_image_id) for f in fused])
 
     def _attach(self, hits: Sequence[Hit]) -> list[RankedListing]:
-        """Hits -> ranked listings with their catalogue entries (hits without one are dropped)."""
-        listings = self.catalogue.get_many(hit.listing_id for hit in hits)
+        """Hits -> ranked listings with their catalogue entries (hits without one are dropped).
+        A hit proves its vectors searchable, so a listing still marked pending is returned."""
+        listings = self.catalogue.get_many((hit.listing_id for hit in hits), include_pending=True)
         ranked: list[RankedListing] = []
         missing = []
         for hit in hits:
@@ -415,6 +426,11 @@ class GatewayCore:
         if listing.id and not _LISTING_ID.match(listing.id):
             raise InvalidArgument("listing.id must be 1-128 characters of letters, digits and . _ : - "
                                   f"(or empty to assign one), got {listing.id!r}")
+        for name, limit in FIELD_LIMITS.items():
+            value = getattr(listing, name)
+            if len(value) > limit:
+                raise InvalidArgument(f"listing.{name} is {len(value)} characters long; the limit "
+                                      f"is {limit}")
         if listing.price is not None and (not math.isfinite(listing.price) or listing.price < 0):
             raise InvalidArgument(f"listing.price must be a non-negative number, got {listing.price}")
         if listing.currency and not _CURRENCY.match(listing.currency):
@@ -424,10 +440,10 @@ class GatewayCore:
         return listing.with_(id=listing.id or str(uuid.uuid4()), title=listing.title.strip(),
                              currency=currency)
 
-    def add_listing(self, listing: Listing, images: Sequence[bytes], deadline: Deadline) -> Listing:
-        """Embed, index and store a listing; all or nothing. Returns the stored listing."""
+    def add_listing(self, listing: Listing, images: Sequence[bytes], deadline: Deadline) -> AddedListing:
+        """Embed, store and index a listing; all or nothing (see the module docstring)."""
         listing = self._validate_new_listing(listing, images)
-        if self.catalogue.get(listing.id) is not None:
+        if self.catalogue.get(listing.id, include_pending=True) is not None:
             raise AlreadyExists(f"listing {listing.id} already exists")
         info = self.embedder.model_info(deadline)
         main_category = listing.main_category
@@ -452,64 +468,42 @@ class GatewayCore:
         listing = listing.with_(main_category=main_category,
                                 image_ids=tuple(str(uuid.uuid4()) for _ in images))
 
-        # 2. Index on the listing's shard: photos, then the text vector (item id = listing id).
+        # 2. One transaction: the pending listing, its vectors, the outbox entry for its shard.
         shard = self.indexer.shard_for(listing.id)
-        items = [IndexItem(image_id, vector, listing.id, main_category, listing.price, listing.location)
-                 for image_id, vector in zip(listing.image_ids, vectors)]
-        with_text = text_vector is not None
+        stored = [StoredVector(IMAGE_COLLECTION, image_id, vector)
+                  for image_id, vector in zip(listing.image_ids, vectors)]
+        if text_vector is not None:
+            stored.append(StoredVector(TEXT_COLLECTION, listing.id, text_vector))
         try:
-            self.indexer.upsert(shard, items, deadline)
-            if with_text:
-                self.indexer.upsert(shard, [IndexItem(listing.id, text_vector, listing.id,
-                                                      main_category, listing.price,
-                                                      listing.location)],
-                                    deadline, collection=TEXT_COLLECTION)
-        except GatewayError:
-            # Usually nothing was stored, but after a timeout or a lost connection the write may
-            # have landed: delete the new ids (idempotent) so nothing is left half-added.
-            self._undo_upsert(shard, listing, with_text)
-            raise
-
-        # 3. Catalogue, one transaction; undo the vectors if it fails.
-        try:
-            self.catalogue.add(listing)
+            self.catalogue.add_pending(listing, stored, shard)
         except DuplicateListing as exc:
-            self._undo_upsert(shard, listing, with_text)
             raise AlreadyExists(str(exc)) from None
-        except BaseException:
-            self._undo_upsert(shard, listing, with_text)
-            raise
-        log.info("added listing %s with %d photos on shard %d", listing.id, len(images), shard)
-        return listing
 
-    def _undo_upsert(self, shard: int, listing: Listing, with_text: bool = False) -> None:
-        """Compensation: delete the listing's new vectors with a budget of its own."""
-        deadline = Deadline(self.compensation_timeout_s)
-        try:
-            self.indexer.delete(shard, listing.image_ids, deadline)
-        except GatewayError as exc:
-            log.error("could not undo the upsert of listing %s on shard %d; orphan vectors %s: %s",
-                      listing.id, shard, ", ".join(listing.image_ids), exc)
-        if with_text:
-            try:
-                self.indexer.delete(shard, [listing.id], deadline, collection=TEXT_COLLECTION)
-            except GatewayError as exc:
-                log.error("could not undo the text upsert of listing %s on shard %d: %s",
-                          listing.id, shard, exc)
+        # 3. Push the vectors now. Refused, or the shard unreachable: the add is cancelled and
+        # the error returned. Unknown outcome (a timeout): the outbox loop keeps pushing and
+        # the caller hears "pending".
+        pushed = self.outbox.apply_listing(listing.id, deadline, cancel_refused_add=True)
+        if pushed.cancelled:
+            raise pushed.error
+        pending = not pushed.done
+        log.info("added listing %s with %d photos on shard %d%s", listing.id, len(images), shard,
+                 " (vectors pending)" if pending else "")
+        return AddedListing(listing, pending)
 
     def remove_listing(self, listing_id: str, deadline: Deadline) -> RemovedListing:
-        listing = self.get_listing(listing_id)
-        removed = 0
-        shard = self.indexer.shard_for(listing_id)
-        if listing.image_ids:
-            removed = self.indexer.delete(shard, listing.image_ids, deadline)
-        try:
-            self.indexer.delete(shard, [listing_id], deadline, collection=TEXT_COLLECTION)
-        except FailedPrecondition as exc:  # no "text" collection on this shard: nothing to delete
-            log.debug("no text vector deleted for listing %s: %s", listing_id, exc)
-        self.catalogue.remove(listing_id)
-        log.info("removed listing %s (%d vectors)", listing_id, removed)
-        return RemovedListing(listing_id, removed)
+        """Delete a live listing and queue the deletion of its vectors in one transaction, then
+        push that deletion (at once if the shard answers in time, else by the outbox loop)."""
+        if not listing_id:
+            raise InvalidArgument("listing_id is empty")
+        removed = self.catalogue.remove_queued(listing_id, self.indexer.shard_for(listing_id),
+                                               text_collection=TEXT_COLLECTION)
+        if removed is None:
+            raise NotFound(f"listing {listing_id} not found")
+        listing, _ = removed
+        pending = not self.outbox.apply_listing(listing_id, deadline).done
+        log.info("removed listing %s (%d photos%s)", listing_id, len(listing.image_ids),
+                 ", vector deletion pending" if pending else "")
+        return RemovedListing(listing_id, len(listing.image_ids), pending)
 
 
 def predict_category(per_image: Sequence[Sequence[CategoryScore]]) -> str:

@@ -146,8 +146,22 @@ class Classification:
 
 @dataclass(frozen=True)
 class RemovedListing:
+    """``pending``: the removal is committed (the listing is gone from reads) but its vectors are
+    still being deleted from the shard by the outbox."""
+
     listing_id: str
     images_removed: int
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class AddedListing:
+    """A stored listing. ``pending``: committed, but its vectors are not acknowledged by the shard
+    yet, so reads do not return it until the outbox has pushed them (it will: the write is
+    durable)."""
+
+    listing: Listing
+    pending: bool = False
 
 
 @dataclass

@@ -11,8 +11,10 @@
 Each vector is stored with its listing's attributes (listing id, main category, price, location)
 on the listing's shard (`shards.shard_of`, the same routing the gateway uses), in batches, with a
 progress bar. Photos that are not in the catalogue are skipped and counted. Upserts replace by
-id, so running it again is harmless. ``--indexers`` defaults to ``INDEXER_ADDRS`` and the write
-token to ``WRITE_TOKEN``, as for the gateway.
+id, so running it again is harmless. ``--indexers`` defaults to ``INDEXER_ADDRS``
+(``--shards`` / ``INDEXER_SHARDS`` for replicas: every replica gets the writes;
+``--shard-map`` / ``GATEWAY_SHARD_MAP`` routes by the shard map) and the write token to
+``WRITE_TOKEN``, as for the gateway.
 
 Text (``--text auto|on|off``, default auto): the "text" collection gets one vector per catalogue
 listing (item id = listing id), from ``<artefact>/embeddings/text_embeddings.npy`` +
@@ -35,7 +37,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common.config import REPO_ROOT, env_path, env_str
+from common.config import REPO_ROOT, env_int, env_path, env_str
 from common.listing_text import listing_text
 from services.gateway.catalogue import Catalogue
 from services.gateway.config import (
@@ -44,6 +46,7 @@ from services.gateway.config import (
     RetryPolicy,
     embedder_target,
     parse_indexer_addrs,
+    shard_replicas_setting,
 )
 from services.gateway.domain import GatewayError
 from services.gateway.downstream import (
@@ -54,6 +57,7 @@ from services.gateway.downstream import (
     IndexerShards,
     IndexItem,
 )
+from services.gateway.shards import routing_for, single_replica_shards
 
 EMBEDDINGS_DIR = "embeddings"
 EMBEDDINGS_FILE = "image_embeddings.npy"
@@ -233,10 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.index_catalogue",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", type=Path,
-                        default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"))
+    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
+                        help="catalogue: a path, sqlite:///path or postgresql://... (default $GATEWAY_DB)")
     parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS),
                         help="comma-separated shard addresses, in shard order")
+    parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
+                        help="shards with replicas, 0=a:p|b:p;1=... (default INDEXER_SHARDS)")
+    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
+                        help="route by the shard map in this directory (GATEWAY_SHARD_MAP)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--artifact", type=Path, help="model artefact with embeddings/")
     source.add_argument("--prepared", type=Path, help="prepared data folder (embed its photos)")
@@ -252,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
-    shards = IndexerShards(parse_indexer_addrs(args.indexers), policy,
-                           write_token=os.environ.get("WRITE_TOKEN") or None)
+    replicas = (shard_replicas_setting(args.shards, args.indexers)
+                or single_replica_shards(parse_indexer_addrs(args.indexers)))
+    routing = routing_for(len(replicas), Path(args.shard_map) if args.shard_map else None,
+                          env_int("INDEXER_PARTITIONS", 256, minimum=1))
+    shards = IndexerShards(replicas, policy, write_token=os.environ.get("WRITE_TOKEN") or None,
+                           routing=routing)
     try:
         with Catalogue.open(args.db) as catalogue:
             if args.artifact is not None:

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import REPO_ROOT, env_path
-from services.gateway.catalogue import Catalogue
+from common.config import REPO_ROOT, env_str
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, default=REPO_ROOT / "build" / "data",
                         help="prepared data folder (default build/data)")
-    parser.add_argument("--db", type=Path,
-                        default=env_path("GATEWAY_DB", REPO_ROOT / "run" / "catalogue.sqlite3"),
-                        help="catalogue file (default $GATEWAY_DB or run/catalogue.sqlite3)")
+    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
+                        help="catalogue: a path, sqlite:///path or postgresql://... "
+                             "(default $GATEWAY_DB or run/catalogue.sqlite3)")
     parser.add_argument("--replace", action="store_true", help="empty the catalogue first")
     parser.add_argument("--only-with-images", action="store_true",
                         help="skip listings that have no usable photo")
@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
                                              check_files=not args.no_check_files,
                                              only_with_images=args.only_with_images)
             total, images = catalogue.count(), catalogue.count_images()
-    except (FileNotFoundError, ValueError) as exc:
+            where = catalogue.path
+    except (FileNotFoundError, ValueError, CatalogueError, CatalogueUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"loaded {report.listings:,} listings with {report.images:,} images from {args.prepared} "
-          f"into {args.db} in {time.perf_counter() - started:.1f}s")
+          f"into {where} in {time.perf_counter() - started:.1f}s")
     print(f"skipped images: {report.images_skipped_missing_file:,} without a file, "
           f"{report.images_skipped_unknown_listing:,} of unknown listings; "
           f"{report.prices_unusable:,} flagged prices stored as unknown")

@@ -10,7 +10,9 @@ in `core`'s docstring) and Recommend answer FAILED_PRECONDITION when the embedde
 model or the shards have no "text" collection where text is needed.
 
 Health: ``""`` is SERVING while the process runs (liveness); ``marketplace.gateway.v1.Gateway``
-is SERVING only while the embedder and every indexer shard are (readiness, `readiness`).
+is SERVING only while the embedder is and every indexer shard has a serving replica
+(readiness, `readiness`). Search RPCs with ``allow_partial_results`` answer without shards
+whose replicas are all down and name them in ``missing_shards``.
 """
 from __future__ import annotations
 
@@ -20,17 +22,22 @@ from typing import Callable, TypeVar
 
 import grpc
 
+from common.config import ConfigError
 from common.logs import setup_logging
+from common.shard_map import JsonShardMapStore, ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
-from services.gateway.catalogue import Catalogue
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
+from services.gateway.catalogue_db import UniqueViolation
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
-from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards
+from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
+from services.gateway.outbox import OutboxApplier
 from services.gateway.readiness import SERVING, DownstreamWatch
+from services.gateway.shards import ShardMapWatch, ShardRouting, routing_for
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -64,10 +71,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if deadline.remaining() <= 0:
                 raise DeadlineExceeded("the caller's deadline had expired before the gateway started")
             return work(deadline)
+        except CatalogueError as exc:  # e.g. a constraint the validation did not foresee
+            log.error("catalogue error: %s", exc)
+            context.abort(grpc.StatusCode.INTERNAL, clip_details(f"catalogue error: {exc}"))
         except GatewayError as exc:
             log.info("request failed: %s: %s", exc.code, clip_details(exc.message))
             # clipped: a message may echo a caller's input (e.g. a 100 KB listing id)
             context.abort(getattr(grpc.StatusCode, exc.code), clip_details(exc.message))
+
+    def _search(self, context: grpc.ServicerContext, request,
+                work: Callable[[Deadline], list]) -> gateway_pb2.SearchListingsResponse:
+        """A search RPC: with ``request.allow_partial_results`` shards whose replicas are all
+        down are left out and named in ``missing_shards``."""
+        with partial_results(request.allow_partial_results) as outcome:
+            response = convert.ranked_to_proto(self._run(context, work))
+        response.missing_shards.extend(sorted(outcome.missing_shards))
+        return response
 
     # ------------------------------------------------------------------ RPCs
 
@@ -76,50 +95,52 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.core.classify(request.image, request.top_k, deadline)))
 
     def SearchByImage(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.search_by_image(request.image, request.k,
                                       convert.filter_from_proto(request.filter), deadline)))
 
     def SearchByText(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.search_by_text(request.query, request.k,
                                      convert.filter_from_proto(request.filter), deadline)))
 
     def Search(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.search(request.image, request.text, request.k,
                              convert.filter_from_proto(request.filter),
                              request.text_weight if request.HasField("text_weight") else None,
                              convert.fusion_from_proto(request.fusion), deadline)))
 
     def Recommend(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.recommend(list(request.liked_listing_ids), list(request.skipped_listing_ids),
                                 list(request.seen_listing_ids), request.k,
                                 convert.filter_from_proto(request.filter), deadline)))
 
     def SimilarListings(self, request, context):
-        return self._run(context, lambda deadline: convert.ranked_to_proto(
+        return self._search(context, request, lambda deadline: (
             self.core.similar_listings(request.listing_id, request.k,
                                        convert.filter_from_proto(request.filter), deadline,
                                        photos_only=request.photos_only)))
 
     def GetListing(self, request, context):
         return self._run(context, lambda deadline: convert.listing_to_proto(
-            self.core.get_listing(request.listing_id)))
+            self.core.get_listing(request.listing_id, include_pending=request.include_pending)))
 
     def AddListing(self, request, context):
         def work(deadline):
-            listing = self.core.add_listing(convert.listing_from_proto(request.listing),
-                                            list(request.images), deadline)
-            return gateway_pb2.AddListingResponse(listing=convert.listing_to_proto(listing))
+            added = self.core.add_listing(convert.listing_from_proto(request.listing),
+                                          list(request.images), deadline)
+            return gateway_pb2.AddListingResponse(listing=convert.listing_to_proto(added.listing),
+                                                  pending=added.pending)
         return self._run(context, work)
 
     def RemoveListing(self, request, context):
         def work(deadline):
             removed = self.core.remove_listing(request.listing_id, deadline)
             return gateway_pb2.RemoveListingResponse(listing_id=removed.listing_id,
-                                                     images_removed=removed.images_removed)
+                                                     images_removed=removed.images_removed,
+                                                     pending=removed.pending)
         return self._run(context, work)
 
 
@@ -130,31 +151,50 @@ class GatewayServer(Server):
 
     core: GatewayCore | None = None
     watch: DownstreamWatch | None = None
+    map_watch: ShardMapWatch | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         if self.watch is not None:
             self.watch.stop()
+        if self.map_watch is not None:
+            self.map_watch.stop()
         super().stop(grace)
         if self.core is not None:
             self.core.close()
 
 
 def build_core(config: GatewayConfig) -> GatewayCore:
-    catalogue = Catalogue.open(config.db_path)
-    if config.seed_dir is not None and catalogue.count() == 0:
-        report = catalogue.load_prepared(config.seed_dir)
-        log.info("catalogue seeded from %s: %d listings, %d images", config.seed_dir,
-                 report.listings, report.images)
+    routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
+    catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
+                               connect_timeout_s=config.db_connect_timeout_s)
+    if config.seed_dir is not None and catalogue.count(include_pending=True) == 0:
+        try:
+            report = catalogue.load_prepared(config.seed_dir)
+        except (CatalogueError, UniqueViolation) as exc:  # another replica seeded it meanwhile
+            log.info("catalogue not seeded from %s: %s", config.seed_dir, exc)
+        else:
+            log.info("catalogue seeded from %s: %d listings, %d images", config.seed_dir,
+                     report.listings, report.images)
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
                               model_info_ttl_s=config.model_info_ttl_s)
-    indexer = IndexerShards(config.indexer_targets, config.retry,
+    indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token)
+                            write_token=config.write_token, routing=routing)
+    outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
+                           interval_s=config.outbox_interval_s)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images,
-                       compensation_timeout_s=config.compensation_timeout_s,
+                       max_images=config.max_images, outbox=outbox,
                        similar_text_weight=config.similar_text_weight)
+
+
+def shard_routing(config: GatewayConfig) -> ShardRouting:
+    """Routing by the shard map when GATEWAY_SHARD_MAP is set (refusing one that names shards
+    that are not configured), else by hash over the configured shards."""
+    try:
+        return routing_for(len(config.indexer_replicas), config.shard_map_dir, config.partitions)
+    except ShardMapError as exc:
+        raise ConfigError(f"GATEWAY_SHARD_MAP={config.shard_map_dir}: {exc}") from None
 
 
 def start(config: GatewayConfig) -> GatewayServer:
@@ -178,15 +218,20 @@ def start(config: GatewayConfig) -> GatewayServer:
         raise
     if not config.write_token:
         log.warning("WRITE_TOKEN is not set: AddListing and RemoveListing are open to any caller")
-    log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", config.db_path,
-             core.catalogue.count(), config.embedder_target, len(config.indexer_targets),
-             ", ".join(config.indexer_targets))
+    core.outbox.start()  # pushes index writes left pending (a shard down, a gateway killed)
+    log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", core.catalogue.path,
+             core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
+             "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core)
+    if config.shard_map_dir is not None:
+        gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
+                                          core.indexer.routing, config.shard_map_poll_s)
+        gateway.map_watch.start()
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
-            [core.embedder.downstream, *core.indexer.shards],
-            lambda status: server.health.set(SERVICE_NAME, status),
+            [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),
+            shards=core.indexer,
             interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
         # the first check publishes the readiness entry: it never says SERVING before that
         gateway.watch.start()
@@ -199,6 +244,9 @@ def start(config: GatewayConfig) -> GatewayServer:
 def main(argv: list[str] | None = None) -> None:
     config = GatewayConfig.from_env(argv)
     setup_logging("gateway", config.log_level)
-    server = start(config)
+    try:
+        server = start(config)
+    except (CatalogueError, CatalogueUnavailable) as exc:
+        raise SystemExit(f"gateway: GATEWAY_DB: {exc}") from None
     log.info("gateway serving on %s:%d", config.host, server.port)
     serve_until_signal(server)

@@ -24,10 +24,22 @@ Durability
     ``INDEXER_COMPACT_DEAD_FRACTION`` (0.3): compact a collection at snapshot time when this
     fraction of its slots is dead (deleted or replaced).
 
+Replicas (``services.indexer.replication``, design in ``docs/indexer-replication.md``)
+    ``INDEXER_SHARD`` [--shard] (unset) / ``INDEXER_PARTITIONS`` [--partitions] (256): the
+    shard this replica's data belongs to and the cluster's number of logical partitions (fixed
+    when the cluster is created); recorded in the data directory at first start, and a directory
+    of another shard or partition count is refused, naming both.
+    ``INDEXER_PEERS`` [--peers] (unset): comma list of the other replicas of the same shard. With
+    peers, the replica reports NOT_SERVING and answers reads with UNAVAILABLE until it has caught
+    up from a serving peer (its snapshot plus the WAL records after it); writes are accepted
+    meanwhile. Without peers it serves its own data at once.
+
 Limits
     ``INDEXER_MAX_BATCH`` (1024) items/queries/ids per request, ``INDEXER_MAX_K`` (1000),
     ``INDEXER_MAX_MESSAGE_MB`` (64) for received and sent messages.
-    ``INDEXER_FAISS_THREADS`` (0 = FAISS default, one per core) OpenMP threads per request.
+    ``INDEXER_FAISS_THREADS`` (1; 0 = FAISS default, one per core) OpenMP threads per request.
+    One: a search of one query vector does not parallelise, and a team per gRPC thread would
+    only wake (and spin) idle threads on cores the embedder needs.
     ``INDEXER_BLAS_THRESHOLD`` (20): batches of at least this many queries use BLAS for exact
     distances (FAISS 1.15's own default, 128000, is several times slower for batched search).
 """
@@ -63,8 +75,11 @@ class IndexerConfig:
     max_batch: int = 1024
     max_k: int = 1000
     max_message_bytes: int = 64 * MiB
-    faiss_threads: int = 0
+    faiss_threads: int = 1
     blas_threshold: int = 20
+    shard: int = -1
+    partitions: int = 0
+    peers: tuple[str, ...] = ()
 
     @property
     def limits(self) -> ServerLimits:
@@ -83,7 +98,16 @@ class IndexerConfig:
         parser.add_argument("--snapshot-seconds", type=float,
                             default=env_float("INDEXER_SNAPSHOT_SECONDS", 300.0, minimum=0))
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
+        parser.add_argument("--shard", type=int, default=env_int("INDEXER_SHARD", -1, minimum=-1))
+        parser.add_argument("--partitions", type=int,
+                            default=env_int("INDEXER_PARTITIONS", 256, minimum=1))
+        parser.add_argument("--peers", default=env_str("INDEXER_PEERS", ""),
+                            help="other replicas of this shard, host:port,host:port")
         args = parser.parse_args(argv)
+        if args.shard >= args.partitions:
+            raise ConfigError(f"INDEXER_SHARD={args.shard} must be below INDEXER_PARTITIONS="
+                              f"{args.partitions} (a shard owns at least one partition)")
+        peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
         try:
             collections = tuple(parse_collections(args.collections or DEFAULT_COLLECTIONS))
         except InvalidArgument as exc:
@@ -101,6 +125,7 @@ class IndexerConfig:
             max_batch=env_int("INDEXER_MAX_BATCH", 1024, minimum=1),
             max_k=env_int("INDEXER_MAX_K", 1000, minimum=1),
             max_message_bytes=env_int("INDEXER_MAX_MESSAGE_MB", 64, minimum=1) * MiB,
-            faiss_threads=env_int("INDEXER_FAISS_THREADS", 0, minimum=0),
+            faiss_threads=env_int("INDEXER_FAISS_THREADS", 1, minimum=0),
             blas_threshold=env_int("INDEXER_BLAS_THRESHOLD", 20, minimum=1),
+            shard=args.shard, partitions=args.partitions if args.shard >= 0 else 0, peers=peers,
         )

@@ -21,16 +21,17 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from services.indexer.attributes import Attributes
 from services.indexer.errors import CorruptData, IndexerError, InvalidArgument, NotFound
 from services.indexer.filters import Condition
-from services.indexer.snapshot import read_snapshot, write_snapshot
+from services.indexer.snapshot import CURRENT, SNAPSHOTS, read_snapshot, write_snapshot
 from services.indexer.spec import DEFAULT_COLLECTION, CollectionSpec
 from services.indexer.vector_index import (DeleteResult, Hit, StoredItem, UpsertBatch, UpsertResult,
                                            VectorIndex)
@@ -69,6 +70,11 @@ class IndexStore:
         self._stop = threading.Event()
         self._snapshotter: threading.Thread | None = None
         self.last_snapshot_error: str | None = None
+        #: Wall-clock ms of the newest write applied (persisted in WAL headers and snapshots).
+        self.last_write_ms = 0
+        #: Writes logged while a catch-up runs (`begin_journal`), re-applied by `adopt`.
+        self._journal: list[WalRecord] | None = None
+        self._snapshot_pins = 0
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
@@ -98,11 +104,12 @@ class IndexStore:
             snapshot = read_snapshot(data_dir)
             if snapshot is not None:
                 store._collections.update(snapshot.collections)
+                store.last_write_ms = snapshot.last_write_ms
             wal = WriteAheadLog(data_dir / "wal", fsync=options.fsync)
             replayed = 0
             for record in wal.recover(snapshot.wal_segment if snapshot else 1,
                                       snapshot.last_seq if snapshot else 0):
-                store._replay(record, wal)
+                store._replay(record, f"WAL record {record.seq} in {wal.directory}")
                 replayed += 1
             store._wal = wal
             store._dirty = replayed > 0
@@ -157,13 +164,14 @@ class IndexStore:
                         "python -m services.indexer.build to change it)", spec.name, have.index_type,
                         spec.index_type, have.index_type)
 
-    def _replay(self, record: WalRecord, wal: WriteAheadLog) -> None:
+    def _replay(self, record: WalRecord, where: str) -> None:
         """Apply one logged record; anything that does not fit is corruption."""
-        where = f"WAL record {record.seq} in {wal.directory}"
+        self.last_write_ms = max(self.last_write_ms, int(record.header.get("at", 0)))
         try:
             if record.kind == RecordKind.CREATE_COLLECTION:
                 spec = CollectionSpec.from_json(record.header["spec"])
-                self._collections[spec.name] = VectorIndex(spec)
+                if spec.name not in self._collections:  # a catch-up journal may repeat one
+                    self._collections[spec.name] = VectorIndex(spec)
                 return
             index = self._collections.get(record.header["collection"])
             if index is None:
@@ -172,7 +180,8 @@ class IndexStore:
             if record.kind == RecordKind.UPSERT:
                 index.apply_upsert(decode_upsert(record, index.dimension))
             elif record.kind == RecordKind.DELETE:
-                index.apply_delete(record.header["ids"])
+                stored, _ = index.prepare_delete(record.header["ids"], False)
+                index.apply_delete(stored)
         except CorruptData:
             raise
         except (KeyError, ValueError, TypeError, IndexerError) as exc:
@@ -247,9 +256,14 @@ class IndexStore:
     def _log(self, kind: RecordKind, header: dict, body: bytes = b"") -> None:
         if self._closed:
             raise IndexerError("the index store is closed")
+        if kind != RecordKind.CREATE_COLLECTION:
+            self.last_write_ms = max(self.last_write_ms + 1, int(time.time() * 1000))
+            header = {**header, "at": self.last_write_ms}
         if self._wal is None:
             return  # in-memory store
-        self._wal.append(kind, header, body)
+        seq = self._wal.append(kind, header, body)
+        if self._journal is not None:
+            self._journal.append(WalRecord(seq, kind, header, body))
         self._dirty = True
         wal = self._wal
         if ((self.options.snapshot_every_records and wal.records_since_rotation >= self.options.snapshot_every_records)
@@ -265,20 +279,26 @@ class IndexStore:
     def fetch(self, collection: str, ids: Sequence[str]) -> tuple[list[StoredItem], list[str]]:
         return self.collection(collection).fetch(ids)
 
+    def list_ids(self, collection: str, after: str, limit: int) -> list[tuple[str, str]]:
+        return self.collection(collection).list_ids(after, limit)
+
     def stats(self, collection: str = "") -> list[dict]:
         chosen = [self.collection(collection)] if collection else list(self._collections.values())
         return [{"name": c.name, "count": c.count, "dimension": c.dimension,
                  "index_type": c.spec.index_type, "metric": c.spec.metric} for c in chosen]
 
     # -- snapshots -------------------------------------------------------------------------------------
-    def snapshot(self) -> str | None:
-        """Write a snapshot now (if anything changed since the last one) and truncate the WAL;
-        returns the snapshot name, or None for an in-memory or unchanged store."""
+    def snapshot(self, force: bool = False) -> str | None:
+        """Write a snapshot now (if anything changed since the last one, or ``force``) and
+        truncate the WAL; returns the snapshot name, or None for an in-memory or unchanged store,
+        or while a replica copies the current snapshot (`pinned_snapshot`)."""
         if self.data_dir is None or self._wal is None:
             return None
         with self._write_lock:
             self._snapshot_wanted.clear()
-            if not self._dirty:
+            if self._snapshot_pins and not force:
+                return None
+            if not self._dirty and not force:
                 return None
             started = time.perf_counter()
             for index in self._collections.values():
@@ -289,12 +309,100 @@ class IndexStore:
             last_seq = self._wal.next_seq - 1
             segment = self._wal.rotate()
             name = write_snapshot(self.data_dir, segment, last_seq, list(self._collections.values()),
-                                  fsync=self.options.fsync)
+                                  fsync=self.options.fsync, last_write_ms=self.last_write_ms)
             self._wal.drop_before(segment)
             self._dirty = False
             log.info("snapshot %s written in %.2fs (WAL truncated up to seq %d)", name,
                      time.perf_counter() - started, last_seq)
             return name
+
+    # -- replication (services.indexer.replication) --------------------------------------------------
+    @contextmanager
+    def pinned_snapshot(self) -> Iterator[tuple[Path, int]]:
+        """Write a fresh snapshot and keep it (and the WAL after it) on disk while the block runs;
+        yields (snapshot directory, its last WAL seq). A peer copies it to catch up."""
+        if self.data_dir is None or self._wal is None:
+            raise IndexerError("an in-memory index store has no snapshot to copy")
+        with self._write_lock:
+            self.snapshot(force=True)
+            self._snapshot_pins += 1
+            snapshot = (self.data_dir / CURRENT).read_text(encoding="utf-8").strip()
+            last_seq = self._wal.next_seq - 1
+        try:
+            yield self.data_dir / SNAPSHOTS / snapshot, last_seq
+        finally:
+            with self._write_lock:
+                self._snapshot_pins -= 1
+
+    def records_after(self, seq: int) -> list[WalRecord]:
+        """The logged writes after WAL position ``seq`` (inside `pinned_snapshot`)."""
+        with self._write_lock:
+            assert self._wal is not None
+            return self._wal.records_after(seq)
+
+    def begin_journal(self) -> None:
+        """Keep every write logged from now on, to be re-applied on top of a peer's copy."""
+        with self._write_lock:
+            self._journal = []
+
+    def end_journal(self) -> None:
+        with self._write_lock:
+            self._journal = None
+
+    def adopt(self, collections: dict[str, VectorIndex], last_write_ms: int) -> int:
+        """Replace every collection with a peer's copy, re-apply the writes logged here since
+        `begin_journal`, and snapshot (durable when this returns). Returns the re-applied count.
+        A crash before the snapshot leaves the old state plus those writes: the catch-up reruns."""
+        with self._write_lock:
+            journal, self._journal = self._journal or [], None
+            self._collections = dict(collections)
+            self.last_write_ms = max(self.last_write_ms, last_write_ms)
+            for record in journal:
+                self._replay(record, f"catch-up journal record {record.seq}")
+            self._dirty = True
+            self.snapshot(force=True)
+            return len(journal)
+
+    def merge_partitions(self, collections: dict[str, VectorIndex],
+                         belongs: Callable[[str], bool]) -> int:
+        """Take over a peer's items whose listing (``belongs(listing_id)``) moves to this shard:
+        drop what this store holds of them (an interrupted earlier import), upsert the peer's,
+        re-apply the writes journalled since `begin_journal`, and snapshot. Returns how many
+        items were taken over."""
+        with self._write_lock:
+            journal, self._journal = self._journal or [], None
+            taken = 0
+            for name, source in collections.items():
+                if name not in self._collections:
+                    self.create_collection(source.spec)
+                local = self._collections[name]
+                held, _ = local.fetch(local.ids())
+                stale = [item.id for item in held if belongs(item.attributes.listing_id or item.id)]
+                if stale:
+                    self.delete(name, stale)
+                items, _ = source.fetch(source.ids())
+                chosen = [item for item in items if belongs(item.attributes.listing_id or item.id)]
+                for start in range(0, len(chosen), 1024):
+                    batch = chosen[start:start + 1024]
+                    self.upsert(name, [i.id for i in batch], np.stack([i.vector for i in batch]),
+                                [i.attributes for i in batch])
+                taken += len(chosen)
+            for record in journal:
+                self._replay(record, f"import journal record {record.seq}")
+            self._dirty = True
+            self.snapshot(force=True)
+            return taken
+
+    def drop_partitions(self, belongs: Callable[[str], bool]) -> int:
+        """Delete (durably) every item whose listing ``belongs``; returns how many."""
+        with self._write_lock:
+            dropped = 0
+            for name, index in list(self._collections.items()):
+                held, _ = index.fetch(index.ids())
+                ids = [item.id for item in held if belongs(item.attributes.listing_id or item.id)]
+                for start in range(0, len(ids), 1024):
+                    dropped += self.delete(name, ids[start:start + 1024]).deleted
+            return dropped
 
     def start_snapshots(self, interval_s: float) -> None:
         """Snapshot in a background thread every ``interval_s`` seconds (if changed) and whenever

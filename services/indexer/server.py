@@ -7,6 +7,8 @@ Status codes
                         gRPC itself answers it for messages over INDEXER_MAX_MESSAGE_MB
     NOT_FOUND           unknown collection; unknown id on a strict Delete
     UNAUTHENTICATED / PERMISSION_DENIED  Upsert/Delete without the WRITE_TOKEN (common.security)
+    UNAVAILABLE         Search/Fetch while this replica catches up from a peer (a gateway then
+                        asks another replica); health says NOT_SERVING meanwhile
 """
 from __future__ import annotations
 
@@ -27,12 +29,17 @@ from services.indexer.attributes import Attributes
 from services.indexer.config import IndexerConfig
 from services.indexer.core import IndexStore, StoreOptions
 from services.indexer.errors import IndexerError, InvalidArgument, LimitExceeded, NotFound
+from services.indexer.replication import (ReplicaIdentity, Replicator, check_identity,
+                                          stream_state)
 from services.indexer.filters import Condition
 from services.indexer.vector_index import Hit, tune_faiss
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = indexer_pb2.DESCRIPTOR.services_by_name["Indexer"].full_name
-WRITE_METHODS = {f"/{SERVICE_NAME}/Upsert", f"/{SERVICE_NAME}/Delete"}
+REPLICATION_SERVICE = indexer_pb2.DESCRIPTOR.services_by_name["Replication"].full_name
+WRITE_METHODS = {f"/{SERVICE_NAME}/Upsert", f"/{SERVICE_NAME}/Delete",
+                 *(f"/{REPLICATION_SERVICE}/{m}" for m in ("CatchUp", "ImportPartitions",
+                                                            "DropPartitions"))}
 
 _STATUS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
            LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -105,8 +112,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
     """Thin gRPC layer over an IndexStore: request limits and conversions only."""
 
     def __init__(self, store: IndexStore, *, max_batch: int = 1024, max_k: int = 1000,
-                 faiss_threads: int = 0) -> None:
+                 faiss_threads: int = 0, replicator: Replicator | None = None) -> None:
         self.store = store
+        self.replicator = replicator
         self.max_batch = max_batch
         self.max_k = max_k
         self.faiss_threads = faiss_threads
@@ -115,6 +123,15 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
         if count > self.max_batch:
             raise LimitExceeded(f"{count} {what} in one request; the limit is {self.max_batch} "
                                 "(INDEXER_MAX_BATCH): split the request")
+
+    def _catching_up(self) -> bool:
+        return self.replicator is not None and not self.replicator.serving
+
+    def _refuse_reads_while_catching_up(self, context) -> None:
+        if self._catching_up():
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"this replica is not serving yet: {self.replicator.state} "
+                          f"({self.replicator.detail}); ask another replica of the shard")
 
     def _dimension_of(self, collection: str) -> int | None:
         try:
@@ -130,16 +147,19 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
                                     self._dimension_of(request.collection), "item")
         result = self.store.upsert(request.collection, [item.id for item in items], vectors,
                                    [attributes_from_proto(item.attributes) for item in items])
-        return indexer_pb2.UpsertResponse(inserted=result.inserted, replaced=result.replaced)
+        return indexer_pb2.UpsertResponse(inserted=result.inserted, replaced=result.replaced,
+                                          replica_catching_up=self._catching_up())
 
     @_maps_errors
     def Delete(self, request, context):
         self._check_batch(len(request.ids), "ids")
         result = self.store.delete(request.collection, list(request.ids), strict=request.strict)
-        return indexer_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found)
+        return indexer_pb2.DeleteResponse(deleted=result.deleted, not_found=result.not_found,
+                                          replica_catching_up=self._catching_up())
 
     @_maps_errors
     def Search(self, request, context):
+        self._refuse_reads_while_catching_up(context)
         if not request.queries:
             raise InvalidArgument("at least one query vector is required")
         self._check_batch(len(request.queries), "queries")
@@ -155,6 +175,7 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
 
     @_maps_errors
     def Fetch(self, request, context):
+        self._refuse_reads_while_catching_up(context)
         self._check_batch(len(request.ids), "ids")
         items, missing = self.store.fetch(request.collection, list(request.ids))
         return indexer_pb2.FetchResponse(
@@ -163,9 +184,67 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
             not_found=missing)
 
     @_maps_errors
+    def ListIds(self, request, context):
+        self._check_batch(request.page_size, "ids per page")
+        size = request.page_size or self.max_batch
+        listed = self.store.list_ids(request.collection, request.page_token, size + 1)
+        more = len(listed) > size
+        listed = listed[:size]
+        return indexer_pb2.ListIdsResponse(
+            ids=[indexer_pb2.ListedId(id=i, listing_id=listing) for i, listing in listed],
+            next_page_token=listed[-1][0] if more else "")
+
+    @_maps_errors
     def GetStats(self, request, context):
         return indexer_pb2.GetStatsResponse(collections=[
             indexer_pb2.CollectionStats(**stats) for stats in self.store.stats(request.collection)])
+
+
+class ReplicationServicer(indexer_pb2_grpc.ReplicationServicer):
+    """Replication between the replicas of one shard (`services.indexer.replication`)."""
+
+    def __init__(self, replicator: Replicator) -> None:
+        self.replicator = replicator
+
+    def GetReplicaStatus(self, request, context):
+        return self.replicator.status()
+
+    def StreamState(self, request, context):
+        if not self.replicator.serving:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this replica is {self.replicator.state}: copy a serving replica")
+        if self.replicator.store.data_dir is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "an in-memory store cannot be copied")
+        yield from stream_state(self.replicator.store, self.replicator.status())
+
+    def CatchUp(self, request, context):
+        return indexer_pb2.CatchUpResponse(state=self.replicator.request_catch_up())
+
+    def _partitions(self, partitions, count: int, context) -> set[int]:
+        if count < 1 or any(p >= count for p in partitions):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"partitions must lie in 0..partition_count-1 (partition_count {count})")
+        return set(partitions)
+
+    def ImportPartitions(self, request, context):
+        wanted = self._partitions(request.partitions, request.partition_count, context)
+        if not self.replicator.serving:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"this replica is {self.replicator.state}: import when it serves")
+        try:
+            taken, source = self.replicator.import_partitions(list(request.sources), wanted,
+                                                              request.partition_count)
+        except IndexerError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, clip_details(str(exc)))
+        return indexer_pb2.ImportPartitionsResponse(imported=taken, source=source)
+
+    def DropPartitions(self, request, context):
+        wanted = self._partitions(request.partitions, request.partition_count, context)
+        try:
+            dropped = self.replicator.drop_partitions(wanted, request.partition_count)
+        except IndexerError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, clip_details(str(exc)))
+        return indexer_pb2.DropPartitionsResponse(dropped=dropped)
 
 
 @dataclass
@@ -175,8 +254,11 @@ class IndexerServer(Server):
 
     store: IndexStore | None = None
     owns_store: bool = False
+    replicator: Replicator | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
+        if self.replicator is not None:
+            self.replicator.stop()
         super().stop(grace)
         if self.owns_store and self.store is not None:
             self.store.close()
@@ -203,14 +285,18 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
     if config.faiss_threads:
         faiss.omp_set_num_threads(config.faiss_threads)
     owns_store = store is None
+    identity = ReplicaIdentity(config.shard, config.partitions)
     if store is None:
+        check_identity(config.data_dir, identity)
         store = open_store(config)
+    replicator = Replicator(store, identity, config.peers, lambda serving: None)
     servicer = IndexerServicer(store, max_batch=config.max_batch, max_k=config.max_k,
-                               faiss_threads=config.faiss_threads)
+                               faiss_threads=config.faiss_threads, replicator=replicator)
 
     def register(server):
         indexer_pb2_grpc.add_IndexerServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        indexer_pb2_grpc.add_ReplicationServicer_to_server(ReplicationServicer(replicator), server)
+        return [SERVICE_NAME, REPLICATION_SERVICE]
 
     try:
         base = create_server(register, f"{config.host}:{config.port}", limits=config.limits,
@@ -221,8 +307,9 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
             store.close(snapshot=False)
         raise
     server = IndexerServer(base.grpc_server, base.port, base.health, base.service_names,
-                           store=store, owns_store=owns_store)
-    server.set_serving(True)
+                           store=store, owns_store=owns_store, replicator=replicator)
+    replicator.on_serving = server.set_serving
+    replicator.start()  # SERVING at once without peers; after catching up with them
     return server
 
 

@@ -42,6 +42,8 @@ class LoadedSnapshot:
     last_seq: int
     wal_segment: int
     collections: dict[str, VectorIndex]
+    #: Wall-clock time (ms) of the newest write in it; 0 for snapshots written before replicas.
+    last_write_ms: int = 0
 
 
 def file_crc32(path: Path, chunk: int = 8 << 20) -> int:
@@ -61,7 +63,8 @@ def _fsync_file(path: Path) -> None:
 
 
 def write_snapshot(data_dir: Path, wal_segment: int, last_seq: int,
-                   collections: list[VectorIndex], *, fsync: bool = True) -> str:
+                   collections: list[VectorIndex], *, fsync: bool = True,
+                   last_write_ms: int = 0) -> str:
     """Write a snapshot of ``collections`` (callers hold their writer locks) and make it
     current; returns its name. Older snapshots are removed afterwards."""
     root = data_dir / SNAPSHOTS
@@ -82,7 +85,8 @@ def write_snapshot(data_dir: Path, wal_segment: int, last_seq: int,
         entries.append({"spec": index.spec.to_json(), "trained": saved["trained"],
                         "count": saved["count"], "files": files})
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "last_seq": last_seq, "wal_segment": wal_segment, "collections": entries}
+                "last_seq": last_seq, "wal_segment": wal_segment, "last_write_ms": last_write_ms,
+                "collections": entries}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if fsync:
         _fsync_file(tmp / MANIFEST)
@@ -149,7 +153,8 @@ def read_snapshot(data_dir: Path) -> LoadedSnapshot | None:
         collections[spec.name] = index
     log.info("loaded snapshot %s (%s)", name,
              ", ".join(f"{n}: {c.count}" for n, c in collections.items()) or "empty")
-    return LoadedSnapshot(name, int(manifest["last_seq"]), int(manifest["wal_segment"]), collections)
+    return LoadedSnapshot(name, int(manifest["last_seq"]), int(manifest["wal_segment"]), collections,
+                          int(manifest.get("last_write_ms", 0)))
 
 
 def _verify_file(path: Path, info: dict) -> None:

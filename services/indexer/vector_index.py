@@ -459,6 +459,13 @@ class VectorIndex:
         with self._lock.read():
             return [i for i in self._table.ids if i is not None]
 
+    def list_ids(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` (id, listing id) pairs with id > ``after``, in ascending id order."""
+        with self._lock.read():
+            table = self._table
+            chosen = sorted(i for i in table.slot_of if i > after)[:limit]
+            return [(i, table.attributes(table.slot_of[i]).listing_id) for i in chosen]
+
     # -- persistence -------------------------------------------------------------------------------
     def save(self, directory: Path, stem: str) -> dict:
         """Write the FAISS index and the id/attribute files; returns their names and the state

@@ -70,6 +70,21 @@ def _decode_payload(seq: int, payload: bytes) -> WalRecord:
     return WalRecord(seq, RecordKind(kind), header, payload[start + header_len:])
 
 
+def decode_record(data: bytes) -> WalRecord:
+    """One record in the encoding above (as `encode_record` writes it), checksum verified;
+    CorruptData when it is damaged. Used to ship WAL records between replicas."""
+    if len(data) < RECORD_HEADER.size:
+        raise CorruptData(f"WAL record of {len(data)} bytes is shorter than its header")
+    magic, length, crc, seq = RECORD_HEADER.unpack_from(data)
+    payload = data[RECORD_HEADER.size:]
+    if magic != RECORD_MAGIC or length != len(payload) or zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+        raise CorruptData(f"WAL record {seq} fails its checksum or length check")
+    try:
+        return _decode_payload(seq, payload)
+    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise CorruptData(f"WAL record {seq} cannot be decoded: {exc}") from None
+
+
 def segment_path(directory: Path, segment: int) -> Path:
     return directory / f"{segment:08d}.wal"
 
@@ -223,6 +238,18 @@ class WriteAheadLog:
             self._create_segment(last_reader.segment)
         else:
             self._open_for_append(last_reader)
+
+    def records_after(self, seq: int) -> list[WalRecord]:
+        """The records with a sequence number above ``seq`` in the segments on disk (the caller
+        keeps appends out meanwhile, e.g. under the store's write lock)."""
+        if self._file is not None:
+            self._file.flush()
+        segments = list_segments(self.directory)
+        records = []
+        for number in segments:
+            reader = _SegmentReader(segment_path(self.directory, number), number, number == segments[-1])
+            records.extend(r for r in reader.records() if r.seq > seq)
+        return records
 
     def _open_for_append(self, reader: _SegmentReader) -> None:
         self.segment = reader.segment

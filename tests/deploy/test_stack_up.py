@@ -77,3 +77,45 @@ def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_arti
     for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_up_with_postgres_runs_two_gateways_on_one_catalogue(prepared, test_artifact, monkeypatch,
+                                                             capsys):
+    """`make up DB=postgres`: a real PostgreSQL in the run directory and two gateway replicas on
+    it; a listing added through one is served by the other; `down` stops all, PostgreSQL too."""
+    import shutil
+    import tempfile
+
+    ports = {name: stack.free_port() for name in stack.SERVICES}
+    for name, port in ports.items():
+        monkeypatch.setenv(f"{name.upper()}_PORT", str(port))
+    second, pg_port = stack.free_port(), stack.free_port()
+    monkeypatch.setenv("GATEWAY2_PORT", str(second))
+    monkeypatch.setenv("POSTGRES_PORT", str(pg_port))
+    monkeypatch.setenv("EMBEDDER_TEXT_MODEL", "off")
+    monkeypatch.delenv("WRITE_TOKEN", raising=False)
+    root = Path(tempfile.mkdtemp(prefix="stack-pg-"))
+    root.chmod(0o755)  # PostgreSQL runs as its own user and must reach run/postgres
+    run_dir = root / "run"
+    args = ["--run-dir", str(run_dir), "--artifact-dir", str(test_artifact),
+            "--prepared", str(prepared)]
+    try:
+        assert stack.main(["up", "--db", "postgres", *args]) == 0
+        out = capsys.readouterr().out
+        assert f"postgres  127.0.0.1:{pg_port}" in out and "loaded 3 listings and 3 photos" in out
+        first = GatewayClient(f"127.0.0.1:{ports['gateway']}", timeout=60)
+        other = GatewayClient(f"127.0.0.1:{second}", timeout=60)
+        with first, other:
+            assert other.search_by_image(prepared / "images" / "photo-1.jpg", k=1)[0].listing.id == "listing-1"
+            added = first.add([prepared / "images" / "photo-2.jpg"], title="Another",
+                              main_category=CATEGORIES[2])
+            assert other.get(added.id) == added
+        assert stack.main(["status", "--run-dir", str(run_dir)]) == 0
+        status = capsys.readouterr().out
+        assert f"gateway-2 127.0.0.1:{second}" in status and "postgres" in status and "RUNNING" in status
+    finally:
+        stack.main(["down", *args])
+    out = capsys.readouterr().out
+    assert "stopped gateway-2" in out and "stopped postgres" in out
+    assert not list(run_dir.glob("*.pid"))
+    shutil.rmtree(root, ignore_errors=True)

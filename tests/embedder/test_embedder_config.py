@@ -22,8 +22,8 @@ pytestmark = pytest.mark.timeout(120)
 
 ENV_NAMES = ("EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "EMBEDDER_MAX_BATCH", "EMBEDDER_BATCH_SIZE",
              "EMBEDDER_MAX_WAIT_MS", "EMBEDDER_TORCH_THREADS", "EMBEDDER_MAX_IMAGE_BYTES",
-             "EMBEDDER_MAX_PIXELS", "EMBEDDER_BF16", "EMBEDDER_DECODE_THREADS",
-             "EMBEDDER_MODEL_WORKERS", "EMBEDDER_FOLD_BN")
+             "EMBEDDER_MAX_PIXELS", "EMBEDDER_RUNTIME", "EMBEDDER_PRECISION",
+             "EMBEDDER_DECODE_THREADS", "EMBEDDER_MODEL_WORKERS", "EMBEDDER_FOLD_BN")
 
 
 @pytest.fixture
@@ -43,12 +43,21 @@ def test_env_sets_values_and_flags_override_them(clean_env, tmp_path):
     clean_env.setenv("EMBEDDER_BATCH_SIZE", "4")
     clean_env.setenv("EMBEDDER_MAX_WAIT_MS", "2.5")
     clean_env.setenv("EMBEDDER_MAX_IMAGE_BYTES", str(MiB))
-    clean_env.setenv("EMBEDDER_BF16", "true")
+    clean_env.setenv("EMBEDDER_RUNTIME", "OpenVINO")
+    clean_env.setenv("EMBEDDER_PRECISION", "bf16")
     config = EmbedderConfig.from_env(["--batch-size", "16", "--torch-threads", "3"])
     assert config.artifact_dir == tmp_path
     assert (config.batch_size, config.max_wait_ms, config.torch_threads) == (16, 2.5, 3)
-    assert config.max_image_bytes == MiB and config.bf16 == "on"
-    assert EmbedderConfig.from_env(["--bf16", "auto"]).bf16 == "auto"
+    assert config.max_image_bytes == MiB
+    assert (config.runtime, config.precision) == ("openvino", "bf16")
+    overridden = EmbedderConfig.from_env(["--runtime", "torch", "--precision", "int8"])
+    assert (overridden.runtime, overridden.precision) == ("torch", "int8")
+
+
+def test_runtime_defaults_to_auto_in_fp32(clean_env, tmp_path):
+    clean_env.setenv("EMBEDDER_ARTIFACT_DIR", str(tmp_path))
+    config = EmbedderConfig.from_env([])
+    assert (config.runtime, config.precision) == ("auto", "fp32")
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(1, 1, 1), (2, 2, 1), (16, 2, 8)])
@@ -71,7 +80,8 @@ def test_model_workers_and_folding_come_from_env(clean_env, tmp_path):
 
 
 @pytest.mark.parametrize("name, value", [("EMBEDDER_MAX_BATCH", "0"), ("EMBEDDER_PORT", "x"),
-                                         ("EMBEDDER_BF16", "maybe")])
+                                         ("EMBEDDER_RUNTIME", "tensorflow"),
+                                         ("EMBEDDER_PRECISION", "fp16")])
 def test_malformed_settings_fail_fast_naming_the_variable(clean_env, tmp_path, name, value):
     clean_env.setenv("EMBEDDER_ARTIFACT_DIR", str(tmp_path))
     clean_env.setenv(name, value)

@@ -207,6 +207,17 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
             indexer_pb2.CollectionStats(name=name, count=count, dimension=DIM, index_type="flat", metric="ip")
             for name, count in zip(names, counts)])
 
+    def ListIds(self, request, context):
+        self.faults.enter("ListIds", context)
+        with self.lock:
+            stored = self._collection(request.collection or "image", context)
+            size = request.page_size or 1024
+            chosen = sorted(i for i in stored if i > request.page_token)
+        page = chosen[:size]
+        return indexer_pb2.ListIdsResponse(
+            ids=[indexer_pb2.ListedId(id=i, listing_id=stored[i][1].listing_id) for i in page],
+            next_page_token=page[-1] if len(chosen) > size else "")
+
 
 def serve_embedder(servicer: FakeEmbedder, address: str = "127.0.0.1:0") -> Server:
     def register(server):

@@ -143,3 +143,12 @@ def test_fake_indexer_answers_like_the_real_one(stubs) -> None:
           "search after delete")
     stats = [stub.GetStats(indexer_pb2.GetStatsRequest(collection="image"), timeout=10) for stub in stubs]
     assert [c.count for c in stats[0].collections] == [c.count for c in stats[1].collections] == [28]
+    for collection in COLLECTIONS:  # every id with its listing, paged, as reconcile reads them
+        token = ""
+        while True:
+            page = _both(stubs, "ListIds", indexer_pb2.ListIdsRequest(collection=collection, page_size=7,
+                                                                     page_token=token),
+                         f"list ids {collection} after {token!r}")
+            token = page.next_page_token
+            if not token:
+                break

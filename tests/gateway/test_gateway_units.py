@@ -1,13 +1,11 @@
-"""The gateway's core pieces without any server: catalogue, merging, shard routing, config."""
+"""The gateway's core pieces without any server: merging, shard routing, config."""
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 
 import pytest
 
 from common.config import ConfigError
-from services.gateway.catalogue import SCHEMA_VERSION, Catalogue, CatalogueError, DuplicateListing
 from services.gateway.config import GatewayConfig, RetryPolicy, embedder_target, parse_indexer_addrs
 from services.gateway.core import predict_category
 from services.gateway.domain import CategoryScore, InvalidArgument, Listing, SearchFilter
@@ -22,53 +20,8 @@ def listing(listing_id: str, images=("a", "b"), **fields) -> Listing:
     return Listing(listing_id, image_ids=tuple(f"{listing_id}-{i}" for i in images), **base)
 
 
-# ----------------------------------------------------------------------------- catalogue
-
-
-def test_catalogue_created_migrated_and_reopened(tmp_path):
-    path = tmp_path / "sub" / "catalogue.sqlite3"
-    with Catalogue.open(path) as catalogue:
-        assert catalogue.schema_version == SCHEMA_VERSION
-        catalogue.add(listing("L1"))
-    with Catalogue.open(path) as catalogue:  # second open: no migration re-run, data kept
-        assert catalogue.schema_version == SCHEMA_VERSION
-        assert catalogue.get("L1") == listing("L1")
-
-
-def test_catalogue_refuses_a_newer_schema(tmp_path):
-    path = tmp_path / "c.sqlite3"
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    db.close()
-    with pytest.raises(CatalogueError, match="schema version"):
-        Catalogue.open(path)
-
-
-def test_catalogue_add_get_remove_and_duplicates(tmp_path):
-    with Catalogue.open(tmp_path / "c.sqlite3") as catalogue:
-        catalogue.add(listing("L1", price=None, currency=""))
-        catalogue.add(listing("L2", images=("x",)))
-        assert catalogue.get("L1").price is None
-        assert catalogue.get("L1").image_ids == ("L1-a", "L1-b")  # order kept
-        with pytest.raises(DuplicateListing):
-            catalogue.add(listing("L1"))
-        with pytest.raises(DuplicateListing):  # an image id already used: nothing written
-            catalogue.add(Listing("L3", "t", image_ids=("L2-x",)))
-        assert catalogue.get("L3") is None and catalogue.count() == 2
-        assert set(catalogue.get_many(["L1", "L2", "nope"])) == {"L1", "L2"}
-        assert catalogue.main_categories() == ["Home & Garden"]
-        assert [(r.image_id, r.listing_id) for r in catalogue.image_rows(["L2-x", "zz"])] == [("L2-x", "L2")]
-        assert catalogue.remove("L1") == listing("L1", price=None, currency="")
-        assert catalogue.remove("L1") is None
-        assert catalogue.count_images() == 1
-
-
-def test_catalogue_get_many_beyond_sql_variable_limit(tmp_path):
-    with Catalogue.open(tmp_path / "c.sqlite3") as catalogue:
-        for i in range(1200):
-            catalogue.add(listing(f"L{i:04d}", images=("p",)))
-        found = catalogue.get_many([f"L{i:04d}" for i in range(1200)])
-        assert len(found) == 1200 and found["L0999"].image_ids == ("L0999-p",)
+# ----------------------------------------------------------------------------- catalogue fixtures
+# (the catalogue's own suite, over both back ends, is test_catalogue.py)
 
 
 def write_prepared(directory):
@@ -88,23 +41,6 @@ def write_prepared(directory):
     for name in ("i1", "i3", "i4"):  # i2's file is missing
         (directory / "images" / f"{name}.jpg").write_bytes(b"jpeg")
     return directory
-
-
-def test_load_prepared(tmp_path):
-    prepared = write_prepared(tmp_path / "prepared")
-    with Catalogue.open(tmp_path / "c.sqlite3") as catalogue:
-        report = catalogue.load_prepared(prepared)
-        assert (report.listings, report.images) == (3, 2)
-        assert report.images_skipped_missing_file == 1 and report.images_skipped_unknown_listing == 1
-        table = catalogue.get("p1")
-        assert table.description == "Solid oak,\nseats 4" and table.location == "Leeds, West Yorkshire"
-        assert table.price == 40.0 and table.image_ids == ("i1",)
-        assert catalogue.get("p2").price is None  # absurd price -> unknown
-        assert catalogue.get("p3").price is None and catalogue.get("p3").image_ids == ()
-        again = catalogue.load_prepared(prepared)  # idempotent: nothing new
-        assert again.listings == 0 and catalogue.count() == 3
-        only = catalogue.load_prepared(prepared, replace=True, only_with_images=True)
-        assert only.listings == 2 and catalogue.count() == 2
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -232,6 +168,33 @@ def test_similar_text_weight_from_env(monkeypatch):
         monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", bad)
         with pytest.raises(ConfigError, match="GATEWAY_SIMILAR_TEXT_WEIGHT"):
             GatewayConfig.from_env([])
+
+
+def test_indexer_shards_and_shard_map_from_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("INDEXER_ADDRS", raising=False)
+    monkeypatch.setenv("INDEXER_SHARDS", "0=127.0.0.1:1|127.0.0.1:2;1=127.0.0.1:3")
+    monkeypatch.setenv("GATEWAY_SHARD_MAP", str(tmp_path / "map"))
+    monkeypatch.setenv("GATEWAY_SHARD_MAP_POLL_S", "0.5")
+    config = GatewayConfig.from_env([])
+    assert config.indexer_replicas == (("127.0.0.1:1", "127.0.0.1:2"), ("127.0.0.1:3",))
+    assert config.indexer_targets == ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
+    assert (config.shard_map_dir, config.shard_map_poll_s, config.partitions) == (
+        tmp_path / "map", 0.5, 256)
+    monkeypatch.setenv("INDEXER_ADDRS", "127.0.0.1:9")
+    with pytest.raises(ConfigError, match="not both"):
+        GatewayConfig.from_env([])
+
+
+def test_gateway_refuses_a_shard_map_naming_unconfigured_shards(tmp_path):
+    from common.shard_map import JsonShardMapStore, initial
+    from services.gateway.server import start
+
+    JsonShardMapStore(tmp_path / "map").publish(initial(4))
+    config = GatewayConfig(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
+                           indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
+                           shard_map_dir=tmp_path / "map", readiness_interval_s=0)
+    with pytest.raises(ConfigError, match="places partitions on shard 3, but only shards 0..1"):
+        start(config)
 
 
 def test_retry_backoff_grows_and_is_capped():

@@ -5,7 +5,6 @@ test_gateway_integration.py."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 
 import grpc
@@ -15,8 +14,10 @@ import pytest
 from common.logs import REQUEST_ID_KEY
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from scripts.stack import free_port
+from services.gateway.catalogue import CatalogueUnavailable
 from services.gateway.client import GatewayClient
 from services.gateway.config import GatewayConfig, RetryPolicy
+from services.gateway.core import FIELD_LIMITS
 from services.gateway.domain import Listing
 from services.gateway.downstream import IndexItem
 from services.gateway.server import start
@@ -30,6 +31,7 @@ from tests.gateway.gateway_fakes import (
     serve_embedder,
     serve_indexer,
 )
+from tests.support.postgres import PostgresCluster
 
 # (id, main category, price, location, photos)
 LISTINGS = [
@@ -235,43 +237,93 @@ def _item_counts(stack):
     return [len(indexer.items) for indexer in stack.indexers]
 
 
-def test_add_is_all_or_nothing_when_the_index_write_fails(stack):
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_add_to_an_unreachable_shard_is_unavailable_and_leaves_nothing(stack):
+    """The shard cannot be reached: the add is cancelled in one transaction (listing dropped, its
+    ids queued for deletion in case an attempt landed after all) and the caller hears why."""
     before = _item_counts(stack)
-    for indexer in stack.indexers:
-        indexer.faults.plan("Upsert", grpc.StatusCode.UNAVAILABLE, times=3)
+    shard = stack.indexers[shard_of("L-x", 2)]
+    shard.faults.plan("Upsert", grpc.StatusCode.UNAVAILABLE, times=3)
     error = rpc_error(stack.client.add, [b"p1"], title="t", main_category="Other Goods", listing_id="L-x")
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "indexer shard" in error.details() and "unavailable" in error.details()
-    assert stack.gateway.core.catalogue.get("L-x") is None
+    assert stack.gateway.core.catalogue.get("L-x", include_pending=True) is None
+    assert shard.faults.calls["Upsert"] == 3  # retried, then given up
+    assert wait_for(lambda: stack.gateway.core.catalogue.pending_outbox() == [])
+    assert shard.faults.calls["Delete"] == 1  # the queued deletion, pushed by the outbox loop
     assert _item_counts(stack) == before
-    shard = stack.indexers[shard_of("L-x", 2)]
-    assert shard.faults.calls["Upsert"] == 3 and shard.faults.calls["Delete"] == 1  # retried, then undone
+    added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x")
+    assert not added.pending and stack.client.get("L-x") == added.listing  # the id is free again
 
 
-def test_add_is_all_or_nothing_when_the_catalogue_write_fails(stack, monkeypatch):
+def test_add_whose_outcome_is_unknown_is_pending_until_it_lands(stack):
+    """The shard is slow (the push times out; it may or may not have landed): no undo that the
+    late write could overtake. The listing is committed, invisible to reads, and visible once the
+    outbox has pushed its vectors again."""
+    shard_number = shard_of("L-x", 2)
+    shard = stack.indexers[shard_number]
+    before = _item_counts(stack)
+    shard.faults.plan("Upsert", delay=2.5, times=2)  # the request's try and its retry
+    added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x",
+                                     timeout=1.5)
+    assert added.pending and added.listing.id == "L-x"
+    assert shard.faults.calls["Delete"] == 0  # nothing undone
+    assert rpc_error(stack.client.get, "L-x").code() == grpc.StatusCode.NOT_FOUND
+    assert stack.client.get("L-x", include_pending=True).image_ids == added.listing.image_ids
+    assert rpc_error(stack.client.add, [b"p2"], title="t", main_category="Other Goods",
+                     listing_id="L-x").code() == grpc.StatusCode.ALREADY_EXISTS
+    assert wait_for(lambda: stack.gateway.core.catalogue.get("L-x") is not None)
+    assert stack.client.get("L-x").image_ids == added.listing.image_ids
+    assert set(added.listing.image_ids) <= set(shard.items)
+    assert _item_counts(stack)[shard_number] == before[shard_number] + 1
+    assert stack.gateway.core.catalogue.pending_outbox() == []
+    assert stack.client.search_by_image(b"p1", k=1)[0].listing.id == "L-x"
+
+
+def test_add_writes_nothing_when_the_catalogue_is_unusable(stack, monkeypatch):
     before = _item_counts(stack)
 
-    def broken_add(listing, **_):
-        raise sqlite3.OperationalError("disk I/O error")
+    def broken_add(*_, **__):
+        raise CatalogueUnavailable("catalogue database sqlite:///x unavailable: disk I/O error")
 
-    monkeypatch.setattr(stack.gateway.core.catalogue, "add", broken_add)
+    monkeypatch.setattr(stack.gateway.core.catalogue, "add_pending", broken_add)
     error = rpc_error(stack.client.add, [b"p1", b"p2"], title="t", main_category="Other Goods",
                       listing_id="L-y")
-    assert error.code() == grpc.StatusCode.INTERNAL and "disk I/O error" in error.details()
-    shard = stack.indexers[shard_of("L-y", 2)]
-    assert shard.faults.calls["Upsert"] == 1 and shard.faults.calls["Delete"] == 1  # compensation
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "catalogue database" in error.details()
+    assert sum(i.faults.calls["Upsert"] for i in stack.indexers) == 0  # the index never saw it
     assert _item_counts(stack) == before
     monkeypatch.undo()
-    assert stack.gateway.core.catalogue.get("L-y") is None
+    assert stack.gateway.core.catalogue.get("L-y", include_pending=True) is None
 
 
-def test_remove_keeps_the_listing_when_the_index_delete_fails(stack):
+def test_remove_is_committed_then_the_deletion_is_pushed(stack):
     shard = stack.indexers[shard_of("L-chair", 2)]
     shard.faults.plan("Delete", grpc.StatusCode.INTERNAL)
-    error = rpc_error(stack.client.remove, "L-chair")
-    assert error.code() == grpc.StatusCode.INTERNAL and "indexer shard" in error.details()
-    assert stack.client.get("L-chair").id == "L-chair"
-    assert stack.client.remove("L-chair").images_removed == 1  # a retry completes it
+    removed = stack.client.remove("L-chair")
+    assert removed.pending and removed.images_removed == 1
+    assert rpc_error(stack.client.get, "L-chair").code() == grpc.StatusCode.NOT_FOUND
+    # its vector is still in the index for a moment, but searches drop hits without a listing
+    assert all(r.listing.id != "L-chair" for r in stack.client.search_by_image(photo("L-chair"), k=6))
+    assert wait_for(lambda: "L-chair-img0" not in shard.items)
+    assert stack.gateway.core.catalogue.pending_outbox() == []
+    assert rpc_error(stack.client.remove, "L-chair").code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("field, limit", sorted(FIELD_LIMITS.items()))
+def test_add_with_a_field_over_its_limit_is_invalid(stack, field, limit):
+    values = dict(title="t", description="", category="", main_category="", location="")
+    values[field] = "x" * (limit + 1)
+    error = rpc_error(stack.client.add, [b"p"], **values)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"listing.{field}" in error.details() and str(limit) in error.details()
 
 
 def test_unavailable_is_retried_with_backoff(stack):
@@ -514,3 +566,39 @@ def test_cli_recommend_and_text_commands(stack, tmp_path, capsys):
     assert cli.main(["--addr", stack.address, "hybrid", str(photo_file), "oak", "--fusion", "rrf",
                      "--text-weight", "0.3"]) == 1
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def _answers(call) -> bool:
+    try:
+        call()
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_catalogue_database_going_away_is_unavailable_then_recovers(tmp_path):
+    """A real PostgreSQL catalogue stopped under a serving gateway: every call that needs it is
+    UNAVAILABLE naming the database; started again, the same gateway serves (no restart)."""
+    cluster = PostgresCluster().start()
+    try:
+        s = Stack(tmp_path, db_path=cluster.create_database("gw"), db_connect_timeout_s=1.0)
+        try:
+            assert s.client.get("L-box").id == "L-box"
+            cluster.stop()
+            for call in (lambda: s.client.get("L-box"),
+                         lambda: s.client.search_by_image(photo("L-box"), k=1),
+                         lambda: s.client.add([b"p"], title="t", main_category="Other Goods"),
+                         lambda: s.client.remove("L-box")):
+                error = rpc_error(call)
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                assert "catalogue database" in error.details()
+                assert f"127.0.0.1:{cluster.port}/gw" in error.details()
+            cluster.start()
+            assert wait_for(lambda: _answers(lambda: s.client.get("L-box")), 30)
+            added = s.client.add_listing([b"after"], title="t", main_category="Other Goods")
+            assert not added.pending and s.client.get(added.listing.id) == added.listing
+            assert s.client.search_by_image(photo("L-box"), k=1)[0].listing.id == "L-box"
+        finally:
+            s.close()
+    finally:
+        cluster.destroy()

@@ -69,3 +69,28 @@ def test_server_process_refuses_to_start_on_a_damaged_wal(tmp_path):
                             text=True, timeout=120)
     assert result.returncode != 0
     assert "refusing to start" in result.stderr and "followed by valid records" in result.stderr
+
+
+def test_replica_settings_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("INDEXER_SHARD", "1")
+    monkeypatch.setenv("INDEXER_PEERS", "10.0.0.2:50052, 10.0.0.3:50052")
+    config = IndexerConfig.from_env(["--data-dir", str(tmp_path)])
+    assert (config.shard, config.partitions) == (1, 256)
+    assert config.peers == ("10.0.0.2:50052", "10.0.0.3:50052")
+    monkeypatch.delenv("INDEXER_SHARD")
+    monkeypatch.delenv("INDEXER_PEERS")
+    assert (IndexerConfig.from_env([]).shard, IndexerConfig.from_env([]).partitions) == (-1, 0)
+    with pytest.raises(ConfigError, match="INDEXER_SHARD=8 must be below INDEXER_PARTITIONS=8"):
+        IndexerConfig.from_env(["--shard", "8", "--partitions", "8"])
+
+
+def test_server_process_refuses_another_shards_data_naming_both(tmp_path):
+    (tmp_path / "REPLICA.json").write_text('{"shard": 0, "partitions": 256}\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO), "INDEXER_SHARD": "1",
+           "INDEXER_COLLECTIONS": "image:4:flat:ip"}
+    result = subprocess.run([sys.executable, "-m", "services.indexer", "--port", "0",
+                             "--data-dir", str(tmp_path)], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "holds shard 0 of a 256-partition cluster" in result.stderr
+    assert "configured as shard 1 of a 256-partition cluster" in result.stderr

@@ -250,3 +250,29 @@ def test_restart_in_process_keeps_acknowledged_writes(tmp_path):
             assert code == OK and [i.id for i in reply.items] == ["kept"]
     finally:
         second.stop(grace=None)
+
+
+def test_list_ids_pages_through_every_id_in_order(stub, loaded):
+    ids, _, attrs = loaded
+    owner = {i: a.listing_id for i, a in zip(ids, attrs)}
+    call(stub.Delete, pb.DeleteRequest(ids=[ids[7]]))
+    seen, token, pages = [], "", 0
+    while True:
+        reply, code, details = call(stub.ListIds, pb.ListIdsRequest(page_size=64, page_token=token))
+        assert (code, details) == (OK, "") and len(reply.ids) <= 64
+        seen += [(entry.id, entry.listing_id) for entry in reply.ids]
+        pages += 1
+        token = reply.next_page_token
+        if not token:
+            break
+    expected = sorted((i, owner[i]) for i in ids if i != ids[7])
+    assert seen == expected and pages == -(-len(expected) // 64)
+    reply, code, _ = call(stub.ListIds, pb.ListIdsRequest(collection="text"))
+    assert code == OK and list(reply.ids) == [] and reply.next_page_token == ""
+
+
+def test_list_ids_bad_requests(stub):
+    _, code, details = call(stub.ListIds, pb.ListIdsRequest(page_size=65))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "64" in details
+    _, code, details = call(stub.ListIds, pb.ListIdsRequest(collection="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$marketplace/gateway/v1/gateway.proto\x12\x16marketplace.gateway.v1\"\xb7\x01\n\x07Listing\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x15\n\rmain_category\x18\x05 \x01(\t\x12\x12\n\x05price\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x10\n\x08location\x18\x08 \x01(\t\x12\x11\n\timage_ids\x18\t \x03(\tB\x08\n\x06_price\"\xa1\x01\n\rListingFilter\x12\x15\n\rmain_category\x18\x01 \x01(\t\x12\x16\n\tmin_price\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x1b\n\x13\x65xclude_listing_ids\x18\x05 \x03(\tB\x0c\n\n_min_priceB\x0c\n\n_max_price\";\n\x12\x43\x61tegoryPrediction\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"4\n\x14\x43lassifyImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\"n\n\x15\x43lassifyImageResponse\x12>\n\ncategories\x18\x01 \x03(\x0b\x32*.marketplace.gateway.v1.CategoryPrediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"x\n\rRankedListing\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10matched_image_id\x18\x03 \x01(\t\x12\x30\n\x07listing\x18\x04 \x01(\x0b\x32\x1f.marketplace.gateway.v1.Listing\"P\n\x16SearchListingsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.marketplace.gateway.v1.RankedListing\"g\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\r\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\"f\n\x13SearchByTextRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\"\xce\x01\n\x13HybridSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x35\n\x06\x66ilter\x18\x04 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x18\n\x0btext_weight\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12.\n\x06\x66usion\x18\x06 \x01(\x0e\x32\x1e.marketplace.gateway.v1.FusionB\x0e\n\x0c_text_weight\"\x83\x01\n\x16SimilarListingsRequest\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x13\n\x0bphotos_only\x18\x04 \x01(\x08\"\xa6\x01\n\x10RecommendRequest\x12\x19\n\x11liked_listing_ids\x18\x01 \x03(\t\x12\x1b\n\x13skipped_listing_ids\x18\x02 \x03(\t\x12\x18\n\x10seen_listing_ids\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x35\n\x06\x66ilter\x18\x05 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\"\'\n\x11GetListingRequest\x12\x12\n\nlisting_id\x18\x01 \x01(\t\"U\n\x11\x41\x64\x64ListingRequest\x12\x30\n\x07listing\x18\x01 \x01(\x0b\x32\x1f.marketplace.gateway.v1.Listing\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"F\n\x12\x41\x64\x64ListingResponse\x12\x30\n\x07listing\x18\x01 \x01(\x0b\x32\x1f.marketplace.gateway.v1.Listing\"*\n\x14RemoveListingRequest\x12\x12\n\nlisting_id\x18\x01 \x01(\t\"C\n\x15RemoveListingResponse\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\x16\n\x0eimages_removed\x18\x02 \x01(\r*@\n\x06\x46usion\x12\x1a\n\x16\x46USION_WEIGHTED_COSINE\x10\x00\x12\x1a\n\x16\x46USION_RECIPROCAL_RANK\x10\x01\x32\xc1\x07\n\x07Gateway\x12l\n\rClassifyImage\x12,.marketplace.gateway.v1.ClassifyImageRequest\x1a-.marketplace.gateway.v1.ClassifyImageResponse\x12m\n\rSearchByImage\x12,.marketplace.gateway.v1.SearchByImageRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12k\n\x0cSearchByText\x12+.marketplace.gateway.v1.SearchByTextRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12\x65\n\x06Search\x12+.marketplace.gateway.v1.HybridSearchRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12q\n\x0fSimilarListings\x12..marketplace.gateway.v1.SimilarListingsRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12\x65\n\tRecommend\x12(.marketplace.gateway.v1.RecommendRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12X\n\nGetListing\x12).marketplace.gateway.v1.GetListingRequest\x1a\x1f.marketplace.gateway.v1.Listing\x12\x63\n\nAddListing\x12).marketplace.gateway.v1.AddListingRequest\x1a*.marketplace.gateway.v1.AddListingResponse\x12l\n\rRemoveListing\x12,.marketplace.gateway.v1.RemoveListingRequest\x1a-.marketplace.gateway.v1.RemoveListingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$marketplace/gateway/v1/gateway.proto\x12\x16marketplace.gateway.v1\"\xb7\x01\n\x07Listing\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x15\n\rmain_category\x18\x05 \x01(\t\x12\x12\n\x05price\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x10\n\x08location\x18\x08 \x01(\t\x12\x11\n\timage_ids\x18\t \x03(\tB\x08\n\x06_price\"\xa1\x01\n\rListingFilter\x12\x15\n\rmain_category\x18\x01 \x01(\t\x12\x16\n\tmin_price\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x1b\n\x13\x65xclude_listing_ids\x18\x05 \x03(\tB\x0c\n\n_min_priceB\x0c\n\n_max_price\";\n\x12\x43\x61tegoryPrediction\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"4\n\x14\x43lassifyImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\"n\n\x15\x43lassifyImageResponse\x12>\n\ncategories\x18\x01 \x03(\x0b\x32*.marketplace.gateway.v1.CategoryPrediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"x\n\rRankedListing\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10matched_image_id\x18\x03 \x01(\t\x12\x30\n\x07listing\x18\x04 \x01(\x0b\x32\x1f.marketplace.gateway.v1.Listing\"h\n\x16SearchListingsResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.marketplace.gateway.v1.RankedListing\x12\x16\n\x0emissing_shards\x18\x02 \x03(\r\"\x86\x01\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\r\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x1d\n\x15\x61llow_partial_results\x18\x14 \x01(\x08\"\x85\x01\n\x13SearchByTextRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x1d\n\x15\x61llow_partial_results\x18\x14 \x01(\x08\"\xed\x01\n\x13HybridSearchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x35\n\x06\x66ilter\x18\x04 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x18\n\x0btext_weight\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12.\n\x06\x66usion\x18\x06 \x01(\x0e\x32\x1e.marketplace.gateway.v1.Fusion\x12\x1d\n\x15\x61llow_partial_results\x18\x14 \x01(\x08\x42\x0e\n\x0c_text_weight\"\xa2\x01\n\x16SimilarListingsRequest\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x35\n\x06\x66ilter\x18\x03 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x13\n\x0bphotos_only\x18\x04 \x01(\x08\x12\x1d\n\x15\x61llow_partial_results\x18\x14 \x01(\x08\"\xc5\x01\n\x10RecommendRequest\x12\x19\n\x11liked_listing_ids\x18\x01 \x03(\t\x12\x1b\n\x13skipped_listing_ids\x18\x02 \x03(\t\x12\x18\n\x10seen_listing_ids\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x35\n\x06\x66ilter\x18\x05 \x01(\x0b\x32%.marketplace.gateway.v1.ListingFilter\x12\x1d\n\x15\x61llow_partial_results\x18\x14 \x01(\x08\"@\n\x11GetListingRequest\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_pending\x18\x02 \x01(\x08\"U\n\x11\x41\x64\x64ListingRequest\x12\x30\n\x07listing\x18\x01 \x01(\x0b\x32\x1f.marketplace.gateway.v1.Listing\x12\x0e\n\x06images\x18\x02 \x03(\x0c\"W\n\x12\x41\x64\x64ListingResponse\x12\x30\n\x07listing\x18\x01 \x01(\x0b\x32\x1f.marketplace.gateway.v1.Listing\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"*\n\x14RemoveListingRequest\x12\x12\n\nlisting_id\x18\x01 \x01(\t\"T\n\x15RemoveListingResponse\x12\x12\n\nlisting_id\x18\x01 \x01(\t\x12\x16\n\x0eimages_removed\x18\x02 \x01(\r\x12\x0f\n\x07pending\x18\x03 \x01(\x08*@\n\x06\x46usion\x12\x1a\n\x16\x46USION_WEIGHTED_COSINE\x10\x00\x12\x1a\n\x16\x46USION_RECIPROCAL_RANK\x10\x01\x32\xc1\x07\n\x07Gateway\x12l\n\rClassifyImage\x12,.marketplace.gateway.v1.ClassifyImageRequest\x1a-.marketplace.gateway.v1.ClassifyImageResponse\x12m\n\rSearchByImage\x12,.marketplace.gateway.v1.SearchByImageRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12k\n\x0cSearchByText\x12+.marketplace.gateway.v1.SearchByTextRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12\x65\n\x06Search\x12+.marketplace.gateway.v1.HybridSearchRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12q\n\x0fSimilarListings\x12..marketplace.gateway.v1.SimilarListingsRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12\x65\n\tRecommend\x12(.marketplace.gateway.v1.RecommendRequest\x1a..marketplace.gateway.v1.SearchListingsResponse\x12X\n\nGetListing\x12).marketplace.gateway.v1.GetListingRequest\x1a\x1f.marketplace.gateway.v1.Listing\x12\x63\n\nAddListing\x12).marketplace.gateway.v1.AddListingRequest\x1a*.marketplace.gateway.v1.AddListingResponse\x12l\n\rRemoveListing\x12,.marketplace.gateway.v1.RemoveListingRequest\x1a-.marketplace.gateway.v1.RemoveListingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'marketplace.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FUSION']._serialized_start=1879
-  _globals['_FUSION']._serialized_end=1943
+  _globals['_FUSION']._serialized_start=2119
+  _globals['_FUSION']._serialized_end=2183
   _globals['_LISTING']._serialized_start=65
   _globals['_LISTING']._serialized_end=248
   _globals['_LISTINGFILTER']._serialized_start=251
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKEDLISTING']._serialized_start=641
   _globals['_RANKEDLISTING']._serialized_end=761
   _globals['_SEARCHLISTINGSRESPONSE']._serialized_start=763
-  _globals['_SEARCHLISTINGSRESPONSE']._serialized_end=843
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=845
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=948
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=950
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=1052
-  _globals['_HYBRIDSEARCHREQUEST']._serialized_start=1055
-  _globals['_HYBRIDSEARCHREQUEST']._serialized_end=1261
-  _globals['_SIMILARLISTINGSREQUEST']._serialized_start=1264
-  _globals['_SIMILARLISTINGSREQUEST']._serialized_end=1395
-  _globals['_RECOMMENDREQUEST']._serialized_start=1398
-  _globals['_RECOMMENDREQUEST']._serialized_end=1564
-  _globals['_GETLISTINGREQUEST']._serialized_start=1566
-  _globals['_GETLISTINGREQUEST']._serialized_end=1605
-  _globals['_ADDLISTINGREQUEST']._serialized_start=1607
-  _globals['_ADDLISTINGREQUEST']._serialized_end=1692
-  _globals['_ADDLISTINGRESPONSE']._serialized_start=1694
-  _globals['_ADDLISTINGRESPONSE']._serialized_end=1764
-  _globals['_REMOVELISTINGREQUEST']._serialized_start=1766
-  _globals['_REMOVELISTINGREQUEST']._serialized_end=1808
-  _globals['_REMOVELISTINGRESPONSE']._serialized_start=1810
-  _globals['_REMOVELISTINGRESPONSE']._serialized_end=1877
-  _globals['_GATEWAY']._serialized_start=1946
-  _globals['_GATEWAY']._serialized_end=2907
+  _globals['_SEARCHLISTINGSRESPONSE']._serialized_end=867
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=870
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=1004
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=1007
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=1140
+  _globals['_HYBRIDSEARCHREQUEST']._serialized_start=1143
+  _globals['_HYBRIDSEARCHREQUEST']._serialized_end=1380
+  _globals['_SIMILARLISTINGSREQUEST']._serialized_start=1383
+  _globals['_SIMILARLISTINGSREQUEST']._serialized_end=1545
+  _globals['_RECOMMENDREQUEST']._serialized_start=1548
+  _globals['_RECOMMENDREQUEST']._serialized_end=1745
+  _globals['_GETLISTINGREQUEST']._serialized_start=1747
+  _globals['_GETLISTINGREQUEST']._serialized_end=1811
+  _globals['_ADDLISTINGREQUEST']._serialized_start=1813
+  _globals['_ADDLISTINGREQUEST']._serialized_end=1898
+  _globals['_ADDLISTINGRESPONSE']._serialized_start=1900
+  _globals['_ADDLISTINGRESPONSE']._serialized_end=1987
+  _globals['_REMOVELISTINGREQUEST']._serialized_start=1989
+  _globals['_REMOVELISTINGREQUEST']._serialized_end=2031
+  _globals['_REMOVELISTINGRESPONSE']._serialized_start=2033
+  _globals['_REMOVELISTINGRESPONSE']._serialized_end=2117
+  _globals['_GATEWAY']._serialized_start=2186
+  _globals['_GATEWAY']._serialized_end=3147
 # @@protoc_insertion_point(module_scope)

@@ -87,78 +87,92 @@ class RankedListing(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., score: _Optional[float] = ..., matched_image_id: _Optional[str] = ..., listing: _Optional[_Union[Listing, _Mapping]] = ...) -> None: ...
 
 class SearchListingsResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "missing_shards")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RankedListing]
-    def __init__(self, results: _Optional[_Iterable[_Union[RankedListing, _Mapping]]] = ...) -> None: ...
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, results: _Optional[_Iterable[_Union[RankedListing, _Mapping]]] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("image", "k", "filter")
+    __slots__ = ("image", "k", "filter", "allow_partial_results")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     filter: ListingFilter
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ...) -> None: ...
+    allow_partial_results: bool
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class SearchByTextRequest(_message.Message):
-    __slots__ = ("query", "k", "filter")
+    __slots__ = ("query", "k", "filter", "allow_partial_results")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     query: str
     k: int
     filter: ListingFilter
-    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ...) -> None: ...
+    allow_partial_results: bool
+    def __init__(self, query: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class HybridSearchRequest(_message.Message):
-    __slots__ = ("image", "text", "k", "filter", "text_weight", "fusion")
+    __slots__ = ("image", "text", "k", "filter", "text_weight", "fusion", "allow_partial_results")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     TEXT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     text: str
     k: int
     filter: ListingFilter
     text_weight: float
     fusion: Fusion
-    def __init__(self, image: _Optional[bytes] = ..., text: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., text_weight: _Optional[float] = ..., fusion: _Optional[_Union[Fusion, str]] = ...) -> None: ...
+    allow_partial_results: bool
+    def __init__(self, image: _Optional[bytes] = ..., text: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., text_weight: _Optional[float] = ..., fusion: _Optional[_Union[Fusion, str]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class SimilarListingsRequest(_message.Message):
-    __slots__ = ("listing_id", "k", "filter", "photos_only")
+    __slots__ = ("listing_id", "k", "filter", "photos_only", "allow_partial_results")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     PHOTOS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
     k: int
     filter: ListingFilter
     photos_only: bool
-    def __init__(self, listing_id: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., photos_only: _Optional[bool] = ...) -> None: ...
+    allow_partial_results: bool
+    def __init__(self, listing_id: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., photos_only: _Optional[bool] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("liked_listing_ids", "skipped_listing_ids", "seen_listing_ids", "k", "filter")
+    __slots__ = ("liked_listing_ids", "skipped_listing_ids", "seen_listing_ids", "k", "filter", "allow_partial_results")
     LIKED_LISTING_IDS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_LISTING_IDS_FIELD_NUMBER: _ClassVar[int]
     SEEN_LISTING_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     liked_listing_ids: _containers.RepeatedScalarFieldContainer[str]
     skipped_listing_ids: _containers.RepeatedScalarFieldContainer[str]
     seen_listing_ids: _containers.RepeatedScalarFieldContainer[str]
     k: int
     filter: ListingFilter
-    def __init__(self, liked_listing_ids: _Optional[_Iterable[str]] = ..., skipped_listing_ids: _Optional[_Iterable[str]] = ..., seen_listing_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ...) -> None: ...
+    allow_partial_results: bool
+    def __init__(self, liked_listing_ids: _Optional[_Iterable[str]] = ..., skipped_listing_ids: _Optional[_Iterable[str]] = ..., seen_listing_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class GetListingRequest(_message.Message):
-    __slots__ = ("listing_id",)
+    __slots__ = ("listing_id", "include_pending")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PENDING_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
-    def __init__(self, listing_id: _Optional[str] = ...) -> None: ...
+    include_pending: bool
+    def __init__(self, listing_id: _Optional[str] = ..., include_pending: _Optional[bool] = ...) -> None: ...
 
 class AddListingRequest(_message.Message):
     __slots__ = ("listing", "images")
@@ -169,10 +183,12 @@ class AddListingRequest(_message.Message):
     def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AddListingResponse(_message.Message):
-    __slots__ = ("listing",)
+    __slots__ = ("listing", "pending")
     LISTING_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     listing: Listing
-    def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ...) -> None: ...
+    pending: bool
+    def __init__(self, listing: _Optional[_Union[Listing, _Mapping]] = ..., pending: _Optional[bool] = ...) -> None: ...
 
 class RemoveListingRequest(_message.Message):
     __slots__ = ("listing_id",)
@@ -181,9 +197,11 @@ class RemoveListingRequest(_message.Message):
     def __init__(self, listing_id: _Optional[str] = ...) -> None: ...
 
 class RemoveListingResponse(_message.Message):
-    __slots__ = ("listing_id", "images_removed")
+    __slots__ = ("listing_id", "images_removed", "pending")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
     images_removed: int
-    def __init__(self, listing_id: _Optional[str] = ..., images_removed: _Optional[int] = ...) -> None: ...
+    pending: bool
+    def __init__(self, listing_id: _Optional[str] = ..., images_removed: _Optional[int] = ..., pending: _Optional[bool] = ...) -> None: ...

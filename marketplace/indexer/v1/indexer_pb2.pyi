@@ -37,12 +37,14 @@ class UpsertRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
-    __slots__ = ("inserted", "replaced")
+    __slots__ = ("inserted", "replaced", "replica_catching_up")
     INSERTED_FIELD_NUMBER: _ClassVar[int]
     REPLACED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_CATCHING_UP_FIELD_NUMBER: _ClassVar[int]
     inserted: int
     replaced: int
-    def __init__(self, inserted: _Optional[int] = ..., replaced: _Optional[int] = ...) -> None: ...
+    replica_catching_up: bool
+    def __init__(self, inserted: _Optional[int] = ..., replaced: _Optional[int] = ..., replica_catching_up: _Optional[bool] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("collection", "ids", "strict")
@@ -55,12 +57,14 @@ class DeleteRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "not_found")
+    __slots__ = ("deleted", "not_found", "replica_catching_up")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_CATCHING_UP_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     not_found: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+    replica_catching_up: bool
+    def __init__(self, deleted: _Optional[int] = ..., not_found: _Optional[_Iterable[str]] = ..., replica_catching_up: _Optional[bool] = ...) -> None: ...
 
 class Range(_message.Message):
     __slots__ = ("gte", "lte")
@@ -189,3 +193,115 @@ class GetStatsResponse(_message.Message):
     COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     collections: _containers.RepeatedCompositeFieldContainer[CollectionStats]
     def __init__(self, collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ...) -> None: ...
+
+class ListIdsRequest(_message.Message):
+    __slots__ = ("collection", "page_size", "page_token")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    page_size: int
+    page_token: str
+    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListedId(_message.Message):
+    __slots__ = ("id", "listing_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LISTING_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    listing_id: str
+    def __init__(self, id: _Optional[str] = ..., listing_id: _Optional[str] = ...) -> None: ...
+
+class ListIdsResponse(_message.Message):
+    __slots__ = ("ids", "next_page_token")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedCompositeFieldContainer[ListedId]
+    next_page_token: str
+    def __init__(self, ids: _Optional[_Iterable[_Union[ListedId, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetReplicaStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("shard", "partitions", "state", "last_write_unix_ms", "items", "detail")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_WRITE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    partitions: int
+    state: str
+    last_write_unix_ms: int
+    items: int
+    detail: str
+    def __init__(self, shard: _Optional[int] = ..., partitions: _Optional[int] = ..., state: _Optional[str] = ..., last_write_unix_ms: _Optional[int] = ..., items: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class StreamStateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("snapshot_file", "wal_record", "source")
+    SNAPSHOT_FILE_FIELD_NUMBER: _ClassVar[int]
+    WAL_RECORD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    snapshot_file: SnapshotFileChunk
+    wal_record: bytes
+    source: ReplicaStatus
+    def __init__(self, snapshot_file: _Optional[_Union[SnapshotFileChunk, _Mapping]] = ..., wal_record: _Optional[bytes] = ..., source: _Optional[_Union[ReplicaStatus, _Mapping]] = ...) -> None: ...
+
+class SnapshotFileChunk(_message.Message):
+    __slots__ = ("snapshot", "file", "data")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    snapshot: str
+    file: str
+    data: bytes
+    def __init__(self, snapshot: _Optional[str] = ..., file: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CatchUpRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CatchUpResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class ImportPartitionsRequest(_message.Message):
+    __slots__ = ("sources", "partitions", "partition_count")
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    partition_count: int
+    def __init__(self, sources: _Optional[_Iterable[str]] = ..., partitions: _Optional[_Iterable[int]] = ..., partition_count: _Optional[int] = ...) -> None: ...
+
+class ImportPartitionsResponse(_message.Message):
+    __slots__ = ("imported", "source")
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    imported: int
+    source: str
+    def __init__(self, imported: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class DropPartitionsRequest(_message.Message):
+    __slots__ = ("partitions", "partition_count")
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    partitions: _containers.RepeatedScalarFieldContainer[int]
+    partition_count: int
+    def __init__(self, partitions: _Optional[_Iterable[int]] = ..., partition_count: _Optional[int] = ...) -> None: ...
+
+class DropPartitionsResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class IndexerStub:
                 request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ListIds = channel.unary_unary(
+                '/marketplace.indexer.v1.Indexer/ListIds',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsResponse.FromString,
+                _registered_method=True)
 
 
 class IndexerServicer:
@@ -99,6 +104,14 @@ class IndexerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListIds(self, request, context):
+        """Every stored id with its listing id, in id order, one page at a time (for reconciling a
+        catalogue against the index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_IndexerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsRequest.FromString,
                     response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListIds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIds,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,300 @@ class Indexer:
             '/marketplace.indexer.v1.Indexer/GetStats',
             marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsRequest.SerializeToString,
             marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Indexer/ListIds',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ListIdsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ReplicationStub:
+    """---------------------------------------------------------------------------------------------
+    Replication between the replicas of one shard (design: docs/indexer-replication.md).
+    A replica started with INDEXER_PEERS catches up from a serving peer before it serves reads:
+    the peer's snapshot files plus the WAL records written after that snapshot, in the indexer's
+    own on-disk formats. Same write token as Upsert/Delete for CatchUp.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetReplicaStatus = channel.unary_unary(
+                '/marketplace.indexer.v1.Replication/GetReplicaStatus',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetReplicaStatusRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ReplicaStatus.FromString,
+                _registered_method=True)
+        self.StreamState = channel.unary_stream(
+                '/marketplace.indexer.v1.Replication/StreamState',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.StreamStateRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.StateChunk.FromString,
+                _registered_method=True)
+        self.CatchUp = channel.unary_unary(
+                '/marketplace.indexer.v1.Replication/CatchUp',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpResponse.FromString,
+                _registered_method=True)
+        self.ImportPartitions = channel.unary_unary(
+                '/marketplace.indexer.v1.Replication/ImportPartitions',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsResponse.FromString,
+                _registered_method=True)
+        self.DropPartitions = channel.unary_unary(
+                '/marketplace.indexer.v1.Replication/DropPartitions',
+                request_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsRequest.SerializeToString,
+                response_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicationServicer:
+    """---------------------------------------------------------------------------------------------
+    Replication between the replicas of one shard (design: docs/indexer-replication.md).
+    A replica started with INDEXER_PEERS catches up from a serving peer before it serves reads:
+    the peer's snapshot files plus the WAL records written after that snapshot, in the indexer's
+    own on-disk formats. Same write token as Upsert/Delete for CatchUp.
+    """
+
+    def GetReplicaStatus(self, request, context):
+        """This replica's identity (shard, partition count) and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamState(self, request, context):
+        """A consistent copy of this replica's data: the files of a fresh snapshot, then every WAL
+        record written after it. FAILED_PRECONDITION unless this replica is serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CatchUp(self, request, context):
+        """Catch up from a serving peer now (a gateway saw this replica miss a write). Returns at once;
+        the replica reports NOT_SERVING on the health service until it has caught up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportPartitions(self, request, context):
+        """Rebalance: copy the listed partitions from a serving replica of another shard (its
+        snapshot + WAL, like a catch-up) and keep them; writes meanwhile are kept. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropPartitions(self, request, context):
+        """Rebalance: delete (durably) every item of the listed partitions. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetReplicaStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReplicaStatus,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetReplicaStatusRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ReplicaStatus.SerializeToString,
+            ),
+            'StreamState': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamState,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.StreamStateRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.StateChunk.SerializeToString,
+            ),
+            'CatchUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.CatchUp,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpResponse.SerializeToString,
+            ),
+            'ImportPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPartitions,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsResponse.SerializeToString,
+            ),
+            'DropPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropPartitions,
+                    request_deserializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsRequest.FromString,
+                    response_serializer=marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'marketplace.indexer.v1.Replication', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('marketplace.indexer.v1.Replication', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replication:
+    """---------------------------------------------------------------------------------------------
+    Replication between the replicas of one shard (design: docs/indexer-replication.md).
+    A replica started with INDEXER_PEERS catches up from a serving peer before it serves reads:
+    the peer's snapshot files plus the WAL records written after that snapshot, in the indexer's
+    own on-disk formats. Same write token as Upsert/Delete for CatchUp.
+    """
+
+    @staticmethod
+    def GetReplicaStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/GetReplicaStatus',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.GetReplicaStatusRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ReplicaStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/StreamState',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.StreamStateRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CatchUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/CatchUp',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.CatchUpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/ImportPartitions',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.ImportPartitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/marketplace.indexer.v1.Replication/DropPartitions',
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsRequest.SerializeToString,
+            marketplace_dot_indexer_dot_v1_dot_indexer__pb2.DropPartitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

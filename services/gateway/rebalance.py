@@ -1,0 +1,240 @@
+"""Move partitions between indexer shards while reads and writes go on: ``python -m
+services.gateway.rebalance --to 3``.
+
+It reads the shard map from ``GATEWAY_SHARD_MAP`` (the gateways' directory) and the replicas
+of every shard from ``INDEXER_SHARDS`` / ``INDEXER_ADDRS`` (list the new shards there first;
+they start empty), plans the new owners with rendezvous hashing (`common.shard_map.plan`: only
+partitions whose owner changes move, about 1/3 of them going from 2 to 3 shards) and walks the
+map through its states, waiting ``--settle-s`` after each new version so every gateway (polling
+every ``GATEWAY_SHARD_MAP_POLL_S``) has switched:
+
+1. ``migrating``: gateways write moving partitions to the old and the new owner, read the old.
+2. every replica of each new owner imports its partitions from a serving replica of the old
+   owner (`ImportPartitions`: the old owner's snapshot + WAL records, writes meanwhile kept).
+3. ``switched``: gateways read moving partitions from the new owner (writes still to both).
+4. ``stable`` with ``drop``: writes only to the new owner; then every replica of each old owner
+   deletes the partitions it gave away (`DropPartitions`), and a last ``stable`` map clears
+   ``drop``.
+
+Interrupted (SIGKILL of the command, a node, a timeout)? Run the same command again: it resumes
+from the newest map's state; imports and drops are idempotent, so no listing is lost or kept
+twice. A replica down during an import or a drop is skipped with a warning: it catches up from a
+peer of its own shard (which has the result) before it serves again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from common.config import ConfigError, env_float, env_str
+from common.security import bearer_metadata, open_channel
+from common.shard_map import (MIGRATING, STABLE, SWITCHED, JsonShardMapStore, ShardMap,
+                              ShardMapError, ShardMapStore, plan)
+from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+from services.gateway.config import (DEFAULT_INDEXER_ADDRS, parse_indexer_addrs,
+                                     shard_replicas_setting)
+from services.gateway.shards import ShardReplicas, single_replica_shards
+
+log = logging.getLogger("rebalance")
+
+
+@dataclass
+class RebalanceReport:
+    """What a rebalance did (summed over the runs it took only for this run's steps)."""
+
+    from_shards: int = 0
+    to_shards: int = 0
+    partitions: int = 0
+    moved_partitions: int = 0
+    vectors_before: int = 0
+    vectors_moved: int = 0
+    vectors_dropped: int = 0
+    versions: list[int] = field(default_factory=list)
+
+    @property
+    def moved_fraction(self) -> float:
+        return self.vectors_moved / self.vectors_before if self.vectors_before else 0.0
+
+
+class Rebalancer:
+    def __init__(self, store: ShardMapStore, replicas: ShardReplicas, *, write_token: str | None,
+                 settle_s: float, rpc_timeout_s: float = 600.0, say=print) -> None:
+        self.store = store
+        self.replicas = replicas
+        self.metadata = bearer_metadata(write_token)
+        self.settle_s = settle_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.say = say
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+    def _stub(self, target: str) -> indexer_pb2_grpc.ReplicationStub:
+        if target not in self._channels:
+            self._channels[target] = open_channel(target)
+        return indexer_pb2_grpc.ReplicationStub(self._channels[target])
+
+    def _publish(self, shard_map: ShardMap, report: RebalanceReport) -> ShardMap:
+        self.store.publish(shard_map)
+        report.versions.append(shard_map.version)
+        self.say(f"published shard map v{shard_map.version} ({shard_map.state}); waiting "
+                 f"{self.settle_s:.1f}s for every gateway to switch")
+        time.sleep(self.settle_s)
+        return shard_map
+
+    def _vectors(self, shards: Sequence[int]) -> int:
+        total = 0
+        for shard in shards:
+            for target in self.replicas[shard]:
+                try:
+                    channel = self._channels.get(target) or open_channel(target)
+                    self._channels[target] = channel
+                    stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(
+                        indexer_pb2.GetStatsRequest(), timeout=10)
+                except grpc.RpcError:
+                    continue
+                total += sum(c.count for c in stats.collections)
+                break
+        return total
+
+    def run(self, to: int) -> RebalanceReport:
+        if to > len(self.replicas):
+            raise ShardMapError(f"--to {to} needs shards 0..{to - 1} in INDEXER_SHARDS / "
+                                f"INDEXER_ADDRS; only {len(self.replicas)} are configured")
+        current = self.store.latest()
+        if current is None:
+            raise ShardMapError("there is no shard map yet: start the gateways with "
+                                "GATEWAY_SHARD_MAP set (they create version 1 from the shards "
+                                "they route to), then rebalance")
+        report = RebalanceReport(from_shards=current.shards, to_shards=to,
+                                 partitions=current.partitions)
+        if current.state == STABLE and not current.drop:
+            if current.shards == to:
+                self.say(f"shard map v{current.version} already places every partition on {to} "
+                         "shard(s): nothing to move")
+                return report
+            report.vectors_before = self._vectors(range(current.shards))
+            owners = plan(current.owners, to)
+            moves = {p: new for p, (old, new) in enumerate(zip(current.owners, owners)) if old != new}
+            self.say(f"moving {len(moves)} of {current.partitions} partitions from "
+                     f"{current.shards} to {to} shard(s)")
+            current = self._publish(current.next(state=MIGRATING, moves=moves), report)
+        report.moved_partitions = len(current.moves) or sum(map(len, current.drop.values()))
+        if current.state == MIGRATING:
+            report.vectors_moved = self._import(current)
+            current = self._publish(current.next(state=SWITCHED), report)
+        if current.state == SWITCHED:
+            owners = tuple(current.moves.get(p, o) for p, o in enumerate(current.owners))
+            drop: dict[int, list[int]] = defaultdict(list)
+            for partition, _ in sorted(current.moves.items()):
+                drop[current.owners[partition]].append(partition)
+            current = self._publish(current.next(state=STABLE, owners=owners, moves={},
+                                                 drop={s: tuple(ps) for s, ps in drop.items()}),
+                                    report)
+        if current.drop:
+            report.vectors_dropped = self._drop(current)
+            self.store.publish(current.next(drop={}))
+            report.versions.append(current.version + 1)
+            self.say(f"published shard map v{current.version + 1} (stable): rebalance complete")
+        return report
+
+    def _import(self, shard_map: ShardMap) -> int:
+        """Each new owner's replicas take over their partitions; returns vectors moved."""
+        by_route: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for partition, target in sorted(shard_map.moves.items()):
+            by_route[(shard_map.owners[partition], target)].append(partition)
+        moved = 0
+        for (source, target), partitions in sorted(by_route.items()):
+            imported = []
+            for replica in self.replicas[target]:
+                started = time.perf_counter()
+                try:
+                    reply = self._stub(replica).ImportPartitions(indexer_pb2.ImportPartitionsRequest(
+                        sources=list(self.replicas[source]), partitions=partitions,
+                        partition_count=shard_map.partitions), timeout=self.rpc_timeout_s,
+                        metadata=self.metadata)
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise ShardMapError(f"import into shard {target} replica {replica} failed: "
+                                            f"{error.code().name}: {error.details()}") from None
+                    self.say(f"  shard {target} replica {replica} is down: it catches up from a "
+                             "peer of its shard when it is back")
+                    continue
+                imported.append(reply.imported)
+                self.say(f"  shard {source} -> {target}: {len(partitions)} partition(s), "
+                         f"{reply.imported} vector(s) into {replica} from {reply.source} in "
+                         f"{time.perf_counter() - started:.2f}s")
+            if not imported:
+                raise ShardMapError(f"no replica of shard {target} took partitions from shard "
+                                    f"{source}; start one and run the rebalance again")
+            moved += max(imported)
+        return moved
+
+    def _drop(self, shard_map: ShardMap) -> int:
+        dropped = 0
+        for shard, partitions in sorted(shard_map.drop.items()):
+            for replica in self.replicas[shard]:
+                try:
+                    reply = self._stub(replica).DropPartitions(indexer_pb2.DropPartitionsRequest(
+                        partitions=list(partitions), partition_count=shard_map.partitions),
+                        timeout=self.rpc_timeout_s, metadata=self.metadata)
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise ShardMapError(f"drop on shard {shard} replica {replica} failed: "
+                                            f"{error.code().name}: {error.details()}") from None
+                    self.say(f"  shard {shard} replica {replica} is down: it catches up from a "
+                             "peer of its shard when it is back")
+                    continue
+                dropped += reply.dropped
+                self.say(f"  shard {shard} replica {replica}: dropped {reply.dropped} vector(s) of "
+                         f"{len(partitions)} partition(s) it gave away")
+        return dropped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.gateway.rebalance",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--to", type=int, required=True, help="number of shards to spread over")
+    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
+                        help="shard map directory (default GATEWAY_SHARD_MAP)")
+    parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
+                        help="replicas per shard, 0=a:p|b:p;1=... (default INDEXER_SHARDS)")
+    parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
+    parser.add_argument("--settle-s", type=float,
+                        default=2 * env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05) + 1.0,
+                        help="wait after each new map version (default 2 x poll interval + 1 s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.shard_map:
+        raise ConfigError("set GATEWAY_SHARD_MAP (or --shard-map): the directory the gateways "
+                          "read the shard map from")
+    replicas = (shard_replicas_setting(args.shards, args.indexers)
+                or single_replica_shards(parse_indexer_addrs(args.indexers)))
+    rebalancer = Rebalancer(JsonShardMapStore(args.shard_map), replicas,
+                            write_token=env_str("WRITE_TOKEN", "") or None, settle_s=args.settle_s)
+    started = time.perf_counter()
+    try:
+        report = rebalancer.run(args.to)
+    except ShardMapError as exc:
+        print(f"rebalance: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        rebalancer.close()
+    print(f"rebalance done in {time.perf_counter() - started:.1f}s: {report.moved_partitions} "
+          f"partition(s), {report.vectors_moved} of {report.vectors_before} vectors moved "
+          f"(fraction {report.moved_fraction:.3f}), {report.vectors_dropped} dropped from old "
+          f"owners; map versions {report.versions}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

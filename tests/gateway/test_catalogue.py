@@ -1,0 +1,378 @@
+"""The listing catalogue, one suite run against both back ends (SQLite file, real PostgreSQL):
+migrations, reads and writes, bulk load, the outbox (order, leases, backoff), concurrency, and
+faults (bad GATEWAY_DB, unreachable or vanished database, recovery without restart)."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psycopg
+import pytest
+
+from common.config import REPO_ROOT
+from scripts.stack import free_port
+from services.gateway.catalogue import (
+    SCHEMA_VERSION,
+    Catalogue,
+    CatalogueError,
+    CatalogueUnavailable,
+    DuplicateListing,
+    StoredVector,
+)
+from services.gateway.catalogue_db import DatabaseError, mask_password, parse_database_url
+from services.gateway.domain import Listing
+from tests.gateway.test_gateway_units import listing, write_prepared
+from tests.support.postgres import PostgresCluster
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def vectors_of(item: Listing, dim: int = 4, text: bool = True) -> list[StoredVector]:
+    rng = np.random.default_rng(len(item.id))
+    stored = [StoredVector("image", image_id, rng.standard_normal(dim).astype(np.float32))
+              for image_id in item.image_ids]
+    if text:
+        stored.append(StoredVector("text", item.id, rng.standard_normal(3).astype(np.float32)))
+    return stored
+
+
+def set_schema_version(url: str, version: int) -> None:
+    parsed = parse_database_url(url)
+    if parsed.is_sqlite:
+        db = sqlite3.connect(parsed.target)
+        db.execute(f"PRAGMA user_version = {version}")
+        db.close()
+    else:
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("UPDATE catalogue_schema SET version = %s", (version,))
+
+
+# ----------------------------------------------------------------------------- GATEWAY_DB
+
+
+@pytest.mark.parametrize("value, kind, target", [
+    ("run/catalogue.sqlite3", "sqlite", "run/catalogue.sqlite3"),
+    ("/abs/c.sqlite3", "sqlite", "/abs/c.sqlite3"),
+    ("sqlite:///run/c.sqlite3", "sqlite", "run/c.sqlite3"),
+    ("sqlite:////abs/c.sqlite3", "sqlite", "/abs/c.sqlite3"),
+    ("postgresql://u:pw@db:5432/cat", "postgresql", "postgresql://u:pw@db:5432/cat"),
+    ("postgres://u@db/cat?sslmode=require", "postgresql", "postgres://u@db/cat?sslmode=require"),
+])
+def test_gateway_db_values(value, kind, target):
+    parsed = parse_database_url(value)
+    assert (parsed.kind, parsed.target) == (kind, target)
+    assert "pw" not in parsed.display
+
+
+@pytest.mark.parametrize("value, message", [
+    ("mysql://u@h/db", "unknown scheme"),
+    ("postgresql://u:secret@/cat", "no host"),
+    ("postgresql://u:secret@h:5432/", "no database name"),
+    ("postgresql://u:secret@h:port/cat", "port"),
+    ("sqlite://relative", "sqlite:///"),
+    ("", "empty"),
+])
+def test_bad_gateway_db_values_name_the_setting(value, message):
+    with pytest.raises(DatabaseError, match=message) as raised:
+        parse_database_url(value)
+    assert "GATEWAY_DB" in str(raised.value) and "secret" not in str(raised.value)
+
+
+def test_passwords_are_masked():
+    assert mask_password("postgresql://me:s3cr@t@h:1/d") == "postgresql://me:***@h:1/d"
+    assert mask_password("postgresql://me@h/d") == "postgresql://me@h/d"
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def test_created_migrated_and_reopened(catalogue_url):
+    with Catalogue.open(catalogue_url) as catalogue:
+        assert catalogue.schema_version == SCHEMA_VERSION
+        catalogue.add(listing("L1"))
+    with Catalogue.open(catalogue_url) as catalogue:  # second open: no migration re-run, data kept
+        assert catalogue.schema_version == SCHEMA_VERSION
+        assert catalogue.get("L1") == listing("L1")
+
+
+def test_refuses_a_newer_schema(catalogue_url):
+    Catalogue.open(catalogue_url).close()
+    set_schema_version(catalogue_url, SCHEMA_VERSION + 1)
+    with pytest.raises(CatalogueError, match="schema version"):
+        Catalogue.open(catalogue_url)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database, just some text " * 100)
+    with pytest.raises(CatalogueError, match="notes.txt"):
+        Catalogue.open(f"sqlite:///{path}")
+
+
+def test_a_version_1_catalogue_is_migrated_and_keeps_its_listings(tmp_path):
+    """A file written by the gateway before the outbox (schema 1) opens as live listings."""
+    path = tmp_path / "old.sqlite3"
+    from services.gateway.catalogue import MIGRATIONS
+    from services.gateway.catalogue_db import SqliteDatabase
+
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[0].format(**SqliteDatabase.types))
+    db.execute("INSERT INTO listings (id, title, created_at) VALUES ('old', 'Old chair', 0)")
+    db.execute("INSERT INTO listing_images VALUES ('old-a', 'old', 0)")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Catalogue.open(path) as catalogue:
+        assert catalogue.schema_version == SCHEMA_VERSION
+        assert catalogue.get("old").image_ids == ("old-a",)
+
+
+def test_gateways_starting_together_migrate_once(catalogue_url):
+    """Eight openers at once on an empty database: one migrates, the others wait and find it done."""
+    errors: list[BaseException] = []
+    opened: list[Catalogue] = []
+    barrier = threading.Barrier(8)
+
+    def open_one():
+        barrier.wait()
+        try:
+            opened.append(Catalogue.open(catalogue_url))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert not errors, errors
+        assert {c.schema_version for c in opened} == {SCHEMA_VERSION}
+        opened[0].add(listing("L1"))
+        assert all(c.get("L1") is not None for c in opened)
+    finally:
+        for catalogue in opened:
+            catalogue.close()
+
+
+# ----------------------------------------------------------------------------- reads and writes
+
+
+def test_add_get_remove_and_duplicates(catalogue_url):
+    with Catalogue.open(catalogue_url) as catalogue:
+        catalogue.add(listing("L1", price=None, currency=""))
+        catalogue.add(listing("L2", images=("x",)))
+        assert catalogue.get("L1").price is None
+        assert catalogue.get("L1").image_ids == ("L1-a", "L1-b")  # order kept
+        with pytest.raises(DuplicateListing):
+            catalogue.add(listing("L1"))
+        with pytest.raises(DuplicateListing):  # an image id already used: nothing written
+            catalogue.add(Listing("L3", "t", image_ids=("L2-x",)))
+        assert catalogue.get("L3") is None and catalogue.count() == 2
+        assert set(catalogue.get_many(["L1", "L2", "nope"])) == {"L1", "L2"}
+        assert catalogue.main_categories() == ["Home & Garden"]
+        assert [(r.image_id, r.listing_id) for r in catalogue.image_rows(["L2-x", "zz"])] == [("L2-x", "L2")]
+        assert catalogue.remove("L1") == listing("L1", price=None, currency="")
+        assert catalogue.remove("L1") is None
+        assert catalogue.count_images() == 1
+
+
+def test_unicode_and_long_text_round_trip(catalogue_url):
+    item = listing("L-ü", title="Schöner Stuhl — 椅子 🙂", description="x" * 20_000, location="Zürich")
+    with Catalogue.open(catalogue_url) as catalogue:
+        catalogue.add(item)
+        assert catalogue.get("L-ü") == item
+
+
+def test_get_many_beyond_sql_variable_limit(catalogue_url):
+    with Catalogue.open(catalogue_url) as catalogue:
+        for start in range(0, 1200, 300):
+            with catalogue._tx() as tx:  # bulk insert for speed; add() is one transaction each
+                from services.gateway.catalogue import _insert_many
+                _insert_many(tx, [(listing(f"L{i:04d}", images=("p",)), "") for i in range(start, start + 300)], 0.0)
+        found = catalogue.get_many([f"L{i:04d}" for i in range(1200)])
+        assert len(found) == 1200 and found["L0999"].image_ids == ("L0999-p",)
+
+
+def test_load_prepared(catalogue_url, tmp_path):
+    prepared = write_prepared(tmp_path / "prepared")
+    with Catalogue.open(catalogue_url) as catalogue:
+        report = catalogue.load_prepared(prepared)
+        assert (report.listings, report.images) == (3, 2)
+        assert report.images_skipped_missing_file == 1 and report.images_skipped_unknown_listing == 1
+        table = catalogue.get("p1")
+        assert table.description == "Solid oak,\nseats 4" and table.location == "Leeds, West Yorkshire"
+        assert table.price == 40.0 and table.image_ids == ("i1",)
+        assert catalogue.get("p2").price is None  # absurd price -> unknown
+        assert catalogue.get("p3").price is None and catalogue.get("p3").image_ids == ()
+        again = catalogue.load_prepared(prepared)  # idempotent: nothing new
+        assert again.listings == 0 and catalogue.count() == 3
+        only = catalogue.load_prepared(prepared, replace=True, only_with_images=True)
+        assert only.listings == 2 and catalogue.count() == 2
+
+
+# ----------------------------------------------------------------------------- outbox
+
+
+def test_pending_listing_is_hidden_until_its_entry_is_done(catalogue_url):
+    item = listing("L1")
+    with Catalogue.open(catalogue_url) as catalogue:
+        entry = catalogue.add_pending(item, vectors_of(item), shard=1)
+        assert catalogue.get("L1") is None and catalogue.count() == 0
+        assert catalogue.get("L1", include_pending=True) == item
+        assert catalogue.count(include_pending=True) == 1
+        assert catalogue.due_outbox(time.time()) == [entry.seq]
+        claimed = catalogue.claim(entry.seq, "A", lease_s=30)
+        assert claimed.op == "upsert" and claimed.shard == 1 and claimed.listing == item
+        assert [(v.collection, v.item_id) for v in claimed.vectors] == [
+            ("image", "L1-a"), ("image", "L1-b"), ("text", "L1")]
+        np.testing.assert_array_equal(claimed.vectors[0].vector, vectors_of(item)[0].vector)
+        assert catalogue.claim(entry.seq, "B", lease_s=30) is None  # held by A
+        assert catalogue.due_outbox(time.time()) == []
+        catalogue.complete(claimed)
+        assert catalogue.get("L1") == item and catalogue.pending_outbox() == []
+
+
+def test_add_pending_duplicate_writes_nothing(catalogue_url):
+    with Catalogue.open(catalogue_url) as catalogue:
+        catalogue.add(listing("L1"))
+        with pytest.raises(DuplicateListing):
+            catalogue.add_pending(listing("L1", images=("z",)), vectors_of(listing("L1", images=("z",))), 0)
+        assert catalogue.pending_outbox() == [] and catalogue.count_images() == 2
+
+
+def test_entries_of_one_listing_apply_in_order(catalogue_url):
+    item = listing("L1")
+    with Catalogue.open(catalogue_url) as catalogue:
+        add = catalogue.add_pending(item, vectors_of(item), shard=0)
+        removed, delete = catalogue.remove_queued("L1", 0)  # still pending: removable all the same
+        assert catalogue.due_outbox(time.time()) == [add.seq]  # the deletion waits for the upsert
+        assert catalogue.claim(delete.seq, "B", 30) is None
+        first = catalogue.claim(add.seq, "A", 30)
+        assert first.listing is None  # gone since: nothing to push
+        catalogue.complete(first)
+        assert catalogue.remove_queued("L1", 0) is None
+        assert removed == item and delete.op == "delete"
+        assert delete.item_ids == {"image": ["L1-a", "L1-b"], "text": ["L1"]}
+        again = catalogue.add_pending(item, vectors_of(item), shard=0)  # same id added again
+        assert again.seq > delete.seq
+        assert catalogue.due_outbox(time.time()) == [delete.seq]  # the re-add waits its turn
+        assert catalogue.claim(again.seq, "B", 30) is None
+        catalogue.complete(catalogue.claim(delete.seq, "A", 30))
+        assert catalogue.due_outbox(time.time()) == [again.seq]
+        catalogue.complete(catalogue.claim(again.seq, "B", 30))
+        assert catalogue.get("L1") == item
+
+
+def test_upsert_entry_of_a_removed_listing_pushes_nothing(catalogue_url):
+    item = listing("L1")
+    with Catalogue.open(catalogue_url) as catalogue:
+        add = catalogue.add_pending(item, vectors_of(item), shard=0)
+        catalogue.remove("L1")
+        entry = catalogue.claim(add.seq, "A", 30)
+        assert entry.listing is None and entry.vectors == ()
+
+
+def test_lease_expiry_and_backoff(catalogue_url):
+    item = listing("L1")
+    with Catalogue.open(catalogue_url) as catalogue:
+        entry = catalogue.add_pending(item, vectors_of(item), shard=0)
+        held = catalogue.claim(entry.seq, "dead gateway", lease_s=0.3)
+        assert held is not None and catalogue.claim(entry.seq, "B", 30) is None
+        time.sleep(0.4)
+        taken = catalogue.claim(entry.seq, "B", 30)  # the lease ran out: B takes over
+        assert taken is not None
+        catalogue.fail(taken, "shard down", retry_in_s=60)
+        stats = catalogue.outbox_stats()
+        assert (stats.pending, stats.failing, stats.last_error) == (1, 1, "shard down")
+        assert catalogue.due_outbox(time.time()) == []  # backing off
+        assert catalogue.claim(entry.seq, "C", 30) is None
+        urgent = catalogue.claim(entry.seq, "C", 30, ignore_backoff=True)  # a request retrying it
+        assert urgent is not None and urgent.attempts == 1
+
+
+def test_concurrent_claims_give_each_entry_to_one_holder(catalogue_url):
+    with Catalogue.open(catalogue_url) as catalogue:
+        seqs = [catalogue.add_pending(listing(f"L{i}"), vectors_of(listing(f"L{i}"), text=False), 0).seq
+                for i in range(20)]
+        won: dict[int, list[str]] = {seq: [] for seq in seqs}
+        barrier = threading.Barrier(4)
+
+        def claimer(name: str):
+            barrier.wait()
+            for seq in seqs:
+                if catalogue.claim(seq, name, 30) is not None:
+                    won[seq].append(name)
+
+        threads = [threading.Thread(target=claimer, args=(f"h{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(len(holders) == 1 for holders in won.values()), won
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_unreachable_postgres_at_open_is_unavailable_and_masks_the_password():
+    url = f"postgresql://me:s3cret@127.0.0.1:{free_port()}/cat"
+    started = time.monotonic()
+    with pytest.raises(CatalogueUnavailable, match="cannot connect") as raised:
+        Catalogue.open(url, connect_timeout_s=1.0)
+    assert time.monotonic() - started < 10
+    assert "127.0.0.1" in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+def test_a_missing_postgres_database_is_named(postgres):
+    with pytest.raises(CatalogueUnavailable, match='database "nosuchdb" does not exist'):
+        Catalogue.open(postgres.url("nosuchdb"), connect_timeout_s=2.0)
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("mysql://u@h/db", "unknown scheme"),
+    (None, "cannot connect to the catalogue database"),
+])
+def test_gateway_refuses_to_start_with_one_line_naming_gateway_db(value, expect):
+    value = value or f"postgresql://me:s3cret@127.0.0.1:{free_port()}/cat"
+    env = {**os.environ, "GATEWAY_DB": value, "GATEWAY_DB_CONNECT_TIMEOUT_S": "1",
+           "GATEWAY_PORT": "0", "EMBEDDER_ADDR": "127.0.0.1:1", "INDEXER_ADDRS": "127.0.0.1:2"}
+    result = subprocess.run([sys.executable, "-m", "services.gateway"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "GATEWAY_DB" in last and expect in last and "s3cret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_postgres_going_away_is_unavailable_then_recovers_without_reopening(tmp_path):
+    cluster = PostgresCluster().start()
+    try:
+        url = cluster.create_database("outage")
+        with Catalogue.open(url, connect_timeout_s=1.0) as catalogue:
+            catalogue.add(listing("L1"))
+            cluster.stop()
+            with pytest.raises(CatalogueUnavailable) as raised:
+                catalogue.get("L1")
+            assert f"127.0.0.1:{cluster.port}/outage" in str(raised.value)
+            with pytest.raises(CatalogueUnavailable):
+                catalogue.add(listing("L2"))
+            cluster.start()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert catalogue.get("L1") == listing("L1")
+                    break
+                except CatalogueUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            catalogue.add(listing("L2"))
+            assert catalogue.count() == 2
+    finally:
+        cluster.destroy()

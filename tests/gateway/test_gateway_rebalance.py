@@ -1,0 +1,223 @@
+"""Resharding without a re-index: 2 -> 3 shards with `services.gateway.rebalance` while searches
+run, over real indexer servers (durable, one replica per shard) and a gateway routing by the
+versioned shard map; an interrupted rebalance is finished by running it again; the shard map
+refuses inconsistent versions."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+
+import grpc
+import pytest
+
+from common.shard_map import (JsonShardMapStore, ShardMap, ShardMapError, initial, partition_of,
+                              plan, rendezvous_owner)
+from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from scripts.stack import free_port
+from services.gateway.config import GatewayConfig, RetryPolicy
+from services.gateway.rebalance import Rebalancer
+from services.gateway.server import start as start_gateway
+from services.gateway.shards import ShardRouting, shard_of
+from services.indexer.config import IndexerConfig
+from services.indexer.server import start as start_indexer
+from services.indexer.spec import parse_collections
+from tests.gateway.gateway_fakes import DIM, FakeEmbedder, serve_embedder
+
+
+def test_initial_map_routes_like_the_hash_and_rendezvous_moves_a_third():
+    two = initial(2)
+    assert all(ShardRouting(2, two).shard_for(f"L{i}") == shard_of(f"L{i}", 2) for i in range(500))
+    three = plan(two.owners, 3)
+    moved = [p for p in range(256) if three[p] != two.owners[p]]
+    assert all(three[p] == 2 for p in moved)  # only to the new shard
+    assert 0.25 < len(moved) / 256 < 0.42
+    assert plan(three, 3) == three
+    assert all(rendezvous_owner(p, 3) == three[p] for p in moved)
+
+
+def test_shard_map_store_refuses_inconsistent_maps(tmp_path):
+    store = JsonShardMapStore(tmp_path)
+    store.publish(initial(2, 8))
+    with pytest.raises(ShardMapError, match="version 1 already exists"):
+        store.publish(initial(2, 8))
+    with pytest.raises(ShardMapError, match="every partition needs a shard"):
+        ShardMap(2, 8, (0, 1, 0))
+    with pytest.raises(ShardMapError, match="partition with no shard"):
+        ShardMap(2, 4, (0, 1, -1, 0))
+    (tmp_path / "shard-map-v000002.json").write_text(json.dumps(initial(2, 8).to_json()))
+    with pytest.raises(ShardMapError, match="two maps claim one version"):
+        store.latest()
+    routing = ShardRouting(2)
+    with pytest.raises(ShardMapError, match="only shards 0..1 are configured"):
+        routing.use(ShardMap(1, 4, (0, 1, 2, 0)))
+
+
+class Cluster:
+    """Three real indexer shards (shard 2 empty and unused at first) behind a gateway whose
+    shard map places every partition on shards 0 and 1."""
+
+    def __init__(self, root, listings: int = 30) -> None:
+        self.root = root
+        self.map_dir = root / "shard-map"
+        JsonShardMapStore(self.map_dir).publish(initial(2))
+        self.indexers = [start_indexer(IndexerConfig(
+            host="127.0.0.1", port=free_port(), data_dir=root / f"shard{s}", log_level="info",
+            collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
+            snapshot_seconds=0, fsync=False, shard=s, partitions=256)) for s in range(3)]
+        self.embedder = serve_embedder(FakeEmbedder())
+        self.replicas = tuple((f"127.0.0.1:{i.port}",) for i in self.indexers)
+        self.gateway = start_gateway(GatewayConfig(
+            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
+            embedder_addr=f"127.0.0.1:{self.embedder.port}", indexer_shards=self.replicas,
+            downstream_timeout_s=5.0, retry=RetryPolicy(2, 0.01, 0.05), readiness_interval_s=0,
+            shard_map_dir=self.map_dir, shard_map_poll_s=0.1))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.listings = [self.add(f"R-{i}") for i in range(listings)]
+
+    def add(self, listing_id: str) -> gateway_pb2.Listing:
+        return self.stub.AddListing(gateway_pb2.AddListingRequest(
+            listing=gateway_pb2.Listing(id=listing_id, title=listing_id, main_category="Appliances"),
+            images=[f"photo {listing_id} {j}".encode() for j in range(2)]), timeout=5).listing
+
+    def holders(self) -> Counter:
+        """image id -> how many shards hold it."""
+        held = Counter()
+        for indexer in self.indexers:
+            held.update(indexer.store.collection("image").ids())
+        return held
+
+    def rebalancer(self, say=print) -> Rebalancer:
+        return Rebalancer(JsonShardMapStore(self.map_dir), self.replicas, write_token=None,
+                          settle_s=0.4, say=say)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.gateway.stop(0)
+        self.embedder.stop(0)
+        for indexer in self.indexers:
+            indexer.stop(0)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def test_rebalance_2_to_3_under_reads_and_writes(cluster):
+    assert cluster.indexers[2].store.collection("image").count == 0
+    failures, searches, added = [], [0], []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            for listing in cluster.listings[:6]:
+                try:
+                    reply = cluster.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
+                        listing_id=listing.id, k=5), timeout=5)
+                    assert len(reply.results) == 5
+                    searches[0] += 1
+                except (grpc.RpcError, AssertionError) as exc:
+                    failures.append(exc)
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            added.append(cluster.add(f"W-{n}"))
+            n += 1
+            stop.wait(0.05)
+
+    threads = [threading.Thread(target=read), threading.Thread(target=write)]
+    for thread in threads:
+        thread.start()
+    try:
+        report = cluster.rebalancer().run(3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    print("searches", searches[0], "added during", len(added), report)
+    assert not failures and searches[0] > 0 and added
+    assert report.to_shards == 3 and 0.15 < report.moved_fraction < 0.55, report
+    latest = JsonShardMapStore(cluster.map_dir).latest()
+    assert latest.state == "stable" and not latest.drop and latest.shards == 3
+    held = cluster.holders()
+    everything = cluster.listings + added
+    for listing in everything:  # every listing on exactly its new owner, once
+        owner = latest.owners[partition_of(listing.id, 256)]
+        stored = cluster.indexers[owner].store.collection("image")
+        assert all(stored.contains(i) and held[i] == 1 for i in listing.image_ids), listing.id
+    assert sum(held.values()) == 2 * len(everything)
+    assert cluster.indexers[2].store.collection("image").count > 0
+    # searches now reach all three shards and find listings that moved
+    moved = next(l for l in cluster.listings if latest.owners[partition_of(l.id, 256)] == 2)
+    reply = cluster.stub.SearchByImage(gateway_pb2.SearchByImageRequest(
+        image=f"photo {moved.id} 0".encode(), k=1), timeout=5)
+    assert reply.results[0].listing.id == moved.id
+
+
+def test_an_interrupted_rebalance_is_finished_by_running_it_again(cluster):
+    first = cluster.rebalancer()
+    published = []
+    original = first._publish
+
+    def publish_then_die(shard_map, report):
+        result = original(shard_map, report)
+        published.append(shard_map.state)
+        if shard_map.state == "switched":
+            raise KeyboardInterrupt("killed after switching")
+        return result
+
+    first._publish = publish_then_die
+    with pytest.raises(KeyboardInterrupt):
+        first.run(3)
+    assert published == ["migrating", "switched"]
+    assert max(cluster.holders().values()) == 2  # moved partitions are on two shards for now
+    extra = cluster.add("after-interruption")
+    report = cluster.rebalancer().run(3)
+    assert report.vectors_dropped > 0
+    held = cluster.holders()
+    assert set(held.values()) == {1}
+    assert sum(held.values()) == 2 * (len(cluster.listings) + 1)
+    assert all(held[i] == 1 for i in extra.image_ids)
+    again = cluster.rebalancer().run(3)  # a third run has nothing left to do
+    assert again.moved_partitions == 0 and again.versions == []
+
+
+def test_sigkill_of_the_rebalance_command_then_rerun(cluster):
+    """The real command as a process, SIGKILLed once the map says `switched`; run again it
+    finishes: every listing once, on its new owner."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "GATEWAY_SHARD_MAP": str(cluster.map_dir),
+           "INDEXER_SHARDS": ";".join(f"{s}={r[0]}" for s, r in enumerate(cluster.replicas))}
+    env.pop("INDEXER_ADDRS", None)
+    command = [sys.executable, "-m", "services.gateway.rebalance", "--to", "3", "--settle-s", "1"]
+    process = subprocess.Popen(command, env=env, cwd=repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    switched = cluster.map_dir / "shard-map-v000003.json"
+    deadline = time.monotonic() + 120
+    while not switched.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    output = process.communicate()[0]
+    assert switched.exists(), output
+    assert max(cluster.holders().values()) == 2  # copies on old and new owners for now
+    rerun = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "rebalance done" in rerun.stdout
+    held = cluster.holders()
+    assert set(held.values()) == {1} and sum(held.values()) == 2 * len(cluster.listings)
+    latest = JsonShardMapStore(cluster.map_dir).latest()
+    for listing in cluster.listings:
+        owner = latest.owners[partition_of(listing.id, 256)]
+        assert all(cluster.indexers[owner].store.collection("image").contains(i)
+                   for i in listing.image_ids)

@@ -1,0 +1,91 @@
+"""The reconcile command against real indexer shards (in-process servers on ephemeral ports) and
+the catalogue on both back ends: it finds vectors without a listing and listings without their
+vectors, repairs what the catalogue can repair through the outbox, and says what it cannot."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.gateway.catalogue import Catalogue, StoredVector
+from services.gateway.config import RetryPolicy
+from services.gateway.downstream import Deadline, IndexerShards, IndexItem
+from services.gateway.outbox import OutboxApplier
+from services.gateway.reconcile import main, reconcile
+from services.indexer.config import IndexerConfig
+from services.indexer.server import start as start_indexer
+from services.indexer.spec import parse_collections
+from tests.gateway.test_gateway_units import listing
+
+DIM = 4
+
+
+def vector(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    servers = [start_indexer(IndexerConfig(
+        host="127.0.0.1", port=0, data_dir=tmp_path / f"indexer-{n}", log_level="warning",
+        collections=tuple(parse_collections(f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")),
+        collections_explicit=True, fsync=False)) for n in range(2)]
+    client = IndexerShards([f"127.0.0.1:{s.port}" for s in servers], RetryPolicy(2, 0.01, 0.05))
+    yield client
+    client.close()
+    for server in servers:
+        server.stop(None)
+
+
+def add_indexed(catalogue: Catalogue, shards: IndexerShards, listing_id: str, seed: int):
+    item = listing(listing_id)
+    stored = [StoredVector("image", image_id, vector(seed + n)) for n, image_id in enumerate(item.image_ids)]
+    stored.append(StoredVector("text", listing_id, vector(seed + 100)))
+    catalogue.add_pending(item, stored, shards.shard_for(listing_id))
+    assert OutboxApplier(catalogue, shards).apply_listing(listing_id, Deadline(10)).done
+    return item
+
+
+def put(shards: IndexerShards, shard: int, item_id: str, listing_id: str, seed: int) -> None:
+    shards.upsert(shard, [IndexItem(item_id, vector(seed), listing_id)], Deadline(10))
+
+
+def test_reconcile_reports_then_repairs(catalogue_url, shards, capsys):
+    deadline = Deadline(30)
+    with Catalogue.open(catalogue_url) as catalogue:
+        kept = add_indexed(catalogue, shards, "kept", 1)
+        damaged = add_indexed(catalogue, shards, "damaged", 2)
+        # a bulk-loaded listing indexed by index_catalogue: the catalogue keeps no vectors of it
+        bulk = listing("bulk", images=("p",))
+        catalogue.add(bulk)
+        put(shards, shards.shard_for("bulk"), "bulk-p", "bulk", 3)
+        clean = reconcile(catalogue, shards)
+        assert (clean.orphans, clean.missing, clean.pending) == (0, 0, 0), clean.examples
+
+        put(shards, shards.shard_for("ghost"), "ghost-1", "ghost", 4)  # listing never stored
+        wrong = 1 - shards.shard_for("kept")
+        put(shards, wrong, "kept-a", "kept", 5)  # a copy on the wrong shard
+        put(shards, shards.shard_for("kept"), "kept-zz", "kept", 6)  # a photo the listing lacks
+        shards.delete(shards.shard_for("damaged"), [damaged.image_ids[0]], deadline)
+        shards.delete(shards.shard_for("damaged"), ["damaged"], deadline, collection="text")
+        shards.delete(shards.shard_for("bulk"), ["bulk-p"], deadline)
+
+        found = reconcile(catalogue, shards)
+        assert (found.orphans, found.missing, found.unrepairable) == (3, 3, 1), found.examples
+        assert catalogue.pending_outbox() == []  # reporting changes nothing
+
+        repaired = reconcile(catalogue, shards, repair=True)
+        assert repaired.repaired == 3 + 1 and repaired.unrepairable == 1
+        after = reconcile(catalogue, shards)
+        assert (after.orphans, after.missing) == (0, 1), after.examples  # only "bulk" is left
+        assert catalogue.pending_outbox() == []
+        home = shards.shard_for("damaged")
+        assert {i.id for i in shards.fetch(home, damaged.image_ids, deadline)} == set(damaged.image_ids)
+        assert [i.id for i in shards.fetch(home, ["damaged"], deadline, collection="text")] == ["damaged"]
+        assert shards.fetch(wrong, ["kept-a"], deadline) == []
+        assert catalogue.get("kept") == kept
+
+    addrs = ",".join(r.downstream.target for r in shards.replicas)
+    assert main(["--db", catalogue_url, "--indexers", addrs]) == 1  # "bulk" still lacks its vector
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "RECONCILE orphans=0 missing=1 pending=0 unrepairable=1 repaired=0")
