@@ -16,7 +16,7 @@ previous run is reused unless ``--reuse-cache`` is given.
 Columns: mode, train photos, image top-1 (test photos, each on its own), listing top-1 (a test
 listing's photos vote), precision@10 (test photos against the train index, same category),
 same-listing recall@5 (test listings with two photos: query with one, find the other among the
-whole catalogue of 3,453 photos; and, easier, among the 516 test photos only), valid image top-1
+whole catalogue of every prepared photo; and, easier, among the test photos only), valid image top-1
 (what picks the best mode), minutes of wall time.
 The last line is ``RESULT image_top1=... listing_top1=... p_at_10=... same_listing_r5=... minutes=...``
 for the best mode (highest image top-1 on the *valid* split, so the test split chooses nothing).

@@ -15,7 +15,13 @@ Accuracy: the artefact's exported heads (`common.text.TextHead`) re-applied to t
 listing level: image-only, text-only and text+image top-1 (this re-computes, from the files, what
 ``training.text`` wrote to ``text_metrics.json``).
 
-The last line is ``RESULT text_top1=... fused_top1=... text_p_at_10=...``.
+SimilarListings (`benchmarks.similar_quality`, when the artefact exports image embeddings): the
+text weight of its photo + text fusion chosen on the valid split, then same-category precision@10
+of the test listings through the real services (started here on free loopback ports), fused and
+photos only, beside the same figures recomputed offline from the vectors.
+
+The last line is ``RESULT text_top1=... fused_top1=... text_p_at_10=... [similar_p_at_10=...
+similar_photos_p_at_10=... similar_text_weight=...]``.
 """
 from __future__ import annotations
 
@@ -138,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print the top 5 listings for this free-text query "
                              "(repeatable); the session the README shows")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--no-similar", action="store_true",
+                        help="skip the SimilarListings measurement (it starts the services)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -210,13 +218,54 @@ def main(argv: list[str] | None = None) -> int:
             for rank, (j, score) in enumerate(zip(row_found, row_scores), start=1):
                 pid = ids[j]
                 print(f"  {rank}. {score:.3f}  {titles[pid][:55]!r}  £{prices[pid]:g}  [{cats[pid]}]")
+    similar = None
+    if (artifact / "embeddings" / "image_embeddings.npy").is_file() and not args.no_similar:
+        valid_rows = np.flatnonzero(listings["product_id"].map(split_of).eq("valid").to_numpy())
+        if args.quick:
+            valid_rows = np.sort(rng.choice(valid_rows, size=min(args.queries, len(valid_rows)), replace=False))
+        similar = similar_listings_quality(
+            artifact, args.data, listings, images, ids, vectors,
+            listings["product_id"].to_numpy()[valid_rows].tolist(),
+            listings["product_id"].to_numpy()[query_rows].tolist())
     if args.json:
         args.json.write_text(json.dumps({k: v for k, v in search.items() if k != "queries"}
-                                        | {"top1": acc}, indent=2) + "\n")
+                                        | {"top1": acc, "similar": similar}, indent=2, default=str) + "\n")
     print(f"\n({time.time() - start:.0f} s)")
+    extra = ""
+    if similar is not None:
+        extra = (f" similar_p_at_10={similar['services']['fused']:.4f} "
+                 f"similar_photos_p_at_10={similar['services']['photos_only']:.4f} "
+                 f"similar_text_weight={similar['text_weight']:.1f}")
     print(f"RESULT text_top1={acc['text']:.4f} fused_top1={acc['text+image']:.4f} "
-          f"text_p_at_10={search['p_at_k']:.4f}")
+          f"text_p_at_10={search['p_at_k']:.4f}{extra}")
     return 0
+
+
+def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, text_ids: list[str],
+                             text_vectors: np.ndarray, valid_ids: list[str], test_ids: list[str]) -> dict:
+    """SimilarListings same-category precision@10 (`benchmarks.similar_quality`): the text weight
+    chosen on valid listings offline, then the test listings through the real services, photos
+    only and fused, beside the offline recomputation of the same figures."""
+    from benchmarks import similar_quality as SQ
+    from services.gateway.index_catalogue import load_artifact_embeddings
+
+    image_ids, image_vectors = load_artifact_embeddings(artifact)
+    data = SQ.SimilarityData(listings, image_ids, image_vectors,
+                             dict(zip(images["image_id"], images["product_id"])), text_ids, text_vectors)
+    photographed = set(images["product_id"])
+    valid_ids = [i for i in valid_ids if i in photographed]
+    test_ids = [i for i in test_ids if i in photographed]
+    weight, curve = SQ.choose_weight(data, valid_ids)
+    offline = SQ.offline_precision(data, test_ids, (None, weight))
+    print(f"\nSimilarListings, same-category precision@{SQ.K} (query: a listing; itself excluded)")
+    print("  text weight on the valid split (" + f"{len(valid_ids)} listings): "
+          + "  ".join(f"{w:.1f}:{p:.3f}" for w, p in curve.items()) + f"  -> chosen {weight:.1f}")
+    services = SQ.through_services(artifact, Path(data_dir), test_ids, weight)
+    print(f"  {'test split, ' + str(len(test_ids)) + ' listings':40s} {'services':>9s} {'offline':>9s}")
+    print(f"  {'photos only':40s} {services['photos_only']:9.3f} {offline[None]:9.3f}")
+    print(f"  {f'photos + text (w = {weight:.1f})':40s} {services['fused']:9.3f} {offline[weight]:9.3f}")
+    return {"text_weight": weight, "valid_curve": {str(w): p for w, p in curve.items()},
+            "services": services, "offline": {"photos_only": offline[None], "fused": offline[weight]}}
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ TEXT_DIM = 384
 
 TEXT_HEAD_FILE = "text_head.safetensors"
 TEXT_CARD_FILE = "text_card.json"
+#: The image artefact's card (`common.model.CARD_FILE`; common.model imports torch, this does not).
+IMAGE_MODEL_CARD_FILE = "model_card.json"
 TEXT_VOCAB_FILE = "text_vocab.json"
 TEXT_FINETUNED_FILE = "text_finetuned.safetensors"
 TEXT_HEAD_FORMAT_VERSION = 1
@@ -438,12 +440,16 @@ class TextHead:
         sources["image"] = _as_2d(image_log_probs, len(self.categories), "image log-probs")
         return self._combine("fusion", sources)
 
-    def check_image_model(self, model_version: str) -> None:
-        """Raise TextHeadError unless the fusion was fit for this image model version."""
+    def check_image_model(self, model_version: str, artifact_dir: Path | str | None = None) -> None:
+        """Raise TextHeadError unless the heads and fusion were fit for this image model version
+        (the message names the command that refits them)."""
         fitted = self.card.get("image_model_version")
         if fitted is not None and fitted != model_version:
-            raise TextHeadError(f"the text+image fusion was fit for image model {fitted}, not "
-                                f"{model_version}; re-run `python -m training.text`")
+            artifact = f" --artifact {artifact_dir}" if artifact_dir is not None else " --artifact DIR"
+            raise TextHeadError(f"the text heads and text+image fusion weights were fit for image model "
+                                f"{fitted}, but the image model is now {model_version}; refit them with "
+                                f"`python -m training.text --data build/data{artifact}` (training.train "
+                                f"does it when it retrains an artefact that has text heads)")
 
     # -- files
 
@@ -484,7 +490,10 @@ class TextHead:
         return card
 
     @classmethod
-    def load(cls, directory: Path) -> "TextHead":
+    def load(cls, directory: Path, *, image_model_version: str | None = None) -> "TextHead":
+        """Load the heads in `directory`.  A head fit for another image model than
+        `image_model_version` (default: the ``model_card.json`` beside it, when there is one) is
+        refused with a `TextHeadError` that says what to run."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
@@ -510,7 +519,15 @@ class TextHead:
             finetuned = FineTunedTextClassifier.load(
                 directory / card["finetuned_file"], card["categories"],
                 max_length=card.get("finetuned", {}).get("max_length", FINETUNED_MAX_LENGTH))
-        return cls(card["categories"], tensors, vocabulary, card, finetuned)
+        head = cls(card["categories"], tensors, vocabulary, card, finetuned)
+        if image_model_version is None and (directory / IMAGE_MODEL_CARD_FILE).is_file():
+            try:
+                image_model_version = json.loads((directory / IMAGE_MODEL_CARD_FILE).read_text()).get("model_version")
+            except (json.JSONDecodeError, OSError) as exc:
+                raise TextHeadError(f"cannot read the image model card beside the text head: {exc}") from None
+        if image_model_version is not None:
+            head.check_image_model(image_model_version, directory)
+        return head
 
 
 def image_listing_log_probs(image_logits: np.ndarray, groups: Sequence) -> tuple[list, np.ndarray]:

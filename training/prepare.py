@@ -12,17 +12,22 @@ Steps (each reports what it dropped and why, nothing is dropped silently):
 2. Join: ``Images.csv`` inner-joined with the listings and restricted to images whose
    file exists (``<image_id>.jpg`` or ``<image_id>_resized.jpg``).
 3. Photos: decoded with `common.images.open_image` (EXIF orientation, any mode to RGB,
-   corrupt files listed and skipped), letterboxed to 512x512 and written as
-   ``OUT/images/<image_id>.jpg`` on 2 processes; a re-run skips finished files.
-   A source that is already a 512x512 RGB JPEG without EXIF and correctly centred is
+   corrupt files listed and skipped), letterboxed to a square of their own longest
+   side, at most 512 (never scaled up: the 320x320 photos stay 320x320, the model's
+   transform resizes to its input size) and written as ``OUT/images/<image_id>.jpg``
+   on 2 processes; a re-run skips finished files.
+   A source that is already a square RGB JPEG without EXIF and correctly centred is
    copied byte for byte (re-encoding would only lose quality); anything else is
    re-encoded at quality 95, which also drops EXIF metadata such as GPS positions.
-   The course's 512x512 photos were letterboxed *top-left* (the black band is only
+   The course's square photos were letterboxed *top-left* (the black band is only
    on the right or bottom); `recentre_letterbox` moves their content to the centre
    so training photos look like what `common.images.letterbox` gives at query time.
+   Each cleaned photo gets a 32x32 grey fingerprint for near-duplicate detection.
 4. Splits: 70/15/15 train/valid/test, grouped so that a listing never spans two
-   splits *and* listings sharing a byte-identical photo (re-posts) form one unit,
-   stratified by main category, with a fixed seed.
+   splits *and* listings sharing a photo or a near-duplicate of one (the same photo
+   re-encoded or resized, see `near_duplicate_photo_pairs`) or a near-identical text
+   (re-posted adverts, `near_duplicate_text_pairs`) form one unit, stratified by main
+   category, with a fixed seed.
 5. ``labels.json``, ``listings.csv``, ``images.csv``, ``summary.json`` and
    ``samples.png`` (a grid of sample photos per category).
 
@@ -43,7 +48,7 @@ import sys
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.images import ImageError, letterbox, open_image
+from common.listing_text import listing_text
 from training.dataset import (
     DEFAULT_OUT_DIR,
     IMAGE_COLUMNS,
@@ -407,6 +413,8 @@ class ImageOutcome:
     sha256: str = ""
     error: str = ""
     recentred: bool = False
+    #: `photo_fingerprint` of the cleaned photo (empty on error).
+    fingerprint: bytes = b""
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
@@ -421,7 +429,12 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 def clean_image(job: ImageJob) -> ImageOutcome:
     """Hash, validate and letterbox one photo.  Never raises for a bad photo: the
     error is returned so the caller can list it.  Idempotent: an existing target
-    that is newer than the source and has the right size/format is kept."""
+    that is newer than the source and has the right size/format is kept.
+
+    The output is a square of side ``min(job.size, longest side of the source)``: a
+    photo is never scaled up here (the model's own transform does whatever resizing
+    its input needs), so the 320 px photos stay 320 px.  Any square source
+    letterboxed into its top-left corner is re-centred, whatever its size."""
     try:
         size = os.path.getsize(job.source)
         if job.max_bytes is not None and size > job.max_bytes:
@@ -432,27 +445,38 @@ def clean_image(job: ImageJob) -> ImageOutcome:
         return ImageOutcome(job.image_id, "error", error=str(exc))
     digest = hashlib.sha256(data).hexdigest()
     if _target_is_current(job):
-        return ImageOutcome(job.image_id, "skipped", digest)
+        return _finished(job, "skipped", digest, recentred=False)
     try:
         img = open_image(data, max_bytes=job.max_bytes, max_pixels=job.max_pixels)
+        side = output_side(img.size, job.size)
         recentred = False
-        if img.size == (job.size, job.size) and job.recentre:
+        if img.width == img.height and job.recentre:
             img, recentred = recentre_letterbox(img)
-        copy_as_is = not recentred and _is_clean_already(data, job.size)
+        copy_as_is = not recentred and _is_clean_already(data, side)
         tmp = f"{job.target}.tmp{os.getpid()}"
         if copy_as_is:
             with open(tmp, "wb") as fh:
                 fh.write(data)
         else:
-            letterbox(img, job.size).save(tmp, "JPEG", quality=JPEG_QUALITY)
+            letterbox(img, side).save(tmp, "JPEG", quality=JPEG_QUALITY)
         os.replace(tmp, job.target)
+        return _finished(job, "copied" if copy_as_is else "written", digest, recentred=recentred)
     except ImageError as exc:
         _remove_quietly(job.target)  # a stale output of an older, valid version
         return ImageOutcome(job.image_id, "error", digest, str(exc))
     except Exception as exc:  # noqa: BLE001 - one odd photo must not stop the run
         _remove_quietly(job.target)
         return ImageOutcome(job.image_id, "error", digest, f"{type(exc).__name__}: {exc}")
-    return ImageOutcome(job.image_id, "copied" if copy_as_is else "written", digest, recentred=recentred)
+
+
+def output_side(source_size: tuple[int, int], max_side: int) -> int:
+    """The cleaned photo's square side: the source's longest side, capped at `max_side`."""
+    return max(1, min(max_side, max(source_size)))
+
+
+def _finished(job: ImageJob, status: str, digest: str, *, recentred: bool) -> ImageOutcome:
+    """The outcome of a photo whose target is written, with the target's fingerprint."""
+    return ImageOutcome(job.image_id, status, digest, recentred=recentred, fingerprint=photo_fingerprint(job.target))
 
 
 def _is_clean_already(data: bytes, size: int) -> bool:
@@ -465,9 +489,11 @@ def _target_is_current(job: ImageJob) -> bool:
     try:
         if os.path.getmtime(job.target) < os.path.getmtime(job.source):
             return False
+        with Image.open(job.source) as source:
+            side = output_side(source.size, job.size)
         with Image.open(job.target) as img:
-            return img.format == "JPEG" and img.mode == "RGB" and img.size == (job.size, job.size)
-    except (OSError, ValueError):
+            return img.format == "JPEG" and img.mode == "RGB" and img.size == (side, side)
+    except (OSError, ValueError, Image.DecompressionBombError):
         return False
 
 
@@ -488,6 +514,154 @@ def clean_images(jobs: Sequence[ImageJob], *, workers: int, progress: bool) -> l
         with multiprocessing.get_context().Pool(workers) as pool:
             outcomes = list(tqdm(pool.imap_unordered(clean_image, jobs, chunksize=chunksize), **bar))
     return sorted(outcomes, key=lambda o: o.image_id)
+
+
+# ============================================================================ near-duplicates
+
+#: Side of the grey thumbnail a photo's fingerprint is (and its perceptual hash is computed from).
+FINGERPRINT_SIDE = 32
+#: Two photos are near-duplicates when their 63-bit perceptual hashes differ in at most this many
+#: bits *and* their thumbnails correlate at least `NEAR_DUPLICATE_CORRELATION`.  Measured on the
+#: shared data against the manifest's source-photo ids (git blob SHA-1 of the 512 px original, so
+#: a photo kept at 512 px and again re-encoded at 320 px shares one): all 251 pairs of the same
+#: source photo are within 8 bits (they correlate >= 0.976), but so are 290 pairs of different
+#: sources, mostly unrelated photos whose black letterbox bands dominate the hash; the correlation
+#: and grey-level checks keep the 137 of those that are really the same shot re-uploaded or a
+#: burst of it, and drop the rest, which would otherwise chain unrelated listings together.
+NEAR_DUPLICATE_HAMMING = 8
+NEAR_DUPLICATE_CORRELATION = 0.95
+#: ... and their grey levels differ by at most this much on average (0-255 scale).  Correlation
+#: ignores brightness and contrast, so without this two plain shapes of the same outline but
+#: different colour would count as one photo; same-source pairs differ by at most 6.5 here.
+NEAR_DUPLICATE_MEAN_DIFFERENCE = 16.0
+#: Listings whose texts (TF-IDF of words and word pairs) have at least this cosine are re-posts
+#: of one another and are kept in one split.  At 0.90 one shop's boilerplate signature links 29
+#: different appliances; at 0.95 the largest such group is 8 copies of the same advert.
+NEAR_DUPLICATE_TEXT_COSINE = 0.95
+_PAIR_CHUNK = 1024  # rows of the all-pairs comparisons computed at once
+
+
+def photo_fingerprint(path: Path | str, side: int = FINGERPRINT_SIDE) -> bytes:
+    """A side x side grey thumbnail of a photo, as bytes: what near-duplicate detection compares.
+
+    JPEGs are decoded at reduced scale (`Image.draft`), which makes this a few milliseconds.
+    """
+    with Image.open(path) as img:
+        img.draft("L", (2 * side, 2 * side))
+        grey = img.convert("L").resize((side, side), Image.Resampling.BOX)
+    return grey.tobytes()
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix (rows are frequencies)."""
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    matrix = np.cos(np.pi * (2 * x + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    matrix[0] /= np.sqrt(2.0)
+    return matrix
+
+
+def perceptual_hashes(thumbs: np.ndarray) -> np.ndarray:
+    """pHash of grey thumbnails (n, side, side) -> (n, 63) bool: the signs of the 8x8 lowest DCT
+    frequencies (the constant one left out) against their median."""
+    side = thumbs.shape[1]
+    dct = _dct_matrix(side)
+    low = (dct[:8] @ thumbs.astype(np.float64) @ dct[:8].T).reshape(len(thumbs), 64)[:, 1:]
+    return low > np.median(low, axis=1, keepdims=True)
+
+
+def _as_uint64(bits: np.ndarray) -> np.ndarray:
+    """(n, <=64) bool -> (n,) uint64, one bit per column."""
+    padded = np.zeros((len(bits), 64), dtype=bool)
+    padded[:, :bits.shape[1]] = bits
+    return np.packbits(padded, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def near_duplicate_photo_pairs(
+    thumbs: np.ndarray,
+    *,
+    max_hamming: int = NEAR_DUPLICATE_HAMMING,
+    min_correlation: float = NEAR_DUPLICATE_CORRELATION,
+    max_mean_difference: float = NEAR_DUPLICATE_MEAN_DIFFERENCE,
+) -> np.ndarray:
+    """Index pairs (i < j) of near-duplicate photos among grey thumbnails (n, side, side).
+
+    Robust to re-encoding and resizing: candidates are pairs whose perceptual hashes differ in at
+    most `max_hamming` bits (counted for all pairs, `_PAIR_CHUNK` rows at a time, as the popcount
+    of XORed 64-bit words), confirmed by the Pearson correlation of their thumbnails and their
+    mean absolute grey-level difference.
+    """
+    n = len(thumbs)
+    if n < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    hashes = _as_uint64(perceptual_hashes(thumbs))
+    grey = thumbs.reshape(n, -1).astype(np.float64)
+    flat = grey - grey.mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(flat, axis=1)
+    flat /= np.where(norms > 0, norms, 1.0)[:, None]  # a flat grey photo correlates 0 with all
+    found = []
+    for start in range(0, n, _PAIR_CHUNK):
+        hamming = np.bitwise_count(hashes[start:start + _PAIR_CHUNK, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(hamming <= max_hamming)
+        rows = rows + start
+        keep = rows < cols
+        rows, cols = rows[keep], cols[keep]
+        correlation = np.einsum("ij,ij->i", flat[rows], flat[cols])
+        difference = np.abs(grey[rows] - grey[cols]).mean(axis=1)
+        confirmed = (correlation >= min_correlation) & (difference <= max_mean_difference)
+        found.append(np.stack([rows[confirmed], cols[confirmed]], axis=1))
+    return np.concatenate(found).astype(np.int64)
+
+
+def near_duplicate_text_pairs(texts: Sequence[str], *, min_cosine: float = NEAR_DUPLICATE_TEXT_COSINE) -> np.ndarray:
+    """Index pairs (i < j, sorted) of texts whose TF-IDF (words and word pairs) cosine is >= `min_cosine`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    nonempty = [i for i, t in enumerate(texts) if t.strip()]
+    if len(nonempty) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    vectors = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit_transform([texts[i] for i in nonempty])
+    index = np.asarray(nonempty)
+    found = []
+    for start in range(0, len(nonempty), _PAIR_CHUNK):
+        similar = (vectors[start:start + _PAIR_CHUNK] @ vectors.T).tocoo()
+        rows = similar.row + start
+        keep = (rows < similar.col) & (similar.data >= min_cosine - 1e-9)
+        found.append(np.stack([index[rows[keep]], index[similar.col[keep]]], axis=1))
+    pairs = np.concatenate(found).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def near_duplicate_text_links(listings: pd.DataFrame, *, min_cosine: float = NEAR_DUPLICATE_TEXT_COSINE) -> list[tuple[str, str]]:
+    """Pairs of product ids whose listing texts (`common.text.listing_text`) are near-identical."""
+    texts = [listing_text(t, d) for t, d in zip(listings["title"], listings["description"])]
+    ids = listings["product_id"].tolist()
+    return [(ids[i], ids[j]) for i, j in near_duplicate_text_pairs(texts, min_cosine=min_cosine)]
+
+
+def photo_groups(images: pd.DataFrame, pairs: np.ndarray) -> pd.Series:
+    """Give every photo the id of its near-duplicate group: photos with the same sha256 or joined
+    by `pairs` (row positions in `images`), named by the smallest image_id in the group."""
+    uf = _UnionFind()
+    image_ids = images["image_id"].tolist()
+    for image_id in image_ids:
+        uf.find(image_id)
+    for _, ids in images.groupby("sha256")["image_id"]:
+        first, *rest = ids.tolist()
+        for other in rest:
+            uf.union(first, other)
+    for i, j in pairs:
+        uf.union(image_ids[i], image_ids[j])
+    return _name_groups(image_ids, uf, images.index)
+
+
+def _name_groups(keys: list, uf: "_UnionFind", index: pd.Index) -> pd.Series:
+    """Each key -> the smallest key of its union-find group (independent of row order)."""
+    members: dict = defaultdict(list)
+    for key in keys:
+        members[uf.find(key)].append(key)
+    name = {key: min(group) for group in members.values() for key in group}
+    return pd.Series([name[k] for k in keys], index=index)
 
 
 # ============================================================================ splits
@@ -518,22 +692,25 @@ class _UnionFind:
         self.size[ra] += self.size[rb]
 
 
-def split_units(images: pd.DataFrame) -> pd.Series:
-    """Give every image the id of its split unit: listings connected by a shared
-    photo hash (byte-identical re-posts) form one unit.  The unit id is the
+def split_units(images: pd.DataFrame, links: Iterable[tuple[str, str]] = ()) -> pd.Series:
+    """Give every image the id of its split unit: listings connected by a shared photo (the same
+    ``photo_group`` when the frame has one, else the same sha256) or by one of `links` (pairs of
+    product ids, e.g. re-posts with near-identical text) form one unit.  The unit id is the
     smallest product_id in it, so it does not depend on row order."""
     uf = _UnionFind()
     for product_id in images["product_id"]:
         uf.find(product_id)
-    for _, products in images.groupby("sha256")["product_id"]:
+    photo_key = "photo_group" if "photo_group" in images else "sha256"
+    for _, products in images.groupby(photo_key)["product_id"]:
         first, *rest = products.tolist()
         for other in rest:
             uf.union(first, other)
-    members: dict = defaultdict(list)
-    for product_id in images["product_id"].unique():
-        members[uf.find(product_id)].append(product_id)
-    unit_of = {p: min(group) for group in members.values() for p in group}
-    return images["product_id"].map(unit_of)
+    known = set(images["product_id"])
+    for a, b in links:
+        if a in known and b in known:
+            uf.union(a, b)
+    products = images["product_id"].tolist()
+    return _name_groups(products, uf, images.index)
 
 
 def assign_splits(
@@ -541,17 +718,19 @@ def assign_splits(
     *,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
+    links: Iterable[tuple[str, str]] = (),
 ) -> pd.Series:
     """Split images into train/valid/test, grouped by unit and stratified by category.
 
     Each unit gets the main category of most of its images (ties: alphabetical).
     Within a category, units are shuffled with `seed` (largest first, so the small
     ones fine-tune the balance) and each goes to the split furthest below its share
-    of that category's images.  Needs columns product_id, main_category, sha256.
+    of that category's images.  Needs columns product_id, main_category and sha256 (or
+    photo_group); `links` are product-id pairs that must share a split (see `split_units`).
     """
     if len(fractions) != len(SPLITS) or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
         raise ValueError(f"fractions must be {len(SPLITS)} non-negative numbers summing to 1, got {fractions}")
-    units = split_units(images)
+    units = split_units(images, links)
     counts = images.groupby([units, images["main_category"]]).size()
     unit_category: dict[str, str] = {}
     for unit, per_category in counts.groupby(level=0):
@@ -580,25 +759,28 @@ def assign_splits(
 
 
 def split_leaks(images: pd.DataFrame) -> dict[str, int]:
-    """Count leaks: listings, and byte-identical photos, that occur in more than one split."""
-    listing_splits = images.groupby("product_id")["split"].nunique()
-    photo_splits = images.groupby("sha256")["split"].nunique()
-    return {
-        "listings_in_several_splits": int((listing_splits > 1).sum()),
-        "photos_in_several_splits": int((photo_splits > 1).sum()),
+    """Count leaks: listings, byte-identical photos and (when the frame has a ``photo_group``
+    column) near-duplicate photo groups that occur in more than one split."""
+    leaks = {
+        "listings_in_several_splits": int((images.groupby("product_id")["split"].nunique() > 1).sum()),
+        "photos_in_several_splits": int((images.groupby("sha256")["split"].nunique() > 1).sum()),
     }
+    if "photo_group" in images:
+        leaks["near_duplicate_groups_in_several_splits"] = int((images.groupby("photo_group")["split"].nunique() > 1).sum())
+    return leaks
 
 
 def assert_no_leak(images: pd.DataFrame) -> None:
-    """Raise `AssertionError` if a listing or a duplicated photo spans two splits."""
+    """Raise `AssertionError` if a listing or a (near-)duplicated photo spans two splits."""
     leaks = split_leaks(images)
     if any(leaks.values()):
         raise AssertionError(f"split leak: {leaks}")
 
 
-def duplicate_report(images: pd.DataFrame) -> dict:
-    """Groups of byte-identical photos, and how many span several listings."""
-    groups = images.groupby("sha256").agg(files=("image_id", "size"), products=("product_id", "nunique"))
+def duplicate_report(images: pd.DataFrame, key: str = "sha256") -> dict:
+    """Groups of photos with the same `key` (sha256: byte-identical; photo_group: near-duplicates),
+    and how many span several listings."""
+    groups = images.groupby(key).agg(files=("image_id", "size"), products=("product_id", "nunique"))
     dup = groups[groups["files"] > 1]
     return {
         "groups": int(len(dup)),
@@ -718,13 +900,31 @@ def prepare(
     failed = [o for o in outcomes if o.status == "error"]
     source_of = dict(zip(joined["image_id"], joined["source"]))
 
-    images = joined[~joined["image_id"].isin({o.image_id for o in failed})].copy()
+    images = joined[~joined["image_id"].isin({o.image_id for o in failed})].reset_index(drop=True)
     images["sha256"] = images["image_id"].map(lambda i: outcome_of[i].sha256)
     images["label"] = images["main_category"].map(labels.encode).astype(int)
     images["path"] = "images/" + images["image_id"] + ".jpg"
-    images["split"] = assign_splits(images, fractions=fractions, seed=seed) if len(images) else []
+    thumbs = np.stack([
+        np.frombuffer(outcome_of[i].fingerprint, dtype=np.uint8).reshape(FINGERPRINT_SIDE, FINGERPRINT_SIDE)
+        for i in images["image_id"]
+    ]) if len(images) else np.zeros((0, FINGERPRINT_SIDE, FINGERPRINT_SIDE), dtype=np.uint8)
+    photo_pairs = near_duplicate_photo_pairs(thumbs)
+    images["photo_group"] = photo_groups(images, photo_pairs)
+    text_links = near_duplicate_text_links(listings[listings["product_id"].isin(set(images["product_id"]))])
+    images["split"] = assign_splits(images, fractions=fractions, seed=seed, links=text_links) if len(images) else []
     assert_no_leak(images)
-    units = split_units(images) if len(images) else pd.Series(dtype=str)
+    units = split_units(images, text_links) if len(images) else pd.Series(dtype=str)
+    near_duplicates = {
+        "photo_pairs": int(len(photo_pairs)),
+        "photo_pairs_not_byte_identical": int(
+            sum(images.at[i, "sha256"] != images.at[j, "sha256"] for i, j in photo_pairs)),
+        **(duplicate_report(images, "photo_group") if len(images) else {}),
+        "text_pairs": len(text_links),
+        "largest_split_unit_listings": int(images.groupby(units)["product_id"].nunique().max()) if len(images) else 0,
+        "max_hamming": NEAR_DUPLICATE_HAMMING,
+        "min_correlation": NEAR_DUPLICATE_CORRELATION,
+        "min_text_cosine": NEAR_DUPLICATE_TEXT_COSINE,
+    }
     images = images[list(IMAGE_COLUMNS)].sort_values("image_id").reset_index(drop=True)
 
     labels.save(out_dir / "labels.json")
@@ -763,11 +963,12 @@ def prepare(
             "stale_files_in_out_images": stale,
         },
         "duplicates": duplicate_report(images) if len(images) else {},
+        "near_duplicates": near_duplicates,
         "splits": {
             "seed": seed,
             "fractions": list(fractions),
             "units": int(units.nunique()),
-            "listings_merged_by_shared_photos": int(images["product_id"].nunique() - units.nunique()) if len(images) else 0,
+            "listings_merged_by_shared_photos_or_texts": int(images["product_id"].nunique() - units.nunique()) if len(images) else 0,
             **split_counts(images, labels.categories),
             **split_leaks(images),
         },
@@ -816,10 +1017,19 @@ def format_summary(summary: dict) -> str:
             f"duplicates: {dup['groups']} groups of byte-identical photos ({dup['extra_copies']} extra copies), "
             f"{dup['groups_spanning_listings']} spanning several listings"
         )
+    near = summary.get("near_duplicates") or {}
+    if near:
+        lines.append(
+            f"near-duplicates: {near['photo_pairs']} photo pairs ({near['photo_pairs_not_byte_identical']} not byte-identical) "
+            f"in {near['groups']} groups, {near['groups_spanning_listings']} spanning several listings; "
+            f"{near['text_pairs']} listing pairs with near-identical text; largest split unit "
+            f"{near['largest_split_unit_listings']} listings"
+        )
     lines.append(
-        f"splits (seed {splits['seed']}, {splits['units']:,} units, {splits['listings_merged_by_shared_photos']} listings "
-        f"merged by shared photos): images {splits['images']}, listings {splits['listings']}; leaks: "
-        f"{splits['listings_in_several_splits']} listings, {splits['photos_in_several_splits']} photos"
+        f"splits (seed {splits['seed']}, {splits['units']:,} units, {splits['listings_merged_by_shared_photos_or_texts']} listings "
+        f"merged by shared photos or texts): images {splits['images']}, listings {splits['listings']}; leaks: "
+        f"{splits['listings_in_several_splits']} listings, {splits['photos_in_several_splits']} photos, "
+        f"{splits.get('near_duplicate_groups_in_several_splits', 0)} near-duplicate groups"
     )
     lines.append(f"  {'category':<34} {'train':>6} {'valid':>6} {'test':>6}")
     for category, counts in splits["images_per_category"].items():

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from common.backbones import get_backbone
 from common.model import CARD_FILE, ListingModel
+from common.text import TEXT_CARD_FILE
 from training.config import PRESETS, TrainConfig, load_config, parse_override, preset
 from training.dataset import DEFAULT_OUT_DIR, load_prepared
 from training.evaluate import (DEFINITIONS, classification_metrics, retrieval_metrics, softmax)
@@ -568,11 +569,23 @@ def up_to_date(out_dir: Path, key: str) -> dict | None:
     return card if card.get("train_key") == key else None
 
 
+TEXT_REFIT_CHOICES = ("auto", "yes", "no")
+
+
 def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
         cache_dir: Path | str | None = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = True,
-        catalogue: Catalogue | None = None) -> dict:
-    """Train, evaluate and export unless `out_dir` already holds this exact result; return the card."""
+        catalogue: Catalogue | None = None, text: str = "auto") -> dict:
+    """Train, evaluate and export unless `out_dir` already holds this exact result; return the card.
+
+    The text heads and text+image fusion weights (`training.text`) depend on the image model, so
+    when a new image model is exported they are refit too: always with ``text="yes"``, with
+    ``"auto"`` when `out_dir` already had text heads (which would otherwise be stale and refused
+    at load), never with ``"no"``.
+    """
     from training.export import export_artifact
+
+    if text not in TEXT_REFIT_CHOICES:
+        raise ValueError(f"text must be one of {TEXT_REFIT_CHOICES}, got {text!r}")
 
     started = time.perf_counter()
     catalogue = catalogue or load_catalogue(data_dir)
@@ -588,9 +601,26 @@ def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
     result = fit(config, catalogue, cache_dir=cache_dir, progress=progress)
     metrics = evaluate_result(result, catalogue)
     result.timings["wall_s"] = time.perf_counter() - started
+    had_text_heads = (Path(out_dir) / TEXT_CARD_FILE).is_file()
     card = export_artifact(Path(out_dir), result, catalogue, metrics, train_key=key)
     card["up_to_date"] = False
+    if text == "yes" or (text == "auto" and had_text_heads):
+        card["text_refit"] = refit_text_heads(Path(data_dir), Path(out_dir))
+    elif had_text_heads:
+        log.warning("the text heads in %s were fit for the previous image model and will be refused at "
+                    "load; refit them with `python -m training.text --data %s --artifact %s`",
+                    out_dir, data_dir, out_dir)
     return card
+
+
+def refit_text_heads(data_dir: Path, artifact_dir: Path) -> dict:
+    """Refit the text heads and the text+image fusion on the artefact's new image model
+    (`training.text.run`); returns its test top-1 figures."""
+    from training import text as text_training
+
+    log.info("refitting the text heads and fusion weights for the new image model in %s", artifact_dir)
+    metrics = text_training.run(data_dir, artifact_dir, artifact_dir)
+    return {name: row.get("test") for name, row in metrics.get("top1", {}).items()}
 
 
 def format_summary(card: dict) -> str:
@@ -637,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--force", action="store_true", help="retrain even when the artefact is up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--text", choices=TEXT_REFIT_CHOICES, default="auto",
+                        help="refit the text heads and fusion weights (training.text) on the new image "
+                             "model: auto = when the artefact directory already has them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -646,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as exc:
         parser.error(str(exc))
     out = args.out or Path("artifacts") / config.name
-    card = run(config, args.data, out, cache_dir=args.cache, force=args.force, progress=not args.no_progress)
+    card = run(config, args.data, out, cache_dir=args.cache, force=args.force, progress=not args.no_progress,
+               text=args.text)
     print(format_summary(card))
     print(f"artefact: {out}  ({'up to date, nothing trained' if card.get('up_to_date') else 'written'})")
     return 0

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     similar = commands.add_parser("similar", help="listings that look like a listing")
     similar.add_argument("listing_id")
+    similar.add_argument("--photos-only", action="store_true", help="rank by the listing's photos alone, not its text")
     _add_filters(similar)
 
     get = commands.add_parser("get", help="one listing")
@@ -167,7 +168,8 @@ def run(args, client: GatewayClient) -> str:
         return results_table(client.recommend(args.like, args.skip, args.seen, args.k,
                                               **_filters(args)))
     if args.command == "similar":
-        return results_table(client.similar(args.listing_id, args.k, **_filters(args)))
+        return results_table(client.similar(args.listing_id, args.k, photos_only=args.photos_only,
+                                            **_filters(args)))
     if args.command == "get":
         return listing_table(client.get(args.listing_id, include_pending=args.include_pending))
     if args.command == "add":

@@ -139,9 +139,11 @@ class GatewayClient:
 
     def similar(self, listing_id: str, k: int = 10, *, main_category: str = "",
                 min_price: float | None = None, max_price: float | None = None, location: str = "",
-                exclude: Iterable[str] = (), timeout: float | None = None) -> list[RankedListing]:
+                exclude: Iterable[str] = (), photos_only: bool = False,
+                timeout: float | None = None) -> list[RankedListing]:
+        """Listings like ``listing_id``: by its photos and text fused, or by its photos alone."""
         reply = self.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-            listing_id=listing_id, k=k,
+            listing_id=listing_id, k=k, photos_only=photos_only,
             filter=self._filter(main_category, min_price, max_price, location, exclude)),
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)

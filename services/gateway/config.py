@@ -71,6 +71,11 @@ Environment variables (flag in brackets; defaults in parentheses):
     indexer is used again within about this time (gRPC's own default grows to 120 s).
 ``GATEWAY_MODEL_INFO_TTL_S`` (60)
     How long the embedder's model info (categories, dimension, batch limit) is cached.
+``GATEWAY_SIMILAR_TEXT_WEIGHT`` (0.7)
+    Text weight ``w`` in [0, 1] of SimilarListings: ``(1 - w) * photo cosine + w * text cosine``
+    (0: photos only, as a request's ``photos_only``). Set it to the weight that
+    ``python -m benchmarks.search_quality`` chooses on the valid split for the served artefact; the
+    default 0.7 is the weight of a first measurement on the earlier 3,453-photo split.
 ``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
     When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
     (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
@@ -107,6 +112,7 @@ from pathlib import Path
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
 from common.security import write_token
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
+from services.gateway.ranking import DEFAULT_SIMILAR_TEXT_WEIGHT
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -152,6 +158,7 @@ class GatewayConfig:
     db_connect_timeout_s: float = 5.0
     outbox_interval_s: float = 0.5
     outbox_lease_s: float = 30.0
+    similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT
     write_token: str | None = None
     max_workers: int = 16
     readiness_interval_s: float = 5.0
@@ -225,6 +232,7 @@ class GatewayConfig:
             db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
             outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
             outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),
+            similar_text_weight=similar_text_weight_from_env(),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
@@ -235,6 +243,14 @@ class GatewayConfig:
         )
         embedder_target(config.embedder_addr)  # fail fast on a malformed value
         return config
+
+
+def similar_text_weight_from_env() -> float:
+    """``GATEWAY_SIMILAR_TEXT_WEIGHT``, a number in [0, 1]."""
+    weight = env_float("GATEWAY_SIMILAR_TEXT_WEIGHT", DEFAULT_SIMILAR_TEXT_WEIGHT, minimum=0.0)
+    if weight > 1.0:
+        raise ConfigError(f"GATEWAY_SIMILAR_TEXT_WEIGHT must be between 0 and 1, got {weight}")
+    return weight
 
 
 def database_setting(value: str) -> Path | str:

@@ -8,7 +8,11 @@ protos and maps those errors to status codes.
 Search by image: embed the photo -> every shard's filtered top-k (one per listing) in parallel ->
 `ranking.merge_by_listing` -> catalogue entries. Similar listings: the listing's stored photo
 vectors (fetched from its shard, no re-embedding) are the queries; the per-photo rankings are
-merged by best score and the listing itself is excluded.
+merged by best score and the listing itself is excluded. Unless the caller asks for photos only,
+its stored text vector also searches the "text" collection, and the two top ``k' = max(3k, 50)``
+rankings are fused by weighted cosine (as hybrid Search, below) with ``w = similar_text_weight``
+(GATEWAY_SIMILAR_TEXT_WEIGHT, to be chosen on the valid split); without a text vector (or a text
+collection) it is the photos-only ranking, without indexed photos the text ranking.
 
 AddListing is all or nothing with no window for orphan vectors (design and failure cases in
 ``docs/catalogue.md``): embed (nothing stored yet) -> one catalogue transaction holding the listing
@@ -90,8 +94,10 @@ from services.gateway.downstream import (
 )
 from services.gateway.outbox import OutboxApplier
 from services.gateway.ranking import (
+    DEFAULT_SIMILAR_TEXT_WEIGHT,
     FUSION_METHODS,
     RECIPROCAL_RANK,
+    WEIGHTED_COSINE,
     FusedHit,
     Hit,
     fuse_image_and_text,
@@ -127,13 +133,15 @@ def candidate_count(k: int) -> int:
 
 class GatewayCore:
     def __init__(self, catalogue: Catalogue, embedder: EmbedderClient, indexer: IndexerShards, *,
-                 max_k: int = 100, max_images: int = 16, outbox: OutboxApplier | None = None) -> None:
+                 max_k: int = 100, max_images: int = 16, outbox: OutboxApplier | None = None,
+                 similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT) -> None:
         self.catalogue = catalogue
         self.embedder = embedder
         self.indexer = indexer
         self.max_k = max_k
         self.max_images = max_images
         self.outbox = outbox or OutboxApplier(catalogue, indexer)
+        self.similar_text_weight = similar_text_weight
 
     def close(self) -> None:
         self.outbox.stop()
@@ -194,22 +202,43 @@ class GatewayCore:
         return self._attach(merge_by_listing(hits, k))
 
     def similar_listings(self, listing_id: str, k: int, search_filter: SearchFilter,
-                         deadline: Deadline) -> list[RankedListing]:
+                         deadline: Deadline, *, photos_only: bool = False) -> list[RankedListing]:
+        """Listings like this one (never itself): by its photos and its text fused, or by its
+        photos alone (``photos_only``, or when it has no text vector; see the module docstring)."""
         listing = self.get_listing(listing_id)
         k = self.resolve_k(k)
         search_filter.validate()
         if search_filter.main_category:
             search_filter.validate(self.categories(deadline, catalogue_fallback=True))
+        exclusion = search_filter.excluding(listing_id)
+        text_query = None if photos_only else self._listing_text_vectors([listing], deadline).get(listing_id)
+        if text_query is None:
+            return self._attach(self._similar_by_photos(listing, k, exclusion, deadline))
+        candidates = candidate_count(k)
+        text = merge_by_listing(self._search_collection(TEXT_COLLECTION, text_query[None, :], candidates,
+                                                        exclusion, deadline), candidates, exclude=[listing_id])
+        image = self._similar_by_photos(listing, candidates, exclusion, deadline, required=False)
+        if not image:  # no indexed photo: the text ranking alone
+            return self._attach([Hit(h.listing_id, h.score, "") for h in text[:k]])
+        return self._attach_fused(fuse_image_and_text(image, text, self.similar_text_weight, WEIGHTED_COSINE, k))
+
+    def _similar_by_photos(self, listing: Listing, k: int, exclusion: SearchFilter, deadline: Deadline,
+                           *, required: bool = True) -> list[Hit]:
+        """The listing's stored photo vectors as queries, merged by best score, itself left out.
+        With ``required`` a listing without (indexed) photos is FAILED_PRECONDITION, else []."""
         if not listing.image_ids:
-            raise FailedPrecondition(f"listing {listing_id} has no photos")
-        stored = self.indexer.fetch(self.indexer.shard_for(listing_id), listing.image_ids, deadline)
+            if not required:
+                return []
+            raise FailedPrecondition(f"listing {listing.id} has no photos")
+        stored = self.indexer.fetch(self.indexer.shard_for(listing.id), listing.image_ids, deadline)
         if not stored:
-            raise FailedPrecondition(f"listing {listing_id} has no indexed photos; index the "
+            if not required:
+                return []
+            raise FailedPrecondition(f"listing {listing.id} has no indexed photos; index the "
                                      "catalogue first (python -m services.gateway.index_catalogue)")
         queries = np.stack([item.vector for item in stored])
-        hits = self._search_collection(IMAGE_COLLECTION, queries, k,
-                                       search_filter.excluding(listing_id), deadline)
-        return self._attach(merge_by_listing(hits, k, exclude=[listing_id]))
+        hits = self._search_collection(IMAGE_COLLECTION, queries, k, exclusion, deadline)
+        return merge_by_listing(hits, k, exclude=[listing.id])
 
     def search_by_text(self, query: str, k: int, search_filter: SearchFilter,
                        deadline: Deadline) -> list[RankedListing]:

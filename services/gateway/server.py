@@ -126,7 +126,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def SimilarListings(self, request, context):
         return self._search(context, request, lambda deadline: (
             self.core.similar_listings(request.listing_id, request.k,
-                                       convert.filter_from_proto(request.filter), deadline)))
+                                       convert.filter_from_proto(request.filter), deadline,
+                                       photos_only=request.photos_only)))
 
     def GetListing(self, request, context):
         return self._run(context, lambda deadline: convert.listing_to_proto(
@@ -211,7 +212,8 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
                            interval_s=config.outbox_interval_s)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images, outbox=outbox)
+                       max_images=config.max_images, outbox=outbox,
+                       similar_text_weight=config.similar_text_weight)
 
 
 def shard_routing(config: GatewayConfig) -> ShardRouting:

@@ -9,6 +9,7 @@ import pytest
 
 from common import text as text_module
 from common.text import (
+    IMAGE_MODEL_CARD_FILE,
     MAX_DESCRIPTION_CHARS,
     TEXT_DIM,
     TextEncoder,
@@ -145,8 +146,27 @@ def test_text_head_round_trips_through_safetensors_and_json(tmp_path):
     np.testing.assert_allclose(loaded.predict_text(x, texts).sum(axis=1), 1.0, atol=1e-9)
     loaded.check_image_model("m-1")
     assert (tmp_path / "text_head.safetensors").stat().st_mode & 0o044  # group/other can read
-    with pytest.raises(TextHeadError, match="re-run"):
+    with pytest.raises(TextHeadError, match="refit them with `python -m training.text"):
         loaded.check_image_model("m-2")
+
+
+def test_a_text_head_fit_for_another_image_model_is_refused_at_load(tmp_path):
+    from common.model import CARD_FILE
+
+    assert IMAGE_MODEL_CARD_FILE == CARD_FILE  # the file the image artefact writes
+    _head().save(tmp_path, image_model_version="m-1")
+    (tmp_path / CARD_FILE).write_text(json.dumps({"model_version": "m-1"}))
+    assert TextHead.load(tmp_path).card["image_model_version"] == "m-1"
+    (tmp_path / CARD_FILE).write_text(json.dumps({"model_version": "m-2"}))  # the image model was retrained
+    with pytest.raises(TextHeadError) as refused:
+        TextHead.load(tmp_path)
+    message = str(refused.value)
+    assert "m-1" in message and "m-2" in message
+    assert f"python -m training.text --data build/data --artifact {tmp_path}" in message
+    # An explicit version wins over the card beside the head.
+    assert TextHead.load(tmp_path, image_model_version="m-1").has_fusion
+    with pytest.raises(TextHeadError):
+        TextHead.load(tmp_path, image_model_version="m-3")
 
 
 def test_fusion_with_a_uniform_image_keeps_the_text_ranking_and_a_confident_image_moves_it():

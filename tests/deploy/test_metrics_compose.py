@@ -39,9 +39,10 @@ def test_every_service_replica_is_discovered_on_its_metrics_port():
     services = compose()["services"]
     scraped = 0
     for name, service in services.items():
-        if name == "prometheus":
+        dockerfile = service.get("build", {}).get("dockerfile", "")
+        kind = dockerfile.split("/")[1] if dockerfile.startswith("services/") else ""
+        if kind not in DEFAULT_PORTS:  # prometheus, postgres, the proxy, the web edge
             continue
-        kind = name.split("-")[0]  # indexer-0 -> indexer
         environment = service.get("environment", {})
         port = int(environment[f"{kind.upper()}_METRICS_PORT"])
         assert port == DEFAULT_PORTS[kind]

@@ -159,6 +159,17 @@ def test_config_from_env(monkeypatch, tmp_path):
         parse_indexer_addrs("a:1,a:1")
 
 
+def test_similar_text_weight_from_env(monkeypatch):
+    monkeypatch.delenv("GATEWAY_SIMILAR_TEXT_WEIGHT", raising=False)
+    assert GatewayConfig.from_env([]).similar_text_weight == 0.7
+    monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", "0.25")
+    assert GatewayConfig.from_env([]).similar_text_weight == 0.25
+    for bad in ("1.5", "-0.1", "half"):
+        monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", bad)
+        with pytest.raises(ConfigError, match="GATEWAY_SIMILAR_TEXT_WEIGHT"):
+            GatewayConfig.from_env([])
+
+
 def test_indexer_shards_and_shard_map_from_env(monkeypatch, tmp_path):
     monkeypatch.delenv("INDEXER_ADDRS", raising=False)
     monkeypatch.setenv("INDEXER_SHARDS", "0=127.0.0.1:1|127.0.0.1:2;1=127.0.0.1:3")

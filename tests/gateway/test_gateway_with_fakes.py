@@ -162,7 +162,10 @@ def test_similar_listings_excludes_the_listing_and_merges_its_photos(stack):
     ids = [r.listing.id for r in results]
     assert "L-table" not in ids
     assert set(ids[:2]) == {"L-lamp", "L-box"}  # one found through each of the two photos
-    assert indexer.faults.calls["Fetch"] == 1
+    # One Fetch for its text vector (the fake has none, so the photos alone rank), one for its photos.
+    assert indexer.faults.calls["Fetch"] == 2
+    assert [r.listing.id for r in stack.client.similar("L-table", k=3, photos_only=True)] == ids
+    assert indexer.faults.calls["Fetch"] == 3
     filtered = stack.client.similar("L-table", k=3, main_category="Other Goods")
     assert [r.listing.id for r in filtered] == ["L-box"]
 

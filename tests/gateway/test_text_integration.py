@@ -81,7 +81,7 @@ def real(tmp_path_factory, test_artifact):
         client = GatewayClient(f"127.0.0.1:{gateway.port}", timeout=60)
         yield SimpleNamespace(
             root=root, prepared=prepared, shards=shards, gateway=gateway, client=client,
-            text_ids=text_ids, text_vectors=text_vectors,
+            text_ids=text_ids, text_vectors=text_vectors, image_ids=image_ids, image_vectors=image_vectors,
             listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
             images=pd.read_csv(prepared / "images.csv", dtype=str))
     finally:
@@ -231,6 +231,62 @@ def test_recommend_refuses_unknown_or_missing_likes(real):
     with pytest.raises(grpc.RpcError) as raised:
         real.client.recommend([], skipped=[real.listings["product_id"].iloc[0]])
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def similar_by_hand(real, listing_id: str, k: int, text_weight: float | None) -> list[tuple[str, float]]:
+    """SimilarListings computed here from the indexed vectors, independently of the gateway: a
+    listing's photo score is its best inner product with any of the query listing's photos; with
+    a text weight, each modality's top max(3k, 50) are fused as (1 - w) * photo + w * text, a
+    listing missing from one list taking that list's lowest score."""
+    image_row = {image_id: row for row, image_id in enumerate(real.image_ids)}
+    photos = real.images.groupby("product_id")["image_id"].apply(list).to_dict()
+    own = real.image_vectors[[image_row[i] for i in photos[listing_id]]]
+    image = {other: float((own @ real.image_vectors[[image_row[i] for i in ids_]].T).max())
+             for other, ids_ in photos.items() if other != listing_id}
+    text_row = {other: row for row, other in enumerate(real.text_ids)}
+    query = real.text_vectors[text_row[listing_id]]
+    text = {other: float(real.text_vectors[row] @ query) for other, row in text_row.items() if other != listing_id}
+
+    def top(scores: dict[str, float], n: int) -> dict[str, float]:
+        return dict(sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:n])
+
+    if text_weight is None:
+        return list(top(image, k).items())
+    n = candidate_count(k)
+    image, text = top(image, n), top(text, n)
+    floor_image, floor_text = min(image.values()), min(text.values())
+    fused = {other: (1 - text_weight) * image.get(other, floor_image) + text_weight * text.get(other, floor_text)
+             for other in set(image) | set(text)}
+    return list(top(fused, k).items())
+
+
+def test_similar_listings_photos_only_is_todays_ranking_and_fused_is_what_the_weight_says(real):
+    core = real.gateway.core
+    listings = real.listings.sort_values("product_id")["product_id"].tolist()
+    default_weight = core.similar_text_weight
+    assert default_weight == 0.7  # GATEWAY_SIMILAR_TEXT_WEIGHT's default
+    differs = 0
+    try:
+        for weight in (default_weight, 0.3):
+            core.similar_text_weight = weight
+            for listing_id in listings[::12]:
+                photos_only = real.client.similar(listing_id, k=8, photos_only=True)
+                expected = similar_by_hand(real, listing_id, 8, None)
+                assert ids(photos_only) == [i for i, _ in expected]
+                assert [r.score for r in photos_only] == pytest.approx([s for _, s in expected], abs=1e-4)
+                fused = real.client.similar(listing_id, k=8)
+                expected = similar_by_hand(real, listing_id, 8, weight)
+                assert ids(fused) == [i for i, _ in expected], (listing_id, weight)
+                assert [r.score for r in fused] == pytest.approx([s for _, s in expected], abs=1e-4)
+                assert listing_id not in ids(fused)
+                differs += ids(fused) != ids(photos_only)
+    finally:
+        core.similar_text_weight = default_weight
+    assert differs > 0  # the text really changes the ranking
+    # A filter applies to both modalities.
+    category = real.listings.set_index("product_id").loc[listings[0], "main_category"]
+    filtered = real.client.similar(listings[0], k=5, main_category=category)
+    assert filtered and all(r.listing.main_category == category for r in filtered)
 
 
 def test_added_listing_is_found_by_text_and_removed_from_the_text_index(real):

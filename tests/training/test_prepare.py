@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from tests.support.photos import decode, real_photos
 from training import prepare as prep
 from training.dataset import (
     IMAGE_COLUMNS,
@@ -210,6 +211,101 @@ def test_leak_check_catches_listing_and_photo_overlap() -> None:
     assert prep.split_leaks(leaky) == {"listings_in_several_splits": 1, "photos_in_several_splits": 1}
     with pytest.raises(AssertionError, match="split leak"):
         prep.assert_no_leak(leaky)
+    near = leaky.assign(sha256=["x", "y", "z", "w"], product_id=["p1", "p1", "p2", "p3"],
+                        photo_group=["x", "y", "z", "z"], split=["train", "train", "train", "valid"])
+    assert prep.split_leaks(near) == {"listings_in_several_splits": 0, "photos_in_several_splits": 0,
+                                      "near_duplicate_groups_in_several_splits": 1}
+    with pytest.raises(AssertionError, match="near_duplicate_groups_in_several_splits"):
+        prep.assert_no_leak(near)
+
+
+# ------------------------------------------------------------------ near-duplicates
+
+
+def product_shot(seed: int, size: int = 512) -> Image.Image:
+    """A plain "product on a white background" photo: dark boxes at random places, the kind
+    of generic shot whose thumbnails look alike and must not be chained together."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((size, size, 3), 245, dtype=np.uint8)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size * 3 // 4, 2)
+        w, h = rng.integers(size // 8, size // 3, 2)
+        pixels[y0:y0 + h, x0:x0 + w] = rng.integers(0, 120, 3)
+    return Image.fromarray(pixels)
+
+
+def fingerprints(folder: Path, images: list[Image.Image], quality: int = 95) -> np.ndarray:
+    """The photos saved as JPEGs in `folder` (new), fingerprinted from the files."""
+    folder.mkdir()
+    thumbs = []
+    for k, img in enumerate(images):
+        path = folder / f"f{k}.jpg"
+        img.save(path, "JPEG", quality=quality)
+        thumbs.append(np.frombuffer(prep.photo_fingerprint(path), dtype=np.uint8).reshape(32, 32))
+    return np.stack(thumbs)
+
+
+def test_near_duplicate_photos_survive_resizing_and_reencoding_but_generic_shots_do_not_chain(tmp_path: Path) -> None:
+    originals = [decode(b) for b in real_photos(4)]
+    # Each real photo at its own size and again as the data's 320 px quality-75 copy.
+    resized = [img.resize((320, 320), Image.Resampling.LANCZOS) for img in originals]
+    thumbs = np.concatenate([fingerprints(tmp_path / "a", originals), fingerprints(tmp_path / "b", resized, quality=75)])
+    pairs = {tuple(p) for p in prep.near_duplicate_photo_pairs(thumbs).tolist()}
+    assert pairs == {(k, k + 4) for k in range(4)}
+
+    # Twelve different white-background shots, a flat white photo twice and a darkened copy of
+    # one shot: nothing pairs up (flat photos have no structure to compare, and brightness is
+    # part of what a copy must keep).
+    shots = [product_shot(seed) for seed in range(12)]
+    white = Image.new("RGB", (512, 512), (250, 250, 250))
+    darker = Image.fromarray((np.asarray(shots[0]) * 0.6).astype(np.uint8))
+    generic = fingerprints(tmp_path / "c", shots + [white, white, darker])
+    assert prep.near_duplicate_photo_pairs(generic).tolist() == []
+    # The same shots re-encoded at 320 px pair with their originals only.
+    small = fingerprints(tmp_path / "d", [s.resize((320, 320), Image.Resampling.LANCZOS) for s in shots], quality=75)
+    both = {tuple(p) for p in prep.near_duplicate_photo_pairs(np.concatenate([generic[:12], small])).tolist()}
+    assert both == {(k, k + 12) for k in range(12)}
+    assert prep.near_duplicate_photo_pairs(generic[:1]).shape == (0, 2)
+
+
+def test_near_duplicate_texts_are_reposts_not_a_shops_shared_signature() -> None:
+    signature = ("Specialists in graded and refurbished appliances, every item tested and guaranteed "
+                 "for twelve months, delivery across the city, open seven days, call the shop today.")
+    texts = [
+        "Bosch washing machine 8kg, white, A+++ rated, hardly used, collection from Leeds. " + signature,
+        "Bosch washing machine 8kg white, A+++ rated, hardly used, collection from Leeds! " + signature,
+        "Hotpoint fridge freezer, silver, frost free, 70cm wide. " + signature,
+        "Children's bike with stabilisers, red, age 4-6, good condition.",
+        "",
+        "",
+    ]
+    assert prep.near_duplicate_text_pairs(texts).tolist() == [[0, 1]]
+    assert prep.near_duplicate_text_pairs(texts, min_cosine=0.5).tolist() == [[0, 1], [0, 2], [1, 2]]
+    listings = pd.DataFrame({"product_id": ["a", "b", "c", "d", "e", "f"], "title": texts,
+                             "description": [""] * 6})
+    assert prep.near_duplicate_text_links(listings) == [("a", "b")]
+
+
+def test_splits_keep_near_duplicate_photos_and_reposted_texts_together() -> None:
+    images = synthetic_images(300)
+    images["photo_group"] = images["sha256"]
+    # p010's photo re-encoded in p200 (another sha256, one near-duplicate group); p020 re-posted as p210.
+    images.loc[images["image_id"] == "i200_0", "photo_group"] = "h10_0"
+    links = [("p020", "p210"), ("p020", "missing")]
+    apart = sum(
+        prep.assign_splits(images.drop(columns="photo_group"), seed=seed)
+        .groupby(images["product_id"]).first().loc[["p010", "p200"]].nunique() > 1
+        for seed in range(10)
+    )
+    assert apart > 0  # grouped by sha256 alone, the two listings often land in different splits
+    for seed in range(10):
+        split = prep.assign_splits(images, seed=seed, links=links)
+        of = split.groupby(images["product_id"]).first()
+        assert of["p010"] == of["p200"] and of["p020"] == of["p210"]
+        prep.assert_no_leak(images.assign(split=split))
+    units = prep.split_units(images, links)
+    assert units[images["product_id"] == "p200"].iloc[0] == "p010"
+    assert units[images["product_id"] == "p210"].iloc[0] == "p020"
 
 
 # ------------------------------------------------------------------ end to end
@@ -247,8 +343,11 @@ def tiny_data(tmp_path: Path) -> Path:
     }
     for name, data_bytes in files.items():
         (data / "images" / name).write_bytes(data_bytes)
-    for i in range(7, 12):  # plain photos for the remaining listings
+    for i in range(8, 12):  # plain photos for the remaining listings
         (data / "images" / f"i{i:02d}a.jpg").write_bytes(jpeg(Image.new("RGB", (60 + i, 40), (i * 20, 90, 90))))
+    top_left_320 = Image.new("RGB", (320, 320))
+    top_left_320.paste(Image.new("RGB", (320, 160), (255, 255, 255)), (0, 0))
+    (data / "images" / "i07a_resized.jpg").write_bytes(jpeg(top_left_320))  # the data's 320 px re-encodings
 
     image_rows = [(f"i{i:02d}a", f"p{i:02d}") for i in range(12)]
     image_rows += [("i00b", "p00"), ("i01b", "p01"), ("i07b", "p07"), ("i13a", "p13"), ("iXXa", "nobody")]
@@ -278,21 +377,25 @@ def test_prepare_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert all(images["label"] == images["main_category"].map(categories.index))
     assert images["path"].tolist() == [f"images/{i}.jpg" for i in images["image_id"]]
 
-    def photo(image_id: str) -> np.ndarray:
+    def photo(image_id: str, side: int) -> np.ndarray:
+        """The cleaned photo: a square of the source's longest side, at most 512 (never scaled up)."""
         with Image.open(out / "images" / f"{image_id}.jpg") as img:
-            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (512, 512))
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (side, side))
             return np.asarray(img)
 
-    wide = photo("i00a")  # 1024x512 -> 512x256 at y=128
+    wide = photo("i00a", 512)  # 1024x512 -> 512x256 at y=128
     assert wide[:120].max() < 10 and wide[136:376].min(axis=(0, 1))[0] > 150 and wide[392:].max() < 10
-    recentred = photo("i00b")  # content moved from the top to the middle
+    recentred = photo("i00b", 512)  # content moved from the top to the middle
     assert recentred[:120].max() < 10 and recentred[136:376].min() > 240 and recentred[392:].max() < 10
-    alpha = photo("i02a")  # half-transparent green on black
-    assert abs(int(alpha[256, 256, 1]) - 128) < 6 and alpha[256, 256, 0] < 6
-    cmyk = photo("i03a")  # red in CMYK, portrait -> pillarbox
-    assert cmyk[256, 256, 0] > 200 and cmyk[256, 256, 2] < 60 and cmyk[256, 10].max() < 10
-    rotated = photo("i04a")  # landscape pixels + orientation 6 -> portrait: black left/right
-    assert rotated[256, 10].max() < 10 and rotated[256, 256, 2] > 200
+    small = photo("i07a", 320)  # a 320 px course photo: re-centred too, and kept at 320 px
+    assert small[:70].max() < 10 and small[90:230].min() > 240 and small[250:].max() < 10
+    alpha = photo("i02a", 64)  # half-transparent green on black, 64x32
+    assert abs(int(alpha[32, 32, 1]) - 128) < 6 and alpha[32, 32, 0] < 6 and alpha[4, 32].max() < 10
+    cmyk = photo("i03a", 80)  # red in CMYK, portrait 50x80 -> pillarbox
+    assert cmyk[40, 40, 0] > 200 and cmyk[40, 40, 2] < 60 and cmyk[40, 3].max() < 10
+    rotated = photo("i04a", 80)  # landscape pixels + orientation 6 -> portrait: black left/right
+    assert rotated[40, 3].max() < 10 and rotated[40, 40, 2] > 200
+    assert photo("i05a", 400).shape == (400, 400, 3)  # 400x300
 
     split_of = images.set_index("image_id")["split"]
     assert split_of["i05a"] == split_of["i06a"]  # byte-identical photos, two listings
@@ -355,22 +458,46 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     assert joined["main_category"].value_counts().to_dict() == manifest["main_category"].value_counts().to_dict()
 
     joined["sha256"] = [prep.sha256_file(p) for p in joined["source"]]
-    joined["split"] = prep.assign_splits(joined)
+    joined["blob"] = joined["image_id"].map(manifest.set_index("image_id")["git_blob_sha1"])
+    assert joined["blob"].notna().all()
+    # Our SHA-256 duplicate groups refine the manifest's independent git blob hashes: each
+    # byte-identical group is one source photo. A source photo kept once at 512 px and once
+    # re-encoded at 320 px has two SHA-256s, so byte hashes alone let it span two splits.
+    assert (joined.groupby("sha256")["blob"].nunique() == 1).all()
+    assert joined.groupby("sha256").size().max() > 1  # byte-identical re-posts are still found
+    by_bytes = joined.assign(split=prep.assign_splits(joined.drop(columns="blob")))
+    assert (by_bytes.groupby("blob")["split"].nunique() > 1).sum() > 0  # the leak this test guards
+
+    thumbs = np.stack([np.frombuffer(prep.photo_fingerprint(p), dtype=np.uint8).reshape(32, 32)
+                       for p in joined["source"]])
+    pairs = prep.near_duplicate_photo_pairs(thumbs)
+    joined["photo_group"] = prep.photo_groups(joined.drop(columns="blob"), pairs)
+    # Every source photo (blob) falls inside one near-duplicate group ...
+    assert (joined.groupby("blob")["photo_group"].nunique() == 1).all()
+    # ... and the groups do not chain unrelated photos: a group holds at most a few source photos
+    # (re-uploads and bursts of one shot), although the hash alone matches many more pairs.
+    groups = joined.groupby("photo_group").agg(photos=("image_id", "size"), sources=("blob", "nunique"))
+    assert groups["sources"].max() <= 4 and groups["photos"].max() <= 20
+    hashes = prep._as_uint64(prep.perceptual_hashes(thumbs))
+    hash_only = sum(int(((np.bitwise_count(hashes[i] ^ hashes[i + 1:]) <= prep.NEAR_DUPLICATE_HAMMING)
+                         & (joined["blob"].to_numpy()[i + 1:] != joined["blob"].iat[i])).sum()) for i in range(len(joined)))
+    confirmed_other = int((joined["blob"].to_numpy()[pairs[:, 0]] != joined["blob"].to_numpy()[pairs[:, 1]]).sum())
+    assert hash_only > 2 * confirmed_other  # the confirmation step is what stops the chaining
+
+    photographed = listings[listings["product_id"].isin(set(joined["product_id"]))]
+    links = prep.near_duplicate_text_links(photographed)
+    assert len(links) > 50
+    joined["split"] = prep.assign_splits(joined, links=links)
     prep.assert_no_leak(joined)
+    assert (joined.groupby("blob")["split"].nunique() > 1).sum() == 0  # no source photo in two splits
+    split_of = joined.groupby("product_id")["split"].first()
+    assert all(split_of[a] == split_of[b] for a, b in links)  # re-posted texts on one side
     by_split = {s: set(g["product_id"]) for s, g in joined.groupby("split")}
     assert not (by_split["train"] & by_split["valid"] or by_split["train"] & by_split["test"]
                 or by_split["valid"] & by_split["test"])
-    hashes = {s: set(g["sha256"]) for s, g in joined.groupby("split")}
-    assert not (hashes["train"] & hashes["valid"] or hashes["train"] & hashes["test"] or hashes["valid"] & hashes["test"])
+    units = prep.split_units(joined, links)
+    assert joined.groupby(units)["product_id"].nunique().max() <= 20  # no runaway unit
 
-    # Our SHA-256 duplicate groups refine the manifest's independent git blob hashes: each
-    # byte-identical group is one source photo. (A source photo kept once at 512 px and once
-    # re-encoded at 320 px has two SHA-256s, so the blob groups can be larger.)
-    joined["blob"] = joined["image_id"].map(manifest.set_index("image_id")["git_blob_sha1"])
-    assert joined["blob"].notna().all()
-    assert (joined.groupby("sha256")["blob"].nunique() == 1).all()
-    same_size = joined.groupby("sha256").size()
-    assert same_size.max() > 1  # byte-identical re-posts are still found
-
+    assert len(joined) == len(manifest) and joined["product_id"].nunique() == len(photographed)
     share = joined["split"].value_counts(normalize=True)
     assert abs(share["train"] - 0.70) < 0.01 and abs(share["valid"] - 0.15) < 0.01

@@ -248,3 +248,46 @@ def test_run_with_finetuning_exports_a_third_source(prepared, tmp_path, capsys):
     assert float(fields["text_top1"]) == pytest.approx(metrics["top1"]["text"]["test"], abs=1e-4)
     assert float(fields["fused_top1"]) == pytest.approx(metrics["top1"]["text+image"]["test"],
                                                         abs=1e-4)
+
+
+# ------------------------------------------------------------------ a new image model
+
+
+def test_retraining_the_image_model_refits_the_text_heads_or_leaves_them_refused(prepared, trained, tmp_path, capsys):
+    """training.train refits the text heads and fusion of an artefact it retrains (they depend on
+    the image model); told not to, the stale heads are refused at load with the command to run."""
+    from common.text import TextHeadError
+    from training import train as image_training
+    from training.config import TrainConfig
+
+    data, artifact, cache = prepared
+    config = TrainConfig(name="tiny-probe", mode="probe", backbone="efficientnet_lite0", epochs=5, batch_size=8,
+                         lr=0.01, seed=3)
+    for text, out in (("auto", tmp_path / "auto"), ("no", tmp_path / "no")):
+        shutil.copytree(artifact, out)
+        old_version = TextHead.load(out).card["image_model_version"]
+        card = image_training.run(config, data, out, cache_dir=cache, progress=False, text=text)
+        assert card["model_version"] != old_version
+        if text == "auto":
+            head = TextHead.load(out)  # refit: no complaint
+            assert head.card["image_model_version"] == card["model_version"]
+            assert set(card["text_refit"]) >= {"text", "text+image"}
+        else:
+            assert "text_refit" not in card
+            with pytest.raises(TextHeadError, match=f"python -m training.text --data build/data --artifact {out}"):
+                TextHead.load(out)
+    # The refit artefact has image and text embeddings: SimilarListings quality through the real
+    # services (weight chosen on valid), equal to the offline recomputation of the same rankings.
+    from benchmarks import search_quality
+
+    report = tmp_path / "similar.json"
+    assert search_quality.main(["--artifact", str(tmp_path / "auto"), "--data", str(data), "--cache", str(cache),
+                                "--quick", "--json", str(report)]) == 0
+    fields = dict(item.split("=") for item in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
+    assert {"similar_p_at_10", "similar_photos_p_at_10", "similar_text_weight"} <= set(fields)
+    similar = json.loads(report.read_text())["similar"]
+    assert similar["services"]["queries"] == 12  # every test listing (all have photos)
+    assert 0 < similar["services"]["fused"] <= 1 and len(similar["valid_curve"]) == 11
+    assert similar["services"]["fused"] == pytest.approx(similar["offline"]["fused"], abs=1e-6)
+    assert similar["services"]["photos_only"] == pytest.approx(similar["offline"]["photos_only"], abs=1e-6)
+    assert float(fields["similar_text_weight"]) in [round(0.1 * i, 1) for i in range(11)]

@@ -137,16 +137,18 @@ class HybridSearchRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., text: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., text_weight: _Optional[float] = ..., fusion: _Optional[_Union[Fusion, str]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class SimilarListingsRequest(_message.Message):
-    __slots__ = ("listing_id", "k", "filter", "allow_partial_results")
+    __slots__ = ("listing_id", "k", "filter", "photos_only", "allow_partial_results")
     LISTING_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    PHOTOS_ONLY_FIELD_NUMBER: _ClassVar[int]
     ALLOW_PARTIAL_RESULTS_FIELD_NUMBER: _ClassVar[int]
     listing_id: str
     k: int
     filter: ListingFilter
+    photos_only: bool
     allow_partial_results: bool
-    def __init__(self, listing_id: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
+    def __init__(self, listing_id: _Optional[str] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[ListingFilter, _Mapping]] = ..., photos_only: _Optional[bool] = ..., allow_partial_results: _Optional[bool] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("liked_listing_ids", "skipped_listing_ids", "seen_listing_ids", "k", "filter", "allow_partial_results")
