@@ -96,6 +96,13 @@ def catalogue_photos(prepared: Path) -> list[tuple[str, Path]]:
             if (prepared / row.path).is_file()]
 
 
+def query_photos(photos: list[tuple[str, Path]], count: int) -> tuple[list[tuple[str, Path]], list[bytes]]:
+    """``count`` query photos spread evenly over the catalogue, and their bytes."""
+    step = max(1, len(photos) // count)
+    queries = photos[::step][:count]
+    return queries, [path.read_bytes() for _, path in queries]
+
+
 def index_vectors(artifact_dir: Path, photo_ids: list[str], query_ids: list[str],
                   query_vectors: np.ndarray, seed: int = 0) -> tuple[list[str], np.ndarray, str]:
     """Vectors for every catalogue photo: precomputed ones, else real queries + synthetic others."""
@@ -374,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             catalogue.load_prepared(prepared)
             listing_count, image_count = catalogue.count(), catalogue.count_images()
         photos = catalogue_photos(prepared)
-        step = max(1, len(photos) // n_queries)
-        queries = photos[::step][:n_queries]
-        query_bytes = [path.read_bytes() for _, path in queries]
+        queries, query_bytes = query_photos(photos, n_queries)
 
         # Start the stack's processes while the in-process embedder loads here.
         embedder_env = {"EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
@@ -554,9 +559,7 @@ def run_catalogue_comparison(args) -> int:
                 catalogue.load_prepared(prepared)
                 listing_count, image_count = catalogue.count(), catalogue.count_images()
         photos = catalogue_photos(prepared)
-        step = max(1, len(photos) // n_queries)
-        queries = photos[::step][:n_queries]
-        query_bytes = [path.read_bytes() for _, path in queries]
+        queries, query_bytes = query_photos(photos, n_queries)
         services: list = []
         gateways: dict[str, list] = {}
         try:
