@@ -10,7 +10,6 @@ import grpc
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
-from common.security import server_credentials
 from common.serving import Server, create_server, serve_until_signal
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig
@@ -111,7 +110,7 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
     """Load the model (raising ``ArtifactError`` before binding anything if the artefact is
     unusable), start the server on ``config.port`` (0: any free port) and report SERVING.
     TLS / mutual TLS when TLS_CERT + TLS_KEY (+ TLS_CLIENT_CA) are set (`common.security`)."""
-    credentials = server_credentials()  # a bad TLS_* path fails before the model loads
+    credentials = config.tls.server_credentials()  # a bad TLS_* path fails before the model loads
     core = core or Embedder.from_config(config)
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "EMBEDDER_METRICS_PORT")
     observed = (EmbedderMetrics(metrics.registry, core, config.batch_size)

@@ -27,7 +27,7 @@ from common.image_store import open_image_store
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.shard_map import JsonShardMapStore, ShardMapError
-from common.security import WriteTokenInterceptor, server_credentials
+from common.security import WriteTokenInterceptor
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
@@ -201,12 +201,12 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
                               model_info_ttl_s=config.model_info_ttl_s,
-                              client_metrics=metrics.client if metrics else None)
+                              client_metrics=metrics.client if metrics else None, tls=config.tls)
     indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
                             write_token=config.write_token, routing=routing,
                             events=metrics.replica_events() if metrics else None,
-                            client_metrics=metrics.client if metrics else None)
+                            client_metrics=metrics.client if metrics else None, tls=config.tls)
     if metrics is not None:
         metrics.catalogue, metrics.indexer = catalogue, indexer
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
@@ -244,7 +244,7 @@ def start(config: GatewayConfig) -> GatewayServer:
                                                    max_workers=config.max_workers,
                                                    max_concurrent_rpcs=max(64, 4 * config.max_workers)),
                                interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
-                               credentials=server_credentials(), metrics=metrics)
+                               credentials=config.tls.server_credentials(), metrics=metrics)
     except BaseException:
         core.close()
         raise

@@ -24,7 +24,7 @@ import numpy as np
 
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
-from common.security import server_credentials, write_token_interceptor
+from common.security import write_token_interceptor
 from common.serving import Server, clip_details, create_server, serve_until_signal
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.indexer.attributes import Attributes
@@ -297,7 +297,7 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
     if store is None:
         check_identity(config.data_dir, identity)
         store = open_store(config)
-    replicator = Replicator(store, identity, config.peers, lambda serving: None)
+    replicator = Replicator(store, identity, config.peers, lambda serving: None, tls=config.tls)
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "INDEXER_METRICS_PORT")
     servicer = IndexerServicer(store, max_batch=config.max_batch, max_k=config.max_k,
                                faiss_threads=config.faiss_threads, replicator=replicator,
@@ -310,8 +310,9 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
 
     try:
         base = create_server(register, f"{config.host}:{config.port}", limits=config.limits,
-                             interceptors=[write_token_interceptor(WRITE_METHODS)],
-                             credentials=server_credentials(), metrics=metrics)
+                             interceptors=[write_token_interceptor(WRITE_METHODS,
+                                                                   config.write_token)],
+                             credentials=config.tls.server_credentials(), metrics=metrics)
     except BaseException:
         if owns_store:
             store.close(snapshot=False)

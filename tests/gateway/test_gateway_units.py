@@ -190,7 +190,7 @@ def test_gateway_refuses_a_shard_map_naming_unconfigured_shards(tmp_path):
     from services.gateway.server import start
 
     JsonShardMapStore(tmp_path / "map").publish(initial(4))
-    config = GatewayConfig(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
+    config = GatewayConfig.local(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
                            indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
                            shard_map_dir=tmp_path / "map", readiness_interval_s=0)
     with pytest.raises(ConfigError, match="places partitions on shard 3, but only shards 0..1"):
