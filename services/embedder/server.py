@@ -5,15 +5,13 @@ import logging
 import sys
 from dataclasses import dataclass
 
-import grpc
-
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
-from common.serving import Server, create_server, serve_until_signal
+from common.serving import Server, create_server, serve_until_signal, service_errors
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig
-from services.embedder.core import Embedder, EmbedderUnavailable, RequestError, TextNotServed
+from services.embedder.core import Embedder
 from services.embedder.metrics import EmbedderMetrics
 
 log = logging.getLogger(__name__)
@@ -36,13 +34,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self.metrics = metrics
 
     def Embed(self, request, context):
-        with _status(context):
+        with service_errors(context):
             embeddings = self.core.embed(request.images)
         return embedder_pb2.EmbedResponse(embeddings=[_vector(row) for row in embeddings],
                                           model_version=self.core.model.version)
 
     def Classify(self, request, context):
-        with _status(context):
+        with service_errors(context):
             results = self.core.classify(request.images, request.top_k,
                                          include_embeddings=request.include_embeddings)
         response = embedder_pb2.ClassifyResponse(model_version=self.core.model.version)
@@ -55,7 +53,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         return response
 
     def EmbedText(self, request, context):
-        with _status(context):
+        with service_errors(context):
             embeddings = self.core.embed_text(list(request.texts))
         if self.metrics is not None:
             self.metrics.texts_embedded(len(embeddings))
@@ -71,27 +69,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             text_embedding_dim=text.dim if text is not None else 0,
             text_model=text.name if text is not None else "", max_batch=self.config.max_batch,
             max_image_bytes=self.config.max_image_bytes)
-
-
-class _status:
-    """Map the core's exceptions to gRPC status codes (anything else stays INTERNAL)."""
-
-    def __init__(self, context: grpc.ServicerContext) -> None:
-        self.context = context
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            return False
-        if isinstance(exc, RequestError):
-            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if isinstance(exc, EmbedderUnavailable):
-            self.context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if isinstance(exc, TextNotServed):
-            self.context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return False
 
 
 @dataclass

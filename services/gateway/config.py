@@ -1,105 +1,43 @@
-"""Gateway settings: environment variables, overridden by command-line flags.
+"""Gateway settings, each declared once in `GATEWAY_SETTINGS` (variable, flag, type, default,
+bounds, help; `common.config`): environment variables, overridden by command-line flags. The
+commands (rebalance, reconcile, index_catalogue, load_catalogue) read the same declarations. The
+defaults are in the declarations and the README's configuration table; here is what some mean.
 
-Environment variables (flag in brackets; defaults in parentheses):
-
-``GATEWAY_HOST`` [--host] (0.0.0.0)
-    Interface to listen on.
-``GATEWAY_PORT`` [--port] (50050)
-    Port to listen on; 0 picks a free one.
-``GATEWAY_DB`` [--db] (run/catalogue.sqlite3)
-    The listing catalogue: a path or ``sqlite:///path`` (an embedded SQLite file, created on
-    first start; one gateway process), or ``postgresql://user:password@host:port/dbname`` (a
-    PostgreSQL database shared by every gateway replica). Migrated to the current schema at start
-    (replicas starting together take turns). A malformed value or a database that cannot be
-    reached at start stops the gateway with one line naming this setting; a database that goes
-    away later makes catalogue calls UNAVAILABLE until it is back (no restart needed).
-``GATEWAY_DB_CONNECT_TIMEOUT_S`` (5)
-    How long to wait for a PostgreSQL connection (at start, and per request from the pool).
-``GATEWAY_OUTBOX_INTERVAL_S`` (0.5) / ``GATEWAY_OUTBOX_LEASE_S`` (30)
-    How often the outbox applier looks for vector writes not yet acknowledged by their shard
-    (left by a shard that was down or a gateway that died), and how long one gateway holds an
-    entry while pushing it (pushes are given half of it; after a crash another gateway takes the
-    entry over once the lease ran out). See ``docs/catalogue.md``.
-``GATEWAY_SEED_DIR`` [--seed-dir] (unset)
-    A prepared-data folder (``listings.csv`` + ``images.csv`` from ``python -m training.prepare``)
-    loaded into the catalogue at start when the catalogue is empty. Unset: start empty (load with
-    ``python -m services.gateway.load_catalogue``).
-``EMBEDDER_ADDR`` [--embedder] (127.0.0.1:50051)
-    The embedder replicas. One ``host:port``; or a comma-separated list ``a:p1,b:p2`` that becomes
-    the gRPC target ``ipv4:a:p1,b:p2`` (hostnames in a list are resolved once at start); or any
-    gRPC target such as ``dns:///embedder:50051`` (every address the name resolves to is a
-    replica), used as-is. Calls are spread over replicas by gRPC's own ``round_robin``
-    load-balancing policy; a replica that is down is skipped while others are up.
-``INDEXER_ADDRS`` [--indexers] (127.0.0.1:50052)
-    Comma-separated indexer shard addresses (each ``host:port`` or a gRPC target). The order
-    defines the shard number: a listing lives on shard ``blake2b(listing_id) % N``. Searches go to
-    every shard in parallel and are merged by score. Changing N requires re-indexing. Same as
-    ``INDEXER_SHARDS`` with one replica per shard.
-``INDEXER_SHARDS`` [--shards] (unset)
-    Indexer shards with replicas: ``0=a:50052|b:50052;1=c:50052|d:50052`` (shard number =
-    replica targets separated by ``|``; shards ``;``-separated, numbered 0..N-1). A search asks
-    one replica of each shard (spread over the replicas, another replica of the same shard in the
-    same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
-    listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
-``GATEWAY_SHARD_MAP`` (unset) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
-    A directory holding the versioned shard map (`common.shard_map`; share it between gateways
-    and the rebalance command). Set: listings are routed listing -> one of
-    ``INDEXER_PARTITIONS`` partitions -> the shard that owns it, the map is re-read every
-    ``GATEWAY_SHARD_MAP_POLL_S`` seconds, and shards can be added with ``python -m
-    services.gateway.rebalance --to N``. An empty directory gets version 1, which routes exactly
-    as the unset case when the partition count is a multiple of the shard count. Unset: shard
-    ``blake2b(listing_id) % N``.
-``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
-    Deadline for a request whose caller set none. A caller's deadline is always propagated to the
-    embedder and indexer calls made for it (minus a small margin so the gateway answers first).
-``GATEWAY_MAX_K`` (100)
-    Largest ``k`` accepted by the search RPCs (``k = 0`` means 10).
-``GATEWAY_MAX_IMAGES`` (16)
-    Most photos accepted in one AddListing.
-``GATEWAY_MAX_MESSAGE_MB`` (16)
-    Largest request the gateway accepts (and response it sends), in MiB; a bigger request is
-    RESOURCE_EXHAUSTED from gRPC itself, naming the limit in bytes. Keep it at least
-    ``EMBEDDER_MAX_IMAGE_BYTES`` so one full-size photo fits.
-``GATEWAY_RETRY_ATTEMPTS`` (3)
-    Attempts per downstream call (first try included). Only UNAVAILABLE is retried, and only for
-    idempotent calls (all the gateway makes are: Embed, Classify, GetModelInfo, Search, Fetch, and
-    Upsert/Delete by id). Never beyond the request's deadline.
-``GATEWAY_RETRY_BACKOFF_S`` (0.05) / ``GATEWAY_RETRY_BACKOFF_MAX_S`` (1.0)
-    First retry delay, doubled per retry up to the maximum, with random jitter (50-100%).
-``GATEWAY_RECONNECT_BACKOFF_MAX_S`` (2.0)
-    Cap on gRPC's reconnect backoff to a downstream that went away, so a restarted embedder or
-    indexer is used again within about this time (gRPC's own default grows to 120 s).
-``GATEWAY_MODEL_INFO_TTL_S`` (60)
-    How long the embedder's model info (categories, dimension, batch limit) is cached.
-``GATEWAY_SIMILAR_TEXT_WEIGHT`` (0.7)
-    Text weight ``w`` in [0, 1] of SimilarListings: ``(1 - w) * photo cosine + w * text cosine``
-    (0: photos only, as a request's ``photos_only``). Set it to the weight that
-    ``python -m benchmarks.search_quality`` chooses on the valid split for the served artefact; the
-    default 0.7 is the weight of a first measurement on the earlier 3,453-photo split.
-``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
-    When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
-    (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
-    same token on its Upsert/Delete calls to the indexer shards. Unset: writes are open (a
-    warning is logged at start).
-``TLS_CERT`` / ``TLS_KEY`` / ``TLS_CLIENT_CA``, ``TLS_CA`` / ``TLS_CLIENT_CERT`` / ``TLS_CLIENT_KEY``
-    Optional TLS for the gateway's own port and for its channels to embedder and indexers
-    (`common.security`); plaintext when unset.
-``GATEWAY_MAX_WORKERS`` (16)
-    gRPC server worker threads (concurrent requests being handled).
-``GATEWAY_READINESS_INTERVAL_S`` (5) / ``GATEWAY_READINESS_TIMEOUT_S`` (1)
-    How often the gateway checks the health of the embedder and every indexer shard, and the
-    timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
-    while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
-    stays SERVING like the server's own ``""``.
-``GATEWAY_METRICS_PORT`` [--metrics-port] (9450)
-    HTTP port of the Prometheus ``/metrics`` endpoint (`common.metrics`): the gateway's own RPCs,
-    its calls to every downstream, the catalogue size and each downstream's readiness. 0 turns
-    metrics off.
-``IMAGE_STORE_DIR`` (unset)
-    Folder of the listing photo store (`common.image_store`, shared with the HTTP edge): the photos
-    of listings added through AddListing are kept there (removed with the listing). Unset: they
-    are embedded and indexed but not kept.
-``LOG_LEVEL`` [--log-level] (info)
+``GATEWAY_DB``
+    An embedded SQLite file (created on first start; one gateway process) or a PostgreSQL
+    database shared by every gateway replica. Migrated to the current schema at start (replicas
+    starting together take turns). A malformed value or a database that cannot be reached at
+    start stops the gateway with one line naming this setting; a database that goes away later
+    makes catalogue calls UNAVAILABLE until it is back (no restart needed).
+``GATEWAY_OUTBOX_INTERVAL_S`` / ``GATEWAY_OUTBOX_LEASE_S``
+    The outbox applier looks for vector writes not yet acknowledged by their shard (left by a
+    shard that was down or a gateway that died); pushes are given half of the lease, and after a
+    crash another gateway takes the entry over once the lease ran out (``docs/catalogue.md``).
+``EMBEDDER_ADDR``
+    One ``host:port``; or a comma-separated list ``a:p1,b:p2`` that becomes the gRPC target
+    ``ipv4:a:p1,b:p2`` (hostnames in a list are resolved once at start); or any gRPC target such
+    as ``dns:///embedder:50051`` (every address the name resolves to is a replica), used as-is.
+    Calls are spread over replicas by gRPC's own ``round_robin`` policy; a replica that is down
+    is skipped while others are up.
+``INDEXER_ADDRS`` / ``INDEXER_SHARDS``
+    The order defines the shard number: without a shard map a listing lives on shard
+    ``blake2b(listing_id) % N``. Searches go to every shard in parallel and are merged by score.
+    With replicas (``INDEXER_SHARDS``), a search asks one replica of each shard (another replica
+    of the same shard in the same call when one answers UNAVAILABLE or runs out of time); writes
+    go to every replica of the listing's shard. Set one of the two, not both.
+``GATEWAY_SHARD_MAP``
+    Set: listings are routed listing -> one of ``INDEXER_PARTITIONS`` partitions -> the shard
+    that owns it, the map is re-read every ``GATEWAY_SHARD_MAP_POLL_S``, and shards can be added
+    with ``python -m services.gateway.rebalance --to N``. An empty directory gets version 1,
+    which routes exactly as the unset case when the partition count is a multiple of the shard
+    count.
+``GATEWAY_RETRY_*``
+    Only UNAVAILABLE is retried, and only for idempotent calls (all the gateway makes are:
+    Embed, Classify, GetModelInfo, Search, Fetch, and Upsert/Delete by id), never beyond the
+    request's deadline.
+``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE``, ``TLS_*``
+    `common.security`: AddListing and RemoveListing need the token when it is set, and the
+    gateway sends it on its Upsert/Delete calls to the indexer shards.
 """
 from __future__ import annotations
 

@@ -49,11 +49,11 @@ from services.gateway.domain import (
     DeadlineExceeded,
     DownstreamError,
     FailedPrecondition,
-    GatewayError,
     InvalidArgument,
     ModelInfo,
     ResourceExhausted,
     SearchFilter,
+    ServiceError,
     Unavailable,
 )
 from services.gateway.ranking import Hit
@@ -135,7 +135,7 @@ class Call:
     caller_input: bool = True
 
 
-def map_rpc_error(label: str, error: grpc.RpcError, caller_input: bool = True) -> GatewayError:
+def map_rpc_error(label: str, error: grpc.RpcError, caller_input: bool = True) -> ServiceError:
     """A downstream's status -> the gateway error the caller should see (naming the downstream)."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
@@ -160,7 +160,7 @@ def call_all(calls: Sequence[Call], deadline: Deadline, policy: RetryPolicy) -> 
     """Make all ``calls`` concurrently (gRPC futures) and return their responses in order.
 
     UNAVAILABLE is retried per call with backoff for idempotent calls while the deadline allows;
-    the first failure that is not retried cancels the others and is raised as a GatewayError.
+    the first failure that is not retried cancels the others and is raised as a ServiceError.
     """
     metadata = outgoing_metadata()
 
@@ -867,7 +867,7 @@ class _ReadAttempt:
     def replica(self) -> Replica:
         return self.order[self.position]
 
-    def shard_down(self) -> GatewayError:
+    def shard_down(self) -> ServiceError:
         """The error naming the shard after every replica failed."""
         if len(self.replicas.replicas) == 1:
             replica, error = self.failures[-1]

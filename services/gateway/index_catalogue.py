@@ -42,7 +42,7 @@ from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles
                              resolve_write_token)
 from services.gateway.catalogue import Catalogue
 from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, embedder_target, shard_lists
-from services.gateway.domain import GatewayError
+from services.gateway.domain import ServiceError
 from services.gateway.downstream import (
     IMAGE_COLLECTION,
     TEXT_COLLECTION,
@@ -176,7 +176,7 @@ def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
     try:
         try:
             info = embedder.model_info(Deadline(30))
-        except GatewayError as exc:
+        except ServiceError as exc:
             if mode == "on":
                 raise
             return f"no text embeddings in the artefact and the embedder is not reachable: {exc}"
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(texts, str):
                 text_report = index_text_embeddings(catalogue, shards, *texts,
                                                     batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError, GatewayError) as exc:
+    except (FileNotFoundError, ValueError, ServiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -1,53 +1,33 @@
-"""Indexer settings, each declared once in `INDEXER_SETTINGS` (`common.config`): environment
-variables, overridden by command-line flags.
+"""Indexer settings, each declared once in `INDEXER_SETTINGS` (variable, flag, type, default,
+bounds, help; `common.config`): environment variables, overridden by command-line flags. The
+defaults are in the declarations and the README's configuration table; here is why they are so.
 
 Collections
-    ``INDEXER_COLLECTIONS`` (default ``image:1280:flat:ip,text:384:flat:ip``) lists the named
-    vector spaces as ``name:dim[:type[:metric[:key=value...]]]``, comma-separated; type is
-    ``flat`` (exact, default), ``ivf_flat`` or ``hnsw``; metric ``ip`` (cosine: vectors are
-    normalised) or ``l2``; options ``nlist``, ``nprobe``, ``m``, ``ef_construction``,
-    ``ef_search``, ``normalize`` (see ``spec.py``). Configured collections are created empty on
-    first start. Collections already in the data directory (e.g. written by
-    ``python -m services.indexer.build``) are kept as stored: when the variable is set explicitly,
-    a stored collection with another dimension or metric refuses start-up; the built-in default
-    never overrides what is stored.
-    ``INDEXER_AUTO_CREATE`` (default false): when true, an Upsert into an unknown collection
-    creates it (flat, ip, dimension of the first vector). Off by default so that a typo in a
-    collection name is a NOT_FOUND rather than a new, silently separate index. An empty
-    collection name in a request means "image".
+    ``INDEXER_COLLECTIONS``: configured collections are created empty on first start.
+    Collections already in the data directory (e.g. written by ``python -m
+    services.indexer.build``) are kept as stored: when the variable is set explicitly, a stored
+    collection with another dimension or metric refuses start-up; the built-in default never
+    overrides what is stored. ``INDEXER_AUTO_CREATE`` is off so that a typo in a collection name
+    is a NOT_FOUND rather than a new, silently separate index (on: flat, ip, the dimension of the
+    first vector). An empty collection name in a request means "image".
 
 Durability
-    ``INDEXER_DATA_DIR`` / ``--data-dir`` (default ``run/indexer``) holds the snapshot and WAL.
-    ``INDEXER_SNAPSHOT_SECONDS`` (300): snapshot at most this often when something changed;
-    ``INDEXER_SNAPSHOT_WAL_RECORDS`` (10000) / ``INDEXER_SNAPSHOT_WAL_MB`` (1024): snapshot
-    as soon as the WAL holds this much. A final snapshot is written on SIGTERM/SIGINT.
-    ``INDEXER_FSYNC`` (true): fsync the WAL before replying; false only for throwaway data.
-    ``INDEXER_COMPACT_DEAD_FRACTION`` (0.3): compact a collection at snapshot time when this
-    fraction of its slots is dead (deleted or replaced).
+    A snapshot is written after ``INDEXER_SNAPSHOT_SECONDS`` when something changed, as soon as
+    the WAL holds ``INDEXER_SNAPSHOT_WAL_RECORDS`` / ``INDEXER_SNAPSHOT_WAL_MB``, and on
+    SIGTERM/SIGINT.
 
 Replicas (``services.indexer.replication``, design in ``docs/indexer-replication.md``)
-    ``INDEXER_SHARD`` [--shard] (unset) / ``INDEXER_PARTITIONS`` [--partitions] (256): the
-    shard this replica's data belongs to and the cluster's number of logical partitions (fixed
-    when the cluster is created); recorded in the data directory at first start, and a directory
-    of another shard or partition count is refused, naming both.
-    ``INDEXER_PEERS`` [--peers] (unset): comma list of the other replicas of the same shard. With
-    peers, the replica reports NOT_SERVING and answers reads with UNAVAILABLE until it has caught
-    up from a serving peer (its snapshot plus the WAL records after it); writes are accepted
-    meanwhile. Without peers it serves its own data at once.
+    ``INDEXER_SHARD`` / ``INDEXER_PARTITIONS`` are recorded in the data directory at first start,
+    and a directory of another shard or partition count is refused, naming both. With
+    ``INDEXER_PEERS`` the replica reports NOT_SERVING and answers reads with UNAVAILABLE until it
+    has caught up from a serving peer (its snapshot plus the WAL records after it); writes are
+    accepted meanwhile. Without peers it serves its own data at once.
 
 Limits
-    ``INDEXER_MAX_BATCH`` (1024) items/queries/ids per request, ``INDEXER_MAX_K`` (1000),
-    ``INDEXER_MAX_MESSAGE_MB`` (64) for received and sent messages.
-    ``INDEXER_FAISS_THREADS`` (1; 0 = FAISS default, one per core) OpenMP threads per request.
-    One: a search of one query vector does not parallelise, and a team per gRPC thread would
-    only wake (and spin) idle threads on cores the embedder needs.
-    ``INDEXER_BLAS_THRESHOLD`` (20): batches of at least this many queries use BLAS for exact
-    distances (FAISS 1.15's own default, 128000, is several times slower for batched search).
-
-Metrics
-    ``INDEXER_METRICS_PORT`` / ``--metrics-port`` (9452): HTTP port of the Prometheus
-    ``/metrics`` endpoint (gRPC metrics, vectors per collection, WAL bytes, snapshot age and
-    duration, search time; `services.indexer.metrics`); 0 turns it off.
+    ``INDEXER_FAISS_THREADS`` is 1: a search of one query vector does not parallelise, and a team
+    per gRPC thread would only wake (and spin) idle threads on cores the embedder needs.
+    ``INDEXER_BLAS_THRESHOLD`` is 20: FAISS 1.15's own default, 128000, is several times slower
+    for batched search.
 """
 from __future__ import annotations
 
