@@ -30,6 +30,7 @@ READERS = (
     ("reconcile", "services.gateway.reconcile", "RECONCILE_SETTINGS"),
     ("index_catalogue", "services.gateway.index_catalogue", "INDEX_CATALOGUE_SETTINGS"),
     ("load_catalogue", "services.gateway.load_catalogue", "LOAD_CATALOGUE_SETTINGS"),
+    ("cli", "services.gateway.cli", "CLI_SETTINGS"),
     ("training", "training.settings", "TRAINING_SETTINGS"),
 )
 

@@ -10,13 +10,13 @@ from typing import Any
 
 from common.config import LOG_LEVEL, REPO_ROOT, Setting, merged
 from common.security import TLS_CLIENT_SETTINGS, TlsFiles
+from services.gateway.client import GATEWAY_ADDR
 
 WEB_SETTINGS = merged((
     Setting("WEB_HOST", "host", default="0.0.0.0", help="interface to listen on"),
     Setting("WEB_PORT", "port", int, 8000, minimum=0, maximum=65535,
             help="port of the page and the JSON API (0: any free port)"),
-    Setting("GATEWAY_ADDR", "gateway_addr", default="127.0.0.1:50050", flag="--gateway",
-            help="the gateway the edge calls (a gRPC target)"),
+    GATEWAY_ADDR,
     Setting("IMAGE_STORE_DIR", "image_store_dir", Path, REPO_ROOT / "run" / "images",
             flag="--image-store",
             help="the listing photo store the gateway fills (`common.image_store`); the edge "
