@@ -167,3 +167,18 @@ def test_every_declared_variable_is_in_the_table_once_per_declaration():
     assert {reader for reader, _, _ in READERS} >= {"embedder", "indexer", "gateway", "web",
                                                    "rebalance", "reconcile", "index_catalogue",
                                                    "load_catalogue", "training"}
+
+
+def test_the_commands_read_the_gateways_declarations_with_the_same_flags(monkeypatch, tmp_path):
+    from services.gateway.reconcile import RECONCILE_SETTINGS
+
+    for setting in RECONCILE_SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+        assert setting is GATEWAY_SETTINGS.by_field.get(setting.field, setting)
+    monkeypatch.setenv("GATEWAY_DB", str(tmp_path / "env.sqlite3"))
+    monkeypatch.setenv("INDEXER_ADDRS", "127.0.0.1:1,127.0.0.1:2")
+    parser = RECONCILE_SETTINGS.add_flags(argparse.ArgumentParser())
+    values = RECONCILE_SETTINGS.read(parser.parse_args(["--db", str(tmp_path / "flag.sqlite3")]))
+    assert values["db_path"] == tmp_path / "flag.sqlite3"
+    assert values["indexer_addrs"] == ("127.0.0.1:1", "127.0.0.1:2")
+    assert values["partitions"] == 256 and values["write_token"] is None
