@@ -65,6 +65,11 @@ class Setting:
         return self.flag or "--" + self.field.replace("_", "-")
 
     @property
+    def is_switch(self) -> bool:
+        """A plain boolean: its flag is ``--name`` / ``--no-name`` rather than taking a value."""
+        return self.type is bool and self.parse is None
+
+    @property
     def field_default(self) -> Any:
         """The default in the config object's unit (``scale`` applied)."""
         if self.default is None or self.scale == 1:
@@ -189,7 +194,7 @@ class Settings:
                 continue
             text = f"{setting.help} (env {setting.env}; default {setting.default_text})"
             text = text.replace("%", "%%")
-            if setting.type is bool:
+            if setting.is_switch:
                 parser.add_argument(name, dest=setting.field, default=None, help=text,
                                     action=argparse.BooleanOptionalAction)
             else:

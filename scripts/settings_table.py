@@ -53,7 +53,7 @@ def render() -> str:
              "|---|---|---|---|---|---|"]
     for setting, readers in declared():
         flag = f"`{setting.flag_name}`" if setting.flag_name else ""
-        if setting.type is bool and setting.flag_name:
+        if setting.is_switch and setting.flag_name:
             flag = f"`{setting.flag_name}`, `--no-{setting.flag_name[2:]}`"
         default = setting.default_text
         lines.append("| " + " | ".join(_cell(part) for part in (
