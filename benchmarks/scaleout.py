@@ -186,7 +186,8 @@ def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
 
 
 def part_rebalance(root: Path, vectors: int) -> dict:
-    from common.shard_map import JsonShardMapStore, initial
+    from common.shard_map import initial
+    from services.gateway.catalogue import Catalogue
     from services.gateway.config import RetryPolicy
     from services.gateway.domain import SearchFilter
     from services.gateway.downstream import Deadline, IndexerShards
@@ -194,8 +195,8 @@ def part_rebalance(root: Path, vectors: int) -> dict:
     from services.gateway.shards import ShardMapWatch, ShardRouting
     from tests.support.indexer_cluster import IndexerCluster
 
-    map_dir = root / "shard-map"
-    store = JsonShardMapStore(map_dir)
+    catalogue = Catalogue.open(root / "catalogue.sqlite3")  # the shard map's home, as for gateways
+    store = catalogue.shard_map_store()
     store.publish(initial(2))
     cluster = IndexerCluster(root / "rebalance", shards=2, replicas=1,
                              collections=f"image:{DIM}:flat:ip")
@@ -253,6 +254,7 @@ def part_rebalance(root: Path, vectors: int) -> dict:
     finally:
         stop.set()
         cluster.stop()
+        catalogue.close()
     print(f"  {searches[0]} searches during the rebalance, {len(failures)} failed; moved "
           f"{report.vectors_moved:,} of {report.vectors_before:,} vectors "
           f"(fraction {report.moved_fraction:.3f}) in {seconds:.1f} s; per shard now {counts} "
