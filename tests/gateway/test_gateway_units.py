@@ -266,3 +266,17 @@ def test_gateways_create_one_map_and_a_hash_routed_gateway_follows_it(tmp_path):
 def test_retry_backoff_grows_and_is_capped():
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3)
     assert [policy.backoff(i) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]
+
+
+def test_ranked_results_carry_missing_shards_through_the_proto_and_in_words():
+    from services.gateway import convert
+    from services.gateway.domain import RankedListing, RankedResults, missing_shards_notice
+
+    listing = Listing("L1", "Oak table", image_ids=("I1",))
+    answer = RankedResults([RankedListing(1, 0.5, "I1", listing)], missing_shards=[3, 1])
+    back = convert.ranked_from_proto(convert.ranked_to_proto(answer))
+    assert back == answer and back.missing_shards == (1, 3) and not back.complete
+    assert convert.ranked_from_proto(convert.ranked_to_proto([])).complete
+    assert missing_shards_notice(()) == ""
+    assert missing_shards_notice((2,)).startswith("These results are incomplete: index shard 2 is ")
+    assert "index shards 0, 1 and 4 are unavailable" in missing_shards_notice((0, 1, 4))
