@@ -152,7 +152,7 @@ class Setting:
         if self.choices:
             return ", ".join(self.choices)
         if self.type is bool:
-            return "true/false"
+            return "true/false (on/off)"
         low, high = self.minimum, self.maximum
         if low is not None and high is not None:
             return f"{_number(low)}..{_number(high)}"

@@ -26,11 +26,14 @@ defaults are in the declarations and the README's configuration table; here is w
     of the same shard in the same call when one answers UNAVAILABLE or runs out of time); writes
     go to every replica of the listing's shard. Set one of the two, not both.
 ``GATEWAY_SHARD_MAP``
-    Set: listings are routed listing -> one of ``INDEXER_PARTITIONS`` partitions -> the shard
-    that owns it, the map is re-read every ``GATEWAY_SHARD_MAP_POLL_S``, and shards can be added
-    with ``python -m services.gateway.rebalance --to N``. An empty directory gets version 1,
-    which routes exactly as the unset case when the partition count is a multiple of the shard
-    count.
+    The versioned shard map (`common.shard_map`) is kept in the catalogue database
+    (``GATEWAY_DB``, table ``shard_maps``) so every gateway and the rebalance command read the
+    same one. ``on``: when the database holds no map yet, create version 1
+    (``INDEXER_PARTITIONS`` partitions on the configured shards; it routes exactly as hash
+    routing when the partition count is a multiple of the shard count). Whenever the database
+    holds a map (``on`` or ``off``), listings are routed listing -> partition -> the shard that
+    owns it, every gateway re-reads the map every ``GATEWAY_SHARD_MAP_POLL_S`` (so they switch
+    together), and shards can be added with ``python -m services.gateway.rebalance --to N``.
 ``GATEWAY_RETRY_*``
     Only UNAVAILABLE is retried, and only for idempotent calls (all the gateway makes are:
     Embed, Classify, GetModelInfo, Search, Fetch, and Upsert/Delete by id), never beyond the
@@ -118,9 +121,11 @@ INDEXER_SHARDS = Setting(
     "INDEXER_SHARDS", "indexer_shards", flag="--shards", parse=indexer_shards_setting,
     help="shards with replicas, `0=a:50052|b:50052;1=c:50052|d:50052` (instead of "
          "`INDEXER_ADDRS`); see [Scaling the indexer](#scaling-the-indexer)")
-SHARD_MAP = Setting("GATEWAY_SHARD_MAP", "shard_map_dir", Path, flag="--shard-map",
-                    help="directory of the versioned shard map (enables `python -m "
-                         "services.gateway.rebalance`)")
+SHARD_MAP = Setting(
+    "GATEWAY_SHARD_MAP", "shard_map", bool, False, parse=lambda raw: shard_map_setting(raw),
+    shown="off", help="on: create the versioned shard map in the catalogue database (`GATEWAY_DB`) "
+    "when it holds none (enables `python -m services.gateway.rebalance`); a map the database "
+    "holds is followed either way")
 SHARD_MAP_POLL = Setting("GATEWAY_SHARD_MAP_POLL_S", "shard_map_poll_s", float, 2.0, minimum=0.05,
                          help="how often gateways re-read the shard map")
 
@@ -197,7 +202,8 @@ class GatewayConfig:
     indexer_addrs: tuple[str, ...] = _default("indexer_addrs")
     #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
     indexer_shards: ShardReplicas | None = _default("indexer_shards")
-    shard_map_dir: Path | None = _default("shard_map_dir")
+    #: GATEWAY_SHARD_MAP: create the shard map in the catalogue database when it has none
+    shard_map: bool = _default("shard_map")
     shard_map_poll_s: float = _default("shard_map_poll_s")
     partitions: int = _default("partitions")
     downstream_timeout_s: float = _default("downstream_timeout_s")
@@ -278,6 +284,19 @@ def database_setting(value: str) -> Path | str:
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from None
     return value if "://" in value else Path(value)
+
+
+def shard_map_setting(value: str | None) -> bool:
+    """``GATEWAY_SHARD_MAP``: on/off (also true/false, 1/0, yes/no; empty = off). A directory
+    (where earlier versions kept the map as JSON files) is refused with what to do instead."""
+    lowered = (value or "").strip().lower()
+    if lowered in {"", "0", "false", "no", "off"}:
+        return False
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    raise ConfigError(f"GATEWAY_SHARD_MAP={value!r} is not on or off: the shard map is kept in the "
+                      "catalogue database (GATEWAY_DB), not in a directory; set "
+                      "GATEWAY_SHARD_MAP=on")
 
 
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:

@@ -13,7 +13,8 @@ on the listing's shard (`shards.shard_of`, the same routing the gateway uses), i
 progress bar. Photos that are not in the catalogue are skipped and counted. Upserts replace by
 id, so running it again is harmless. ``--indexers`` defaults to ``INDEXER_ADDRS``
 (``--shards`` / ``INDEXER_SHARDS`` for replicas: every replica gets the writes;
-``--shard-map`` / ``GATEWAY_SHARD_MAP`` routes by the shard map) and the write token to
+by the shard map in the catalogue database when it holds one, as the gateways do; with
+``--shard-map on`` / ``GATEWAY_SHARD_MAP=on`` an empty one gets version 1) and the write token to
 ``WRITE_TOKEN`` (or ``WRITE_TOKEN_FILE``), as for the gateway.
 
 Text (``--text auto|on|off``, default auto): the "text" collection gets one vector per catalogue
@@ -40,7 +41,8 @@ from common.config import Settings
 from common.listing_text import listing_text
 from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
                              resolve_write_token)
-from services.gateway.catalogue import Catalogue
+from common.shard_map import ShardMapError
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, embedder_target, shard_lists
 from services.gateway.domain import ServiceError
 from services.gateway.downstream import (
@@ -229,7 +231,7 @@ def index_embeddings(catalogue: Catalogue, shards: IndexerShards, image_ids: Seq
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
 INDEX_CATALOGUE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
-    "db_path", "indexer_addrs", "indexer_shards", "shard_map_dir", "partitions", "embedder_addr")),
+    "db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions", "embedder_addr")),
     *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
 
 
@@ -253,13 +255,24 @@ def main(argv: list[str] | None = None) -> int:
 
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     replicas = shard_lists(settings)
-    routing = routing_for(len(replicas), settings["shard_map_dir"], settings["partitions"])
+    try:
+        catalogue = Catalogue.open(args.db)
+    except (CatalogueError, CatalogueUnavailable) as exc:
+        print(f"error: GATEWAY_DB: {exc}", file=sys.stderr)
+        return 2
+    try:
+        routing = routing_for(len(replicas), catalogue.shard_map_store(), settings["partitions"],
+                              create=settings["shard_map"])
+    except ShardMapError as exc:
+        catalogue.close()
+        print(f"error: shard map: {exc}", file=sys.stderr)
+        return 2
     tls = TlsFiles.from_values(settings)
     shards = IndexerShards(replicas, policy, routing=routing, tls=tls,
                            write_token=resolve_write_token(settings["write_token"],
                                                            settings["write_token_file"]))
     try:
-        with Catalogue.open(args.db) as catalogue:
+        with catalogue:
             if args.artifact is not None:
                 ids, vectors = load_artifact_embeddings(args.artifact)
             else:

@@ -1,8 +1,8 @@
 """Move partitions between indexer shards while reads and writes go on: ``python -m
 services.gateway.rebalance --to 3``.
 
-It reads the shard map from ``GATEWAY_SHARD_MAP`` (the gateways' directory) and the replicas
-of every shard from ``INDEXER_SHARDS`` / ``INDEXER_ADDRS`` (list the new shards there first;
+It reads the shard map from the catalogue database the gateways share (``GATEWAY_DB``, table
+``shard_maps``, `services.gateway.shard_map_store`) and the replicas of every shard from ``INDEXER_SHARDS`` / ``INDEXER_ADDRS`` (list the new shards there first;
 they start empty), plans the new owners with rendezvous hashing (`common.shard_map.plan`: only
 partitions whose owner changes move, about 1/3 of them going from 2 to 3 shards) and walks the
 map through its states, waiting ``--settle-s`` after each new version so every gateway (polling
@@ -15,6 +15,10 @@ every ``GATEWAY_SHARD_MAP_POLL_S``) has switched:
 4. ``stable`` with ``drop``: writes only to the new owner; then every replica of each old owner
    deletes the partitions it gave away (`DropPartitions`), and a last ``stable`` map clears
    ``drop``.
+
+Every new version is published with a compare-and-set on the version (the version after the
+newest, or nothing), so two rebalance commands run at once cannot both advance the map: the
+second stops with a message and can be run again once the first is done.
 
 Interrupted (SIGKILL of the command, a node, a timeout)? Run the same command again: it resumes
 from the newest map's state; imports and drops are idempotent, so no listing is lost or kept
@@ -33,18 +37,19 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.config import ConfigError, Settings
+from common.config import Settings
 from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
                              bearer_metadata, resolve_write_token)
-from common.shard_map import (MIGRATING, STABLE, SWITCHED, JsonShardMapStore, ShardMap,
+from common.shard_map import (MIGRATING, STABLE, SWITCHED, ShardMap, ShardMapConflict,
                               ShardMapError, ShardMapStore, plan)
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import GATEWAY_SETTINGS, shard_lists
 from services.gateway.shards import ShardReplicas
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
 REBALANCE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
-    "shard_map_dir", "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
+    "db_path", "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
     *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
 
 log = logging.getLogger("rebalance")
@@ -119,9 +124,9 @@ class Rebalancer:
                                 f"INDEXER_ADDRS; only {len(self.replicas)} are configured")
         current = self.store.latest()
         if current is None:
-            raise ShardMapError("there is no shard map yet: start the gateways with "
-                                "GATEWAY_SHARD_MAP set (they create version 1 from the shards "
-                                "they route to), then rebalance")
+            raise ShardMapError("there is no shard map in the catalogue database yet: start "
+                                "the gateways with GATEWAY_SHARD_MAP=on (they create version 1 "
+                                "from the shards they route to), then rebalance")
         report = RebalanceReport(from_shards=current.shards, to_shards=to,
                                  partitions=current.partitions)
         if current.state == STABLE and not current.drop:
@@ -216,22 +221,29 @@ def main(argv: list[str] | None = None) -> int:
     args = REBALANCE_SETTINGS.add_flags(parser).parse_args(argv)
     settings = REBALANCE_SETTINGS.read(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if settings["shard_map_dir"] is None:
-        raise ConfigError("set GATEWAY_SHARD_MAP (or --shard-map): the directory the gateways "
-                          "read the shard map from")
     settle_s = args.settle_s if args.settle_s is not None else 2 * settings["shard_map_poll_s"] + 1
     token = resolve_write_token(settings.pop("write_token"), settings.pop("write_token_file"))
-    rebalancer = Rebalancer(JsonShardMapStore(settings["shard_map_dir"]), shard_lists(settings),
-                            write_token=token, settle_s=settle_s,
-                            tls=TlsFiles.from_values(settings))
+    replicas = shard_lists(settings)
+    try:
+        catalogue = Catalogue.open(settings["db_path"])
+    except (CatalogueError, CatalogueUnavailable) as exc:
+        print(f"rebalance: GATEWAY_DB: {exc}", file=sys.stderr)
+        return 2
+    rebalancer = Rebalancer(catalogue.shard_map_store(), replicas, write_token=token,
+                            settle_s=settle_s, tls=TlsFiles.from_values(settings))
     started = time.perf_counter()
     try:
         report = rebalancer.run(args.to)
+    except ShardMapConflict as exc:
+        print(f"rebalance: {exc}. Is another rebalance running? Run this one again once it has "
+              "finished (it resumes from the newest map).", file=sys.stderr)
+        return 1
     except ShardMapError as exc:
         print(f"rebalance: {exc}", file=sys.stderr)
         return 1
     finally:
         rebalancer.close()
+        catalogue.close()
     print(f"rebalance done in {time.perf_counter() - started:.1f}s: {report.moved_partitions} "
           f"partition(s), {report.vectors_moved} of {report.vectors_before} vectors moved "
           f"(fraction {report.moved_fraction:.3f}), {report.vectors_dropped} dropped from old "

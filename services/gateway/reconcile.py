@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from common.config import Settings
 from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
                              resolve_write_token)
+from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, shard_lists
 from services.gateway.domain import FailedPrecondition
@@ -134,7 +135,7 @@ def reconcile(catalogue: Catalogue, indexer: IndexerShards, *, repair: bool = Fa
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
 RECONCILE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
-    "db_path", "indexer_addrs", "indexer_shards", "shard_map_dir", "partitions")),
+    "db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions")),
     *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
 
 
@@ -151,7 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconcile: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
     replicas = shard_lists(settings)
-    routing = routing_for(len(replicas), settings["shard_map_dir"], settings["partitions"])
+    try:
+        routing = routing_for(len(replicas), catalogue.shard_map_store(), settings["partitions"],
+                              create=settings["shard_map"])
+    except ShardMapError as exc:
+        catalogue.close()
+        print(f"reconcile: shard map: {exc}", file=sys.stderr)
+        return 2
     indexer = IndexerShards(replicas, RetryPolicy(), routing=routing,
                             write_token=resolve_write_token(settings.pop("write_token"),
                                                             settings.pop("write_token_file")),
