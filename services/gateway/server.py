@@ -188,7 +188,8 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
     states are measured (`services.gateway.metrics`)."""
     routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
-    catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
+    pool = config.max_workers + 4  # every request thread, the outbox loop and readiness at once
+    catalogue = Catalogue.open(config.db_path, max_connections=pool, min_connections=pool,
                                connect_timeout_s=config.db_connect_timeout_s)
     if config.seed_dir is not None and catalogue.count(include_pending=True) == 0:
         try:
