@@ -122,22 +122,31 @@ def mask_password(url: str) -> str:
 
 
 class Transaction:
-    """A cursor inside one open transaction; statements use ``?`` placeholders."""
+    """Statements inside one open transaction; ``?`` placeholders. ``fetch*`` and ``rowcount``
+    are those of the last statement. With ``new_cursor`` every statement runs on a cursor of its
+    own (PostgreSQL's pipeline mode: a cursor reused before its results arrived would collect the
+    results of several statements)."""
 
-    def __init__(self, cursor, placeholder: str) -> None:
+    def __init__(self, cursor, placeholder: str, new_cursor=None) -> None:
         self._cursor = cursor
         self._placeholder = placeholder
+        self._new_cursor = new_cursor
 
     def _sql(self, sql: str) -> str:
         return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
 
+    def _next_cursor(self):
+        if self._new_cursor is not None:
+            self._cursor = self._new_cursor()
+        return self._cursor
+
     def execute(self, sql: str, params: Sequence = ()) -> "Transaction":
-        self._cursor.execute(self._sql(sql), tuple(params))
+        self._next_cursor().execute(self._sql(sql), tuple(params))
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
         if rows:
-            self._cursor.executemany(self._sql(sql), [tuple(row) for row in rows])
+            self._next_cursor().executemany(self._sql(sql), [tuple(row) for row in rows])
 
     def fetchall(self) -> list[tuple]:
         return [tuple(row) for row in self._cursor.fetchall()]
@@ -269,8 +278,8 @@ class PostgresDatabase:
             try:
                 # pipeline mode: statements whose results are not read are sent without waiting
                 # (a transaction of inserts is one round trip, its COMMIT included)
-                with connection.pipeline(), connection.cursor() as cursor:
-                    yield Transaction(cursor, "%s")
+                with connection.pipeline():
+                    yield Transaction(None, "%s", new_cursor=connection.cursor)
                     connection.execute("COMMIT")
             except BaseException:
                 with suppress(psycopg.Error):  # a lost connection has nothing to roll back
