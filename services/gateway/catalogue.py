@@ -511,7 +511,8 @@ class Catalogue:
             changed = tx.execute(
                 "UPDATE outbox SET op = ?, write_id = '', lease_holder = '', lease_until = 0, "
                 "attempts = 0, next_attempt_at = 0, last_error = ? WHERE seq = ? AND op = ? "
-                "AND lease_holder = ? RETURNING seq", (DELETE, error[:1000], entry.seq, UPSERT, holder)).fetchone()
+                "AND lease_holder = ? RETURNING seq",
+                (DELETE, error[:1000], entry.seq, UPSERT, holder)).fetchone()
             if changed is None:
                 return False
             tx.execute("DELETE FROM listings WHERE id = ? AND write_id = ?", (entry.listing_id, entry.write_id))

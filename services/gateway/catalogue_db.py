@@ -16,14 +16,6 @@ is written once (SQL with ``?`` placeholders; PostgreSQL's driver gets them as `
   COMMITTED on a pooled connection (psycopg 3 + psycopg-pool).
 * ``query(sql, params)``: one read statement outside any explicit transaction (PostgreSQL: one
   round trip, no BEGIN/COMMIT; at READ COMMITTED a statement sees one snapshot either way).
-
-PostgreSQL round trips are what a request pays for (each one a wake-up of the server's backend
-process), so the pool is opened at its full size at start (no connection is set up while a request
-waits) and a connection is not probed on checkout: a transaction's own ``BEGIN`` (or a read's
-statement) is the probe. When it fails on a connection the server dropped (it restarted), every idle
-connection is checked, the dead ones replaced, and the statement tried once more on a fresh one
-(nothing had been done on the dead connection), so a restarted server is used again without
-restarting the gateway and without failing requests on stale connections.
 * ``migration_lock(tx)``: what makes two gateways starting at once migrate one after the other:
   a transaction-scoped advisory lock on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already is one.
 * ``schema_version(tx)`` / ``set_schema_version(tx, v)``: SQLite's ``PRAGMA user_version`` (as
@@ -32,6 +24,16 @@ restarting the gateway and without failing requests on stale connections.
 * Errors are classified here so nothing above knows a driver: a unique-key violation becomes
   `UniqueViolation`, a lost or unreachable server `DatabaseUnavailable` naming the database (with
   its password masked).
+
+PostgreSQL round trips are what a request pays for (each one a wake-up of the server's backend
+process), so a server's pool is opened at its full size at start (no connection is set up while a
+request waits) and a connection is not probed on checkout: a transaction's own ``BEGIN`` (or a
+read's statement) is the probe. When it fails on a connection the server dropped (it restarted),
+every idle connection is checked, the dead ones replaced, and the statement tried once more on a
+fresh one (nothing had been done on the dead connection), so a restarted server is used again
+without restarting the gateway and without failing requests on stale connections. Write
+transactions run in pipeline mode: statements whose results are not read go out without waiting
+(AddListing's inserts and COMMIT in one round trip).
 """
 from __future__ import annotations
 
