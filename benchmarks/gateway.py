@@ -530,6 +530,69 @@ CATALOGUE_SETUPS = (("sqlite", "SQLite, 1 gateway"), ("pg1", "PostgreSQL, 1 gate
 DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
 
 
+def catalogue_costs(urls: dict[str, str], prepared: Path, calls: int) -> dict[str, dict[str, WindowCell]]:
+    """What the catalogue itself costs per RPC on each back end, called in-process one after
+    another (no gRPC, no embedder): SearchByImage's read of its 10 listings, and AddListing's
+    catalogue steps (duplicate check, the pending write with its outbox entry, marking it done,
+    the pending check). Each back end on a database of its own, loaded from ``prepared``."""
+    from services.gateway.catalogue import Catalogue, StoredVector
+    from services.gateway.domain import Listing
+
+    vector = np.random.default_rng(0).standard_normal(1280).astype(np.float32)
+    costs: dict[str, dict[str, WindowCell]] = {}
+    for name, url in urls.items():
+        with Catalogue.open(url, max_connections=4, min_connections=4) as catalogue:
+            catalogue.load_prepared(prepared)
+            ids = catalogue.listing_ids()
+            search, add = [], []
+            for n in range(calls):
+                wanted = ids[(n * 10) % max(1, len(ids) - 10):][:10]
+                began = time.perf_counter()
+                catalogue.get_many(wanted, include_pending=True)
+                search.append((time.perf_counter() - began) * 1000)
+                listing_id = f"cost-{n}"
+                listing = Listing(listing_id, "Cost", "", "", "Home & Garden", 1.0, "GBP", "", (f"{listing_id}-0",))
+                began = time.perf_counter()
+                catalogue.get(listing_id, include_pending=True)
+                entry = catalogue.add_pending(listing, [StoredVector("image", f"{listing_id}-0", vector)], 0,
+                                              lease_holder="bench", lease_s=30)
+                catalogue.complete(entry)
+                catalogue.pending_outbox(listing_id)
+                add.append((time.perf_counter() - began) * 1000)
+            costs[name] = {"SearchByImage": WindowCell(0.0, search), "AddListing": WindowCell(0.0, add)}
+    return costs
+
+
+def draw_catalogue_latencies(cells: dict[tuple[str, str], "WindowCell"]) -> Path:
+    """Latency distribution (the share of calls answered within x ms) of each set-up, one panel
+    per RPC, with p99 marked: ``build/benchmarks/gateway_catalogue.png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = REPO_ROOT / "build" / "benchmarks" / "gateway_catalogue.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rpcs = ("SearchByImage", "AddListing")
+    fig, axes = plt.subplots(1, len(rpcs), figsize=(11, 4), sharey=True)
+    for ax, rpc in zip(axes, rpcs):
+        for key, label in CATALOGUE_SETUPS:
+            latencies = np.sort(np.asarray(cells[rpc, key].latencies_ms))
+            if not len(latencies):
+                continue
+            share = np.arange(1, len(latencies) + 1) / len(latencies)
+            line, = ax.plot(latencies, share, label=f"{label} (n={len(latencies)})")
+            ax.axvline(cells[rpc, key].percentile(99), color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_title(f"{rpc} (dotted: p99)")
+        ax.set_xlabel("latency (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("share of calls answered")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def durability_settings(url: str) -> str:
     """The server's durability settings as ``name=value ...`` (what the comparison ran with)."""
     import psycopg
@@ -678,6 +741,9 @@ def run_catalogue_comparison(args) -> int:
                 check = reconcile(catalogue, shards)
                 pg_count = catalogue.count(include_pending=True)
             postgres_settings = durability_settings(urls["pg"])
+            costs = catalogue_costs({"SQLite": str(tmp / "costs.sqlite3"),
+                                     "PostgreSQL": postgres.create_database("costs")},
+                                    prepared, 100 if args.quick else 500)
             shards.close()
         finally:
             for service in reversed(services):
@@ -697,6 +763,13 @@ def run_catalogue_comparison(args) -> int:
             cell = cells[rpc, key]
             print(f"{label:24s} | {rpc:13s} | {cell.per_s:>7.1f} {cell.percentile(50):>7.1f} "
                   f"{cell.percentile(99):>7.1f} {len(cell.latencies_ms):>6d}")
+    print("\nthe catalogue's own cost per RPC (ms; in-process, calls one after another, "
+          f"{len(costs['SQLite']['AddListing'].latencies_ms)} each):")
+    for rpc, what in (("SearchByImage", "read its 10 listings"),
+                      ("AddListing", "duplicate check, pending write + outbox, mark done, pending check")):
+        print(f"  {rpc:13s} ({what}): " + "; ".join(
+            f"{name} p50 {cost[rpc].percentile(50):.2f} p99 {cost[rpc].percentile(99):.2f}"
+            for name, cost in costs.items()))
     p99_ratios = {rpc: cells[rpc, "pg1"].percentile(99) / cells[rpc, "sqlite"].percentile(99)
                   for rpc in ("SearchByImage", "AddListing")}
     pg_vs_sqlite = max(p99_ratios.values())
@@ -709,6 +782,7 @@ def run_catalogue_comparison(args) -> int:
           f"(the embedder and shards are shared, on {os.cpu_count()} cores)")
     print(f"reconcile after the run: PostgreSQL catalogue {pg_count:,} listings; orphans {check.orphans}, "
           f"missing {check.missing}, pending {check.pending}")
+    print(f"picture: {draw_catalogue_latencies(cells).relative_to(REPO_ROOT)}")
     print(f"after: {load_line()}; total {time.perf_counter() - started:.0f} s")
     print(f"RESULT pg_vs_sqlite_p99={pg_vs_sqlite:.2f} two_gateways_vs_one_rps={two_vs_one:.2f} "
           f"orphans={orphans}")

@@ -189,7 +189,8 @@ class OutboxApplier:
         gateway holds is waited for: it is being pushed). With ``cancel_refused_add``, an add the
         shard refused or could not be reached for is cancelled (see `push`). ``leased``: the entry
         the request just wrote, when it was written held by this applier (``lease_holder``): it is
-        pushed first without a transaction to claim it."""
+        pushed first without a transaction to claim it, and once it is applied the request's write
+        is done (it was first in line; a later entry of the listing is another request's)."""
         error: GatewayError | None = None
         own = leased if leased is not None and leased.lease_holder == self.holder else None
         while True:
@@ -215,6 +216,8 @@ class OutboxApplier:
                 if error is not None:
                     self._wake.set()
                     return PushResult(False, error)
+                if entry is leased:  # it was first in line: the request's write is applied
+                    return PushResult(True)
             except _Cancelled as cancelled:
                 return PushResult(False, cancelled.error, cancelled=True)
             except CatalogueUnavailable as exc:  # committed already: the loop finishes the job
