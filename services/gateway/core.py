@@ -474,15 +474,16 @@ class GatewayCore:
                   for image_id, vector in zip(listing.image_ids, vectors)]
         if text_vector is not None:
             stored.append(StoredVector(TEXT_COLLECTION, listing.id, text_vector))
-        try:
-            self.catalogue.add_pending(listing, stored, shard)
+        try:  # the entry is written held by this gateway's applier: no claim before the push
+            entry = self.catalogue.add_pending(listing, stored, shard, lease_holder=self.outbox.holder,
+                                               lease_s=self.outbox.lease_s)
         except DuplicateListing as exc:
             raise AlreadyExists(str(exc)) from None
 
         # 3. Push the vectors now. Refused, or the shard unreachable: the add is cancelled and
         # the error returned. Unknown outcome (a timeout): the outbox loop keeps pushing and
         # the caller hears "pending".
-        pushed = self.outbox.apply_listing(listing.id, deadline, cancel_refused_add=True)
+        pushed = self.outbox.apply_listing(listing.id, deadline, cancel_refused_add=True, leased=entry)
         if pushed.cancelled:
             raise pushed.error
         pending = not pushed.done
@@ -496,11 +497,12 @@ class GatewayCore:
         if not listing_id:
             raise InvalidArgument("listing_id is empty")
         removed = self.catalogue.remove_queued(listing_id, self.indexer.shard_for(listing_id),
-                                               text_collection=TEXT_COLLECTION)
+                                               text_collection=TEXT_COLLECTION,
+                                               lease_holder=self.outbox.holder, lease_s=self.outbox.lease_s)
         if removed is None:
             raise NotFound(f"listing {listing_id} not found")
-        listing, _ = removed
-        pending = not self.outbox.apply_listing(listing_id, deadline).done
+        listing, entry = removed
+        pending = not self.outbox.apply_listing(listing_id, deadline, leased=entry).done
         log.info("removed listing %s (%d photos%s)", listing_id, len(listing.image_ids),
                  ", vector deletion pending" if pending else "")
         return RemovedListing(listing_id, len(listing.image_ids), pending)

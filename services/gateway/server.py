@@ -187,7 +187,8 @@ class GatewayServer(Server):
 def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
     """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
     states are measured (`services.gateway.metrics`)."""
-    catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
+    pool = config.max_workers + 4  # every request thread, the outbox loop and readiness at once
+    catalogue = Catalogue.open(config.db_path, max_connections=pool, min_connections=pool,
                                connect_timeout_s=config.db_connect_timeout_s)
     try:  # an unusable shard map refuses before anything else is started
         routing = shard_routing(config, catalogue)
