@@ -36,15 +36,13 @@ import pandas as pd
 
 from common.fusion_weights import FusionWeights
 from common.text import FUSION_WEIGHTS_PLOT_FILE, TEXT_MODEL_NAME, listing_text
+from training.export import EMBEDDINGS_DIR, EMBEDDINGS_IDS, EMBEDDINGS_NPY
 
 log = logging.getLogger("training.fusion_weights")
 
 K = 10
 #: The text weights tried on the valid split.
 WEIGHT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-EMBEDDINGS_DIR = "embeddings"
-IMAGE_EMBEDDINGS_FILE = "image_embeddings.npy"   # training.export's EMBEDDINGS_NPY
-IMAGE_IDS_FILE = "image_ids.json"                # training.export's EMBEDDINGS_IDS
 SEARCH_MEASURE = (f"same-category precision@{K} of hybrid Search, query = a valid listing's first "
                   "photo + its title, the listing itself excluded")
 SIMILAR_MEASURE = (f"same-category precision@{K} of SimilarListings, query = a valid listing "
@@ -223,7 +221,7 @@ def plot_curves(weights: FusionWeights, path: Path) -> None:
 def load_image_embeddings(artifact_dir: Path) -> tuple[list[str], np.ndarray] | None:
     """(image ids, vectors) the artefact exports for the catalogue; None when it has none."""
     folder = Path(artifact_dir) / EMBEDDINGS_DIR
-    vectors_path, ids_path = folder / IMAGE_EMBEDDINGS_FILE, folder / IMAGE_IDS_FILE
+    vectors_path, ids_path = folder / EMBEDDINGS_NPY, folder / EMBEDDINGS_IDS
     if not vectors_path.is_file() or not ids_path.is_file():
         return None
     vectors = np.load(vectors_path, allow_pickle=False).astype(np.float32, copy=False)
@@ -294,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     weights = fit(args.data, args.artifact, args.out or args.artifact, cache_dir=args.cache)
     if weights is None:
-        print(f"{args.artifact} has no embeddings/{IMAGE_EMBEDDINGS_FILE}: nothing chosen", file=sys.stderr)
+        print(f"{args.artifact} has no {EMBEDDINGS_DIR}/{EMBEDDINGS_NPY}: nothing chosen", file=sys.stderr)
         return 1
     print(format_curves(weights))
     print(f"chosen on valid ({weights.valid_queries} listings): search_text_weight="
