@@ -34,6 +34,12 @@ defaults are in the declarations and the README's configuration table; here is w
     holds a map (``on`` or ``off``), listings are routed listing -> partition -> the shard that
     owns it, every gateway re-reads the map every ``GATEWAY_SHARD_MAP_POLL_S`` (so they switch
     together), and shards can be added with ``python -m services.gateway.rebalance --to N``.
+``GATEWAY_SEARCH_TEXT_WEIGHT`` / ``GATEWAY_SIMILAR_TEXT_WEIGHT``
+    Unset, each comes from the embedder's GetModelInfo: the weights chosen on the valid split for
+    the served image model (its artefact's ``fusion_weights.json``, written by ``python -m
+    training.fusion_weights`` and training.text), else the built-in 0.5 and 0.7
+    (`services.gateway.fusion_defaults`). Set, they override it; the log says which weight is
+    used and where it came from.
 ``GATEWAY_RETRY_*``
     Only UNAVAILABLE is retried, and only for idempotent calls (all the gateway makes are:
     Embed, Classify, GetModelInfo, Search, Fetch, and Upsert/Delete by id), never beyond the
@@ -55,7 +61,6 @@ from common.config import (INDEXER_PARTITIONS, LOG_LEVEL, REPO_ROOT, ConfigError
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
 from common.security import (TLS_CLIENT_SETTINGS, TLS_SERVER_SETTINGS, WRITE_TOKEN_SETTINGS,
                              TlsFiles, resolve_write_token)
-from services.gateway.ranking import DEFAULT_SIMILAR_TEXT_WEIGHT
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -161,10 +166,15 @@ GATEWAY_SETTINGS = merged((
                  "about this time"),
     Setting("GATEWAY_MODEL_INFO_TTL_S", "model_info_ttl_s", float, 60.0, minimum=0.0,
             help="how long the embedder's model info is cached"),
-    Setting("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight", float,
-            DEFAULT_SIMILAR_TEXT_WEIGHT, minimum=0.0, maximum=1.0,
-            help="text weight `w` of SimilarListings: `(1 - w)·photo cosine + w·text cosine` "
-                 "(0: photos only); the weight `python -m benchmarks.search_quality` chooses"),
+    Setting("GATEWAY_SEARCH_TEXT_WEIGHT", "search_text_weight", float, minimum=0.0, maximum=1.0,
+            shown="unset: the artefact's",
+            help="text weight `w` of hybrid Search when a request leaves `text_weight` unset: "
+                 "`(1 - w)·photo cosine + w·text cosine`; unset: the weight chosen on the valid "
+                 "split for the served image model (the embedder's GetModelInfo), else 0.5"),
+    Setting("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight", float, minimum=0.0,
+            maximum=1.0, shown="unset: the artefact's",
+            help="text weight `w` of SimilarListings (0: photos only); unset: the weight chosen on "
+                 "the valid split for the served image model, else 0.7"),
     Setting("GATEWAY_MAX_WORKERS", "max_workers", int, 16, minimum=1,
             help="gRPC server worker threads (concurrent requests being handled)"),
     Setting("GATEWAY_READINESS_INTERVAL_S", "readiness_interval_s", float, 5.0, minimum=0.0,
@@ -216,7 +226,9 @@ class GatewayConfig:
     db_connect_timeout_s: float = _default("db_connect_timeout_s")
     outbox_interval_s: float = _default("outbox_interval_s")
     outbox_lease_s: float = _default("outbox_lease_s")
-    similar_text_weight: float = _default("similar_text_weight")
+    #: None: the embedder's artefact decides (GetModelInfo's fusion weights)
+    search_text_weight: float | None = _default("search_text_weight")
+    similar_text_weight: float | None = _default("similar_text_weight")
     write_token: str | None = None
     max_workers: int = _default("max_workers")
     readiness_interval_s: float = _default("readiness_interval_s")
