@@ -69,6 +69,9 @@ TEXT_CARD_FILE = "text_card.json"
 IMAGE_MODEL_CARD_FILE = "model_card.json"
 TEXT_VOCAB_FILE = "text_vocab.json"
 TEXT_FINETUNED_FILE = "text_finetuned.safetensors"
+#: The gateway's default fusion weights chosen on valid (`common.fusion_weights`) and their curves.
+FUSION_WEIGHTS_FILE = "fusion_weights.json"
+FUSION_WEIGHTS_PLOT_FILE = "fusion_weights.png"
 TEXT_HEAD_FORMAT_VERSION = 1
 #: Word pieces the fine-tuned classifier reads (87% of the shared data's listings are shorter).
 FINETUNED_MAX_LENGTH = 128

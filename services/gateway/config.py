@@ -41,13 +41,15 @@ Environment variables (flag in brackets; defaults in parentheses):
     one replica of each shard (spread over the replicas, another replica of the same shard in the
     same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
     listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
-``GATEWAY_SHARD_MAP`` (unset) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
-    A directory holding the versioned shard map (`common.shard_map`; share it between gateways
-    and the rebalance command). Set: listings are routed listing -> one of
-    ``INDEXER_PARTITIONS`` partitions -> the shard that owns it, the map is re-read every
-    ``GATEWAY_SHARD_MAP_POLL_S`` seconds, and shards can be added with ``python -m
-    services.gateway.rebalance --to N``. An empty directory gets version 1, which routes exactly
-    as the unset case when the partition count is a multiple of the shard count. Unset: shard
+``GATEWAY_SHARD_MAP`` [--shard-map] (off) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
+    The versioned shard map (`common.shard_map`), kept in the catalogue database (``GATEWAY_DB``,
+    table ``shard_maps``) so every gateway and the rebalance command read the same one. ``on``:
+    when the database holds no map yet, create version 1 (``INDEXER_PARTITIONS`` partitions on
+    the configured shards; it routes exactly as hash routing when the partition count is a
+    multiple of the shard count). Whenever the database holds a map (``on`` or ``off``), listings
+    are routed listing -> partition -> the shard that owns it, every gateway re-reads the map
+    every ``GATEWAY_SHARD_MAP_POLL_S`` seconds (so they switch together), and shards can be added
+    with ``python -m services.gateway.rebalance --to N``. No map: shard
     ``blake2b(listing_id) % N``.
 ``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
     Deadline for a request whose caller set none. A caller's deadline is always propagated to the
@@ -71,11 +73,14 @@ Environment variables (flag in brackets; defaults in parentheses):
     indexer is used again within about this time (gRPC's own default grows to 120 s).
 ``GATEWAY_MODEL_INFO_TTL_S`` (60)
     How long the embedder's model info (categories, dimension, batch limit) is cached.
-``GATEWAY_SIMILAR_TEXT_WEIGHT`` (0.7)
-    Text weight ``w`` in [0, 1] of SimilarListings: ``(1 - w) * photo cosine + w * text cosine``
-    (0: photos only, as a request's ``photos_only``). Set it to the weight that
-    ``python -m benchmarks.search_quality`` chooses on the valid split for the served artefact; the
-    default 0.7 is the weight of a first measurement on the earlier 3,453-photo split.
+``GATEWAY_SEARCH_TEXT_WEIGHT`` / ``GATEWAY_SIMILAR_TEXT_WEIGHT`` (unset: the embedder's artefact)
+    Text weight ``w`` in [0, 1] of hybrid Search when a request leaves ``text_weight`` unset, and
+    of SimilarListings: ``(1 - w) * photo cosine + w * text cosine`` (SimilarListings' 0: photos
+    only, as a request's ``photos_only``). Unset, each comes from the embedder's GetModelInfo: the
+    weights chosen on the valid split for the served image model (its artefact's
+    ``fusion_weights.json``, written by ``python -m training.fusion_weights`` and training.text),
+    else the built-in 0.5 and 0.7 (`services.gateway.fusion_defaults`). Set, they override it; the
+    log says which weight is used and where it came from.
 ``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
     When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
     (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
@@ -112,7 +117,6 @@ from pathlib import Path
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
 from common.security import write_token
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
-from services.gateway.ranking import DEFAULT_SIMILAR_TEXT_WEIGHT
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -145,7 +149,8 @@ class GatewayConfig:
     indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
     #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
     indexer_shards: ShardReplicas | None = None
-    shard_map_dir: Path | None = None
+    #: GATEWAY_SHARD_MAP: create the shard map in the catalogue database when it has none
+    shard_map: bool = False
     shard_map_poll_s: float = 2.0
     partitions: int = 256
     downstream_timeout_s: float = 10.0
@@ -158,7 +163,8 @@ class GatewayConfig:
     db_connect_timeout_s: float = 5.0
     outbox_interval_s: float = 0.5
     outbox_lease_s: float = 30.0
-    similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT
+    search_text_weight: float | None = None    # None: the embedder's artefact decides
+    similar_text_weight: float | None = None
     write_token: str | None = None
     max_workers: int = 16
     readiness_interval_s: float = 5.0
@@ -201,8 +207,9 @@ class GatewayConfig:
                                             minimum=0))
         parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                             help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
-        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
-                            help="directory of the versioned shard map (enables rebalancing)")
+        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
+                            help="on: create the versioned shard map in the catalogue database "
+                                 "(enables rebalancing); off (default)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = write_token()
@@ -215,7 +222,7 @@ class GatewayConfig:
             embedder_addr=args.embedder,
             indexer_addrs=parse_indexer_addrs(args.indexers),
             indexer_shards=shard_replicas_setting(args.shards, args.indexers),
-            shard_map_dir=Path(args.shard_map) if args.shard_map else None,
+            shard_map=shard_map_setting(args.shard_map),
             shard_map_poll_s=env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05),
             partitions=env_int("INDEXER_PARTITIONS", 256, minimum=1),
             downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
@@ -232,7 +239,8 @@ class GatewayConfig:
             db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
             outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
             outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),
-            similar_text_weight=similar_text_weight_from_env(),
+            search_text_weight=text_weight_from_env("GATEWAY_SEARCH_TEXT_WEIGHT"),
+            similar_text_weight=text_weight_from_env("GATEWAY_SIMILAR_TEXT_WEIGHT"),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
@@ -245,11 +253,13 @@ class GatewayConfig:
         return config
 
 
-def similar_text_weight_from_env() -> float:
-    """``GATEWAY_SIMILAR_TEXT_WEIGHT``, a number in [0, 1]."""
-    weight = env_float("GATEWAY_SIMILAR_TEXT_WEIGHT", DEFAULT_SIMILAR_TEXT_WEIGHT, minimum=0.0)
+def text_weight_from_env(name: str) -> float | None:
+    """A fusion text weight setting: a number in [0, 1], or None when unset."""
+    if not env_str(name, ""):
+        return None
+    weight = env_float(name, 0.0, minimum=0.0)
     if weight > 1.0:
-        raise ConfigError(f"GATEWAY_SIMILAR_TEXT_WEIGHT must be between 0 and 1, got {weight}")
+        raise ConfigError(f"{name} must be between 0 and 1, got {weight}")
     return weight
 
 
@@ -262,6 +272,19 @@ def database_setting(value: str) -> Path | str:
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from None
     return value if "://" in value else Path(value)
+
+
+def shard_map_setting(value: str | None) -> bool:
+    """``GATEWAY_SHARD_MAP``: on/off (also true/false, 1/0, yes/no; empty = off). A directory
+    (where earlier versions kept the map as JSON files) is refused with what to do instead."""
+    lowered = (value or "").strip().lower()
+    if lowered in {"", "0", "false", "no", "off"}:
+        return False
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    raise ConfigError(f"GATEWAY_SHARD_MAP={value!r} is not on or off: the shard map is kept in the "
+                      "catalogue database (GATEWAY_DB), not in a directory; set "
+                      "GATEWAY_SHARD_MAP=on")
 
 
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from common.config import ConfigError
 from common.image_store import open_image_store
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
-from common.shard_map import JsonShardMapStore, ShardMapError
+from common.shard_map import ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -37,6 +37,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
+from services.gateway.fusion_defaults import FusionDefaults
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import OutboxApplier
 from services.gateway.photos import ListingPhotos
@@ -187,9 +188,14 @@ class GatewayServer(Server):
 def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
     """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
     states are measured (`services.gateway.metrics`)."""
-    routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
-    catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
+    pool = config.max_workers + 4  # every request thread, the outbox loop and readiness at once
+    catalogue = Catalogue.open(config.db_path, max_connections=pool, min_connections=pool,
                                connect_timeout_s=config.db_connect_timeout_s)
+    try:  # an unusable shard map refuses before anything else is started
+        routing = shard_routing(config, catalogue)
+    except BaseException:
+        catalogue.close()
+        raise
     if config.seed_dir is not None and catalogue.count(include_pending=True) == 0:
         try:
             report = catalogue.load_prepared(config.seed_dir)
@@ -211,18 +217,22 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         metrics.catalogue, metrics.indexer = catalogue, indexer
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
                            interval_s=config.outbox_interval_s)
+    fusion = FusionDefaults(embedder.model_info, search_override=config.search_text_weight,
+                            similar_override=config.similar_text_weight)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images, outbox=outbox,
-                       similar_text_weight=config.similar_text_weight)
+                       max_images=config.max_images, outbox=outbox, fusion=fusion)
 
 
-def shard_routing(config: GatewayConfig) -> ShardRouting:
-    """Routing by the shard map when GATEWAY_SHARD_MAP is set (refusing one that names shards
-    that are not configured), else by hash over the configured shards."""
+def shard_routing(config: GatewayConfig, catalogue: Catalogue) -> ShardRouting:
+    """Routing by the shard map in the catalogue database when it holds one (created at
+    version 1 with GATEWAY_SHARD_MAP=on), refusing one that cannot be used with the configured
+    shards; else by hash over the configured shards."""
     try:
-        return routing_for(len(config.indexer_replicas), config.shard_map_dir, config.partitions)
+        return routing_for(len(config.indexer_replicas), catalogue.shard_map_store(),
+                           config.partitions, create=config.shard_map)
     except ShardMapError as exc:
-        raise ConfigError(f"GATEWAY_SHARD_MAP={config.shard_map_dir}: {exc}") from None
+        raise ConfigError(f"shard map (GATEWAY_SHARD_MAP, in GATEWAY_DB {catalogue.path}): "
+                          f"{exc}") from None
 
 
 def start(config: GatewayConfig) -> GatewayServer:
@@ -251,15 +261,17 @@ def start(config: GatewayConfig) -> GatewayServer:
     if not config.write_token:
         log.warning("WRITE_TOKEN is not set: AddListing and RemoveListing are open to any caller")
     core.outbox.start()  # pushes index writes left pending (a shard down, a gateway killed)
+    log.info("fusion defaults: %s", core.fusion.describe_settings())
     log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", core.catalogue.path,
              core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
              "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core, metrics=server.metrics)
-    if config.shard_map_dir is not None:
-        gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
-                                          core.indexer.routing, config.shard_map_poll_s)
-        gateway.map_watch.start()
+    # every gateway follows the map's versions (also one routing by hash: when another gateway
+    # creates the first map, this one must route by it too)
+    gateway.map_watch = ShardMapWatch(core.catalogue.shard_map_store(), core.indexer.routing,
+                                      config.shard_map_poll_s)
+    gateway.map_watch.start()
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
             [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),
