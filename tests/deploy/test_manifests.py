@@ -55,6 +55,8 @@ def env_read_by(service: str) -> frozenset[str]:
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
                 if name in _ENV_READERS and isinstance(node.args[0].value, str):
                     names.add(node.args[0].value)
+                elif name == "secret_from_env" and isinstance(node.args[0].value, str):  # NAME or NAME_FILE
+                    names |= {node.args[0].value, f"{node.args[0].value}_FILE"}
             elif (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
                   and ast.unparse(node.value) == "os.environ"):
                 names.add(node.slice.value)
@@ -81,7 +83,8 @@ def test_what_the_services_read_is_found():
     assert {"EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "LOG_LEVEL"} <= env_read_by("embedder")
     assert {"INDEXER_DATA_DIR", "INDEXER_COLLECTIONS", "WRITE_TOKEN", "WRITE_TOKEN_FILE",
             "TLS_CERT"} <= env_read_by("indexer")
-    assert {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB", "WRITE_TOKEN_FILE", "TLS_CA"} <= env_read_by("gateway")
+    assert {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB", "GATEWAY_DB_PASSWORD_FILE", "WRITE_TOKEN_FILE",
+            "TLS_CA"} <= env_read_by("gateway")
     assert "GATEWAY_DB" not in env_read_by("indexer")
     assert [service_port(s) for s in SERVICES] == [50051, 50052, 50050]
 
@@ -205,18 +208,34 @@ def test_no_default_write_token_anywhere():
                                    capture_output=True).returncode == 0], "secret values are committed"
 
 
-def test_compose_refuses_to_start_without_a_write_token(tmp_path):
+@pytest.mark.parametrize("missing, how", [("WRITE_TOKEN", "openssl rand -hex 32"),
+                                           ("POSTGRES_PASSWORD", "openssl rand -hex 24")])
+def test_compose_refuses_to_start_without_its_secrets(tmp_path, missing, how):
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("no docker-compose CLI installed (apt-get install docker-compose)")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WRITE_TOKEN": "t", "POSTGRES_PASSWORD": "p"}
     result = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            timeout=60, env=env, cwd=tmp_path)
+                            timeout=60, env={k: v for k, v in env.items() if k != missing}, cwd=tmp_path)
     assert result.returncode != 0
-    assert "WRITE_TOKEN" in result.stderr and "openssl rand -hex 32" in result.stderr
+    assert f"{missing} is not set" in result.stderr and how in result.stderr
     ok = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                        timeout=60, env={**env, "WRITE_TOKEN": "t"}, cwd=tmp_path)
+                        timeout=60, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_no_default_database_password_anywhere():
+    for path in [COMPOSE, SWARM, *K8S.rglob("*.yaml"), REPO / "scripts" / "compose" / "postgres-entrypoint.sh"]:
+        text = path.read_text()
+        assert "change-me" not in text and not re.search(r"\$\{POSTGRES_PASSWORD:-[^}]", text), path
+    assert "${POSTGRES_PASSWORD:?" in COMPOSE.read_text()
+    swarm = yaml.safe_load(SWARM.read_text())
+    assert swarm["secrets"]["postgres_password"].get("external") is True
+    postgres, gateway = swarm["services"]["postgres"], swarm["services"]["gateway"]
+    assert compose_env(postgres)["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert compose_env(gateway)["GATEWAY_DB_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "postgres_password" in postgres["secrets"] and "postgres_password" in gateway["secrets"]
+    assert "@" in compose_env(gateway)["GATEWAY_DB"] and ":" not in compose_env(gateway)["GATEWAY_DB"].split("//")[1].split("@")[0]
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -398,7 +417,12 @@ def test_swarm_tls_overlay_merges_into_settings_the_services_read():
                             env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "ARTIFACT_DIR": "/m", "PREPARED_DIR": "/d"})
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
-    for name, service in rendered["services"].items():
+    grpc_services = {name: service for name, service in rendered["services"].items()
+                     if not name.startswith(("postgres", "web", "prometheus"))}
+    assert len(grpc_services) == 6
+    web = rendered["services"]["web"]
+    assert {"TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY"} <= set(compose_env(web)) <= env_read_by("web")
+    for name, service in grpc_services.items():
         kind = image_service(re.sub(r"\$\{[^}]*\}", "", service["image"]))
         env = compose_env(service)
         check_env(kind, env, f"stack.yml + tls.yml {name}")
