@@ -451,13 +451,16 @@ check_web_edge() {
   check web_health '.ready == true' "GET /api/health: $(jq -c . "$Q/web_health.json")"
   curl -sf -F "image=@${photos[0]}" "http://$web/predict/image" >"$Q/predict.json" || die "POST /predict/image failed"
   check predict '(.Category | type) == "string" and .Probability > 0' "POST /predict/image: $(jq -c . "$Q/predict.json")"
-  curl -sf -F "image=@${photos[2]}" -F k=5 "http://$web/api/search" >"$Q/web_search.json" \
+  curl -sf -F "image=@${photos[2]}" "http://$web/api/search?k=5" >"$Q/web_search.json" \
     || die "POST /api/search failed"
   check web_search '(.results | length) == 5 and (.results[0].image_url | type) == "string"' \
     "POST /api/search with a photo: 5 listings, first $(jq -r '.results[0].listing.id' "$Q/web_search.json")"
   url="$(jq -r '.results[0].image_url' "$Q/web_search.json")"
-  [[ "$(curl -sf -o /dev/null -w '%{http_code} %{content_type}' "http://$web$url")" == "200 image/"* ]] \
-    || die "the first result's photo $url is not served from the image store"
+  local tries=0   # the edge copies the prepared photos into the store in the background at start
+  until [[ "$(curl -s -o /dev/null -w '%{http_code} %{content_type}' "http://$web$url")" == "200 image/"* ]]; do
+    (( ++tries < 30 )) || die "the first result's photo $url is not served from the image store"
+    sleep 5
+  done
   echo "ok  GET $url: the photo from the image store"
 }
 
