@@ -256,8 +256,9 @@ build_images() {  # the three service images from docker-compose.yml's build sec
   echo "full output: ${WORK#$REPO/}/build.log (the first build takes ~10 min: torch and CUDA libraries)"
   local build_start
   build_start=$(date +%s)
-  # the build needs no write token; interpolation does, so give it a throwaway one
-  if ! WRITE_TOKEN="${WRITE_TOKEN:-build-only}" COMPOSE_DOCKER_CLI_BUILD=0 DOCKER_BUILDKIT=0 \
+  # the build needs no write token nor database password; interpolation does, so give it throwaway ones
+  if ! WRITE_TOKEN="${WRITE_TOKEN:-build-only}" POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-build-only}" \
+       COMPOSE_DOCKER_CLI_BUILD=0 DOCKER_BUILDKIT=0 \
        compose build >"$WORK/build.log" 2>&1; then
     grep -v '━' "$WORK/build.log" | tail -40
     die "image build failed"
