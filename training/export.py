@@ -22,7 +22,7 @@ Layout written here::
                              the card's ``runtimes`` entry: opset, checksums, versions at export)
     check_photos/            16 validation photos every runtime is compared with torch on at load
     model.int8.onnx          only with ``python -m training.runtimes --int8``: int8, calibrated on
-                             64 training photos
+                             300 training photos
 """
 from __future__ import annotations
 
@@ -156,8 +156,9 @@ def spread(files: list[Path], count: int) -> list[Path]:
 def write_runtime_files(directory: Path, model, catalogue: "Catalogue", *,
                         int8: bool = False) -> dict:
     """The ONNX model and check photos from the validation split for the embedder's runtimes;
-    with ``int8`` also the int8 quantisation calibrated on training photos (opt-in: about a
-    minute more, and on EfficientNet-Lite0 it fails the check, see common.runtimes)."""
+    with ``int8`` also the int8 quantisation calibrated on training photos (opt-in: a few
+    minutes more, and on EfficientNet-Lite0 on an AVX2 CPU it fails the check, see
+    common.runtimes)."""
     files = catalogue.files
     valid = [files[i] for i in np.flatnonzero(catalogue.mask("valid"))]
     train = [files[i] for i in np.flatnonzero(catalogue.mask("train"))]

@@ -73,14 +73,19 @@ EMBEDDER_SETTINGS = merged((
     Setting("EMBEDDER_RUNTIME", "runtime", default="auto", choices=RUNTIME_SETTINGS,
             help="where the model runs: `torch` (the reference), `onnxruntime`, `openvino`, or "
                  "`auto`: every installed runtime is compared with torch on the artefact's check "
-                 "photos at load and the fastest that passes serves (torch when none does, or the "
+                 "photos at load and the fastest that passes serves (a short speed trial, the "
+                 "candidates taking turns, best of 3 runs each; the timings are in the start-up "
+                 "log) (torch when none does, or the "
                  "artefact has no check photos; the log says why). An explicit runtime that is "
                  "missing or fails the check stops the start with a message naming the setting"),
     Setting("EMBEDDER_PRECISION", "precision", default="fp32", choices=PRECISIONS,
             help="`fp32`; `bf16` (OpenVINO's inference precision, only on CPUs with native bf16, "
-                 "or torch autocast); `int8` (the artefact's `model.int8.onnx`, quantised with 64 "
-                 "training photos by `python -m training.runtimes --artifact DIR --int8`, which "
-                 "also gives older artefacts their `model.onnx` and check photos). Accepted only "
+                 "or torch autocast); `int8` (the artefact's `model.int8.onnx`, quantised with 300 "
+                 "training photos by `python -m training.runtimes --artifact DIR --int8`: 7-bit "
+                 "per-channel weights, as CPUs without VNNI saturate full-range ones, symmetric "
+                 "int8 activations, embedding and head in float32; on this AVX2 machine it "
+                 "reaches min cosine 0.89 and is refused, which also gives older artefacts their "
+                 "`model.onnx` and check photos). Accepted only "
                  "if the check passes: min embedding cosine / top-1 category agreement with torch "
                  "of 0.999 / 100% (fp32), 0.995 / 90% (bf16), 0.97 / 85% (int8); reasons in "
                  "`common/runtimes.py`"),
