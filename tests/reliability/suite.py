@@ -359,7 +359,8 @@ class Ledger:
             self.uncertain.add(listing_id)
 
 
-def verify_writes(stack: Stack, ledger: Ledger, *, timeout: float = 30.0) -> list[str]:
+def verify_writes(stack: Stack, ledger: Ledger, *, timeout: float = 30.0,
+                  settle_s: float = 10.0) -> list[str]:
     """Every acknowledged write still in effect: an added listing is in the catalogue with the same
     photos and every photo vector is on its shard; a removed one is gone from both. Returns one
     line per lost write (empty list: nothing lost)."""
@@ -402,12 +403,31 @@ def verify_writes(stack: Stack, ledger: Ledger, *, timeout: float = 30.0) -> lis
         for collection, ids in (("image", write.image_ids), ("text", (write.listing_id,))):
             if collection == "text" and not stack.text_served:
                 continue
-            code, _, reply = stack.indexer(write.shard, "Fetch", indexer_pb2.FetchRequest(
-                collection=collection, ids=list(ids)), timeout=timeout)
-            if code != OK or indexer_pb2.FetchResponse.FromString(reply).items:
+            code = _vectors_deleted(stack, write.shard, collection, list(ids), timeout, settle_s)
+            if code is not None:
                 lost.append(f"{write.listing_id}: removed but {collection} Fetch on shard "
-                            f"{write.shard} answers {code.name} with its vectors")
+                            f"{write.shard} answers {code.name} with its vectors {settle_s:.0f} s "
+                            f"later")
     return lost
+
+
+def _vectors_deleted(stack: Stack, shard: int, collection: str, ids: list[str], timeout: float,
+                     settle_s: float):
+    """None once the shard holds none of ``ids``; else the last Fetch's code after ``settle_s``.
+
+    An acknowledged RemoveListing has deleted the listing and queued its vector deletion in the
+    same transaction; the deletion reaches the shard at once when it answers in time, else by the
+    outbox's retries (``pending`` in the reply), for example right after the shard restarted. So
+    the vectors may outlive the acknowledgement by a retry delay, never for good."""
+    until = time.monotonic() + settle_s
+    while True:
+        code, _, reply = stack.indexer(shard, "Fetch", indexer_pb2.FetchRequest(
+            collection=collection, ids=ids), timeout=timeout)
+        if code == OK and not indexer_pb2.FetchResponse.FromString(reply).items:
+            return None
+        if time.monotonic() >= until:
+            return code
+        time.sleep(0.2)
 
 
 # ============================================================================ fuzz
