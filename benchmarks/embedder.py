@@ -1,5 +1,5 @@
 """Embedder throughput and latency: the model in each inference runtime vs the service (dynamic
-batching, on the best runtime) vs the seed's way.
+batching, on the best runtime) vs the baseline's way (the original course project).
 
     python -m benchmarks.embedder            # ~15 s per cell
     python -m benchmarks.embedder --quick    # a few minutes
@@ -12,7 +12,7 @@ At concurrency c, for each path:
               clients, one image per request; the service decodes in parallel, batches
               concurrent requests and runs them on min(2, cores) model workers that share the
               cores out as torch threads, with batch norms folded into the convolutions.
-(c) seed      a gRPC server doing what the seed's web handler did: one image per request,
+(c) baseline  a gRPC server doing what the baseline's web handler did: one image per request,
               decode + a batch-1 forward (torch.no_grad) of the model as loaded, in the
               request's handler thread.
 
@@ -26,7 +26,7 @@ All pay the same decode + preprocess per image (``common.images.open_image`` +
 files (older than the runtimes) is copied under build/bench/ and given them. The last line is
 ``RESULT runtime_vs_torch=... service_vs_raw=... service_vs_seed=... images_per_s_c32=...`` at
 the highest concurrency: the fastest checked raw runtime over raw torch, the service over that
-fastest raw runtime, the service over the seed, and the service's images/s.
+fastest raw runtime, the service over the baseline (the key keeps its historical name), and the service's images/s.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from pathlib import Path
 
 
 from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
+from common.artifact import CARD_FILE
 from common.config import REPO_ROOT
 
 ARTIFACTS_DIR = REPO_ROOT / "artifacts"
@@ -51,7 +52,7 @@ MARKETPLACE_IMAGES = REPO_ROOT.parent / "shared" / "data" / "marketplace" / "ima
 
 def find_artifact() -> tuple[Path, str]:
     """The newest trained artefact under artifacts/, else the test artefact (built once)."""
-    cards = sorted(ARTIFACTS_DIR.glob("**/model_card.json"), key=lambda p: p.stat().st_mtime)
+    cards = sorted(ARTIFACTS_DIR.glob(f"**/{CARD_FILE}"), key=lambda p: p.stat().st_mtime)
     if cards:
         return cards[-1].parent, "trained"
     from tests.support.artifacts import make_test_artifact
@@ -124,9 +125,9 @@ def start_server(name: str, env: dict[str, str], log_dir: Path, *, module: str |
     return server
 
 
-def serve_seed(argv: list[str]) -> None:
-    """(c) The seed's way, behind the same gRPC contract: per request and in the handler thread,
-    decode each upload and run the model at batch 1 (torch.no_grad, as the seed's predict did)."""
+def serve_baseline(argv: list[str]) -> None:
+    """(c) The baseline's way, behind the same gRPC contract: per request and in the handler thread,
+    decode each upload and run the model at batch 1 (torch.no_grad, as the baseline's predict did)."""
     import grpc
     import torch
 
@@ -146,7 +147,7 @@ def serve_seed(argv: list[str]) -> None:
     artifact = load_artifact(args.artifact_dir)
     model, transform = artifact.model.eval(), artifact.preprocessing.transform()
 
-    class SeedStyleEmbedder(embedder_pb2_grpc.EmbedderServicer):
+    class BaselineEmbedder(embedder_pb2_grpc.EmbedderServicer):
         def Embed(self, request, context):
             vectors = []
             for data in request.images:
@@ -160,7 +161,7 @@ def serve_seed(argv: list[str]) -> None:
             return embedder_pb2.EmbedResponse(embeddings=vectors, model_version=artifact.version)
 
     def register(server):
-        embedder_pb2_grpc.add_EmbedderServicer_to_server(SeedStyleEmbedder(), server)
+        embedder_pb2_grpc.add_EmbedderServicer_to_server(BaselineEmbedder(), server)
         return ["marketplace.embedder.v1.Embedder"]
 
     server = create_server(register, f"{args.host}:{args.port}")
@@ -180,11 +181,11 @@ def with_runtime_files(artifact_dir: Path) -> Path:
     them (check photos and calibration photos from the marketplace photos the cells don't use)."""
     from common.model import add_runtime_files, runtime_model_file
 
-    card = json.loads((artifact_dir / "model_card.json").read_text())
+    card = json.loads((artifact_dir / CARD_FILE).read_text())
     if runtime_model_file(artifact_dir, card, "fp32") is not None:
         return artifact_dir
     copy = REPO_ROOT / "build" / "bench" / f"{card['model_version']}-runtimes"
-    copied = json.loads((copy / "model_card.json").read_text()) if (copy / "model_card.json"
+    copied = json.loads((copy / CARD_FILE).read_text()) if (copy / CARD_FILE
                                                                    ).is_file() else {}
     if runtime_model_file(copy, copied, "fp32") is not None:
         return copy
@@ -260,8 +261,8 @@ def service_setup(log_text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    if "--serve-seed" in argv:
-        serve_seed([arg for arg in argv if arg != "--serve-seed"])
+    if "--serve-baseline" in argv:
+        serve_baseline([arg for arg in argv if arg != "--serve-baseline"])
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.embedder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     artifact_dir, kind = find_artifact()
     artifact_dir = with_runtime_files(artifact_dir)
     photos = load_photos(64)
-    card = json.loads((artifact_dir / "model_card.json").read_text())
+    card = json.loads((artifact_dir / CARD_FILE).read_text())
     print(f"embedder benchmark: {card['model_version']} ({kind}, {artifact_dir}), "
           f"{card['input_size']}px, {len(photos)} real 512x512 photos")
     print(f"{cpu_name()}, torch {torch.__version__} with {args.torch_threads} threads; "
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     raw_model = ImageModel.load(artifact_dir, runtime="torch")
     runtimes = load_runtimes(artifact_dir, args.torch_threads)
-    raw, served, seeded = {}, {}, {}
+    raw, served, baseline_cells = {}, {}, {}
     runs: dict[str, dict[int, WindowCell]] = {label: {} for label in runtimes}
     with tempfile.TemporaryDirectory(prefix="bench-embedder-") as tmp:
         # Both servers run (idle) for the whole benchmark so the three paths of one concurrency
@@ -320,15 +321,15 @@ def main(argv: list[str] | None = None) -> int:
             "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
             "EMBEDDER_RUNTIME": args.runtime, "EMBEDDER_PRECISION": args.precision,
             "LOG_LEVEL": "info"}, Path(tmp))
-        seed = None
+        baseline = None
         try:
-            seed = start_server("seed", {}, Path(tmp), module="benchmarks.embedder",
-                                args=["--serve-seed", "--artifact-dir", str(artifact_dir),
+            baseline = start_server("baseline", {}, Path(tmp), module="benchmarks.embedder",
+                                args=["--serve-baseline", "--artifact-dir", str(artifact_dir),
                                       "--torch-threads", str(args.torch_threads)])
             with grpc.insecure_channel(service.address) as service_channel, \
-                    grpc.insecure_channel(seed.address) as seed_channel:
+                    grpc.insecure_channel(baseline.address) as baseline_channel:
                 service_stub = embedder_pb2_grpc.EmbedderStub(service_channel)
-                seed_stub = embedder_pb2_grpc.EmbedderStub(seed_channel)
+                baseline_stub = embedder_pb2_grpc.EmbedderStub(baseline_channel)
                 for level in levels:
                     seconds = measure_s(level)
                     raw[level] = raw_cell(raw_model, photos, level, args.batch_size, warmup_s,
@@ -337,35 +338,35 @@ def main(argv: list[str] | None = None) -> int:
                         runs[label][level] = raw_cell(model, photos, level, args.batch_size,
                                                       warmup_s, seconds)
                     served[level] = server_cell(service_stub, photos, level, warmup_s, seconds)
-                    seeded[level] = server_cell(seed_stub, photos, level, warmup_s, seconds)
+                    baseline_cells[level] = server_cell(baseline_stub, photos, level, warmup_s, seconds)
                     columns = "".join(f", {label} {runs[label][level].per_s:.1f}"
                                       for label in runtimes)
                     print(f"  c={level}: raw torch {raw[level].per_s:.1f}{columns}, service "
-                          f"{served[level].per_s:.1f}, seed "
-                          f"{seeded[level].per_s:.1f} img/s ({load_line()})", flush=True)
+                          f"{served[level].per_s:.1f}, baseline "
+                          f"{baseline_cells[level].per_s:.1f} img/s ({load_line()})", flush=True)
         finally:
             service.stop(30)
             service_log = service.log_path.read_text(errors="replace")
-            if seed is not None:
-                seed.stop(30)
+            if baseline is not None:
+                baseline.stop(30)
 
     print("\nimages/s and per-image latency (ms); every path includes decode + preprocess")
     print("(a) raw = in-process torch model, batch min(c, model batch), one thread; (b) service = "
-          "gRPC, 1 image/request, dynamic batching; (c) seed = gRPC, 1 image/request, batch-1 "
+          "gRPC, 1 image/request, dynamic batching; (c) baseline = gRPC, 1 image/request, batch-1 "
           "model call in the handler thread; (d) = (a) in another runtime")
     columns = {"(a) torch": raw, **{f"(d) {label}": cells for label, cells in runs.items()},
-               "(b) service": served, "(c) seed": seeded}
+               "(b) service": served, "(c) baseline": baseline_cells}
     print_cells(columns, levels)
     best = {level: max([raw[level]] + [cells[level] for cells in runs.values()],
                        key=lambda cell: cell.per_s) for level in levels}
     best_label = {level: next((label for label, cells in runs.items()
                                if cells[level] is best[level]), "torch") for level in levels}
     print(f"{'conc':>4} | fastest raw runtime | runtime/torch | service/fastest raw | "
-          f"service/seed")
+          f"service/baseline")
     for level in levels:
         print(f"{level:>4} | {best_label[level]:>19} | {best[level].per_s / raw[level].per_s:>13.2f}"
               f" | {served[level].per_s / best[level].per_s:>19.2f} | "
-              f"{served[level].per_s / seeded[level].per_s:>12.2f}")
+              f"{served[level].per_s / baseline_cells[level].per_s:>16.2f}")
     print(f"service over the whole run: {service_setup(service_log)}")
 
     print(f"after: {load_line()}")
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     b = served[top].per_s
     print(f"RESULT runtime_vs_torch={best[top].per_s / raw[top].per_s:.2f} "
           f"service_vs_raw={b / best[top].per_s:.2f} "
-          f"service_vs_seed={b / seeded[top].per_s:.2f} images_per_s_c{top}={b:.1f}")
+          f"service_vs_seed={b / baseline_cells[top].per_s:.2f} images_per_s_c{top}={b:.1f}")
     return 0
 
 

@@ -109,6 +109,7 @@ def choose_weight(data: SimilarityData, valid_ids: list[str]) -> tuple[float, di
 def through_services(artifact: Path, prepared: Path, query_ids: list[str], text_weight: float,
                      k: int = K, log=print) -> dict:
     """Same-category precision@k of SimilarListings (fused and photos-only) from the real services."""
+    from common.prepared_data import LISTINGS_FILE, read_rows
     from scripts import stack
     from services.gateway.client import GatewayClient
 
@@ -119,7 +120,7 @@ def through_services(artifact: Path, prepared: Path, query_ids: list[str], text_
         env = {**stack.stack_env(run_dir, ports, artifact), "EMBEDDER_TEXT_MODEL": "on",
                "INDEXER_FSYNC": "false", "GATEWAY_SIMILAR_TEXT_WEIGHT": str(text_weight),
                "GATEWAY_DOWNSTREAM_TIMEOUT_S": "60", "LOG_LEVEL": "warning"}
-        stack.seed_catalogue(run_dir / "catalogue.sqlite3", prepared)
+        stack.bootstrap_catalogue(run_dir / "catalogue.sqlite3", prepared)
         procs: dict = {}
         try:
             for name in ("indexer", "embedder", "gateway"):
@@ -128,7 +129,8 @@ def through_services(artifact: Path, prepared: Path, query_ids: list[str], text_
                 stack.wait_ready(proc, 600)
             stack.index_catalogue(run_dir / "catalogue.sqlite3", artifact, prepared, procs)
             log(f"  services up and catalogue indexed in {time.perf_counter() - started:.0f} s")
-            categories = pd.read_csv(prepared / "listings.csv", dtype=str).set_index("product_id")["main_category"]
+            categories = {row["product_id"]: row["main_category"]
+                          for row in read_rows(prepared, LISTINGS_FILE, required=("product_id", "main_category"))}
             fused, photos = [], []
             with GatewayClient(procs["gateway"].address, timeout=120) as client:
                 for n, listing_id in enumerate(query_ids, 1):
