@@ -406,7 +406,7 @@ def test_prepare_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     first_images = (out / "images.csv").read_bytes()
     again = pipeline.prepare(tiny_data, out, workers=1, progress=False, samples_per_category=2)
-    assert again["photos"]["skipped_already_done"] == len(images)
+    assert again.photos.skipped_already_done == len(images)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
     assert (out / "images.csv").read_bytes() == first_images
 
