@@ -15,8 +15,10 @@ each, ``INDEXER_FAISS_THREADS=1``, so a replica is one core's worth of search):
    SIGKILL next to the p99 before it, and the convergence time (restart -> SERVING).
 2. Replica read QPS. One shard of ``--vectors`` vectors; `IndexerShards.search` (the gateway's
    fan-out layer) in a closed loop at concurrency 4, with the shard served by one replica, then
-   by two (the second one added empty: it converges from the first), cells alternated.
-   ``replica_qps_ratio`` = QPS with 2 / QPS with 1 (2 cores: at most about 2).
+   by two (the second one added empty: it converges from the first), cells alternated. Each
+   replica process is pinned to a CPU of its own (`pin_to_own_cpus`), so a replica is one core.
+   ``replica_qps_ratio`` = QPS with 2 / QPS with 1 (2 cores: at most about 2, less the client's
+   share of the second core).
 3. Rebalance 2 -> 3 shards under read load: ``services.gateway.rebalance`` moves the partitions
    rendezvous hashing gives the new shard while searches run through shard-map routing; then
    every listing is fetched from the shard the map names. Reports the moved fraction of vectors
@@ -143,6 +145,27 @@ def upsert_all(shards, items, deadline_s: float = 120.0) -> None:
             shards.upsert(shard, chunk[start:start + 500], Deadline(deadline_s))
 
 
+def pin_to_own_cpus(replicas) -> str:
+    """Pin each replica process to a CPU of its own (the client stays unpinned), so a replica
+    is one core's worth of search. One FAISS thread per request is not enough for that: the
+    indexer serves up to its worker count of searches at once and FAISS releases the GIL, so
+    at concurrency 4 a single replica used every core and a second one had none left to add
+    (replica_qps_ratio about 1.0 on an idle 2-core machine)."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    if len(cpus) < len(replicas):
+        return f"replicas not pinned ({len(cpus)} CPU(s) for {len(replicas)} replicas)"
+    for replica, cpu in zip(replicas, cpus):
+        # every thread: affinity is per thread, and threads started later inherit it
+        for task in Path(f"/proc/{replica.process.process.pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), {cpu})
+            except ProcessLookupError:  # a thread that just ended
+                pass
+    return "replicas pinned to CPUs " + ", ".join(str(c) for c in cpus[:len(replicas)])
+
+
 def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
     from services.gateway.config import RetryPolicy
     from services.gateway.domain import SearchFilter
@@ -161,7 +184,7 @@ def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
         cluster.start(fresh)
         converge_s = cluster.wait_serving(fresh)
         print(f"part 2: 1 shard of {vectors:,} x {DIM} vectors; a new empty replica converged in "
-              f"{converge_s:.1f} s", flush=True)
+              f"{converge_s:.1f} s; {pin_to_own_cpus(cluster.replicas[0])}", flush=True)
         two = IndexerShards(cluster.topology(), RetryPolicy())
         no_filter = SearchFilter()
 
@@ -186,7 +209,8 @@ def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
 
 
 def part_rebalance(root: Path, vectors: int) -> dict:
-    from common.shard_map import JsonShardMapStore, initial
+    from common.shard_map import initial
+    from services.gateway.catalogue import Catalogue
     from services.gateway.config import RetryPolicy
     from services.gateway.domain import SearchFilter
     from services.gateway.downstream import Deadline, IndexerShards
@@ -194,8 +218,8 @@ def part_rebalance(root: Path, vectors: int) -> dict:
     from services.gateway.shards import ShardMapWatch, ShardRouting
     from tests.support.indexer_cluster import IndexerCluster
 
-    map_dir = root / "shard-map"
-    store = JsonShardMapStore(map_dir)
+    catalogue = Catalogue.open(root / "catalogue.sqlite3")  # the shard map's home, as for gateways
+    store = catalogue.shard_map_store()
     store.publish(initial(2))
     cluster = IndexerCluster(root / "rebalance", shards=2, replicas=1,
                              collections=f"image:{DIM}:flat:ip")
@@ -253,6 +277,7 @@ def part_rebalance(root: Path, vectors: int) -> dict:
     finally:
         stop.set()
         cluster.stop()
+        catalogue.close()
     print(f"  {searches[0]} searches during the rebalance, {len(failures)} failed; moved "
           f"{report.vectors_moved:,} of {report.vectors_before:,} vectors "
           f"(fraction {report.moved_fraction:.3f}) in {seconds:.1f} s; per shard now {counts} "

@@ -15,18 +15,16 @@ the indexer filters partitions with `partition_of`, ``services.gateway.rebalance
   (what the old owners delete) -> ``stable``. Re-running an interrupted rebalance resumes from
   the newest map.
 
-Store: `ShardMapStore` is the small interface; `JsonShardMapStore` keeps one JSON file per
-version in a directory (created with O_EXCL, so two maps can never share a version). Every
-gateway reads the newest version every few seconds, so they switch together within that time.
+Store: `ShardMapStore` is the small interface; the gateways' implementation keeps every version
+as a row of the catalogue database (``services.gateway.shard_map_store``: the version is the
+primary key, so two maps can never share a version, and a new version is only written on top of
+the one it follows). Every gateway reads the newest version every few seconds, so they switch
+together within that time.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Protocol
 
 DEFAULT_PARTITIONS = 256
@@ -36,6 +34,15 @@ STATES = (STABLE, MIGRATING, SWITCHED)
 
 class ShardMapError(ValueError):
     """A shard map that cannot be used (the message says why and what to do)."""
+
+
+class ShardMapConflict(ShardMapError):
+    """A new version could not be published: another writer (a second rebalance, a gateway
+    creating version 1) published first. Read the newest map and decide again."""
+
+
+class ShardMapUnavailable(ShardMapError):
+    """The store of the shard map cannot be reached right now (retrying later may succeed)."""
 
 
 def listing_hash(listing_id: str) -> int:
@@ -163,61 +170,11 @@ def initial(shards: int, partitions: int = DEFAULT_PARTITIONS) -> ShardMap:
 
 
 class ShardMapStore(Protocol):
-    """Where the versioned shard map lives (a JSON directory today; a catalogue table later)."""
-
-    def latest(self) -> ShardMap | None: ...
-
-    def publish(self, shard_map: ShardMap) -> None:
-        """Store ``shard_map`` as the next version; ShardMapError if that version exists."""
-
-
-_FILE = re.compile(r"^shard-map-v(\d{6,})\.json$")
-
-
-class JsonShardMapStore:
-    """One file per version, ``shard-map-v000001.json``, in a directory (shared by the
-    gateways, e.g. on the catalogue's volume). Files are created exclusively and renamed into
-    place complete, so a reader never sees half a map and no version is written twice."""
-
-    def __init__(self, directory: Path | str) -> None:
-        self.directory = Path(directory)
-
-    def _versions(self) -> list[tuple[int, Path]]:
-        if not self.directory.exists():
-            return []
-        found = []
-        for path in self.directory.iterdir():
-            match = _FILE.match(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+    """Where the versioned shard map lives, shared by every gateway and the rebalance command."""
 
     def latest(self) -> ShardMap | None:
-        versions = self._versions()
-        if not versions:
-            return None
-        number, path = versions[-1]
-        try:
-            shard_map = ShardMap.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except ValueError as exc:
-            raise ShardMapError(f"{path}: {exc}") from None
-        if shard_map.version != number:
-            raise ShardMapError(f"{path} holds shard map version {shard_map.version}, not {number}: "
-                                "two maps claim one version; remove the wrong file")
-        return shard_map
+        """The newest version (None before the first); ShardMapError if it cannot be used."""
 
     def publish(self, shard_map: ShardMap) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"shard-map-v{shard_map.version:06d}.json"
-        tmp = self.directory / f".tmp-{shard_map.version}-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(shard_map.to_json(), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, final)  # fails if the version exists: never two maps with one version
-        except FileExistsError:
-            raise ShardMapError(f"shard map version {shard_map.version} already exists in "
-                                f"{self.directory}; another rebalance published it") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Store ``shard_map`` as the version after the newest one (compare-and-set);
+        ShardMapConflict if that version exists or another version came first."""

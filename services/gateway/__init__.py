@@ -6,7 +6,8 @@
     catalogue_db.py    GATEWAY_DB as a URL; the SQLite and PostgreSQL back ends
     outbox.py          pushes queued vector writes to the owning shard (docs/catalogue.md)
     ranking.py         merge hits by listing; image/text fusion (common.ranking)
-    shards.py          listing id -> indexer shard (stable hash)
+    shards.py          listing id -> indexer shard (stable hash, or the versioned shard map)
+    shard_map_store.py the shard map's versions in the catalogue database (compare-and-set)
     downstream.py      embedder / indexer-shard clients: deadlines, retries, fan-out, error mapping
     core.py            the orchestration behind each RPC (image/text/hybrid search, similar,
                        recommend, add/remove all-or-nothing)
@@ -17,4 +18,5 @@
     load_catalogue.py  python -m services.gateway.load_catalogue --prepared build/data --db PATH
     index_catalogue.py python -m services.gateway.index_catalogue (photo and text vectors -> shards)
     reconcile.py       python -m services.gateway.reconcile [--repair] (catalogue vs shards)
+    rebalance.py       python -m services.gateway.rebalance --to N (move partitions to new shards)
 """

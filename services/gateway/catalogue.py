@@ -2,7 +2,7 @@
 in SQLite (embedded default) or PostgreSQL (shared by gateway replicas); see `catalogue_db` for
 ``GATEWAY_DB`` and the two back ends, and ``docs/catalogue.md`` for the write path.
 
-Tables (schema version 2)::
+Tables (schema version 3)::
 
     listings(id PK, title, description, category, main_category, price NULL, currency, location,
              price_flag, created_at, state 'live'|'pending', write_id)
@@ -10,6 +10,7 @@ Tables (schema version 2)::
     listing_vectors(collection, item_id, listing_id -> listings ON DELETE CASCADE, vector)  PK (collection, item_id)
     outbox(seq PK, listing_id, write_id, shard, op 'upsert'|'delete', item_ids JSON, created_at,
            attempts, last_error, next_attempt_at, lease_holder, lease_until)
+    shard_maps(version PK, state, body JSON, created_at)  the versioned shard map (`shard_map_store`)
 
 A listing written by AddListing is inserted ``pending`` together with its vectors (float32 bytes,
 kept so a lost shard can be repaired) and one outbox ``upsert`` entry, in one transaction; it turns
@@ -48,6 +49,7 @@ from services.gateway.catalogue_db import (
     parse_database_url,
 )
 from services.gateway.domain import Listing, Unavailable
+from services.gateway.shard_map_store import SHARD_MAP_MIGRATION, DatabaseShardMapStore
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX outbox_listing ON outbox(listing_id, seq);
     """,
+    # 2 -> 3: the versioned shard map (`shard_map_store`).
+    SHARD_MAP_MIGRATION,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -236,6 +240,10 @@ class Catalogue:
     @property
     def is_sqlite(self) -> bool:
         return self.url.is_sqlite
+
+    def shard_map_store(self) -> DatabaseShardMapStore:
+        """The versioned shard map kept in this catalogue's database (shared by every gateway)."""
+        return DatabaseShardMapStore(self._db)
 
     def _tx(self):
         """A transaction whose database errors are catalogue errors."""

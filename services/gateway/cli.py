@@ -5,13 +5,16 @@
     python -m services.gateway.cli text "oak dining table" -k 5 --max-price 100
     python -m services.gateway.cli hybrid photo.jpg "oak dining table" --text-weight 0.3 --fusion rrf
     python -m services.gateway.cli recommend --like ID1 --like ID2 --skip ID3 --seen ID4 -k 5
-    python -m services.gateway.cli similar LISTING_ID -k 5
+    python -m services.gateway.cli similar LISTING_ID -k 5 --allow-partial-results
     python -m services.gateway.cli get LISTING_ID
     python -m services.gateway.cli add --title "Oak table" --price 40 --location "Leeds, West Yorkshire" a.jpg b.jpg
     python -m services.gateway.cli remove LISTING_ID
 
 ``--addr`` defaults to ``GATEWAY_ADDR`` or 127.0.0.1:50050; write calls send ``--token`` (default
 ``WRITE_TOKEN``). A failed call prints the status code and the gateway's message and exits 1.
+Every search takes ``--allow-partial-results``: when every replica of an index shard is down, the
+results of the other shards are printed with a line naming the missing shards (without it the
+call fails with UNAVAILABLE naming the shard).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 import grpc
 
 from services.gateway.client import GatewayClient
-from services.gateway.domain import Listing, RankedListing
+from services.gateway.domain import Listing, RankedListing, missing_shards_notice
 
 
 def _cut(text: str, width: int) -> str:
@@ -50,12 +53,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
 
 def results_table(results: Sequence[RankedListing]) -> str:
+    """The results as a table, followed by the missing shards in words when there are any."""
+    notice = missing_shards_notice(getattr(results, "missing_shards", ()))
     if not results:
-        return "(no results)"
+        return "\n".join(filter(None, ["(no results)", notice]))
     rows = [[str(r.rank), f"{r.score:.3f}", _cut(r.listing.title, 40), _cut(r.listing.main_category, 24),
              format_price(r.listing), _cut(r.listing.location, 26), r.listing.id] for r in results]
-    return table(["rank", "score", "title", "main category", "price", "location", "listing id"],
-                 rows, right=(0, 1, 4))
+    return "\n".join(filter(None, [
+        table(["rank", "score", "title", "main category", "price", "location", "listing id"],
+              rows, right=(0, 1, 4)), notice]))
 
 
 def listing_table(listing: Listing) -> str:
@@ -74,11 +80,15 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-price", type=float)
     parser.add_argument("--location", default="", help='exact location, e.g. "Leeds, West Yorkshire"')
     parser.add_argument("--exclude", action="append", default=[], metavar="LISTING_ID")
+    parser.add_argument("--allow-partial-results", action="store_true",
+                        help="when every replica of an index shard is down, show the other "
+                             "shards' results and name the missing shards (default: fail)")
 
 
 def _filters(args) -> dict:
     return dict(main_category=args.category, min_price=args.min_price, max_price=args.max_price,
-                location=args.location, exclude=args.exclude)
+                location=args.location, exclude=args.exclude,
+                allow_partial_results=args.allow_partial_results)
 
 
 #: --fusion choices of `hybrid` -> the client's fusion names.

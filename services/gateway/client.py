@@ -8,8 +8,16 @@
         gateway.search_by_text("oak dining table", k=5)
         gateway.search(image="photo.jpg", text="oak", text_weight=0.3, fusion="reciprocal_rank")
         gateway.recommend(liked=["id1", "id2"], skipped=["id3"], seen=["id4"], k=10)
+        answer = gateway.similar("id1", k=5, allow_partial_results=True)
+        if answer.missing_shards:
+            print(answer.notice)  # "These results are incomplete: index shard 1 is unavailable..."
         listing = gateway.add(["front.jpg", "back.jpg"], title="Oak table", price=40)
         gateway.remove(listing.id)
+
+Searches return `RankedResults`: the list of results, plus ``missing_shards`` (and ``notice``, the
+same in words). With ``allow_partial_results=True`` a search whose shard has every replica down
+answers from the other shards and names the missing ones there; without it (the default) it
+fails with UNAVAILABLE naming the shard.
 
 Photos may be given as bytes or as file paths. Errors are the gRPC errors (``grpc.RpcError``
 with ``.code()`` and ``.details()``); the gateway's messages are meant to be shown to a person.
@@ -33,7 +41,7 @@ from services.gateway.domain import (
     AddedListing,
     Classification,
     Listing,
-    RankedListing,
+    RankedResults,
     RemovedListing,
     SearchFilter,
 )
@@ -91,21 +99,25 @@ class GatewayClient:
     def search_by_image(self, image: Image, k: int = 10, *, main_category: str = "",
                         min_price: float | None = None, max_price: float | None = None,
                         location: str = "", exclude: Iterable[str] = (),
-                        timeout: float | None = None) -> list[RankedListing]:
+                        allow_partial_results: bool = False,
+                        timeout: float | None = None) -> RankedResults:
         reply = self.stub.SearchByImage(gateway_pb2.SearchByImageRequest(
             image=read_image(image), k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            filter=self._filter(main_category, min_price, max_price, location, exclude),
+            allow_partial_results=allow_partial_results),
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)
 
     def search_by_text(self, query: str, k: int = 10, *, main_category: str = "",
                        min_price: float | None = None, max_price: float | None = None,
                        location: str = "", exclude: Iterable[str] = (),
-                       timeout: float | None = None) -> list[RankedListing]:
+                       allow_partial_results: bool = False,
+                       timeout: float | None = None) -> RankedResults:
         """Listings whose title and description best match ``query``."""
         reply = self.stub.SearchByText(gateway_pb2.SearchByTextRequest(
             query=query, k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            filter=self._filter(main_category, min_price, max_price, location, exclude),
+            allow_partial_results=allow_partial_results),
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)
 
@@ -113,13 +125,14 @@ class GatewayClient:
                text_weight: float | None = None, fusion: str = "weighted_cosine",
                main_category: str = "", min_price: float | None = None,
                max_price: float | None = None, location: str = "", exclude: Iterable[str] = (),
-               timeout: float | None = None) -> list[RankedListing]:
+               allow_partial_results: bool = False,
+               timeout: float | None = None) -> RankedResults:
         """Hybrid search by a photo and/or a text query. ``text_weight`` in [0, 1] (None: the
         gateway's default, 0.5); ``fusion`` "weighted_cosine" or "reciprocal_rank"."""
         request = gateway_pb2.HybridSearchRequest(
             image=read_image(image) if image is not None else b"", text=text, k=k,
             filter=self._filter(main_category, min_price, max_price, location, exclude),
-            fusion=convert.fusion_to_proto(fusion))
+            fusion=convert.fusion_to_proto(fusion), allow_partial_results=allow_partial_results)
         if text_weight is not None:
             request.text_weight = text_weight
         return convert.ranked_from_proto(self.stub.Search(request, timeout=self._timeout(timeout)))
@@ -127,24 +140,28 @@ class GatewayClient:
     def recommend(self, liked: Iterable[str], skipped: Iterable[str] = (), seen: Iterable[str] = (),
                   k: int = 10, *, main_category: str = "", min_price: float | None = None,
                   max_price: float | None = None, location: str = "", exclude: Iterable[str] = (),
-                  timeout: float | None = None) -> list[RankedListing]:
+                  allow_partial_results: bool = False,
+                  timeout: float | None = None) -> RankedResults:
         """Listings like the ``liked`` ones and unlike the ``skipped`` ones; liked, skipped and
         ``seen`` listings are never returned."""
         reply = self.stub.Recommend(gateway_pb2.RecommendRequest(
             liked_listing_ids=list(liked), skipped_listing_ids=list(skipped),
             seen_listing_ids=list(seen), k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            filter=self._filter(main_category, min_price, max_price, location, exclude),
+            allow_partial_results=allow_partial_results),
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)
 
     def similar(self, listing_id: str, k: int = 10, *, main_category: str = "",
                 min_price: float | None = None, max_price: float | None = None, location: str = "",
                 exclude: Iterable[str] = (), photos_only: bool = False,
-                timeout: float | None = None) -> list[RankedListing]:
+                allow_partial_results: bool = False,
+                timeout: float | None = None) -> RankedResults:
         """Listings like ``listing_id``: by its photos and text fused, or by its photos alone."""
         reply = self.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
             listing_id=listing_id, k=k, photos_only=photos_only,
-            filter=self._filter(main_category, min_price, max_price, location, exclude)),
+            filter=self._filter(main_category, min_price, max_price, location, exclude),
+            allow_partial_results=allow_partial_results),
             timeout=self._timeout(timeout))
         return convert.ranked_from_proto(reply)
 

@@ -41,13 +41,15 @@ Environment variables (flag in brackets; defaults in parentheses):
     one replica of each shard (spread over the replicas, another replica of the same shard in the
     same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
     listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
-``GATEWAY_SHARD_MAP`` (unset) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
-    A directory holding the versioned shard map (`common.shard_map`; share it between gateways
-    and the rebalance command). Set: listings are routed listing -> one of
-    ``INDEXER_PARTITIONS`` partitions -> the shard that owns it, the map is re-read every
-    ``GATEWAY_SHARD_MAP_POLL_S`` seconds, and shards can be added with ``python -m
-    services.gateway.rebalance --to N``. An empty directory gets version 1, which routes exactly
-    as the unset case when the partition count is a multiple of the shard count. Unset: shard
+``GATEWAY_SHARD_MAP`` [--shard-map] (off) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
+    The versioned shard map (`common.shard_map`), kept in the catalogue database (``GATEWAY_DB``,
+    table ``shard_maps``) so every gateway and the rebalance command read the same one. ``on``:
+    when the database holds no map yet, create version 1 (``INDEXER_PARTITIONS`` partitions on
+    the configured shards; it routes exactly as hash routing when the partition count is a
+    multiple of the shard count). Whenever the database holds a map (``on`` or ``off``), listings
+    are routed listing -> partition -> the shard that owns it, every gateway re-reads the map
+    every ``GATEWAY_SHARD_MAP_POLL_S`` seconds (so they switch together), and shards can be added
+    with ``python -m services.gateway.rebalance --to N``. No map: shard
     ``blake2b(listing_id) % N``.
 ``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
     Deadline for a request whose caller set none. A caller's deadline is always propagated to the
@@ -145,7 +147,8 @@ class GatewayConfig:
     indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
     #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
     indexer_shards: ShardReplicas | None = None
-    shard_map_dir: Path | None = None
+    #: GATEWAY_SHARD_MAP: create the shard map in the catalogue database when it has none
+    shard_map: bool = False
     shard_map_poll_s: float = 2.0
     partitions: int = 256
     downstream_timeout_s: float = 10.0
@@ -201,8 +204,9 @@ class GatewayConfig:
                                             minimum=0))
         parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                             help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
-        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
-                            help="directory of the versioned shard map (enables rebalancing)")
+        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
+                            help="on: create the versioned shard map in the catalogue database "
+                                 "(enables rebalancing); off (default)")
         parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
         args = parser.parse_args(argv)
         token = write_token()
@@ -215,7 +219,7 @@ class GatewayConfig:
             embedder_addr=args.embedder,
             indexer_addrs=parse_indexer_addrs(args.indexers),
             indexer_shards=shard_replicas_setting(args.shards, args.indexers),
-            shard_map_dir=Path(args.shard_map) if args.shard_map else None,
+            shard_map=shard_map_setting(args.shard_map),
             shard_map_poll_s=env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05),
             partitions=env_int("INDEXER_PARTITIONS", 256, minimum=1),
             downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
@@ -262,6 +266,19 @@ def database_setting(value: str) -> Path | str:
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from None
     return value if "://" in value else Path(value)
+
+
+def shard_map_setting(value: str | None) -> bool:
+    """``GATEWAY_SHARD_MAP``: on/off (also true/false, 1/0, yes/no; empty = off). A directory
+    (where earlier versions kept the map as JSON files) is refused with what to do instead."""
+    lowered = (value or "").strip().lower()
+    if lowered in {"", "0", "false", "no", "off"}:
+        return False
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    raise ConfigError(f"GATEWAY_SHARD_MAP={value!r} is not on or off: the shard map is kept in the "
+                      "catalogue database (GATEWAY_DB), not in a directory; set "
+                      "GATEWAY_SHARD_MAP=on")
 
 
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:

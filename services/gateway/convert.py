@@ -7,6 +7,7 @@ from services.gateway.domain import (
     Classification,
     Listing,
     RankedListing,
+    RankedResults,
     RemovedListing,
     SearchFilter,
 )
@@ -72,12 +73,13 @@ def ranked_to_proto(results: list[RankedListing]) -> gateway_pb2.SearchListingsR
     return gateway_pb2.SearchListingsResponse(results=[
         gateway_pb2.RankedListing(rank=r.rank, score=r.score, matched_image_id=r.matched_image_id,
                                   listing=listing_to_proto(r.listing))
-        for r in results])
+        for r in results], missing_shards=getattr(results, "missing_shards", ()))
 
 
-def ranked_from_proto(message: gateway_pb2.SearchListingsResponse) -> list[RankedListing]:
-    return [RankedListing(r.rank, float(r.score), r.matched_image_id, listing_from_proto(r.listing))
-            for r in message.results]
+def ranked_from_proto(message: gateway_pb2.SearchListingsResponse) -> RankedResults:
+    return RankedResults((RankedListing(r.rank, float(r.score), r.matched_image_id,
+                                        listing_from_proto(r.listing)) for r in message.results),
+                         message.missing_shards)
 
 
 def classification_to_proto(result: Classification) -> gateway_pb2.ClassifyImageResponse:

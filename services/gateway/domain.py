@@ -7,6 +7,7 @@ maps them to and from the public protos; `server` maps `GatewayError` to status 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 
@@ -130,6 +131,41 @@ class RankedListing:
     score: float
     matched_image_id: str
     listing: Listing
+
+
+class RankedResults(list):
+    """The answer of a search: its `RankedListing` results, best first (it is that list), and
+    ``missing_shards``: the indexer shards whose listings could not be searched because every
+    replica was down. Only a request with ``allow_partial_results`` gets an answer with missing
+    shards; without it such a search fails with UNAVAILABLE naming the shard."""
+
+    def __init__(self, results: Iterable[RankedListing] = (),
+                 missing_shards: Iterable[int] = ()) -> None:
+        super().__init__(results)
+        self.missing_shards: tuple[int, ...] = tuple(sorted(int(s) for s in missing_shards))
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_shards
+
+    @property
+    def notice(self) -> str:
+        """The missing shards in words for a person ("" when the results are complete)."""
+        return missing_shards_notice(self.missing_shards)
+
+
+def missing_shards_notice(missing_shards: Sequence[int]) -> str:
+    """"" for complete results, else a sentence saying which shards are missing and what that
+    means for the results."""
+    if not missing_shards:
+        return ""
+    if len(missing_shards) == 1:
+        which = f"index shard {missing_shards[0]} is"
+    else:
+        which = ("index shards " + ", ".join(map(str, missing_shards[:-1])) +
+                 f" and {missing_shards[-1]} are")
+    return (f"These results are incomplete: {which} unavailable, so listings stored there are "
+            "missing. Try again shortly for complete results.")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ on the listing's shard (`shards.shard_of`, the same routing the gateway uses), i
 progress bar. Photos that are not in the catalogue are skipped and counted. Upserts replace by
 id, so running it again is harmless. ``--indexers`` defaults to ``INDEXER_ADDRS``
 (``--shards`` / ``INDEXER_SHARDS`` for replicas: every replica gets the writes;
-``--shard-map`` / ``GATEWAY_SHARD_MAP`` routes by the shard map) and the write token to
+by the shard map in the catalogue database when it holds one, as the gateways do; with
+``--shard-map on`` / ``GATEWAY_SHARD_MAP=on`` an empty one gets version 1) and the write token to
 ``WRITE_TOKEN`` (or ``WRITE_TOKEN_FILE``), as for the gateway.
 
 Text (``--text auto|on|off``, default auto): the "text" collection gets one vector per catalogue
@@ -40,13 +41,15 @@ from common.config import REPO_ROOT, env_int, env_path, env_str
 from common.listing_text import listing_text
 from common.prepared_data import IMAGES_FILE, read_rows
 from common.security import write_token
-from services.gateway.catalogue import Catalogue
+from common.shard_map import ShardMapError
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import (
     DEFAULT_EMBEDDER_ADDR,
     DEFAULT_INDEXER_ADDRS,
     RetryPolicy,
     embedder_target,
     parse_indexer_addrs,
+    shard_map_setting,
     shard_replicas_setting,
 )
 from services.gateway.domain import GatewayError
@@ -206,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated shard addresses, in shard order")
     parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                         help="shards with replicas, 0=a:p|b:p;1=... (default INDEXER_SHARDS)")
-    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
-                        help="route by the shard map in this directory (GATEWAY_SHARD_MAP)")
+    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
+                        help="on: create the shard map in the catalogue database when it has "
+                             "none, as the gateways do (default $GATEWAY_SHARD_MAP, off)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--artifact", type=Path, help="model artefact with embeddings/")
     source.add_argument("--prepared", type=Path, help="prepared data folder (embed its photos)")
@@ -225,11 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     replicas = (shard_replicas_setting(args.shards, args.indexers)
                 or single_replica_shards(parse_indexer_addrs(args.indexers)))
-    routing = routing_for(len(replicas), Path(args.shard_map) if args.shard_map else None,
-                          env_int("INDEXER_PARTITIONS", 256, minimum=1))
+    create_map = shard_map_setting(args.shard_map)
+    try:
+        catalogue = Catalogue.open(args.db)
+    except (CatalogueError, CatalogueUnavailable) as exc:
+        print(f"error: GATEWAY_DB: {exc}", file=sys.stderr)
+        return 2
+    try:
+        routing = routing_for(len(replicas), catalogue.shard_map_store(),
+                              env_int("INDEXER_PARTITIONS", 256, minimum=1), create=create_map)
+    except ShardMapError as exc:
+        catalogue.close()
+        print(f"error: shard map: {exc}", file=sys.stderr)
+        return 2
     shards = IndexerShards(replicas, policy, write_token=write_token(), routing=routing)
     try:
-        with Catalogue.open(args.db) as catalogue:
+        with catalogue:
             if args.artifact is not None:
                 ids, vectors = read_image_embeddings(args.artifact)
             else:

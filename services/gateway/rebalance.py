@@ -1,8 +1,8 @@
 """Move partitions between indexer shards while reads and writes go on: ``python -m
 services.gateway.rebalance --to 3``.
 
-It reads the shard map from ``GATEWAY_SHARD_MAP`` (the gateways' directory) and the replicas
-of every shard from ``INDEXER_SHARDS`` / ``INDEXER_ADDRS`` (list the new shards there first;
+It reads the shard map from the catalogue database the gateways share (``GATEWAY_DB``, table
+``shard_maps``, `services.gateway.shard_map_store`) and the replicas of every shard from ``INDEXER_SHARDS`` / ``INDEXER_ADDRS`` (list the new shards there first;
 they start empty), plans the new owners with rendezvous hashing (`common.shard_map.plan`: only
 partitions whose owner changes move, about 1/3 of them going from 2 to 3 shards) and walks the
 map through its states, waiting ``--settle-s`` after each new version so every gateway (polling
@@ -15,6 +15,10 @@ every ``GATEWAY_SHARD_MAP_POLL_S``) has switched:
 4. ``stable`` with ``drop``: writes only to the new owner; then every replica of each old owner
    deletes the partitions it gave away (`DropPartitions`), and a last ``stable`` map clears
    ``drop``.
+
+Every new version is published with a compare-and-set on the version (the version after the
+newest, or nothing), so two rebalance commands run at once cannot both advance the map: the
+second stops with a message and can be run again once the first is done.
 
 Interrupted (SIGKILL of the command, a node, a timeout)? Run the same command again: it resumes
 from the newest map's state; imports and drops are idempotent, so no listing is lost or kept
@@ -33,11 +37,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.config import ConfigError, env_float, env_str
+from common.config import REPO_ROOT, env_float, env_str
 from common.security import bearer_metadata, open_channel
-from common.shard_map import (MIGRATING, STABLE, SWITCHED, JsonShardMapStore, ShardMap,
+from common.shard_map import (MIGRATING, STABLE, SWITCHED, ShardMap, ShardMapConflict,
                               ShardMapError, ShardMapStore, plan)
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
+from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import (DEFAULT_INDEXER_ADDRS, parse_indexer_addrs,
                                      shard_replicas_setting)
 from services.gateway.shards import ShardReplicas, single_replica_shards
@@ -112,9 +117,9 @@ class Rebalancer:
                                 f"INDEXER_ADDRS; only {len(self.replicas)} are configured")
         current = self.store.latest()
         if current is None:
-            raise ShardMapError("there is no shard map yet: start the gateways with "
-                                "GATEWAY_SHARD_MAP set (they create version 1 from the shards "
-                                "they route to), then rebalance")
+            raise ShardMapError("there is no shard map in the catalogue database yet: start "
+                                "the gateways with GATEWAY_SHARD_MAP=on (they create version 1 "
+                                "from the shards they route to), then rebalance")
         report = RebalanceReport(from_shards=current.shards, to_shards=to,
                                  partitions=current.partitions)
         if current.state == STABLE and not current.drop:
@@ -204,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.rebalance",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--to", type=int, required=True, help="number of shards to spread over")
-    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
-                        help="shard map directory (default GATEWAY_SHARD_MAP)")
+    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
+                        help="the gateways' catalogue database holding the shard map: a path, "
+                             "sqlite:///path or postgresql://... (default $GATEWAY_DB)")
     parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                         help="replicas per shard, 0=a:p|b:p;1=... (default INDEXER_SHARDS)")
     parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
@@ -214,21 +220,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="wait after each new map version (default 2 x poll interval + 1 s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.shard_map:
-        raise ConfigError("set GATEWAY_SHARD_MAP (or --shard-map): the directory the gateways "
-                          "read the shard map from")
     replicas = (shard_replicas_setting(args.shards, args.indexers)
                 or single_replica_shards(parse_indexer_addrs(args.indexers)))
-    rebalancer = Rebalancer(JsonShardMapStore(args.shard_map), replicas,
+    try:
+        catalogue = Catalogue.open(args.db)
+    except (CatalogueError, CatalogueUnavailable) as exc:
+        print(f"rebalance: GATEWAY_DB: {exc}", file=sys.stderr)
+        return 2
+    rebalancer = Rebalancer(catalogue.shard_map_store(), replicas,
                             write_token=env_str("WRITE_TOKEN", "") or None, settle_s=args.settle_s)
     started = time.perf_counter()
     try:
         report = rebalancer.run(args.to)
+    except ShardMapConflict as exc:
+        print(f"rebalance: {exc}. Is another rebalance running? Run this one again once it has "
+              "finished (it resumes from the newest map).", file=sys.stderr)
+        return 1
     except ShardMapError as exc:
         print(f"rebalance: {exc}", file=sys.stderr)
         return 1
     finally:
         rebalancer.close()
+        catalogue.close()
     print(f"rebalance done in {time.perf_counter() - started:.1f}s: {report.moved_partitions} "
           f"partition(s), {report.vectors_moved} of {report.vectors_before} vectors moved "
           f"(fraction {report.moved_fraction:.3f}), {report.vectors_dropped} dropped from old "

@@ -30,11 +30,11 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-
 from common.config import REPO_ROOT, env_int, env_str
+from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import RetryPolicy, parse_indexer_addrs, shard_replicas_setting
+from services.gateway.config import (RetryPolicy, parse_indexer_addrs, shard_map_setting,
+                                     shard_replicas_setting)
 from services.gateway.domain import FailedPrecondition
 from services.gateway.downstream import IMAGE_COLLECTION, TEXT_COLLECTION, Deadline, IndexerShards
 from services.gateway.outbox import OutboxApplier
@@ -140,8 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="indexer shards in shard order (default $INDEXER_ADDRS)")
     parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
                         help="shards with replicas, 0=a:p|b:p;1=... (default $INDEXER_SHARDS)")
-    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "") or None,
-                        help="route by the shard map in this directory (default $GATEWAY_SHARD_MAP)")
+    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
+                        help="on: create the shard map in the catalogue database when it has "
+                             "none, as the gateways do (default $GATEWAY_SHARD_MAP, off); a map "
+                             "the database holds is always followed")
     parser.add_argument("--repair", action="store_true", help="fix what is found (through the outbox)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole run")
     args = parser.parse_args(argv)
@@ -153,8 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     replicas = (shard_replicas_setting(args.shards, args.indexers)
                 or single_replica_shards(parse_indexer_addrs(args.indexers)))
-    routing = routing_for(len(replicas), Path(args.shard_map) if args.shard_map else None,
-                          env_int("INDEXER_PARTITIONS", 256, minimum=1))
+    try:
+        routing = routing_for(len(replicas), catalogue.shard_map_store(),
+                              env_int("INDEXER_PARTITIONS", 256, minimum=1),
+                              create=shard_map_setting(args.shard_map))
+    except ShardMapError as exc:
+        catalogue.close()
+        print(f"reconcile: shard map: {exc}", file=sys.stderr)
+        return 2
     indexer = IndexerShards(replicas, RetryPolicy(), routing=routing,
                             write_token=os.environ.get("WRITE_TOKEN") or None)
     try:

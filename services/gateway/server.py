@@ -26,7 +26,7 @@ from common.config import ConfigError
 from common.image_store import open_image_store
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
-from common.shard_map import JsonShardMapStore, ShardMapError
+from common.shard_map import ShardMapError
 from common.security import WriteTokenInterceptor, server_credentials
 from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -187,9 +187,13 @@ class GatewayServer(Server):
 def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
     """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
     states are measured (`services.gateway.metrics`)."""
-    routing = shard_routing(config)  # first: an unusable shard map refuses before opening anything
     catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
                                connect_timeout_s=config.db_connect_timeout_s)
+    try:  # an unusable shard map refuses before anything else is started
+        routing = shard_routing(config, catalogue)
+    except BaseException:
+        catalogue.close()
+        raise
     if config.seed_dir is not None and catalogue.count(include_pending=True) == 0:
         try:
             report = catalogue.load_prepared(config.seed_dir)
@@ -216,13 +220,16 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
                        similar_text_weight=config.similar_text_weight)
 
 
-def shard_routing(config: GatewayConfig) -> ShardRouting:
-    """Routing by the shard map when GATEWAY_SHARD_MAP is set (refusing one that names shards
-    that are not configured), else by hash over the configured shards."""
+def shard_routing(config: GatewayConfig, catalogue: Catalogue) -> ShardRouting:
+    """Routing by the shard map in the catalogue database when it holds one (created at
+    version 1 with GATEWAY_SHARD_MAP=on), refusing one that cannot be used with the configured
+    shards; else by hash over the configured shards."""
     try:
-        return routing_for(len(config.indexer_replicas), config.shard_map_dir, config.partitions)
+        return routing_for(len(config.indexer_replicas), catalogue.shard_map_store(),
+                           config.partitions, create=config.shard_map)
     except ShardMapError as exc:
-        raise ConfigError(f"GATEWAY_SHARD_MAP={config.shard_map_dir}: {exc}") from None
+        raise ConfigError(f"shard map (GATEWAY_SHARD_MAP, in GATEWAY_DB {catalogue.path}): "
+                          f"{exc}") from None
 
 
 def start(config: GatewayConfig) -> GatewayServer:
@@ -256,10 +263,11 @@ def start(config: GatewayConfig) -> GatewayServer:
              "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
     gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
                             core=core, metrics=server.metrics)
-    if config.shard_map_dir is not None:
-        gateway.map_watch = ShardMapWatch(JsonShardMapStore(config.shard_map_dir),
-                                          core.indexer.routing, config.shard_map_poll_s)
-        gateway.map_watch.start()
+    # every gateway follows the map's versions (also one routing by hash: when another gateway
+    # creates the first map, this one must route by it too)
+    gateway.map_watch = ShardMapWatch(core.catalogue.shard_map_store(), core.indexer.routing,
+                                      config.shard_map_poll_s)
+    gateway.map_watch.start()
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
             [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),

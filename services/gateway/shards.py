@@ -14,10 +14,11 @@ Replicas: each shard may be served by several indexer processes holding the same
 one of them, writes to all of them (`downstream.IndexerShards`); a replica that missed writes
 catches up from a peer before it serves (`services.indexer.replication`).
 
-Shard map: with ``GATEWAY_SHARD_MAP`` the listing -> shard routing comes from the versioned map
-of `common.shard_map` (listing -> one of P partitions -> its owner shard), so shards can be added
-by moving only some partitions (``python -m services.gateway.rebalance --to N``) instead of
-re-indexing; `ShardRouting` applies it.
+Shard map: once the catalogue database holds a versioned map of `common.shard_map` (created at
+version 1 by a gateway started with ``GATEWAY_SHARD_MAP=on``), the listing -> shard routing comes
+from it (listing -> one of P partitions -> its owner shard), so shards can be added by moving
+only some partitions (``python -m services.gateway.rebalance --to N``) instead of re-indexing;
+`ShardRouting` applies it and `ShardMapWatch` follows new versions.
 """
 from __future__ import annotations
 
@@ -25,17 +26,13 @@ import hashlib
 import logging
 import threading
 from collections.abc import Iterable
-from pathlib import Path
-
-from common.shard_map import (JsonShardMapStore, ShardMap, ShardMapError, ShardMapStore, initial,
+from common.shard_map import (ShardMap, ShardMapConflict, ShardMapError, ShardMapStore, initial,
                               partition_of)
 
 log = logging.getLogger(__name__)
 
 #: One tuple of replica targets per shard, in shard order.
 ShardReplicas = tuple[tuple[str, ...], ...]
-
-
 
 
 def shard_of(listing_id: str, num_shards: int) -> int:
@@ -150,24 +147,31 @@ class ShardRouting:
 
 class ShardMapWatch:
     """Reads the newest shard map from its store every ``interval_s`` and switches the routing
-    to it, so every gateway follows a rebalance within about that time. A map that cannot be
-    used is logged (once per version) and the current one kept."""
+    to it, so every gateway follows a rebalance within about that time (also a gateway routing
+    by hash, the moment some gateway creates the first map). A map that cannot be used is logged
+    (once per version) and the current one kept; so is a store that cannot be read."""
 
     def __init__(self, store: ShardMapStore, routing: ShardRouting, interval_s: float = 2.0) -> None:
         self.store = store
         self.routing = routing
         self.interval_s = interval_s
         self._refused: int | None = None
+        self._unreadable: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self) -> None:
         try:
             latest = self.store.latest()
-        except (ShardMapError, OSError) as exc:
-            log.error("cannot read the shard map: %s; keeping v%s", exc,
-                      self.routing.map.version if self.routing.map else "none")
+        except ShardMapError as exc:
+            if self._unreadable != str(exc):  # once per problem, not every poll
+                log.error("cannot read the shard map: %s; keeping %s", exc,
+                          f"v{self.routing.map.version}" if self.routing.map else "hash routing")
+                self._unreadable = str(exc)
             return
+        if self._unreadable is not None:
+            log.info("the shard map can be read again")
+            self._unreadable = None
         current = self.routing.map
         if latest is None or (current is not None and latest.version <= current.version):
             return
@@ -195,15 +199,17 @@ class ShardMapWatch:
             self._thread.join(timeout=self.interval_s + 1)
 
 
-def open_shard_map(store: ShardMapStore, shards: int, partitions: int) -> ShardMap:
-    """The newest map in ``store``; a new store gets version 1 for ``shards`` shards
-    (`common.shard_map.initial`: the original routing when ``partitions`` is a multiple)."""
+def open_shard_map(store: ShardMapStore, shards: int, partitions: int, *,
+                   create: bool = True) -> ShardMap | None:
+    """The newest map in ``store``. With ``create``, an empty store gets version 1 for ``shards``
+    shards (`common.shard_map.initial`: the original routing when ``partitions`` is a multiple);
+    without it, None."""
     latest = store.latest()
-    if latest is not None:
+    if latest is not None or not create:
         return latest
     try:
         store.publish(initial(shards, partitions))
-    except ShardMapError:  # another gateway created it first
+    except ShardMapConflict:  # another gateway created it first
         pass
     latest = store.latest()
     assert latest is not None
@@ -212,11 +218,13 @@ def open_shard_map(store: ShardMapStore, shards: int, partitions: int) -> ShardM
     return latest
 
 
-def routing_for(shards: int, shard_map_dir: Path | None, partitions: int) -> ShardRouting:
-    """The routing a gateway (or a tool writing like one) uses: by the shard map in
-    ``shard_map_dir`` (created at version 1 when empty), else by hash over ``shards``.
-    ShardMapError when the map cannot be used with these shards."""
-    if shard_map_dir is None:
-        return ShardRouting(shards)
-    shard_map = open_shard_map(JsonShardMapStore(shard_map_dir), shards, partitions)
+def routing_for(shards: int, store: ShardMapStore, partitions: int, *,
+                create: bool) -> ShardRouting:
+    """The routing a gateway (or a tool writing like one) uses: by the newest shard map in
+    ``store`` (version 1 is created when the store is empty and ``create``), else by hash over
+    ``shards``. ShardMapError when the map cannot be used with these shards."""
+    shard_map = open_shard_map(store, shards, partitions, create=create)
+    if shard_map is not None:
+        log.info("routing by shard map v%d (%s, %d partitions on %d shard(s))", shard_map.version,
+                 shard_map.state, shard_map.partitions, shard_map.shards)
     return ShardRouting(shards, shard_map)

@@ -100,6 +100,9 @@ def search_filter(
 
 Filter = Annotated[FilterIn, Depends(search_filter)]
 K = Annotated[int, Query(ge=0, le=UINT32_MAX, description="listings to return; 0 means 10")]
+Partial = Annotated[bool, Query(description=(
+    "when every replica of an index shard is down, answer from the other shards and name the "
+    "missing ones in missing_shards and notice (default false: 503 naming the shard)"))]
 
 
 def create_app(config: WebConfig, *, store: ImageStore | None = None,
@@ -224,15 +227,19 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
     @app.post("/api/search/image", response_model=SearchResults, responses=_ERRORS,
               tags=["search"], summary="SearchByImage: listings whose photos look like this one")
     def search_by_image(image: Annotated[UploadFile, File(description="the query photo")],
-                        search: Filter, k: K = 10) -> SearchResults:
+                        search: Filter, k: K = 10,
+                        allow_partial_results: Partial = False) -> SearchResults:
         data = photo(image)
-        return SearchResults.of(call(lambda: gateway.search_by_image(data, k, **filters(search))))
+        return SearchResults.of(call(lambda: gateway.search_by_image(
+            data, k, allow_partial_results=allow_partial_results, **filters(search))))
 
     @app.get("/api/search/text", response_model=SearchResults, responses=_ERRORS, tags=["search"],
              summary="SearchByText: listings whose title and description match a query")
     def search_by_text(q: Annotated[str, Query(description="the text query")],
-                       search: Filter, k: K = 10) -> SearchResults:
-        return SearchResults.of(call(lambda: gateway.search_by_text(q, k, **filters(search))))
+                       search: Filter, k: K = 10,
+                       allow_partial_results: Partial = False) -> SearchResults:
+        return SearchResults.of(call(lambda: gateway.search_by_text(
+            q, k, allow_partial_results=allow_partial_results, **filters(search))))
 
     @app.post("/api/search", response_model=SearchResults, responses=_ERRORS, tags=["search"],
               summary="Search: a photo and/or a text query, fused")
@@ -244,10 +251,11 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
                fusion: Annotated[Literal["weighted_cosine", "reciprocal_rank"],
                                  Form(description="how the two rankings are combined")]
                = "weighted_cosine",
-               k: K = 10) -> SearchResults:
+               k: K = 10, allow_partial_results: Partial = False) -> SearchResults:
         data = photo(image) if image is not None else None
         return SearchResults.of(call(lambda: gateway.search(
-            data or None, text, k, text_weight=text_weight, fusion=fusion, **filters(search))))
+            data or None, text, k, text_weight=text_weight, fusion=fusion,
+            allow_partial_results=allow_partial_results, **filters(search))))
 
     @app.get("/api/listings/{listing_id}", response_model=ListingOut, responses=_ERRORS,
              tags=["listings"], summary="GetListing: one listing")
@@ -257,14 +265,17 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
     @app.get("/api/listings/{listing_id}/similar", response_model=SearchResults,
              responses=_ERRORS, tags=["search"],
              summary="SimilarListings: listings that look like this one")
-    def similar(listing_id: Annotated[str, PathParam()], search: Filter, k: K = 10) -> SearchResults:
-        return SearchResults.of(call(lambda: gateway.similar(listing_id, k, **filters(search))))
+    def similar(listing_id: Annotated[str, PathParam()], search: Filter, k: K = 10,
+                allow_partial_results: Partial = False) -> SearchResults:
+        return SearchResults.of(call(lambda: gateway.similar(
+            listing_id, k, allow_partial_results=allow_partial_results, **filters(search))))
 
     @app.post("/api/recommend", response_model=SearchResults, responses=_ERRORS, tags=["search"],
               summary="Recommend: listings like the liked ones and unlike the skipped ones")
     def recommend(body: RecommendIn) -> SearchResults:
         return SearchResults.of(call(lambda: gateway.recommend(
-            body.liked, body.skipped, body.seen, body.k, **filters(body.filter))))
+            body.liked, body.skipped, body.seen, body.k,
+            allow_partial_results=body.allow_partial_results, **filters(body.filter))))
 
     @app.get("/api/images/{image_id}", tags=["listings"], summary="A listing photo",
              responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {},

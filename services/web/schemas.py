@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from services.gateway.domain import Classification, Listing, RankedListing
+from services.gateway.domain import (Classification, Listing, RankedListing,
+                                     missing_shards_notice)
 
 #: Where the page and API clients fetch a photo of the image store.
 IMAGE_URL = "/api/images/{image_id}"
@@ -84,10 +85,17 @@ class RankedListingOut(BaseModel):
 
 class SearchResults(BaseModel):
     results: list[RankedListingOut]
+    missing_shards: list[int] = Field([], description=(
+        "index shards (0-based) whose listings are NOT in these results because every replica "
+        "was down; only ever non-empty when the request set allow_partial_results"))
+    notice: str = Field("", description="the missing shards in words for a person; empty when "
+                                        "the results are complete")
 
     @classmethod
     def of(cls, results: list[RankedListing]) -> "SearchResults":
-        return cls(results=[RankedListingOut.of(r) for r in results])
+        missing = tuple(getattr(results, "missing_shards", ()))
+        return cls(results=[RankedListingOut.of(r) for r in results],
+                   missing_shards=list(missing), notice=missing_shards_notice(missing))
 
 
 class FilterIn(BaseModel):
@@ -104,6 +112,9 @@ class RecommendIn(BaseModel):
     seen: list[str] = Field([], description="listing ids already shown: never returned")
     k: int = Field(10, ge=0, le=2**32 - 1, description="listings to return; 0 means 10")
     filter: FilterIn = FilterIn()
+    allow_partial_results: bool = Field(False, description=(
+        "when every replica of an index shard is down, answer from the other shards and name "
+        "the missing ones (default false: 503 naming the shard)"))
 
 
 class RemovedOut(BaseModel):

@@ -1,20 +1,21 @@
 """Resharding without a re-index: 2 -> 3 shards with `services.gateway.rebalance` while searches
 run, over real indexer servers (durable, one replica per shard) and a gateway routing by the
-versioned shard map; an interrupted rebalance is finished by running it again; the shard map
-refuses inconsistent versions."""
+versioned shard map kept in the catalogue database (SQLite and a real PostgreSQL); an interrupted
+rebalance is finished by running it again; the shard map store refuses inconsistent versions and
+lets only one of two writers advance the map."""
 from __future__ import annotations
 
-import json
 import threading
 from collections import Counter
 
 import grpc
 import pytest
 
-from common.shard_map import (JsonShardMapStore, ShardMap, ShardMapError, initial, partition_of,
+from common.shard_map import (ShardMap, ShardMapConflict, ShardMapError, initial, partition_of,
                               plan, rendezvous_owner)
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from scripts.stack import free_port
+from services.gateway.catalogue import Catalogue
 from services.gateway.config import GatewayConfig, RetryPolicy
 from services.gateway.rebalance import Rebalancer
 from services.gateway.server import start as start_gateway
@@ -36,31 +37,79 @@ def test_initial_map_routes_like_the_hash_and_rendezvous_moves_a_third():
     assert all(rendezvous_owner(p, 3) == three[p] for p in moved)
 
 
-def test_shard_map_store_refuses_inconsistent_maps(tmp_path):
-    store = JsonShardMapStore(tmp_path)
-    store.publish(initial(2, 8))
-    with pytest.raises(ShardMapError, match="version 1 already exists"):
+def test_shard_map_store_refuses_inconsistent_maps(catalogue_url):
+    with Catalogue.open(catalogue_url) as catalogue:
+        store = catalogue.shard_map_store()
+        assert store.latest() is None
         store.publish(initial(2, 8))
-    with pytest.raises(ShardMapError, match="every partition needs a shard"):
-        ShardMap(2, 8, (0, 1, 0))
-    with pytest.raises(ShardMapError, match="partition with no shard"):
-        ShardMap(2, 4, (0, 1, -1, 0))
-    (tmp_path / "shard-map-v000002.json").write_text(json.dumps(initial(2, 8).to_json()))
-    with pytest.raises(ShardMapError, match="two maps claim one version"):
-        store.latest()
+        with pytest.raises(ShardMapConflict, match="version 1 already exists"):
+            store.publish(initial(2, 8))
+        with pytest.raises(ShardMapConflict, match="version 3 cannot follow v1"):
+            store.publish(initial(2, 8).next().next())
+        with pytest.raises(ShardMapError, match="every partition needs a shard"):
+            ShardMap(2, 8, (0, 1, 0))
+        with pytest.raises(ShardMapError, match="partition with no shard"):
+            ShardMap(2, 4, (0, 1, -1, 0))
+        # a row whose body claims another version (written by hand, or by a broken tool)
+        with catalogue._db.transaction() as tx:
+            tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES "
+                       "(?, ?, ?, ?)", (2, "stable", '{"version": 1, "partitions": 8, "state": '
+                                        '"stable", "owners": [0,1,0,1,0,1,0,1]}', 0.0))
+        with pytest.raises(ShardMapError, match="two maps claim one version"):
+            store.latest()
+        with catalogue._db.transaction() as tx:
+            tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES "
+                       "(?, ?, ?, ?)", (3, "stable", '{"version": 3, "partitions": 8, "state": '
+                                        '"stable", "owners": [0,1,0]}', 0.0))
+        with pytest.raises(ShardMapError, match="v3 .* every partition needs a shard"):
+            store.latest()
     routing = ShardRouting(2)
     with pytest.raises(ShardMapError, match="only shards 0..1 are configured"):
         routing.use(ShardMap(1, 4, (0, 1, 2, 0)))
+
+
+def test_two_writers_of_one_version_one_wins(catalogue_url):
+    """Compare-and-set: rebalances racing to publish the same next version (separate
+    connections, as separate commands would have) -> exactly one succeeds, the rest conflict."""
+    with Catalogue.open(catalogue_url) as catalogue:
+        catalogue.shard_map_store().publish(initial(2, 8))
+    opened = [Catalogue.open(catalogue_url) for _ in range(4)]
+    outcomes: list[str] = []
+    start = threading.Barrier(len(opened))
+
+    def publish(catalogue: Catalogue, shard: int) -> None:
+        store = catalogue.shard_map_store()
+        current = store.latest()
+        start.wait()
+        try:
+            store.publish(current.next(state="migrating", moves={0: shard}))
+            outcomes.append("published")
+        except ShardMapConflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=publish, args=(c, n % 2)) for n, c in enumerate(opened)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sorted(outcomes) == ["conflict"] * 3 + ["published"]
+        assert opened[0].shard_map_store().versions() == [1, 2]
+    finally:
+        for catalogue in opened:
+            catalogue.close()
 
 
 class Cluster:
     """Three real indexer shards (shard 2 empty and unused at first) behind a gateway whose
     shard map places every partition on shards 0 and 1."""
 
-    def __init__(self, root, listings: int = 30) -> None:
+    def __init__(self, root, db_url: str, listings: int = 30) -> None:
         self.root = root
-        self.map_dir = root / "shard-map"
-        JsonShardMapStore(self.map_dir).publish(initial(2))
+        self.db_url = db_url
+        self._opened: list[Catalogue] = []
+        with Catalogue.open(db_url) as catalogue:
+            catalogue.shard_map_store().publish(initial(2))
         self.indexers = [start_indexer(IndexerConfig(
             host="127.0.0.1", port=free_port(), data_dir=root / f"shard{s}", log_level="info",
             collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
@@ -68,10 +117,10 @@ class Cluster:
         self.embedder = serve_embedder(FakeEmbedder())
         self.replicas = tuple((f"127.0.0.1:{i.port}",) for i in self.indexers)
         self.gateway = start_gateway(GatewayConfig(
-            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
+            host="127.0.0.1", port=0, db_path=db_url,
             embedder_addr=f"127.0.0.1:{self.embedder.port}", indexer_shards=self.replicas,
             downstream_timeout_s=5.0, retry=RetryPolicy(2, 0.01, 0.05), readiness_interval_s=0,
-            shard_map_dir=self.map_dir, shard_map_poll_s=0.1))
+            shard_map=True, shard_map_poll_s=0.1))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.listings = [self.add(f"R-{i}") for i in range(listings)]
@@ -88,11 +137,18 @@ class Cluster:
             held.update(indexer.store.collection("image").ids())
         return held
 
+    def store(self):
+        """The shard map store on a connection of its own (as the rebalance command has)."""
+        catalogue = Catalogue.open(self.db_url)
+        self._opened.append(catalogue)
+        return catalogue.shard_map_store()
+
     def rebalancer(self, say=print) -> Rebalancer:
-        return Rebalancer(JsonShardMapStore(self.map_dir), self.replicas, write_token=None,
-                          settle_s=0.4, say=say)
+        return Rebalancer(self.store(), self.replicas, write_token=None, settle_s=0.4, say=say)
 
     def close(self) -> None:
+        for catalogue in self._opened:
+            catalogue.close()
         self.channel.close()
         self.gateway.stop(0)
         self.embedder.stop(0)
@@ -101,8 +157,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path)
+def cluster(tmp_path, catalogue_url):
+    c = Cluster(tmp_path, catalogue_url)
     yield c
     c.close()
 
@@ -142,7 +198,7 @@ def test_rebalance_2_to_3_under_reads_and_writes(cluster):
     print("searches", searches[0], "added during", len(added), report)
     assert not failures and searches[0] > 0 and added
     assert report.to_shards == 3 and 0.15 < report.moved_fraction < 0.55, report
-    latest = JsonShardMapStore(cluster.map_dir).latest()
+    latest = cluster.store().latest()
     assert latest.state == "stable" and not latest.drop and latest.shards == 3
     held = cluster.holders()
     everything = cluster.listings + added
@@ -197,26 +253,32 @@ def test_sigkill_of_the_rebalance_command_then_rerun(cluster):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(repo), "GATEWAY_SHARD_MAP": str(cluster.map_dir),
+    env = {**os.environ, "PYTHONPATH": str(repo), "GATEWAY_DB": cluster.db_url,
            "INDEXER_SHARDS": ";".join(f"{s}={r[0]}" for s, r in enumerate(cluster.replicas))}
     env.pop("INDEXER_ADDRS", None)
     command = [sys.executable, "-m", "services.gateway.rebalance", "--to", "3", "--settle-s", "1"]
     process = subprocess.Popen(command, env=env, cwd=repo, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    switched = cluster.map_dir / "shard-map-v000003.json"
+    store = cluster.store()
+
+    def switched() -> bool:
+        latest = store.latest()
+        return latest.version >= 3 and latest.state == "switched"
+
     deadline = time.monotonic() + 120
-    while not switched.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not switched() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     process.kill()
     output = process.communicate()[0]
-    assert switched.exists(), output
+    assert switched(), output
     assert max(cluster.holders().values()) == 2  # copies on old and new owners for now
     rerun = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "rebalance done" in rerun.stdout
     held = cluster.holders()
     assert set(held.values()) == {1} and sum(held.values()) == 2 * len(cluster.listings)
-    latest = JsonShardMapStore(cluster.map_dir).latest()
+    latest = store.latest()
+    assert latest.state == "stable" and store.versions() == [1, 2, 3, 4, 5]
     for listing in cluster.listings:
         owner = latest.owners[partition_of(listing.id, 256)]
         assert all(cluster.indexers[owner].store.collection("image").contains(i)

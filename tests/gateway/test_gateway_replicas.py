@@ -20,6 +20,8 @@ from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from marketplace.indexer.v1 import indexer_pb2
 from scripts.stack import free_port
 from common.config import ConfigError
+from services.gateway import cli
+from services.gateway.client import GatewayClient
 from services.gateway.config import GatewayConfig, RetryPolicy, shard_replicas_setting
 from services.gateway.downstream import Deadline, IndexerShards
 from services.gateway.server import SERVICE_NAME
@@ -174,6 +176,22 @@ def test_a_shard_with_every_replica_down(stack):
     reply = stack.stub.SimilarListings(request, timeout=3)
     assert list(reply.missing_shards) == [down]
     assert reply.results and all(shard_of(r.listing.id, SHARDS) != down for r in reply.results)
+    # the same through the Python client and the command line
+    client = GatewayClient("unused", channel=stack.channel, timeout=3)
+    answer = client.similar(up_listing.id, 5, allow_partial_results=True)
+    assert answer.missing_shards == (down,) and not answer.complete
+    assert [r.listing.id for r in answer] == [r.listing.id for r in reply.results]
+    assert f"index shard {down} is unavailable" in answer.notice
+    by_photo = client.search_by_image(f"photo {up_listing.id} 0".encode(), 3,
+                                      allow_partial_results=True)
+    assert by_photo.missing_shards == (down,) and by_photo[0].listing.id == up_listing.id
+    with pytest.raises(grpc.RpcError) as error:
+        client.search_by_image(f"photo {up_listing.id} 0".encode(), 3)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    printed = cli.run(cli.build_parser().parse_args(
+        ["similar", up_listing.id, "-k", "5", "--allow-partial-results"]), client)
+    assert printed.splitlines()[-1] == answer.notice and up_listing.id not in printed
+    assert all(r.listing.id in printed for r in answer)
     wait_until(lambda: stack.ready() == "NOT_SERVING", 5)
     # a write to the dead shard is refused (no replica took it), never acknowledged
     with pytest.raises(grpc.RpcError) as error:

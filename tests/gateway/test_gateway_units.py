@@ -1,6 +1,7 @@
 """The gateway's core pieces without any server: merging, shard routing, config."""
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
@@ -173,30 +174,109 @@ def test_similar_text_weight_from_env(monkeypatch):
 def test_indexer_shards_and_shard_map_from_env(monkeypatch, tmp_path):
     monkeypatch.delenv("INDEXER_ADDRS", raising=False)
     monkeypatch.setenv("INDEXER_SHARDS", "0=127.0.0.1:1|127.0.0.1:2;1=127.0.0.1:3")
-    monkeypatch.setenv("GATEWAY_SHARD_MAP", str(tmp_path / "map"))
+    monkeypatch.setenv("GATEWAY_SHARD_MAP", "on")
     monkeypatch.setenv("GATEWAY_SHARD_MAP_POLL_S", "0.5")
     config = GatewayConfig.from_env([])
     assert config.indexer_replicas == (("127.0.0.1:1", "127.0.0.1:2"), ("127.0.0.1:3",))
     assert config.indexer_targets == ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3")
-    assert (config.shard_map_dir, config.shard_map_poll_s, config.partitions) == (
-        tmp_path / "map", 0.5, 256)
+    assert (config.shard_map, config.shard_map_poll_s, config.partitions) == (True, 0.5, 256)
+    for off in ("off", "0", "false", ""):
+        monkeypatch.setenv("GATEWAY_SHARD_MAP", off)
+        assert GatewayConfig.from_env([]).shard_map is False
+    monkeypatch.setenv("GATEWAY_SHARD_MAP", str(tmp_path / "map"))  # where the map used to live
+    with pytest.raises(ConfigError, match="kept in the catalogue database .*GATEWAY_SHARD_MAP=on"):
+        GatewayConfig.from_env([])
+    monkeypatch.setenv("GATEWAY_SHARD_MAP", "on")
     monkeypatch.setenv("INDEXER_ADDRS", "127.0.0.1:9")
     with pytest.raises(ConfigError, match="not both"):
         GatewayConfig.from_env([])
 
 
+def _publish(db_path, shard_map) -> None:
+    from services.gateway.catalogue import Catalogue
+
+    with Catalogue.open(db_path) as catalogue:
+        catalogue.shard_map_store().publish(shard_map)
+
+
 def test_gateway_refuses_a_shard_map_naming_unconfigured_shards(tmp_path):
-    from common.shard_map import JsonShardMapStore, initial
+    from common.shard_map import initial
     from services.gateway.server import start
 
-    JsonShardMapStore(tmp_path / "map").publish(initial(4))
+    _publish(tmp_path / "db.sqlite3", initial(4))
     config = GatewayConfig(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
                            indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
-                           shard_map_dir=tmp_path / "map", readiness_interval_s=0)
+                           shard_map=False, readiness_interval_s=0)  # a stored map is followed
     with pytest.raises(ConfigError, match="places partitions on shard 3, but only shards 0..1"):
         start(config)
+
+
+def test_gateway_refuses_an_inconsistent_shard_map_in_the_database(tmp_path):
+    from services.gateway.catalogue import Catalogue
+    from services.gateway.server import start
+
+    db = tmp_path / "db.sqlite3"
+    with Catalogue.open(db) as catalogue, catalogue._db.transaction() as tx:
+        tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES (?, ?, ?, ?)",
+                   (1, "stable", '{"version": 1, "partitions": 4, "state": "stable", '
+                                 '"owners": [0, 1, -1, 0]}', 0.0))
+    config = GatewayConfig(host="127.0.0.1", port=0, db_path=db,
+                           indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"), shard_map=True,
+                           readiness_interval_s=0)
+    with pytest.raises(ConfigError, match="shard map v1 .* partition with no shard"):
+        start(config)
+
+
+def test_gateways_create_one_map_and_a_hash_routed_gateway_follows_it(tmp_path):
+    """GATEWAY_SHARD_MAP=on creates version 1 in the catalogue database; a gateway started
+    before it (off: routing by hash) switches to the map by itself; a third gateway, started
+    with on after it, finds it instead of creating another."""
+    from services.gateway.server import start
+
+    db = tmp_path / "db.sqlite3"
+
+    def config(shard_map: bool) -> GatewayConfig:
+        return GatewayConfig(host="127.0.0.1", port=0, db_path=db,
+                             indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"), shard_map=shard_map,
+                             shard_map_poll_s=0.05, readiness_interval_s=0)
+
+    hashed = start(config(False))
+    try:
+        routing = hashed.core.indexer.routing
+        assert routing.map is None
+        mapped = start(config(True))
+        again = start(config(True))
+        try:
+            first = mapped.core.indexer.routing.map
+            assert first is not None and first.version == 1 and first.shards == 2
+            assert again.core.indexer.routing.map == first
+            assert mapped.core.catalogue.shard_map_store().versions() == [1]
+            deadline = time.monotonic() + 10
+            while routing.map is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert routing.map == first
+            assert all(routing.shard_for(f"L{i}") == shard_of(f"L{i}", 2) for i in range(200))
+        finally:
+            again.stop(0)
+            mapped.stop(0)
+    finally:
+        hashed.stop(0)
 
 
 def test_retry_backoff_grows_and_is_capped():
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3)
     assert [policy.backoff(i) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]
+
+
+def test_ranked_results_carry_missing_shards_through_the_proto_and_in_words():
+    from services.gateway import convert
+    from services.gateway.domain import RankedListing, RankedResults, missing_shards_notice
+
+    listing = Listing("L1", "Oak table", image_ids=("I1",))
+    answer = RankedResults([RankedListing(1, 0.5, "I1", listing)], missing_shards=[3, 1])
+    back = convert.ranked_from_proto(convert.ranked_to_proto(answer))
+    assert back == answer and back.missing_shards == (1, 3) and not back.complete
+    assert convert.ranked_from_proto(convert.ranked_to_proto([])).complete
+    assert missing_shards_notice(()) == ""
+    assert missing_shards_notice((2,)).startswith("These results are incomplete: index shard 2 is ")
+    assert "index shards 0, 1 and 4 are unavailable" in missing_shards_notice((0, 1, 4))

@@ -78,7 +78,7 @@ def web_stack(tmp_path_factory, test_artifact):
         edge = start_edge(root, f"127.0.0.1:{gateway.port}", store)
         yield SimpleNamespace(
             root=root, prepared=prepared, store=store, gateway=gateway, edge=edge,
-            url=f"http://{edge.address}",
+            url=f"http://{edge.address}", gateway_config=config,
             listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
             images=pd.read_csv(prepared / "images.csv", dtype=str))
     finally:

@@ -201,3 +201,46 @@ def test_a_dead_gateway_is_503_and_the_page_still_loads(web_stack):
             assert "not reachable" in reply.json()["detail"]
     finally:
         edge.stop()
+
+
+def test_a_shard_down_partial_results_name_it_and_without_the_option_503(web_stack):
+    """A gateway whose shard 1 has no live replica, behind its own edge: with
+    allow_partial_results the JSON answer holds shard 0's listings, missing_shards [1] and the
+    notice in words; without it 503 naming the shard."""
+    from dataclasses import replace
+
+    from services.gateway.server import start as start_gateway
+    from services.gateway.shards import shard_of
+
+    config = web_stack.gateway_config
+    gateway = start_gateway(replace(config, port=0, seed_dir=None, readiness_interval_s=0,
+                                    indexer_addrs=(config.indexer_addrs[0], f"127.0.0.1:{free_port()}")))
+    edge = start_edge(web_stack.root, f"127.0.0.1:{gateway.port}", web_stack.store, "web-partial")
+    on_shard_0 = next(i for i in web_stack.listings["product_id"] if shard_of(i, 2) == 0)
+    try:
+        with httpx.Client(base_url=f"http://{edge.address}", timeout=120) as client:
+            answers = {
+                "text": client.get("/api/search/text", params={
+                    "q": "chair", "k": 5, "allow_partial_results": "true"}),
+                "similar": client.get(f"/api/listings/{on_shard_0}/similar", params={
+                    "k": 5, "allow_partial_results": "true"}),
+                "recommend": client.post("/api/recommend", json={
+                    "liked": [on_shard_0], "k": 5, "allow_partial_results": True}),
+            }
+            for name, reply in answers.items():
+                assert reply.status_code == 200, (name, reply.text)
+                body = reply.json()
+                assert body["missing_shards"] == [1], name
+                assert "index shard 1 is unavailable" in body["notice"], name
+                assert body["results"], name
+                assert all(shard_of(r["listing"]["id"], 2) == 0 for r in body["results"]), name
+            refused = client.get("/api/search/text", params={"q": "chair", "k": 5})
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "UNAVAILABLE"
+            assert "shard 1" in refused.json()["detail"]
+            complete = httpx.get(f"{web_stack.url}/api/search/text", timeout=120, params={
+                "q": "chair", "k": 5, "allow_partial_results": "true"}).json()
+            assert complete["missing_shards"] == [] and complete["notice"] == ""
+    finally:
+        edge.stop()
+        gateway.stop(0)

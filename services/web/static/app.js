@@ -38,6 +38,9 @@ function filterParams(params = new URLSearchParams()) {
   if (category) params.set("main_category", category);
   if (min !== "") params.set("min_price", min);
   if (max !== "") params.set("max_price", max);
+  // an index shard that is down leaves its listings out (named in the answer's notice) rather
+  // than failing the whole search
+  params.set("allow_partial_results", "true");
   return params;
 }
 
@@ -141,11 +144,15 @@ function card(result) {
   return item;
 }
 
-function renderResults(listElement, summaryElement, results, what) {
+function renderResults(listElement, summaryElement, answer, what) {
+  const results = answer.results;
   listElement.replaceChildren(...results.map(card));
-  summaryElement.textContent = results.length
+  const summary = results.length
     ? `${results.length} listing${results.length === 1 ? "" : "s"} ${what}.`
     : `No listings ${what}; try fewer filters.`;
+  // missing index shards, in words (answer.notice is empty when the results are complete)
+  summaryElement.textContent = answer.notice ? `${summary} ${answer.notice}` : summary;
+  summaryElement.classList.toggle("partial", Boolean(answer.notice));
 }
 
 function renderPrediction(classification) {
@@ -206,7 +213,7 @@ async function search() {
       answer = await api(`/api/search/text?${params}`);
       what = `matching “${text}”`;
     }
-    renderResults($("results"), $("results-summary"), answer.results, what);
+    renderResults($("results"), $("results-summary"), answer, what);
   } catch (err) {
     $("results-summary").textContent = "The search failed.";
     showError(err.message);
@@ -278,10 +285,10 @@ async function recommend() {
     const answer = await api("/api/recommend", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ liked: [...state.liked], skipped: [...state.skipped], k: RESULTS_K,
-                             filter: filterBody() }),
+                             filter: filterBody(), allow_partial_results: true }),
     });
     const names = [...state.liked].map((id) => `“${state.titles.get(id) || id}”`).join(", ");
-    renderResults($("recommendations"), $("recommendations-summary"), answer.results,
+    renderResults($("recommendations"), $("recommendations-summary"), answer,
                   `like ${names}`);
   } catch (err) {
     $("recommendations-summary").textContent = "No recommendations.";
@@ -311,7 +318,7 @@ async function openDetails(listingId) {
     const params = filterParams(new URLSearchParams({ k: String(SIMILAR_K) }));
     try {
       const similar = await api(`/api/listings/${encodeURIComponent(listingId)}/similar?${params}`);
-      renderResults($("similar"), $("similar-summary"), similar.results,
+      renderResults($("similar"), $("similar-summary"), similar,
                     `look like “${listing.title}”`);
     } catch (err) {
       $("similar-summary").textContent = `No similar listings: ${err.message}`;
