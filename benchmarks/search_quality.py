@@ -37,7 +37,7 @@ import numpy as np
 from common.text import TextHead, image_listing_log_probs, listing_text
 from common.artifact import (CARD_FILE, EMBEDDINGS_DIR, IMAGE_EMBEDDINGS_FILE, TEXT_CARD_FILE,
                              read_image_embeddings, read_text_embeddings)
-from common.prepared_data import load_prepared
+from common.prepared_data.frames import load_prepared
 from training.dataset import DEFAULT_OUT_DIR
 from training.text import (
     DEFAULT_CACHE_DIR,

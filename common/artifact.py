@@ -28,12 +28,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 CARD_FILE = "model_card.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,9 +77,10 @@ def read_card(directory: Path | str) -> dict:
 
 
 def write_image_embeddings(directory: Path | str, image_ids: Sequence[str], embeddings: np.ndarray,
-                           table: pd.DataFrame | None = None) -> None:
+                           table: Any = None) -> None:
     """The catalogue photos' embeddings as .npy + ids, as the baseline project's JSON
-    {id: [floats]}, and (with `table`) which listing, category and split each row is."""
+    {id: [floats]}, and (with `table`, a pandas DataFrame) which listing, category and split each
+    row is. (pandas is not imported here: the services read artefacts without it.)"""
     out = Path(directory) / EMBEDDINGS_DIR
     out.mkdir(parents=True, exist_ok=True)
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)

@@ -81,7 +81,7 @@ def embed_listing_text(artifact_dir: Path) -> None:
     import logging
 
     from common.artifact import EMBEDDINGS_DIR, write_text_embeddings
-    from common.prepared_data import load_prepared
+    from common.prepared_data.frames import load_prepared
     from training.text import embed_texts, listing_texts
 
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
@@ -143,7 +143,7 @@ def index_catalogue(artifact_dir: Path, procs: dict[str, stack.ServiceProcess]) 
 
 def pick_query_photo() -> pd.Series:
     """A held-out (test split) photo of a listing that has another photo, chosen reproducibly."""
-    from common.prepared_data import load_prepared
+    from common.prepared_data.frames import load_prepared
 
     images = load_prepared(PREPARED).images
     test = images[images.split == "test"]

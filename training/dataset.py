@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from common.files import sha256_file
-from common.prepared_data import DataNotFoundError, load_prepared
+from common.prepared_data import DataNotFoundError
+from common.prepared_data.frames import load_prepared
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The course data shipped next to the repository (see its SOURCE.md).

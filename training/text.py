@@ -55,7 +55,8 @@ import pandas as pd
 from common.artifact import (TEXT_FINETUNE_CURVE_FILE, TEXT_METRICS_FILE,
                              read_card, write_text_embeddings)
 from common.files import sha256_file
-from common.prepared_data import SPLITS, load_prepared
+from common.prepared_data import SPLITS
+from common.prepared_data.frames import load_prepared
 from common.text import (
     TEXT_DIM,
     TFIDF_TOKEN_PATTERN,

@@ -21,7 +21,8 @@ from training.prepare import cli, near_duplicates, photos, pipeline, splits, tab
 from training.prepare.report import format_summary
 from common.files import sha256_file
 from common.prices import parse_price, price_flag
-from common.prepared_data import IMAGE_COLUMNS, LISTING_COLUMNS, CategoryLabels, DataNotFoundError, load_prepared
+from common.prepared_data import IMAGE_COLUMNS, LISTING_COLUMNS, CategoryLabels, DataNotFoundError
+from common.prepared_data.frames import load_prepared
 from training.dataset import SHARED_DATA_DIR, data_dir_default
 
 HEADER = ",id,product_name,category,product_description,price,location\n"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from common.artifact import (EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, TEXT_FINETUNE_CURVE_FILE, TEXT_IDS_FILE,
                              TEXT_METRICS_FILE)
-from common.prepared_data import CategoryLabels, write_prepared
+from common.prepared_data import CategoryLabels
+from common.prepared_data.frames import write_prepared
 from common.text import TEXT_DIM, TextHead
 from training import text as T
 

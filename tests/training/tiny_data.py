@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from common.prepared_data import CategoryLabels, write_prepared
+from common.prepared_data import CategoryLabels
+from common.prepared_data.frames import write_prepared
 
 CATEGORIES = ("Appliances", "Baby & Kids Stuff", "Computers & Software")
 COLOURS = ((200, 40, 40), (40, 170, 60), (50, 70, 210))

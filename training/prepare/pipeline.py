@@ -11,14 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.prepared_data import (
-    IMAGE_COLUMNS,
-    IMAGES_DIR,
-    CategoryLabels,
-    image_path,
-    write_prepared,
-    write_summary,
-)
+from common.prepared_data import IMAGE_COLUMNS, IMAGES_DIR, CategoryLabels, image_path
+from common.prepared_data.frames import write_prepared, write_summary
 from training.dataset import DEFAULT_OUT_DIR, check_data_dir
 from training.prepare.near_duplicates import (
     NEAR_DUPLICATE_CORRELATION,

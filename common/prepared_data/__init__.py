@@ -11,22 +11,18 @@ through this module, so nobody re-declares a column or a file name::
     summary.json  what preparation kept and dropped, and why
     samples.png   a grid of sample photos per main category
 
-Two readers over the same declaration: `load_prepared` (typed pandas frames, for training and the
-catalogue) and `read_rows` (plain dicts from the standard library's csv module, for the indexer,
-whose image carries no pandas). pandas is imported only by the functions that need it.
+Two readers over the same declaration: `read_rows` here (plain dicts from the standard library's
+csv module, for the services, whose images carry no pandas) and `common.prepared_data.frames`
+(typed pandas frames: `load_prepared`, and the writers `write_prepared` and `write_summary`, for
+training, the benchmarks and the demo).
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 LISTINGS_FILE = "listings.csv"
 IMAGES_FILE = "images.csv"
@@ -105,47 +101,6 @@ class CategoryLabels:
         return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-class PreparedData(NamedTuple):
-    """What `load_prepared` returns; unpacks as ``listings, images, categories``."""
-
-    listings: pd.DataFrame
-    images: pd.DataFrame
-    categories: list[str]
-
-
-def load_prepared(out_dir: Path | str, *, check_files: bool = False) -> PreparedData:
-    """Read a prepared folder as typed frames.
-
-    Ids and text stay strings (a title "NA" is not a missing value); ``price`` is
-    float with NaN where the raw price was unparseable; ``label`` is int.
-    With ``check_files`` every image path is also checked to exist.
-    """
-    import pandas as pd
-
-    out = Path(out_dir)
-    _require_files(out, (LISTINGS_FILE, IMAGES_FILE, LABELS_FILE))
-    text_columns = [c for c in LISTING_COLUMNS if c != "price"]
-    listings = pd.read_csv(
-        out / LISTINGS_FILE,
-        dtype={c: str for c in text_columns} | {"price": float},
-        keep_default_na=False,
-        na_values={"price": [""]},
-    )
-    images = pd.read_csv(
-        out / IMAGES_FILE,
-        dtype={c: str for c in IMAGE_COLUMNS if c != "label"} | {"label": int},
-        keep_default_na=False,
-    )
-    _require_columns(list(listings.columns), LISTING_COLUMNS, LISTINGS_FILE)
-    _require_columns(list(images.columns), IMAGE_COLUMNS, IMAGES_FILE)
-    labels = CategoryLabels.load(out / LABELS_FILE)
-    if check_files:
-        absent = [p for p in images["path"] if not (out / p).is_file()]
-        if absent:
-            raise DataNotFoundError(f"{len(absent)} image files listed in {IMAGES_FILE} are missing, e.g. {absent[:3]}")
-    return PreparedData(listings, images, list(labels.categories))
-
-
 def read_rows(out_dir: Path | str, file: str, *, required: Sequence[str]) -> list[dict[str, str]]:
     """The rows of ``listings.csv`` or ``images.csv`` as strings (no pandas), after checking that the
     file exists and has the `required` columns; columns a row lacks read as ""."""
@@ -155,31 +110,6 @@ def read_rows(out_dir: Path | str, file: str, *, required: Sequence[str]) -> lis
         reader = csv.DictReader(handle)
         _require_columns(list(reader.fieldnames or []), required, str(out / file))
         return [{k: v or "" for k, v in row.items()} for row in reader]
-
-
-def write_prepared(out_dir: Path | str, listings: pd.DataFrame, images: pd.DataFrame,
-                   labels: CategoryLabels) -> None:
-    """Write ``labels.json``, ``listings.csv`` and ``images.csv`` (the CSVs atomically, in the
-    declared column order, so a reader never sees half a file)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    labels.save(out / LABELS_FILE)
-    _write_csv(listings[list(LISTING_COLUMNS)], out / LISTINGS_FILE)
-    _write_csv(images[list(IMAGE_COLUMNS)], out / IMAGES_FILE)
-
-
-def write_summary(out_dir: Path | str, summary: dict) -> None:
-    """``summary.json``, atomically."""
-    path = Path(out_dir) / SUMMARY_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
 
 
 def _require_files(out: Path, names: Sequence[str]) -> None:
