@@ -36,9 +36,15 @@ compares the catalogue back ends instead (`run_catalogue_comparison`): the same 
 shards behind (1) one gateway on a SQLite catalogue, (2) one gateway on PostgreSQL (a local
 server from the machine's packages, durable settings, as SQLite's synchronous=FULL is) and
 (3) two gateways on that PostgreSQL, the client spreading calls over both (gRPC round_robin).
-SearchByImage and AddListing (one real photo, a new listing each) at concurrency 8, cells
-interleaved; then the adds made through SQLite are removed again and ``reconcile`` checks the
-PostgreSQL catalogue against the shards. Last line ``RESULT pg_vs_sqlite_p99=<worse of the two
+Like for like: the same gateway code, threads (GATEWAY_MAX_WORKERS) and downstreams, every commit
+durable on both (SQLite WAL with synchronous=FULL, PostgreSQL fsync=on and synchronous_commit=on:
+an acknowledged write survives a power cut on either). SearchByImage and AddListing (one real
+photo, a new listing each) at concurrency 8, in rounds: each round runs one cell per set-up, in
+alternating order (1 2 3, then 3 2 1, ...), so background drift hits every set-up alike; a
+set-up's figures pool its cells (full mode: 4 rounds of 15 s, a few hundred calls or more per
+set-up and RPC, so p99 is not just the slowest call; ``--quick``: 2 rounds of 2.5 s, a smoke
+test whose p99 is noise). Then the adds made through SQLite are removed again and ``reconcile``
+checks the PostgreSQL catalogue against the shards. Last line ``RESULT pg_vs_sqlite_p99=<worse of the two
 RPCs' p99, (2) / (1)> two_gateways_vs_one_rps=<SearchByImage requests/s, (3) / (2)>
 orphans=<vectors without a listing found by reconcile>``.
 """
@@ -329,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=2, help="indexer shards behind the gateway")
     parser.add_argument("--queries", type=int, default=None, help="distinct query photos")
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per cell")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="--db postgres: rounds of cells per set-up (default 4, --quick 2)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="embedder torch threads per model worker, in-process and served "
                              "alike (0: the embedder's default, the cores shared out among its "
@@ -520,6 +528,80 @@ def main(argv: list[str] | None = None) -> int:
 
 CATALOGUE_SETUPS = (("sqlite", "SQLite, 1 gateway"), ("pg1", "PostgreSQL, 1 gateway"),
                     ("pg2", "PostgreSQL, 2 gateways"))
+#: PostgreSQL settings that decide whether an acknowledged commit survives a crash.
+DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
+
+
+def catalogue_costs(urls: dict[str, str], prepared: Path, calls: int) -> dict[str, dict[str, WindowCell]]:
+    """What the catalogue itself costs per RPC on each back end, called in-process one after
+    another (no gRPC, no embedder): SearchByImage's read of its 10 listings, and AddListing's
+    catalogue steps (duplicate check, the pending write with its outbox entry, marking it done,
+    the pending check). Each back end on a database of its own, loaded from ``prepared``."""
+    from services.gateway.catalogue import Catalogue, StoredVector
+    from services.gateway.domain import Listing
+
+    vector = np.random.default_rng(0).standard_normal(1280).astype(np.float32)
+    costs: dict[str, dict[str, WindowCell]] = {}
+    for name, url in urls.items():
+        with Catalogue.open(url, max_connections=4, min_connections=4) as catalogue:
+            catalogue.load_prepared(prepared)
+            ids = catalogue.listing_ids()
+            search, add = [], []
+            for n in range(calls):
+                wanted = ids[(n * 10) % max(1, len(ids) - 10):][:10]
+                began = time.perf_counter()
+                catalogue.get_many(wanted, include_pending=True)
+                search.append((time.perf_counter() - began) * 1000)
+                listing_id = f"cost-{n}"
+                listing = Listing(listing_id, "Cost", "", "", "Home & Garden", 1.0, "GBP", "", (f"{listing_id}-0",))
+                began = time.perf_counter()
+                catalogue.get(listing_id, include_pending=True)
+                entry = catalogue.add_pending(listing, [StoredVector("image", f"{listing_id}-0", vector)], 0,
+                                              lease_holder="bench", lease_s=30)
+                catalogue.complete(entry)
+                catalogue.pending_outbox(listing_id)
+                add.append((time.perf_counter() - began) * 1000)
+            costs[name] = {"SearchByImage": WindowCell(0.0, search), "AddListing": WindowCell(0.0, add)}
+    return costs
+
+
+def draw_catalogue_latencies(cells: dict[tuple[str, str], "WindowCell"]) -> Path:
+    """Latency distribution (the share of calls answered within x ms) of each set-up, one panel
+    per RPC, with p99 marked: ``build/benchmarks/gateway_catalogue.png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = REPO_ROOT / "build" / "benchmarks" / "gateway_catalogue.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rpcs = ("SearchByImage", "AddListing")
+    fig, axes = plt.subplots(1, len(rpcs), figsize=(11, 4), sharey=True)
+    for ax, rpc in zip(axes, rpcs):
+        for key, label in CATALOGUE_SETUPS:
+            latencies = np.sort(np.asarray(cells[rpc, key].latencies_ms))
+            if not len(latencies):
+                continue
+            share = np.arange(1, len(latencies) + 1) / len(latencies)
+            line, = ax.plot(latencies, share, label=f"{label} (n={len(latencies)})")
+            ax.axvline(cells[rpc, key].percentile(99), color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_title(f"{rpc} (dotted: p99)")
+        ax.set_xlabel("latency (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("share of calls answered")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def durability_settings(url: str) -> str:
+    """The server's durability settings as ``name=value ...`` (what the comparison ran with)."""
+    import psycopg
+
+    with psycopg.connect(url) as connection:
+        return " ".join(f"{name}={connection.execute(f'SHOW {name}').fetchone()[0]}"
+                        for name in DURABILITY_SETTINGS)
 
 
 def run_catalogue_comparison(args) -> int:
@@ -538,8 +620,9 @@ def run_catalogue_comparison(args) -> int:
 
     levels = [int(x) for x in args.concurrency.split(",")]
     level = 8 if 8 in levels else max(levels)
-    warmup_s = 1.0 if args.quick else 3.0
-    measure_s = args.seconds or (3.0 if args.quick else 15.0)
+    warmup_s = 0.5 if args.quick else 2.0
+    measure_s = args.seconds or (2.5 if args.quick else 15.0)
+    rounds = args.rounds or (2 if args.quick else 4)
     n_queries = args.queries or (16 if args.quick else 64)
     started = time.perf_counter()
     artifact_dir, kind = find_artifact()
@@ -633,13 +716,23 @@ def run_catalogue_comparison(args) -> int:
                     added[key].append(listing_id)
                 return call
 
-            for key in stubs:  # warm every path once
-                stubs[key].SearchByImage(searches[0], timeout=60)
+            for key in stubs:  # warm every path once (the first AddListing asks for the model's info)
+                for gateway in range(len(gateways[key])):
+                    stubs[key].SearchByImage(searches[0], timeout=60)
+                    add(key)(0, gateway)
             cells: dict[tuple[str, str], WindowCell] = {}
+            order = [key for key, _ in CATALOGUE_SETUPS]
             for rpc, make in (("SearchByImage", search), ("AddListing", add)):
-                for key, _ in CATALOGUE_SETUPS:
-                    cells[rpc, key] = closed_loop(make(key), level, warmup_s, measure_s)
-                    print(f"  {rpc:13s} {key:6s} {cells[rpc, key].per_s:7.1f} req/s", flush=True)
+                for round_number in range(rounds):
+                    for key in order if round_number % 2 == 0 else order[::-1]:
+                        cell = closed_loop(make(key), level, warmup_s, measure_s)
+                        print(f"  {rpc:13s} round {round_number + 1}/{rounds} {key:6s} "
+                              f"{cell.per_s:7.1f} req/s", flush=True)
+                        before = cells.get((rpc, key))
+                        cells[rpc, key] = cell if before is None else WindowCell(
+                            before.per_s + cell.per_s, before.latencies_ms + cell.latencies_ms)
+                for key in order:  # per_s was summed over the rounds: their mean
+                    cells[rpc, key].per_s /= rounds
 
             for listing_id in added["sqlite"]:  # the shards are shared: take SQLite's adds out again
                 stubs["sqlite"].RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id),
@@ -649,6 +742,10 @@ def run_catalogue_comparison(args) -> int:
             with Catalogue.open(urls["pg"]) as catalogue:
                 check = reconcile(catalogue, shards)
                 pg_count = catalogue.count(include_pending=True)
+            postgres_settings = durability_settings(urls["pg"])
+            costs = catalogue_costs({"SQLite": str(tmp / "costs.sqlite3"),
+                                     "PostgreSQL": postgres.create_database("costs")},
+                                    prepared, 100 if args.quick else 500)
             shards.close()
         finally:
             for service in reversed(services):
@@ -656,15 +753,25 @@ def run_catalogue_comparison(args) -> int:
             postgres.destroy()
 
     print(f"\nSearchByImage and AddListing at concurrency {level}: requests/s and latency (ms), "
-          f"{warmup_s:g} s warm-up + {measure_s:g} s per cell, cells interleaved")
-    header = f"{'setup':24s} | {'rpc':13s} | {'req/s':>7} {'p50':>7} {'p99':>7}"
+          f"{rounds} rounds of one {warmup_s:g} s warm-up + {measure_s:g} s cell per set-up "
+          "(order alternating), pooled; calls = latencies behind the percentiles")
+    print(f"durability: SQLite journal_mode=WAL synchronous=FULL; PostgreSQL {postgres_settings}; "
+          f"GATEWAY_MAX_WORKERS={common['GATEWAY_MAX_WORKERS']} on every gateway")
+    header = f"{'setup':24s} | {'rpc':13s} | {'req/s':>7} {'p50':>7} {'p99':>7} {'calls':>6}"
     print(header)
     print("-" * len(header))
     for rpc in ("SearchByImage", "AddListing"):
         for key, label in CATALOGUE_SETUPS:
             cell = cells[rpc, key]
             print(f"{label:24s} | {rpc:13s} | {cell.per_s:>7.1f} {cell.percentile(50):>7.1f} "
-                  f"{cell.percentile(99):>7.1f}")
+                  f"{cell.percentile(99):>7.1f} {len(cell.latencies_ms):>6d}")
+    print("\nthe catalogue's own cost per RPC (ms; in-process, calls one after another, "
+          f"{len(costs['SQLite']['AddListing'].latencies_ms)} each):")
+    for rpc, what in (("SearchByImage", "read its 10 listings"),
+                      ("AddListing", "duplicate check, pending write + outbox, mark done, pending check")):
+        print(f"  {rpc:13s} ({what}): " + "; ".join(
+            f"{name} p50 {cost[rpc].percentile(50):.2f} p99 {cost[rpc].percentile(99):.2f}"
+            for name, cost in costs.items()))
     p99_ratios = {rpc: cells[rpc, "pg1"].percentile(99) / cells[rpc, "sqlite"].percentile(99)
                   for rpc in ("SearchByImage", "AddListing")}
     pg_vs_sqlite = max(p99_ratios.values())
@@ -677,6 +784,7 @@ def run_catalogue_comparison(args) -> int:
           f"(the embedder and shards are shared, on {os.cpu_count()} cores)")
     print(f"reconcile after the run: PostgreSQL catalogue {pg_count:,} listings; orphans {check.orphans}, "
           f"missing {check.missing}, pending {check.pending}")
+    print(f"picture: {draw_catalogue_latencies(cells).relative_to(REPO_ROOT)}")
     print(f"after: {load_line()}; total {time.perf_counter() - started:.0f} s")
     print(f"RESULT pg_vs_sqlite_p99={pg_vs_sqlite:.2f} two_gateways_vs_one_rps={two_vs_one:.2f} "
           f"orphans={orphans}")

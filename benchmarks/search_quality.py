@@ -13,15 +13,20 @@ query listing's (re-posts of the same item), which the plain number counts as hi
 
 Accuracy: the artefact's exported heads (`common.text.TextHead`) re-applied to the test split,
 listing level: image-only, text-only and text+image top-1 (this re-computes, from the files, what
-``training.text`` wrote to ``text_metrics.json``).
+``training.text`` wrote to ``text_metrics.json``); skipped, and left out of the RESULT line, for an
+artefact without text heads (the demo's exports only the vectors).
 
 SimilarListings (`benchmarks.similar_quality`, when the artefact exports image embeddings): the
-text weight of its photo + text fusion chosen on the valid split, then same-category precision@10
-of the test listings through the real services (started here on free loopback ports), fused and
-photos only, beside the same figures recomputed offline from the vectors.
+text weight of its photo + text fusion as chosen on the valid split (the artefact's
+``fusion_weights.json``, which the gateway reads from the embedder; chosen here when it has none),
+then same-category precision@10 of the test listings through the real services (started here on
+free loopback ports), fused and photos only, beside the same figures recomputed offline from the
+vectors. With the artefact's weights, also hybrid Search offline: a test listing's first photo +
+its title as the query (the listing itself excluded), same-category precision@10 with the
+artefact's search text weight, beside photo-only and title-only.
 
 The last line is ``RESULT text_top1=... fused_top1=... text_p_at_10=... [similar_p_at_10=...
-similar_photos_p_at_10=... similar_text_weight=...]``.
+similar_photos_p_at_10=... similar_text_weight=... [hybrid_p_at_10=... search_text_weight=...]]``.
 """
 from __future__ import annotations
 
@@ -34,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.text import TextHead, image_listing_log_probs, listing_text
 from common.artifact import (CARD_FILE, EMBEDDINGS_DIR, IMAGE_EMBEDDINGS_FILE, TEXT_CARD_FILE,
                              read_image_embeddings, read_text_embeddings)
 from common.prepared_data.frames import load_prepared
+from common.text import TextHead, image_listing_log_probs, listing_text
 from training.dataset import DEFAULT_OUT_DIR
 from training.text import (
     DEFAULT_CACHE_DIR,
@@ -159,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     listings, images, _ = load_prepared(args.data)
     split_of = listing_splits(images)
     ids, vectors = load_text_index(artifact)
-    missing = set(listings["product_id"]) - set(ids)
+    # training.text embeds every listing, the demo the photographed ones (the valid and test
+    # listings all are): the text index is what the artefact exports, the queries must be in it
+    missing = set(listings["product_id"][listings["product_id"].isin(split_of.index)]) - set(ids)
     if missing:
-        raise SystemExit(f"{len(missing)} listings have no text embedding in {artifact}; "
-                         "re-run training.text")
+        raise SystemExit(f"{len(missing)} photographed listings have no text embedding in "
+                         f"{artifact}; re-run training.text")
     test_rows = np.flatnonzero(listings["product_id"].map(split_of).eq("test").to_numpy())
     rng = np.random.default_rng(SEED)
     query_rows = np.sort(rng.choice(test_rows, size=min(args.queries, len(test_rows)),
@@ -170,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     search = search_quality(listings, ids, vectors, query_rows, args.cache)
     test_ids = listings["product_id"].to_numpy()[test_rows].tolist()
     text_vectors = dict(zip(ids, vectors))
-    acc = accuracy_rows(artifact, args.data, listings, images, test_ids, text_vectors, args.cache)
+    acc = None  # the category heads are training.text's; an artefact may export only the vectors
+    if (artifact / TEXT_CARD_FILE).is_file():
+        acc = accuracy_rows(artifact, args.data, listings, images, test_ids, text_vectors, args.cache)
 
     print(f"artefact: {artifact}")
     print(f"text index: {search['catalogue']} listings (faiss IndexFlatIP, all-MiniLM-L6-v2 of "
@@ -183,11 +192,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{search['p_at_k_no_near_duplicates']:8.1%}")
     print(f"{'category precision@1 (title query)':52s} {search['p_at_1']:8.1%}")
     print()
-    print(f"{'category top-1, test split, listing level':52s} {'':>8s}   ({acc['listings']} listings)")
-    for name in ("image", "text", "text+image"):
-        print(f"{'  ' + name:52s} {acc[name]:8.1%}")
-    print(f"  text = {' + '.join(acc['text_inputs'])} heads fused by {acc['text_fusion']}; "
-          f"text+image fused by {acc['fusion']} (both fit on the validation split)")
+    if acc is None:
+        print(f"category top-1: not measured, {artifact} has no text heads (`python -m training.text "
+              f"--artifact {artifact}` fits them)")
+    else:
+        print(f"{'category top-1, test split, listing level':52s} {'':>8s}   ({acc['listings']} listings)")
+        for name in ("image", "text", "text+image"):
+            print(f"{'  ' + name:52s} {acc[name]:8.1%}")
+        print(f"  text = {' + '.join(acc['text_inputs'])} heads fused by {acc['text_fusion']}; "
+              f"text+image fused by {acc['fusion']} (both fit on the validation split)")
     if not args.quick:
         by_cat: dict[str, list] = {}
         for q in search["queries"]:
@@ -229,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         similar = similar_listings_quality(
             artifact, args.data, listings, images, ids, vectors,
             listings["product_id"].to_numpy()[valid_rows].tolist(),
-            listings["product_id"].to_numpy()[query_rows].tolist())
+            listings["product_id"].to_numpy()[query_rows].tolist(), args.cache)
     if args.json:
         args.json.write_text(json.dumps({k: v for k, v in search.items() if k != "queries"}
                                         | {"top1": acc, "similar": similar}, indent=2, default=str) + "\n")
@@ -239,17 +252,26 @@ def main(argv: list[str] | None = None) -> int:
         extra = (f" similar_p_at_10={similar['services']['fused']:.4f} "
                  f"similar_photos_p_at_10={similar['services']['photos_only']:.4f} "
                  f"similar_text_weight={similar['text_weight']:.1f}")
-    print(f"RESULT text_top1={acc['text']:.4f} fused_top1={acc['text+image']:.4f} "
-          f"text_p_at_10={search['p_at_k']:.4f}{extra}")
+        if "search" in similar:
+            extra += (f" hybrid_p_at_10={similar['search']['fused']:.4f} "
+                      f"search_text_weight={similar['search']['text_weight']:.1f}")
+    top1 = "" if acc is None else f"text_top1={acc['text']:.4f} fused_top1={acc['text+image']:.4f} "
+    print(f"RESULT {top1}text_p_at_10={search['p_at_k']:.4f}{extra}")
     return 0
 
 
 def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, text_ids: list[str],
-                             text_vectors: np.ndarray, valid_ids: list[str], test_ids: list[str]) -> dict:
-    """SimilarListings same-category precision@10 (`benchmarks.similar_quality`): the text weight
-    chosen on valid listings offline, then the test listings through the real services, photos
-    only and fused, beside the offline recomputation of the same figures."""
+                             text_vectors: np.ndarray, valid_ids: list[str], test_ids: list[str],
+                             cache_dir: Path = DEFAULT_CACHE_DIR) -> dict:
+    """SimilarListings same-category precision@10 (`benchmarks.similar_quality`) with the text
+    weight the artefact's ``fusion_weights.json`` holds (chosen on valid by training; when the
+    artefact has none, chosen here on the valid listings offline), the test listings through the
+    real services (the gateway reading the weight from the embedder), photos only and fused, beside
+    the offline recomputation of the same figures; and hybrid Search (a test listing's first photo
+    + its title, itself excluded) offline with the artefact's search weight, beside photo-only and
+    text-only."""
     from benchmarks import similar_quality as SQ
+    from common.fusion_weights import FusionWeights, FusionWeightsMissing
 
     image_ids, image_vectors = read_image_embeddings(artifact)
     data = SQ.SimilarityData(listings, image_ids, image_vectors,
@@ -257,17 +279,41 @@ def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, t
     photographed = set(images["product_id"])
     valid_ids = [i for i in valid_ids if i in photographed]
     test_ids = [i for i in test_ids if i in photographed]
-    weight, curve = SQ.choose_weight(data, valid_ids)
-    offline = SQ.offline_precision(data, test_ids, (None, weight))
     print(f"\nSimilarListings, same-category precision@{SQ.K} (query: a listing; itself excluded)")
-    print("  text weight on the valid split (" + f"{len(valid_ids)} listings): "
-          + "  ".join(f"{w:.1f}:{p:.3f}" for w, p in curve.items()) + f"  -> chosen {weight:.1f}")
-    services = SQ.through_services(artifact, Path(data_dir), test_ids, weight)
+    try:
+        chosen = FusionWeights.load(artifact)  # a stale file is refused with the command to run
+    except FusionWeightsMissing:
+        chosen = None
+    if chosen is not None:
+        weight, served_weight, search_weight = chosen.similar_text_weight, None, chosen.search_text_weight
+        curve = {float(w): p for w, p in chosen.valid_curves["similar"].items()}
+        source = f"{artifact.name}/fusion_weights.json, {chosen.valid_queries} valid listings"
+    else:
+        weight, curve = SQ.choose_weight(data, valid_ids)
+        served_weight, search_weight = weight, None
+        source = f"chosen here: the artefact has no fusion_weights.json; {len(valid_ids)} valid listings"
+    print(f"  text weight on the valid split ({source}): "
+          + "  ".join(f"{w:.1f}:{p:.3f}" for w, p in curve.items()) + f"  -> {weight:.1f}")
+    offline = SQ.offline_precision(data, test_ids, (None, weight))
+    services = SQ.through_services(artifact, Path(data_dir), test_ids, served_weight)
     print(f"  {'test split, ' + str(len(test_ids)) + ' listings':40s} {'services':>9s} {'offline':>9s}")
     print(f"  {'photos only':40s} {services['photos_only']:9.3f} {offline[None]:9.3f}")
     print(f"  {f'photos + text (w = {weight:.1f})':40s} {services['fused']:9.3f} {offline[weight]:9.3f}")
-    return {"text_weight": weight, "valid_curve": {str(w): p for w, p in curve.items()},
-            "services": services, "offline": {"photos_only": offline[None], "fused": offline[weight]}}
+    result = {"text_weight": weight, "weight_from_artifact": chosen is not None,
+              "valid_curve": {str(w): p for w, p in curve.items()},
+              "services": services, "offline": {"photos_only": offline[None], "fused": offline[weight]}}
+    if search_weight is not None:
+        titles = dict(zip(listings["product_id"], listings["title"]))
+        vectors = embed_texts([listing_text(titles[i]) for i in test_ids], cache_dir=cache_dir)
+        hybrid = SQ.search_precision(data, test_ids, dict(zip(test_ids, vectors)), (0.0, search_weight, 1.0))
+        print(f"\nhybrid Search, same-category precision@{SQ.K} (query: a test listing's first photo + "
+              f"its title; itself excluded), offline, {len(test_ids)} listings")
+        print(f"  {'photo only (w = 0)':40s} {hybrid[0.0]:9.3f}")
+        print(f"  {'title only (w = 1)':40s} {hybrid[1.0]:9.3f}")
+        print(f"  {f'photo + title (w = {search_weight:.1f}, artefact)':40s} {hybrid[search_weight]:9.3f}")
+        result["search"] = {"text_weight": search_weight, "photo_only": hybrid[0.0],
+                            "text_only": hybrid[1.0], "fused": hybrid[search_weight]}
+    return result
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Layout (one writer per file)::
     text_card.json, text_head.safetensors, text_vocab.json, text_finetuned.safetensors
                                                                           common.text.TextHead.save
     text_metrics.json, text_finetune_curve.png                            training.text
+    fusion_weights.json, fusion_weights.png                               common.fusion_weights
     embeddings/text_embeddings.npy    float32 (L, 384), one row a listing write_text_embeddings
     embeddings/text_ids.json          [listing id, ...] in the same order write_text_embeddings
 """
@@ -50,6 +51,9 @@ TEXT_VOCAB_FILE = "text_vocab.json"
 TEXT_FINETUNED_FILE = "text_finetuned.safetensors"
 TEXT_METRICS_FILE = "text_metrics.json"
 TEXT_FINETUNE_CURVE_FILE = "text_finetune_curve.png"
+#: The gateway's default fusion weights chosen on valid (`common.fusion_weights`) and their curves.
+FUSION_WEIGHTS_FILE = "fusion_weights.json"
+FUSION_WEIGHTS_PLOT_FILE = "fusion_weights.png"
 
 EMBEDDINGS_DIR = "embeddings"
 IMAGE_EMBEDDINGS_FILE = "image_embeddings.npy"

@@ -91,6 +91,26 @@ def embed_listing_text(artifact_dir: Path) -> None:
     write_text_embeddings(artifact_dir, listings.product_id.tolist(), vectors)
     out = artifact_dir / EMBEDDINGS_DIR
     print(f"    {len(listings):,} listing texts embedded ({vectors.shape[1]}-d) -> {out.relative_to(REPO)}")
+    choose_fusion_weights(artifact_dir, listings.product_id.tolist(), vectors)
+
+
+def choose_fusion_weights(artifact_dir: Path, text_ids: list[str], text_vectors) -> None:
+    """The gateway's default text weights (hybrid Search, SimilarListings), chosen on the valid
+    split for this image model (`training.fusion_weights`), unless the artefact has them already."""
+    from common.fusion_weights import FusionWeights, FusionWeightsError
+    from training import fusion_weights
+
+    try:
+        weights = FusionWeights.load(artifact_dir)
+        state = "reused (same image model)"
+    except FusionWeightsError:
+        weights = fusion_weights.fit(PREPARED, artifact_dir, artifact_dir, text_ids=text_ids,
+                                     text_vectors=text_vectors)
+        state = "chosen on valid"
+    if weights is not None:
+        print(f"    fusion weights {state}: hybrid Search text weight {weights.search_text_weight:.1f}, "
+              f"SimilarListings {weights.similar_text_weight:.1f} -> "
+              f"{(artifact_dir / 'fusion_weights.json').relative_to(REPO)}")
 
 
 def load_catalogue(db_path: Path) -> None:
@@ -261,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     stages.start(f"train (preset {args.preset})")
     artifact_dir = train_model(args.preset)
     stages.done()
-    stages.start("embed listing text (title + description) with MiniLM")
+    stages.start("embed listing text (title + description) with MiniLM; fusion weights on valid")
     embed_listing_text(artifact_dir)
     stages.done()
     stages.start("load the listing catalogue")

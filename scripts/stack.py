@@ -19,7 +19,9 @@ are linked into it on every ``up``. ``up`` ends by printing the page's address (
 ``--db postgres`` (``make up DB=postgres``) starts a PostgreSQL server from the machine's
 packages with its data in ``run/postgres/`` (port ``POSTGRES_PORT``, 50057), keeps the catalogue
 in its database ``catalogue`` and starts two gateway replicas on it (``GATEWAY_PORT`` and
-``GATEWAY2_PORT``, 50050 and 50056): a listing added through one is served by the other.
+``GATEWAY2_PORT``, 50050 and 50056): a listing added through one is served by the other. The
+edge is given both (``GATEWAY_ADDR=ipv4:127.0.0.1:50050,127.0.0.1:50056``) and spreads its calls
+over them with gRPC's round_robin, so it keeps serving while either replica is down.
 """
 from __future__ import annotations
 
@@ -169,6 +171,13 @@ def stack_env(run_dir: Path, ports: dict[str, int], artifact_dir: Path | None = 
     return env
 
 
+def gateway_target(ports: list[int]) -> str:
+    """The gRPC target of the local gateway replicas: ``127.0.0.1:p`` for one, else
+    ``ipv4:127.0.0.1:p1,127.0.0.1:p2`` (a client with round_robin uses every address)."""
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+
+
 def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0, *,
        gateways: int = 1) -> dict[str, ServiceProcess]:
     """Start indexer, embedder, gateway (``gateways`` replicas of it, on one shared catalogue) and
@@ -179,17 +188,23 @@ def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
     full_env = {**stack_env(run_dir, ports), **(env or {})}
     started: dict[str, ServiceProcess] = {}
     replicas = list(GATEWAY_REPLICAS.items())[:max(0, gateways - 1)]
+    # the edge reaches every gateway replica (gRPC round_robin over the list), so it keeps
+    # serving while one of them is down
+    edge_env = {**full_env, "GATEWAY_ADDR": gateway_target(
+        [ports["gateway"], *(int(os.environ.get(variable, default)) for _, (variable, default) in replicas)])}
     try:
         for name in SERVICES:
-            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log", full_env,
+            if name == "web":  # last: after every gateway replica
+                for key, (variable, default) in replicas:
+                    proc = spawn("gateway", int(os.environ.get(variable, default)),
+                                 run_dir / "logs" / f"{key}.log", full_env)
+                    (run_dir / f"{key}.pid").write_text(str(proc.process.pid))
+                    started[key] = proc
+            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log",
+                         edge_env if name == "web" else full_env,
                          metrics_port=metrics_ports.get(name, 0))
             (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
             started[name] = proc
-        for key, (variable, default) in replicas:
-            proc = spawn("gateway", int(os.environ.get(variable, default)),
-                         run_dir / "logs" / f"{key}.log", full_env)
-            (run_dir / f"{key}.pid").write_text(str(proc.process.pid))
-            started[key] = proc
         for proc in started.values():
             wait_ready(proc, timeout)
     except Exception:

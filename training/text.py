@@ -36,6 +36,9 @@ of ``images.csv``, which are grouped by listing and by shared photo, so nothing 
    ``text_metrics.json``, and ``embeddings/text_embeddings.npy`` (float32, N x 384) +
    ``embeddings/text_ids.json`` (listing ids, same order: every listing in listings.csv) for the
    indexer's "text" collection.
+6. The gateway's default fusion weights (hybrid Search and SimilarListings text weights), chosen
+   on the valid split for this image model by `training.fusion_weights` when the artefact exports
+   image embeddings: ``fusion_weights.json`` + ``fusion_weights.png`` (the valid curves).
 """
 from __future__ import annotations
 
@@ -543,7 +546,17 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
         "test_per_class": per_class,
     }
 
+    # 6. the gateway's default fusion weights, chosen on valid for this image model
+    from training import fusion_weights
+
     out_dir = Path(out_dir)
+    chosen_weights = fusion_weights.fit(data_dir, artifact_dir, out_dir, cache_dir=cache_dir,
+                                        listings=listings, images=images,
+                                        text_ids=listings["product_id"].tolist(), text_vectors=embeddings)
+    metrics["fusion_weights"] = None if chosen_weights is None else {
+        "search_text_weight": chosen_weights.search_text_weight,
+        "similar_text_weight": chosen_weights.similar_text_weight,
+        "valid_queries": chosen_weights.valid_queries, "valid_curves": chosen_weights.valid_curves}
     extra_card = {}
     if finetuned is not None:
         extra_card["finetuned"] = {k: v for k, v in metrics["finetuned"].items() if k != "history"}
@@ -598,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"text+image fusion: {metrics['fusions']['text+image']['name']} "
           f"{metrics['fusions']['text+image']['params']}; text heads trained on "
           f"{metrics['text_heads_exported']}")
+    if metrics.get("fusion_weights"):
+        print(f"gateway fusion weights chosen on valid: search_text_weight="
+              f"{metrics['fusion_weights']['search_text_weight']:.1f} similar_text_weight="
+              f"{metrics['fusion_weights']['similar_text_weight']:.1f}")
     return 0
 
 

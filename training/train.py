@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common.artifact import CARD_FILE, TEXT_CARD_FILE, artifact_complete
+from common.artifact import CARD_FILE, FUSION_WEIGHTS_FILE, TEXT_CARD_FILE, artifact_complete
 from common.backbones import get_backbone
 from common.model import ListingModel
 from training.config import PRESETS, TrainConfig, load_config, parse_override, preset
@@ -628,15 +628,19 @@ def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
     if text == "yes" or (text == "auto" and had_text_heads):
         card["text_refit"] = refit_text_heads(Path(data_dir), Path(out_dir))
     elif had_text_heads:
-        log.warning("the text heads in %s were fit for the previous image model and will be refused at "
-                    "load; refit them with `python -m training.text --data %s --artifact %s`",
-                    out_dir, data_dir, out_dir)
+        log.warning("the text heads and fusion weights in %s were fit for the previous image model and "
+                    "will be refused at load; refit them with `python -m training.text --data %s "
+                    "--artifact %s`", out_dir, data_dir, out_dir)
+    elif (Path(out_dir) / FUSION_WEIGHTS_FILE).is_file():
+        log.warning("the fusion weights in %s were chosen for the previous image model and will be "
+                    "refused at load; choose them again with `python -m training.fusion_weights "
+                    "--data %s --artifact %s`", out_dir, data_dir, out_dir)
     return card
 
 
 def refit_text_heads(data_dir: Path, artifact_dir: Path) -> dict:
-    """Refit the text heads and the text+image fusion on the artefact's new image model
-    (`training.text.run`); returns its test top-1 figures."""
+    """Refit the text heads, the text+image fusion and the gateway's fusion weights on the
+    artefact's new image model (`training.text.run`); returns its test top-1 figures."""
     from training import text as text_training
 
     log.info("refitting the text heads and fusion weights for the new image model in %s", artifact_dir)

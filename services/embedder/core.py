@@ -5,6 +5,11 @@ Decoding and preprocessing run on a small thread pool (in parallel, off the mode
 decoded tensors go to the dynamic batcher, whose single worker thread owns the model. The gRPC
 servicer is a thin shell around ``Embedder``; tests and benchmarks can use it in-process.
 
+The artefact's ``fusion_weights.json`` (`common.fusion_weights`: the text weights of hybrid Search
+and SimilarListings chosen on the valid split for this image model) is read at load and reported
+in GetModelInfo, so the gateway takes its defaults from the model it is served with; a file
+chosen for another image model is refused (not served, a warning naming the command to run).
+
 Text (``embed_text``, the EmbedText RPC) is optional (``EMBEDDER_TEXT_MODEL``): the
 all-MiniLM-L6-v2 `common.text.TextEncoder`. Requests go through the same limits as images (at
 most ``max_batch`` texts, none empty or longer than ``max_text_chars``; INVALID_ARGUMENT naming
@@ -23,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common.fusion_weights import FusionWeights, FusionWeightsError, FusionWeightsMissing
 from common.images import ImageError
 from common.model import ArtifactError
 from common.text import TextEncoder
@@ -88,6 +94,25 @@ def load_text_model(mode: str) -> tuple[TextEncoder | None, str]:
     return encoder, ""
 
 
+def load_fusion_weights(artifact_dir, model_version: str) -> tuple[FusionWeights | None, str]:
+    """The artefact's fusion weights (the gateway's defaults) for the loaded image model and, when
+    there are none to serve, why: a missing file is normal (an artefact without text heads); one
+    chosen for another image model is refused and logged with the command that refits it."""
+    try:
+        weights = FusionWeights.load(artifact_dir, image_model_version=model_version)
+    except FusionWeightsMissing as exc:
+        log.info("no fusion weights to serve: %s", exc)
+        return None, str(exc)
+    except FusionWeightsError as exc:
+        log.warning("fusion weights refused: %s", exc)
+        return None, str(exc)
+    log.info("fusion weights loaded", extra={"fields": {
+        "search_text_weight": weights.search_text_weight,
+        "similar_text_weight": weights.similar_text_weight, "chosen_on": weights.chosen_on,
+        "image_model_version": weights.image_model_version}})
+    return weights, ""
+
+
 @dataclass(frozen=True)
 class Classification:
     """Top categories (name, probability), best first, and the embedding when asked for."""
@@ -103,8 +128,14 @@ class Embedder:
                  max_wait_ms: float = 5.0, decode_threads: int = 2,
                  torch_threads: int | None = None, model_workers: int = 1, text_encoder: TextEncoder | None = None,
                  max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
-                 text_unavailable_reason: str = "") -> None:
+                 text_unavailable_reason: str = "",
+                 fusion_weights: FusionWeights | None = None,
+                 fusion_weights_problem: str = "") -> None:
         self.model = model
+        #: The artefact's fusion weights (reported in GetModelInfo), or None and the reason.
+        self.fusion_weights = fusion_weights
+        self.fusion_weights_problem = "" if fusion_weights is not None else (
+            fusion_weights_problem or "no fusion weights were given")
         self.max_batch = max_batch
         #: The text model, or None when EmbedText is not served (``text_unavailable_reason`` why).
         self.text = text_encoder
@@ -148,11 +179,13 @@ class Embedder:
             "folded_batch_norms": model.folded_batch_norms, "batch_size": config.batch_size,
             "max_wait_ms": config.max_wait_ms}})
         text, why_not = load_text_model(config.text_model)  # after the image model: it is required
+        fusion, fusion_problem = load_fusion_weights(config.artifact_dir, model.version)
         return cls(model, max_batch=config.max_batch, batch_size=config.batch_size,
                    max_wait_ms=config.max_wait_ms, decode_threads=config.resolved_decode_threads,
                    torch_threads=config.resolved_torch_threads,
                    model_workers=config.resolved_model_workers, text_encoder=text,
-                   max_text_chars=config.max_text_chars, text_unavailable_reason=why_not)
+                   max_text_chars=config.max_text_chars, text_unavailable_reason=why_not,
+                   fusion_weights=fusion, fusion_weights_problem=fusion_problem)
 
     @property
     def modalities(self) -> list[str]:

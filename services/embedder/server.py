@@ -10,6 +10,7 @@ import grpc
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
+from common.artifact import FUSION_WEIGHTS_FILE
 from common.security import server_credentials
 from common.serving import Server, create_server, serve_until_signal
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
@@ -64,14 +65,21 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                                               text_model=self.core.text.name)
 
     def GetModelInfo(self, request, context):
-        model, text = self.core.model, self.core.text
-        return embedder_pb2.ModelInfo(
+        model, text, fusion = self.core.model, self.core.text, self.core.fusion_weights
+        info = embedder_pb2.ModelInfo(
             backbone=model.backbone, embedding_dim=model.embedding_dim,
             categories=model.categories, model_version=model.version,
             input_size=model.input_size, modalities=self.core.modalities,
             text_embedding_dim=text.dim if text is not None else 0,
             text_model=text.name if text is not None else "", max_batch=self.config.max_batch,
-            max_image_bytes=self.config.max_image_bytes)
+            max_image_bytes=self.config.max_image_bytes,
+            fusion_weights_problem=self.core.fusion_weights_problem)
+        if fusion is not None:
+            info.fusion_weights.CopyFrom(embedder_pb2.FusionWeights(
+                search_text_weight=fusion.search_text_weight,
+                similar_text_weight=fusion.similar_text_weight, chosen_on=fusion.chosen_on,
+                source=f"{FUSION_WEIGHTS_FILE} of {fusion.image_model_version}"))
+        return info
 
 
 class _status:

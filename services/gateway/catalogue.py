@@ -117,6 +117,8 @@ LIVE, PENDING = "live", "pending"
 #: from the one shard it names (reconcile: vectors on a shard that does not own them).
 UPSERT, DELETE, PURGE = "upsert", "delete", "purge"
 _LISTING_COLUMNS = "id, title, description, category, main_category, price, currency, location"
+#: The same, of ``listings l`` in a join.
+_L_COLUMNS = ", ".join(f"l.{name.strip()}" for name in _LISTING_COLUMNS.split(","))
 
 
 class CatalogueError(DatabaseError):
@@ -176,6 +178,9 @@ class OutboxEntry:
     attempts: int = 0
     listing: Listing | None = None
     vectors: tuple[StoredVector, ...] = field(default=())
+    #: Who holds the entry's lease ("" for none): an entry written with a lease is pushed by the
+    #: request that wrote it without another transaction to claim it.
+    lease_holder: str = ""
 
 
 @dataclass(frozen=True)
@@ -207,15 +212,17 @@ class Catalogue:
 
     @classmethod
     def open(cls, target: str | Path, *, max_connections: int = 16,
-             connect_timeout_s: float = 5.0) -> "Catalogue":
+             connect_timeout_s: float = 5.0, min_connections: int = 1) -> "Catalogue":
         """Open ``GATEWAY_DB`` (a path, ``sqlite:///path`` or ``postgresql://...``; a SQLite file
         and its folder are created if needed) and migrate it to `SCHEMA_VERSION`.
 
         CatalogueError for an unusable value or database, CatalogueUnavailable when a database
-        server cannot be reached."""
+        server cannot be reached. PostgreSQL: a pool of ``max_connections``, ``min_connections``
+        of them opened at once (a server passes its full size)."""
         try:
             database = open_database(target, max_connections=max_connections,
-                                     connect_timeout_s=connect_timeout_s)
+                                     connect_timeout_s=connect_timeout_s,
+                                     min_connections=min_connections)
         except DatabaseUnavailable as exc:
             raise CatalogueUnavailable(str(exc)) from None
         except DatabaseError as exc:
@@ -248,6 +255,13 @@ class Catalogue:
     def _tx(self):
         """A transaction whose database errors are catalogue errors."""
         return _translated(self._db.transaction())
+
+    def _query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """One read statement, outside an explicit transaction (PostgreSQL: one round trip)."""
+        try:
+            return self._db.query(sql, params)
+        except DatabaseError as exc:
+            raise _catalogue_error(exc) from None
 
     @property
     def schema_version(self) -> int:
@@ -295,19 +309,14 @@ class Catalogue:
         ids = list(dict.fromkeys(listing_ids))
         if not ids:
             return {}
+        state = "" if include_pending else " AND l.state = 'live'"
         rows: list[tuple] = []
-        images: dict[str, list[str]] = {}
-        state = "" if include_pending else " AND state = 'live'"
-        with self._tx() as tx:
-            for chunk in _chunks(ids):
-                marks = _marks(len(chunk))
-                rows += tx.execute(f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id IN ({marks}){state}",
-                                   chunk).fetchall()
-                for image_id, listing_id in tx.execute(
-                        f"SELECT image_id, listing_id FROM listing_images WHERE listing_id IN ({marks}) "
-                        "ORDER BY listing_id, position", chunk).fetchall():
-                    images.setdefault(listing_id, []).append(image_id)
-        return {row[0]: Listing(*row, image_ids=tuple(images.get(row[0], ()))) for row in rows}
+        for chunk in _chunks(ids):  # one statement (one round trip) per chunk
+            rows += self._query(
+                f"SELECT {_L_COLUMNS}, i.image_id FROM listings l LEFT JOIN listing_images i "
+                f"ON i.listing_id = l.id WHERE l.id IN ({_marks(len(chunk))}){state} "
+                "ORDER BY l.id, i.position", chunk)
+        return _listings_with_images(rows)
 
     def listing_ids(self, *, include_pending: bool = False) -> list[str]:
         state = "" if include_pending else " WHERE state = 'live'"
@@ -358,10 +367,13 @@ class Catalogue:
             raise DuplicateListing(f"listing {listing.id} or one of its image ids is already "
                                    f"in the catalogue ({exc})") from None
 
-    def add_pending(self, listing: Listing, vectors: Sequence[StoredVector], shard: int) -> OutboxEntry:
+    def add_pending(self, listing: Listing, vectors: Sequence[StoredVector], shard: int, *,
+                    lease_holder: str = "", lease_s: float = 0.0) -> OutboxEntry:
         """AddListing's one transaction: the listing (``pending``), its photos, its vectors and the
         outbox entry that will push them to ``shard``. DuplicateListing if the listing id or an
-        image id exists (nothing written)."""
+        image id exists (nothing written). With ``lease_holder`` the entry is written already
+        held by it for ``lease_s`` (when it is first in line for its listing, as `claim` would
+        take it), and carries the listing and vectors, so the caller pushes it at once."""
         write_id = uuid.uuid4().hex
         now = time.time()
         item_ids: dict[str, list[str]] = {}
@@ -375,11 +387,17 @@ class Catalogue:
                     "VALUES (?, ?, ?, ?, ?)",
                     [(v.collection, v.item_id, listing.id, n,
                       np.asarray(v.vector, dtype="<f4").tobytes()) for n, v in enumerate(vectors)])
-                seq = _enqueue(tx, listing.id, write_id, shard, UPSERT, item_ids, now)
+                seq, holder = _enqueue(tx, listing.id, write_id, shard, UPSERT, item_ids, now,
+                                       lease_holder=lease_holder, lease_s=lease_s)
         except UniqueViolation as exc:
             raise DuplicateListing(f"listing {listing.id} or one of its image ids is already "
                                    f"in the catalogue ({exc})") from None
-        return OutboxEntry(seq, listing.id, write_id, shard, UPSERT, item_ids)
+        if not holder:
+            return OutboxEntry(seq, listing.id, write_id, shard, UPSERT, item_ids)
+        as_stored = tuple(StoredVector(v.collection, v.item_id, np.asarray(v.vector, dtype="<f4"))
+                          for v in vectors)  # exactly what `claim` would read back
+        return OutboxEntry(seq, listing.id, write_id, shard, UPSERT, item_ids, 0, listing,
+                           as_stored, holder)
 
     def remove(self, listing_id: str) -> Listing | None:
         """Delete a listing and its image ids (no index write queued); returns what was removed."""
@@ -389,8 +407,8 @@ class Catalogue:
                 tx.execute("DELETE FROM listings WHERE id = ?", (listing_id,))
         return listing
 
-    def remove_queued(self, listing_id: str, shard: int, *,
-                      text_collection: str = "text") -> tuple[Listing, OutboxEntry] | None:
+    def remove_queued(self, listing_id: str, shard: int, *, text_collection: str = "text",
+                      lease_holder: str = "", lease_s: float = 0.0) -> tuple[Listing, OutboxEntry] | None:
         """RemoveListing's one transaction: delete the listing (with its photos and vectors;
         pending or live) and queue the deletion of its photo and text vectors on ``shard``, after
         any write of it still queued. None if no listing has that id."""
@@ -401,14 +419,15 @@ class Catalogue:
                 return None
             item_ids = {"image": list(listing.image_ids), text_collection: [listing_id]}
             tx.execute("DELETE FROM listings WHERE id = ?", (listing_id,))
-            seq = _enqueue(tx, listing_id, "", shard, DELETE, item_ids, now)
-        return listing, OutboxEntry(seq, listing_id, "", shard, DELETE, item_ids)
+            seq, holder = _enqueue(tx, listing_id, "", shard, DELETE, item_ids, now,
+                                   lease_holder=lease_holder, lease_s=lease_s)
+        return listing, OutboxEntry(seq, listing_id, "", shard, DELETE, item_ids, lease_holder=holder)
 
     def queue_delete(self, listing_id: str, shard: int, item_ids: dict[str, list[str]]) -> int:
         """Queue the deletion of index items from ``shard`` exactly (reconcile: vectors without a
         listing, or on a shard that does not own them)."""
         with self._tx() as tx:
-            return _enqueue(tx, listing_id, "", shard, PURGE, item_ids, time.time())
+            return _enqueue(tx, listing_id, "", shard, PURGE, item_ids, time.time())[0]
 
     def queue_upsert(self, listing_id: str, shard: int) -> int | None:
         """Queue re-pushing a listing's stored vectors (reconcile: listings without vectors);
@@ -422,7 +441,7 @@ class Catalogue:
             item_ids: dict[str, list[str]] = {}
             for collection, item_id in stored:
                 item_ids.setdefault(collection, []).append(item_id)
-            return _enqueue(tx, listing_id, row[0], shard, UPSERT, item_ids, time.time())
+            return _enqueue(tx, listing_id, row[0], shard, UPSERT, item_ids, time.time())[0]
 
     # ------------------------------------------------------------------ outbox
 
@@ -436,18 +455,16 @@ class Catalogue:
         """`due_outbox` with each entry's shard: [(seq, shard)]."""
         where = " AND o.listing_id = ?" if listing_id is not None else ""
         params: tuple = (now, now) + ((listing_id,) if listing_id is not None else ()) + (limit,)
-        with self._tx() as tx:
-            return [(int(row[0]), int(row[1])) for row in tx.execute(
-                "SELECT o.seq, o.shard FROM outbox o WHERE o.next_attempt_at <= ? AND o.lease_until < ?"
-                f"{where} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = o.listing_id "
-                "AND e.seq < o.seq) ORDER BY o.seq LIMIT ?", params).fetchall()]
+        return [(int(row[0]), int(row[1])) for row in self._query(
+            "SELECT o.seq, o.shard FROM outbox o WHERE o.next_attempt_at <= ? AND o.lease_until < ?"
+            f"{where} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = o.listing_id "
+            "AND e.seq < o.seq) ORDER BY o.seq LIMIT ?", params)]
 
     def pending_outbox(self, listing_id: str | None = None) -> list[int]:
-        with self._tx() as tx:
-            if listing_id is None:
-                return [int(r[0]) for r in tx.execute("SELECT seq FROM outbox ORDER BY seq").fetchall()]
-            return [int(r[0]) for r in tx.execute("SELECT seq FROM outbox WHERE listing_id = ? "
-                                                  "ORDER BY seq", (listing_id,)).fetchall()]
+        if listing_id is None:
+            return [int(r[0]) for r in self._query("SELECT seq FROM outbox ORDER BY seq")]
+        return [int(r[0]) for r in self._query("SELECT seq FROM outbox WHERE listing_id = ? ORDER BY seq",
+                                               (listing_id,))]
 
     def pending_listing_ids(self) -> set[str]:
         with self._tx() as tx:
@@ -460,20 +477,20 @@ class Catalogue:
         backoff = "" if ignore_backoff else " AND next_attempt_at <= ?"
         params: tuple = (holder, now + lease_s, seq, now) + (() if ignore_backoff else (now,))
         with self._tx() as tx:
-            claimed = tx.execute(
+            row = tx.execute(
                 "UPDATE outbox SET lease_holder = ?, lease_until = ? WHERE seq = ? AND lease_until < ?"
                 f"{backoff} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = outbox.listing_id "
-                "AND e.seq < outbox.seq)", params).rowcount
-            if claimed != 1:
+                "AND e.seq < outbox.seq) RETURNING seq, listing_id, write_id, shard, op, item_ids, attempts",
+                params).fetchone()
+            if row is None:
                 return None
-            row = tx.execute("SELECT seq, listing_id, write_id, shard, op, item_ids, attempts FROM outbox "
-                             "WHERE seq = ?", (seq,)).fetchone()
             seq, listing_id, write_id, shard, op, item_ids, attempts = row
             listing = None
             vectors: list[StoredVector] = []
             if op == UPSERT:
-                listing = _read_listing(tx, listing_id, include_pending=True)
-                if listing is not None and _write_id(tx, listing_id) == write_id:
+                found = _read_listing_and_write_id(tx, listing_id, include_pending=True)
+                listing = None if found is None else found[0]
+                if found is not None and found[1] == write_id:
                     for collection, item_id, blob in tx.execute(
                             "SELECT collection, item_id, vector FROM listing_vectors WHERE listing_id = ? "
                             "ORDER BY collection, position", (listing_id,)).fetchall():
@@ -482,7 +499,7 @@ class Catalogue:
                 else:
                     listing = None  # removed (or removed and added again) since: nothing to push
         return OutboxEntry(int(seq), listing_id, write_id, int(shard), op, json.loads(item_ids),
-                           int(attempts), listing, tuple(vectors))
+                           int(attempts), listing, tuple(vectors), holder)
 
     def complete(self, entry: OutboxEntry) -> None:
         """The shard acknowledged ``entry``: drop it, and an upsert makes its listing live."""
@@ -500,8 +517,9 @@ class Catalogue:
             changed = tx.execute(
                 "UPDATE outbox SET op = ?, write_id = '', lease_holder = '', lease_until = 0, "
                 "attempts = 0, next_attempt_at = 0, last_error = ? WHERE seq = ? AND op = ? "
-                "AND lease_holder = ?", (DELETE, error[:1000], entry.seq, UPSERT, holder)).rowcount
-            if changed != 1:
+                "AND lease_holder = ? RETURNING seq",
+                (DELETE, error[:1000], entry.seq, UPSERT, holder)).fetchone()
+            if changed is None:
                 return False
             tx.execute("DELETE FROM listings WHERE id = ? AND write_id = ?", (entry.listing_id, entry.write_id))
         return True
@@ -595,27 +613,51 @@ def _insert_many(tx: Transaction, records: Sequence[tuple[Listing, str]], create
         [(image_id, l.id, position) for l, _ in records for position, image_id in enumerate(l.image_ids)])
 
 
-def _read_listing(tx: Transaction, listing_id: str, *, include_pending: bool) -> Listing | None:
-    state = "" if include_pending else " AND state = 'live'"
-    row = tx.execute(f"SELECT {_LISTING_COLUMNS} FROM listings WHERE id = ?{state}", (listing_id,)).fetchone()
-    if row is None:
+def _listings_with_images(rows: Sequence[tuple]) -> dict[str, Listing]:
+    """Rows of (listing columns..., image id or NULL), ordered by listing and photo position ->
+    listings by id."""
+    columns: dict[str, tuple] = {}
+    images: dict[str, list[str]] = {}
+    for *listing, image_id in rows:
+        columns.setdefault(listing[0], tuple(listing))
+        if image_id is not None:
+            images.setdefault(listing[0], []).append(image_id)
+    return {i: Listing(*row, image_ids=tuple(images.get(i, ()))) for i, row in columns.items()}
+
+
+def _read_listing_and_write_id(tx: Transaction, listing_id: str, *,
+                               include_pending: bool) -> tuple[Listing, str] | None:
+    """A listing with its photos and its ``write_id``, in one statement."""
+    state = "" if include_pending else " AND l.state = 'live'"
+    rows = tx.execute(f"SELECT l.write_id, {_L_COLUMNS}, i.image_id FROM listings l LEFT JOIN "
+                      f"listing_images i ON i.listing_id = l.id WHERE l.id = ?{state} ORDER BY i.position",
+                      (listing_id,)).fetchall()
+    if not rows:
         return None
-    images = tx.execute("SELECT image_id FROM listing_images WHERE listing_id = ? ORDER BY position",
-                        (listing_id,)).fetchall()
-    return Listing(*row, image_ids=tuple(r[0] for r in images))
+    return _listings_with_images([row[1:] for row in rows])[listing_id], rows[0][0]
 
 
-def _write_id(tx: Transaction, listing_id: str) -> str | None:
-    row = tx.execute("SELECT write_id FROM listings WHERE id = ?", (listing_id,)).fetchone()
-    return None if row is None else row[0]
+def _read_listing(tx: Transaction, listing_id: str, *, include_pending: bool) -> Listing | None:
+    found = _read_listing_and_write_id(tx, listing_id, include_pending=include_pending)
+    return None if found is None else found[0]
 
 
 def _enqueue(tx: Transaction, listing_id: str, write_id: str, shard: int, op: str,
-             item_ids: dict[str, list[str]], now: float) -> int:
-    row = tx.execute("INSERT INTO outbox (listing_id, write_id, shard, op, item_ids, created_at) "
-                     "VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
-                     (listing_id, write_id, shard, op, json.dumps(item_ids), now)).fetchone()
-    return int(row[0])
+             item_ids: dict[str, list[str]], now: float, *, lease_holder: str = "",
+             lease_s: float = 0.0) -> tuple[int, str]:
+    """Queue an entry; returns (seq, its lease holder). With ``lease_holder`` the entry is born
+    held by it, but only when no earlier entry of the listing is queued (entries of one listing
+    apply in order). The check runs after the statements that wrote the listing row, so on
+    PostgreSQL it sees every entry of a transaction that touched the same row before this one."""
+    if lease_holder and tx.execute("SELECT 1 FROM outbox WHERE listing_id = ? LIMIT 1",
+                                   (listing_id,)).fetchone() is not None:
+        lease_holder = ""
+    lease_until = now + lease_s if lease_holder else 0.0
+    row = tx.execute("INSERT INTO outbox (listing_id, write_id, shard, op, item_ids, created_at, "
+                     "lease_holder, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                     (listing_id, write_id, shard, op, json.dumps(item_ids), now, lease_holder,
+                      lease_until)).fetchone()
+    return int(row[0]), lease_holder
 
 
 class _translated:

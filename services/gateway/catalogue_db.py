@@ -13,8 +13,9 @@ is written once (SQL with ``?`` placeholders; PostgreSQL's driver gets them as `
 * ``transaction()``: a context manager yielding a `Transaction` (``execute``, ``executemany``,
   ``fetchall``...) that commits on success and rolls back on any error. SQLite starts it with
   ``BEGIN IMMEDIATE`` (writers queue instead of failing on lock upgrade); PostgreSQL runs at READ
-  COMMITTED on a pooled connection (psycopg 3 + psycopg-pool, connections checked on checkout so
-  a restarted server is used again without restarting the gateway).
+  COMMITTED on a pooled connection (psycopg 3 + psycopg-pool).
+* ``query(sql, params)``: one read statement outside any explicit transaction (PostgreSQL: one
+  round trip, no BEGIN/COMMIT; at READ COMMITTED a statement sees one snapshot either way).
 * ``migration_lock(tx)``: what makes two gateways starting at once migrate one after the other:
   a transaction-scoped advisory lock on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already is one.
 * ``schema_version(tx)`` / ``set_schema_version(tx, v)``: SQLite's ``PRAGMA user_version`` (as
@@ -23,6 +24,16 @@ is written once (SQL with ``?`` placeholders; PostgreSQL's driver gets them as `
 * Errors are classified here so nothing above knows a driver: a unique-key violation becomes
   `UniqueViolation`, a lost or unreachable server `DatabaseUnavailable` naming the database (with
   its password masked).
+
+PostgreSQL round trips are what a request pays for (each one a wake-up of the server's backend
+process), so a server's pool is opened at its full size at start (no connection is set up while a
+request waits) and a connection is not probed on checkout: a transaction's own ``BEGIN`` (or a
+read's statement) is the probe. When it fails on a connection the server dropped (it restarted),
+every idle connection is checked, the dead ones replaced, and the statement tried once more on a
+fresh one (nothing had been done on the dead connection), so a restarted server is used again
+without restarting the gateway and without failing requests on stale connections. Write
+transactions run in pipeline mode: statements whose results are not read go out without waiting
+(AddListing's inserts and COMMIT in one round trip).
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -113,22 +124,31 @@ def mask_password(url: str) -> str:
 
 
 class Transaction:
-    """A cursor inside one open transaction; statements use ``?`` placeholders."""
+    """Statements inside one open transaction; ``?`` placeholders. ``fetch*`` and ``rowcount``
+    are those of the last statement. With ``new_cursor`` every statement runs on a cursor of its
+    own (PostgreSQL's pipeline mode: a cursor reused before its results arrived would collect the
+    results of several statements)."""
 
-    def __init__(self, cursor, placeholder: str) -> None:
+    def __init__(self, cursor, placeholder: str, new_cursor=None) -> None:
         self._cursor = cursor
         self._placeholder = placeholder
+        self._new_cursor = new_cursor
 
     def _sql(self, sql: str) -> str:
         return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
 
+    def _next_cursor(self):
+        if self._new_cursor is not None:
+            self._cursor = self._new_cursor()
+        return self._cursor
+
     def execute(self, sql: str, params: Sequence = ()) -> "Transaction":
-        self._cursor.execute(self._sql(sql), tuple(params))
+        self._next_cursor().execute(self._sql(sql), tuple(params))
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
         if rows:
-            self._cursor.executemany(self._sql(sql), [tuple(row) for row in rows])
+            self._next_cursor().executemany(self._sql(sql), [tuple(row) for row in rows])
 
     def fetchall(self) -> list[tuple]:
         return [tuple(row) for row in self._cursor.fetchall()]
@@ -183,6 +203,14 @@ class SqliteDatabase:
                 self._rollback()
                 raise
 
+    def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """One read statement (autocommit: SQLite reads one snapshot for it)."""
+        with self._lock:
+            try:
+                return [tuple(row) for row in self._db.execute(sql, tuple(params)).fetchall()]
+            except sqlite3.DatabaseError as exc:
+                raise self._classify(exc) from None
+
     def _rollback(self) -> None:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
@@ -214,7 +242,8 @@ class PostgresDatabase:
     kind = "postgresql"
     types = {"real": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"}
 
-    def __init__(self, url: DatabaseUrl, *, max_connections: int = 16, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: DatabaseUrl, *, max_connections: int = 16, connect_timeout_s: float = 5.0,
+                 min_connections: int = 1) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -227,13 +256,17 @@ class PostgresDatabase:
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"cannot connect to the catalogue database {url.display}: "
                                       f"{_reason(exc)}") from None
+        size = max(2, max_connections)
+        warm = max(1, min(size, min_connections))
         self._pool = ConnectionPool(
-            url.target, min_size=1, max_size=max(2, max_connections), open=False,
-            # autocommit: every statement runs inside an explicit transaction() block below
+            # a server opens it at full size (min_connections = max_connections): no request ever
+            # waits for a connection to be set up; tools start with one and grow on demand
+            url.target, min_size=warm, max_size=size, open=False,
+            # autocommit: transactions are explicit BEGIN ... COMMIT (see `transaction`)
             kwargs={"autocommit": True, "connect_timeout": timeout},
-            check=ConnectionPool.check_connection, timeout=connect_timeout_s, name="catalogue")
+            timeout=connect_timeout_s, name="catalogue")
         try:
-            self._pool.open(wait=True, timeout=connect_timeout_s)
+            self._pool.open(wait=True, timeout=max(connect_timeout_s, 2.0 * warm))
         except Exception as exc:  # PoolTimeout, OperationalError: the server is unreachable
             self._pool.close(timeout=0)
             raise DatabaseUnavailable(f"cannot connect to the catalogue database {url.display}: "
@@ -241,14 +274,72 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
+        psycopg = self._psycopg
+        with self._classified():
+            connection = self._checkout("BEGIN")
+            try:
+                # pipeline mode: statements whose results are not read are sent without waiting
+                # (a transaction of inserts is one round trip, its COMMIT included)
+                with connection.pipeline():
+                    yield Transaction(None, "%s", new_cursor=connection.cursor)
+                    connection.execute("COMMIT")
+            except BaseException:
+                with suppress(psycopg.Error):  # a lost connection has nothing to roll back
+                    connection.execute("ROLLBACK")
+                raise
+            finally:
+                self._pool.putconn(connection)
+
+    def query(self, sql: str, params: Sequence = ()) -> list[tuple]:
+        """One read statement in autocommit (one round trip), tried once more on a fresh
+        connection when the server had dropped this one."""
+        sql = sql.replace("?", "%s")
+        with self._classified():
+            for attempt in range(2):
+                connection = self._pool.getconn()
+                try:
+                    return [tuple(row) for row in connection.execute(sql, tuple(params)).fetchall()]
+                except (self._psycopg.OperationalError, self._psycopg.InterfaceError):
+                    if attempt or not self._replace_dropped(connection):
+                        raise
+                finally:
+                    self._pool.putconn(connection)
+        raise AssertionError("unreachable")
+
+    def _checkout(self, statement: str):
+        """A pooled connection on which ``statement`` ran (a second one if the first was dead)."""
+        for attempt in range(2):
+            connection = self._pool.getconn()
+            try:
+                connection.execute(statement)
+                return connection
+            except (self._psycopg.OperationalError, self._psycopg.InterfaceError):
+                self._pool.putconn(connection)
+                if attempt or not self._replace_dropped(connection):
+                    raise
+            except BaseException:
+                self._pool.putconn(connection)
+                raise
+        raise AssertionError("unreachable")
+
+    def _replace_dropped(self, connection) -> bool:
+        """After a failure on ``connection``: whether it was dropped by the server (then every
+        idle connection is checked and the dead ones replaced, so retrying makes sense)."""
+        if not connection.closed and not connection.broken:
+            return False  # a live connection failed: retrying would fail the same way
+        log.warning("catalogue database %s dropped pooled connections (server restarted?); "
+                    "checking the pool", self.url.display)
+        self._pool.check()
+        return True
+
+    @contextmanager
+    def _classified(self) -> Iterator[None]:
+        """Driver errors -> this module's (`UniqueViolation`, `DatabaseUnavailable`, ...)."""
         from psycopg_pool import PoolTimeout
 
         psycopg = self._psycopg
         try:
-            with self._pool.connection() as connection:
-                with connection.transaction():
-                    with connection.cursor() as cursor:
-                        yield Transaction(cursor, "%s")
+            yield
         except psycopg.errors.UniqueViolation as exc:
             raise UniqueViolation(_first_line(exc)) from None
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
@@ -278,11 +369,12 @@ Database = SqliteDatabase | PostgresDatabase
 
 
 def open_database(value: str | Path, *, max_connections: int = 16,
-                  connect_timeout_s: float = 5.0) -> Database:
+                  connect_timeout_s: float = 5.0, min_connections: int = 1) -> Database:
     url = parse_database_url(value)
     if url.is_sqlite:
         return SqliteDatabase(url)
-    return PostgresDatabase(url, max_connections=max_connections, connect_timeout_s=connect_timeout_s)
+    return PostgresDatabase(url, max_connections=max_connections, connect_timeout_s=connect_timeout_s,
+                            min_connections=min_connections)
 
 
 def _reason(exc: BaseException) -> str:

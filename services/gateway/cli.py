@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     hybrid.add_argument("photo")
     hybrid.add_argument("query")
     hybrid.add_argument("--text-weight", type=float, default=None,
-                        help="weight of the text ranking in [0, 1] (default: the gateway's, 0.5)")
+                        help="weight of the text ranking in [0, 1] (default: the gateway's, chosen on valid "
+                             "for the served image model)")
     hybrid.add_argument("--fusion", choices=sorted(FUSION_CHOICES), default="cosine",
                         help="cosine: (1-w)*image + w*text cosine (default); "
                              "rrf: reciprocal-rank fusion")

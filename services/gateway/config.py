@@ -73,11 +73,14 @@ Environment variables (flag in brackets; defaults in parentheses):
     indexer is used again within about this time (gRPC's own default grows to 120 s).
 ``GATEWAY_MODEL_INFO_TTL_S`` (60)
     How long the embedder's model info (categories, dimension, batch limit) is cached.
-``GATEWAY_SIMILAR_TEXT_WEIGHT`` (0.7)
-    Text weight ``w`` in [0, 1] of SimilarListings: ``(1 - w) * photo cosine + w * text cosine``
-    (0: photos only, as a request's ``photos_only``). Set it to the weight that
-    ``python -m benchmarks.search_quality`` chooses on the valid split for the served artefact; the
-    default 0.7 is the weight of a first measurement on the earlier 3,453-photo split.
+``GATEWAY_SEARCH_TEXT_WEIGHT`` / ``GATEWAY_SIMILAR_TEXT_WEIGHT`` (unset: the embedder's artefact)
+    Text weight ``w`` in [0, 1] of hybrid Search when a request leaves ``text_weight`` unset, and
+    of SimilarListings: ``(1 - w) * photo cosine + w * text cosine`` (SimilarListings' 0: photos
+    only, as a request's ``photos_only``). Unset, each comes from the embedder's GetModelInfo: the
+    weights chosen on the valid split for the served image model (its artefact's
+    ``fusion_weights.json``, written by ``python -m training.fusion_weights`` and training.text),
+    else the built-in 0.5 and 0.7 (`services.gateway.fusion_defaults`). Set, they override it; the
+    log says which weight is used and where it came from.
 ``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
     When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
     (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
@@ -114,7 +117,6 @@ from pathlib import Path
 from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
 from common.security import write_token
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
-from services.gateway.ranking import DEFAULT_SIMILAR_TEXT_WEIGHT
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -161,7 +163,8 @@ class GatewayConfig:
     db_connect_timeout_s: float = 5.0
     outbox_interval_s: float = 0.5
     outbox_lease_s: float = 30.0
-    similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT
+    search_text_weight: float | None = None    # None: the embedder's artefact decides
+    similar_text_weight: float | None = None
     write_token: str | None = None
     max_workers: int = 16
     readiness_interval_s: float = 5.0
@@ -236,7 +239,8 @@ class GatewayConfig:
             db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
             outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
             outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),
-            similar_text_weight=similar_text_weight_from_env(),
+            search_text_weight=text_weight_from_env("GATEWAY_SEARCH_TEXT_WEIGHT"),
+            similar_text_weight=text_weight_from_env("GATEWAY_SIMILAR_TEXT_WEIGHT"),
             write_token=token,
             max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
             readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
@@ -249,11 +253,13 @@ class GatewayConfig:
         return config
 
 
-def similar_text_weight_from_env() -> float:
-    """``GATEWAY_SIMILAR_TEXT_WEIGHT``, a number in [0, 1]."""
-    weight = env_float("GATEWAY_SIMILAR_TEXT_WEIGHT", DEFAULT_SIMILAR_TEXT_WEIGHT, minimum=0.0)
+def text_weight_from_env(name: str) -> float | None:
+    """A fusion text weight setting: a number in [0, 1], or None when unset."""
+    if not env_str(name, ""):
+        return None
+    weight = env_float(name, 0.0, minimum=0.0)
     if weight > 1.0:
-        raise ConfigError(f"GATEWAY_SIMILAR_TEXT_WEIGHT must be between 0 and 1, got {weight}")
+        raise ConfigError(f"{name} must be between 0 and 1, got {weight}")
     return weight
 
 

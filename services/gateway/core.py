@@ -10,9 +10,10 @@ Search by image: embed the photo -> every shard's filtered top-k (one per listin
 vectors (fetched from its shard, no re-embedding) are the queries; the per-photo rankings are
 merged by best score and the listing itself is excluded. Unless the caller asks for photos only,
 its stored text vector also searches the "text" collection, and the two top ``k' = max(3k, 50)``
-rankings are fused by weighted cosine (as hybrid Search, below) with ``w = similar_text_weight``
-(GATEWAY_SIMILAR_TEXT_WEIGHT, to be chosen on the valid split); without a text vector (or a text
-collection) it is the photos-only ranking, without indexed photos the text ranking.
+rankings are fused by weighted cosine (as hybrid Search, below) with SimilarListings' text weight
+(`fusion_defaults`: GATEWAY_SIMILAR_TEXT_WEIGHT when set, else the weight chosen on the valid split
+that the embedder's artefact holds); without a text vector (or a text collection) it is the
+photos-only ranking, without indexed photos the text ranking.
 
 AddListing is all or nothing with no window for orphan vectors (design and failure cases in
 ``docs/catalogue.md``): embed (nothing stored yet) -> one catalogue transaction holding the listing
@@ -37,7 +38,9 @@ deletes the text vector too (a shard without a text collection is fine).
 Hybrid Search (an image and a text query). With only one of them it is exactly SearchByImage or
 SearchByText (``text_weight`` and ``fusion`` are then ignored). With both, each modality's top
 ``k' = max(3k, 50)`` listings (one entry per listing: its best photo for the image side) are
-fetched with the same filter and fused with ``w = text_weight`` (unset: 0.5), by
+fetched with the same filter and fused with ``w = text_weight`` (unset: for weighted cosine hybrid
+Search's default text weight from `fusion_defaults`, GATEWAY_SEARCH_TEXT_WEIGHT, else the one the
+embedder's artefact holds, else 0.5; for reciprocal rank 0.5), by
 `ranking.fuse_image_and_text` over `common.ranking`:
 
 * FUSION_WEIGHTED_COSINE (default): ``score = (1 - w) * cos_image + w * cos_text``. A listing
@@ -92,9 +95,9 @@ from services.gateway.downstream import (
     EmbedderClient,
     IndexerShards,
 )
+from services.gateway.fusion_defaults import FusionDefaults
 from services.gateway.outbox import OutboxApplier
 from services.gateway.ranking import (
-    DEFAULT_SIMILAR_TEXT_WEIGHT,
     FUSION_METHODS,
     RECIPROCAL_RANK,
     WEIGHTED_COSINE,
@@ -114,7 +117,8 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 #: Longest value of each free-text listing field AddListing accepts (characters).
 FIELD_LIMITS = {"title": 500, "description": 20_000, "category": 500, "main_category": 200,
                 "location": 500}
-#: Text weight of a hybrid Search whose request leaves text_weight unset.
+#: Text weight of a reciprocal-rank hybrid Search whose request leaves text_weight unset (equal
+#: weights; a weighted-cosine one takes `fusion_defaults`' choice).
 DEFAULT_TEXT_WEIGHT = 0.5
 #: Longest text query accepted (listing_text keeps at most the first 200 characters of it).
 MAX_QUERY_CHARS = 2000
@@ -134,14 +138,15 @@ def candidate_count(k: int) -> int:
 class GatewayCore:
     def __init__(self, catalogue: Catalogue, embedder: EmbedderClient, indexer: IndexerShards, *,
                  max_k: int = 100, max_images: int = 16, outbox: OutboxApplier | None = None,
-                 similar_text_weight: float = DEFAULT_SIMILAR_TEXT_WEIGHT) -> None:
+                 fusion: FusionDefaults | None = None) -> None:
         self.catalogue = catalogue
         self.embedder = embedder
         self.indexer = indexer
         self.max_k = max_k
         self.max_images = max_images
         self.outbox = outbox or OutboxApplier(catalogue, indexer)
-        self.similar_text_weight = similar_text_weight
+        #: The default text weights of hybrid Search and SimilarListings (settings, else artefact).
+        self.fusion = fusion or FusionDefaults(embedder.model_info)
 
     def close(self) -> None:
         self.outbox.stop()
@@ -220,7 +225,8 @@ class GatewayCore:
         image = self._similar_by_photos(listing, candidates, exclusion, deadline, required=False)
         if not image:  # no indexed photo: the text ranking alone
             return self._attach([Hit(h.listing_id, h.score, "") for h in text[:k]])
-        return self._attach_fused(fuse_image_and_text(image, text, self.similar_text_weight, WEIGHTED_COSINE, k))
+        weight = self.fusion.similar_text_weight(deadline)
+        return self._attach_fused(fuse_image_and_text(image, text, weight, WEIGHTED_COSINE, k))
 
     def _similar_by_photos(self, listing: Listing, k: int, exclusion: SearchFilter, deadline: Deadline,
                            *, required: bool = True) -> list[Hit]:
@@ -256,8 +262,7 @@ class GatewayCore:
         has_text = bool(text and text.strip())
         if not image and not has_text:
             raise InvalidArgument("send an image, a text query, or both")
-        weight = DEFAULT_TEXT_WEIGHT if text_weight is None else float(text_weight)
-        if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        if text_weight is not None and not (math.isfinite(text_weight) and 0.0 <= text_weight <= 1.0):
             raise InvalidArgument(f"text_weight must be between 0 and 1, got {text_weight}")
         if fusion not in FUSION_METHODS:
             raise InvalidArgument(f"fusion must be one of {', '.join(FUSION_METHODS)}; got {fusion}")
@@ -268,6 +273,7 @@ class GatewayCore:
         query = self._query_text(text)
         k = self.resolve_k(k)
         self._validate_filter(search_filter, deadline)
+        weight = self._search_text_weight(text_weight, fusion, deadline)
         candidates = candidate_count(k)
         image_query = self.embedder.embed([image], deadline)
         text_query = self._embed_query(query, deadline)
@@ -276,6 +282,16 @@ class GatewayCore:
         text_hits = merge_by_listing(self._search_collection(
             TEXT_COLLECTION, text_query, candidates, search_filter, deadline), candidates)
         return self._attach_fused(fuse_image_and_text(image_hits, text_hits, weight, fusion, k))
+
+    def _search_text_weight(self, text_weight: float | None, fusion: str, deadline: Deadline) -> float:
+        """The caller's weight; unset: for weighted cosine the default chosen for the image model
+        (`fusion_defaults`: it calibrates the two cosines' scales), for reciprocal rank (scale-free)
+        equal weights."""
+        if text_weight is not None:
+            return float(text_weight)
+        if fusion == WEIGHTED_COSINE:
+            return self.fusion.search_text_weight(deadline)
+        return DEFAULT_TEXT_WEIGHT
 
     def recommend(self, liked: Sequence[str], skipped: Sequence[str], seen: Sequence[str], k: int,
                   search_filter: SearchFilter, deadline: Deadline) -> list[RankedListing]:
@@ -474,15 +490,16 @@ class GatewayCore:
                   for image_id, vector in zip(listing.image_ids, vectors)]
         if text_vector is not None:
             stored.append(StoredVector(TEXT_COLLECTION, listing.id, text_vector))
-        try:
-            self.catalogue.add_pending(listing, stored, shard)
+        try:  # the entry is written held by this gateway's applier: no claim before the push
+            entry = self.catalogue.add_pending(listing, stored, shard, lease_holder=self.outbox.holder,
+                                               lease_s=self.outbox.lease_s)
         except DuplicateListing as exc:
             raise AlreadyExists(str(exc)) from None
 
         # 3. Push the vectors now. Refused, or the shard unreachable: the add is cancelled and
         # the error returned. Unknown outcome (a timeout): the outbox loop keeps pushing and
         # the caller hears "pending".
-        pushed = self.outbox.apply_listing(listing.id, deadline, cancel_refused_add=True)
+        pushed = self.outbox.apply_listing(listing.id, deadline, cancel_refused_add=True, leased=entry)
         if pushed.cancelled:
             raise pushed.error
         pending = not pushed.done
@@ -496,11 +513,12 @@ class GatewayCore:
         if not listing_id:
             raise InvalidArgument("listing_id is empty")
         removed = self.catalogue.remove_queued(listing_id, self.indexer.shard_for(listing_id),
-                                               text_collection=TEXT_COLLECTION)
+                                               text_collection=TEXT_COLLECTION,
+                                               lease_holder=self.outbox.holder, lease_s=self.outbox.lease_s)
         if removed is None:
             raise NotFound(f"listing {listing_id} not found")
-        listing, _ = removed
-        pending = not self.outbox.apply_listing(listing_id, deadline).done
+        listing, entry = removed
+        pending = not self.outbox.apply_listing(listing_id, deadline, leased=entry).done
         log.info("removed listing %s (%d photos%s)", listing_id, len(listing.image_ids),
                  ", vector deletion pending" if pending else "")
         return RemovedListing(listing_id, len(listing.image_ids), pending)

@@ -200,6 +200,16 @@ class AddedListing:
     pending: bool = False
 
 
+@dataclass(frozen=True)
+class ServedFusionWeights:
+    """The fusion weights the embedder's artefact holds for its image model (chosen on valid)."""
+
+    search_text_weight: float
+    similar_text_weight: float
+    chosen_on: str = "valid"
+    source: str = ""
+
+
 @dataclass
 class ModelInfo:
     """What the embedder serves, as far as the gateway needs it."""
@@ -212,3 +222,6 @@ class ModelInfo:
     modalities: tuple[str, ...] = ("image",)
     text_embedding_dim: int = 0
     extra: dict = field(default_factory=dict)
+    #: None when the artefact has no (current) fusion weights; ``fusion_weights_problem`` says why.
+    fusion_weights: ServedFusionWeights | None = None
+    fusion_weights_problem: str = ""

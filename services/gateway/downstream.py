@@ -54,6 +54,7 @@ from services.gateway.domain import (
     ModelInfo,
     ResourceExhausted,
     SearchFilter,
+    ServedFusionWeights,
     Unavailable,
 )
 from services.gateway.ranking import Hit
@@ -212,6 +213,15 @@ def _vector(values) -> np.ndarray:
 # ============================================================================ embedder
 
 
+def served_fusion_weights(reply: embedder_pb2.ModelInfo) -> ServedFusionWeights | None:
+    """ModelInfo.fusion_weights, or None when the embedder serves none."""
+    if not reply.HasField("fusion_weights"):
+        return None
+    weights = reply.fusion_weights
+    return ServedFusionWeights(float(weights.search_text_weight), float(weights.similar_text_weight),
+                               weights.chosen_on, weights.source)
+
+
 class EmbedderClient:
     """The embedder replicas behind one round_robin channel."""
 
@@ -249,7 +259,9 @@ class EmbedderClient:
             categories=tuple(reply.categories), embedding_dim=int(reply.embedding_dim),
             model_version=reply.model_version, max_batch=int(reply.max_batch) or 32,
             max_image_bytes=int(reply.max_image_bytes), modalities=tuple(reply.modalities),
-            text_embedding_dim=int(reply.text_embedding_dim))
+            text_embedding_dim=int(reply.text_embedding_dim),
+            fusion_weights=served_fusion_weights(reply),
+            fusion_weights_problem=reply.fusion_weights_problem)
         with self._info_lock:
             self._info, self._info_at = info, time.monotonic()
         return info

@@ -183,28 +183,41 @@ class OutboxApplier:
 
     # ------------------------------------------------------------------ one listing (request path)
 
-    def apply_listing(self, listing_id: str, deadline: Deadline, *,
-                      cancel_refused_add: bool = False) -> PushResult:
+    def apply_listing(self, listing_id: str, deadline: Deadline, *, cancel_refused_add: bool = False,
+                      leased: OutboxEntry | None = None) -> PushResult:
         """Push every pending entry of ``listing_id`` in order before ``deadline`` (an entry another
         gateway holds is waited for: it is being pushed). With ``cancel_refused_add``, an add the
-        shard refused or could not be reached for is cancelled (see `push`)."""
+        shard refused or could not be reached for is cancelled (see `push`). ``leased``: the entry
+        the request just wrote, when it was written held by this applier (``lease_holder``): it is
+        pushed first without a transaction to claim it, and once it is applied the request's write
+        is done (it was first in line; a later entry of the listing is another request's)."""
         error: GatewayError | None = None
+        own = leased if leased is not None and leased.lease_holder == self.holder else None
         while True:
             try:
-                pending = self.catalogue.pending_outbox(listing_id)
-                if not pending:
-                    return PushResult(True)
                 budget = min(deadline.remaining() - 0.02, self.push_timeout_s())
-                if budget <= 0.01:
-                    return PushResult(False, error)
-                entry = self.catalogue.claim(pending[0], self.holder, self.lease_s, ignore_backoff=True)
-                if entry is None:
-                    time.sleep(min(0.02, max(0.0, deadline.remaining())))
-                    continue
+                if own is not None:
+                    entry, own = own, None
+                    if budget <= 0.01:  # no time left: hand it to the loop now, not at lease expiry
+                        self._record_failure(entry, "the request's deadline ran out before the push", 0.0)
+                        self._wake.set()
+                        return PushResult(False, error)
+                else:
+                    pending = self.catalogue.pending_outbox(listing_id)
+                    if not pending:
+                        return PushResult(True)
+                    if budget <= 0.01:
+                        return PushResult(False, error)
+                    entry = self.catalogue.claim(pending[0], self.holder, self.lease_s, ignore_backoff=True)
+                    if entry is None:
+                        time.sleep(min(0.02, max(0.0, deadline.remaining())))
+                        continue
                 error = self.push(entry, Deadline(budget), cancel_refused_add=cancel_refused_add)
                 if error is not None:
                     self._wake.set()
                     return PushResult(False, error)
+                if entry is leased:  # it was first in line: the request's write is applied
+                    return PushResult(True)
             except _Cancelled as cancelled:
                 return PushResult(False, cancelled.error, cancelled=True)
             except CatalogueUnavailable as exc:  # committed already: the loop finishes the job

@@ -25,12 +25,6 @@ from common.ranking import RRF_K
 WEIGHTED_COSINE = "weighted_cosine"
 RECIPROCAL_RANK = "reciprocal_rank"
 FUSION_METHODS = (WEIGHTED_COSINE, RECIPROCAL_RANK)
-#: Text weight of SimilarListings' weighted-cosine fusion (GATEWAY_SIMILAR_TEXT_WEIGHT's default).
-#: ``python -m benchmarks.search_quality`` chooses it on the valid split for an artefact and prints
-#: it as ``similar_text_weight``. 0.7 is the weight of issue #21's first measurement (test listings
-#: of the earlier 3,453-photo split: same-category precision@10 photos 0.42, text 0.60, fused 0.62),
-#: kept until a valid-split run on the full photo set replaces it.
-DEFAULT_SIMILAR_TEXT_WEIGHT = 0.7
 
 
 @dataclass(frozen=True)

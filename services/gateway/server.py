@@ -37,6 +37,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
 from services.gateway.domain import DeadlineExceeded, GatewayError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
+from services.gateway.fusion_defaults import FusionDefaults
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import OutboxApplier
 from services.gateway.photos import ListingPhotos
@@ -187,7 +188,8 @@ class GatewayServer(Server):
 def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> GatewayCore:
     """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
     states are measured (`services.gateway.metrics`)."""
-    catalogue = Catalogue.open(config.db_path, max_connections=config.max_workers + 4,
+    pool = config.max_workers + 4  # every request thread, the outbox loop and readiness at once
+    catalogue = Catalogue.open(config.db_path, max_connections=pool, min_connections=pool,
                                connect_timeout_s=config.db_connect_timeout_s)
     try:  # an unusable shard map refuses before anything else is started
         routing = shard_routing(config, catalogue)
@@ -215,9 +217,10 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         metrics.catalogue, metrics.indexer = catalogue, indexer
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
                            interval_s=config.outbox_interval_s)
+    fusion = FusionDefaults(embedder.model_info, search_override=config.search_text_weight,
+                            similar_override=config.similar_text_weight)
     return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images, outbox=outbox,
-                       similar_text_weight=config.similar_text_weight)
+                       max_images=config.max_images, outbox=outbox, fusion=fusion)
 
 
 def shard_routing(config: GatewayConfig, catalogue: Catalogue) -> ShardRouting:
@@ -258,6 +261,7 @@ def start(config: GatewayConfig) -> GatewayServer:
     if not config.write_token:
         log.warning("WRITE_TOKEN is not set: AddListing and RemoveListing are open to any caller")
     core.outbox.start()  # pushes index writes left pending (a shard down, a gateway killed)
+    log.info("fusion defaults: %s", core.fusion.describe_settings())
     log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", core.catalogue.path,
              core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
              "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))

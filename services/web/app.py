@@ -247,7 +247,7 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
                image: Annotated[UploadFile | None, File(description="the query photo")] = None,
                text: Annotated[str, Form(description="the text query")] = "",
                text_weight: Annotated[float | None, Form(
-                   description="weight of the text ranking in [0, 1]; unset means 0.5")] = None,
+                   description="weight of the text ranking in [0, 1]; unset: the gateway's default (chosen on valid for the served model)")] = None,
                fusion: Annotated[Literal["weighted_cosine", "reciprocal_rank"],
                                  Form(description="how the two rankings are combined")]
                = "weighted_cosine",

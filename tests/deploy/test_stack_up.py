@@ -3,7 +3,11 @@ empty catalogue and index from prepared data, `down` stops exactly what `up` sta
 from __future__ import annotations
 
 import csv
+import json
 import os
+import signal
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +20,11 @@ from tests.support.photos import NoPhotos, real_photos
 pytestmark = pytest.mark.timeout(300)
 SERVICES_ORDER = list(stack.SERVICES)
 CATEGORIES = ("Home & Garden", "Video Games & Consoles", "Sports, Leisure & Travel")
+
+
+def edge_get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return json.loads(reply.read())
 
 
 def test_up_without_a_model_artefact_says_how_to_get_one(tmp_path, capsys):
@@ -124,9 +133,25 @@ def test_up_with_postgres_runs_two_gateways_on_one_catalogue(prepared, test_arti
         assert stack.main(["status", "--run-dir", str(run_dir)]) == 0
         status = capsys.readouterr().out
         assert f"gateway-2 127.0.0.1:{second}" in status and "postgres" in status and "RUNNING" in status
+
+        # the edge was given both replicas: with the first one dead it keeps serving
+        listing_url = f"http://127.0.0.1:{ports['web']}/api/listings/{added.id}"
+        assert edge_get_json(listing_url)["id"] == added.id
+        os.kill(int((run_dir / "gateway.pid").read_text()), signal.SIGKILL)
+        served = 0
+        deadline = time.monotonic() + 30
+        while served < 10 and time.monotonic() < deadline:  # a call already on its way may fail
+            try:
+                assert edge_get_json(listing_url)["id"] == added.id
+                served += 1
+            except urllib.error.HTTPError as error:
+                assert error.code == 503, error.read()
+                served = 0
+                time.sleep(0.2)
+        assert served == 10, "the edge stopped serving when the first gateway died"
     finally:
         stack.main(["down", *args])
     out = capsys.readouterr().out
-    assert "stopped gateway-2" in out and "stopped postgres" in out
+    assert "stopped gateway-2" in out and "stopped postgres" in out and "stopped web" in out
     assert not list(run_dir.glob("*.pid"))
     shutil.rmtree(root, ignore_errors=True)

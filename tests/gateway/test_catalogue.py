@@ -160,6 +160,23 @@ def test_gateways_starting_together_migrate_once(catalogue_url):
             catalogue.close()
 
 
+def test_a_gateway_starting_while_another_migrates_waits_and_reads_the_version(postgres):
+    """The migration lock held elsewhere (a replica migrating): the opener waits for it, then reads
+    the schema version right (the lock's own result is not mistaken for it)."""
+    from services.gateway.catalogue_db import MIGRATION_LOCK_KEY
+
+    url = postgres.create_database()
+    Catalogue.open(url).close()
+    for _ in range(2):  # the migrated database, then one whose version row another opener wrote
+        with psycopg.connect(url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            threading.Timer(0.5, holder.rollback).start()
+            started = time.monotonic()
+            with Catalogue.open(url) as catalogue:
+                assert time.monotonic() - started >= 0.4  # it waited for the lock
+                assert catalogue.schema_version == SCHEMA_VERSION
+
+
 # ----------------------------------------------------------------------------- reads and writes
 
 
@@ -269,6 +286,33 @@ def test_entries_of_one_listing_apply_in_order(catalogue_url):
         assert catalogue.get("L1") == item
 
 
+def test_a_request_writes_its_entry_already_leased_when_first_in_line(catalogue_url):
+    """AddListing and RemoveListing push their entry without a claim: written held by the
+    request's applier, with what `claim` would have read; nobody else can take it meanwhile."""
+    item = listing("L1")
+    with Catalogue.open(catalogue_url) as catalogue:
+        add = catalogue.add_pending(item, vectors_of(item), shard=1, lease_holder="A", lease_s=30)
+        assert (add.lease_holder, add.listing, add.attempts) == ("A", item, 0)
+        assert [(v.collection, v.item_id) for v in add.vectors] == [
+            ("image", "L1-a"), ("image", "L1-b"), ("text", "L1")]
+        for mine, stored in zip(add.vectors, vectors_of(item)):
+            assert mine.vector.dtype == np.dtype("<f4")
+            np.testing.assert_array_equal(mine.vector, stored.vector)
+        assert catalogue.due_outbox(time.time()) == []  # held: the loops leave it alone
+        assert catalogue.claim(add.seq, "B", 30) is None
+        removed, delete = catalogue.remove_queued("L1", 1, lease_holder="A", lease_s=30)
+        assert delete.lease_holder == ""  # the upsert is still queued: the deletion waits its turn
+        catalogue.complete(add)
+        assert catalogue.claim(delete.seq, "B", 30) is not None
+
+        other = listing("L2")
+        catalogue.add(other)
+        _, alone = catalogue.remove_queued("L2", 0, lease_holder="A", lease_s=30)
+        assert alone.lease_holder == "A" and catalogue.claim(alone.seq, "B", 30) is None
+        plain = catalogue.add_pending(listing("L3"), vectors_of(listing("L3")), 0)
+        assert plain.lease_holder == "" and plain.listing is None  # no lease asked: claim it
+
+
 def test_upsert_entry_of_a_removed_listing_pushes_nothing(catalogue_url):
     item = listing("L1")
     with Catalogue.open(catalogue_url) as catalogue:
@@ -348,6 +392,24 @@ def test_gateway_refuses_to_start_with_one_line_naming_gateway_db(value, expect)
     last = result.stderr.strip().splitlines()[-1]
     assert "GATEWAY_DB" in last and expect in last and "s3cret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_restarted_postgres_costs_no_failed_call(tmp_path):
+    """Pooled connections the server dropped are found by the call's first statement, the pool
+    replaces them, and the call runs on a fresh one: no caller sees the restart."""
+    cluster = PostgresCluster().start()
+    try:
+        url = cluster.create_database("restart")
+        with Catalogue.open(url, max_connections=4, min_connections=4, connect_timeout_s=5) as catalogue:
+            catalogue.add(listing("L1"))
+            cluster.restart()
+            assert catalogue.get("L1") == listing("L1")  # a read
+            catalogue.add(listing("L2"))  # a transaction
+            cluster.restart()
+            catalogue.add(listing("L3"))
+            assert catalogue.count() == 3
+    finally:
+        cluster.destroy()
 
 
 def test_postgres_going_away_is_unavailable_then_recovers_without_reopening(tmp_path):

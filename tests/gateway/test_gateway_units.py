@@ -160,14 +160,21 @@ def test_config_from_env(monkeypatch, tmp_path):
         parse_indexer_addrs("a:1,a:1")
 
 
-def test_similar_text_weight_from_env(monkeypatch):
-    monkeypatch.delenv("GATEWAY_SIMILAR_TEXT_WEIGHT", raising=False)
-    assert GatewayConfig.from_env([]).similar_text_weight == 0.7
-    monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", "0.25")
-    assert GatewayConfig.from_env([]).similar_text_weight == 0.25
+@pytest.mark.parametrize("name, field", [("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight"),
+                                         ("GATEWAY_SEARCH_TEXT_WEIGHT", "search_text_weight")])
+def test_fusion_text_weights_from_env(monkeypatch, name, field):
+    """Unset (or empty): None, the embedder's artefact decides; set: a number in [0, 1]."""
+    monkeypatch.delenv(name, raising=False)
+    assert getattr(GatewayConfig.from_env([]), field) is None
+    monkeypatch.setenv(name, "")
+    assert getattr(GatewayConfig.from_env([]), field) is None
+    monkeypatch.setenv(name, "0.25")
+    assert getattr(GatewayConfig.from_env([]), field) == 0.25
+    monkeypatch.setenv(name, "0")
+    assert getattr(GatewayConfig.from_env([]), field) == 0.0
     for bad in ("1.5", "-0.1", "half"):
-        monkeypatch.setenv("GATEWAY_SIMILAR_TEXT_WEIGHT", bad)
-        with pytest.raises(ConfigError, match="GATEWAY_SIMILAR_TEXT_WEIGHT"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ConfigError, match=name):
             GatewayConfig.from_env([])
 
 

@@ -217,6 +217,7 @@ def test_add_predicts_main_category_when_empty(stack):
     (dict(title="t", price=-1), grpc.StatusCode.INVALID_ARGUMENT, "non-negative"),
     (dict(title="t", listing_id="L-table"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
     (dict(title="t", listing_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "listing.id"),
+    (dict(title="t", listing_id="L" * 129), grpc.StatusCode.INVALID_ARGUMENT, "1-128 characters"),
 ])
 def test_add_invalid(stack, kwargs, code, message):
     error = rpc_error(stack.client.add, [b"p"], **kwargs)

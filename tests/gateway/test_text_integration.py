@@ -9,6 +9,8 @@ EmbedText, written as an artefact's ``embeddings/`` files and indexed with
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.fusion_weights import FusionWeights
 from common.text import listing_text
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.embedder.config import EmbedderConfig
@@ -26,6 +29,7 @@ from services.gateway.client import GatewayClient
 from services.gateway.core import candidate_count
 from services.gateway.config import GatewayConfig, RetryPolicy
 from services.gateway.downstream import TEXT_COLLECTION, Deadline
+from services.gateway.fusion_defaults import FusionDefaults
 from services.gateway.server import start as start_gateway
 from services.indexer.config import IndexerConfig
 from services.indexer.server import start as start_indexer
@@ -39,6 +43,8 @@ CATEGORIES = ["Appliances", "Baby & Kids Stuff", "Clothes, Footwear & Accessorie
               "Computers & Software", "Home & Garden", "Sports, Leisure & Travel"]
 PER_CATEGORY = 10
 COLLECTIONS = "image:1280:flat:ip,text:384:flat:ip"
+#: The weights the embedder's artefact holds (fusion_weights.json), neither a built-in default.
+ARTEFACT_SEARCH_WEIGHT, ARTEFACT_SIMILAR_WEIGHT = 0.3, 0.4
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +52,14 @@ def real(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("gateway_text")
     prepared = make_mini_prepared(root / "prepared", per_category=PER_CATEGORY,
                                   categories=CATEGORIES)
+    # The embedder's artefact holds fusion weights chosen for its image model: the gateway's defaults.
+    model = root / "model"
+    shutil.copytree(test_artifact, model)
+    version = json.loads((model / "model_card.json").read_text())["model_version"]
+    FusionWeights(search_text_weight=ARTEFACT_SEARCH_WEIGHT, similar_text_weight=ARTEFACT_SIMILAR_WEIGHT,
+                  image_model_version=version).save(model)
     embedder = start_text_embedder(EmbedderConfig(
-        artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="on"))
+        artifact_dir=model, host="127.0.0.1", port=0, text_model="on"))
     shards = [start_indexer(IndexerConfig(
         host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
         collections=tuple(parse_collections(COLLECTIONS)), collections_explicit=True,
@@ -80,7 +92,7 @@ def real(tmp_path_factory, test_artifact):
         assert code == 0
         client = GatewayClient(f"127.0.0.1:{gateway.port}", timeout=60)
         yield SimpleNamespace(
-            root=root, prepared=prepared, shards=shards, gateway=gateway, client=client,
+            root=root, prepared=prepared, shards=shards, gateway=gateway, client=client, config=config,
             text_ids=text_ids, text_vectors=text_vectors, image_ids=image_ids, image_vectors=image_vectors,
             listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
             images=pd.read_csv(prepared / "images.csv", dtype=str))
@@ -165,11 +177,19 @@ def test_hybrid_search_fuses_both_rankings(real):
     by_text = {r.listing.id: r.score for r in real.client.search_by_text(query, k=candidates)}
     image_floor, text_floor = min(by_image.values()), min(by_text.values())
 
-    fused = real.client.search(photo, query, k=k)  # text_weight unset: 0.5, weighted cosine
+    fused = real.client.search(photo, query, k=k, text_weight=0.5)  # weighted cosine
     assert len(fused) == k and {image_listing, text_listing} <= set(ids(fused))
     for result in fused:  # a listing missing from one list gets that list's lowest score
         expected = (0.5 * by_image.get(result.listing.id, image_floor)
                     + 0.5 * by_text.get(result.listing.id, text_floor))
+        assert result.score == pytest.approx(expected, abs=1e-4)
+    # text_weight unset: the weight the embedder's artefact holds (fusion_weights.json)
+    w = ARTEFACT_SEARCH_WEIGHT
+    default = real.client.search(photo, query, k=k)
+    assert len(default) == k
+    for result in default:
+        expected = ((1 - w) * by_image.get(result.listing.id, image_floor)
+                    + w * by_text.get(result.listing.id, text_floor))
         assert result.score == pytest.approx(expected, abs=1e-4)
     assert fused[0].listing.id in (image_listing, text_listing)
     assert next(r for r in fused if r.listing.id == image_listing).matched_image_id
@@ -263,12 +283,11 @@ def similar_by_hand(real, listing_id: str, k: int, text_weight: float | None) ->
 def test_similar_listings_photos_only_is_todays_ranking_and_fused_is_what_the_weight_says(real):
     core = real.gateway.core
     listings = real.listings.sort_values("product_id")["product_id"].tolist()
-    default_weight = core.similar_text_weight
-    assert default_weight == 0.7  # GATEWAY_SIMILAR_TEXT_WEIGHT's default
+    assert core.fusion.overrides["similar"] is None  # GATEWAY_SIMILAR_TEXT_WEIGHT unset
     differs = 0
     try:
-        for weight in (default_weight, 0.3):
-            core.similar_text_weight = weight
+        for weight in (ARTEFACT_SIMILAR_WEIGHT, 0.8):  # the artefact's, then a setting's
+            core.fusion.overrides["similar"] = None if weight == ARTEFACT_SIMILAR_WEIGHT else weight
             for listing_id in listings[::12]:
                 photos_only = real.client.similar(listing_id, k=8, photos_only=True)
                 expected = similar_by_hand(real, listing_id, 8, None)
@@ -281,7 +300,7 @@ def test_similar_listings_photos_only_is_todays_ranking_and_fused_is_what_the_we
                 assert listing_id not in ids(fused)
                 differs += ids(fused) != ids(photos_only)
     finally:
-        core.similar_text_weight = default_weight
+        core.fusion.overrides["similar"] = None
     assert differs > 0  # the text really changes the ranking
     # A filter applies to both modalities.
     category = real.listings.set_index("product_id").loc[listings[0], "main_category"]
@@ -307,3 +326,41 @@ def test_added_listing_is_found_by_text_and_removed_from_the_text_index(real):
         fetched = indexer_pb2_grpc.IndexerStub(channel).Fetch(
             indexer_pb2.FetchRequest(collection=TEXT_COLLECTION, ids=[added.id]), timeout=10)
     assert list(fetched.not_found) == [added.id]
+
+
+def test_the_settings_override_the_artefacts_fusion_weights_and_the_log_says_where_each_came_from(real, caplog):
+    """A second gateway on the same embedder and shards, with GATEWAY_SEARCH_TEXT_WEIGHT and
+    GATEWAY_SIMILAR_TEXT_WEIGHT set, fuses with those; the first (settings unset) with the
+    artefact's. Each logs the weight it uses and its source."""
+    from dataclasses import replace
+
+    listings = real.listings.set_index("product_id")
+    photo, query = photo_of(real, listings.index[3]), listings.loc[listings.index[40], "title"]
+    listing_id = sorted(listings.index)[5]
+    config = replace(real.config, db_path=real.root / "second.sqlite3", search_text_weight=0.9,
+                     similar_text_weight=0.2)
+    with caplog.at_level(logging.INFO, logger="services.gateway"):
+        second = start_gateway(config)
+        try:
+            with GatewayClient(f"127.0.0.1:{second.port}", timeout=60) as client:
+                searched = client.search(photo, query, k=8)
+                similar = client.similar(listing_id, k=8)
+        finally:
+            second.stop(0)
+        explicit = real.client.search(photo, query, k=8, text_weight=0.9)
+        assert ids(searched) == ids(explicit)
+        assert [r.score for r in searched] == pytest.approx([r.score for r in explicit], abs=1e-5)
+        expected = similar_by_hand(real, listing_id, 8, 0.2)
+        assert ids(similar) == [i for i, _ in expected]
+        assert [r.score for r in similar] == pytest.approx([s for _, s in expected], abs=1e-4)
+        # settings unset: the weights the embedder serves from its artefact, logged with their source
+        unset = FusionDefaults(real.gateway.core.embedder.model_info)
+        assert unset.search_text_weight(Deadline(30)) == ARTEFACT_SEARCH_WEIGHT
+        assert unset.similar_text_weight(Deadline(30)) == ARTEFACT_SIMILAR_WEIGHT
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("GATEWAY_SEARCH_TEXT_WEIGHT" in m and "0.9 from" in m for m in messages), messages
+    assert "hybrid Search text weight 0.90, from the setting GATEWAY_SEARCH_TEXT_WEIGHT=0.9" in messages
+    assert "SimilarListings text weight 0.20, from the setting GATEWAY_SIMILAR_TEXT_WEIGHT=0.2" in messages
+    artefact = [m for m in messages if "from the embedder's artefact (fusion_weights.json of" in m]
+    assert any(m.startswith(f"hybrid Search text weight {ARTEFACT_SEARCH_WEIGHT:.2f}") for m in artefact), messages
+    assert any(m.startswith(f"SimilarListings text weight {ARTEFACT_SIMILAR_WEIGHT:.2f}") for m in artefact), messages

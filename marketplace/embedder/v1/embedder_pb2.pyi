@@ -79,7 +79,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("backbone", "embedding_dim", "categories", "model_version", "input_size", "modalities", "text_embedding_dim", "text_model", "max_batch", "max_image_bytes")
+    __slots__ = ("backbone", "embedding_dim", "categories", "model_version", "input_size", "modalities", "text_embedding_dim", "text_model", "max_batch", "max_image_bytes", "fusion_weights", "fusion_weights_problem")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class ModelInfo(_message.Message):
     TEXT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FUSION_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    FUSION_WEIGHTS_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     embedding_dim: int
     categories: _containers.RepeatedScalarFieldContainer[str]
@@ -100,4 +102,18 @@ class ModelInfo(_message.Message):
     text_model: str
     max_batch: int
     max_image_bytes: int
-    def __init__(self, backbone: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., input_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., text_embedding_dim: _Optional[int] = ..., text_model: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_image_bytes: _Optional[int] = ...) -> None: ...
+    fusion_weights: FusionWeights
+    fusion_weights_problem: str
+    def __init__(self, backbone: _Optional[str] = ..., embedding_dim: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., input_size: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., text_embedding_dim: _Optional[int] = ..., text_model: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., fusion_weights: _Optional[_Union[FusionWeights, _Mapping]] = ..., fusion_weights_problem: _Optional[str] = ...) -> None: ...
+
+class FusionWeights(_message.Message):
+    __slots__ = ("search_text_weight", "similar_text_weight", "chosen_on", "source")
+    SEARCH_TEXT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SIMILAR_TEXT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_ON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    search_text_weight: float
+    similar_text_weight: float
+    chosen_on: str
+    source: str
+    def __init__(self, search_text_weight: _Optional[float] = ..., similar_text_weight: _Optional[float] = ..., chosen_on: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
