@@ -23,7 +23,9 @@ the query photos are embedded for real and every other photo gets a nearby synth
 Both embedders use the artefact's best checked inference runtime (``EMBEDDER_RUNTIME=auto``; an
 artefact without runtime files is given them in a copy, see ``benchmarks.embedder``).
 The cells of every path alternate so all see the same background load; a new path is one more
-entry in ``paths`` (its column and ratios to (a) follow). The last line is
+entry in ``paths`` (its column and ratios to (a) follow). Each cell also reports the CPU one
+request cost, summed over every process of its path (read from /proc): on a busy machine that
+says where the stack spends beyond in-process work when requests/s cannot. The last line is
 ``RESULT p99_vs_inprocess=<p99 (b) / p99 (a) at concurrency 8>
 rps_vs_inprocess_c8=<requests/s (b) / (a) at 8> rps_c8=<(b) requests/s at 8>
 metrics_overhead_p50=<p50 with metrics / p50 without, lowest concurrency>``: unless
@@ -142,6 +144,51 @@ def start_service(name: str, env: dict[str, str], log_dir: Path, label: str):
     """``python -m services.<name>`` on a free port (not waited for: see ``wait_ready``)."""
     return spawn(name, free_port(), log_dir / f"{label}.log",
                  {"LOG_LEVEL": "warning", **env})
+
+
+# ------------------------------------------------------------------ CPU per request
+# On a busy machine requests/s say more about the neighbours than about the stack; the CPU each
+# request costs, summed over every process of the path, does not depend on them as much.
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a live process so far (None where /proc is unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_call(run, call, spenders: dict[str, int]) -> tuple[WindowCell, dict[str, float]]:
+    """``run(counted_call)`` (a closed loop) and the CPU milliseconds per call each spender
+    process used meanwhile (warm-up calls included on both sides of the division)."""
+    calls = itertools.count()
+
+    def counted(worker: int, i: int) -> None:
+        call(worker, i)
+        next(calls)  # atomic in CPython: a thread-safe call counter
+
+    before = {label: process_cpu_s(pid) for label, pid in spenders.items()}
+    cell = run(counted)
+    done = max(1, next(calls))
+    spent = {}
+    for label, pid in spenders.items():
+        after = process_cpu_s(pid)
+        if after is not None and before[label] is not None:
+            spent[label] = (after - before[label]) * 1000 / done
+    return cell, spent
+
+
+def print_cpu_per_call(cpu: dict[tuple[str, int], dict[str, float]], levels: list[int]) -> None:
+    """CPU milliseconds per SearchByImage of each path, by process."""
+    if not all(cpu.values()):
+        return
+    print("CPU per request (ms, every process of the path; less sensitive to other load):")
+    for level in levels:
+        a, b = sum(cpu["a", level].values()), sum(cpu["b", level].values())
+        parts = ", ".join(f"{label} {ms:.1f}" for label, ms in cpu["b", level].items())
+        print(f"{level:>4} | (a) {a:.1f} | (b) {b:.1f} = {parts} | (a)/(b) {a / b:.2f}")
 
 
 # ------------------------------------------------------------------ metrics on vs off
@@ -473,10 +520,20 @@ def main(argv: list[str] | None = None) -> int:
                 stub.SearchByImage(requests[i % len(requests)], timeout=60)
 
             paths = {"a": ("in-process", in_process), "b": ("gateway", through_gateway)}
+            # the processes whose CPU each path spends: this one (callers, or embed + search
+            # in-process), and for (b) every service of the stack too
+            spenders = {"a": {"in-process": os.getpid()},
+                        "b": {"client": os.getpid(),
+                              **{label: service.process.pid for label, service in
+                                 zip(["embedder", *(f"indexer-{i}" for i in range(args.shards)),
+                                      "gateway"], services)}}}
             cells: dict[tuple[str, int], WindowCell] = {}
+            cpu: dict[tuple[str, int], dict[str, float]] = {}
             for level in levels:
                 for key, (_, call) in paths.items():
-                    cells[key, level] = closed_loop(call, level, warmup_s, measure_s)
+                    cells[key, level], cpu[key, level] = cpu_per_call(
+                        lambda counted: closed_loop(counted, level, warmup_s, measure_s),
+                        call, spenders[key])
             channel.close()
         finally:
             for service in reversed(services):
@@ -507,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cells[key, level].percentile(99) / a.percentile(99):>7.2f} "
                   f"{cells[key, level].per_s / a.per_s:>7.2f}" for key in paths if key != "a"]
         print(f"{level:>4} | " + " | ".join(row) + " | " + " | ".join(ratios))
+    print_cpu_per_call(cpu, levels)
     top = 8 if 8 in levels else max(levels)
     ratio = cells["b", top].percentile(99) / cells["a", top].percentile(99)
     rps_ratio = cells["b", top].per_s / cells["a", top].per_s

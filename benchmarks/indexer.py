@@ -44,7 +44,8 @@ from services.indexer.config import IndexerConfig
 from services.indexer.core import IndexStore
 from services.indexer.server import start
 from services.indexer.spec import CollectionSpec
-from services.indexer.vector_index import DEFAULT_BLAS_THRESHOLD, VectorIndex, tune_faiss
+from services.indexer.vector_index import (DEFAULT_BLAS_THRESHOLD, VectorIndex, tune_faiss,
+                                           use_blas_for)
 
 K = 10
 RECALL_TARGET = 0.95
@@ -186,7 +187,7 @@ def serving_overhead(settings: Settings, data: np.ndarray, queries: np.ndarray) 
                     _check_same_results(stub, raw, pool[0], wire[0])
                     raw_pool, wire_pool = itertools.cycle(pool), itertools.cycle(wire)
                     results = run_interleaved(
-                        {"raw FAISS": lambda: faiss_threads(settings.threads) and raw.search(next(raw_pool), K),
+                        {"raw FAISS": lambda: faiss_threads(settings.threads) and raw_search(raw, next(raw_pool)),
                          "gRPC": lambda: stub.Search(next(wire_pool), timeout=600)},
                         rounds=max(1, requests // settings.concurrency), requests=settings.concurrency,
                         concurrency=settings.concurrency)
@@ -220,6 +221,14 @@ def _row(part: str, name: str, n: int, batch: int, result: LoadResult) -> dict:
 
 
 # -- part 2: ANN recall and speed ------------------------------------------------------------------------
+def raw_search(raw, queries: np.ndarray):
+    """Raw FAISS with the indexer's per-search choice of BLAS or FAISS's SIMD loop
+    (`use_blas_for`): the process-wide switch is shared with the in-process gRPC server, so both
+    paths must set it alike."""
+    use_blas_for(len(queries))
+    return raw.search(queries, K)
+
+
 def faiss_threads(threads: int) -> bool:
     """Apply the FAISS thread count in the calling thread (OpenMP settings are per thread, and
     the timing helper calls from its own threads, as gRPC does); always True."""

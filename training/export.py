@@ -107,8 +107,9 @@ def spread(files: list[Path], count: int) -> list[Path]:
 def write_runtime_files(directory: Path, model, photos: TrainingPhotos, *,
                         int8: bool = False) -> dict:
     """The ONNX model and check photos from the validation split for the embedder's runtimes;
-    with ``int8`` also the int8 quantisation calibrated on training photos (opt-in: about a
-    minute more, and on EfficientNet-Lite0 it fails the check, see common.runtimes)."""
+    with ``int8`` also the int8 quantisation calibrated on training photos (opt-in: a few
+    minutes more, and on EfficientNet-Lite0 on an AVX2 CPU it fails the check, see
+    common.runtimes)."""
     files = photos.files
     valid = [files[i] for i in np.flatnonzero(photos.mask("valid"))]
     train = [files[i] for i in np.flatnonzero(photos.mask("train"))]

@@ -274,6 +274,10 @@ class FeatureExtractor:
                                 names=("TRAINING_RUNTIME", "TRAINING_PRECISION"))
         for reason in choice.passed_over:
             log.info("feature runtime passed over: %s", reason)
+        if choice.speeds:
+            log.info("feature runtime speed trial (ms per photo): %s",
+                     ", ".join(f"{name} {seconds * 1e3:.1f}"
+                               for name, seconds in choice.speeds.items()))
         log.info("backbone features computed by %s %s%s", choice.session.runtime,
                  choice.session.precision, f" ({choice.check.describe()})" if choice.check else "")
         self.choice = choice

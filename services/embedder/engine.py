@@ -160,7 +160,10 @@ class ImageModel:
         check = self.choice.check
         return {"runtime": self.runtime, "precision": self.precision,
                 "check": check.describe() if check else "torch fp32 is the reference",
-                "passed_over": self.choice.passed_over, "versions": runtime_versions()}
+                "passed_over": self.choice.passed_over,
+                "speed_trial_ms_per_photo": {name: round(seconds * 1e3, 2)
+                                             for name, seconds in self.choice.speeds.items()},
+                "versions": runtime_versions()}
 
     def _choose(self, runtime: str, precision: str, check_photos: list[Path],
                 names: tuple[str, str]) -> Choice:

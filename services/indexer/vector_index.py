@@ -92,14 +92,34 @@ class StoredItem:
 
 
 DEFAULT_BLAS_THRESHOLD = 20
+#: FAISS's ``distance_compute_blas_threshold`` that keeps every computation on its SIMD loop
+#: (FAISS 1.15's own default is 128000).
+_NEVER_BLAS = 1 << 30
+_blas_from_queries = DEFAULT_BLAS_THRESHOLD
 
 
 def tune_faiss(blas_threshold: int = DEFAULT_BLAS_THRESHOLD) -> None:
     """Process-wide FAISS setting: use BLAS for exact distance computations from this many
-    queries up. FAISS 1.15 ships 128000 (BLAS practically never), whose SIMD loop is several times
-    slower for batched queries here (batch 32 over 100k x 512: ~1.2 s vs ~0.14 s on one core);
-    20 is FAISS's long-standing value. Also speeds IVF training and assignment."""
+    queries up (``use_blas_for``). FAISS's SIMD loop is several times slower for batched
+    queries here (batch 32 over 100k x 512: ~1.2 s vs ~0.14 s on one core); 20 is FAISS's
+    long-standing value. Also speeds IVF training and assignment."""
+    global _blas_from_queries
+    _blas_from_queries = int(blas_threshold)
     faiss.cvar.distance_compute_blas_threshold = int(blas_threshold)
+
+
+def use_blas_for(queries: int) -> None:
+    """Before an exact distance computation for ``queries`` vectors: BLAS from the tuned number
+    of queries up, FAISS's SIMD loop below it.
+
+    FAISS 1.15 no longer compares its threshold with the number of queries: any value low
+    enough for a batch of 20 to use BLAS also sends a single query through sgemm, which packs
+    the whole database on every call. One query over 6k x 1280 took 5.2 ms of CPU that way
+    against 2.5 ms on the SIMD loop, and a batch of 8 took 0.8 ms per query against 2.4 ms.
+    The setting is process-wide, so concurrent searches of both kinds may now and then take
+    the other path: that changes their speed, never their results."""
+    faiss.cvar.distance_compute_blas_threshold = (1 if queries >= _blas_from_queries
+                                                  else _NEVER_BLAS)
 
 
 def auto_nlist(count: int) -> int:
@@ -340,6 +360,7 @@ class VectorIndex:
         else:
             sample = vectors
         ivf.cp.seed = seed
+        use_blas_for(len(sample))
         ivf.train(sample)
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         return ivf
@@ -555,6 +576,7 @@ class _Searcher:
         """Scores and slots (-1 padded) of the k best candidates for the given query rows."""
         q = self.queries[rows]
         params = self._params(k)
+        use_blas_for(len(q))
         scores, labels = (self.index.search(q, k, params=params) if params is not None
                           else self.index.search(q, k))
         if self.kind in ("ivf", "hnsw"):
@@ -566,6 +588,7 @@ class _Searcher:
 
     def _exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact answer for starved approximate queries (see the module docstring)."""
+        use_blas_for(len(q))
         if self.kind == "ivf":
             return self.index.search(q, k, params=self._params(k, exhaustive=True))
         slots = (np.flatnonzero(self.mask).astype(np.int64) if self.mask is not None
