@@ -5,7 +5,8 @@ metadata matching the configured WRITE_TOKEN, compared in constant time: a missi
 UNAUTHENTICATED, a wrong one PERMISSION_DENIED. Read RPCs stay open. WRITE_TOKEN_FILE names a
 file holding the token instead (a Docker or Kubernetes secret, e.g. /run/secrets/write_token;
 surrounding whitespace is ignored); setting both is an error. When neither is set, writes are
-open and the server logs a warning at start-up (local development only).
+open and the server logs a warning at start-up (local development only). `secret_from_env` reads
+any such NAME / NAME_FILE pair (the gateway's GATEWAY_DB_PASSWORD too).
 
 TLS is optional: TLS_CERT + TLS_KEY make a server speak TLS; adding TLS_CLIENT_CA makes it
 require client certificates signed by that CA (mutual TLS). Clients use TLS_CA (and
@@ -29,19 +30,26 @@ AUTH_HEADER = "authorization"
 
 def write_token() -> str | None:
     """The write token from WRITE_TOKEN or the file WRITE_TOKEN_FILE names; None when neither is set."""
-    value, file = os.environ.get("WRITE_TOKEN") or None, os.environ.get("WRITE_TOKEN_FILE") or None
+    return secret_from_env("WRITE_TOKEN")
+
+
+def secret_from_env(name: str) -> str | None:
+    """The secret in the environment variable NAME, or in the file NAME_FILE names (a Docker or
+    Kubernetes secret; surrounding whitespace ignored); None when neither is set, ConfigError
+    when both are, or the file cannot be read or is empty."""
+    value, file = os.environ.get(name) or None, os.environ.get(f"{name}_FILE") or None
     if file is None:
         return value
     if value is not None:
-        raise ConfigError("WRITE_TOKEN and WRITE_TOKEN_FILE are both set: keep one")
+        raise ConfigError(f"{name} and {name}_FILE are both set: keep one")
     try:
-        token = Path(file).read_text().strip()
+        secret = Path(file).read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"WRITE_TOKEN_FILE={file} cannot be read ({exc.__class__.__name__}): "
-                          "mount the write-token secret there") from None
-    if not token:
-        raise ConfigError(f"WRITE_TOKEN_FILE={file} is empty: put the token in it")
-    return token
+        raise ConfigError(f"{name}_FILE={file} cannot be read ({exc.__class__.__name__}): "
+                          "mount the secret there") from None
+    if not secret:
+        raise ConfigError(f"{name}_FILE={file} is empty: put the secret in it")
+    return secret
 
 
 def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

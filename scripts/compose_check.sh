@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# make compose-check: the container stack for real. Builds the three images from docker-compose.yml,
-# brings the stack up, waits for every healthcheck, runs sample queries with grpcurl against the
-# gateway's port published on 127.0.0.1, and tears everything down again (also on failure).
+# make compose-check: the container stack for real. Builds the images of docker-compose.yml (the
+# three services, PostgreSQL, the nginx gRPC proxy, Prometheus and the web edge), brings the stack
+# up, waits for every healthcheck, runs sample queries with grpcurl through the proxy's port
+# published on 127.0.0.1, checks the web edge (page, /predict/image, a JSON search and its photo)
+# and that Prometheus has `up` == 1 for every replica, and tears everything down again (also on
+# failure).
 #
 # Works on a normal Docker host and on an offline one like the build machine (the shared parts
 # are in scripts/lib/docker_check.sh, also used by scripts/swarm_check.sh):
@@ -21,8 +24,9 @@
 #   ARTIFACT_DIR=...          model artefact (default artifacts/current, else a small test
 #                             artefact exported into build/compose/artifact)
 #   PREPARED_DIR=...          prepared data (default build/data; `make demo` makes it)
-#   WRITE_TOKEN=...           the stack's write token (default: a random one for this run; the
-#                             compose file itself has none and refuses to start without one)
+#   WRITE_TOKEN=..., POSTGRES_PASSWORD=...  the stack's write token and database password
+#                             (default: random ones for this run; the compose file itself has
+#                             none and refuses to start without them)
 #   COMPOSE_CHECK_FRESH=1     forget the cached base image, service images and wheelhouse stamp
 #                             first: a cold build from scratch (~15 min here instead of ~4)
 #   COMPOSE_CHECK_KEEP=1      leave the stack (and dockerd) running for inspection
@@ -41,8 +45,11 @@ exec > >(tee "$LOG") 2>&1
 
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-marketplace_check}"
 export WRITE_TOKEN="${WRITE_TOKEN:-check-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}"
-# a free loopback port rather than 50050, which `make up` or a test may be using
+export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-check-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}"
+# free loopback ports rather than 50050, 8000, 9090, which `make up` or a test may be using
 export GATEWAY_PUBLISHED_PORT="${GATEWAY_PUBLISHED_PORT:-$(free_port)}"
+export WEB_PUBLISHED_PORT="${WEB_PUBLISHED_PORT:-$(free_port)}"
+export PROMETHEUS_PORT="${PROMETHEUS_PORT:-$(free_port)}"
 GATEWAY="127.0.0.1:$GATEWAY_PUBLISHED_PORT"
 STACK_UP=0
 
@@ -84,6 +91,12 @@ if out="$(unset WRITE_TOKEN; compose config -q 2>&1)"; then
 fi
 grep -q "openssl rand" <<<"$out" || { echo "$out"; die "the refusal does not say how to create a token"; }
 echo "ok  without WRITE_TOKEN: $(grep -o 'WRITE_TOKEN.*' <<<"$out" | head -1 | cut -c1-150)"
+step "... nor without a database password"
+if out="$(unset POSTGRES_PASSWORD; compose config -q 2>&1)"; then
+  die "docker-compose.yml accepted a stack without POSTGRES_PASSWORD"
+fi
+grep -q "openssl rand" <<<"$out" || { echo "$out"; die "the refusal does not say how to create a password"; }
+echo "ok  without POSTGRES_PASSWORD: $(grep -o 'POSTGRES_PASSWORD is not set.*' <<<"$out" | head -1 | cut -c1-150)"
 compose config -q
 
 prepare_images
@@ -99,7 +112,8 @@ while :; do
   states="$(for c in $(compose ps -q); do
     docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$c"
   done)"
-  if ! grep -qv ' healthy$' <<<"$states" && [[ $(wc -l <<<"$states") -ge 5 ]]; then break; fi
+  # 2 indexers, embedder, postgres, 2 gateways, grpc-proxy, web, prometheus (the proxy has no healthcheck)
+  if ! grep -v 'grpc-proxy' <<<"$states" | grep -qv ' healthy$' && [[ $(wc -l <<<"$states") -ge 9 ]]; then break; fi
   grep -qE ' (exited|dead) | unhealthy$' <<<"$states" && { echo "$states"; die "a service failed"; }
   (( $(date +%s) < deadline )) || { echo "$states"; die "services not healthy in time"; }
   sleep 5
@@ -117,20 +131,16 @@ index_in_compose() {  # index_in_compose ARGS...: index_catalogue inside the sta
     compose exec -T gateway python -m services.gateway.index_catalogue "$@"
   fi
 }
-# The HTTP edge (services/web) on its published port: the page and the original /predict/image
-# (run by run_sample_queries after the write path, with its photos and helpers).
-check_web_edge() {
-  WEB="${WEB:-127.0.0.1:8000}"
-  curl -sf "http://$WEB/" | grep -q "Marketplace visual search" || die "the page at http://$WEB/ does not load"
-  echo "ok  the page loads at http://$WEB/"
-  curl -sf -F "image=@${photos[0]}" "http://$WEB/predict/image" >"$Q/predict.json" || die "POST /predict/image failed"
-  check predict '(.Category | type) == "string" and .Probability > 0' "POST /predict/image: $(jq -c . "$Q/predict.json")"
-}
-AFTER_WRITE_PATH=check_web_edge run_sample_queries "$GATEWAY" index_in_compose
+run_sample_queries "$GATEWAY" index_in_compose
+
+step "the web edge on 127.0.0.1:$WEB_PUBLISHED_PORT"
+check_web_edge "127.0.0.1:$WEB_PUBLISHED_PORT"
 
 # ---------------------------------------------------------------------------------------------
 step "metrics: Prometheus scrapes every replica and saw the sample queries"
-PROM="http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+PROM="http://127.0.0.1:$PROMETHEUS_PORT"
+# every replica: 2 gateways, 1 embedder, 2 indexer shards, and Prometheus itself
+check_prometheus_up "$PROM" $(( ${GATEWAY_REPLICAS:-2} + 1 + 2 + 1 ))
 promql() { curl -sf --get --data-urlencode "query=$1" "$PROM/api/v1/query"; }
 deadline=$(( $(date +%s) + 120 ))
 while :; do  # first scrapes after start: wait until every target is up

@@ -2,17 +2,21 @@
 # make swarm-check: the stack of deploy/swarm/ on a real single-node Docker Swarm, under faults.
 #  1. the images, as make compose-check builds them (offline base, host wheelhouse; shared code in
 #     scripts/lib/docker_check.sh), and a Docker daemon (started as root when none runs);
-#  2. `docker swarm init` on 127.0.0.1 (when this host is in no swarm), the write-token secret
-#     (deploy.sh is first shown to refuse the stack without it), node labels for the shards
-#     and the catalogue, deploy.sh, wait until every task is healthy;
-#  3. the grpcurl sample queries of compose-check against the gateway on 127.0.0.1: the routing
+#  2. `docker swarm init` on 127.0.0.1 (when this host is in no swarm), the write-token and
+#     PostgreSQL password secrets (deploy.sh is first shown to refuse the stack without them, naming
+#     each), node labels for the indexer replicas, PostgreSQL, the image store and Prometheus,
+#     deploy.sh, wait until every task is healthy;
+#  3. the grpcurl sample queries of compose-check against the gateway on 127.0.0.1, the web edge
+#     (page, /predict/image, a JSON search, a photo from the image store) and Prometheus's `up` == 1
+#     for every task of every service (found by DNS, tasks.<service>); the routing
 #     mesh on a free port, or, on a kernel without IPVS (no routing mesh, no virtual IPs; this
 #     build VM), each gateway task's host-mode port; iptables/ip6tables rules drop what does not
 #     come from 127.0.0.0/8 while the check runs;
 #  4. steps under bounded client load (python -m scripts.swarm_load; UNAVAILABLE retried once):
 #     steady, kill an embedder container, kill an indexer replica's container, kill a gateway container,
 #     scale the embedder 2 -> 3, `docker service update --force` the embedder; each reports
-#     requests sent / failed / retried and how long Swarm took to be healthy again;
+#     requests sent / failed / retried and how long Swarm took to be healthy again; then
+#     Prometheus sees every task (3 embedders now) up and the web page still answers;
 #  5. removes the stack, its volumes and secret, leaves the swarm it made, stops dockerd if it
 #     started it (also on failure).
 # Settings: SWARM_CHECK_KEEP=1 leaves the stack and swarm up; SWARM_CHECK_UP_TIMEOUT (900 s);
@@ -33,19 +37,22 @@ exec > >(tee "$LOG") 2>&1
 STACK="${SWARM_CHECK_STACK:-mktcheck}"
 export WRITE_TOKEN_SECRET="${STACK}_write_token"
 export WRITE_TOKEN="check-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+export POSTGRES_PASSWORD_SECRET="${STACK}_postgres_password"
+POSTGRES_PASSWORD="check-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 GATEWAY=""
 TARGETS="$WORK/gateways.txt"
 DISCOVERY_PID=""
 MADE_GWBRIDGE=0
 WORKERS="${SWARM_CHECK_WORKERS:-2}"
 # one small host carries every task (4 embedders during a start-first update): reserve little
-export EMBEDDER_CPU_RESERVATION=0.1 INDEXER_CPU_RESERVATION=0.1 GATEWAY_CPU_RESERVATION=0.1
+export EMBEDDER_CPU_RESERVATION=0.1 INDEXER_CPU_RESERVATION=0.1 GATEWAY_CPU_RESERVATION=0.1 \
+  POSTGRES_CPU_RESERVATION=0.1 WEB_CPU_RESERVATION=0.1 PROMETHEUS_CPU_RESERVATION=0.1
 SWARM_MADE=0
 STACK_UP=0
 GUARD_RULES=()   # "iptables|ip6tables RULE...", inserted by guard, deleted at the end
 LABELLED_NODE=""
 INDEXERS=(indexer-0a indexer-0b indexer-1a indexer-1b)   # two replicas of each of two shards
-LABELS=("${INDEXERS[@]/#/marketplace.}" marketplace.catalogue)
+LABELS=("${INDEXERS[@]/#/marketplace.}" marketplace.postgres marketplace.images marketplace.monitoring)
 REPORT=()
 
 svc() { echo "${STACK}_$1"; }
@@ -61,7 +68,7 @@ cleanup() {
   if [[ $rc -ne 0 && $STACK_UP == 1 ]]; then
     step "failure: state and recent logs"
     docker stack ps --no-trunc "$STACK" | head -40
-    for s in gateway embedder "${INDEXERS[@]}"; do
+    for s in gateway embedder "${INDEXERS[@]}" postgres web prometheus; do
       echo "--- $s"; docker service logs --no-task-ids --tail 20 "$(svc "$s")" 2>&1 | cut -c1-300
     done
   fi
@@ -77,7 +84,7 @@ cleanup() {
     done
     docker volume ls -q --filter "label=com.docker.stack.namespace=$STACK" | xargs -r docker volume rm
   fi
-  docker secret rm "$WRITE_TOKEN_SECRET" >/dev/null 2>&1
+  docker secret rm "$WRITE_TOKEN_SECRET" "$POSTGRES_PASSWORD_SECRET" >/dev/null 2>&1
   local rule
   for rule in "${GUARD_RULES[@]}"; do ${rule%%|*} -D ${rule#*|} 2>/dev/null; done
   if [[ -n "$LABELLED_NODE" && $SWARM_MADE == 0 ]]; then
@@ -161,21 +168,29 @@ if [[ -e /proc/net/ip_vs ]] || modprobe -q ip_vs 2>/dev/null; then
 else
   MESH=0
   export GATEWAY_PUBLISH_MODE=host GATEWAY_ENDPOINT_MODE=dnsrr GATEWAY_PUBLISHED_PORT=0
+  export PUBLISH_MODE=host PUBLIC_ENDPOINT_MODE=dnsrr
   echo "no IPVS in this kernel (no routing mesh, no virtual IPs): every gateway task publishes a"
-  echo "host-mode port on 127.0.0.1 and the load client follows the healthy ones, as a load balancer would"
+  echo "host-mode port on 127.0.0.1 and the load client follows the healthy ones, as a load balancer would;"
+  echo "web and prometheus (one task each) publish host-mode ports"
 fi
+export WEB_PUBLISHED_PORT="${WEB_PUBLISHED_PORT:-$(free_port)}" PROMETHEUS_PUBLISHED_PORT="${PROMETHEUS_PUBLISHED_PORT:-$(free_port)}"
+WEB="127.0.0.1:$WEB_PUBLISHED_PORT"
+PROM="http://127.0.0.1:$PROMETHEUS_PUBLISHED_PORT"
 
-step "deploy.sh refuses a stack without its write-token secret, and says how to make it"
-docker secret rm "$WRITE_TOKEN_SECRET" >/dev/null 2>&1 || true
+step "deploy.sh refuses a stack without its secrets, and says how to make each"
+docker secret rm "$WRITE_TOKEN_SECRET" "$POSTGRES_PASSWORD_SECRET" >/dev/null 2>&1 || true
 if out="$(deploy/swarm/deploy.sh "$STACK" 2>&1)"; then
-  STACK_UP=1; die "deploy.sh deployed a stack without a write-token secret"
+  STACK_UP=1; die "deploy.sh deployed a stack without its secrets"
 fi
 echo "$out"
-grep -q "docker secret create $WRITE_TOKEN_SECRET" <<<"$out" || die "the refusal does not say how to create the secret"
-echo "ok  refused, naming 'docker secret create $WRITE_TOKEN_SECRET'"
+for secret in "$WRITE_TOKEN_SECRET" "$POSTGRES_PASSWORD_SECRET"; do
+  grep -q "docker secret create $secret" <<<"$out" || die "the refusal does not say how to create $secret"
+done
+echo "ok  refused, naming 'docker secret create $WRITE_TOKEN_SECRET' and '... $POSTGRES_PASSWORD_SECRET'"
 
-step "secret, node labels, deploy"
+step "secrets, node labels, deploy"
 printf '%s' "$WRITE_TOKEN" | docker secret create "$WRITE_TOKEN_SECRET" - >/dev/null
+printf '%s' "$POSTGRES_PASSWORD" | docker secret create "$POSTGRES_PASSWORD_SECRET" - >/dev/null
 LABELLED_NODE="$(docker info -f '{{.Swarm.NodeID}}')"
 docker node update $(printf -- '--label-add %s=true ' "${LABELS[@]}") "$LABELLED_NODE" >/dev/null
 echo "labels on this node: ${LABELS[*]}"
@@ -188,17 +203,23 @@ deploy/swarm/deploy.sh "$STACK"
 # IPv6 reaches docker-proxy itself, on host-mode ports Docker picks from the ephemeral range.
 guard() { "${1%%|*}" -I ${1#*|} && GUARD_RULES+=("$1"); }
 if [[ $MESH == 1 ]]; then
-  guard "iptables|DOCKER-USER -p tcp --dport $GATEWAY_PUBLISHED_PORT ! -s 127.0.0.0/8 -j DROP"
+  for port in "$GATEWAY_PUBLISHED_PORT" "$WEB_PUBLISHED_PORT" "$PROMETHEUS_PUBLISHED_PORT"; do
+    guard "iptables|DOCKER-USER -p tcp --dport $port ! -s 127.0.0.0/8 -j DROP"
+  done
 else
-  guard "iptables|DOCKER-USER -p tcp --dport 50050 ! -s 127.0.0.0/8 -j DROP"
+  for port in 50050 8000 9090; do   # the containers' ports, after DNAT
+    guard "iptables|DOCKER-USER -p tcp --dport $port ! -s 127.0.0.0/8 -j DROP"
+  done
+  guard "iptables|INPUT ! -i lo -p tcp -m multiport --dports $WEB_PUBLISHED_PORT,$PROMETHEUS_PUBLISHED_PORT ! -s 127.0.0.0/8 -j DROP"
   read -r low high </proc/sys/net/ipv4/ip_local_port_range
   guard "ip6tables|INPUT ! -i lo -p tcp --dport $low:$high -m conntrack --ctstate NEW -j DROP" \
     || echo "warning: no ip6tables rule: host-mode ports may answer on IPv6 addresses"
 fi
 echo "only 127.0.0.0/8 reaches the gateways: ${GUARD_RULES[*]}"
 
-declare -A REPLICAS=([indexer-0a]=1 [indexer-0b]=1 [indexer-1a]=1 [indexer-1b]=1 [embedder]=2 [gateway]=2)
-for service in "${INDEXERS[@]}" embedder gateway; do
+declare -A REPLICAS=([indexer-0a]=1 [indexer-0b]=1 [indexer-1a]=1 [indexer-1b]=1 [embedder]=2 [gateway]=2
+                     [postgres]=1 [web]=1 [prometheus]=1)
+for service in postgres "${INDEXERS[@]}" embedder gateway web prometheus; do
   took="$(wait_converged "$service" "${REPLICAS[$service]}")" \
     || die "$service: ${REPLICAS[$service]} healthy tasks not reached in time"
   echo "ok  $service: ${REPLICAS[$service]}/${REPLICAS[$service]} healthy ($(elapsed "$deploy_start") after deploy)"
@@ -235,7 +256,7 @@ for _ in $(seq 60); do
 done
 healthy_after="$(elapsed "$deploy_start")"
 echo "gateways: $(tr '\n' ' ' <"$TARGETS")"
-REPORT+=("stack healthy ${healthy_after} after deploy (2 gateways, 2 embedders, 2 indexer shards x 2 replicas; gateway $([[ $MESH == 1 ]] && echo "behind the routing mesh" || echo "tasks on host-mode ports, no IPVS here"))")
+REPORT+=("stack healthy ${healthy_after} after deploy (2 gateways on PostgreSQL, 2 embedders, 2 indexer shards x 2 replicas, web, prometheus; gateway $([[ $MESH == 1 ]] && echo "behind the routing mesh" || echo "tasks on host-mode ports, no IPVS here"))")
 docker service ls --filter "label=com.docker.stack.namespace=$STACK"
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +264,7 @@ index_in_swarm() {  # index_in_swarm ARGS...: index_catalogue on the stack's net
   if [[ $1 == --artifact ]]; then
     docker run --rm --network "${STACK}_internal" -v "$ARTIFACT_DIR:/artifacts:ro" \
       -e WRITE_TOKEN -e EMBEDDER_ADDR=dns:///embedder:50051 \
+      -e GATEWAY_DB=postgresql://marketplace@postgres:5432/catalogue -e "GATEWAY_DB_PASSWORD=$POSTGRES_PASSWORD" \
       -e "INDEXER_SHARDS=$(docker service inspect -f '{{range .Spec.TaskTemplate.ContainerSpec.Env}}{{println .}}{{end}}' \
            "$(svc gateway)" | sed -n 's/^INDEXER_SHARDS=//p')" \
       "marketplace-gateway:latest" python -m services.gateway.index_catalogue "$@"
@@ -251,6 +273,12 @@ index_in_swarm() {  # index_in_swarm ARGS...: index_catalogue on the stack's net
   fi
 }
 run_sample_queries "$GATEWAY" index_in_swarm
+
+step "the web edge on $WEB"
+check_web_edge "$WEB"
+step "Prometheus ($PROM) scrapes every task of every service"
+# 2 gateways, 2 embedders, 4 indexer replicas, Prometheus itself
+check_prometheus_up "$PROM" 9
 
 # ---------------------------------------------------------------------------------------------
 mapfile -t load_photos < <(cd "$REPO" && "$PY" -c "import sys; sys.path.insert(0, '.')
@@ -325,4 +353,11 @@ under_load "kill one gateway container" kill_one gateway 2
 under_load "scale embedder 2 -> 3" scale_embedder
 under_load "service update --force embedder" roll_embedder
 REPORT+=("all steps: sent $TOTAL_SENT, failed $TOTAL_FAILED")
+
+step "after the faults: Prometheus sees every task up (3 embedders now), the web page answers"
+since=$(date +%s)
+check_prometheus_up "$PROM" 10 240   # the replaced tasks' old addresses drop out of DNS discovery
+REPORT+=("Prometheus: up == 1 for all 10 targets (2 gateways, 3 embedders, 4 indexer replicas, itself) $(( $(date +%s) - since ))s after the last step")
+check_web_edge "$WEB"
+REPORT+=("web edge after the faults: page, /api/health ready, /predict/image, /api/search, photo: ok")
 [[ $TOTAL_FAILED == 0 ]] || die "$TOTAL_FAILED requests failed under the faults (target 0)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # deploy/swarm/deploy.sh [STACK]: deploy (or update) the marketplace stack on a Docker Swarm.
-# Checks first what `docker stack deploy` would only find out half-way: the write-token secret,
-# the node labels that place the indexer shards and the catalogue, and the two host folders;
+# Checks first what `docker stack deploy` would only find out half-way: the secrets (write token,
+# PostgreSQL password), the node labels that place the indexer replicas, the database, the image
+# store and Prometheus, and the two host folders;
 # each missing piece is named with the command that creates it. Then runs
 #   docker stack deploy --resolve-image never -c deploy/swarm/stack.yml STACK      (STACK: marketplace)
 # (--resolve-image never: images built on the hosts are used as they are; with a registry
@@ -12,6 +13,7 @@ set -Eeuo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STACK="${1:-marketplace}"
 SECRET="${WRITE_TOKEN_SECRET:-marketplace_write_token}"
+PG_SECRET="${POSTGRES_PASSWORD_SECRET:-marketplace_postgres_password}"
 problems=()
 
 [[ "$(docker info -f '{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}}' 2>/dev/null)" == "active true" ]] \
@@ -20,6 +22,10 @@ problems=()
 if ! docker secret inspect "$SECRET" >/dev/null 2>&1; then
   problems+=("no write-token secret '$SECRET': the stack does not start without one. Create it (keep the token for write clients):
       openssl rand -hex 32 | tee write_token.txt | docker secret create $SECRET -")
+fi
+if ! docker secret inspect "$PG_SECRET" >/dev/null 2>&1; then
+  problems+=("no catalogue database password secret '$PG_SECRET': PostgreSQL and the gateways do not start without one. Create it:
+      openssl rand -hex 24 | docker secret create $PG_SECRET -")
 fi
 files=(-c "$HERE/stack.yml")
 if [[ "${SWARM_TLS:-0}" == 1 ]]; then

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# First start: a cluster in $PGDATA with the user `marketplace` (password POSTGRES_PASSWORD,
-# scram-sha-256 over the network) owning the database `catalogue`. Then run the server.
+# First start: a cluster in $PGDATA with the user `marketplace` (password POSTGRES_PASSWORD, or
+# the file POSTGRES_PASSWORD_FILE names, e.g. a Docker secret; scram-sha-256 over the network)
+# owning the database `catalogue`. Then run the server.
 set -euo pipefail
-: "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
+if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
+  [ -z "${POSTGRES_PASSWORD:-}" ] || { echo "POSTGRES_PASSWORD and POSTGRES_PASSWORD_FILE are both set: keep one" >&2; exit 2; }
+  POSTGRES_PASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")" \
+    || { echo "POSTGRES_PASSWORD_FILE=$POSTGRES_PASSWORD_FILE cannot be read: mount the password secret there" >&2; exit 2; }
+fi
+: "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD (or POSTGRES_PASSWORD_FILE)}"
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   pwfile=$(mktemp)
   printf '%s' "$POSTGRES_PASSWORD" > "$pwfile"

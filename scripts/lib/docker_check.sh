@@ -121,11 +121,13 @@ stop_dockerd() {  # only the daemon ensure_dockerd started, by its PID
   undo_docker_network
 }
 
-forget_cached_images() {  # a cold build from scratch: images, base and wheelhouse stamp
+forget_cached_images() {  # a cold build from scratch: images, build cache, base and wheelhouse stamp
   step "fresh: removing cached images and the wheelhouse stamp"
   docker rmi -f marketplace-indexer:latest marketplace-embedder:latest marketplace-gateway:latest \
     marketplace-web:latest marketplace-prometheus:latest marketplace-postgres:latest marketplace-grpc-proxy:latest \
     "$LOCAL_BASE_TAG" "$BASE_ROOTFS_TAG" 2>/dev/null | grep -c '^Deleted' | sed 's/$/ layers deleted/' || true
+  docker image prune -f >/dev/null            # untagged leftovers of earlier builds
+  docker builder prune -af | tail -1          # the build cache
   rm -f "$CACHE/wheels/.stamp"
 }
 
@@ -254,8 +256,9 @@ build_images() {  # the three service images from docker-compose.yml's build sec
   echo "full output: ${WORK#$REPO/}/build.log (the first build takes ~10 min: torch and CUDA libraries)"
   local build_start
   build_start=$(date +%s)
-  # the build needs no write token; interpolation does, so give it a throwaway one
-  if ! WRITE_TOKEN="${WRITE_TOKEN:-build-only}" COMPOSE_DOCKER_CLI_BUILD=0 DOCKER_BUILDKIT=0 \
+  # the build needs no write token nor database password; interpolation does, so give it throwaway ones
+  if ! WRITE_TOKEN="${WRITE_TOKEN:-build-only}" POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-build-only}" \
+       COMPOSE_DOCKER_CLI_BUILD=0 DOCKER_BUILDKIT=0 \
        compose build >"$WORK/build.log" 2>&1; then
     grep -v '━' "$WORK/build.log" | tail -40
     die "image build failed"
@@ -434,4 +437,48 @@ print('\n'.join(map(str, photo_files(3))))" 2>/dev/null || true)
     check recommend "(.results | length) > 0 and all(.results[]; .listing.id != \"$first\")" "Recommend: liked listing not returned"
   fi
   step "all sample queries passed${SKIPPED:+ (skipped as UNIMPLEMENTED: ${SKIPPED[*]})}"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP edge (services/web) at WEB (host:port), after the catalogue is indexed: the page, its
+# health entry (the gateway behind it ready), the original /predict/image, one JSON search with
+# a real photo and that result's photo from the image store. Uses $Q and ${photos[@]} of
+# run_sample_queries.
+check_web_edge() {
+  local web=$1 url
+  curl -sf "http://$web/" | grep -q "Marketplace visual search" || die "the page at http://$web/ does not load"
+  echo "ok  the page loads at http://$web/"
+  curl -sf "http://$web/api/health" >"$Q/web_health.json" || die "GET /api/health failed"
+  check web_health '.ready == true' "GET /api/health: $(jq -c . "$Q/web_health.json")"
+  curl -sf -F "image=@${photos[0]}" "http://$web/predict/image" >"$Q/predict.json" || die "POST /predict/image failed"
+  check predict '(.Category | type) == "string" and .Probability > 0' "POST /predict/image: $(jq -c . "$Q/predict.json")"
+  curl -sf -F "image=@${photos[2]}" "http://$web/api/search?k=5" >"$Q/web_search.json" \
+    || die "POST /api/search failed"
+  check web_search '(.results | length) == 5 and (.results[0].image_url | type) == "string"' \
+    "POST /api/search with a photo: 5 listings, first $(jq -r '.results[0].listing.id' "$Q/web_search.json")"
+  url="$(jq -r '.results[0].image_url' "$Q/web_search.json")"
+  local tries=0   # the edge copies the prepared photos into the store in the background at start
+  until [[ "$(curl -s -o /dev/null -w '%{http_code} %{content_type}' "http://$web$url")" == "200 image/"* ]]; do
+    (( ++tries < 30 )) || die "the first result's photo $url is not served from the image store"
+    sleep 5
+  done
+  echo "ok  GET $url: the photo from the image store"
+}
+
+# prometheus_all_up PROM_URL EXPECTED [TIMEOUT_S]: waits until Prometheus's `up` has EXPECTED
+# series, every one 1 (each replica of each service found by DNS and scraped), and lists them
+check_prometheus_up() {
+  local prom=$1 expected=$2 deadline=$(( $(date +%s) + ${3:-180} ))
+  while :; do
+    curl -sf --get --data-urlencode 'query=up' "$prom/api/v1/query" >"$Q/up.json" || true
+    if jq -e --argjson n "$expected" '(.data.result | length) == $n and all(.data.result[]; .value[1] == "1")' \
+         "$Q/up.json" >/dev/null 2>&1; then break; fi
+    if (( $(date +%s) >= deadline )); then
+      jq -r '.data.result[]? | "    \(.metric.job) \(.metric.instance) up=\(.value[1])"' "$Q/up.json" 2>/dev/null
+      die "Prometheus: not $expected targets with up == 1 in time"
+    fi
+    sleep 5
+  done
+  jq -r '.data.result | sort_by(.metric.job, .metric.instance)[] | "    up{job=\"\(.metric.job)\", service=\"\(.metric.service // "")\", instance=\"\(.metric.instance)\"} = \(.value[1])"' "$Q/up.json"
+  echo "ok  Prometheus: up == 1 for all $expected targets"
 }

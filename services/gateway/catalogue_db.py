@@ -6,6 +6,9 @@
   default ``run/catalogue.sqlite3``): an embedded SQLite file, zero set-up, one gateway process;
 * ``postgresql://user:password@host:port/dbname`` (also ``postgres://``, and libpq's query
   parameters such as ``?sslmode=require``): a PostgreSQL server shared by any number of gateways.
+  The password may instead come from ``GATEWAY_DB_PASSWORD`` or the file ``GATEWAY_DB_PASSWORD_FILE``
+  names (a Docker or Kubernetes secret), with the URL giving only the user:
+  ``postgresql://marketplace@postgres:5432/catalogue``.
 
 Both back ends give `catalogue.Catalogue` the same small interface, so every catalogue statement
 is written once (SQL with ``?`` placeholders; PostgreSQL's driver gets them as ``%s``):
@@ -45,7 +48,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from common.security import secret_from_env
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +110,26 @@ def parse_database_url(value: str | Path) -> DatabaseUrl:
         if not parts.path.strip("/"):
             raise DatabaseError(f"GATEWAY_DB={mask_password(text)!r}: no database name; expected "
                                 "postgresql://user:password@host:port/dbname")
+        password = secret_from_env("GATEWAY_DB_PASSWORD")
+        if password is not None:
+            text = with_password(text, password)
         return DatabaseUrl("postgresql", text, mask_password(text))
     raise DatabaseError(f"GATEWAY_DB={mask_password(text)!r}: unknown scheme {scheme!r}; use a path, "
                         "sqlite:///path or postgresql://user:password@host:port/dbname")
+
+
+def with_password(url: str, password: str) -> str:
+    """The PostgreSQL URL with ``password`` (from GATEWAY_DB_PASSWORD[_FILE]) put in; the URL must
+    name the user and must not carry a password of its own."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        raise DatabaseError(f"GATEWAY_DB={mask_password(url)!r} has a password and GATEWAY_DB_PASSWORD"
+                            "(_FILE) is set too: keep one")
+    if not parts.username:
+        raise DatabaseError(f"GATEWAY_DB={url!r} names no user for the password of GATEWAY_DB_PASSWORD"
+                            "(_FILE): postgresql://user@host:port/dbname")
+    user, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def mask_password(url: str) -> str:

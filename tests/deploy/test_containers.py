@@ -122,10 +122,10 @@ def test_compose_file_is_valid():
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("no docker-compose CLI installed (apt-get install docker-compose) to validate with")
-    # the compose file has no default write token (test_manifests checks that it refuses without)
+    # the compose file has no default write token or database password (test_manifests checks that it refuses without)
     result = subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
                             capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "WRITE_TOKEN": "any-token"})
+                            env={**os.environ, "WRITE_TOKEN": "any-token", "POSTGRES_PASSWORD": "any-password"})
     assert result.returncode == 0, result.stderr
 
 

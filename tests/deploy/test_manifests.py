@@ -5,7 +5,10 @@ kubernetes-validate package ships them) and rendered with `kubectl kustomize`. E
 port, gRPC probe and environment variable of every deployment is checked against the services
 themselves: ports from the ``<SERVICE>_PORT`` defaults in their config modules and the
 Dockerfiles, health service names from their servers, variable names from the code each image
-runs (the same import closure `test_containers` checks the Dockerfiles with).
+runs (the same import closure `test_containers` checks the Dockerfiles with). The web edge
+(services/web) is checked the same way: its image, HTTP port, /api/health probes and variables,
+its gateway target, the photo store it shares with the gateways, and the NetworkPolicies that let
+only it (and labelled clients) reach the gateway and it reach only the gateway.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ K8S = REPO / "deploy" / "k8s"
 SWARM = REPO / "deploy" / "swarm" / "stack.yml"
 COMPOSE = REPO / "docker-compose.yml"
 SERVICES = ("embedder", "indexer", "gateway")
+#: The HTTP edge (services/web): a gRPC client of the gateway, checked beside the three.
+WEB = "web"
 HEALTH_NAMES = {"embedder": EMBEDDER_SERVICE, "indexer": INDEXER_SERVICE, "gateway": GATEWAY_SERVICE}
 #: Kubernetes versions validated against: the oldest EKS still supports and the newest schemas.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -37,7 +42,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 THIRD_PARTY_ENV = {"HF_HUB_OFFLINE"}
 #: What each service cannot start without (besides the write token, checked apart).
 REQUIRED_ENV = {"embedder": {"EMBEDDER_ARTIFACT_DIR"}, "indexer": {"INDEXER_DATA_DIR"},
-                "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"}}
+                "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"}, WEB: {"GATEWAY_ADDR", "IMAGE_STORE_DIR"}}
 _ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_path", "getenv", "get", "_read"}
 _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
 
@@ -55,6 +60,8 @@ def env_read_by(service: str) -> frozenset[str]:
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
                 if name in _ENV_READERS and isinstance(node.args[0].value, str):
                     names.add(node.args[0].value)
+                elif name == "secret_from_env" and isinstance(node.args[0].value, str):  # NAME or NAME_FILE
+                    names |= {node.args[0].value, f"{node.args[0].value}_FILE"}
             elif (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
                   and ast.unparse(node.value) == "os.environ"):
                 names.add(node.slice.value)
@@ -81,9 +88,12 @@ def test_what_the_services_read_is_found():
     assert {"EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "LOG_LEVEL"} <= env_read_by("embedder")
     assert {"INDEXER_DATA_DIR", "INDEXER_COLLECTIONS", "WRITE_TOKEN", "WRITE_TOKEN_FILE",
             "TLS_CERT"} <= env_read_by("indexer")
-    assert {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB", "WRITE_TOKEN_FILE", "TLS_CA"} <= env_read_by("gateway")
+    assert {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB", "GATEWAY_DB_PASSWORD_FILE", "WRITE_TOKEN_FILE",
+            "TLS_CA"} <= env_read_by("gateway")
     assert "GATEWAY_DB" not in env_read_by("indexer")
     assert [service_port(s) for s in SERVICES] == [50051, 50052, 50050]
+    assert {"GATEWAY_ADDR", "IMAGE_STORE_DIR", "WEB_PORT", "TLS_CA"} <= env_read_by(WEB)
+    assert service_port(WEB) == 8000
 
 
 def image_service(image: str) -> str:
@@ -91,7 +101,7 @@ def image_service(image: str) -> str:
     name = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
     assert name.startswith("marketplace-"), image
     service = name[len("marketplace-"):]
-    assert service in SERVICES and (REPO / "services" / service / "Dockerfile").exists(), image
+    assert service in (*SERVICES, WEB) and (REPO / "services" / service / "Dockerfile").exists(), image
     return service
 
 
@@ -104,6 +114,13 @@ def check_env(service: str, env: dict[str, str], where: str) -> None:
         assert ("WRITE_TOKEN" in env) != ("WRITE_TOKEN_FILE" in env), f"{where}: {service} needs one write token"
     if service == "gateway":
         assert ("INDEXER_ADDRS" in env) != ("INDEXER_SHARDS" in env), f"{where}: the gateway needs one shard list"
+
+
+def check_web_gateway_target(env: dict[str, str], gateway_names: set[str], where: str) -> None:
+    """The web edge dials the gateway by a dns:/// name (round_robin over its replicas) on its port."""
+    target = re.fullmatch(r"dns:///(?:tasks\.)?([\w.-]+):(\d+)", env["GATEWAY_ADDR"])
+    assert target, f"{where}: GATEWAY_ADDR={env['GATEWAY_ADDR']} is not a dns:/// target (round_robin)"
+    assert target[1] in gateway_names and int(target[2]) == service_port("gateway"), f"{where}: {env['GATEWAY_ADDR']}"
 
 
 def gateway_shards(env: dict[str, str]) -> list[list[str]]:
@@ -151,22 +168,40 @@ def test_compose_format_services_match_the_code(path):
     services = {}
     for name, service in spec["services"].items():
         image = re.sub(r"\$\{[^}]*\}", "", str(service.get("image", "")))  # ${IMAGE_PREFIX:-} etc.
-        if image.split(":")[0].rsplit("/", 1)[-1] not in {f"marketplace-{s}" for s in SERVICES}:
-            continue  # other services (databases, monitoring, web edge) are checked elsewhere
+        if image.split(":")[0].rsplit("/", 1)[-1] not in {f"marketplace-{s}" for s in (*SERVICES, WEB)}:
+            continue  # other services (database, proxy, monitoring) are checked elsewhere
         kind = image_service(image)
         services[name] = kind
         env = compose_env(service)
         check_env(kind, env, f"{path.name} {name}")
         port = service_port(kind)
         test = " ".join(service["healthcheck"]["test"])
+        assert "command" not in service and "entrypoint" not in service, "the image's CMD runs the service"
+        if kind == WEB:
+            assert f"http://127.0.0.1:{port}/api/health" in test, f"{path.name} {name}: healthcheck"
+            targets = [p["target"] if isinstance(p, dict) else int(str(p).rsplit(":", 1)[1]) for p in service["ports"]]
+            assert targets == [port], f"{path.name} {name}: published port"
+            continue
         assert f"127.0.0.1:{port} grpc.health.v1.Health/Check" in test, f"{path.name} {name}: healthcheck"
         if "INDEXER_PEERS" in env:  # replicas must see each other while catching up: alive, not SERVING
             assert '"SERVING"' not in test, f"{path.name} {name}: a replica's healthcheck must not need SERVING"
-        assert "command" not in service and "entrypoint" not in service, "the image's CMD runs the service"
     indexers = {n: compose_env(spec["services"][n]) for n, k in services.items() if k == "indexer"}
-    gateway = spec["services"][next(n for n, k in services.items() if k == "gateway")]
-    addresses = {n: service_port(k) for n, k in services.items()}
+    gateway_name = next(n for n, k in services.items() if k == "gateway")
+    gateway = spec["services"][gateway_name]
+    addresses = {n: service_port(k) for n, k in services.items() if k != WEB}
     check_gateway_targets(compose_env(gateway), addresses, indexers, path.name)
+    # the web edge: a client of the gateway, serving the photos the gateways write (one volume)
+    (web_name,) = [n for n, k in services.items() if k == WEB]
+    web_env = compose_env(spec["services"][web_name])
+    check_web_gateway_target(web_env, {gateway_name}, f"{path.name} {web_name}")
+
+    def store_volume(service: dict, env: dict[str, str]) -> str:
+        mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in service["volumes"]]
+        (source,) = [m.split(":")[0] for m in mounts if m.split(":")[1] == env["IMAGE_STORE_DIR"]]
+        assert source in spec["volumes"], f"{path.name}: the image store is not a named volume"
+        return source
+    assert store_volume(spec["services"][web_name], web_env) == store_volume(gateway, compose_env(gateway)), \
+        f"{path.name}: web and gateway use different image stores"
 
 
 def test_swarm_stack_secrets_balancing_and_rollout():
@@ -192,6 +227,33 @@ def test_swarm_stack_secrets_balancing_and_rollout():
         elif name == "gateway":
             assert deploy["update_config"]["order"] == "start-first" and deploy["replicas"] >= 2
             assert service["ports"][0]["target"] == service_port("gateway")
+        elif name in ("postgres", "prometheus"):  # one task on the node of its local volume
+            assert deploy["update_config"]["order"] == "stop-first" and deploy["replicas"] == 1
+            assert any(c.startswith("node.labels.marketplace.") for c in deploy["placement"]["constraints"])
+    # the image store is a local volume: the gateways and the web edge on the node that holds it
+    assert services["web"]["deploy"]["placement"] == services["gateway"]["deploy"]["placement"]
+
+
+def test_swarm_prometheus_scrapes_every_task_of_every_service():
+    """deploy/swarm/prometheus.yml finds each service's tasks by DNS (tasks.<service>) on the
+    metrics port that service is given."""
+    spec = yaml.safe_load(SWARM.read_text())
+    (config,) = [c["file"] for c in spec["configs"].values()]
+    prometheus = yaml.safe_load((SWARM.parent / config).read_text())
+    scraped = {(name, sd["port"]) for job in prometheus["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+               for name in sd["names"]}
+    expected = set()
+    for name, service in spec["services"].items():
+        env = compose_env(service)
+        ports = [v for k, v in env.items() if k.endswith("_METRICS_PORT")]
+        image = re.sub(r"\$\{[^}]*\}", "", service["image"])
+        if image.split(":")[0] in {f"marketplace-{s}" for s in SERVICES}:
+            kind = image_service(image)
+            assert ports and f"{kind.upper()}_METRICS_PORT" in env, f"{name}: no metrics port"
+            expected.add((f"tasks.{name}", int(ports[0])))
+    assert expected and scraped == expected, f"scraped {sorted(scraped - expected)}, not scraped {sorted(expected - scraped)}"
+    target = spec["services"]["prometheus"]["configs"][0]["target"]
+    assert target == "/etc/prometheus/prometheus.yml", "the image's CMD reads that file"
 
 
 def test_no_default_write_token_anywhere():
@@ -205,18 +267,34 @@ def test_no_default_write_token_anywhere():
                                    capture_output=True).returncode == 0], "secret values are committed"
 
 
-def test_compose_refuses_to_start_without_a_write_token(tmp_path):
+@pytest.mark.parametrize("missing, how", [("WRITE_TOKEN", "openssl rand -hex 32"),
+                                           ("POSTGRES_PASSWORD", "openssl rand -hex 24")])
+def test_compose_refuses_to_start_without_its_secrets(tmp_path, missing, how):
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("no docker-compose CLI installed (apt-get install docker-compose)")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WRITE_TOKEN": "t", "POSTGRES_PASSWORD": "p"}
     result = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            timeout=60, env=env, cwd=tmp_path)
+                            timeout=60, env={k: v for k, v in env.items() if k != missing}, cwd=tmp_path)
     assert result.returncode != 0
-    assert "WRITE_TOKEN" in result.stderr and "openssl rand -hex 32" in result.stderr
+    assert f"{missing} is not set" in result.stderr and how in result.stderr
     ok = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                        timeout=60, env={**env, "WRITE_TOKEN": "t"}, cwd=tmp_path)
+                        timeout=60, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_no_default_database_password_anywhere():
+    for path in [COMPOSE, SWARM, *K8S.rglob("*.yaml"), REPO / "scripts" / "compose" / "postgres-entrypoint.sh"]:
+        text = path.read_text()
+        assert "change-me" not in text and not re.search(r"\$\{POSTGRES_PASSWORD:-[^}]", text), path
+    assert "${POSTGRES_PASSWORD:?" in COMPOSE.read_text()
+    swarm = yaml.safe_load(SWARM.read_text())
+    assert swarm["secrets"]["postgres_password"].get("external") is True
+    postgres, gateway = swarm["services"]["postgres"], swarm["services"]["gateway"]
+    assert compose_env(postgres)["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert compose_env(gateway)["GATEWAY_DB_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "postgres_password" in postgres["secrets"] and "postgres_password" in gateway["secrets"]
+    assert "@" in compose_env(gateway)["GATEWAY_DB"] and ":" not in compose_env(gateway)["GATEWAY_DB"].split("//")[1].split("@")[0]
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -272,6 +350,7 @@ def check_k8s(docs: list[dict], where: str) -> None:
     secrets = by_kind.get("Secret", {})
     shard_envs = {}
     kinds = {}
+    store_claims = {}  # kind -> the claim mounted at its IMAGE_STORE_DIR
     for workload, pod in pod_specs(docs):
         (container,) = pod["containers"]
         kind = image_service(container["image"])
@@ -283,6 +362,9 @@ def check_k8s(docs: list[dict], where: str) -> None:
         env = {e["name"]: e.get("value", "<from secret>") for e in container["env"]}
         check_env(kind, env, label)
         for probe in ("readinessProbe", "livenessProbe"):
+            if kind == WEB:  # HTTP: the edge answers (and reports the gateway's state) at /api/health
+                assert container[probe]["httpGet"] == {"path": "/api/health", "port": port}, f"{label}: {probe}"
+                continue
             if kind == "indexer" and probe == "livenessProbe":
                 # a catching-up replica says NOT_SERVING on every entry: alive = accepts connections
                 assert container[probe]["tcpSocket"]["port"] == port, f"{label}: {probe}"
@@ -315,9 +397,21 @@ def check_k8s(docs: list[dict], where: str) -> None:
             assert by_kind["Service"]["embedder"]["spec"]["clusterIP"] == "None", "dns:/// needs a headless Service"
         if kind == "gateway":
             gateway_env = env
+            gateway_services = {s["metadata"]["name"] for s in selected}
+        if kind == WEB:
+            web_env = env
+        if "IMAGE_STORE_DIR" in env:
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["IMAGE_STORE_DIR"]]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            store_claims[kind] = volume["persistentVolumeClaim"]["claimName"]
     check_gateway_targets(gateway_env, service_ports, shard_envs, where)
+    check_web_gateway_target(web_env, gateway_services, where)
+    # one photo store: the gateways write it, the web pods serve it, from any node
+    assert store_claims.get("gateway") == store_claims.get(WEB), f"{where}: image stores {store_claims}"
+    claim = by_kind["PersistentVolumeClaim"][store_claims[WEB]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], f"{where}: {claim['metadata']['name']}"
     scaled = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind["HorizontalPodAutoscaler"].values()}
-    assert scaled == {n for n, k in kinds.items() if k in ("gateway", "embedder")}, f"{where}: HPAs"
+    assert scaled == {n for n, k in kinds.items() if k in ("gateway", "embedder", WEB)}, f"{where}: HPAs"
     budgets = [p["spec"]["selector"]["matchLabels"] for p in by_kind["PodDisruptionBudget"].values()]
     for workload, _ in pod_specs(docs):
         labels = workload["spec"]["template"]["metadata"]["labels"].items()
@@ -334,8 +428,23 @@ def check_k8s(docs: list[dict], where: str) -> None:
                 sources |= {f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in rule["from"]}
                 assert all(set(f) == {"podSelector"} for f in rule["from"]), "pods only, no namespaces or IPs"
             assert sources == allowed, f"{where}: {target} reachable from {sources}"
-    protected = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in by_kind["NetworkPolicy"].values()}
-    assert {"embedder", "indexer"} <= protected
+    policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: p
+                for p in by_kind["NetworkPolicy"].values()}
+    assert {"embedder", "indexer", "gateway", WEB} <= set(policies)
+    # the gateway: from the web pods and from pods labelled as gateway clients, on its port only
+    (rule,) = policies["gateway"]["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": service_port("gateway")}]
+    sources = [f["podSelector"]["matchLabels"] for f in rule["from"]]
+    assert sorted(map(str, sources)) == sorted(map(str, [{"app.kubernetes.io/name": WEB},
+                                                          {"marketplace/gateway-client": "true"}])), sources
+    # the web edge: reaches the gateway's port and the cluster DNS, nothing else
+    web_policy = policies[WEB]["spec"]
+    assert "Egress" in web_policy["policyTypes"]
+    egress = {(str(r["to"][0]["podSelector"]["matchLabels"]), p["protocol"], p["port"])
+              for r in web_policy["egress"] for p in r["ports"]}
+    assert egress == {(str({"app.kubernetes.io/name": "gateway"}), "TCP", service_port("gateway")),
+                      (str({"k8s-app": "kube-dns"}), "UDP", 53), (str({"k8s-app": "kube-dns"}), "TCP", 53)}, egress
+    assert web_policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": service_port(WEB)}]}]
 
 
 def test_k8s_base_matches_the_code():
@@ -398,7 +507,12 @@ def test_swarm_tls_overlay_merges_into_settings_the_services_read():
                             env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "ARTIFACT_DIR": "/m", "PREPARED_DIR": "/d"})
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
-    for name, service in rendered["services"].items():
+    grpc_services = {name: service for name, service in rendered["services"].items()
+                     if not name.startswith(("postgres", "web", "prometheus"))}
+    assert len(grpc_services) == 6
+    web = rendered["services"]["web"]
+    assert {"TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY"} <= set(compose_env(web)) <= env_read_by("web")
+    for name, service in grpc_services.items():
         kind = image_service(re.sub(r"\$\{[^}]*\}", "", service["image"]))
         env = compose_env(service)
         check_env(kind, env, f"stack.yml + tls.yml {name}")

@@ -88,6 +88,29 @@ def test_passwords_are_masked():
     assert mask_password("postgresql://me@h/d") == "postgresql://me@h/d"
 
 
+def test_the_password_can_come_from_a_secret_file(monkeypatch, tmp_path):
+    secret = tmp_path / "db_password"
+    secret.write_text("p@ss/w:rd\n")
+    monkeypatch.delenv("GATEWAY_DB_PASSWORD", raising=False)
+    monkeypatch.setenv("GATEWAY_DB_PASSWORD_FILE", str(secret))
+    parsed = parse_database_url("postgresql://marketplace@postgres:5432/catalogue")
+    assert parsed.target == "postgresql://marketplace:p%40ss%2Fw%3Ard@postgres:5432/catalogue"
+    assert psycopg.conninfo.conninfo_to_dict(parsed.target)["password"] == "p@ss/w:rd"
+    assert "p%40ss" not in parsed.display and "***" in parsed.display
+    assert parse_database_url("run/c.sqlite3").target == "run/c.sqlite3"  # SQLite ignores it
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql://u:inline@h/cat", "keep one"), ("postgresql://h/cat", "names no user")])
+def test_a_password_file_beside_an_unfit_url_is_refused(monkeypatch, tmp_path, url, message):
+    secret = tmp_path / "db_password"
+    secret.write_text("from-file")
+    monkeypatch.setenv("GATEWAY_DB_PASSWORD_FILE", str(secret))
+    with pytest.raises(DatabaseError, match=message) as raised:
+        parse_database_url(url)
+    assert "from-file" not in str(raised.value) and "inline" not in str(raised.value)
+
+
 # ----------------------------------------------------------------------------- lifecycle
 
 
