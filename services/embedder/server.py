@@ -10,7 +10,7 @@ import grpc
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
-from common.text import FUSION_WEIGHTS_FILE
+from common.artifact import FUSION_WEIGHTS_FILE
 from common.security import server_credentials
 from common.serving import Server, create_server, serve_until_signal
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
