@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.artifact import METRICS_FILE
+from common.prepared_data import IMAGES_FILE, LABELS_FILE
 from training.config import PRESETS, TrainConfig, preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +52,7 @@ def _prepare(data: Path | None, out: Path, progress: bool) -> Path:
     from training.dataset import data_dir_default
     from training.prepare import prepare
 
-    if (out / "images.csv").is_file() and (out / "labels.json").is_file():
+    if (out / IMAGES_FILE).is_file() and (out / LABELS_FILE).is_file():
         return out
     prepare(data if data is not None else data_dir_default(), out, progress=progress)
     return out
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     from common.model import load_artifact
     from training.features import DEFAULT_CACHE_DIR
-    from training.train import load_catalogue, run, set_threads
+    from training.dataset import load_training_photos
+    from training.train import run, set_threads
 
     set_threads()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data_dir = args.prepared or _prepare(args.data, args.work / "data", not args.no_progress)
     prepare_s = time.perf_counter() - started
-    catalogue = load_catalogue(data_dir)
+    photos = load_training_photos(data_dir)
     rows = []
     for mode in modes:
         config = TrainConfig.from_dict(MODES[mode])
@@ -178,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cache, ignore_errors=True)
         t0 = time.perf_counter()
         card = run(config, data_dir, out, cache_dir=cache, force=True, progress=not args.no_progress,
-                   catalogue=catalogue)
+                   photos=photos)
         seconds = time.perf_counter() - t0
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / METRICS_FILE).read_text())
         rows.append(_row(mode, card, metrics, seconds))
         print(f"{mode}: done in {seconds / 60:.1f} min -> {out}", file=sys.stderr, flush=True)
-    print(f"data: {data_dir} ({len(catalogue.images)} photos, prepared in {prepare_s:.0f} s); "
+    print(f"data: {data_dir} ({len(photos.images)} photos, prepared in {prepare_s:.0f} s); "
           f"feature cache: {'shared, reused' if args.reuse_cache else 'fresh per mode'}")
     print(format_table(rows))
     best = max(rows, key=lambda r: (round(r["valid_image_top1"] or 0, 4), r["valid_listing_top1"] or 0))
@@ -191,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.precisions:
         from training.export import write_runtime_files
         best_dir = args.work / "artifacts" / best["mode"]
-        write_runtime_files(best_dir, load_artifact(best_dir).model, catalogue, int8=True)
-        test = catalogue.mask("test")
-        files = [f for f, keep in zip(catalogue.files, test) if keep]
+        write_runtime_files(best_dir, load_artifact(best_dir).model, photos, int8=True)
+        test = photos.mask("test")
+        files = [f for f, keep in zip(photos.files, test) if keep]
         print(f"\n{best['mode']} on the {len(files)} test photos in each runtime and precision:")
-        for row in precision_accuracy(best_dir, files, catalogue.labels[test]):
+        for row in precision_accuracy(best_dir, files, photos.labels[test]):
             if "error" in row:
                 print(f"  {row['runtime']:>12} {row['precision']:>5}: not available: {row['error']}")
             else:

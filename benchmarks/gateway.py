@@ -64,7 +64,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._timing import WindowCell, closed_loop, cpu_name, load_line
+from common.artifact import CARD_FILE
 from common.config import REPO_ROOT
+from common.prepared_data import IMAGES_FILE, LISTINGS_FILE
 from scripts.stack import free_port, spawn, wait_ready
 
 PREPARED_DIR = REPO_ROOT / "build" / "data"
@@ -79,29 +81,29 @@ K = 10
 
 def find_artifact() -> tuple[Path, str]:
     """The newest trained artefact under artifacts/, else the test artefact (exported once)."""
-    cards = sorted(ARTIFACTS_DIR.glob("**/model_card.json"), key=lambda p: p.stat().st_mtime)
+    cards = sorted(ARTIFACTS_DIR.glob(f"**/{CARD_FILE}"), key=lambda p: p.stat().st_mtime)
     if cards:
         return cards[-1].parent, "trained"
     from tests.support.artifacts import make_test_artifact
     for directory in TEST_ARTIFACT_DIRS:
-        if (directory / "model_card.json").is_file():
+        if (directory / CARD_FILE).is_file():
             return make_test_artifact(directory), "test artefact: pretrained backbone, random head"
     return (make_test_artifact(TEST_ARTIFACT_DIRS[-1]),
             "test artefact: pretrained backbone, random head")
 
 
 def prepared_dir(tmp: Path) -> tuple[Path, str]:
-    if (PREPARED_DIR / "listings.csv").is_file() and (PREPARED_DIR / "images.csv").is_file():
+    if (PREPARED_DIR / LISTINGS_FILE).is_file() and (PREPARED_DIR / IMAGES_FILE).is_file():
         return PREPARED_DIR, str(PREPARED_DIR)
     from tests.gateway.gateway_data import make_mini_prepared
     return make_mini_prepared(tmp / "prepared", per_category=1000), "raw photo set (no build/data)"
 
 
 def catalogue_photos(prepared: Path) -> list[tuple[str, Path]]:
-    import pandas as pd
-    images = pd.read_csv(prepared / "images.csv", dtype=str, keep_default_na=False)
-    return [(row.image_id, prepared / row.path) for row in images.itertuples(index=False)
-            if (prepared / row.path).is_file()]
+    from common.prepared_data import IMAGES_FILE, read_rows
+    return [(row["image_id"], prepared / row["path"])
+            for row in read_rows(prepared, IMAGES_FILE, required=("image_id", "path"))
+            if (prepared / row["path"]).is_file()]
 
 
 def query_photos(photos: list[tuple[str, Path]], count: int) -> tuple[list[tuple[str, Path]], list[bytes]]:
@@ -114,9 +116,9 @@ def query_photos(photos: list[tuple[str, Path]], count: int) -> tuple[list[tuple
 def index_vectors(artifact_dir: Path, photo_ids: list[str], query_ids: list[str],
                   query_vectors: np.ndarray, seed: int = 0) -> tuple[list[str], np.ndarray, str]:
     """Vectors for every catalogue photo: precomputed ones, else real queries + synthetic others."""
-    from services.gateway.index_catalogue import load_artifact_embeddings
+    from common.artifact import read_image_embeddings
     try:
-        ids, vectors = load_artifact_embeddings(artifact_dir)
+        ids, vectors = read_image_embeddings(artifact_dir)
         return ids, vectors, f"{len(ids):,} precomputed embeddings of the artefact"
     except (FileNotFoundError, ValueError):
         pass
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     artifact_dir, kind = find_artifact()
     artifact_dir = with_runtime_files(artifact_dir)
-    card = json.loads((artifact_dir / "model_card.json").read_text())
+    card = json.loads((artifact_dir / CARD_FILE).read_text())
     dim = int(card["embedding_dim"])
     print(f"gateway benchmark: {card['model_version']} ({kind}), {cpu_name()}, "
           f"embedder torch threads {args.torch_threads or 'default'}, {args.shards} indexer shard(s)")
@@ -682,7 +684,7 @@ def run_catalogue_comparison(args) -> int:
     n_queries = args.queries or (16 if args.quick else 64)
     started = time.perf_counter()
     artifact_dir, kind = find_artifact()
-    card = json.loads((artifact_dir / "model_card.json").read_text())
+    card = json.loads((artifact_dir / CARD_FILE).read_text())
     dim = int(card["embedding_dim"])
     category = card.get("categories", ["Home & Garden"])[0] if isinstance(card.get("categories"), list) else ""
     print(f"gateway catalogue benchmark: {card['model_version']} ({kind}), {cpu_name()}, "

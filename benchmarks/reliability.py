@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.artifact import CARD_FILE
 from common.config import REPO_ROOT
 
 ARTIFACT_DIRS = (REPO_ROOT / "build" / "bench" / "embedder-test-artifact",
@@ -44,7 +45,7 @@ def test_artifact() -> Path:
     """The test artefact, exported once under build/bench (reused when already there)."""
     from tests.support.artifacts import make_test_artifact
     for directory in ARTIFACT_DIRS:
-        if (directory / "model_card.json").is_file():
+        if (directory / CARD_FILE).is_file():
             return make_test_artifact(directory)
     return make_test_artifact(ARTIFACT_DIRS[-1])
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.concurrency}, {rounds} random round(s) per RPC, text model {text_model}; "
           f"{load_line()}", flush=True)
     root = args.run_dir or Path(tempfile.mkdtemp(prefix="bench-reliability-"))
-    stack = suite.Stack.start(root, artifact, shards=args.shards, seed_listings=12,
+    stack = suite.Stack.start(root, artifact, shards=args.shards, bootstrap_listings=12,
                               photos=16 if args.quick else 48, text_model=text_model)
     fuzz = load = faults = None
     try:

@@ -74,12 +74,12 @@ def part_failover(root: Path, load_s: float) -> dict:
         photos = real_photos(8)
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            seed_ids = [stub.AddListing(gateway_pb2.AddListingRequest(
+            bootstrap_ids = [stub.AddListing(gateway_pb2.AddListingRequest(
                 listing=gateway_pb2.Listing(id=f"seed-{n}", title="seed", main_category="Appliances"),
                 images=[photos[n % len(photos)]]), timeout=60).listing.id for n in range(8)]
         print(f"part 1: 2 shards x 2 replicas, {load_s:.0f} s mixed load (2 searchers, 1 writer)",
               flush=True)
-        outcome = run_kill_scenario(cluster, f"127.0.0.1:{gateway.port}", photos, seed_ids,
+        outcome = run_kill_scenario(cluster, f"127.0.0.1:{gateway.port}", photos, bootstrap_ids,
                                     duration_s=load_s, kill_at_s=load_s / 4,
                                     restart_at_s=load_s / 2, say=lambda m: print(m, flush=True))
     finally:

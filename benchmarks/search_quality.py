@@ -39,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common.text import TEXT_CARD_FILE, TextHead, image_listing_log_probs, listing_text
-from training.dataset import DEFAULT_OUT_DIR, load_prepared
+from common.artifact import (CARD_FILE, EMBEDDINGS_DIR, IMAGE_EMBEDDINGS_FILE, TEXT_CARD_FILE,
+                             read_image_embeddings, read_text_embeddings)
+from common.prepared_data.frames import load_prepared
+from common.text import TextHead, image_listing_log_probs, listing_text
+from training.dataset import DEFAULT_OUT_DIR
 from training.text import (
     DEFAULT_CACHE_DIR,
     NEAR_DUPLICATE_COSINE,
-    TEXT_EMBEDDINGS_FILE,
-    TEXT_IDS_FILE,
     embed_texts,
     image_logits,
     listing_splits,
@@ -60,9 +61,9 @@ SEED = 0
 def find_artifact(root: Path = REPO_ROOT / "artifacts") -> Path:
     """``artifacts/current`` when it has a text head, else the most recently written artefact
     directory that has one."""
-    if (Path(root) / "current" / "text_card.json").is_file():
+    if (Path(root) / "current" / TEXT_CARD_FILE).is_file():
         return (Path(root) / "current").resolve()
-    cards = sorted(Path(root).glob("*/text_card.json"), key=lambda p: p.stat().st_mtime)
+    cards = sorted(Path(root).glob(f"*/{TEXT_CARD_FILE}"), key=lambda p: p.stat().st_mtime)
     if not cards:
         raise SystemExit(f"no artefact with a text head under {root}; run "
                          "`python -m training.text --artifact DIR` first or pass --artifact")
@@ -70,11 +71,13 @@ def find_artifact(root: Path = REPO_ROOT / "artifacts") -> Path:
 
 
 def load_text_index(artifact: Path) -> tuple[list[str], np.ndarray]:
-    embeddings = np.load(artifact / "embeddings" / TEXT_EMBEDDINGS_FILE)
-    ids = json.loads((artifact / "embeddings" / TEXT_IDS_FILE).read_text())
-    if len(ids) != len(embeddings):
-        raise SystemExit(f"{artifact}/embeddings: {len(ids)} ids for {len(embeddings)} vectors")
-    return ids, embeddings.astype(np.float32)
+    try:
+        loaded = read_text_embeddings(artifact)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if loaded is None:
+        raise SystemExit(f"{artifact} has no text embeddings; run `python -m training.text --artifact DIR`")
+    return loaded
 
 
 def search_quality(listings, ids: list[str], vectors: np.ndarray, query_rows: np.ndarray,
@@ -111,7 +114,7 @@ def accuracy_rows(artifact: Path, data_dir: Path, listings, images, test_ids: li
                   text_vectors: dict, cache_dir: Path) -> dict:
     """Listing-level test top-1 of image-only, text-only and text+image, from the exported files."""
     head = TextHead.load(artifact)
-    card = json.loads((artifact / "model_card.json").read_text())
+    card = json.loads((artifact / CARD_FILE).read_text())
     head.check_image_model(card["model_version"])
     label = {name: k for k, name in enumerate(head.categories)}
     category_of = dict(zip(listings["product_id"], listings["main_category"]))
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 pid = ids[j]
                 print(f"  {rank}. {score:.3f}  {titles[pid][:55]!r}  £{prices[pid]:g}  [{cats[pid]}]")
     similar = None
-    if (artifact / "embeddings" / "image_embeddings.npy").is_file() and not args.no_similar:
+    if (artifact / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE).is_file() and not args.no_similar:
         valid_rows = np.flatnonzero(listings["product_id"].map(split_of).eq("valid").to_numpy())
         if args.quick:
             valid_rows = np.sort(rng.choice(valid_rows, size=min(args.queries, len(valid_rows)), replace=False))
@@ -269,9 +272,8 @@ def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, t
     text-only."""
     from benchmarks import similar_quality as SQ
     from common.fusion_weights import FusionWeights, FusionWeightsMissing
-    from services.gateway.index_catalogue import load_artifact_embeddings
 
-    image_ids, image_vectors = load_artifact_embeddings(artifact)
+    image_ids, image_vectors = read_image_embeddings(artifact)
     data = SQ.SimilarityData(listings, image_ids, image_vectors,
                              dict(zip(images["image_id"], images["product_id"])), text_ids, text_vectors)
     photographed = set(images["product_id"])

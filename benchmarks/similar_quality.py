@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 # The offline ranking and the weight choice live with the training step that writes the weights.
 from training.fusion_weights import (  # noqa: F401  (re-exported for benchmarks.search_quality)
@@ -41,6 +40,7 @@ def through_services(artifact: Path, prepared: Path, query_ids: list[str], text_
     """Same-category precision@k of SimilarListings (fused and photos-only) from the real services.
     ``text_weight`` None: the gateway takes it from the embedder's artefact (fusion_weights.json),
     as it does when GATEWAY_SIMILAR_TEXT_WEIGHT is unset."""
+    from common.prepared_data import LISTINGS_FILE, read_rows
     from scripts import stack
     from services.gateway.client import GatewayClient
 
@@ -52,7 +52,7 @@ def through_services(artifact: Path, prepared: Path, query_ids: list[str], text_
                "INDEXER_FSYNC": "false", "GATEWAY_DOWNSTREAM_TIMEOUT_S": "60", "LOG_LEVEL": "warning"}
         # empty = unset, also over a value in this process's environment
         env["GATEWAY_SIMILAR_TEXT_WEIGHT"] = "" if text_weight is None else str(text_weight)
-        stack.seed_catalogue(run_dir / "catalogue.sqlite3", prepared)
+        stack.bootstrap_catalogue(run_dir / "catalogue.sqlite3", prepared)
         procs: dict = {}
         try:
             for name in ("indexer", "embedder", "gateway"):
@@ -61,7 +61,8 @@ def through_services(artifact: Path, prepared: Path, query_ids: list[str], text_
                 stack.wait_ready(proc, 600)
             stack.index_catalogue(run_dir / "catalogue.sqlite3", artifact, prepared, procs)
             log(f"  services up and catalogue indexed in {time.perf_counter() - started:.0f} s")
-            categories = pd.read_csv(prepared / "listings.csv", dtype=str).set_index("product_id")["main_category"]
+            categories = {row["product_id"]: row["main_category"]
+                          for row in read_rows(prepared, LISTINGS_FILE, required=("product_id", "main_category"))}
             fused, photos = [], []
             with GatewayClient(procs["gateway"].address, timeout=120) as client:
                 for n, listing_id in enumerate(query_ids, 1):

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     import httpx
-    import pandas as pd
 
+    from common.prepared_data import IMAGES_FILE, read_rows
     from services.gateway import index_catalogue
     from services.gateway.client import GatewayClient
     from marketplace.gateway.v1 import gateway_pb2
@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "--prepared", str(prepared), "--embedder",
                                          embedder.address])
             assert code == 0, "indexing the catalogue failed"
-            images = pd.read_csv(prepared / "images.csv", dtype=str)
-            photos = [Path(p).read_bytes() for p in images["path"].iloc[::3]][:32]
-            print(f"catalogue: {images['product_id'].nunique()} listings, {len(images)} photos "
+            images = read_rows(prepared, IMAGES_FILE, required=("product_id", "path"))
+            photos = [Path(row["path"]).read_bytes() for row in images[::3]][:32]
+            print(f"catalogue: {len({row['product_id'] for row in images})} listings, {len(images)} photos "
                   f"(real embeddings); {len(photos)} query photos; set-up "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
 

@@ -210,7 +210,7 @@ REGISTRY: dict[str, Backbone] = {
         Backbone(
             name="resnet34",
             embedding_dim=512,
-            # The seed's ImageProcessor: resize 256, ToTensor, ImageNet mean/std.
+            # The baseline project's ImageProcessor: resize 256, ToTensor, ImageNet mean/std.
             preprocessing=Preprocessing(256, None, IMAGENET_MEAN, IMAGENET_STD),
             build=_resnet34_features,
             build_imagenet=_resnet34_imagenet,

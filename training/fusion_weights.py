@@ -25,7 +25,6 @@ Only valid listings are queries; the test split is never looked at. Written: ``f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -34,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.artifact import (EMBEDDINGS_DIR, FUSION_WEIGHTS_PLOT_FILE, IMAGE_EMBEDDINGS_FILE, read_card,
+                             read_image_embeddings, read_text_embeddings)
 from common.fusion_weights import FusionWeights
-from common.text import FUSION_WEIGHTS_PLOT_FILE, TEXT_MODEL_NAME, listing_text
-from training.export import EMBEDDINGS_DIR, EMBEDDINGS_IDS, EMBEDDINGS_NPY
+from common.text import TEXT_MODEL_NAME, listing_text
 
 log = logging.getLogger("training.fusion_weights")
 
@@ -220,15 +220,10 @@ def plot_curves(weights: FusionWeights, path: Path) -> None:
 
 def load_image_embeddings(artifact_dir: Path) -> tuple[list[str], np.ndarray] | None:
     """(image ids, vectors) the artefact exports for the catalogue; None when it has none."""
-    folder = Path(artifact_dir) / EMBEDDINGS_DIR
-    vectors_path, ids_path = folder / EMBEDDINGS_NPY, folder / EMBEDDINGS_IDS
-    if not vectors_path.is_file() or not ids_path.is_file():
+    try:
+        return read_image_embeddings(artifact_dir)
+    except FileNotFoundError:
         return None
-    vectors = np.load(vectors_path, allow_pickle=False).astype(np.float32, copy=False)
-    ids = json.loads(ids_path.read_text())
-    if not isinstance(ids, list) or len(ids) != len(vectors):
-        raise ValueError(f"{ids_path} and {vectors_path} disagree: {len(ids)} ids, {vectors.shape}")
-    return [str(i) for i in ids], vectors
 
 
 def fit(data_dir: Path, artifact_dir: Path, out_dir: Path, *, cache_dir: Path | None = None,
@@ -237,8 +232,8 @@ def fit(data_dir: Path, artifact_dir: Path, out_dir: Path, *, cache_dir: Path | 
     """Choose the weights for the artefact's image model and write ``fusion_weights.json`` and
     ``fusion_weights.png`` into ``out_dir``. Returns None (and writes nothing) when the artefact
     exports no image embeddings to rank with."""
-    from training.dataset import load_prepared
-    from training.text import DEFAULT_CACHE_DIR, TEXT_EMBEDDINGS_FILE, TEXT_IDS_FILE, embed_texts, listing_splits
+    from common.prepared_data.frames import load_prepared
+    from training.text import DEFAULT_CACHE_DIR, embed_texts, listing_splits
 
     started = time.perf_counter()
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
@@ -250,9 +245,11 @@ def fit(data_dir: Path, artifact_dir: Path, out_dir: Path, *, cache_dir: Path | 
     if listings is None or images is None:
         listings, images, _ = load_prepared(data_dir)
     if text_vectors is None:
-        text_vectors = np.load(out_dir / EMBEDDINGS_DIR / TEXT_EMBEDDINGS_FILE)
-        text_ids = json.loads((out_dir / EMBEDDINGS_DIR / TEXT_IDS_FILE).read_text())
-    card = json.loads((artifact_dir / "model_card.json").read_text())
+        loaded = read_text_embeddings(out_dir)
+        if loaded is None:
+            raise FileNotFoundError(f"{out_dir} has no text embeddings; run `python -m training.text` first")
+        text_ids, text_vectors = loaded
+    card = read_card(artifact_dir)
     data = SimilarityData(listings, photos[0], photos[1], dict(zip(images["image_id"], images["product_id"])),
                           list(text_ids), np.asarray(text_vectors, dtype=np.float32))
     split = listing_splits(images)
@@ -292,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     weights = fit(args.data, args.artifact, args.out or args.artifact, cache_dir=args.cache)
     if weights is None:
-        print(f"{args.artifact} has no {EMBEDDINGS_DIR}/{EMBEDDINGS_NPY}: nothing chosen", file=sys.stderr)
+        print(f"{args.artifact} has no {EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_FILE}: nothing chosen", file=sys.stderr)
         return 1
     print(format_curves(weights))
     print(f"chosen on valid ({weights.valid_queries} listings): search_text_weight="

@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from training.dataset import load_training_photos
     from training.export import write_runtime_files
-    from training.train import load_catalogue
 
     started = time.perf_counter()
     artifact = load_artifact(args.artifact)
-    card = write_runtime_files(args.artifact, artifact.model, load_catalogue(args.data),
+    card = write_runtime_files(args.artifact, artifact.model, load_training_photos(args.data),
                                int8=args.int8)
     print(json.dumps(card["runtimes"], indent=2))
     print(f"runtime files written in {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -37,16 +37,17 @@ def trials(base: TrainConfig, grid: dict[str, list]) -> list[TrainConfig]:
 def run_search(configs: list[TrainConfig], data_dir: Path, *, cache_dir: Path = DEFAULT_CACHE_DIR,
                progress: bool = True) -> list[dict]:
     from training.evaluate import classification_metrics, softmax
-    from training.train import fit, load_catalogue
+    from training.dataset import load_training_photos
+    from training.train import fit
 
-    catalogue = load_catalogue(data_dir)
-    valid = catalogue.mask("valid")
+    photos = load_training_photos(data_dir)
+    valid = photos.mask("valid")
     rows = []
     for i, config in enumerate(configs, 1):
         t0 = time.perf_counter()
-        result = fit(config, catalogue, cache_dir=cache_dir, progress=progress, exact_outputs=False)
-        metrics = classification_metrics(softmax(result.logits[valid]), catalogue.labels[valid],
-                                         catalogue.listing_ids[valid], catalogue.categories)
+        result = fit(config, photos, cache_dir=cache_dir, progress=progress, exact_outputs=False)
+        metrics = classification_metrics(softmax(result.logits[valid]), photos.labels[valid],
+                                         photos.listing_ids[valid], photos.categories)
         row = {"trial": i, "unfrozen_blocks": config.unfrozen_blocks, "lr": config.lr,
                "momentum": config.momentum, "epochs": config.epochs,
                "best_epoch": next((h["best_epoch"] for h in result.history if "best_epoch" in h), None),

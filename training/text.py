@@ -55,6 +55,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.artifact import (TEXT_FINETUNE_CURVE_FILE, TEXT_METRICS_FILE,
+                             read_card, write_text_embeddings)
+from common.files import sha256_file
+from common.prepared_data import SPLITS
+from common.prepared_data.frames import load_prepared
 from common.text import (
     TEXT_DIM,
     TFIDF_TOKEN_PATTERN,
@@ -64,7 +69,7 @@ from common.text import (
     image_listing_log_probs,
     listing_text,
 )
-from training.dataset import DEFAULT_OUT_DIR, SPLITS, load_prepared
+from training.dataset import DEFAULT_OUT_DIR
 from training.text_finetune import FinetuneConfig, finetune, plot_history
 
 log = logging.getLogger("training.text")
@@ -77,10 +82,6 @@ TFIDF_MIN_DF = 2
 STACK_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 NEAR_DUPLICATE_COSINE = 0.95
 SEED = 42
-METRICS_FILE = "text_metrics.json"
-TEXT_EMBEDDINGS_FILE = "text_embeddings.npy"
-TEXT_IDS_FILE = "text_ids.json"
-FINETUNE_CURVE_FILE = "text_finetune_curve.png"
 
 
 # ============================================================================ data
@@ -151,22 +152,18 @@ def embed_texts(texts: list[str], *, cache_dir: Path = DEFAULT_CACHE_DIR,
         np.zeros((0, TEXT_DIM), np.float32)
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def image_logits(artifact_dir: Path, data_dir: Path, images: pd.DataFrame, *,
                  cache_dir: Path = DEFAULT_CACHE_DIR, batch_size: int = 32) -> np.ndarray:
     """Per-photo logits of the artefact's image model (rows follow ``images``), cached by the
     artefact's model version and the sha256 of the prepared photo file."""
-    card = json.loads((Path(artifact_dir) / "model_card.json").read_text())
+    card = read_card(artifact_dir)
     version = str(card["model_version"])
     path = Path(cache_dir) / f"image_logits_{version}.npz"
     cached: dict[str, np.ndarray] = {}
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             cached = dict(zip(data["keys"].tolist(), data["logits"]))
-    keys = [_file_sha256(Path(data_dir) / p) for p in images["path"]]  # the bytes the model sees
+    keys = [sha256_file(Path(data_dir) / p) for p in images["path"]]  # the bytes the model sees
     todo = [(k, p) for k, p in zip(keys, images["path"]) if k not in cached]
     if todo:
         import torch
@@ -375,7 +372,7 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
         finetune_epochs: int = 0, finetune_lr: float = FinetuneConfig.lr) -> dict:
     """The whole pipeline; returns the metrics dict (also written to text_metrics.json)."""
     listings, images, categories = load_prepared(data_dir)
-    card = json.loads((Path(artifact_dir) / "model_card.json").read_text())
+    card = read_card(artifact_dir)
     if list(card["categories"]) != list(categories):
         raise ValueError(f"artefact categories {card['categories']} differ from labels.json")
     num_classes = len(categories)
@@ -563,17 +560,14 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     extra_card = {}
     if finetuned is not None:
         extra_card["finetuned"] = {k: v for k, v in metrics["finetuned"].items() if k != "history"}
-        plot_history(finetune_history, out_dir / FINETUNE_CURVE_FILE)
+        plot_history(finetune_history, out_dir / TEXT_FINETUNE_CURVE_FILE)
     head.save(out_dir, image_model_version=card["model_version"], text_heads_trained_on=chosen,
               minilm_C=h["minilm"]["C"], tfidf={"C": h["tfidf"]["C"], "min_df": TFIDF_MIN_DF},
               text_fusion=describe(fusions["text"]), fusion=describe(fusions["text+image"]),
               image_aggregation=metrics["image_aggregation"],
               test_top1={k: round(v["test"], 4) for k, v in table.items()}, **extra_card)
-    (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "embeddings" / TEXT_EMBEDDINGS_FILE, embeddings.astype(np.float32))
-    (out_dir / "embeddings" / TEXT_IDS_FILE).write_text(
-        json.dumps(listings["product_id"].tolist()) + "\n")
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_embeddings(out_dir, listings["product_id"].tolist(), embeddings)
+    (out_dir / TEXT_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

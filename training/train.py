@@ -24,78 +24,31 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from common.artifact import CARD_FILE, FUSION_WEIGHTS_FILE, TEXT_CARD_FILE, artifact_complete
 from common.backbones import get_backbone
 from training.settings import TORCH_THREADS
-from common.model import CARD_FILE, ListingModel
-from common.text import FUSION_WEIGHTS_FILE, TEXT_CARD_FILE
+from common.model import ListingModel
 from training.config import PRESETS, TrainConfig, load_config, parse_override, preset
-from training.dataset import DEFAULT_OUT_DIR, load_prepared
-from training.evaluate import (DEFINITIONS, classification_metrics, retrieval_metrics, softmax)
-from training.features import (DEFAULT_CACHE_DIR, FeatureExtractor, FrozenPrefix, TrainableSuffix,
-                               backbone_blocks, cut_for, file_digest)
+from training.dataset import DEFAULT_OUT_DIR, TrainingPhotos, load_training_photos
+from training.evaluate import DEFINITIONS, classification_metrics, retrieval_metrics, softmax
+from training.export import export_artifact, write_runtime_files
+from training.features import (DEFAULT_CACHE_DIR, FeatureExtractor, TrainableSuffix, backbone_blocks,
+                               cut_for)
+from training.result import TrainResult
 
 log = logging.getLogger("training")
 
 #: Bump when a change in this code changes what a given config trains (invalidates artefacts).
 TRAINER_VERSION = 1
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Catalogue:
-    """The prepared photos with what training needs: absolute file, cache key, label, split."""
-
-    data_dir: Path
-    images: pd.DataFrame
-    categories: list[str]
-    fingerprint: str
-
-    @property
-    def files(self) -> list[Path]:
-        return [self.data_dir / p for p in self.images["path"]]
-
-    @property
-    def keys(self) -> list[str]:
-        return self.images["key"].tolist()
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.images["label"].to_numpy(dtype=np.int64)
-
-    @property
-    def splits(self) -> np.ndarray:
-        return self.images["split"].to_numpy()
-
-    @property
-    def listing_ids(self) -> np.ndarray:
-        return self.images["product_id"].to_numpy()
-
-    def mask(self, *splits: str) -> np.ndarray:
-        return np.isin(self.images["split"].to_numpy(), splits)
-
-
-def load_catalogue(data_dir: Path | str) -> Catalogue:
-    """Read a prepared folder and hash every photo (the feature-cache key and the data fingerprint)."""
-    data_dir = Path(data_dir)
-    _, images, categories = load_prepared(data_dir, check_files=True)
-    images = images.sort_values("image_id").reset_index(drop=True)
-    images["key"] = [file_digest(data_dir / p) for p in images["path"]]
-    digest = hashlib.sha256(json.dumps(categories).encode())
-    for row in images[["image_id", "product_id", "label", "split", "key"]].itertuples(index=False):
-        digest.update("|".join(map(str, row)).encode() + b"\n")
-    return Catalogue(data_dir, images, list(categories), digest.hexdigest())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -325,16 +278,16 @@ def cached_logits(model: ListingModel, suffix: TrainableSuffix, views: CachedVie
     return features, model.head(features)
 
 
-def finetune_end_to_end(model: ListingModel, catalogue: Catalogue, train_rows: np.ndarray,
+def finetune_end_to_end(model: ListingModel, photos: TrainingPhotos, train_rows: np.ndarray,
                         valid_rows: np.ndarray, config: TrainConfig, *, progress: bool = True) -> list[dict]:
-    """The original project's way: every epoch decodes and augments every train photo afresh."""
+    """The baseline project's way: every epoch decodes and augments every train photo afresh."""
     from PIL import Image
 
     backbone = get_backbone(config.backbone)
     augment = backbone.preprocessing.train_transform()
     evaluate = backbone.preprocessing.transform()
-    files = catalogue.files
-    labels = torch.as_tensor(catalogue.labels)
+    files = photos.files
+    labels = torch.as_tensor(photos.labels)
     model.to(memory_format=torch.channels_last)
     head_params = set(map(id, model.head.parameters()))
     optimiser = _optimiser([
@@ -399,19 +352,7 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-# --------------------------------------------------------------------------- the whole run
-
-
-@dataclass
-class TrainResult:
-    model: ListingModel
-    config: TrainConfig
-    history: list[dict]
-    #: pooled features / embeddings / logits of every catalogue photo (catalogue order).
-    features: np.ndarray
-    embeddings: np.ndarray
-    logits: np.ndarray
-    timings: dict
+# --------------------------------------------------------------------------- the training modes
 
 
 def _train_views(config: TrainConfig) -> list[str]:
@@ -419,10 +360,148 @@ def _train_views(config: TrainConfig) -> list[str]:
     return views + [f"aug{k}" for k in range(config.aug_views if config.mode == "finetune" else 0)]
 
 
-def fit(config: TrainConfig, catalogue: Catalogue, *, cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
+@dataclass
+class TrainingRun:
+    """What every mode works from: the model, the photos and their cached backbone outputs."""
+
+    config: TrainConfig
+    model: ListingModel
+    photos: TrainingPhotos
+    backbone_name: str
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    #: output name -> array for every photo's centre view.
+    center: dict[str, np.ndarray]
+    #: view -> output name -> array for the train photos' extra views (train_rows order).
+    extra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    progress: bool = True
+
+
+class TrainingMode:
+    """One way of training (`training_mode` picks it from the config). `fit` runs the shared steps
+    (cached backbone passes, the linear head, the final outputs) and asks the mode at each."""
+
+    def __init__(self, config: TrainConfig, model: ListingModel) -> None:
+        self.config = config
+        self.model = model
+
+    def cached_outputs(self) -> tuple[str, ...]:
+        """What the feature cache must hold for every photo."""
+        return ("pooled",)
+
+    def extra_views(self) -> list[str]:
+        """The train photos' views besides the centre one that the cache must hold."""
+        return _train_views(self.config)[1:]
+
+    @property
+    def fits_probe_head(self) -> bool:
+        """Whether the linear head is first fit on frozen features (LP-FT's first step)."""
+        return self.config.init_head_from_probe
+
+    def probe_config(self) -> TrainConfig:
+        return self.config.with_overrides(
+            **PRESETS["probe"] | {"name": self.config.name, "backbone": self.config.backbone,
+                                  "seed": self.config.seed, "fit_on": self.config.fit_on})
+
+    def train(self, run: TrainingRun, head_history: list[dict]) -> list[dict]:
+        """Train the model after the head step; return the history the artefact keeps."""
+        if head_history:
+            log.info("probe head: valid acc %s", _fmt(max((h.get("valid_acc", 0) for h in head_history),
+                                                           default=None)))
+        return self._train(run)
+
+    def _train(self, run: TrainingRun) -> list[dict]:
+        raise NotImplementedError
+
+    def final_features(self, run: TrainingRun, *, exact_outputs: bool) -> np.ndarray:
+        """Pooled features of every photo from the final model: one fresh pass of the exported model."""
+        files, keys = run.photos.files, run.photos.keys
+        backbone = get_backbone(run.backbone_name)
+        return FeatureExtractor(backbone, cache_dir=None, progress=run.progress,
+                                features=self.model.features).get(
+            files, keys, "center", ("pooled",), desc="final model, all photos")["pooled"]
+
+
+class LinearProbe(TrainingMode):
+    """A linear head on the frozen backbone's pooled features (centre and flipped views)."""
+
+    def extra_views(self) -> list[str]:
+        return [view for view in super().extra_views() if view == "flip"]
+
+    @property
+    def fits_probe_head(self) -> bool:
+        return True
+
+    def probe_config(self) -> TrainConfig:
+        return self.config
+
+    def train(self, run: TrainingRun, head_history: list[dict]) -> list[dict]:
+        return head_history
+
+    def final_features(self, run: TrainingRun, *, exact_outputs: bool) -> np.ndarray:
+        return run.center["pooled"]  # exactly the frozen backbone's output
+
+
+class CachedFinetune(TrainingMode):
+    """The last `unfrozen_blocks` blocks, the head conv and the head trained on activations cached
+    at the frozen cut (float16), so an epoch costs no pass through the frozen blocks."""
+
+    def __init__(self, config: TrainConfig, model: ListingModel) -> None:
+        super().__init__(config, model)
+        self.cut = cut_for(model.features, int(config.unfrozen_blocks))
+        self.base_cut = cache_cut(model.features, config.backbone, self.cut)
+        self._center_activations: np.ndarray | None = None
+
+    def cached_outputs(self) -> tuple[str, ...]:
+        return ("pooled", f"cut{self.base_cut}")
+
+    def _train(self, run: TrainingRun) -> list[dict]:
+        key, features = f"cut{self.base_cut}", self.model.features
+        self._center_activations = _advance(features, run.center[key], self.base_cut, self.cut)
+        act_views = {"center": self._center_activations}
+        n = len(run.photos.files)
+        for view, arrays in run.extra.items():  # place train-only views at their photo rows
+            advanced = _advance(features, arrays[key], self.base_cut, self.cut)
+            full = np.zeros((n,) + advanced.shape[1:], dtype=np.float16)
+            full[run.train_rows] = advanced
+            act_views[view] = full
+        return finetune_cached(self.model, self.cut, CachedViews(act_views), run.train_rows,
+                               _train_views(self.config), run.photos.labels, run.valid_rows, self.config,
+                               progress=run.progress)
+
+    def final_features(self, run: TrainingRun, *, exact_outputs: bool) -> np.ndarray:
+        if exact_outputs or self._center_activations is None:
+            return super().final_features(run, exact_outputs=exact_outputs)
+        suffix = TrainableSuffix(self.model.features, self.cut).eval()
+        with torch.no_grad():
+            return cached_logits(self.model, suffix, CachedViews({"center": self._center_activations}),
+                                 np.arange(len(run.photos.files)), "center")[0].numpy()
+
+
+class EndToEndFinetune(TrainingMode):
+    """Every layer trained on photos decoded and augmented afresh each epoch (``unfrozen_blocks="all"``)."""
+
+    def _train(self, run: TrainingRun) -> list[dict]:
+        return finetune_end_to_end(self.model, run.photos, run.train_rows, run.valid_rows, self.config,
+                                   progress=run.progress)
+
+
+def training_mode(config: TrainConfig, model: ListingModel) -> TrainingMode:
+    """The strategy for ``config.mode`` (and, when fine-tuning, ``config.unfrozen_blocks``)."""
+    if config.mode == "probe":
+        return LinearProbe(config, model)
+    if config.unfrozen_blocks == "all":
+        return EndToEndFinetune(config, model)
+    return CachedFinetune(config, model)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def fit(config: TrainConfig, photos: TrainingPhotos, *, cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
         progress: bool = True, extractor: FeatureExtractor | None = None,
         exact_outputs: bool = True) -> TrainResult:
-    """Train per `config` on `catalogue`; return the model and its outputs on every photo.
+    """Train per `config` on `photos`; return the model and its outputs on every photo.
 
     With `exact_outputs` a fine-tuned model's outputs come from a fresh pass of the final model over
     every photo (what the embedder will compute); without, from the cached float16 activations
@@ -431,86 +510,48 @@ def fit(config: TrainConfig, catalogue: Catalogue, *, cache_dir: Path | str | No
     timings: dict[str, float] = {}
     started = time.perf_counter()
     backbone = get_backbone(config.backbone)
-    model = ListingModel(backbone, len(catalogue.categories), pretrained=True, dropout=config.dropout)
+    model = ListingModel(backbone, len(photos.categories), pretrained=True, dropout=config.dropout)
     model.eval()
     extractor = extractor or FeatureExtractor(backbone, cache_dir=cache_dir, progress=progress,
                                               features=model.features)
     extractor._features = model.features  # one set of weights in memory
-    files, keys, labels = catalogue.files, catalogue.keys, catalogue.labels
+    mode = training_mode(config, model)
+    files, keys, labels = photos.files, photos.keys, photos.labels
     fit_splits = ("train", "valid") if config.fit_on == "train+valid" else ("train",)
-    train_rows = np.flatnonzero(catalogue.mask(*fit_splits))
-    valid_rows = np.flatnonzero(catalogue.mask("valid")) if config.fit_on == "train" else np.array([], int)
+    train_rows = np.flatnonzero(photos.mask(*fit_splits))
+    valid_rows = np.flatnonzero(photos.mask("valid")) if config.fit_on == "train" else np.array([], int)
     train_files = [files[r] for r in train_rows]
     train_keys = [keys[r] for r in train_rows]
 
-    unfrozen = config.unfrozen_blocks
-    end_to_end = config.mode == "finetune" and unfrozen == "all"
-    cut = None if config.mode == "probe" or end_to_end else cut_for(model.features, int(unfrozen))
-    base_cut = cache_cut(model.features, config.backbone, cut) if cut is not None else None
-    outputs = ("pooled",) + ((f"cut{base_cut}",) if base_cut is not None else ())
-
     # 1. backbone passes (cached): every photo's centre view; train photos' extra views.
     t0 = time.perf_counter()
-    center = extractor.get(files, keys, "center", outputs)
-    extra: dict[str, dict[str, np.ndarray]] = {}
-    for view in _train_views(config)[1:]:
-        if config.mode == "probe" and view != "flip":
-            continue
-        extra[view] = extractor.get(train_files, train_keys, view, outputs)
+    outputs = mode.cached_outputs()
+    run = TrainingRun(config, model, photos, config.backbone, train_rows, valid_rows,
+                      center=extractor.get(files, keys, "center", outputs), progress=progress)
+    for view in mode.extra_views():
+        run.extra[view] = extractor.get(train_files, train_keys, view, outputs)
     timings["features_s"] = time.perf_counter() - t0
 
     # 2. the linear head on frozen pooled features (probe mode; LP-FT's first step).
     t0 = time.perf_counter()
-    history: list[dict] = []
-    needs_probe = config.mode == "probe" or config.init_head_from_probe
-    if needs_probe:
-        x_train = [center["pooled"][train_rows]] + [extra[v]["pooled"] for v in extra if v == "flip"]
+    head_history: list[dict] = []
+    if mode.fits_probe_head:
+        x_train = [run.center["pooled"][train_rows]] + [run.extra[v]["pooled"] for v in run.extra if v == "flip"]
         y_train = np.concatenate([labels[train_rows]] * len(x_train))
-        probe_config = config if config.mode == "probe" else config.with_overrides(
-            **PRESETS["probe"] | {"name": config.name, "backbone": config.backbone, "seed": config.seed,
-                                  "fit_on": config.fit_on})
         with single_thread():
             head_history = train_head(model.head, np.concatenate(x_train), y_train,
-                                      center["pooled"][valid_rows], labels[valid_rows], probe_config,
-                                      progress=progress)
-        history = head_history if config.mode == "probe" else []
-        if config.mode != "probe":
-            log.info("probe head: valid acc %s", _fmt(max((h.get("valid_acc", 0) for h in head_history),
-                                                           default=None)))
+                                      run.center["pooled"][valid_rows], labels[valid_rows],
+                                      mode.probe_config(), progress=progress)
     timings["head_s"] = time.perf_counter() - t0
 
-    # 3. fine-tuning.
+    # 3. the mode's own training.
     t0 = time.perf_counter()
-    if config.mode == "finetune" and end_to_end:
-        history = finetune_end_to_end(model, catalogue, train_rows, valid_rows, config, progress=progress)
-    elif config.mode == "finetune":
-        n = len(files)
-        center_act = _advance(model.features, center[f"cut{base_cut}"], base_cut, cut)
-        act_views = {"center": center_act}
-        for view, arrays in extra.items():  # place train-only views at their catalogue rows
-            advanced = _advance(model.features, arrays[f"cut{base_cut}"], base_cut, cut)
-            full = np.zeros((n,) + advanced.shape[1:], dtype=np.float16)
-            full[train_rows] = advanced
-            act_views[view] = full
-        history = finetune_cached(model, cut, CachedViews(act_views), train_rows, _train_views(config),
-                                  labels, valid_rows, config, progress=progress)
-        del act_views
+    history = mode.train(run, head_history)
     timings["train_s"] = time.perf_counter() - t0
 
-    # 4. outputs on every photo with the final model. Probe: the cached pooled features are exactly
-    #    the frozen backbone's output. Fine-tuned: one fresh pass of the exported model.
+    # 4. outputs on every photo with the final model.
     t0 = time.perf_counter()
-    if config.mode == "probe":
-        features = center["pooled"]
-    elif not exact_outputs and cut is not None:
-        suffix = TrainableSuffix(model.features, cut).eval()
-        with torch.no_grad():
-            features = cached_logits(model, suffix, CachedViews({"center": center_act}),
-                                     np.arange(len(files)), "center")[0].numpy()
-    else:
-        features = FeatureExtractor(backbone, cache_dir=None, progress=progress,
-                                    features=model.features).get(files, keys, "center", ("pooled",),
-                                                                 desc="final model, all photos")["pooled"]
+    features = mode.final_features(run, exact_outputs=exact_outputs)
     timings["final_pass_s"] = time.perf_counter() - t0
 
     model.eval()
@@ -522,44 +563,27 @@ def fit(config: TrainConfig, catalogue: Catalogue, *, cache_dir: Path | str | No
     return TrainResult(model, config, history, features, embeddings, logits, timings)
 
 
-def evaluate_result(result: TrainResult, catalogue: Catalogue) -> dict:
+def evaluate_result(result: TrainResult, photos: TrainingPhotos) -> dict:
     """Metrics on valid and test from the final model's outputs."""
     probs = softmax(result.logits)
     metrics: dict = {"definitions": DEFINITIONS}
     for split in ("valid", "test"):
-        rows = catalogue.mask(split)
+        rows = photos.mask(split)
         if rows.any():
-            metrics[split] = classification_metrics(probs[rows], catalogue.labels[rows],
-                                                    catalogue.listing_ids[rows], catalogue.categories)
-    metrics["retrieval"] = retrieval_metrics(result.embeddings, catalogue.labels, catalogue.splits,
-                                             catalogue.listing_ids)
+            metrics[split] = classification_metrics(probs[rows], photos.labels[rows],
+                                                    photos.listing_ids[rows], photos.categories)
+    metrics["retrieval"] = retrieval_metrics(result.embeddings, photos.labels, photos.splits,
+                                             photos.listing_ids)
     return metrics
 
 
-def summary(metrics: dict) -> dict:
-    """The headline numbers (test split)."""
-    test = metrics.get("test", {})
-    retrieval = metrics.get("retrieval", {})
-    return {
-        "image_top1": test.get("image_top1"),
-        "image_top3": test.get("image_top3"),
-        "listing_top1": test.get("listing_top1"),
-        "listing_top3": test.get("listing_top3"),
-        "valid_image_top1": metrics.get("valid", {}).get("image_top1"),
-        "precision_at_10": retrieval.get("precision_at_10"),
-        "same_listing_recall_at_1": retrieval.get("same_listing_recall_at_1"),
-        "same_listing_recall_at_5": retrieval.get("same_listing_recall_at_5"),
-    }
-
-
-def train_key(config: TrainConfig, catalogue: Catalogue) -> str:
-    payload = {"trainer": TRAINER_VERSION, "config": config.to_dict(), "data": catalogue.fingerprint}
+def train_key(config: TrainConfig, photos: TrainingPhotos) -> str:
+    payload = {"trainer": TRAINER_VERSION, "config": config.to_dict(), "data": photos.fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def up_to_date(out_dir: Path, key: str) -> dict | None:
     """The model card of `out_dir` when it was made from the same data and config, else None."""
-    from training.export import artifact_complete
     card_path = Path(out_dir) / CARD_FILE
     if not card_path.is_file() or not artifact_complete(out_dir):
         return None
@@ -575,7 +599,7 @@ TEXT_REFIT_CHOICES = ("auto", "yes", "no")
 
 def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
         cache_dir: Path | str | None = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = True,
-        catalogue: Catalogue | None = None, text: str = "auto") -> dict:
+        photos: TrainingPhotos | None = None, text: str = "auto") -> dict:
     """Train, evaluate and export unless `out_dir` already holds this exact result; return the card.
 
     The text heads and text+image fusion weights (`training.text`) depend on the image model, so
@@ -583,27 +607,24 @@ def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
     ``"auto"`` when `out_dir` already had text heads (which would otherwise be stale and refused
     at load), never with ``"no"``.
     """
-    from training.export import export_artifact
-
     if text not in TEXT_REFIT_CHOICES:
         raise ValueError(f"text must be one of {TEXT_REFIT_CHOICES}, got {text!r}")
 
     started = time.perf_counter()
-    catalogue = catalogue or load_catalogue(data_dir)
-    key = train_key(config, catalogue)
+    photos = photos or load_training_photos(data_dir)
+    key = train_key(config, photos)
     if not force and (card := up_to_date(Path(out_dir), key)):
         log.info("%s is up to date (same data fingerprint and config); nothing to train", out_dir)
         if not card.get("runtimes"):  # exported before the inference runtimes: add their files
             from common.model import load_artifact
-            from training.export import write_runtime_files
-            card = write_runtime_files(Path(out_dir), load_artifact(Path(out_dir)).model, catalogue)
+            card = write_runtime_files(Path(out_dir), load_artifact(Path(out_dir)).model, photos)
         card["up_to_date"] = True
         return card
-    result = fit(config, catalogue, cache_dir=cache_dir, progress=progress)
-    metrics = evaluate_result(result, catalogue)
+    result = fit(config, photos, cache_dir=cache_dir, progress=progress)
+    metrics = evaluate_result(result, photos)
     result.timings["wall_s"] = time.perf_counter() - started
     had_text_heads = (Path(out_dir) / TEXT_CARD_FILE).is_file()
-    card = export_artifact(Path(out_dir), result, catalogue, metrics, train_key=key)
+    card = export_artifact(Path(out_dir), result, photos, metrics, train_key=key)
     card["up_to_date"] = False
     if text == "yes" or (text == "auto" and had_text_heads):
         card["text_refit"] = refit_text_heads(Path(data_dir), Path(out_dir))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
-from common.text import FUSION_WEIGHTS_FILE
+from common.artifact import FUSION_WEIGHTS_FILE
 from common.serving import Server, create_server, serve_until_signal, service_errors
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig

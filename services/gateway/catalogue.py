@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from common.prepared_data import IMAGES_FILE, LISTINGS_FILE, UNUSABLE_PRICE_FLAGS, read_rows
+from common.prices import price_value
 from services.gateway.catalogue_db import (
     Database,
     DatabaseError,
@@ -110,8 +110,6 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-#: Prepared-data price flags whose price is not a real price: stored as unknown (NULL).
-UNUSABLE_PRICE_FLAGS = frozenset({"unparseable", "absurd"})
 _SQL_VARS = 500  # ids per IN (...) query, below SQLite's variable limit
 LIVE, PENDING = "live", "pending"
 #: Outbox operations. ``upsert`` and ``delete`` follow the listing to wherever the routing puts it
@@ -555,50 +553,35 @@ class Catalogue:
         already present are left as they are. One transaction: all rows or none.
         """
         prepared = Path(prepared_dir)
-        listings_csv, images_csv = prepared / "listings.csv", prepared / "images.csv"
-        for path in (listings_csv, images_csv):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found; run `python -m training.prepare` first "
-                                        "or pass --prepared DIR")
-        read = dict(lineterminator="\n", dtype=str, keep_default_na=False)
-        listings = pd.read_csv(listings_csv, **read)
-        images = pd.read_csv(images_csv, **read)
-        for frame, path, needed in (
-                (listings, listings_csv, ("product_id", "title", "main_category")),
-                (images, images_csv, ("image_id", "product_id"))):
-            missing = [c for c in needed if c not in frame.columns]
-            if missing:
-                raise ValueError(f"{path} lacks columns {missing}; found {list(frame.columns)}")
+        listings = read_rows(prepared, LISTINGS_FILE, required=("product_id", "title", "main_category"))
+        images = read_rows(prepared, IMAGES_FILE, required=("image_id", "product_id"))
 
-        known = set(listings["product_id"])
+        known = {row["product_id"] for row in listings}
         per_listing: dict[str, list[str]] = {}
         missing_file = unknown_listing = 0
-        has_path = "path" in images.columns
-        for row in images.itertuples(index=False):
-            if row.product_id not in known:
+        for row in images:
+            if row["product_id"] not in known:
                 unknown_listing += 1
                 continue
-            if check_files and has_path and row.path and not (prepared / row.path).is_file():
+            path = row.get("path", "")
+            if check_files and path and not (prepared / path).is_file():
                 missing_file += 1
                 continue
-            per_listing.setdefault(row.product_id, []).append(row.image_id)
-
-        def col(name: str) -> list[str]:
-            return list(listings[name]) if name in listings.columns else [""] * len(listings)
+            per_listing.setdefault(row["product_id"], []).append(row["image_id"])
 
         unusable = 0
         records: list[tuple[Listing, str]] = []
-        for pid, title, description, category, main_category, price, currency, location, flag in zip(
-                col("product_id"), col("title"), col("description"), col("category"),
-                col("main_category"), col("price"), col("currency"), col("location"), col("price_flag")):
+        for row in listings:
+            pid, flag = row["product_id"], row.get("price_flag", "")
             if only_with_images and pid not in per_listing:
                 continue
-            value = _parse_price(price)
+            value = price_value(row.get("price"))
             if flag in UNUSABLE_PRICE_FLAGS:
                 unusable += 1
                 value = None
-            records.append((Listing(pid, title, description, category, main_category, value, currency,
-                                    location, tuple(per_listing.get(pid, ()))), flag))
+            records.append((Listing(pid, row["title"], row.get("description", ""), row.get("category", ""),
+                                    row["main_category"], value, row.get("currency", ""),
+                                    row.get("location", ""), tuple(per_listing.get(pid, ()))), flag))
 
         now = time.time()
         with self._tx() as tx:
@@ -704,12 +687,3 @@ def _catalogue_error(exc: DatabaseError) -> Exception:
         return CatalogueUnavailable(str(exc))
     return CatalogueError(str(exc))
 
-
-def _parse_price(raw: str) -> float | None:
-    if raw is None or str(raw).strip() == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None

@@ -26,7 +26,6 @@ catalogue listing. ``auto`` skips text (with a note) when neither is possible; `
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -34,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from tqdm import tqdm
 
+from common.artifact import (EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, read_image_embeddings,
+                             read_text_embeddings)
 from common.config import Settings
 from common.listing_text import listing_text
+from common.prepared_data import IMAGES_FILE, read_rows
 from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
                              resolve_write_token)
 from common.shard_map import ShardMapError
@@ -55,11 +56,6 @@ from services.gateway.downstream import (
 )
 from services.gateway.shards import routing_for
 
-EMBEDDINGS_DIR = "embeddings"
-EMBEDDINGS_FILE = "image_embeddings.npy"
-IDS_FILE = "image_ids.json"
-TEXT_EMBEDDINGS_FILE = "text_embeddings.npy"   # training.text's output, rows = listings
-TEXT_IDS_FILE = "text_ids.json"                # their listing ids, same order
 TEXT_MODES = ("auto", "on", "off")
 BATCH_TIMEOUT_S = 120.0
 
@@ -70,39 +66,6 @@ class IndexReport:
     skipped_not_in_catalogue: int = 0
     per_shard: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
-
-
-def load_artifact_embeddings(artifact_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """(image ids, float32 vectors) from ``<artifact>/embeddings/``."""
-    folder = Path(artifact_dir) / EMBEDDINGS_DIR
-    vectors_path, ids_path = folder / EMBEDDINGS_FILE, folder / IDS_FILE
-    if not vectors_path.is_file() or not ids_path.is_file():
-        raise FileNotFoundError(f"{folder} lacks {EMBEDDINGS_FILE} and {IDS_FILE}; export "
-                                "embeddings with the model or use --prepared with --embedder")
-    vectors = np.load(vectors_path, allow_pickle=False).astype(np.float32, copy=False)
-    ids = json.loads(ids_path.read_text())
-    if isinstance(ids, dict):
-        ids = ids.get("image_ids") or ids.get("ids")
-    if not isinstance(ids, list) or len(ids) != len(vectors) or vectors.ndim != 2:
-        raise ValueError(f"{ids_path} and {vectors_path} disagree: {len(ids or [])} ids, "
-                         f"vectors of shape {vectors.shape}")
-    return [str(i) for i in ids], vectors
-
-
-def load_artifact_text_embeddings(artifact_dir: str | Path) -> tuple[list[str], np.ndarray] | None:
-    """(listing ids, float32 text vectors) from ``<artifact>/embeddings/``; None if absent."""
-    folder = Path(artifact_dir) / EMBEDDINGS_DIR
-    vectors_path, ids_path = folder / TEXT_EMBEDDINGS_FILE, folder / TEXT_IDS_FILE
-    if not vectors_path.is_file() or not ids_path.is_file():
-        return None
-    vectors = np.load(vectors_path, allow_pickle=False).astype(np.float32, copy=False)
-    ids = json.loads(ids_path.read_text())
-    if isinstance(ids, dict):
-        ids = ids.get("listing_ids") or ids.get("ids")
-    if not isinstance(ids, list) or vectors.ndim != 2 or len(ids) != len(vectors):
-        raise ValueError(f"{ids_path} and {vectors_path} disagree: {len(ids or [])} ids, "
-                         f"vectors of shape {vectors.shape}")
-    return [str(i) for i in ids], vectors
 
 
 def embed_catalogue_texts(catalogue: Catalogue, embedder: EmbedderClient, *, batch_size: int = 128,
@@ -171,7 +134,7 @@ def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
     if mode == "off":
         return "--text off"
     if artifact_dir is not None:
-        loaded = load_artifact_text_embeddings(artifact_dir)
+        loaded = read_text_embeddings(artifact_dir)
         if loaded is not None:
             return loaded
     embedder = EmbedderClient(embedder_target(embedder_addr), policy)
@@ -184,7 +147,7 @@ def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
             return f"no text embeddings in the artefact and the embedder is not reachable: {exc}"
         if "text" not in info.modalities:
             reason = (f"the embedder at {embedder_addr} serves no text model (EMBEDDER_TEXT_MODEL) "
-                      "and the artefact has no embeddings/" + TEXT_EMBEDDINGS_FILE)
+                      f"and the artefact has no {EMBEDDINGS_DIR}/{TEXT_EMBEDDINGS_FILE}")
             if mode == "on":
                 raise ValueError(reason)
             return reason
@@ -198,10 +161,10 @@ def embed_prepared(prepared_dir: str | Path, catalogue: Catalogue, embedder: Emb
                    progress: bool = True) -> tuple[list[str], np.ndarray]:
     """Embed the catalogue's photos found in the prepared folder through the embedder."""
     prepared = Path(prepared_dir)
-    images = pd.read_csv(prepared / "images.csv", dtype=str, keep_default_na=False)
+    images = read_rows(prepared, IMAGES_FILE, required=("image_id", "path"))
     in_catalogue = {row.image_id for row in catalogue.image_rows()}
-    rows = [(r.image_id, prepared / r.path) for r in images.itertuples(index=False)
-            if r.image_id in in_catalogue and (prepared / r.path).is_file()]
+    rows = [(r["image_id"], prepared / r["path"]) for r in images
+            if r["image_id"] in in_catalogue and (prepared / r["path"]).is_file()]
     rows = rows[:limit] if limit is not None else rows
     ids: list[str] = []
     vectors: list[np.ndarray] = []
@@ -274,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with catalogue:
             if args.artifact is not None:
-                ids, vectors = load_artifact_embeddings(args.artifact)
+                ids, vectors = read_image_embeddings(args.artifact)
             else:
                 embedder = EmbedderClient(embedder_target(args.embedder), policy, tls=tls)
                 try:

@@ -199,9 +199,9 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         try:
             report = catalogue.load_prepared(config.seed_dir)
         except (CatalogueError, UniqueViolation) as exc:  # another replica seeded it meanwhile
-            log.info("catalogue not seeded from %s: %s", config.seed_dir, exc)
+            log.info("catalogue not bootstrapped from %s: %s", config.seed_dir, exc)
         else:
-            log.info("catalogue seeded from %s: %d listings, %d images", config.seed_dir,
+            log.info("catalogue bootstrapped from %s: %d listings, %d images", config.seed_dir,
                      report.listings, report.images)
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,

@@ -3,7 +3,7 @@
 Embedding formats (all plain data, never pickle):
     ``<name>_embeddings.npy`` + ``<name>_ids.json``  float32 N x D and the list of N ids (fast)
     ``<name>_embeddings.npz``                         arrays ``ids`` (strings) and ``embeddings``
-    ``<name>_embeddings.json``                        {id: [floats]} - the seed's format
+    ``<name>_embeddings.json``                        {id: [floats]} - the baseline project's format
 A directory is searched for these (also in its ``embeddings/`` subdirectory), preferring .npy.
 
 Attributes: a CSV with columns ``id, listing_id, category, price, location`` (one row per image),
@@ -15,19 +15,18 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common.prepared_data import IMAGES_FILE, LISTINGS_FILE, read_rows
+from common.prices import price_value
 from services.indexer.attributes import Attributes
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_COLUMNS = ("id", "listing_id", "category", "price", "location")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -88,17 +87,6 @@ def _ids_beside(file: Path) -> Path:
     raise FileNotFoundError(f"no ids file for {file} (looked for {', '.join(c.name for c in candidates)})")
 
 
-def parse_price(text: str | None) -> float | None:
-    """'£1,250.00' -> 1250.0; empty or unreadable -> None."""
-    if text is None:
-        return None
-    match = _NUMBER.search(text.replace(",", ""))
-    if not match:
-        return None
-    value = float(match.group())
-    return value if math.isfinite(value) else None
-
-
 def load_attributes_csv(path: Path) -> dict[str, Attributes]:
     """id -> Attributes from a CSV with columns id, listing_id, category, price, location."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -108,7 +96,7 @@ def load_attributes_csv(path: Path) -> dict[str, Attributes]:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected "
                              f"{', '.join(ATTRIBUTE_COLUMNS)}")
         return {row["id"]: Attributes(row.get("listing_id") or "", row.get("category") or "",
-                                      parse_price(row.get("price")), row.get("location") or "")
+                                      price_value(row.get("price")), row.get("location") or "")
                 for row in reader}
 
 
@@ -121,33 +109,25 @@ def write_attributes_csv(attributes: dict[str, Attributes], path: Path) -> None:
             writer.writerow([item_id, a.listing_id, a.category, "" if a.price is None else a.price, a.location])
 
 
-def _pick(row: dict, *names: str) -> str:
-    for name in names:
-        value = row.get(name)
-        if value:
-            return value.strip()
-    return ""
-
-
 def attributes_from_prepared(prepared_dir: Path) -> dict[str, Attributes]:
-    """Per-image attributes from the prepared data: images.csv (image_id, product_id,
-    main_category, ...) joined with listings.csv (product_id, price, location, ...)."""
+    """Per-image attributes from the prepared data (`common.prepared_data`): images.csv
+    (image_id, product_id, main_category) joined with listings.csv (product_id, price, location)."""
     prepared_dir = Path(prepared_dir)
-    with open(prepared_dir / "listings.csv", newline="", encoding="utf-8") as f:
-        listings = {_pick(row, "product_id", "id"): row for row in csv.DictReader(f)}
+    listings = {row["product_id"].strip(): row
+                for row in read_rows(prepared_dir, LISTINGS_FILE, required=("product_id", "price", "location"))}
     attributes: dict[str, Attributes] = {}
     unmatched = 0
-    with open(prepared_dir / "images.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            product_id = _pick(row, "product_id", "listing_id")
-            listing = listings.get(product_id, {})
-            unmatched += not listing
-            attributes[_pick(row, "image_id", "id")] = Attributes(
-                listing_id=product_id,
-                category=_pick(row, "main_category", "category") or _pick(listing, "main_category", "category"),
-                price=parse_price(_pick(listing, "price", "product_price") or None),
-                location=_pick(listing, "location", "product_location"),
-            )
+    for row in read_rows(prepared_dir, IMAGES_FILE, required=("image_id", "product_id", "main_category")):
+        product_id = row["product_id"].strip()
+        listing = listings.get(product_id)
+        unmatched += listing is None
+        listing = listing or {}
+        attributes[row["image_id"].strip()] = Attributes(
+            listing_id=product_id,
+            category=row["main_category"].strip() or listing.get("main_category", "").strip(),
+            price=price_value(listing.get("price", "").strip() or None),
+            location=listing.get("location", "").strip(),
+        )
     if unmatched:
-        log.warning("%d image(s) in %s have no listing in listings.csv", unmatched, prepared_dir)
+        log.warning("%d image(s) in %s have no listing in %s", unmatched, prepared_dir, LISTINGS_FILE)
     return attributes

@@ -15,7 +15,7 @@ from services.web.config import WebConfig
 log = logging.getLogger(__name__)
 
 
-def seed_photos(config: WebConfig) -> None:
+def bootstrap_photos(config: WebConfig) -> None:
     """Add the prepared photos missing from the store (in the background: the page serves
     meanwhile, and photos appear as they land)."""
     if config.seed_dir is None:
@@ -30,7 +30,7 @@ def seed_photos(config: WebConfig) -> None:
         log.info("image store %s: %d prepared photos added, %d already there, %d skipped",
                  config.image_store_dir, report.added, report.already_there, report.skipped)
 
-    threading.Thread(target=fill, name="seed-photos", daemon=True).start()
+    threading.Thread(target=fill, name="bootstrap-photos", daemon=True).start()
 
 
 def _stopped(_signum, _frame) -> None:
@@ -40,7 +40,7 @@ def _stopped(_signum, _frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = WebConfig.from_env(argv)
     setup_logging("web", config.log_level)
-    seed_photos(config)
+    bootstrap_photos(config)
     app = create_app(config)
     log.info("web edge for gateway %s on http://%s:%d/ (photos from %s)", config.gateway_addr,
              config.host, config.port, config.image_store_dir)

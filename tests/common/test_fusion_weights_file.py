@@ -7,7 +7,7 @@ import json
 import pytest
 
 from common.fusion_weights import FusionWeights, FusionWeightsError, FusionWeightsMissing
-from common.text import FUSION_WEIGHTS_FILE
+from common.artifact import FUSION_WEIGHTS_FILE
 
 
 def weights(**changes) -> FusionWeights:

@@ -23,7 +23,7 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, test_artifact):
-    with Stack.start(tmp_path_factory.mktemp("swarm-load"), test_artifact, shards=1, seed_listings=4,
+    with Stack.start(tmp_path_factory.mktemp("swarm-load"), test_artifact, shards=1, bootstrap_listings=4,
                      photos=4, text_model="off") as running:
         yield running
 

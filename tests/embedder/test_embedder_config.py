@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from common.config import REPO_ROOT, ConfigError
-from common.model import CARD_FILE, LABELS_FILE, WEIGHTS_FILE, ArtifactError, file_sha256
+from common.files import sha256_file
+from common.model import CARD_FILE, LABELS_FILE, WEIGHTS_FILE, ArtifactError
 from common.serving import MiB
 from services.embedder.config import MAX_RECEIVE_CEILING, EmbedderConfig
 from services.embedder.server import start
@@ -163,7 +164,7 @@ def test_never_unpickles_a_pickled_weights_file(test_artifact, tmp_path):
     marker = tmp_path / "unpickled"
     (broken / WEIGHTS_FILE).unlink()
     torch.save({"payload": _Booby(marker)}, broken / WEIGHTS_FILE)
-    edit_json(broken / CARD_FILE, weights_sha256=file_sha256(broken / WEIGHTS_FILE))
+    edit_json(broken / CARD_FILE, weights_sha256=sha256_file(broken / WEIGHTS_FILE))
     refuses(config_for(broken), "cannot load")
     assert not marker.exists()
 

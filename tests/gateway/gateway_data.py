@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.prepared_data import IMAGE_COLUMNS, IMAGES_FILE, LISTING_COLUMNS, LISTINGS_FILE
+from common.prices import price_value
+
 SHARED = Path(os.environ.get("DATA") or Path(__file__).resolve().parents[3] / "shared" / "data" / "marketplace").resolve()
-LISTING_COLUMNS = ["product_id", "title", "location", "description", "category", "main_category",
-                   "price", "currency", "price_flag"]
-IMAGE_COLUMNS = ["image_id", "product_id", "main_category", "label", "split", "path", "sha256"]
 
 
 def shared_data_dir() -> Path:
@@ -24,13 +24,6 @@ def shared_data_dir() -> Path:
         if (candidate / "images_manifest.csv").is_file():
             return candidate
     raise FileNotFoundError(f"marketplace data not found at {SHARED} (set DATA)")
-
-
-def _price(raw: str) -> float | None:
-    try:
-        return float(str(raw).replace("£", "").replace(",", "").strip())
-    except ValueError:
-        return None
 
 
 def make_mini_prepared(out_dir: Path, per_category: int = 3, categories: list[str] | None = None,
@@ -53,21 +46,21 @@ def make_mini_prepared(out_dir: Path, per_category: int = 3, categories: list[st
     for product in products[products["id"].isin(chosen)].itertuples(index=False):
         title, _, rest = product.product_name.partition(" | ")
         location = rest.removeprefix("in ").split(" | ")[0].strip() or product.location
-        price = _price(product.price)
+        price = price_value(product.price)
         rows.append(dict(
             product_id=product.id, title=title.strip(), location=location,
             description=str(product.product_description).replace("\r", "\n").strip(),
             category=product.category, main_category=product.category.split(" / ")[0],
             price=price, currency="GBP", price_flag="" if price is not None else "unparseable"))
-    listings = pd.DataFrame(rows, columns=LISTING_COLUMNS).sort_values("product_id")
+    listings = pd.DataFrame(rows, columns=list(LISTING_COLUMNS)).sort_values("product_id")
     images = manifest[manifest["product_id"].isin(chosen)].copy()
     images["label"] = 0
     images["split"] = "test"
     images["path"] = [str(data / "images" / name) for name in images["file"]]
     images["sha256"] = images["git_blob_sha1"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    listings.to_csv(out_dir / "listings.csv", index=False, lineterminator="\n")
-    images[IMAGE_COLUMNS].sort_values("image_id").to_csv(out_dir / "images.csv", index=False,
+    listings.to_csv(out_dir / LISTINGS_FILE, index=False, lineterminator="\n")
+    images[list(IMAGE_COLUMNS)].sort_values("image_id").to_csv(out_dir / IMAGES_FILE, index=False,
                                                          lineterminator="\n")
     return out_dir
 
@@ -75,7 +68,7 @@ def make_mini_prepared(out_dir: Path, per_category: int = 3, categories: list[st
 def outside_photos(prepared: Path, count: int) -> list[Path]:
     """Real photos of listings that are not in ``prepared`` (for AddListing)."""
     data = shared_data_dir()
-    inside = set(pd.read_csv(prepared / "listings.csv", dtype=str)["product_id"])
+    inside = set(pd.read_csv(prepared / LISTINGS_FILE, dtype=str)["product_id"])
     manifest = pd.read_csv(data / "images_manifest.csv", dtype=str)
     duplicated = manifest["git_blob_sha1"].duplicated(keep=False)
     manifest = manifest[~duplicated & ~manifest["product_id"].isin(inside)].sort_values("image_id")

@@ -97,7 +97,7 @@ def listing_photo(real, listing_id: str, index: int = 0) -> tuple[str, bytes]:
     return row["image_id"], Path(row["path"]).read_bytes()
 
 
-def test_catalogue_was_seeded_from_prepared_data(real):
+def test_catalogue_was_bootstrapped_from_prepared_data(real):
     catalogue = real.gateway.core.catalogue
     assert catalogue.count() == 26 and catalogue.count_images() == 45
     some = real.listings.iloc[0]

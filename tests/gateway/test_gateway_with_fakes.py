@@ -4,7 +4,6 @@ deadlines, round_robin and error codes. The same behaviour against the real serv
 test_gateway_integration.py."""
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -65,9 +64,9 @@ class Stack:
         self.gateway = start(self.config)
         self.address = f"127.0.0.1:{self.gateway.port}"
         self.client = GatewayClient(self.address, timeout=5.0, write_token=write_token or "")
-        self.seed()
+        self.bootstrap()
 
-    def seed(self) -> None:
+    def bootstrap(self) -> None:
         catalogue = self.gateway.core.catalogue
         for listing_id, main, price, location, photos in LISTINGS:
             image_ids = tuple(f"{listing_id}-img{j}" for j in range(photos))
@@ -505,18 +504,16 @@ def test_cli_prints_tables(stack, tmp_path, capsys):
 
 
 def test_index_embeddings_routes_by_listing(stack, tmp_path):
-    from services.gateway.index_catalogue import index_embeddings, load_artifact_embeddings
+    from common.artifact import read_image_embeddings, write_image_embeddings
+    from services.gateway.index_catalogue import index_embeddings
 
     for indexer in stack.indexers:
         indexer.items.clear()
     rows = stack.gateway.core.catalogue.image_rows()
     ids = [r.image_id for r in rows] + ["not-in-catalogue"]
     vectors = np.stack([fake_vector(i.encode()) for i in ids])
-    folder = tmp_path / "artifact" / "embeddings"
-    folder.mkdir(parents=True)
-    np.save(folder / "image_embeddings.npy", vectors)
-    (folder / "image_ids.json").write_text(json.dumps(ids))
-    loaded_ids, loaded = load_artifact_embeddings(tmp_path / "artifact")
+    write_image_embeddings(tmp_path / "artifact", ids, vectors)
+    loaded_ids, loaded = read_image_embeddings(tmp_path / "artifact")
     assert loaded_ids == ids and loaded.shape == vectors.shape
     report = index_embeddings(stack.gateway.core.catalogue, stack.gateway.core.indexer, loaded_ids,
                               loaded, batch_size=3, progress=False)

@@ -52,7 +52,7 @@ def stack(tmp_path_factory, test_artifact):
         embedder.stop(0)
 
 
-def seed(stub, photos: list[bytes], count: int) -> list[str]:
+def bootstrap_listings(stub, photos: list[bytes], count: int) -> list[str]:
     ids = []
     for n in range(count):
         reply = stub.AddListing(gateway_pb2.AddListingRequest(
@@ -67,8 +67,8 @@ def test_sigkill_one_replica_of_each_shard_under_mixed_load(stack):
     gateway = gateways[-1]
     photos = real_photos(6)
     with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        seed_ids = seed(gateway_pb2_grpc.GatewayStub(channel), photos, 6)
-    outcome = run_kill_scenario(cluster, f"127.0.0.1:{gateway.port}", photos, seed_ids,
+        bootstrap_ids = bootstrap_listings(gateway_pb2_grpc.GatewayStub(channel), photos, 6)
+    outcome = run_kill_scenario(cluster, f"127.0.0.1:{gateway.port}", photos, bootstrap_ids,
                                 duration_s=16, kill_at_s=4, restart_at_s=8)
     print(outcome)
     assert outcome.searches > 20 and outcome.adds > 5 and outcome.removes > 1

@@ -1,4 +1,4 @@
-"""Loading the training pipeline's embeddings (seed JSON, .npy + ids, .npz), attributes from a
+"""Loading the training pipeline's embeddings (the baseline project's JSON, .npy + ids, .npz), attributes from a
 CSV or the prepared data, and the build command writing a snapshot the server starts from."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from services.indexer import build
 from services.indexer.attributes import Attributes
 from services.indexer.config import IndexerConfig
 from services.indexer.core import IndexStore
+from common.prices import price_value
 from services.indexer.loader import (attributes_from_prepared, load_attributes_csv, load_embeddings,
-                                     parse_price, write_attributes_csv)
+                                     write_attributes_csv)
 from services.indexer.server import start
 from services.indexer.spec import CollectionSpec
 
@@ -34,10 +35,10 @@ def test_all_embedding_formats_load_the_same_data(tmp_path):
     ids, vectors = ids_for(30), unit_vectors(30, D)
     write_npy(tmp_path / "npy" / "embeddings", ids, vectors)
     np.savez(tmp_path / "image_embeddings.npz", ids=np.array(ids), embeddings=vectors)
-    seed = tmp_path / "seed" / "image_embeddings.json"
-    seed.parent.mkdir()
-    seed.write_text(json.dumps({i: v.tolist() for i, v in zip(ids, vectors)}))
-    for source in (tmp_path / "npy", tmp_path / "image_embeddings.npz", tmp_path / "seed"):
+    baseline = tmp_path / "baseline" / "image_embeddings.json"
+    baseline.parent.mkdir()
+    baseline.write_text(json.dumps({i: v.tolist() for i, v in zip(ids, vectors)}))
+    for source in (tmp_path / "npy", tmp_path / "image_embeddings.npz", tmp_path / "baseline"):
         loaded = load_embeddings(source)
         assert loaded.ids == ids
         np.testing.assert_allclose(loaded.vectors, vectors, atol=1e-6)
@@ -51,7 +52,7 @@ def test_npy_without_ids_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("text,value", [("£1,250.00", 1250.0), ("12", 12.0), ("", None), ("free", None)])
 def test_prices_are_parsed_leniently(text, value):
-    assert parse_price(text) == value
+    assert price_value(text) == value
 
 
 def write_prepared(folder):

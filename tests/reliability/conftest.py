@@ -22,7 +22,7 @@ def stack(tmp_path_factory, test_artifact):
     text model is off here (it costs several seconds at each embedder start, and the fault test
     restarts it); ``python -m benchmarks.reliability`` runs with it on."""
     root = tmp_path_factory.mktemp("reliability")
-    running = Stack.start(root, test_artifact, shards=2, seed_listings=8, photos=16,
+    running = Stack.start(root, test_artifact, shards=2, bootstrap_listings=8, photos=16,
                           text_model="off")
     try:
         yield running

@@ -112,7 +112,7 @@ class Stack:
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
     channels: dict[str, grpc.Channel] = field(default_factory=dict)
     photos: list[bytes] = field(default_factory=list)
-    seeded: list["Write"] = field(default_factory=list)
+    bootstrapped: list["Write"] = field(default_factory=list)
     ledger: "Ledger" = field(default_factory=lambda: Ledger())
     start_timeout_s: float = 180.0
     _text_served: bool | None = None
@@ -121,9 +121,9 @@ class Stack:
 
     @classmethod
     def start(cls, root: Path, artifact: Path, *, shards: int = 2, log_level: str = "debug",
-              photos: int = 24, seed_listings: int = 8, torch_threads: int = 1,
+              photos: int = 24, bootstrap_listings: int = 8, torch_threads: int = 1,
               text_model: str = "auto", extra_env: dict[str, str] | None = None) -> "Stack":
-        """Start embedder, ``shards`` indexers and the gateway; add ``seed_listings`` listings
+        """Start embedder, ``shards`` indexers and the gateway; add ``bootstrap_listings`` listings
         (one photo each) through the gateway. Stops whatever started if anything fails.
         ``text_model`` is EMBEDDER_TEXT_MODEL: "off" saves several seconds per embedder start
         (the text RPCs then answer FAILED_PRECONDITION, AddListing stores no text vector)."""
@@ -155,7 +155,7 @@ class Stack:
                 stack.wait(key)
             for key in keys:
                 stack.channels[key] = grpc.insecure_channel(stack.address(key), CHANNEL_OPTIONS)
-            stack.seed(seed_listings)
+            stack.bootstrap(bootstrap_listings)
         except BaseException:
             stack.close()
             raise
@@ -275,15 +275,15 @@ class Stack:
             image_ids = tuple(gateway_pb2.AddListingResponse.FromString(reply).listing.image_ids)
         return code, details, image_ids
 
-    def seed(self, count: int) -> None:
+    def bootstrap(self, count: int) -> None:
         for n in range(count):
             listing_id = f"seed-{n:04d}"
             code, details, image_ids = self.add_listing(listing_id, [self.photos[n % len(self.photos)]],
                                                         timeout=120)
             if code != OK:
-                raise RuntimeError(f"seeding {listing_id} failed: {code.name}: {details}")
+                raise RuntimeError(f"bootstrapping {listing_id} failed: {code.name}: {details}")
             write = Write(listing_id, image_ids, shard_of(listing_id, self.shards))
-            self.seeded.append(write)
+            self.bootstrapped.append(write)
             self.ledger.acknowledge(write)
 
     def listing_id_on_shard(self, shard: int, prefix: str) -> str:
@@ -359,7 +359,8 @@ class Ledger:
             self.uncertain.add(listing_id)
 
 
-def verify_writes(stack: Stack, ledger: Ledger, *, timeout: float = 30.0) -> list[str]:
+def verify_writes(stack: Stack, ledger: Ledger, *, timeout: float = 30.0,
+                  settle_s: float = 10.0) -> list[str]:
     """Every acknowledged write still in effect: an added listing is in the catalogue with the same
     photos and every photo vector is on its shard; a removed one is gone from both. Returns one
     line per lost write (empty list: nothing lost)."""
@@ -402,12 +403,31 @@ def verify_writes(stack: Stack, ledger: Ledger, *, timeout: float = 30.0) -> lis
         for collection, ids in (("image", write.image_ids), ("text", (write.listing_id,))):
             if collection == "text" and not stack.text_served:
                 continue
-            code, _, reply = stack.indexer(write.shard, "Fetch", indexer_pb2.FetchRequest(
-                collection=collection, ids=list(ids)), timeout=timeout)
-            if code != OK or indexer_pb2.FetchResponse.FromString(reply).items:
+            code = _vectors_deleted(stack, write.shard, collection, list(ids), timeout, settle_s)
+            if code is not None:
                 lost.append(f"{write.listing_id}: removed but {collection} Fetch on shard "
-                            f"{write.shard} answers {code.name} with its vectors")
+                            f"{write.shard} answers {code.name} with its vectors {settle_s:.0f} s "
+                            f"later")
     return lost
+
+
+def _vectors_deleted(stack: Stack, shard: int, collection: str, ids: list[str], timeout: float,
+                     settle_s: float):
+    """None once the shard holds none of ``ids``; else the last Fetch's code after ``settle_s``.
+
+    An acknowledged RemoveListing has deleted the listing and queued its vector deletion in the
+    same transaction; the deletion reaches the shard at once when it answers in time, else by the
+    outbox's retries (``pending`` in the reply), for example right after the shard restarted. So
+    the vectors may outlive the acknowledgement by a retry delay, never for good."""
+    until = time.monotonic() + settle_s
+    while True:
+        code, _, reply = stack.indexer(shard, "Fetch", indexer_pb2.FetchRequest(
+            collection=collection, ids=ids), timeout=timeout)
+        if code == OK and not indexer_pb2.FetchResponse.FromString(reply).items:
+            return None
+        if time.monotonic() >= until:
+            return code
+        time.sleep(0.2)
 
 
 # ============================================================================ fuzz
@@ -468,7 +488,7 @@ def fuzz_cases(stack: Stack, *, random_rounds: int = 3, seed: int = 11,
     over_image = b"\xff\xd8\xff\xe0" + b"\x00" * (8 * MiB)          # 8 MiB + 4: over the image limit
     bomb = png_bomb(8_000, 8_000)            # 64 Mpx: over the embedder's 40 Mpx limit
     giant = png_bomb(60_000, 60_000)         # 3.6 Gpx: Pillow's own bomb guard answers first
-    known = stack.seeded[0].listing_id
+    known = stack.bootstrapped[0].listing_id
     E, G = "embedder", "gateway"
     IA, NF, RE, OKC = CODE.INVALID_ARGUMENT, CODE.NOT_FOUND, CODE.RESOURCE_EXHAUSTED, OK
     UNIMPL = CODE.UNIMPLEMENTED
@@ -854,7 +874,7 @@ class Traffic:
     def one(self, kind: str, n: int) -> tuple[grpc.StatusCode, str]:
         stack, photos = self.stack, self.stack.photos
         photo = photos[n % len(photos)]
-        seed = stack.seeded[n % len(stack.seeded)].listing_id
+        known = stack.bootstrapped[n % len(stack.bootstrapped)].listing_id
         if kind == "search":
             return stack.gateway("SearchByImage", gateway_pb2.SearchByImageRequest(
                 image=photo, k=10), timeout=self.timeout)[:2]
@@ -864,11 +884,11 @@ class Traffic:
             return stack.gateway("SearchByText", gateway_pb2.SearchByTextRequest(
                 query=TEXT_QUERIES[n % len(TEXT_QUERIES)], k=10), timeout=self.timeout)[:2]
         if kind == "get":
-            return stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=seed),
+            return stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=known),
                                  timeout=self.timeout)[:2]
         if kind == "similar":
             return stack.gateway("SimilarListings", gateway_pb2.SimilarListingsRequest(
-                listing_id=seed, k=5), timeout=self.timeout)[:2]
+                listing_id=known, k=5), timeout=self.timeout)[:2]
         if kind == "classify":
             return stack.gateway("ClassifyImage", gateway_pb2.ClassifyImageRequest(
                 image=photo, top_k=3), timeout=self.timeout)[:2]
@@ -882,7 +902,7 @@ class Traffic:
             return code, details
         if kind == "remove":
             with self.lock:
-                write = stack.ledger.take_for_removal(self.rng, keep=[w.listing_id for w in stack.seeded])
+                write = stack.ledger.take_for_removal(self.rng, keep=[w.listing_id for w in stack.bootstrapped])
             if write is None:
                 return self.one("get", n)
             code, details, _ = stack.gateway("RemoveListing", gateway_pb2.RemoveListingRequest(
@@ -1120,14 +1140,14 @@ def run_faults(stack: Stack, *, services: Iterable[str] | None = None, concurren
     started = time.monotonic()
     acked_before = stack.ledger.acked
     photo = stack.photos[3]
-    seed_listing = stack.seeded[0].listing_id
+    bootstrapped_listing = stack.bootstrapped[0].listing_id
 
     def search():
         return stack.gateway("SearchByImage", gateway_pb2.SearchByImageRequest(image=photo, k=3),
                              timeout=deadline_s)
 
     def get():
-        return stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=seed_listing),
+        return stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=bootstrapped_listing),
                              timeout=deadline_s)
 
     with BackgroundLoad(stack, stats, concurrency=concurrency, max_requests=max_requests,
@@ -1149,7 +1169,7 @@ def run_faults(stack: Stack, *, services: Iterable[str] | None = None, concurren
                        lambda: stack.add_listing(target_id, [photo], timeout=deadline_s),
                        deadline_s, CODE.UNAVAILABLE)
                 if key.startswith("indexer-"):
-                    on_shard = next((w.listing_id for w in stack.seeded if w.shard == shard), None)
+                    on_shard = next((w.listing_id for w in stack.bootstrapped if w.shard == shard), None)
                     if on_shard is not None:
                         _probe(outage, stack, "SimilarListings", lambda: stack.gateway(
                             "SimilarListings", gateway_pb2.SimilarListingsRequest(

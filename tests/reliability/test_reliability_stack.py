@@ -107,9 +107,9 @@ def test_gateway_writes_need_the_token_reads_are_open(stack):
     code, details, _ = stack.gateway("AddListing", add, write=True)
     assert code == OK, details
     # reads need no token
-    seed = stack.seeded[0].listing_id
+    known = stack.bootstrapped[0].listing_id
     assert stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=listing_id))[0] == OK
-    assert stack.gateway("SimilarListings", gateway_pb2.SimilarListingsRequest(listing_id=seed))[0] == OK
+    assert stack.gateway("SimilarListings", gateway_pb2.SimilarListingsRequest(listing_id=known))[0] == OK
     assert stack.gateway("SearchByImage", gateway_pb2.SearchByImageRequest(image=stack.photos[4]))[0] == OK
     assert stack.gateway("ClassifyImage", gateway_pb2.ClassifyImageRequest(image=stack.photos[4]))[0] == OK
     assert stack.gateway("RemoveListing", remove, write=True)[0] == OK

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from common.fusion_weights import FusionWeights, FusionWeightsError
-from common.text import FUSION_WEIGHTS_FILE, FUSION_WEIGHTS_PLOT_FILE, listing_text
+from common.artifact import FUSION_WEIGHTS_FILE, FUSION_WEIGHTS_PLOT_FILE
+from common.text import listing_text
 from services.gateway.core import candidate_count
 from services.gateway.ranking import WEIGHTED_COSINE, Hit, fuse_image_and_text
 from tests.support.text import shared_text_encoder

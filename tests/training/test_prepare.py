@@ -17,16 +17,13 @@ import pytest
 from PIL import Image
 
 from tests.support.photos import decode, real_photos
-from training import prepare as prep
-from training.dataset import (
-    IMAGE_COLUMNS,
-    LISTING_COLUMNS,
-    SHARED_DATA_DIR,
-    CategoryLabels,
-    DataNotFoundError,
-    data_dir_default,
-    load_prepared,
-)
+from training.prepare import cli, near_duplicates, photos, pipeline, splits, tables
+from training.prepare.report import format_summary
+from common.files import sha256_file
+from common.prices import parse_price, price_flag
+from common.prepared_data import IMAGE_COLUMNS, LISTING_COLUMNS, CategoryLabels, DataNotFoundError
+from common.prepared_data.frames import load_prepared
+from training.dataset import SHARED_DATA_DIR, data_dir_default
 
 HEADER = ",id,product_name,category,product_description,price,location\n"
 
@@ -75,7 +72,7 @@ def png(img: Image.Image) -> bytes:
     ],
 )
 def test_parse_price(raw: str, value: float | None, currency: str) -> None:
-    parsed = prep.parse_price(raw)
+    parsed = parse_price(raw)
     assert (parsed.value, parsed.currency) == (value, currency)
 
 
@@ -85,15 +82,15 @@ def test_parse_price(raw: str, value: float | None, currency: str) -> None:
      (100_000.0, ""), (100_000.01, "absurd"), (-5.0, "absurd")],
 )
 def test_price_flag(value: float | None, flag: str) -> None:
-    assert prep.price_flag(value, absurd_price=100_000) == flag
+    assert price_flag(value, absurd_price=100_000) == flag
 
 
 def test_split_title_and_main_category() -> None:
-    assert prep.split_title("Sofa | in Leeds, West Yorkshire | Gumtree") == ("Sofa", "Leeds, West Yorkshire")
-    assert prep.split_title("Desk | chair | in Bath | Gumtree") == ("Desk | chair", "Bath")
-    assert prep.split_title("No suffix here") == ("No suffix here", None)
-    assert prep.main_category_of("Home & Garden / Garden & Patio / Sheds") == "Home & Garden"
-    assert prep.main_category_of("Other Goods") == "Other Goods"
+    assert tables.split_title("Sofa | in Leeds, West Yorkshire | Gumtree") == ("Sofa", "Leeds, West Yorkshire")
+    assert tables.split_title("Desk | chair | in Bath | Gumtree") == ("Desk | chair", "Bath")
+    assert tables.split_title("No suffix here") == ("No suffix here", None)
+    assert tables.main_category_of("Home & Garden / Garden & Patio / Sheds") == "Home & Garden"
+    assert tables.main_category_of("Other Goods") == "Other Goods"
 
 
 # ------------------------------------------------------------------ reading and cleaning
@@ -112,9 +109,9 @@ def test_row_broken_by_carriage_return_is_read_as_one_row(tmp_path: Path) -> Non
     ])
     broken = pd.read_csv(path)  # the course's reader: \r ends a row
     assert len(broken) > 3 and broken.isna().any().any()
-    raw, errors = prep.read_table(path, ["id", "price"])
+    raw, errors = tables.read_table(path, ["id", "price"])
     assert len(raw) == 3 and errors == []
-    listings, report = prep.clean_listings(raw)
+    listings, report = tables.clean_listings(raw)
     assert report["dropped"] == []
     assert listings.loc[0, "description"] == "Seasoned\nDumpy bags\nFree delivery"
     assert listings["price"].tolist() == [80.0, 1900.0, 5.0]
@@ -125,7 +122,7 @@ def test_crlf_file_and_overlong_line_are_handled_and_reported(tmp_path: Path) ->
     body = HEADER + listing_line(0, "p0", "Lamp", "Appliances / Lamps", "ok", "£5.00")
     body += "1,p1,Extra | in Bath | Gumtree,Appliances,d,£1.00,Bath,UNEXPECTED\n"
     path.write_bytes(body.replace("\n", "\r\n").encode())
-    raw, errors = prep.read_table(path, ["id", "location"])
+    raw, errors = tables.read_table(path, ["id", "location"])
     assert list(raw.columns)[-1] == "location" and raw.loc[0, "location"] == "Leeds, West Yorkshire"
     assert len(raw) == 1 and len(errors) == 1 and "expected 7 fields" in errors[0]
 
@@ -140,8 +137,8 @@ def test_clean_listings_drops_only_incomplete_rows_and_flags_prices(tmp_path: Pa
         listing_line(4, "p4", "Chair", "Home & Garden / Chairs", "", "£0.00"),
         listing_line(5, "p0", "Lamp again", "Appliances / Lamps", "dup", "£6.00"),
     ])
-    raw, _ = prep.read_table(path, ["id"])
-    listings, report = prep.clean_listings(raw, absurd_price=100_000)
+    raw, _ = tables.read_table(path, ["id"])
+    listings, report = tables.clean_listings(raw, absurd_price=100_000)
     assert list(listings.columns) == list(LISTING_COLUMNS)
     assert listings["product_id"].tolist() == ["p0", "p2", "p3", "p4"]
     reasons = {d["reason"]: (d["count"], d["examples"]) for d in report["dropped"]}
@@ -191,14 +188,14 @@ def synthetic_images(n_listings: int = 200, seed: int = 0) -> pd.DataFrame:
 
 def test_splits_group_reposts_stratify_and_are_reproducible() -> None:
     images = synthetic_images()
-    images["split"] = prep.assign_splits(images, seed=7)
-    prep.assert_no_leak(images)
+    images["split"] = splits.assign_splits(images, seed=7)
+    splits.assert_no_leak(images)
     assert images.loc[images["product_id"].isin(["p000", "p001", "p002"]), "split"].nunique() == 1
     for _, group in images.groupby("main_category"):
         share = group["split"].value_counts(normalize=True)
         assert abs(share["train"] - 0.70) < 0.05 and abs(share["valid"] - 0.15) < 0.05
-    assert prep.assign_splits(images, seed=7).equals(images["split"])
-    assert not prep.assign_splits(images, seed=8).equals(images["split"])
+    assert splits.assign_splits(images, seed=7).equals(images["split"])
+    assert not splits.assign_splits(images, seed=8).equals(images["split"])
 
 
 def test_leak_check_catches_listing_and_photo_overlap() -> None:
@@ -208,15 +205,15 @@ def test_leak_check_catches_listing_and_photo_overlap() -> None:
         "sha256": ["x", "y", "z", "z"],
         "split": ["train", "test", "train", "valid"],
     })
-    assert prep.split_leaks(leaky) == {"listings_in_several_splits": 1, "photos_in_several_splits": 1}
+    assert splits.split_leaks(leaky) == {"listings_in_several_splits": 1, "photos_in_several_splits": 1}
     with pytest.raises(AssertionError, match="split leak"):
-        prep.assert_no_leak(leaky)
+        splits.assert_no_leak(leaky)
     near = leaky.assign(sha256=["x", "y", "z", "w"], product_id=["p1", "p1", "p2", "p3"],
                         photo_group=["x", "y", "z", "z"], split=["train", "train", "train", "valid"])
-    assert prep.split_leaks(near) == {"listings_in_several_splits": 0, "photos_in_several_splits": 0,
+    assert splits.split_leaks(near) == {"listings_in_several_splits": 0, "photos_in_several_splits": 0,
                                       "near_duplicate_groups_in_several_splits": 1}
     with pytest.raises(AssertionError, match="near_duplicate_groups_in_several_splits"):
-        prep.assert_no_leak(near)
+        splits.assert_no_leak(near)
 
 
 # ------------------------------------------------------------------ near-duplicates
@@ -241,7 +238,7 @@ def fingerprints(folder: Path, images: list[Image.Image], quality: int = 95) -> 
     for k, img in enumerate(images):
         path = folder / f"f{k}.jpg"
         img.save(path, "JPEG", quality=quality)
-        thumbs.append(np.frombuffer(prep.photo_fingerprint(path), dtype=np.uint8).reshape(32, 32))
+        thumbs.append(np.frombuffer(photos.photo_fingerprint(path), dtype=np.uint8).reshape(32, 32))
     return np.stack(thumbs)
 
 
@@ -250,7 +247,7 @@ def test_near_duplicate_photos_survive_resizing_and_reencoding_but_generic_shots
     # Each real photo at its own size and again as the data's 320 px quality-75 copy.
     resized = [img.resize((320, 320), Image.Resampling.LANCZOS) for img in originals]
     thumbs = np.concatenate([fingerprints(tmp_path / "a", originals), fingerprints(tmp_path / "b", resized, quality=75)])
-    pairs = {tuple(p) for p in prep.near_duplicate_photo_pairs(thumbs).tolist()}
+    pairs = {tuple(p) for p in near_duplicates.near_duplicate_photo_pairs(thumbs).tolist()}
     assert pairs == {(k, k + 4) for k in range(4)}
 
     # Twelve different white-background shots, a flat white photo twice and a darkened copy of
@@ -260,12 +257,12 @@ def test_near_duplicate_photos_survive_resizing_and_reencoding_but_generic_shots
     white = Image.new("RGB", (512, 512), (250, 250, 250))
     darker = Image.fromarray((np.asarray(shots[0]) * 0.6).astype(np.uint8))
     generic = fingerprints(tmp_path / "c", shots + [white, white, darker])
-    assert prep.near_duplicate_photo_pairs(generic).tolist() == []
+    assert near_duplicates.near_duplicate_photo_pairs(generic).tolist() == []
     # The same shots re-encoded at 320 px pair with their originals only.
     small = fingerprints(tmp_path / "d", [s.resize((320, 320), Image.Resampling.LANCZOS) for s in shots], quality=75)
-    both = {tuple(p) for p in prep.near_duplicate_photo_pairs(np.concatenate([generic[:12], small])).tolist()}
+    both = {tuple(p) for p in near_duplicates.near_duplicate_photo_pairs(np.concatenate([generic[:12], small])).tolist()}
     assert both == {(k, k + 12) for k in range(12)}
-    assert prep.near_duplicate_photo_pairs(generic[:1]).shape == (0, 2)
+    assert near_duplicates.near_duplicate_photo_pairs(generic[:1]).shape == (0, 2)
 
 
 def test_near_duplicate_texts_are_reposts_not_a_shops_shared_signature() -> None:
@@ -279,11 +276,11 @@ def test_near_duplicate_texts_are_reposts_not_a_shops_shared_signature() -> None
         "",
         "",
     ]
-    assert prep.near_duplicate_text_pairs(texts).tolist() == [[0, 1]]
-    assert prep.near_duplicate_text_pairs(texts, min_cosine=0.5).tolist() == [[0, 1], [0, 2], [1, 2]]
+    assert near_duplicates.near_duplicate_text_pairs(texts).tolist() == [[0, 1]]
+    assert near_duplicates.near_duplicate_text_pairs(texts, min_cosine=0.5).tolist() == [[0, 1], [0, 2], [1, 2]]
     listings = pd.DataFrame({"product_id": ["a", "b", "c", "d", "e", "f"], "title": texts,
                              "description": [""] * 6})
-    assert prep.near_duplicate_text_links(listings) == [("a", "b")]
+    assert near_duplicates.near_duplicate_text_links(listings) == [("a", "b")]
 
 
 def test_splits_keep_near_duplicate_photos_and_reposted_texts_together() -> None:
@@ -293,17 +290,17 @@ def test_splits_keep_near_duplicate_photos_and_reposted_texts_together() -> None
     images.loc[images["image_id"] == "i200_0", "photo_group"] = "h10_0"
     links = [("p020", "p210"), ("p020", "missing")]
     apart = sum(
-        prep.assign_splits(images.drop(columns="photo_group"), seed=seed)
+        splits.assign_splits(images.drop(columns="photo_group"), seed=seed)
         .groupby(images["product_id"]).first().loc[["p010", "p200"]].nunique() > 1
         for seed in range(10)
     )
     assert apart > 0  # grouped by sha256 alone, the two listings often land in different splits
     for seed in range(10):
-        split = prep.assign_splits(images, seed=seed, links=links)
+        split = splits.assign_splits(images, seed=seed, links=links)
         of = split.groupby(images["product_id"]).first()
         assert of["p010"] == of["p200"] and of["p020"] == of["p210"]
-        prep.assert_no_leak(images.assign(split=split))
-    units = prep.split_units(images, links)
+        splits.assert_no_leak(images.assign(split=split))
+    units = splits.split_units(images, links)
     assert units[images["product_id"] == "p200"].iloc[0] == "p010"
     assert units[images["product_id"] == "p210"].iloc[0] == "p020"
 
@@ -357,21 +354,21 @@ def tiny_data(tmp_path: Path) -> Path:
 
 def test_prepare_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    summary = prep.prepare(tiny_data, out, workers=2, progress=False, samples_per_category=2)
+    summary = pipeline.prepare(tiny_data, out, workers=2, progress=False, samples_per_category=2)
 
     listings, images, categories = load_prepared(out, check_files=True)
     assert list(listings.columns) == list(LISTING_COLUMNS) and list(images.columns) == list(IMAGE_COLUMNS)
     assert categories == ["Appliances", "Home & Garden", "Other Goods"]
     assert len(listings) == 13 and "p13" not in set(listings["product_id"])
-    assert summary["listings"]["dropped"][0]["reason"] == "missing category"
+    assert summary.listings.dropped[0]["reason"] == "missing category"
 
-    join = summary["join"]
+    join = summary.join
     assert join["image_rows"] == 17 and join["image_rows_without_listing"] == 2  # p13 dropped, "nobody"
     assert join["image_rows_with_file"] == 14 and join["image_rows_without_file"] == 1  # i07b
     assert join["listings_without_image_rows"] == 1 and join["files_without_image_row"] == 1
     assert join["files_ignored_by_name"] == 1
 
-    failed = {f["image_id"] for f in summary["photos"]["failed_list"]}
+    failed = {f["image_id"] for f in summary.photos.failed_list}
     assert failed == {"i01a", "i01b"}
     assert set(images["image_id"]) == {r for r in [f"i{i:02d}a" for i in range(12)] + ["i00b"]} - failed
     assert all(images["label"] == images["main_category"].map(categories.index))
@@ -399,18 +396,18 @@ def test_prepare_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
 
     split_of = images.set_index("image_id")["split"]
     assert split_of["i05a"] == split_of["i06a"]  # byte-identical photos, two listings
-    assert summary["splits"]["listings_in_several_splits"] == 0
-    assert summary["splits"]["photos_in_several_splits"] == 0
-    assert summary["duplicates"]["groups_spanning_listings"] == 1
+    assert summary.splits.leaks["listings_in_several_splits"] == 0
+    assert summary.splits.leaks["photos_in_several_splits"] == 0
+    assert summary.duplicates["groups_spanning_listings"] == 1
     assert json.loads((out / "summary.json").read_text())["photos"]["failed"] == 2
     assert (out / "samples.png").stat().st_size > 0
-    assert "missing category" in prep.format_summary(summary)
+    assert "missing category" in format_summary(summary)
 
     # A re-run reuses every finished photo and gives the same tables.
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     first_images = (out / "images.csv").read_bytes()
-    again = prep.prepare(tiny_data, out, workers=1, progress=False, samples_per_category=2)
-    assert again["photos"]["skipped_already_done"] == len(images)
+    again = pipeline.prepare(tiny_data, out, workers=1, progress=False, samples_per_category=2)
+    assert again.photos.skipped_already_done == len(images)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
     assert (out / "images.csv").read_bytes() == first_images
 
@@ -421,7 +418,7 @@ def test_data_dir_default_and_cli_explain_what_is_missing(tmp_path: Path, monkey
         data_dir_default()
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "Products.csv").write_text(HEADER)
-    assert prep.main(["--data", str(tmp_path / "partial"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert cli.main(["--data", str(tmp_path / "partial"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "Images.csv" in err and "images/" in err and "--data" in err
 
@@ -432,9 +429,9 @@ def test_data_dir_default_and_cli_explain_what_is_missing(tmp_path: Path, monkey
 @pytest.mark.skipif(not (SHARED_DATA_DIR / "Products.csv").is_file(), reason=f"shared data not present at {SHARED_DATA_DIR}")
 def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     """Tables plus file hashes (no re-encoding), so it runs in a few seconds."""
-    raw, errors = prep.read_table(SHARED_DATA_DIR / "Products.csv", ["id", "product_name", "category", "price"])
+    raw, errors = tables.read_table(SHARED_DATA_DIR / "Products.csv", ["id", "product_name", "category", "price"])
     assert len(raw) == 7156 and errors == []
-    listings, report = prep.clean_listings(raw)
+    listings, report = tables.clean_listings(raw)
     assert len(listings) == 7156 and report["dropped"] == []
     assert report["distinct_category_paths"] == 435
     assert report["prices"]["zero"] == 92 and report["prices"]["unparseable"] == 0
@@ -445,9 +442,9 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
         "Phones, Mobile Phones & Telecoms": 440, "Clothes, Footwear & Accessories": 413, "Baby & Kids Stuff": 397,
     }
 
-    image_rows, _ = prep.read_table(SHARED_DATA_DIR / "Images.csv", ["id", "product_id"])
-    files, _ = prep.find_image_files(SHARED_DATA_DIR / "images")
-    joined, join = prep.join_images(image_rows, listings, files)
+    image_rows, _ = tables.read_table(SHARED_DATA_DIR / "Images.csv", ["id", "product_id"])
+    files, _ = tables.find_image_files(SHARED_DATA_DIR / "images")
+    joined, join = tables.join_images(image_rows, listings, files)
     # Expected photo counts come from the data's own manifest (one row per file in images/), so the
     # test follows the shared folder as it grows instead of pinning one release of it.
     manifest = pd.read_csv(SHARED_DATA_DIR / "images_manifest.csv", dtype=str)
@@ -457,7 +454,7 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     assert joined["product_id"].nunique() == manifest["product_id"].nunique()
     assert joined["main_category"].value_counts().to_dict() == manifest["main_category"].value_counts().to_dict()
 
-    joined["sha256"] = [prep.sha256_file(p) for p in joined["source"]]
+    joined["sha256"] = [sha256_file(p) for p in joined["source"]]
     joined["blob"] = joined["image_id"].map(manifest.set_index("image_id")["git_blob_sha1"])
     assert joined["blob"].notna().all()
     # Our SHA-256 duplicate groups refine the manifest's independent git blob hashes: each
@@ -465,37 +462,37 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     # re-encoded at 320 px has two SHA-256s, so byte hashes alone let it span two splits.
     assert (joined.groupby("sha256")["blob"].nunique() == 1).all()
     assert joined.groupby("sha256").size().max() > 1  # byte-identical re-posts are still found
-    by_bytes = joined.assign(split=prep.assign_splits(joined.drop(columns="blob")))
+    by_bytes = joined.assign(split=splits.assign_splits(joined.drop(columns="blob")))
     assert (by_bytes.groupby("blob")["split"].nunique() > 1).sum() > 0  # the leak this test guards
 
-    thumbs = np.stack([np.frombuffer(prep.photo_fingerprint(p), dtype=np.uint8).reshape(32, 32)
+    thumbs = np.stack([np.frombuffer(photos.photo_fingerprint(p), dtype=np.uint8).reshape(32, 32)
                        for p in joined["source"]])
-    pairs = prep.near_duplicate_photo_pairs(thumbs)
-    joined["photo_group"] = prep.photo_groups(joined.drop(columns="blob"), pairs)
+    pairs = near_duplicates.near_duplicate_photo_pairs(thumbs)
+    joined["photo_group"] = near_duplicates.photo_groups(joined.drop(columns="blob"), pairs)
     # Every source photo (blob) falls inside one near-duplicate group ...
     assert (joined.groupby("blob")["photo_group"].nunique() == 1).all()
     # ... and the groups do not chain unrelated photos: a group holds at most a few source photos
     # (re-uploads and bursts of one shot), although the hash alone matches many more pairs.
     groups = joined.groupby("photo_group").agg(photos=("image_id", "size"), sources=("blob", "nunique"))
     assert groups["sources"].max() <= 4 and groups["photos"].max() <= 20
-    hashes = prep._as_uint64(prep.perceptual_hashes(thumbs))
-    hash_only = sum(int(((np.bitwise_count(hashes[i] ^ hashes[i + 1:]) <= prep.NEAR_DUPLICATE_HAMMING)
+    hashes = near_duplicates._as_uint64(near_duplicates.perceptual_hashes(thumbs))
+    hash_only = sum(int(((np.bitwise_count(hashes[i] ^ hashes[i + 1:]) <= near_duplicates.NEAR_DUPLICATE_HAMMING)
                          & (joined["blob"].to_numpy()[i + 1:] != joined["blob"].iat[i])).sum()) for i in range(len(joined)))
     confirmed_other = int((joined["blob"].to_numpy()[pairs[:, 0]] != joined["blob"].to_numpy()[pairs[:, 1]]).sum())
     assert hash_only > 2 * confirmed_other  # the confirmation step is what stops the chaining
 
     photographed = listings[listings["product_id"].isin(set(joined["product_id"]))]
-    links = prep.near_duplicate_text_links(photographed)
+    links = near_duplicates.near_duplicate_text_links(photographed)
     assert len(links) > 50
-    joined["split"] = prep.assign_splits(joined, links=links)
-    prep.assert_no_leak(joined)
+    joined["split"] = splits.assign_splits(joined, links=links)
+    splits.assert_no_leak(joined)
     assert (joined.groupby("blob")["split"].nunique() > 1).sum() == 0  # no source photo in two splits
     split_of = joined.groupby("product_id")["split"].first()
     assert all(split_of[a] == split_of[b] for a, b in links)  # re-posted texts on one side
     by_split = {s: set(g["product_id"]) for s, g in joined.groupby("split")}
     assert not (by_split["train"] & by_split["valid"] or by_split["train"] & by_split["test"]
                 or by_split["valid"] & by_split["test"])
-    units = prep.split_units(joined, links)
+    units = splits.split_units(joined, links)
     assert joined.groupby(units)["product_id"].nunique().max() <= 20  # no runaway unit
 
     assert len(joined) == len(manifest) and joined["product_id"].nunique() == len(photographed)

@@ -11,6 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from common.artifact import (EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, TEXT_FINETUNE_CURVE_FILE, TEXT_IDS_FILE,
+                             TEXT_METRICS_FILE)
+from common.prepared_data import CategoryLabels
+from common.prepared_data.frames import write_prepared
 from common.text import TEXT_DIM, TextHead
 from training import text as T
 
@@ -126,9 +130,7 @@ def prepared(tmp_path_factory):
                 images.append({"image_id": image_id, "product_id": pid, "main_category": name,
                                "label": label, "split": split, "path": f"images/{image_id}.jpg",
                                "sha256": image_id})
-    pd.DataFrame(listings).to_csv(data / "listings.csv", index=False)
-    pd.DataFrame(images).to_csv(data / "images.csv", index=False)
-    (data / "labels.json").write_text(json.dumps({"version": 1, "categories": CATEGORIES}))
+    write_prepared(data, pd.DataFrame(listings), pd.DataFrame(images), CategoryLabels(tuple(CATEGORIES)))
     model = ListingModel(get_backbone("efficientnet_lite0"), len(CATEGORIES), pretrained=False)
     save_artifact(artifact, model, CATEGORIES)
     return data, artifact, root / "cache"
@@ -143,7 +145,7 @@ def trained(prepared):
 
 def test_run_writes_head_metrics_and_text_embeddings(prepared, trained):
     data, artifact, _ = prepared
-    metrics = json.loads((artifact / T.METRICS_FILE).read_text())
+    metrics = json.loads((artifact / TEXT_METRICS_FILE).read_text())
     assert metrics == json.loads(json.dumps(trained))
     assert metrics["split_listings"] == {"train": 18, "valid": 12, "test": 12, "no_photo": 6}
     assert set(metrics["top1"]) >= {"image", "text", "text+image"}
@@ -155,8 +157,8 @@ def test_run_writes_head_metrics_and_text_embeddings(prepared, trained):
     # the synthetic titles are easy for a sentence model; the untrained image model is noise
     assert metrics["top1"]["text"]["test"] >= 0.75
     assert metrics["top1"]["text+image"]["valid"] >= metrics["top1"]["image"]["valid"]
-    vectors = np.load(artifact / "embeddings" / T.TEXT_EMBEDDINGS_FILE)
-    ids = json.loads((artifact / "embeddings" / T.TEXT_IDS_FILE).read_text())
+    vectors = np.load(artifact / EMBEDDINGS_DIR / TEXT_EMBEDDINGS_FILE)
+    ids = json.loads((artifact / EMBEDDINGS_DIR / TEXT_IDS_FILE).read_text())
     assert vectors.shape == (48, TEXT_DIM) and vectors.dtype == np.float32 and len(ids) == 48
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     head = TextHead.load(artifact)
@@ -235,7 +237,7 @@ def test_run_with_finetuning_exports_a_third_source(prepared, tmp_path, capsys):
             "text+image, frozen MiniLM + TF-IDF + image (fused)"} <= set(metrics["top1"])
     assert [row["epoch"] for row in metrics["finetuned"]["history"]] == [1, 2]
     assert (out / "text_finetuned.safetensors").is_file()
-    assert (out / T.FINETUNE_CURVE_FILE).stat().st_size > 1000
+    assert (out / TEXT_FINETUNE_CURVE_FILE).stat().st_size > 1000
     head = TextHead.load(out)
     assert head.finetuned is not None and head.card["finetuned"]["epochs"] == 2
     with pytest.raises(ValueError, match="pass texts"):

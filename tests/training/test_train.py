@@ -16,6 +16,7 @@ from common.model import load_artifact
 from tests.training.tiny_data import CATEGORIES, make_tiny_prepared
 from training import train as T
 from training.config import TrainConfig, load_config, preset
+from training.dataset import load_training_photos
 from training.evaluate import (classification_metrics, listing_votes, precision_at_k,
                                same_listing_recall)
 from training.features import (FeatureExtractor, FrozenPrefix, TrainableSuffix, backbone_blocks,
@@ -59,8 +60,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def catalogue(tiny):
-    return T.load_catalogue(tiny)
+def photos(tiny):
+    return load_training_photos(tiny)
 
 
 # ------------------------------------------------------------------ the pretrained backbone
@@ -113,9 +114,9 @@ class CountingExtractor(FeatureExtractor):
         return super()._compute(paths, keys, *args, **kwargs)
 
 
-def test_feature_cache_computes_each_photo_once_and_notices_changed_bytes(catalogue, tmp_path):
+def test_feature_cache_computes_each_photo_once_and_notices_changed_bytes(photos, tmp_path):
     backbone = get_backbone(TINY)
-    files, keys = catalogue.files[:4], catalogue.keys[:4]
+    files, keys = photos.files[:4], photos.keys[:4]
     first = CountingExtractor(backbone, cache_dir=tmp_path, progress=False)
     a = first.get(files, keys, "center", ("pooled", "cut15"))
     assert first.computed == 4 and a["pooled"].shape == (4, 1280) and a["cut15"].dtype == np.float16
@@ -137,21 +138,21 @@ def test_feature_cache_computes_each_photo_once_and_notices_changed_bytes(catalo
 # ------------------------------------------------------------------ training
 
 
-def test_probe_head_loss_goes_down_and_learns(catalogue, cache):
-    result = T.fit(TrainConfig(**TINY_PROBE), catalogue, cache_dir=cache, progress=False)
+def test_probe_head_loss_goes_down_and_learns(photos, cache):
+    result = T.fit(TrainConfig(**TINY_PROBE), photos, cache_dir=cache, progress=False)
     losses = [h["train_loss"] for h in result.history if "train_loss" in h]
     assert losses[-1] < 0.5 * losses[0]
-    test = catalogue.mask("test")
-    accuracy = (result.logits[test].argmax(1) == catalogue.labels[test]).mean()
+    test = photos.mask("test")
+    accuracy = (result.logits[test].argmax(1) == photos.labels[test]).mean()
     assert accuracy >= 0.8
     norms = np.linalg.norm(result.embeddings, axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
-def test_finetune_last_blocks_loss_goes_down_and_changes_only_those_blocks(catalogue, cache):
+def test_finetune_last_blocks_loss_goes_down_and_changes_only_those_blocks(photos, cache):
     config = TrainConfig(**TINY_FINETUNE)
     before = get_backbone(config.backbone).build(True).state_dict()
-    result = T.fit(config, catalogue, cache_dir=cache, progress=False)
+    result = T.fit(config, photos, cache_dir=cache, progress=False)
     losses = [h["train_loss"] for h in result.history if "train_loss" in h]
     assert losses[-1] < losses[0]
     after = result.model.features.state_dict()
@@ -159,8 +160,8 @@ def test_finetune_last_blocks_loss_goes_down_and_changes_only_those_blocks(catal
     assert changed, "nothing was trained"
     assert all(k.startswith(("blocks.6.", "blocks.5.3.", "conv_head", "bn2")) for k in changed), changed
     # the final outputs come from a fresh pass of the trained model, not the cache
-    test = catalogue.mask("test")
-    assert (result.logits[test].argmax(1) == catalogue.labels[test]).mean() >= 0.8
+    test = photos.mask("test")
+    assert (result.logits[test].argmax(1) == photos.labels[test]).mean() >= 0.8
 
 
 # ------------------------------------------------------------------ export and reload
@@ -186,9 +187,9 @@ def test_export_then_load_gives_identical_predictions_and_reruns_are_cached(tiny
     artifact = load_artifact(out)
     ids = json.loads((out / "embeddings/image_ids.json").read_text())
     stored = np.load(out / "embeddings/image_embeddings.npy")
-    seed_format = json.loads((out / "embeddings/image_embeddings.json").read_text())
-    assert list(seed_format) == ids and stored.shape == (len(ids), card["embedding_dim"])
-    np.testing.assert_allclose(np.asarray(seed_format[ids[0]]), stored[0], rtol=1e-5, atol=1e-6)
+    baseline_format = json.loads((out / "embeddings/image_embeddings.json").read_text())
+    assert list(baseline_format) == ids and stored.shape == (len(ids), card["embedding_dim"])
+    np.testing.assert_allclose(np.asarray(baseline_format[ids[0]]), stored[0], rtol=1e-5, atol=1e-6)
 
     transform = artifact.preprocessing.transform()
     batch = torch.stack([transform(Image.open(tiny / "images" / f"{i}.jpg").convert("RGB")) for i in ids])

@@ -1,14 +1,16 @@
-"""A tiny prepared-data folder in the layout of `training.prepare` (see `training.dataset`):
+"""A tiny prepared-data folder in the layout of `training.prepare` (see `common.prepared_data`):
 a few categories of synthetic photos that a model can tell apart (each category has its own colour
 and shape), listings of two photos, and train/valid/test splits grouped by listing."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+
+from common.prepared_data import CategoryLabels
+from common.prepared_data.frames import write_prepared
 
 CATEGORIES = ("Appliances", "Baby & Kids Stuff", "Computers & Software")
 COLOURS = ((200, 40, 40), (40, 170, 60), (50, 70, 210))
@@ -52,7 +54,5 @@ def make_tiny_prepared(out: Path, *, listings_per_category: int = 5, photos_per_
                 _photo(c, listing, photo, size).save(out / path, "JPEG", quality=92)
                 images.append({"image_id": image_id, "product_id": product_id, "main_category": category,
                                "label": c, "split": split, "path": path, "sha256": "0" * 64})
-    pd.DataFrame(listings).to_csv(out / "listings.csv", index=False)
-    pd.DataFrame(images).to_csv(out / "images.csv", index=False)
-    (out / "labels.json").write_text(json.dumps({"version": 1, "categories": list(CATEGORIES)}))
+    write_prepared(out, pd.DataFrame(listings), pd.DataFrame(images), CategoryLabels(CATEGORIES))
     return out
