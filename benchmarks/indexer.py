@@ -171,7 +171,7 @@ def serving_overhead(settings: Settings, data: np.ndarray, queries: np.ndarray) 
     store = IndexStore.in_memory()
     store.replace_collection(index)
     with tempfile.TemporaryDirectory() as tmp:
-        config = IndexerConfig(host="127.0.0.1", port=0, data_dir=Path(tmp), log_level="warning",
+        config = IndexerConfig.local(host="127.0.0.1", port=0, data_dir=Path(tmp), log_level="warning",
                                collections=(), max_batch=1024, max_k=1000, faiss_threads=settings.threads,
                                blas_threshold=faiss.cvar.distance_compute_blas_threshold)
         server = start(config, store=store)

@@ -58,14 +58,14 @@ def part_failover(root: Path, load_s: float) -> dict:
     from tests.support.photos import real_photos
 
     artifact = make_test_artifact(root / "artifact")
-    embedder = start_embedder(EmbedderConfig(artifact_dir=artifact, host="127.0.0.1", port=0,
+    embedder = start_embedder(EmbedderConfig.local(artifact_dir=artifact, host="127.0.0.1", port=0,
                                              text_model="off", model_workers=1))
     cluster = IndexerCluster(root / "failover", shards=2, replicas=2,
                              collections="image:1280:flat:ip")
     gateway = None
     try:
         cluster.wait_all_serving()
-        gateway = start_gateway(GatewayConfig(
+        gateway = start_gateway(GatewayConfig.local(
             host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
             embedder_addr=f"127.0.0.1:{embedder.port}",
             indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),

@@ -8,7 +8,6 @@ or torchvision's download where there is internet.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,12 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+from common.config import Setting
 from common.images import letterbox
+
+RESNET34_WEIGHTS = Setting("RESNET34_WEIGHTS", "resnet34_weights", Path, flag=None,
+                           help="a torchvision ResNet-34 ImageNet state dict to load instead of "
+                                "downloading it (the `resnet34` backbone)")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,7 +163,7 @@ def _efficientnet_lite_features(variant: int, pretrained: bool) -> nn.Module:
 def _resnet34_imagenet() -> nn.Module:
     from torchvision.models import ResNet34_Weights, resnet34
 
-    path = os.environ.get("RESNET34_WEIGHTS")
+    path = RESNET34_WEIGHTS.from_environment()
     model = resnet34(weights=None)
     if path:
         if not Path(path).is_file():

@@ -6,19 +6,22 @@ its servicers, marks itself SERVING once its model or index is loaded, and ``ser
 """
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import logs
+from common.errors import ServiceError
 from common.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,30 @@ def clip_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
     if len(data) <= limit:
         return message
     return data[:max(0, limit - 48)].decode("utf-8", "ignore") + f"... ({len(data)} bytes, clipped)"
+
+
+@contextmanager
+def service_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """The one mapping of errors to statuses, for every servicer: a `ServiceError` aborts the RPC
+    with its status and its message as details (clipped: a message may echo a caller's long
+    input). Any other exception passes on to the server's interceptor: INTERNAL, traceback logged."""
+    try:
+        yield
+    except ServiceError as exc:
+        details = clip_details(str(exc))
+        log.info("request failed: %s: %s", exc.status, details)
+        context.abort(getattr(grpc.StatusCode, exc.status), details)
+
+
+def maps_service_errors(method: Callable) -> Callable:
+    """`service_errors` around a servicer method ``(self, request, context)``."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        with service_errors(context):
+            return method(self, request, context)
+
+    return wrapper
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,9 @@ import pandas as pd
 from common.files import sha256_file
 from common.prepared_data import DataNotFoundError
 from common.prepared_data.frames import load_prepared
+from training.settings import DATA, SHARED_DATA_DIR  # noqa: F401 (SHARED_DATA_DIR: re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-#: The course data shipped next to the repository (see its SOURCE.md).
-SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "marketplace"
 #: Where `python -m training.prepare` writes unless told otherwise.
 DEFAULT_OUT_DIR = REPO_ROOT / "build" / "data"
 
@@ -37,9 +36,8 @@ def data_dir_default() -> Path:
     Raises `DataNotFoundError` naming the expected files when the folder is missing
     or lacks them, so a user with the full photo set knows how to point at theirs.
     """
-    env = os.environ.get("DATA")
-    path = Path(env).expanduser() if env else SHARED_DATA_DIR
-    check_data_dir(path, origin="env DATA" if env else "the default location")
+    path = DATA.from_environment().expanduser()
+    check_data_dir(path, origin="env DATA" if os.environ.get(DATA.env) else "the default location")
     return path
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from tqdm import tqdm
 
 from common.backbones import Backbone
 from common.files import sha256_file
+from training.settings import TRAINING_PRECISION, TRAINING_RUNTIME
 from common.model import FOLD_TOLERANCE, export_onnx, fold_batch_norms_measured
 from common.runtimes import (Choice, RuntimeUnavailable, Session, TorchSession, choose_session,
                              open_session)
@@ -229,8 +229,8 @@ class FeatureExtractor:
         self._memory: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         #: where the pooled features are computed (`common.runtimes`): TRAINING_RUNTIME (auto:
         #: the fastest runtime that matches torch on the first photos) and TRAINING_PRECISION
-        self.runtime = runtime or os.environ.get("TRAINING_RUNTIME", "auto").strip().lower()
-        self.precision = precision or os.environ.get("TRAINING_PRECISION", "fp32").strip().lower()
+        self.runtime = runtime or TRAINING_RUNTIME.from_environment()
+        self.precision = precision or TRAINING_PRECISION.from_environment()
         self._session: Session | None = None
         self._session_features: nn.Module | None = None
         self._export_dir: tempfile.TemporaryDirectory | None = None

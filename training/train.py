@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from common.artifact import CARD_FILE, FUSION_WEIGHTS_FILE, TEXT_CARD_FILE, artifact_complete
 from common.backbones import get_backbone
+from training.settings import TORCH_THREADS
 from common.model import ListingModel
 from training.config import PRESETS, TrainConfig, load_config, parse_override, preset
 from training.dataset import DEFAULT_OUT_DIR, TrainingPhotos, load_training_photos
@@ -61,7 +62,7 @@ def seed_everything(seed: int) -> None:
 
 def set_threads() -> None:
     """Threads for the convolution passes: env TORCH_THREADS, else every core (at most 8)."""
-    threads = int(os.environ.get("TORCH_THREADS", "0")) or min(os.cpu_count() or 1, 8)
+    threads = TORCH_THREADS.from_environment() or min(os.cpu_count() or 1, 8)
     torch.set_num_threads(threads)
 
 

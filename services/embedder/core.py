@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from common.fusion_weights import FusionWeights, FusionWeightsError, FusionWeightsMissing
 from common.images import ImageError
 from common.model import ArtifactError
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 3
 
 
-class RequestError(ValueError):
+class RequestError(InvalidArgument):
     """The request cannot be served as sent (the caller's fault); the message says why."""
 
 
@@ -65,11 +66,11 @@ class BadTexts(RequestError):
         super().__init__(f"{len(problems)} of {total} texts unusable: {shown}{more}")
 
 
-class EmbedderUnavailable(RuntimeError):
+class EmbedderUnavailable(Unavailable):
     """The embedder is shutting down and cannot take the request."""
 
 
-class TextNotServed(RuntimeError):
+class TextNotServed(FailedPrecondition):
     """EmbedText was asked of an embedder without a text model; the message says how to enable it."""
 
 

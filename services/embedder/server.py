@@ -5,17 +5,14 @@ import logging
 import sys
 from dataclasses import dataclass
 
-import grpc
-
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
 from common.artifact import FUSION_WEIGHTS_FILE
-from common.security import server_credentials
-from common.serving import Server, create_server, serve_until_signal
+from common.serving import Server, create_server, serve_until_signal, service_errors
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig
-from services.embedder.core import Embedder, EmbedderUnavailable, RequestError, TextNotServed
+from services.embedder.core import Embedder
 from services.embedder.metrics import EmbedderMetrics
 
 log = logging.getLogger(__name__)
@@ -38,13 +35,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self.metrics = metrics
 
     def Embed(self, request, context):
-        with _status(context):
+        with service_errors(context):
             embeddings = self.core.embed(request.images)
         return embedder_pb2.EmbedResponse(embeddings=[_vector(row) for row in embeddings],
                                           model_version=self.core.model.version)
 
     def Classify(self, request, context):
-        with _status(context):
+        with service_errors(context):
             results = self.core.classify(request.images, request.top_k,
                                          include_embeddings=request.include_embeddings)
         response = embedder_pb2.ClassifyResponse(model_version=self.core.model.version)
@@ -57,7 +54,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         return response
 
     def EmbedText(self, request, context):
-        with _status(context):
+        with service_errors(context):
             embeddings = self.core.embed_text(list(request.texts))
         if self.metrics is not None:
             self.metrics.texts_embedded(len(embeddings))
@@ -82,27 +79,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         return info
 
 
-class _status:
-    """Map the core's exceptions to gRPC status codes (anything else stays INTERNAL)."""
-
-    def __init__(self, context: grpc.ServicerContext) -> None:
-        self.context = context
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            return False
-        if isinstance(exc, RequestError):
-            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if isinstance(exc, EmbedderUnavailable):
-            self.context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if isinstance(exc, TextNotServed):
-            self.context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return False
-
-
 @dataclass
 class EmbedderServer(Server):
     """The started server plus the core it serves; ``stop`` also stops the model worker."""
@@ -119,7 +95,7 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
     """Load the model (raising ``ArtifactError`` before binding anything if the artefact is
     unusable), start the server on ``config.port`` (0: any free port) and report SERVING.
     TLS / mutual TLS when TLS_CERT + TLS_KEY (+ TLS_CLIENT_CA) are set (`common.security`)."""
-    credentials = server_credentials()  # a bad TLS_* path fails before the model loads
+    credentials = config.tls.server_credentials()  # a bad TLS_* path fails before the model loads
     core = core or Embedder.from_config(config)
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "EMBEDDER_METRICS_PORT")
     observed = (EmbedderMetrics(metrics.registry, core, config.batch_size)

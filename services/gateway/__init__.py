@@ -1,7 +1,7 @@
 """The gateway: the public API in listing terms, composing the embedder and the indexer shards.
 
-    config.py          environment variables (documented there) -> GatewayConfig
-    domain.py          Listing, SearchFilter, RankedListing, ... and GatewayError (status by name)
+    config.py          GATEWAY_SETTINGS (each setting declared once, `common.config`) -> GatewayConfig
+    domain.py          Listing, SearchFilter, RankedListing, ... and GatewayError (`common.errors`)
     catalogue.py       the listing catalogue: listings, stored vectors, outbox (migrations, bulk load)
     catalogue_db.py    GATEWAY_DB as a URL; the SQLite and PostgreSQL back ends
     outbox.py          pushes queued vector writes to the owning shard (docs/catalogue.md)

@@ -19,14 +19,16 @@ call fails with UNAVAILABLE naming the shard).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 import grpc
 
-from services.gateway.client import GatewayClient
+from services.gateway.client import GATEWAY_ADDR, GatewayClient
 from services.gateway.domain import Listing, RankedListing, missing_shards_notice
+
+#: The settings the CLI reads (its --addr flag overrides it).
+CLI_SETTINGS = (GATEWAY_ADDR,)
 
 
 def _cut(text: str, width: int) -> str:
@@ -99,7 +101,9 @@ FUSION_CHOICES = {"cosine": "weighted_cosine", "weighted_cosine": "weighted_cosi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.cli",
                                      description="call the marketplace gateway")
-    parser.add_argument("--addr", default=os.environ.get("GATEWAY_ADDR", "127.0.0.1:50050"))
+    parser.add_argument("--addr", GATEWAY_ADDR.flag, dest="addr",
+                        default=GATEWAY_ADDR.from_environment(),
+                        help=f"the gateway (default env {GATEWAY_ADDR.env} or {GATEWAY_ADDR.default})")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     parser.add_argument("--token", default=None, help="write token (default $WRITE_TOKEN)")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 
+from common.config import Setting
 from common.security import bearer_metadata, open_channel
 from common.security import write_token as env_write_token
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -45,6 +46,10 @@ from services.gateway.domain import (
     RemovedListing,
     SearchFilter,
 )
+
+#: Where a client finds the gateway: the HTTP edge's and the CLI's setting.
+GATEWAY_ADDR = Setting("GATEWAY_ADDR", "gateway_addr", default="127.0.0.1:50050", flag="--gateway",
+                       help="the gateway to call (a gRPC target)")
 
 Image = bytes | str | os.PathLike
 

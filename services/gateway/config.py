@@ -1,122 +1,66 @@
-"""Gateway settings: environment variables, overridden by command-line flags.
+"""Gateway settings, each declared once in `GATEWAY_SETTINGS` (variable, flag, type, default,
+bounds, help; `common.config`): environment variables, overridden by command-line flags. The
+commands (rebalance, reconcile, index_catalogue, load_catalogue) read the same declarations. The
+defaults are in the declarations and the README's configuration table; here is what some mean.
 
-Environment variables (flag in brackets; defaults in parentheses):
-
-``GATEWAY_HOST`` [--host] (0.0.0.0)
-    Interface to listen on.
-``GATEWAY_PORT`` [--port] (50050)
-    Port to listen on; 0 picks a free one.
-``GATEWAY_DB`` [--db] (run/catalogue.sqlite3)
-    The listing catalogue: a path or ``sqlite:///path`` (an embedded SQLite file, created on
-    first start; one gateway process), or ``postgresql://user:password@host:port/dbname`` (a
-    PostgreSQL database shared by every gateway replica). Migrated to the current schema at start
-    (replicas starting together take turns). A malformed value or a database that cannot be
-    reached at start stops the gateway with one line naming this setting; a database that goes
-    away later makes catalogue calls UNAVAILABLE until it is back (no restart needed).
-``GATEWAY_DB_CONNECT_TIMEOUT_S`` (5)
-    How long to wait for a PostgreSQL connection (at start, and per request from the pool).
-``GATEWAY_OUTBOX_INTERVAL_S`` (0.5) / ``GATEWAY_OUTBOX_LEASE_S`` (30)
-    How often the outbox applier looks for vector writes not yet acknowledged by their shard
-    (left by a shard that was down or a gateway that died), and how long one gateway holds an
-    entry while pushing it (pushes are given half of it; after a crash another gateway takes the
-    entry over once the lease ran out). See ``docs/catalogue.md``.
-``GATEWAY_SEED_DIR`` [--seed-dir] (unset)
-    A prepared-data folder (``listings.csv`` + ``images.csv`` from ``python -m training.prepare``)
-    loaded into the catalogue at start when the catalogue is empty. Unset: start empty (load with
-    ``python -m services.gateway.load_catalogue``).
-``EMBEDDER_ADDR`` [--embedder] (127.0.0.1:50051)
-    The embedder replicas. One ``host:port``; or a comma-separated list ``a:p1,b:p2`` that becomes
-    the gRPC target ``ipv4:a:p1,b:p2`` (hostnames in a list are resolved once at start); or any
-    gRPC target such as ``dns:///embedder:50051`` (every address the name resolves to is a
-    replica), used as-is. Calls are spread over replicas by gRPC's own ``round_robin``
-    load-balancing policy; a replica that is down is skipped while others are up.
-``INDEXER_ADDRS`` [--indexers] (127.0.0.1:50052)
-    Comma-separated indexer shard addresses (each ``host:port`` or a gRPC target). The order
-    defines the shard number: a listing lives on shard ``blake2b(listing_id) % N``. Searches go to
-    every shard in parallel and are merged by score. Changing N requires re-indexing. Same as
-    ``INDEXER_SHARDS`` with one replica per shard.
-``INDEXER_SHARDS`` [--shards] (unset)
-    Indexer shards with replicas: ``0=a:50052|b:50052;1=c:50052|d:50052`` (shard number =
-    replica targets separated by ``|``; shards ``;``-separated, numbered 0..N-1). A search asks
-    one replica of each shard (spread over the replicas, another replica of the same shard in the
-    same call when one answers UNAVAILABLE or runs out of time); writes go to every replica of the
-    listing's shard. Set either this or ``INDEXER_ADDRS``, not both.
-``GATEWAY_SHARD_MAP`` [--shard-map] (off) / ``GATEWAY_SHARD_MAP_POLL_S`` (2) / ``INDEXER_PARTITIONS`` (256)
-    The versioned shard map (`common.shard_map`), kept in the catalogue database (``GATEWAY_DB``,
-    table ``shard_maps``) so every gateway and the rebalance command read the same one. ``on``:
-    when the database holds no map yet, create version 1 (``INDEXER_PARTITIONS`` partitions on
-    the configured shards; it routes exactly as hash routing when the partition count is a
-    multiple of the shard count). Whenever the database holds a map (``on`` or ``off``), listings
-    are routed listing -> partition -> the shard that owns it, every gateway re-reads the map
-    every ``GATEWAY_SHARD_MAP_POLL_S`` seconds (so they switch together), and shards can be added
-    with ``python -m services.gateway.rebalance --to N``. No map: shard
-    ``blake2b(listing_id) % N``.
-``GATEWAY_DOWNSTREAM_TIMEOUT_S`` (10)
-    Deadline for a request whose caller set none. A caller's deadline is always propagated to the
-    embedder and indexer calls made for it (minus a small margin so the gateway answers first).
-``GATEWAY_MAX_K`` (100)
-    Largest ``k`` accepted by the search RPCs (``k = 0`` means 10).
-``GATEWAY_MAX_IMAGES`` (16)
-    Most photos accepted in one AddListing.
-``GATEWAY_MAX_MESSAGE_MB`` (16)
-    Largest request the gateway accepts (and response it sends), in MiB; a bigger request is
-    RESOURCE_EXHAUSTED from gRPC itself, naming the limit in bytes. Keep it at least
-    ``EMBEDDER_MAX_IMAGE_BYTES`` so one full-size photo fits.
-``GATEWAY_RETRY_ATTEMPTS`` (3)
-    Attempts per downstream call (first try included). Only UNAVAILABLE is retried, and only for
-    idempotent calls (all the gateway makes are: Embed, Classify, GetModelInfo, Search, Fetch, and
-    Upsert/Delete by id). Never beyond the request's deadline.
-``GATEWAY_RETRY_BACKOFF_S`` (0.05) / ``GATEWAY_RETRY_BACKOFF_MAX_S`` (1.0)
-    First retry delay, doubled per retry up to the maximum, with random jitter (50-100%).
-``GATEWAY_RECONNECT_BACKOFF_MAX_S`` (2.0)
-    Cap on gRPC's reconnect backoff to a downstream that went away, so a restarted embedder or
-    indexer is used again within about this time (gRPC's own default grows to 120 s).
-``GATEWAY_MODEL_INFO_TTL_S`` (60)
-    How long the embedder's model info (categories, dimension, batch limit) is cached.
-``GATEWAY_SEARCH_TEXT_WEIGHT`` / ``GATEWAY_SIMILAR_TEXT_WEIGHT`` (unset: the embedder's artefact)
-    Text weight ``w`` in [0, 1] of hybrid Search when a request leaves ``text_weight`` unset, and
-    of SimilarListings: ``(1 - w) * photo cosine + w * text cosine`` (SimilarListings' 0: photos
-    only, as a request's ``photos_only``). Unset, each comes from the embedder's GetModelInfo: the
-    weights chosen on the valid split for the served image model (its artefact's
-    ``fusion_weights.json``, written by ``python -m training.fusion_weights`` and training.text),
-    else the built-in 0.5 and 0.7 (`services.gateway.fusion_defaults`). Set, they override it; the
-    log says which weight is used and where it came from.
-``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE`` (unset; shared with the indexer, see `common.security`)
-    When set, AddListing and RemoveListing require the metadata ``authorization: Bearer <token>``
-    (UNAUTHENTICATED without it, PERMISSION_DENIED with a wrong one), and the gateway sends the
-    same token on its Upsert/Delete calls to the indexer shards. Unset: writes are open (a
-    warning is logged at start).
-``TLS_CERT`` / ``TLS_KEY`` / ``TLS_CLIENT_CA``, ``TLS_CA`` / ``TLS_CLIENT_CERT`` / ``TLS_CLIENT_KEY``
-    Optional TLS for the gateway's own port and for its channels to embedder and indexers
-    (`common.security`); plaintext when unset.
-``GATEWAY_MAX_WORKERS`` (16)
-    gRPC server worker threads (concurrent requests being handled).
-``GATEWAY_READINESS_INTERVAL_S`` (5) / ``GATEWAY_READINESS_TIMEOUT_S`` (1)
-    How often the gateway checks the health of the embedder and every indexer shard, and the
-    timeout of each check; the health entry ``marketplace.gateway.v1.Gateway`` is SERVING only
-    while all of them are (`services.gateway.readiness`). 0 turns the checks off: the entry then
-    stays SERVING like the server's own ``""``.
-``GATEWAY_METRICS_PORT`` [--metrics-port] (9450)
-    HTTP port of the Prometheus ``/metrics`` endpoint (`common.metrics`): the gateway's own RPCs,
-    its calls to every downstream, the catalogue size and each downstream's readiness. 0 turns
-    metrics off.
-``IMAGE_STORE_DIR`` (unset)
-    Folder of the listing photo store (`common.image_store`, shared with the HTTP edge): the photos
-    of listings added through AddListing are kept there (removed with the listing). Unset: they
-    are embedded and indexed but not kept.
-``LOG_LEVEL`` [--log-level] (info)
+``GATEWAY_DB``
+    An embedded SQLite file (created on first start; one gateway process) or a PostgreSQL
+    database shared by every gateway replica. Migrated to the current schema at start (replicas
+    starting together take turns). A malformed value or a database that cannot be reached at
+    start stops the gateway with one line naming this setting; a database that goes away later
+    makes catalogue calls UNAVAILABLE until it is back (no restart needed).
+``GATEWAY_OUTBOX_INTERVAL_S`` / ``GATEWAY_OUTBOX_LEASE_S``
+    The outbox applier looks for vector writes not yet acknowledged by their shard (left by a
+    shard that was down or a gateway that died); pushes are given half of the lease, and after a
+    crash another gateway takes the entry over once the lease ran out (``docs/catalogue.md``).
+``EMBEDDER_ADDR``
+    One ``host:port``; or a comma-separated list ``a:p1,b:p2`` that becomes the gRPC target
+    ``ipv4:a:p1,b:p2`` (hostnames in a list are resolved once at start); or any gRPC target such
+    as ``dns:///embedder:50051`` (every address the name resolves to is a replica), used as-is.
+    Calls are spread over replicas by gRPC's own ``round_robin`` policy; a replica that is down
+    is skipped while others are up.
+``INDEXER_ADDRS`` / ``INDEXER_SHARDS``
+    The order defines the shard number: without a shard map a listing lives on shard
+    ``blake2b(listing_id) % N``. Searches go to every shard in parallel and are merged by score.
+    With replicas (``INDEXER_SHARDS``), a search asks one replica of each shard (another replica
+    of the same shard in the same call when one answers UNAVAILABLE or runs out of time); writes
+    go to every replica of the listing's shard. Set one of the two, not both.
+``GATEWAY_SHARD_MAP``
+    The versioned shard map (`common.shard_map`) is kept in the catalogue database
+    (``GATEWAY_DB``, table ``shard_maps``) so every gateway and the rebalance command read the
+    same one. ``on``: when the database holds no map yet, create version 1
+    (``INDEXER_PARTITIONS`` partitions on the configured shards; it routes exactly as hash
+    routing when the partition count is a multiple of the shard count). Whenever the database
+    holds a map (``on`` or ``off``), listings are routed listing -> partition -> the shard that
+    owns it, every gateway re-reads the map every ``GATEWAY_SHARD_MAP_POLL_S`` (so they switch
+    together), and shards can be added with ``python -m services.gateway.rebalance --to N``.
+``GATEWAY_SEARCH_TEXT_WEIGHT`` / ``GATEWAY_SIMILAR_TEXT_WEIGHT``
+    Unset, each comes from the embedder's GetModelInfo: the weights chosen on the valid split for
+    the served image model (its artefact's ``fusion_weights.json``, written by ``python -m
+    training.fusion_weights`` and training.text), else the built-in 0.5 and 0.7
+    (`services.gateway.fusion_defaults`). Set, they override it; the log says which weight is
+    used and where it came from.
+``GATEWAY_RETRY_*``
+    Only UNAVAILABLE is retried, and only for idempotent calls (all the gateway makes are:
+    Embed, Classify, GetModelInfo, Search, Fetch, and Upsert/Delete by id), never beyond the
+    request's deadline.
+``WRITE_TOKEN`` / ``WRITE_TOKEN_FILE``, ``TLS_*``
+    `common.security`: AddListing and RemoveListing need the token when it is set, and the
+    gateway sends it on its Upsert/Delete calls to the indexer shards.
 """
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from common.config import REPO_ROOT, ConfigError, env_float, env_int, env_path, env_str
-from common.security import write_token
+from common.config import (INDEXER_PARTITIONS, LOG_LEVEL, REPO_ROOT, ConfigError, Setting,
+                           Settings, merged)
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
+from common.security import (TLS_CLIENT_SETTINGS, TLS_SERVER_SETTINGS, WRITE_TOKEN_SETTINGS,
+                             TlsFiles, resolve_write_token)
 from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
                                      single_replica_shards)
 
@@ -124,14 +68,23 @@ DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
+RETRY_ATTEMPTS = Setting(
+    "GATEWAY_RETRY_ATTEMPTS", "retry_attempts", int, 3, minimum=1,
+    help="attempts per downstream call (first try included); only UNAVAILABLE is retried, only "
+         "for idempotent calls, never beyond the request's deadline")
+RETRY_BACKOFF = Setting("GATEWAY_RETRY_BACKOFF_S", "retry_backoff_s", float, 0.05, minimum=0.0,
+                        help="first retry delay, doubled per retry, with random jitter (50-100%)")
+RETRY_BACKOFF_MAX = Setting("GATEWAY_RETRY_BACKOFF_MAX_S", "retry_backoff_max_s", float, 1.0,
+                            minimum=0.0, help="longest retry delay")
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retries of UNAVAILABLE for idempotent downstream calls: exponential backoff with jitter."""
 
-    attempts: int = 3
-    initial_backoff_s: float = 0.05
-    max_backoff_s: float = 1.0
+    attempts: int = RETRY_ATTEMPTS.default
+    initial_backoff_s: float = RETRY_BACKOFF.default
+    max_backoff_s: float = RETRY_BACKOFF_MAX.default
     multiplier: float = 2.0
 
     def backoff(self, retry: int) -> float:
@@ -139,43 +92,159 @@ class RetryPolicy:
         return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** retry)
 
 
+def embedder_addr_setting(raw: str) -> str:
+    """``EMBEDDER_ADDR`` as given, once it is known to make a gRPC target (fail fast)."""
+    embedder_target(raw)
+    return raw
+
+
+def indexer_shards_setting(raw: str) -> ShardReplicas:
+    try:
+        return parse_shard_replicas(raw)
+    except ShardMapError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+#: Where the catalogue, the shards and the embedder are: the gateway's and its commands'.
+DB = Setting("GATEWAY_DB", "db_path", default=REPO_ROOT / "run" / "catalogue.sqlite3", flag="--db",
+             parse=lambda raw: database_setting(raw),
+             help="listing catalogue: a path or `sqlite:///path` (embedded SQLite, one gateway), "
+                  "or `postgresql://user:password@host:port/db` (shared by every gateway "
+                  "replica); migrated at start; unusable or unreachable at start: the gateway "
+                  "exits with one line naming it")
+EMBEDDER_ADDR = Setting(
+    "EMBEDDER_ADDR", "embedder_addr", default=DEFAULT_EMBEDDER_ADDR, flag="--embedder",
+    parse=embedder_addr_setting,
+    help="the embedder replicas: one address, a comma list (hostnames resolved once at start), "
+         "or any gRPC target such as `dns:///name:port`: gRPC `round_robin` over replicas")
+INDEXER_ADDRS = Setting(
+    "INDEXER_ADDRS", "indexer_addrs", default=(DEFAULT_INDEXER_ADDRS,), flag="--indexers",
+    parse=lambda raw: parse_indexer_addrs(raw), shown=DEFAULT_INDEXER_ADDRS,
+    help="comma list of indexer shards; order = shard number (`INDEXER_SHARDS` with one replica "
+         "per shard)")
+INDEXER_SHARDS = Setting(
+    "INDEXER_SHARDS", "indexer_shards", flag="--shards", parse=indexer_shards_setting,
+    help="shards with replicas, `0=a:50052|b:50052;1=c:50052|d:50052` (instead of "
+         "`INDEXER_ADDRS`); see [Scaling the indexer](#scaling-the-indexer)")
+SHARD_MAP = Setting(
+    "GATEWAY_SHARD_MAP", "shard_map", bool, False, parse=lambda raw: shard_map_setting(raw),
+    shown="off", help="on: create the versioned shard map in the catalogue database (`GATEWAY_DB`) "
+    "when it holds none (enables `python -m services.gateway.rebalance`); a map the database "
+    "holds is followed either way")
+SHARD_MAP_POLL = Setting("GATEWAY_SHARD_MAP_POLL_S", "shard_map_poll_s", float, 2.0, minimum=0.05,
+                         help="how often gateways re-read the shard map")
+
+GATEWAY_SETTINGS = merged((
+    Setting("GATEWAY_HOST", "host", default="0.0.0.0", help="interface to listen on"),
+    Setting("GATEWAY_PORT", "port", int, 50050, minimum=0, maximum=65535,
+            help="listening port (0: any free port)"),
+    DB,
+    Setting("GATEWAY_DB_CONNECT_TIMEOUT_S", "db_connect_timeout_s", float, 5.0, minimum=0.1,
+            help="wait for a PostgreSQL connection (at start and per request); a database that "
+                 "went away makes calls UNAVAILABLE until it is back"),
+    Setting("GATEWAY_OUTBOX_INTERVAL_S", "outbox_interval_s", float, 0.5, minimum=0.01,
+            help="how often each gateway pushes index writes its shard has not acknowledged yet "
+                 "([docs/catalogue.md](docs/catalogue.md))"),
+    Setting("GATEWAY_OUTBOX_LEASE_S", "outbox_lease_s", float, 30.0, minimum=0.5,
+            help="how long one gateway holds such a write (another takes it over after)"),
+    Setting("GATEWAY_SEED_DIR", "seed_dir", Path,
+            help="prepared data loaded into an empty catalogue at start"),
+    EMBEDDER_ADDR, INDEXER_ADDRS, INDEXER_SHARDS, SHARD_MAP, SHARD_MAP_POLL, INDEXER_PARTITIONS,
+    Setting("GATEWAY_DOWNSTREAM_TIMEOUT_S", "downstream_timeout_s", float, 10.0, minimum=0.001,
+            help="deadline when the caller set none (a caller's deadline is always propagated)"),
+    Setting("GATEWAY_MAX_K", "max_k", int, 100, minimum=1,
+            help="largest `k` of the search RPCs (`k = 0` means 10)"),
+    Setting("GATEWAY_MAX_IMAGES", "max_images", int, 16, minimum=1,
+            help="most photos in one AddListing"),
+    Setting("GATEWAY_MAX_MESSAGE_MB", "max_message_bytes", int, 16, minimum=1, scale=1024 * 1024,
+            flag="--max-message-mb",
+            help="largest request accepted and response sent, in MiB (RESOURCE_EXHAUSTED beyond); "
+                 "keep it at least `EMBEDDER_MAX_IMAGE_BYTES`"),
+    RETRY_ATTEMPTS, RETRY_BACKOFF, RETRY_BACKOFF_MAX,
+    Setting("GATEWAY_RECONNECT_BACKOFF_MAX_S", "reconnect_backoff_max_s", float, 2.0, minimum=0.1,
+            help="cap on gRPC's reconnect backoff, so a restarted downstream is used again within "
+                 "about this time"),
+    Setting("GATEWAY_MODEL_INFO_TTL_S", "model_info_ttl_s", float, 60.0, minimum=0.0,
+            help="how long the embedder's model info is cached"),
+    Setting("GATEWAY_SEARCH_TEXT_WEIGHT", "search_text_weight", float, minimum=0.0, maximum=1.0,
+            shown="unset: the artefact's",
+            help="text weight `w` of hybrid Search when a request leaves `text_weight` unset: "
+                 "`(1 - w)·photo cosine + w·text cosine`; unset: the weight chosen on the valid "
+                 "split for the served image model (the embedder's GetModelInfo), else 0.5"),
+    Setting("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight", float, minimum=0.0,
+            maximum=1.0, shown="unset: the artefact's",
+            help="text weight `w` of SimilarListings (0: photos only); unset: the weight chosen on "
+                 "the valid split for the served image model, else 0.7"),
+    Setting("GATEWAY_MAX_WORKERS", "max_workers", int, 16, minimum=1,
+            help="gRPC server worker threads (concurrent requests being handled)"),
+    Setting("GATEWAY_READINESS_INTERVAL_S", "readiness_interval_s", float, 5.0, minimum=0.0,
+            help="how often the health of the embedder and every indexer shard is checked "
+                 "(0: off, the readiness entry stays SERVING)"),
+    Setting("GATEWAY_READINESS_TIMEOUT_S", "readiness_timeout_s", float, 1.0, minimum=0.01,
+            help="timeout of each readiness check"),
+    Setting("GATEWAY_METRICS_PORT", "metrics_port", int, DEFAULT_METRICS_PORTS["gateway"],
+            minimum=0, maximum=65535,
+            help="HTTP port of the Prometheus /metrics endpoint (0: metrics off)"),
+    Setting("IMAGE_STORE_DIR", "image_store_dir", Path, flag="--image-store",
+            shown="unset: photos not kept",
+            help="listing photo store folder (`common.image_store`, shared with the HTTP edge): "
+                 "photos of listings added through AddListing are kept there"),
+    LOG_LEVEL,
+), WRITE_TOKEN_SETTINGS, TLS_SERVER_SETTINGS, TLS_CLIENT_SETTINGS)
+_default = GATEWAY_SETTINGS.default
+
+
+def command_settings(*fields: str) -> Settings:
+    """The gateway settings a command (rebalance, reconcile, ...) reads, with the same flags."""
+    return Settings(*(GATEWAY_SETTINGS[name] for name in fields))
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = 0
-    db_path: Path | str = REPO_ROOT / "run" / "catalogue.sqlite3"  # GATEWAY_DB: a path or a URL
-    seed_dir: Path | None = None
-    embedder_addr: str = DEFAULT_EMBEDDER_ADDR
-    indexer_addrs: tuple[str, ...] = (DEFAULT_INDEXER_ADDRS,)
+    """Everything the gateway needs; ``from_env`` reads flags and env (`GATEWAY_SETTINGS`),
+    tests build it directly (`local` for an in-process server on a free loopback port)."""
+
+    host: str = _default("host")
+    port: int = _default("port")
+    db_path: Path | str = _default("db_path")  # GATEWAY_DB: a path or a URL
+    seed_dir: Path | None = _default("seed_dir")
+    embedder_addr: str = _default("embedder_addr")
+    indexer_addrs: tuple[str, ...] = _default("indexer_addrs")
     #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.
-    indexer_shards: ShardReplicas | None = None
+    indexer_shards: ShardReplicas | None = _default("indexer_shards")
     #: GATEWAY_SHARD_MAP: create the shard map in the catalogue database when it has none
-    shard_map: bool = False
-    shard_map_poll_s: float = 2.0
-    partitions: int = 256
-    downstream_timeout_s: float = 10.0
-    max_k: int = 100
-    max_images: int = 16
-    max_message_bytes: int = 16 * 1024 * 1024
+    shard_map: bool = _default("shard_map")
+    shard_map_poll_s: float = _default("shard_map_poll_s")
+    partitions: int = _default("partitions")
+    downstream_timeout_s: float = _default("downstream_timeout_s")
+    max_k: int = _default("max_k")
+    max_images: int = _default("max_images")
+    max_message_bytes: int = _default("max_message_bytes")
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    reconnect_backoff_max_s: float = 2.0
-    model_info_ttl_s: float = 60.0
-    db_connect_timeout_s: float = 5.0
-    outbox_interval_s: float = 0.5
-    outbox_lease_s: float = 30.0
-    search_text_weight: float | None = None    # None: the embedder's artefact decides
-    similar_text_weight: float | None = None
+    reconnect_backoff_max_s: float = _default("reconnect_backoff_max_s")
+    model_info_ttl_s: float = _default("model_info_ttl_s")
+    db_connect_timeout_s: float = _default("db_connect_timeout_s")
+    outbox_interval_s: float = _default("outbox_interval_s")
+    outbox_lease_s: float = _default("outbox_lease_s")
+    #: None: the embedder's artefact decides (GetModelInfo's fusion weights)
+    search_text_weight: float | None = _default("search_text_weight")
+    similar_text_weight: float | None = _default("similar_text_weight")
     write_token: str | None = None
-    max_workers: int = 16
-    readiness_interval_s: float = 5.0
-    readiness_timeout_s: float = 1.0
-    metrics_port: int = 0             # 0: off (from_env defaults to 9450)
-    log_level: str = "info"
-    image_store_dir: Path | None = None
+    max_workers: int = _default("max_workers")
+    readiness_interval_s: float = _default("readiness_interval_s")
+    readiness_timeout_s: float = _default("readiness_timeout_s")
+    metrics_port: int = _default("metrics_port")
+    log_level: str = _default("log_level")
+    image_store_dir: Path | None = _default("image_store_dir")
+    tls: TlsFiles = field(default_factory=TlsFiles.from_env)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port={self.metrics_port} must be 0 (off) or a TCP port")
+        GATEWAY_SETTINGS.check(self)
+
+    @classmethod
+    def local(cls, **overrides: Any) -> "GatewayConfig":
+        """An in-process server's config: loopback, a free port, no metrics port."""
+        return cls(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, **overrides})
 
     @property
     def embedder_target(self) -> str:
@@ -193,74 +262,29 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "GatewayConfig":
-        parser = argparse.ArgumentParser(prog="python -m services.gateway",
-                                         description="public API gateway (see config docstring for env)")
-        parser.add_argument("--host", default=env_str("GATEWAY_HOST", "0.0.0.0"))
-        parser.add_argument("--port", type=int, default=env_int("GATEWAY_PORT", 50050, minimum=0))
-        parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")))
-        parser.add_argument("--seed-dir", type=Path,
-                            default=env_str("GATEWAY_SEED_DIR", "") or None)
-        parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR))
-        parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
-        parser.add_argument("--metrics-port", type=int,
-                            default=env_int("GATEWAY_METRICS_PORT", DEFAULT_METRICS_PORTS["gateway"],
-                                            minimum=0))
-        parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
-                            help="indexer shards with replicas: 0=a:p|b:p;1=c:p|d:p")
-        parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
-                            help="on: create the versioned shard map in the catalogue database "
-                                 "(enables rebalancing); off (default)")
-        parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
-        args = parser.parse_args(argv)
-        token = write_token()
-        image_store = env_str("IMAGE_STORE_DIR", "")
-        config = cls(
-            host=args.host,
-            port=args.port,
-            db_path=database_setting(args.db),
-            seed_dir=Path(args.seed_dir) if args.seed_dir else None,
-            embedder_addr=args.embedder,
-            indexer_addrs=parse_indexer_addrs(args.indexers),
-            indexer_shards=shard_replicas_setting(args.shards, args.indexers),
-            shard_map=shard_map_setting(args.shard_map),
-            shard_map_poll_s=env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05),
-            partitions=env_int("INDEXER_PARTITIONS", 256, minimum=1),
-            downstream_timeout_s=env_float("GATEWAY_DOWNSTREAM_TIMEOUT_S", 10.0, minimum=0.001),
-            max_k=env_int("GATEWAY_MAX_K", 100, minimum=1),
-            max_images=env_int("GATEWAY_MAX_IMAGES", 16, minimum=1),
-            max_message_bytes=env_int("GATEWAY_MAX_MESSAGE_MB", 16, minimum=1) * 1024 * 1024,
-            retry=RetryPolicy(
-                attempts=env_int("GATEWAY_RETRY_ATTEMPTS", 3, minimum=1),
-                initial_backoff_s=env_float("GATEWAY_RETRY_BACKOFF_S", 0.05, minimum=0.0),
-                max_backoff_s=env_float("GATEWAY_RETRY_BACKOFF_MAX_S", 1.0, minimum=0.0),
-            ),
-            reconnect_backoff_max_s=env_float("GATEWAY_RECONNECT_BACKOFF_MAX_S", 2.0, minimum=0.1),
-            model_info_ttl_s=env_float("GATEWAY_MODEL_INFO_TTL_S", 60.0, minimum=0.0),
-            db_connect_timeout_s=env_float("GATEWAY_DB_CONNECT_TIMEOUT_S", 5.0, minimum=0.1),
-            outbox_interval_s=env_float("GATEWAY_OUTBOX_INTERVAL_S", 0.5, minimum=0.01),
-            outbox_lease_s=env_float("GATEWAY_OUTBOX_LEASE_S", 30.0, minimum=0.5),
-            search_text_weight=text_weight_from_env("GATEWAY_SEARCH_TEXT_WEIGHT"),
-            similar_text_weight=text_weight_from_env("GATEWAY_SIMILAR_TEXT_WEIGHT"),
-            write_token=token,
-            max_workers=env_int("GATEWAY_MAX_WORKERS", 16, minimum=1),
-            readiness_interval_s=env_float("GATEWAY_READINESS_INTERVAL_S", 5.0, minimum=0.0),
-            readiness_timeout_s=env_float("GATEWAY_READINESS_TIMEOUT_S", 1.0, minimum=0.01),
-            metrics_port=args.metrics_port,
-            log_level=args.log_level,
-            image_store_dir=Path(image_store) if image_store else None,
-        )
-        embedder_target(config.embedder_addr)  # fail fast on a malformed value
-        return config
+        values = GATEWAY_SETTINGS.parse_args("python -m services.gateway",
+                                             "public API gateway", argv)
+        check_one_shard_list(values["indexer_shards"], values["indexer_addrs"])
+        retry = RetryPolicy(attempts=values.pop("retry_attempts"),
+                            initial_backoff_s=values.pop("retry_backoff_s"),
+                            max_backoff_s=values.pop("retry_backoff_max_s"))
+        token = resolve_write_token(values.pop("write_token"), values.pop("write_token_file"))
+        tls = TlsFiles.from_values(values)
+        return cls(**values, retry=retry, write_token=token, tls=tls)
 
 
-def text_weight_from_env(name: str) -> float | None:
-    """A fusion text weight setting: a number in [0, 1], or None when unset."""
-    if not env_str(name, ""):
-        return None
-    weight = env_float(name, 0.0, minimum=0.0)
-    if weight > 1.0:
-        raise ConfigError(f"{name} must be between 0 and 1, got {weight}")
-    return weight
+def check_one_shard_list(shards: ShardReplicas | None, addrs: tuple[str, ...]) -> None:
+    """Setting ``INDEXER_SHARDS`` beside a non-default ``INDEXER_ADDRS`` is an error (which one
+    would the operator mean?)."""
+    if shards is not None and tuple(addrs) != (DEFAULT_INDEXER_ADDRS,):
+        raise ConfigError("set INDEXER_SHARDS or INDEXER_ADDRS, not both (INDEXER_SHARDS "
+                          "with one replica per shard is INDEXER_ADDRS)")
+
+
+def shard_lists(values: dict[str, Any]) -> ShardReplicas:
+    """The replica targets per shard from a command's INDEXER_SHARDS / INDEXER_ADDRS values."""
+    check_one_shard_list(values["indexer_shards"], values["indexer_addrs"])
+    return values["indexer_shards"] or single_replica_shards(values["indexer_addrs"])
 
 
 def database_setting(value: str) -> Path | str:
@@ -298,17 +322,12 @@ def parse_indexer_addrs(value: str) -> tuple[str, ...]:
 
 
 def shard_replicas_setting(shards: str | None, addrs: str) -> ShardReplicas | None:
-    """``INDEXER_SHARDS`` parsed, or None when unset; setting it beside a non-default
-    ``INDEXER_ADDRS`` is an error (which one would the operator mean?)."""
+    """``INDEXER_SHARDS`` parsed, or None when unset, checked against ``INDEXER_ADDRS``."""
     if not shards:
         return None
-    if addrs.strip() != DEFAULT_INDEXER_ADDRS:
-        raise ConfigError("set INDEXER_SHARDS or INDEXER_ADDRS, not both (INDEXER_SHARDS "
-                          "with one replica per shard is INDEXER_ADDRS)")
-    try:
-        return parse_shard_replicas(shards)
-    except ShardMapError as exc:
-        raise ConfigError(str(exc)) from None
+    replicas = indexer_shards_setting(shards)
+    check_one_shard_list(replicas, parse_indexer_addrs(addrs))
+    return replicas
 
 
 def _split_host_port(address: str) -> tuple[str, str]:

@@ -2,8 +2,9 @@
 
 `GatewayCore` composes the catalogue (`catalogue.Catalogue`), the embedder replicas
 (`downstream.EmbedderClient`) and the indexer shards (`downstream.IndexerShards`). It takes and
-returns `domain` objects and raises `domain.GatewayError`s; the servicer in `server` only converts
-protos and maps those errors to status codes.
+returns `domain` objects and raises `common.errors.ServiceError`s (each with its status code);
+the servicer in `server` only converts protos and maps those errors to status codes
+(`common.serving.service_errors`).
 
 Search by image: embed the photo -> every shard's filtered top-k (one per listing) in parallel ->
 `ranking.merge_by_listing` -> catalogue entries. Similar listings: the listing's stored photo

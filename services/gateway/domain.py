@@ -2,7 +2,8 @@
 
 Plain dataclasses with no gRPC in them, so the catalogue, ranking and orchestration code (and the
 Python client's callers) can use them without knowing about protobuf or servicers. `convert`
-maps them to and from the public protos; `server` maps `GatewayError` to status codes.
+maps them to and from the public protos; `common.serving.service_errors` maps the errors (each
+carries its status code, `common.errors`) to status codes for the servicer.
 """
 from __future__ import annotations
 
@@ -10,62 +11,28 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                           NotFound, PermissionDenied, ResourceExhausted, ServiceError,
+                           Unauthenticated, Unavailable)
+
+__all__ = ["AlreadyExists", "DeadlineExceeded", "DownstreamError", "FailedPrecondition",
+           "GatewayError", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted",
+           "ServiceError", "Unauthenticated", "Unavailable"]
+
 
 # ----------------------------------------------------------------------------- errors
 
 
-class GatewayError(Exception):
-    """An error with the gRPC status code (by name) the caller should see; ``str()`` is the details."""
+class GatewayError(ServiceError):
+    """The gateway's own errors: not the caller's fault (INTERNAL); ``str()`` is the details.
+    The shared ones (`common.errors`: InvalidArgument, NotFound, Unavailable, ...) carry their
+    own status code."""
 
-    code = "INTERNAL"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidArgument(GatewayError):
-    code = "INVALID_ARGUMENT"
-
-
-class NotFound(GatewayError):
-    code = "NOT_FOUND"
-
-
-class AlreadyExists(GatewayError):
-    code = "ALREADY_EXISTS"
-
-
-class FailedPrecondition(GatewayError):
-    code = "FAILED_PRECONDITION"
-
-
-class Unavailable(GatewayError):
-    """A downstream service could not be reached (after retries); the message names it."""
-
-    code = "UNAVAILABLE"
-
-
-class DeadlineExceeded(GatewayError):
-    code = "DEADLINE_EXCEEDED"
-
-
-class ResourceExhausted(GatewayError):
-    code = "RESOURCE_EXHAUSTED"
-
-
-class Unauthenticated(GatewayError):
-    code = "UNAUTHENTICATED"
-
-
-class PermissionDenied(GatewayError):
-    code = "PERMISSION_DENIED"
+    status = "INTERNAL"
 
 
 class DownstreamError(GatewayError):
     """A downstream answered with an error that is not the caller's fault (INTERNAL, UNKNOWN...)."""
-
-    code = "INTERNAL"
 
 
 # ----------------------------------------------------------------------------- data

@@ -40,7 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import outgoing_metadata
 from common.metrics import GrpcClientMetrics
-from common.security import bearer_metadata, open_channel
+from common.security import TlsFiles, bearer_metadata, open_channel
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.gateway.config import RetryPolicy
@@ -49,12 +49,12 @@ from services.gateway.domain import (
     DeadlineExceeded,
     DownstreamError,
     FailedPrecondition,
-    GatewayError,
     InvalidArgument,
     ModelInfo,
     ResourceExhausted,
     SearchFilter,
     ServedFusionWeights,
+    ServiceError,
     Unavailable,
 )
 from services.gateway.ranking import Hit
@@ -108,11 +108,12 @@ class Downstream:
     """One named downstream target: its channel and a label for error messages."""
 
     def __init__(self, name: str, target: str, *, reconnect_backoff_max_s: float = 2.0,
-                 client_metrics: GrpcClientMetrics | None = None) -> None:
+                 client_metrics: GrpcClientMetrics | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.name = name
         self.target = target
         self.label = f"{name} at {target}"
-        self._channel = open_channel(target, channel_options(reconnect_backoff_max_s))
+        self._channel = open_channel(target, channel_options(reconnect_backoff_max_s), tls)
         #: every call through it is counted and timed when metrics are on (`common.metrics`)
         self.channel = (client_metrics.instrument(self._channel, name, target)
                         if client_metrics is not None else self._channel)
@@ -135,7 +136,7 @@ class Call:
     caller_input: bool = True
 
 
-def map_rpc_error(label: str, error: grpc.RpcError, caller_input: bool = True) -> GatewayError:
+def map_rpc_error(label: str, error: grpc.RpcError, caller_input: bool = True) -> ServiceError:
     """A downstream's status -> the gateway error the caller should see (naming the downstream)."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
@@ -160,7 +161,7 @@ def call_all(calls: Sequence[Call], deadline: Deadline, policy: RetryPolicy) -> 
     """Make all ``calls`` concurrently (gRPC futures) and return their responses in order.
 
     UNAVAILABLE is retried per call with backoff for idempotent calls while the deadline allows;
-    the first failure that is not retried cancels the others and is raised as a GatewayError.
+    the first failure that is not retried cancels the others and is raised as a ServiceError.
     """
     metadata = outgoing_metadata()
 
@@ -227,9 +228,10 @@ class EmbedderClient:
 
     def __init__(self, target: str, policy: RetryPolicy, *, reconnect_backoff_max_s: float = 2.0,
                  model_info_ttl_s: float = 60.0,
-                 client_metrics: GrpcClientMetrics | None = None) -> None:
+                 client_metrics: GrpcClientMetrics | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.downstream = Downstream("embedder", target, reconnect_backoff_max_s=reconnect_backoff_max_s,
-                                     client_metrics=client_metrics)
+                                     client_metrics=client_metrics, tls=tls)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.downstream.channel)
         self.policy = policy
         self.model_info_ttl_s = model_info_ttl_s
@@ -429,12 +431,13 @@ class Replica:
 
     def __init__(self, shard: int, number: int, target: str, label: str, events: ReplicaEvents,
                  reconnect_backoff_max_s: float,
-                 client_metrics: GrpcClientMetrics | None = None) -> None:
+                 client_metrics: GrpcClientMetrics | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.shard = shard
         self.number = number
         self.downstream = Downstream(f"indexer shard {shard}", target,
                                      reconnect_backoff_max_s=reconnect_backoff_max_s,
-                                     client_metrics=client_metrics)
+                                     client_metrics=client_metrics, tls=tls)
         self.downstream.label = label
         self.stub = indexer_pb2_grpc.IndexerStub(self.downstream.channel)
         self.replication = indexer_pb2_grpc.ReplicationStub(self.downstream.channel)
@@ -505,7 +508,8 @@ class IndexerShards:
     def __init__(self, topology: Sequence[str | Sequence[str]], policy: RetryPolicy, *,
                  reconnect_backoff_max_s: float = 2.0, write_token: str | None = None,
                  events: ReplicaEvents | None = None, routing: ShardRouting | None = None,
-                 client_metrics: GrpcClientMetrics | None = None) -> None:
+                 client_metrics: GrpcClientMetrics | None = None,
+                 tls: TlsFiles | None = None) -> None:
         if not topology:
             raise ValueError("at least one indexer shard is needed")
         self.events = events or ReplicaEvents()
@@ -517,7 +521,7 @@ class IndexerShards:
             replicas = [Replica(shard, number, target,
                                 f"indexer shard {shard} at {target}" if len(targets) == 1
                                 else f"indexer shard {shard} replica {number} at {target}",
-                                self.events, reconnect_backoff_max_s, client_metrics)
+                                self.events, reconnect_backoff_max_s, client_metrics, tls)
                         for number, target in enumerate(targets)]
             self.replica_sets.append(ShardReplicas(shard, replicas))
         self.policy = policy
@@ -875,7 +879,7 @@ class _ReadAttempt:
     def replica(self) -> Replica:
         return self.order[self.position]
 
-    def shard_down(self) -> GatewayError:
+    def shard_down(self) -> ServiceError:
         """The error naming the shard after every replica failed."""
         if len(self.replicas.replicas) == 1:
             replica, error = self.failures[-1]

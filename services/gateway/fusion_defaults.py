@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.gateway.domain import GatewayError, ModelInfo
+from services.gateway.domain import ModelInfo, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class FusionDefaults:
                 return current
             try:
                 info = self._model_info(deadline)
-            except GatewayError as exc:  # the embedder is down: keep what we had
+            except ServiceError as exc:  # the embedder is down: keep what we had
                 with self._lock:
                     self._failed_at = time.monotonic()
                 if current is not None:

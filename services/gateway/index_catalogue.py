@@ -37,22 +37,15 @@ from tqdm import tqdm
 
 from common.artifact import (EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, read_image_embeddings,
                              read_text_embeddings)
-from common.config import REPO_ROOT, env_int, env_path, env_str
+from common.config import Settings
 from common.listing_text import listing_text
 from common.prepared_data import IMAGES_FILE, read_rows
-from common.security import write_token
+from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
+                             resolve_write_token)
 from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import (
-    DEFAULT_EMBEDDER_ADDR,
-    DEFAULT_INDEXER_ADDRS,
-    RetryPolicy,
-    embedder_target,
-    parse_indexer_addrs,
-    shard_map_setting,
-    shard_replicas_setting,
-)
-from services.gateway.domain import GatewayError
+from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, embedder_target, shard_lists
+from services.gateway.domain import ServiceError
 from services.gateway.downstream import (
     IMAGE_COLLECTION,
     TEXT_COLLECTION,
@@ -61,7 +54,7 @@ from services.gateway.downstream import (
     IndexerShards,
     IndexItem,
 )
-from services.gateway.shards import routing_for, single_replica_shards
+from services.gateway.shards import routing_for
 
 TEXT_MODES = ("auto", "on", "off")
 BATCH_TIMEOUT_S = 120.0
@@ -148,7 +141,7 @@ def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
     try:
         try:
             info = embedder.model_info(Deadline(30))
-        except GatewayError as exc:
+        except ServiceError as exc:
             if mode == "on":
                 raise
             return f"no text embeddings in the artefact and the embedder is not reachable: {exc}"
@@ -199,56 +192,54 @@ def index_embeddings(catalogue: Catalogue, shards: IndexerShards, image_ids: Seq
                             started=started)
 
 
+#: What the command reads, declared with the gateway's settings (same variables, same flags).
+INDEX_CATALOGUE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
+    "db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions", "embedder_addr")),
+    *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.index_catalogue",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
-                        help="catalogue: a path, sqlite:///path or postgresql://... (default $GATEWAY_DB)")
-    parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS),
-                        help="comma-separated shard addresses, in shard order")
-    parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
-                        help="shards with replicas, 0=a:p|b:p;1=... (default INDEXER_SHARDS)")
-    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
-                        help="on: create the shard map in the catalogue database when it has "
-                             "none, as the gateways do (default $GATEWAY_SHARD_MAP, off)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--artifact", type=Path, help="model artefact with embeddings/")
     source.add_argument("--prepared", type=Path, help="prepared data folder (embed its photos)")
-    parser.add_argument("--embedder", default=env_str("EMBEDDER_ADDR", DEFAULT_EMBEDDER_ADDR),
-                        help="embedder address, with --prepared (and for text without "
-                             "precomputed text embeddings)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="with --prepared: embed at most N photos")
     parser.add_argument("--collection", default=IMAGE_COLLECTION)
     parser.add_argument("--text", choices=TEXT_MODES, default="auto",
                         help='also fill the "text" collection: auto (if text vectors can be had), '
                              "on (fail if not), off")
-    args = parser.parse_args(argv)
+    args = INDEX_CATALOGUE_SETTINGS.add_flags(parser).parse_args(argv)
+    settings = INDEX_CATALOGUE_SETTINGS.read(args)
+    # the embedder: with --prepared, and for text without precomputed text embeddings
+    args.embedder, args.db = settings["embedder_addr"], settings["db_path"]
 
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
-    replicas = (shard_replicas_setting(args.shards, args.indexers)
-                or single_replica_shards(parse_indexer_addrs(args.indexers)))
-    create_map = shard_map_setting(args.shard_map)
+    replicas = shard_lists(settings)
     try:
         catalogue = Catalogue.open(args.db)
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"error: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
     try:
-        routing = routing_for(len(replicas), catalogue.shard_map_store(),
-                              env_int("INDEXER_PARTITIONS", 256, minimum=1), create=create_map)
+        routing = routing_for(len(replicas), catalogue.shard_map_store(), settings["partitions"],
+                              create=settings["shard_map"])
     except ShardMapError as exc:
         catalogue.close()
         print(f"error: shard map: {exc}", file=sys.stderr)
         return 2
-    shards = IndexerShards(replicas, policy, write_token=write_token(), routing=routing)
+    tls = TlsFiles.from_values(settings)
+    shards = IndexerShards(replicas, policy, routing=routing, tls=tls,
+                           write_token=resolve_write_token(settings["write_token"],
+                                                           settings["write_token_file"]))
     try:
         with catalogue:
             if args.artifact is not None:
                 ids, vectors = read_image_embeddings(args.artifact)
             else:
-                embedder = EmbedderClient(embedder_target(args.embedder), policy)
+                embedder = EmbedderClient(embedder_target(args.embedder), policy, tls=tls)
                 try:
                     ids, vectors = embed_prepared(args.prepared, catalogue, embedder,
                                                   limit=args.limit)
@@ -261,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(texts, str):
                 text_report = index_text_embeddings(catalogue, shards, *texts,
                                                     batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError, GatewayError) as exc:
+    except (FileNotFoundError, ValueError, ServiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

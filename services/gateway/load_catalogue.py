@@ -15,8 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import REPO_ROOT, env_str
+from common.config import REPO_ROOT, Settings
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
+from services.gateway.config import GATEWAY_SETTINGS
+
+#: What the command reads, declared with the gateway's settings (same variable, same flag).
+LOAD_CATALOGUE_SETTINGS = Settings(GATEWAY_SETTINGS["db_path"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,15 +28,13 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, default=REPO_ROOT / "build" / "data",
                         help="prepared data folder (default build/data)")
-    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
-                        help="catalogue: a path, sqlite:///path or postgresql://... "
-                             "(default $GATEWAY_DB or run/catalogue.sqlite3)")
     parser.add_argument("--replace", action="store_true", help="empty the catalogue first")
     parser.add_argument("--only-with-images", action="store_true",
                         help="skip listings that have no usable photo")
     parser.add_argument("--no-check-files", action="store_true",
                         help="keep images.csv rows even if their file is missing")
-    args = parser.parse_args(argv)
+    args = LOAD_CATALOGUE_SETTINGS.add_flags(parser).parse_args(argv)
+    args.db = LOAD_CATALOGUE_SETTINGS.read(args)["db_path"]
     started = time.perf_counter()
     try:
         with Catalogue.open(args.db) as catalogue:

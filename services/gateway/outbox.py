@@ -37,9 +37,9 @@ from services.gateway.catalogue import (
 )
 from services.gateway.domain import (
     FailedPrecondition,
-    GatewayError,
     InvalidArgument,
     ResourceExhausted,
+    ServiceError,
     Unavailable,
 )
 from services.gateway.downstream import IMAGE_COLLECTION, Deadline, IndexerShards, IndexItem
@@ -67,7 +67,7 @@ class PushResult:
     add was cancelled (``cancelled``: the listing is gone and its ids are queued for deletion)."""
 
     done: bool
-    error: GatewayError | None = None
+    error: ServiceError | None = None
     cancelled: bool = False
 
 
@@ -96,7 +96,7 @@ class OutboxApplier:
         return self.push(entry, deadline) is None
 
     def push(self, entry: OutboxEntry, deadline: Deadline, *,
-             cancel_refused_add: bool = False) -> GatewayError | None:
+             cancel_refused_add: bool = False) -> ServiceError | None:
         """Push a claimed entry; None when done. On failure the entry is released for a retry,
         or, with ``cancel_refused_add`` and an upsert the shard refused or could not be reached
         for (`REFUSALS`), the add is cancelled (`Catalogue.cancel_upsert`); the error is returned."""
@@ -105,7 +105,7 @@ class OutboxApplier:
                 self._push_delete(entry, deadline)
             else:
                 self._push_upsert(entry, deadline)
-        except GatewayError as exc:
+        except ServiceError as exc:
             if (cancel_refused_add and entry.op == UPSERT and isinstance(exc, REFUSALS)
                     and self._cancel(entry, exc)):
                 raise _Cancelled(exc) from None
@@ -119,7 +119,7 @@ class OutboxApplier:
         self._shard_ok(entry.shard)
         return None
 
-    def _cancel(self, entry: OutboxEntry, exc: GatewayError) -> bool:
+    def _cancel(self, entry: OutboxEntry, exc: ServiceError) -> bool:
         try:
             cancelled = self.catalogue.cancel_upsert(entry, self.holder, exc.message)
         except (CatalogueUnavailable, CatalogueError) as error:
@@ -191,7 +191,7 @@ class OutboxApplier:
         the request just wrote, when it was written held by this applier (``lease_holder``): it is
         pushed first without a transaction to claim it, and once it is applied the request's write
         is done (it was first in line; a later entry of the listing is another request's)."""
-        error: GatewayError | None = None
+        error: ServiceError | None = None
         own = leased if leased is not None and leased.lease_holder == self.holder else None
         while True:
             try:
@@ -285,6 +285,6 @@ class OutboxApplier:
 
 
 class _Cancelled(Exception):
-    def __init__(self, error: GatewayError) -> None:
+    def __init__(self, error: ServiceError) -> None:
         super().__init__(error.message)
         self.error = error

@@ -37,15 +37,20 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from common.config import REPO_ROOT, env_float, env_str
-from common.security import bearer_metadata, open_channel
+from common.config import Settings
+from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
+                             bearer_metadata, resolve_write_token)
 from common.shard_map import (MIGRATING, STABLE, SWITCHED, ShardMap, ShardMapConflict,
                               ShardMapError, ShardMapStore, plan)
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import (DEFAULT_INDEXER_ADDRS, parse_indexer_addrs,
-                                     shard_replicas_setting)
-from services.gateway.shards import ShardReplicas, single_replica_shards
+from services.gateway.config import GATEWAY_SETTINGS, shard_lists
+from services.gateway.shards import ShardReplicas
+
+#: What the command reads, declared with the gateway's settings (same variables, same flags).
+REBALANCE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
+    "db_path", "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
+    *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
 
 log = logging.getLogger("rebalance")
 
@@ -70,8 +75,10 @@ class RebalanceReport:
 
 class Rebalancer:
     def __init__(self, store: ShardMapStore, replicas: ShardReplicas, *, write_token: str | None,
-                 settle_s: float, rpc_timeout_s: float = 600.0, say=print) -> None:
+                 settle_s: float, rpc_timeout_s: float = 600.0, say=print,
+                 tls: TlsFiles | None = None) -> None:
         self.store = store
+        self.tls = tls or TlsFiles.from_env()
         self.replicas = replicas
         self.metadata = bearer_metadata(write_token)
         self.settle_s = settle_s
@@ -85,7 +92,7 @@ class Rebalancer:
 
     def _stub(self, target: str) -> indexer_pb2_grpc.ReplicationStub:
         if target not in self._channels:
-            self._channels[target] = open_channel(target)
+            self._channels[target] = self.tls.open_channel(target)
         return indexer_pb2_grpc.ReplicationStub(self._channels[target])
 
     def _publish(self, shard_map: ShardMap, report: RebalanceReport) -> ShardMap:
@@ -101,7 +108,7 @@ class Rebalancer:
         for shard in shards:
             for target in self.replicas[shard]:
                 try:
-                    channel = self._channels.get(target) or open_channel(target)
+                    channel = self._channels.get(target) or self.tls.open_channel(target)
                     self._channels[target] = channel
                     stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(
                         indexer_pb2.GetStatsRequest(), timeout=10)
@@ -209,26 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.rebalance",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--to", type=int, required=True, help="number of shards to spread over")
-    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
-                        help="the gateways' catalogue database holding the shard map: a path, "
-                             "sqlite:///path or postgresql://... (default $GATEWAY_DB)")
-    parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
-                        help="replicas per shard, 0=a:p|b:p;1=... (default INDEXER_SHARDS)")
-    parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", DEFAULT_INDEXER_ADDRS))
-    parser.add_argument("--settle-s", type=float,
-                        default=2 * env_float("GATEWAY_SHARD_MAP_POLL_S", 2.0, minimum=0.05) + 1.0,
+    parser.add_argument("--settle-s", type=float, default=None,
                         help="wait after each new map version (default 2 x poll interval + 1 s)")
-    args = parser.parse_args(argv)
+    args = REBALANCE_SETTINGS.add_flags(parser).parse_args(argv)
+    settings = REBALANCE_SETTINGS.read(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    replicas = (shard_replicas_setting(args.shards, args.indexers)
-                or single_replica_shards(parse_indexer_addrs(args.indexers)))
+    settle_s = args.settle_s if args.settle_s is not None else 2 * settings["shard_map_poll_s"] + 1
+    token = resolve_write_token(settings.pop("write_token"), settings.pop("write_token_file"))
+    replicas = shard_lists(settings)
     try:
-        catalogue = Catalogue.open(args.db)
+        catalogue = Catalogue.open(settings["db_path"])
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"rebalance: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
-    rebalancer = Rebalancer(catalogue.shard_map_store(), replicas,
-                            write_token=env_str("WRITE_TOKEN", "") or None, settle_s=args.settle_s)
+    rebalancer = Rebalancer(catalogue.shard_map_store(), replicas, write_token=token,
+                            settle_s=settle_s, tls=TlsFiles.from_values(settings))
     started = time.perf_counter()
     try:
         report = rebalancer.run(args.to)

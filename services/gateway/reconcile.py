@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from common.config import REPO_ROOT, env_int, env_str
+
+from common.config import Settings
+from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
+                             resolve_write_token)
 from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import (RetryPolicy, parse_indexer_addrs, shard_map_setting,
-                                     shard_replicas_setting)
+from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, shard_lists
 from services.gateway.domain import FailedPrecondition
 from services.gateway.downstream import IMAGE_COLLECTION, TEXT_COLLECTION, Deadline, IndexerShards
 from services.gateway.outbox import OutboxApplier
-from services.gateway.shards import routing_for, single_replica_shards
+from services.gateway.shards import routing_for
 
 log = logging.getLogger(__name__)
 
@@ -132,39 +133,36 @@ def reconcile(catalogue: Catalogue, indexer: IndexerShards, *, repair: bool = Fa
     return report
 
 
+#: What the command reads, declared with the gateway's settings (same variables, same flags).
+RECONCILE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
+    "db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions")),
+    *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.gateway.reconcile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--db", default=env_str("GATEWAY_DB", str(REPO_ROOT / "run" / "catalogue.sqlite3")),
-                        help="catalogue (default $GATEWAY_DB): a path, sqlite:///path or postgresql://...")
-    parser.add_argument("--indexers", default=env_str("INDEXER_ADDRS", "127.0.0.1:50052"),
-                        help="indexer shards in shard order (default $INDEXER_ADDRS)")
-    parser.add_argument("--shards", default=env_str("INDEXER_SHARDS", "") or None,
-                        help="shards with replicas, 0=a:p|b:p;1=... (default $INDEXER_SHARDS)")
-    parser.add_argument("--shard-map", default=env_str("GATEWAY_SHARD_MAP", "off"),
-                        help="on: create the shard map in the catalogue database when it has "
-                             "none, as the gateways do (default $GATEWAY_SHARD_MAP, off); a map "
-                             "the database holds is always followed")
     parser.add_argument("--repair", action="store_true", help="fix what is found (through the outbox)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole run")
-    args = parser.parse_args(argv)
+    args = RECONCILE_SETTINGS.add_flags(parser).parse_args(argv)
+    settings = RECONCILE_SETTINGS.read(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        catalogue = Catalogue.open(args.db)
+        catalogue = Catalogue.open(settings["db_path"])
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"reconcile: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
-    replicas = (shard_replicas_setting(args.shards, args.indexers)
-                or single_replica_shards(parse_indexer_addrs(args.indexers)))
+    replicas = shard_lists(settings)
     try:
-        routing = routing_for(len(replicas), catalogue.shard_map_store(),
-                              env_int("INDEXER_PARTITIONS", 256, minimum=1),
-                              create=shard_map_setting(args.shard_map))
+        routing = routing_for(len(replicas), catalogue.shard_map_store(), settings["partitions"],
+                              create=settings["shard_map"])
     except ShardMapError as exc:
         catalogue.close()
         print(f"reconcile: shard map: {exc}", file=sys.stderr)
         return 2
     indexer = IndexerShards(replicas, RetryPolicy(), routing=routing,
-                            write_token=os.environ.get("WRITE_TOKEN") or None)
+                            write_token=resolve_write_token(settings.pop("write_token"),
+                                                            settings.pop("write_token_file")),
+                            tls=TlsFiles.from_values(settings))
     try:
         report = reconcile(catalogue, indexer, repair=args.repair, timeout_s=args.timeout)
         if args.repair and report.repaired:

@@ -2,7 +2,7 @@
 
 Each RPC: compute the request's deadline (the caller's, or GATEWAY_DOWNSTREAM_TIMEOUT_S when it
 set none), convert the request to `domain` objects, call `core.GatewayCore`, convert back. A
-`domain.GatewayError` becomes its status code with its message (INVALID_ARGUMENT, NOT_FOUND,
+`common.errors.ServiceError` becomes its status code with its message (INVALID_ARGUMENT, NOT_FOUND,
 ALREADY_EXISTS, FAILED_PRECONDITION, UNAVAILABLE naming the dead downstream, DEADLINE_EXCEEDED,
 and, from `common.security.WriteTokenInterceptor`, UNAUTHENTICATED / PERMISSION_DENIED for
 AddListing/RemoveListing without the write token). SearchByText, Search (hybrid: fusion formulas
@@ -23,19 +23,21 @@ from typing import Callable, TypeVar
 import grpc
 
 from common.config import ConfigError
+from common.errors import Internal
 from common.image_store import open_image_store
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.shard_map import ShardMapError
-from common.security import WriteTokenInterceptor, server_credentials
-from common.serving import Server, ServerLimits, clip_details, create_server, serve_until_signal
+from common.security import WriteTokenInterceptor
+from common.serving import (Server, ServerLimits, create_server, serve_until_signal,
+                            service_errors)
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.catalogue_db import UniqueViolation
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore
-from services.gateway.domain import DeadlineExceeded, GatewayError
+from services.gateway.domain import DeadlineExceeded, ServiceError
 from services.gateway.downstream import Deadline, EmbedderClient, IndexerShards, partial_results
 from services.gateway.fusion_defaults import FusionDefaults
 from services.gateway.metrics import GatewayMetrics
@@ -74,17 +76,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _run(self, context: grpc.ServicerContext, work: Callable[[Deadline], T]) -> T:
         deadline = self._deadline(context)
-        try:
+        with service_errors(context):
             if deadline.remaining() <= 0:
                 raise DeadlineExceeded("the caller's deadline had expired before the gateway started")
-            return work(deadline)
-        except CatalogueError as exc:  # e.g. a constraint the validation did not foresee
-            log.error("catalogue error: %s", exc)
-            context.abort(grpc.StatusCode.INTERNAL, clip_details(f"catalogue error: {exc}"))
-        except GatewayError as exc:
-            log.info("request failed: %s: %s", exc.code, clip_details(exc.message))
-            # clipped: a message may echo a caller's input (e.g. a 100 KB listing id)
-            context.abort(getattr(grpc.StatusCode, exc.code), clip_details(exc.message))
+            try:
+                return work(deadline)
+            except CatalogueError as exc:  # e.g. a constraint the validation did not foresee
+                log.error("catalogue error: %s", exc)
+                raise Internal(f"catalogue error: {exc}") from exc
 
     def _search(self, context: grpc.ServicerContext, request,
                 work: Callable[[Deadline], list]) -> gateway_pb2.SearchListingsResponse:
@@ -157,10 +156,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """The image-store hook of AddListing (`photos`): a store failure undoes the listing."""
         try:
             self.photos.keep(listing, images)
-        except GatewayError:
+        except ServiceError:
             try:
                 self.core.remove_listing(listing.id, deadline)
-            except GatewayError as exc:
+            except ServiceError as exc:
                 log.error("listing %s stays without its photos: removing it failed: %s",
                           listing.id, exc)
             raise
@@ -207,12 +206,12 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     embedder = EmbedderClient(config.embedder_target, config.retry,
                               reconnect_backoff_max_s=config.reconnect_backoff_max_s,
                               model_info_ttl_s=config.model_info_ttl_s,
-                              client_metrics=metrics.client if metrics else None)
+                              client_metrics=metrics.client if metrics else None, tls=config.tls)
     indexer = IndexerShards(config.indexer_replicas, config.retry,
                             reconnect_backoff_max_s=config.reconnect_backoff_max_s,
                             write_token=config.write_token, routing=routing,
                             events=metrics.replica_events() if metrics else None,
-                            client_metrics=metrics.client if metrics else None)
+                            client_metrics=metrics.client if metrics else None, tls=config.tls)
     if metrics is not None:
         metrics.catalogue, metrics.indexer = catalogue, indexer
     outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
@@ -254,7 +253,7 @@ def start(config: GatewayConfig) -> GatewayServer:
                                                    max_workers=config.max_workers,
                                                    max_concurrent_rpcs=max(64, 4 * config.max_workers)),
                                interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
-                               credentials=server_credentials(), metrics=metrics)
+                               credentials=config.tls.server_credentials(), metrics=metrics)
     except BaseException:
         core.close()
         raise

@@ -19,6 +19,7 @@ from common.config import REPO_ROOT
 from common.logs import setup_logging
 from services.indexer.attributes import Attributes
 from services.indexer.core import IndexStore, StoreOptions
+from common.errors import ServiceError
 from services.indexer.errors import IndexerError
 from services.indexer.loader import (attributes_from_prepared, load_attributes_csv, load_embeddings,
                                      write_attributes_csv)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("indexer-build", args.log_level)
     try:
         summary = build(args)
-    except (IndexerError, FileNotFoundError, ValueError) as exc:
+    except (ServiceError, FileNotFoundError, ValueError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
     print(" ".join(f"{k}={v}" for k, v in summary.items()))

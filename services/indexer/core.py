@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from services.indexer.attributes import Attributes
+from common.errors import ServiceError
 from services.indexer.errors import CorruptData, IndexerError, InvalidArgument, NotFound
 from services.indexer.filters import Condition
 from services.indexer.snapshot import CURRENT, SNAPSHOTS, read_snapshot, write_snapshot
@@ -186,7 +187,7 @@ class IndexStore:
                 index.apply_delete(stored)
         except CorruptData:
             raise
-        except (KeyError, ValueError, TypeError, IndexerError) as exc:
+        except (KeyError, ValueError, TypeError, ServiceError) as exc:
             raise CorruptData(f"{where} cannot be applied: {type(exc).__name__}: {exc}") from None
 
     # -- collections -----------------------------------------------------------------------------------

@@ -1,33 +1,29 @@
-"""Errors raised by the indexer core, independent of gRPC.
+"""Errors raised by the indexer core, independent of gRPC (`common.errors`).
 
-The servicer maps each class to one status code, so the core can say what went wrong in domain
-terms and stay testable without a server:
+Each carries its status code; `common.serving.service_errors` maps it for the servicer, so the
+core can say what went wrong in domain terms and stay testable without a server:
 
-    InvalidArgument -> INVALID_ARGUMENT   (bad dimension, k, filter, id, ...)
+    InvalidArgument -> INVALID_ARGUMENT   (bad dimension, k, filter, id, ...; `common.errors`)
     LimitExceeded   -> RESOURCE_EXHAUSTED (batch over the configured limit; the limit is in the message)
-    NotFound        -> NOT_FOUND          (unknown collection, unknown id on a strict delete)
+    NotFound        -> NOT_FOUND          (unknown collection, unknown id on a strict delete; `common.errors`)
+    IndexerError    -> FAILED_PRECONDITION (the store is closed, a peer to copy from is missing, ...)
     CorruptData     -> refuse to start     (snapshot or non-tail WAL corruption)
 """
 from __future__ import annotations
 
+from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
 
-class IndexerError(Exception):
-    """Base class of every error the core raises on purpose."""
-
-
-class InvalidArgument(IndexerError, ValueError):
-    """The request cannot be served as given; retrying it unchanged will fail again."""
+__all__ = ["CorruptData", "IndexerError", "InvalidArgument", "LimitExceeded", "NotFound"]
 
 
-class LimitExceeded(IndexerError):
+class IndexerError(ServiceError):
+    """The indexer's own errors: its state does not allow the request."""
+
+    status = "FAILED_PRECONDITION"
+
+
+class LimitExceeded(ResourceExhausted):
     """The request is larger than a configured limit (batch size, k, message size)."""
-
-
-class NotFound(IndexerError, KeyError):
-    """A named collection or id does not exist."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
 
 
 class CorruptData(IndexerError):

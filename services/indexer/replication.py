@@ -31,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from common.security import open_channel
+from common.security import TlsFiles
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from common.shard_map import partition_of
 from services.indexer.core import IndexStore
@@ -120,8 +120,10 @@ class Replicator:
 
     def __init__(self, store: IndexStore, identity: ReplicaIdentity, peers: Sequence[str],
                  on_serving: Callable[[bool], None], *, retry_s: float = 1.0,
-                 write_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 write_metadata: tuple[tuple[str, str], ...] = (),
+                 tls: TlsFiles | None = None) -> None:
         self.store = store
+        self.tls = tls or TlsFiles.from_env()
         self.identity = identity
         self.peers = list(peers)
         self.on_serving = on_serving
@@ -133,7 +135,7 @@ class Replicator:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._channels = {peer: open_channel(peer) for peer in self.peers}
+        self._channels = {peer: self.tls.open_channel(peer) for peer in self.peers}
 
     # -- what the servicers ask ---------------------------------------------------------------------
     @property
@@ -254,7 +256,7 @@ class Replicator:
 
     def _channel(self, target: str) -> grpc.Channel:
         if target not in self._channels:
-            self._channels[target] = open_channel(target)
+            self._channels[target] = self.tls.open_channel(target)
         return self._channels[target]
 
     def import_partitions(self, sources: Sequence[str], partitions: set[int],

@@ -24,13 +24,14 @@ import numpy as np
 
 from common.logs import setup_logging
 from common.metrics import ServiceMetrics
-from common.security import server_credentials, write_token_interceptor
-from common.serving import Server, clip_details, create_server, serve_until_signal
+from common.security import write_token_interceptor
+from common.errors import ServiceError
+from common.serving import Server, create_server, serve_until_signal, service_errors
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.indexer.attributes import Attributes
 from services.indexer.config import IndexerConfig
 from services.indexer.core import IndexStore, StoreOptions
-from services.indexer.errors import IndexerError, InvalidArgument, LimitExceeded, NotFound
+from services.indexer.errors import InvalidArgument, LimitExceeded, NotFound
 from services.indexer.replication import (ReplicaIdentity, Replicator, check_identity,
                                           stream_state)
 from services.indexer.filters import Condition
@@ -44,27 +45,17 @@ WRITE_METHODS = {f"/{SERVICE_NAME}/Upsert", f"/{SERVICE_NAME}/Delete",
                  *(f"/{REPLICATION_SERVICE}/{m}" for m in ("CatchUp", "ImportPartitions",
                                                             "DropPartitions"))}
 
-_STATUS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-           LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-           NotFound: grpc.StatusCode.NOT_FOUND}
-
-
 def _maps_errors(method: Callable) -> Callable:
-    """Turn core errors into the matching status code with the error's message as details.
-
-    Also applies the configured FAISS thread count: OpenMP settings are per calling thread, so
-    setting it once in the main thread would not reach gRPC's worker threads."""
+    """`common.serving.service_errors` around a servicer method, with the configured FAISS thread
+    count applied: OpenMP settings are per calling thread, so setting it once in the main thread
+    would not reach gRPC's worker threads."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         if self.faiss_threads:
             faiss.omp_set_num_threads(self.faiss_threads)
-        try:
+        with service_errors(context):
             return method(self, request, context)
-        except IndexerError as exc:
-            code = next((c for cls, c in _STATUS.items() if isinstance(exc, cls)),
-                        grpc.StatusCode.FAILED_PRECONDITION)
-            context.abort(code, clip_details(str(exc)))  # may echo a caller's long id
 
     return wrapper
 
@@ -239,19 +230,15 @@ class ReplicationServicer(indexer_pb2_grpc.ReplicationServicer):
         if not self.replicator.serving:
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           f"this replica is {self.replicator.state}: import when it serves")
-        try:
+        with service_errors(context):  # IndexerError: FAILED_PRECONDITION
             taken, source = self.replicator.import_partitions(list(request.sources), wanted,
                                                               request.partition_count)
-        except IndexerError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, clip_details(str(exc)))
         return indexer_pb2.ImportPartitionsResponse(imported=taken, source=source)
 
     def DropPartitions(self, request, context):
         wanted = self._partitions(request.partitions, request.partition_count, context)
-        try:
+        with service_errors(context):
             dropped = self.replicator.drop_partitions(wanted, request.partition_count)
-        except IndexerError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, clip_details(str(exc)))
         return indexer_pb2.DropPartitionsResponse(dropped=dropped)
 
 
@@ -297,7 +284,7 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
     if store is None:
         check_identity(config.data_dir, identity)
         store = open_store(config)
-    replicator = Replicator(store, identity, config.peers, lambda serving: None)
+    replicator = Replicator(store, identity, config.peers, lambda serving: None, tls=config.tls)
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "INDEXER_METRICS_PORT")
     servicer = IndexerServicer(store, max_batch=config.max_batch, max_k=config.max_k,
                                faiss_threads=config.faiss_threads, replicator=replicator,
@@ -310,8 +297,9 @@ def start(config: IndexerConfig, store: IndexStore | None = None) -> IndexerServ
 
     try:
         base = create_server(register, f"{config.host}:{config.port}", limits=config.limits,
-                             interceptors=[write_token_interceptor(WRITE_METHODS)],
-                             credentials=server_credentials(), metrics=metrics)
+                             interceptors=[write_token_interceptor(WRITE_METHODS,
+                                                                   config.write_token)],
+                             credentials=config.tls.server_credentials(), metrics=metrics)
     except BaseException:
         if owns_store:
             store.close(snapshot=False)
@@ -329,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("indexer", config.log_level)
     try:
         server = start(config)
-    except IndexerError as exc:
+    except ServiceError as exc:  # CorruptData, another shard's data, a stored collection...
         log.error("refusing to start: %s", exc)
         raise SystemExit(f"indexer: refusing to start: {exc}") from None
     log.info("indexer serving on %s:%d", config.host, server.port,

@@ -26,7 +26,6 @@ from starlette.routing import Match
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.image_store import ImageNotFound, ImageStore, InvalidImageId, open_image_store
-from common.security import open_channel
 from marketplace.gateway.v1 import gateway_pb2
 from services.gateway.client import GatewayClient
 from services.web.config import WebConfig
@@ -110,7 +109,7 @@ def create_app(config: WebConfig, *, store: ImageStore | None = None,
     store = store or open_image_store(config.image_store_dir)
     gateway = client or GatewayClient(
         config.gateway_addr, timeout=config.gateway_timeout_s, write_token="",
-        channel=open_channel(config.gateway_addr, [
+        channel=config.tls.open_channel(config.gateway_addr, [
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             # a restarted gateway is used again within seconds, not gRPC's default 2 minutes

@@ -1,57 +1,64 @@
-"""HTTP edge settings: environment variables, overridden by command-line flags.
-
-``WEB_HOST`` [--host] (0.0.0.0)
-    Interface to listen on.
-``WEB_PORT`` [--port] (8000)
-    Port of the page and the JSON API; 0 picks a free one.
-``GATEWAY_ADDR`` [--gateway] (127.0.0.1:50050)
-    The gateway (a gRPC target). TLS follows ``TLS_CA`` / ``TLS_CLIENT_*`` (`common.security`).
-``IMAGE_STORE_DIR`` [--image-store] (run/images)
-    The listing photo store the gateway fills (`common.image_store`); the edge serves from it.
-``WEB_SEED_DIR`` [--seed-dir] (unset)
-    A prepared-data folder whose photos are added to the store at start when missing (hard links
-    where possible), so the catalogue's own photos can be shown.
-``WEB_MAX_UPLOAD_MB`` (16)
-    Largest request body accepted, in MiB; a bigger upload is 413 before it is read.
-``WEB_GATEWAY_TIMEOUT_S`` (30)
-    Deadline of each gateway call.
-``LOG_LEVEL`` [--log-level] (info)
+"""HTTP edge settings, each declared once in `WEB_SETTINGS` (`common.config`): environment
+variables, overridden by command-line flags. TLS to the gateway follows ``TLS_CA`` /
+``TLS_CLIENT_*`` (`common.security`).
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from common.config import REPO_ROOT, env_float, env_int, env_path, env_str
+from common.config import LOG_LEVEL, REPO_ROOT, Setting, merged
+from common.security import TLS_CLIENT_SETTINGS, TlsFiles
+from services.gateway.client import GATEWAY_ADDR
+
+WEB_SETTINGS = merged((
+    Setting("WEB_HOST", "host", default="0.0.0.0", help="interface to listen on"),
+    Setting("WEB_PORT", "port", int, 8000, minimum=0, maximum=65535,
+            help="port of the page and the JSON API (0: any free port)"),
+    GATEWAY_ADDR,
+    Setting("IMAGE_STORE_DIR", "image_store_dir", Path, REPO_ROOT / "run" / "images",
+            flag="--image-store",
+            help="the listing photo store the gateway fills (`common.image_store`); the edge "
+                 "serves from it"),
+    Setting("WEB_SEED_DIR", "seed_dir", Path, flag="--seed-dir",
+            help="prepared data whose photos are linked into the store at start when missing"),
+    Setting("WEB_MAX_UPLOAD_MB", "max_upload_bytes", int, 16, minimum=1, scale=1024 * 1024,
+            flag="--max-upload-mb",
+            help="largest request body, in MiB; a bigger upload is 413 before it is read"),
+    Setting("WEB_GATEWAY_TIMEOUT_S", "gateway_timeout_s", float, 30.0, minimum=0.1,
+            help="deadline of each gateway call"),
+    LOG_LEVEL,
+), TLS_CLIENT_SETTINGS)
+_default = WEB_SETTINGS.default
 
 
 @dataclass(frozen=True)
 class WebConfig:
-    host: str = "127.0.0.1"
-    port: int = 0
-    gateway_addr: str = "127.0.0.1:50050"
-    image_store_dir: Path = REPO_ROOT / "run" / "images"
-    seed_dir: Path | None = None
-    max_upload_bytes: int = 16 * 1024 * 1024
-    gateway_timeout_s: float = 30.0
-    log_level: str = "info"
+    """Everything the edge needs; ``from_env`` reads flags and env (`WEB_SETTINGS`), tests
+    build it directly (`local` for an in-process server on a free loopback port)."""
+
+    host: str = _default("host")
+    port: int = _default("port")
+    gateway_addr: str = _default("gateway_addr")
+    image_store_dir: Path = _default("image_store_dir")
+    seed_dir: Path | None = _default("seed_dir")
+    max_upload_bytes: int = _default("max_upload_bytes")
+    gateway_timeout_s: float = _default("gateway_timeout_s")
+    log_level: str = _default("log_level")
+    tls: TlsFiles = field(default_factory=TlsFiles.from_env)
+
+    def __post_init__(self) -> None:
+        WEB_SETTINGS.check(self)
+
+    @classmethod
+    def local(cls, **overrides: Any) -> "WebConfig":
+        """An in-process server's config: loopback, a free port."""
+        return cls(**{"host": "127.0.0.1", "port": 0, **overrides})
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "WebConfig":
-        parser = argparse.ArgumentParser(prog="python -m services.web",
-                                         description="HTTP edge: the page and the JSON API")
-        parser.add_argument("--host", default=env_str("WEB_HOST", "0.0.0.0"))
-        parser.add_argument("--port", type=int, default=env_int("WEB_PORT", 8000, minimum=0))
-        parser.add_argument("--gateway", default=env_str("GATEWAY_ADDR", "127.0.0.1:50050"))
-        parser.add_argument("--image-store", type=Path,
-                            default=env_path("IMAGE_STORE_DIR", REPO_ROOT / "run" / "images"))
-        parser.add_argument("--seed-dir", type=Path, default=env_str("WEB_SEED_DIR", "") or None)
-        parser.add_argument("--log-level", default=env_str("LOG_LEVEL", "info"))
-        args = parser.parse_args(argv)
-        return cls(host=args.host, port=args.port, gateway_addr=args.gateway,
-                   image_store_dir=args.image_store,
-                   seed_dir=Path(args.seed_dir) if args.seed_dir else None,
-                   max_upload_bytes=env_int("WEB_MAX_UPLOAD_MB", 16, minimum=1) * 1024 * 1024,
-                   gateway_timeout_s=env_float("WEB_GATEWAY_TIMEOUT_S", 30.0, minimum=0.1),
-                   log_level=args.log_level)
+        values = WEB_SETTINGS.parse_args("python -m services.web",
+                                         "HTTP edge: the page and the JSON API", argv)
+        tls = TlsFiles.from_values(values)
+        return cls(**values, tls=tls)

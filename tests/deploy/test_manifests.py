@@ -13,6 +13,7 @@ only it (and labelled clients) reach the gateway and it reach only the gateway.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import shutil
 import subprocess
@@ -43,14 +44,15 @@ THIRD_PARTY_ENV = {"HF_HUB_OFFLINE"}
 #: What each service cannot start without (besides the write token, checked apart).
 REQUIRED_ENV = {"embedder": {"EMBEDDER_ARTIFACT_DIR"}, "indexer": {"INDEXER_DATA_DIR"},
                 "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"}, WEB: {"GATEWAY_ADDR", "IMAGE_STORE_DIR"}}
-_ENV_READERS = {"env_str", "env_int", "env_float", "env_bool", "env_path", "getenv", "get", "_read"}
+#: Calls whose first argument is a variable name: a setting's declaration, or a direct read.
+_ENV_READERS = {"Setting", "getenv", "get"}
 _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
 
 
 # --- what the services read -------------------------------------------------------------------
 @cache
 def env_read_by(service: str) -> frozenset[str]:
-    """Environment variable names the service's code reads (env_* helpers, os.environ, getenv)."""
+    """Environment variable names the service's code reads (declared settings, os.environ, getenv)."""
     files, _ = service_closure(service)
     names = set()
     for path in files:
@@ -70,17 +72,15 @@ def env_read_by(service: str) -> frozenset[str]:
 
 @cache
 def service_port(service: str) -> int:
-    """The default of ``<SERVICE>_PORT`` in the service's config module, which its Dockerfile
-    must EXPOSE and pass as --port."""
-    config = REPO / "services" / service / "config.py"
-    for node in ast.walk(ast.parse(config.read_text())):
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "env_int"
-                and ast.literal_eval(node.args[0]) == f"{service.upper()}_PORT"):
-            port = ast.literal_eval(node.args[1])
-            dockerfile = (REPO / "services" / service / "Dockerfile").read_text()
-            assert f"EXPOSE {port}" in dockerfile and f'"--port", "{port}"' in dockerfile
-            return port
-    raise AssertionError(f"{config} reads no {service.upper()}_PORT")
+    """The declared default of ``<SERVICE>_PORT`` (`common.config` declarations), which its
+    Dockerfile must EXPOSE and pass as --port."""
+    module = importlib.import_module(f"services.{service}.config")
+    setting = getattr(module, f"{service.upper()}_SETTINGS")["port"]
+    assert setting.env == f"{service.upper()}_PORT"
+    port = setting.default
+    dockerfile = (REPO / "services" / service / "Dockerfile").read_text()
+    assert f"EXPOSE {port}" in dockerfile and f'"--port", "{port}"' in dockerfile
+    return port
 
 
 def test_what_the_services_read_is_found():

@@ -25,7 +25,7 @@ def photos() -> list[bytes]:
 def embedder_config(test_artifact) -> EmbedderConfig:
     # One torch thread: results don't depend on it and it copes best with a busy machine.
     # Images only (the text model has its own server in test_text_rpc.py).
-    return EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
+    return EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
                           max_batch=MAX_BATCH, batch_size=8, max_wait_ms=20, torch_threads=1,
                           decode_threads=2, max_image_bytes=MAX_IMAGE_BYTES,
                           max_pixels=MAX_PIXELS, text_model="off")

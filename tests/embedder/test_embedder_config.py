@@ -122,7 +122,7 @@ def refuses(config: EmbedderConfig, *words: str) -> None:
 
 
 def config_for(directory: Path) -> EmbedderConfig:
-    return EmbedderConfig(artifact_dir=directory, host="127.0.0.1", port=0, torch_threads=1)
+    return EmbedderConfig.local(artifact_dir=directory, host="127.0.0.1", port=0, torch_threads=1)
 
 
 def test_refuses_a_missing_directory(tmp_path):

@@ -190,7 +190,7 @@ def test_the_service_serves_torchs_embeddings_from_the_checked_runtime(runtime_a
     from services.embedder.server import start
     from tests.embedder.helpers import vectors
 
-    config = EmbedderConfig(artifact_dir=runtime_artifact, host="127.0.0.1", port=0,
+    config = EmbedderConfig.local(artifact_dir=runtime_artifact, host="127.0.0.1", port=0,
                             model_workers=2, torch_threads=1, decode_threads=2,
                             text_model="off")
     server = start(config)

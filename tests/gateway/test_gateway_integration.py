@@ -44,14 +44,14 @@ def spawn_embedder(port: int, root: Path, artifact: Path):
 
 
 def start_shards(root: Path, count: int = 2) -> list:
-    return [start_indexer(IndexerConfig(
+    return [start_indexer(IndexerConfig.local(
         host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
         collections=tuple(parse_collections("image:1280:flat:ip")), collections_explicit=True,
         fsync=False)) for i in range(count)]
 
 
 def gateway_config(root: Path, embedder_addr: str, shards, seed_dir: Path | None = None) -> GatewayConfig:
-    return GatewayConfig(
+    return GatewayConfig.local(
         host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=seed_dir,
         embedder_addr=embedder_addr, indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
         downstream_timeout_s=30.0, retry=RetryPolicy(3, 0.05, 0.2), reconnect_backoff_max_s=1.0)
@@ -62,7 +62,7 @@ def real(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("gateway_real")
     prepared = make_mini_prepared(root / "prepared", per_category=2)
     # Images only: text search has its own servers in test_text_integration.py.
-    embedder_config = EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
+    embedder_config = EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
                                      text_model="off")
     embedder = start_embedder(embedder_config)
     embedder_config = replace(embedder_config, port=embedder.port)

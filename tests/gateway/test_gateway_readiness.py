@@ -25,7 +25,7 @@ class Stack:
                         retry=RetryPolicy(1, 0.01, 0.01), reconnect_backoff_max_s=0.2,
                         readiness_interval_s=0.1, readiness_timeout_s=0.5)
         settings.update(overrides)
-        self.gateway = start(GatewayConfig(**settings))
+        self.gateway = start(GatewayConfig.local(**settings))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

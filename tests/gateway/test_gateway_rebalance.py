@@ -110,13 +110,13 @@ class Cluster:
         self._opened: list[Catalogue] = []
         with Catalogue.open(db_url) as catalogue:
             catalogue.shard_map_store().publish(initial(2))
-        self.indexers = [start_indexer(IndexerConfig(
+        self.indexers = [start_indexer(IndexerConfig.local(
             host="127.0.0.1", port=free_port(), data_dir=root / f"shard{s}", log_level="info",
             collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
             snapshot_seconds=0, fsync=False, shard=s, partitions=256)) for s in range(3)]
         self.embedder = serve_embedder(FakeEmbedder())
         self.replicas = tuple((f"127.0.0.1:{i.port}",) for i in self.indexers)
-        self.gateway = start_gateway(GatewayConfig(
+        self.gateway = start_gateway(GatewayConfig.local(
             host="127.0.0.1", port=0, db_path=db_url,
             embedder_addr=f"127.0.0.1:{self.embedder.port}", indexer_shards=self.replicas,
             downstream_timeout_s=5.0, retry=RetryPolicy(2, 0.01, 0.05), readiness_interval_s=0,

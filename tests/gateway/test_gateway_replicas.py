@@ -43,7 +43,7 @@ class ReplicatedStack:
         self.embedder = serve_embedder(FakeEmbedder())
         shards = ";".join(f"{s}=" + "|".join(f"127.0.0.1:{p}" for p in ports)
                           for s, ports in enumerate(self.ports))
-        self.config = GatewayConfig(
+        self.config = GatewayConfig.local(
             host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
             embedder_addr=f"127.0.0.1:{self.embedder.port}",
             indexer_shards=shard_replicas_setting(shards, "127.0.0.1:50052"),
@@ -61,7 +61,7 @@ class ReplicatedStack:
 
     def start_replica(self, shard: int, replica: int):
         peers = tuple(f"127.0.0.1:{p}" for i, p in enumerate(self.ports[shard]) if i != replica)
-        return start_indexer(IndexerConfig(
+        return start_indexer(IndexerConfig.local(
             host="127.0.0.1", port=self.ports[shard][replica],
             data_dir=self.root / f"shard{shard}-replica{replica}", log_level="info",
             collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
@@ -225,13 +225,13 @@ def test_a_hung_replica_slows_neither_reads_nor_writes_for_long(tmp_path):
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(16)  # never accepted, never answered
-    live = start_indexer(IndexerConfig(
+    live = start_indexer(IndexerConfig.local(
         host="127.0.0.1", port=0, data_dir=tmp_path / "live", log_level="info",
         collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
         snapshot_seconds=0, fsync=False))
     embedder = serve_embedder(FakeEmbedder())
     spec = f"0=127.0.0.1:{hole.getsockname()[1]}|127.0.0.1:{live.port}"
-    gateway = start_gateway(GatewayConfig(
+    gateway = start_gateway(GatewayConfig.local(
         host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
         embedder_addr=f"127.0.0.1:{embedder.port}",
         indexer_shards=shard_replicas_setting(spec, "127.0.0.1:50052"),

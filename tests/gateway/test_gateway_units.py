@@ -211,7 +211,7 @@ def test_gateway_refuses_a_shard_map_naming_unconfigured_shards(tmp_path):
     from services.gateway.server import start
 
     _publish(tmp_path / "db.sqlite3", initial(4))
-    config = GatewayConfig(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
+    config = GatewayConfig.local(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
                            indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
                            shard_map=False, readiness_interval_s=0)  # a stored map is followed
     with pytest.raises(ConfigError, match="places partitions on shard 3, but only shards 0..1"):
@@ -227,7 +227,7 @@ def test_gateway_refuses_an_inconsistent_shard_map_in_the_database(tmp_path):
         tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES (?, ?, ?, ?)",
                    (1, "stable", '{"version": 1, "partitions": 4, "state": "stable", '
                                  '"owners": [0, 1, -1, 0]}', 0.0))
-    config = GatewayConfig(host="127.0.0.1", port=0, db_path=db,
+    config = GatewayConfig.local(host="127.0.0.1", port=0, db_path=db,
                            indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"), shard_map=True,
                            readiness_interval_s=0)
     with pytest.raises(ConfigError, match="shard map v1 .* partition with no shard"):
@@ -243,7 +243,7 @@ def test_gateways_create_one_map_and_a_hash_routed_gateway_follows_it(tmp_path):
     db = tmp_path / "db.sqlite3"
 
     def config(shard_map: bool) -> GatewayConfig:
-        return GatewayConfig(host="127.0.0.1", port=0, db_path=db,
+        return GatewayConfig.local(host="127.0.0.1", port=0, db_path=db,
                              indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"), shard_map=shard_map,
                              shard_map_poll_s=0.05, readiness_interval_s=0)
 

@@ -60,7 +60,7 @@ class Stack:
             downstream_timeout_s=5.0, retry=RetryPolicy(3, 0.01, 0.05), write_token=write_token,
             max_workers=8)
         settings.update(overrides)
-        self.config = GatewayConfig(**settings)
+        self.config = GatewayConfig.local(**settings)
         self.gateway = start(self.config)
         self.address = f"127.0.0.1:{self.gateway.port}"
         self.client = GatewayClient(self.address, timeout=5.0, write_token=write_token or "")

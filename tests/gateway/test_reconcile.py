@@ -26,7 +26,7 @@ def vector(seed: int) -> np.ndarray:
 
 @pytest.fixture
 def shards(tmp_path):
-    servers = [start_indexer(IndexerConfig(
+    servers = [start_indexer(IndexerConfig.local(
         host="127.0.0.1", port=0, data_dir=tmp_path / f"indexer-{n}", log_level="warning",
         collections=tuple(parse_collections(f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")),
         collections_explicit=True, fsync=False)) for n in range(2)]

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(420)
 
 
 def gateway_config(root, embedder_port: int, cluster: IndexerCluster) -> GatewayConfig:
-    return GatewayConfig(
+    return GatewayConfig.local(
         host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
         embedder_addr=f"127.0.0.1:{embedder_port}",
         indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),
@@ -36,7 +36,7 @@ def gateway_config(root, embedder_port: int, cluster: IndexerCluster) -> Gateway
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, test_artifact):
     tmp_path = tmp_path_factory.mktemp("scaleout")
-    embedder = start_embedder(EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
+    embedder = start_embedder(EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
                                              text_model="off", model_workers=1))
     cluster = IndexerCluster(tmp_path, shards=2, replicas=2, collections="image:1280:flat:ip")
     gateway = None

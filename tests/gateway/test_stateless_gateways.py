@@ -58,7 +58,7 @@ def photos(count: int) -> list[bytes]:
 
 
 def indexer_config(root: Path, n: int) -> IndexerConfig:
-    return IndexerConfig(host="127.0.0.1", port=0, data_dir=root / f"indexer-{n}", log_level="warning",
+    return IndexerConfig.local(host="127.0.0.1", port=0, data_dir=root / f"indexer-{n}", log_level="warning",
                          collections=tuple(parse_collections("image:1280:flat:ip")),
                          collections_explicit=True, fsync=False)
 
@@ -78,7 +78,7 @@ def shards_client(shards) -> IndexerShards:
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("replicas")
-    embedder = start_embedder(EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
+    embedder = start_embedder(EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
                                              text_model="off"))
     shards = [start_indexer(indexer_config(root, n)) for n in range(2)]
     yield root, embedder, shards

@@ -58,15 +58,15 @@ def real(tmp_path_factory, test_artifact):
     version = json.loads((model / "model_card.json").read_text())["model_version"]
     FusionWeights(search_text_weight=ARTEFACT_SEARCH_WEIGHT, similar_text_weight=ARTEFACT_SIMILAR_WEIGHT,
                   image_model_version=version).save(model)
-    embedder = start_text_embedder(EmbedderConfig(
+    embedder = start_text_embedder(EmbedderConfig.local(
         artifact_dir=model, host="127.0.0.1", port=0, text_model="on"))
-    shards = [start_indexer(IndexerConfig(
+    shards = [start_indexer(IndexerConfig.local(
         host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
         collections=tuple(parse_collections(COLLECTIONS)), collections_explicit=True,
         fsync=False)) for i in range(2)]
     gateway = client = None
     try:
-        config = GatewayConfig(
+        config = GatewayConfig.local(
             host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=prepared,
             embedder_addr=f"127.0.0.1:{embedder.port}",
             indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),

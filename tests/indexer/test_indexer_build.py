@@ -94,7 +94,7 @@ def test_build_command_writes_a_snapshot_the_server_serves(tmp_path, capsys):
     summary = capsys.readouterr().out
     assert "count=30" in summary and "index_type=ivf_flat" in summary and "with_attributes=30" in summary
 
-    config = IndexerConfig(host="127.0.0.1", port=0, data_dir=data_dir, log_level="info",
+    config = IndexerConfig.local(host="127.0.0.1", port=0, data_dir=data_dir, log_level="info",
                            collections=(CollectionSpec("image", 1280), CollectionSpec("text", 384)),
                            collections_explicit=False)
     server = start(config)

@@ -29,7 +29,7 @@ def config_for(tmp_path, **overrides) -> IndexerConfig:
                     collections_explicit=True, snapshot_seconds=0, max_batch=64, max_k=100,
                     max_message_bytes=1 * MiB)
     settings.update(overrides)
-    return IndexerConfig(**settings)
+    return IndexerConfig.local(**settings)
 
 
 def call(method, request):

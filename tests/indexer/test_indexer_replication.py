@@ -24,7 +24,7 @@ D = 8
 
 def config(data_dir: Path, port: int, peers: tuple[str, ...], shard: int = 0, count: int = 256,
            **overrides) -> IndexerConfig:
-    return IndexerConfig(host="127.0.0.1", port=port, data_dir=data_dir, log_level="info",
+    return IndexerConfig.local(host="127.0.0.1", port=port, data_dir=data_dir, log_level="info",
                          collections=tuple(parse_collections(f"image:{D}:flat:ip")),
                          collections_explicit=True, snapshot_seconds=0, fsync=False,
                          shard=shard, partitions=count, peers=peers, **overrides)

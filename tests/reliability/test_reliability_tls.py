@@ -115,14 +115,14 @@ def _answers(port: int, pki, ask, **channel_kwargs) -> grpc.StatusCode:
 
 
 def _start_indexer(root: Path):
-    return start_indexer(IndexerConfig(
+    return start_indexer(IndexerConfig.local(
         host="127.0.0.1", port=0, data_dir=root, log_level="warning",
         collections=tuple(parse_collections("image:4:flat:ip")), collections_explicit=True,
         fsync=False))
 
 
 def _gateway_config(root: Path, indexer_port: int, token: str | None = None) -> GatewayConfig:
-    return GatewayConfig(host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
+    return GatewayConfig.local(host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
                          embedder_addr=f"127.0.0.1:{free_port()}",  # nothing there: not needed
                          indexer_addrs=(f"127.0.0.1:{indexer_port}",), downstream_timeout_s=10,
                          retry=RetryPolicy(2, 0.05, 0.2), write_token=token)
@@ -178,7 +178,7 @@ def test_embedder_mtls(pki, clean_env, test_artifact):
     from services.embedder.config import EmbedderConfig
     from services.embedder.server import start as start_embedder
     _server_env(clean_env, pki, mutual=True)
-    server = start_embedder(EmbedderConfig(artifact_dir=test_artifact, host="127.0.0.1", port=0,
+    server = start_embedder(EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
                                            torch_threads=1, decode_threads=1, text_model="off"))
     try:
         _check_transport(server.port, pki, lambda channel: embedder_pb2_grpc.EmbedderStub(

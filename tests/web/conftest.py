@@ -49,15 +49,15 @@ def web_stack(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("web_stack")
     prepared = make_mini_prepared(root / "prepared", per_category=3)
     store = root / "images"
-    embedder = start_text_embedder(EmbedderConfig(
+    embedder = start_text_embedder(EmbedderConfig.local(
         artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="on"))
-    shards = [start_indexer(IndexerConfig(
+    shards = [start_indexer(IndexerConfig.local(
         host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
         collections=tuple(parse_collections(COLLECTIONS)), collections_explicit=True,
         fsync=False)) for i in range(2)]
     gateway = edge = None
     try:
-        config = GatewayConfig(
+        config = GatewayConfig.local(
             host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=prepared,
             embedder_addr=f"127.0.0.1:{embedder.port}",
             indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
