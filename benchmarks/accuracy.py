@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common.artifact import METRICS_FILE
 from common.prepared_data import IMAGES_FILE, LABELS_FILE
-from training.config import PRESETS, TrainConfig, preset
+from training.config import PRESETS, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK_DIR = REPO_ROOT / "build" / "benchmarks"

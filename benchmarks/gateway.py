@@ -836,7 +836,7 @@ def run_catalogue_comparison(args) -> int:
     two_vs_one = cells["SearchByImage", "pg2"].per_s / cells["SearchByImage", "pg1"].per_s
     add_two_vs_one = cells["AddListing", "pg2"].per_s / cells["AddListing", "pg1"].per_s
     orphans = check.orphans
-    print(f"PostgreSQL / SQLite p99: " + ", ".join(f"{rpc} {r:.2f}" for rpc, r in p99_ratios.items())
+    print("PostgreSQL / SQLite p99: " + ", ".join(f"{rpc} {r:.2f}" for rpc, r in p99_ratios.items())
           + f"; target <= 1.2: {'met' if pg_vs_sqlite <= 1.2 else 'NOT met'}")
     print(f"two gateways / one, requests/s: SearchByImage {two_vs_one:.2f}, AddListing {add_two_vs_one:.2f} "
           f"(the embedder and shards are shared, on {os.cpu_count()} cores)")

@@ -139,14 +139,14 @@ class ClusteredData:
         out = np.empty((n, self.dim), dtype=np.float32)
         latent = self.centres.shape[1]
         noise = np.float32(self.NOISE * np.sqrt(latent / self.dim))
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
+        for offset in range(0, n, chunk):
+            m = min(chunk, n - offset)
             z = self.centres[self.rng.integers(0, len(self.centres), m)]
             z += self.rng.standard_normal((m, latent), dtype=np.float32) * np.float32(self.WITHIN)
             block = z @ self.projection
             block += self.rng.standard_normal((m, self.dim), dtype=np.float32) * noise
             block /= np.linalg.norm(block, axis=1, keepdims=True)
-            out[start:start + m] = block
+            out[offset:offset + m] = block
         return out
 
 
@@ -305,7 +305,7 @@ def ann_section(settings: Settings, data: np.ndarray, queries: np.ndarray) -> li
             rows.append(row)
             if settings.quick and row["recall@10"] >= 0.99:
                 break  # quick: slower settings would only confirm it
-        del index, raw
+        index = raw = None  # free the index before the next one is built
         gc.collect()
     return rows
 

@@ -1,7 +1,6 @@
 """The committed generated code must be exactly what the .proto files produce."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from scripts.gen_protos import REPO, generate
 

@@ -46,7 +46,6 @@ from services.gateway.catalogue_db import (
     Transaction,
     UniqueViolation,
     open_database,
-    parse_database_url,
 )
 from services.gateway.domain import Listing, Unavailable
 from services.gateway.shard_map_store import SHARD_MAP_MIGRATION, DatabaseShardMapStore

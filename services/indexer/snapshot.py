@@ -140,7 +140,7 @@ def read_snapshot(data_dir: Path) -> LoadedSnapshot | None:
     collections: dict[str, VectorIndex] = {}
     for entry in manifest["collections"]:
         spec = CollectionSpec.from_json(entry["spec"])
-        for role, info in entry["files"].items():
+        for info in entry["files"].values():
             _verify_file(directory / info["name"], info)
         files = {role: info["name"] for role, info in entry["files"].items()}
         try:

@@ -91,7 +91,7 @@ def search_filter(
         min_price: Annotated[float | None, Query(description="lowest price")] = None,
         max_price: Annotated[float | None, Query(description="highest price")] = None,
         location: Annotated[str, Query(description="only this exact location")] = "",
-        exclude: Annotated[list[str], Query(description="listing ids never to return")] = [],
+        exclude: Annotated[list[str], Query(description="listing ids never to return")] = [],  # noqa: B006 (FastAPI builds a new list per request)
 ) -> FilterIn:
     return FilterIn(main_category=main_category, min_price=min_price, max_price=max_price,
                     location=location, exclude=exclude)

@@ -87,7 +87,7 @@ def test_prepared_photos_are_linked_in_once(store, tmp_path):
     photos = real_photos(2)
     rows = [("p1", "images/p1.jpg"), ("p2", "images/p2.jpg"), ("p3", "images/missing.jpg"),
             ("p4", "images/notes.jpg")]
-    for (image_id, path), data in zip(rows, photos):
+    for (_, path), data in zip(rows, photos):
         (prepared / path).write_bytes(data)
     (prepared / "images" / "notes.jpg").write_text("not a photo")
     with open(prepared / "images.csv", "w", newline="") as file:

@@ -41,4 +41,4 @@ def test_a_fold_that_changes_the_features_is_refused(monkeypatch):
     monkeypatch.setattr(common_model, "fold_batch_norms", wrong_fold)
     extractor = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None, progress=False)
     with pytest.raises(RuntimeError, match="changed its features"):
-        extractor.features
+        _ = extractor.features
