@@ -10,7 +10,7 @@ DB ?= sqlite
 override DATA := $(abspath $(DATA))
 export DATA
 
-.PHONY: venv test test-all demo protos lock up down status bench-quick compose-check swarm-check clean
+.PHONY: venv lint test test-all demo protos lock up down status bench-quick compose-check swarm-check clean
 
 $(VENV)/.installed: requirements.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ $(VENV)/.installed: requirements.lock
 
 venv: $(VENV)/.installed
 
-test: venv
+# ruff (rules in ruff.toml) before the tests: a lint finding or an unformatted file fails `make test`.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest
 
 test-all: venv

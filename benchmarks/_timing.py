@@ -6,6 +6,7 @@ report throughput and latency percentiles; print rows as an aligned table.
     results = run_interleaved({"raw": f, "grpc": g}, rounds=3, requests=50)  # fair under noise
     print_table([{"name": "raw", "qps": 10.0}, ...])
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,12 @@ class LoadResult:
 
     def merged(self, other: "LoadResult") -> "LoadResult":
         """Both runs together, as if measured back to back."""
-        return LoadResult(self.requests + other.requests, self.concurrency,
-                          self.seconds + other.seconds, self.latencies_ms + other.latencies_ms)
+        return LoadResult(
+            self.requests + other.requests,
+            self.concurrency,
+            self.seconds + other.seconds,
+            self.latencies_ms + other.latencies_ms,
+        )
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -61,8 +66,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def run_load(call: Callable[[], object], requests: int, concurrency: int = 1,
-             warmup: int = 0) -> LoadResult:
+def run_load(call: Callable[[], object], requests: int, concurrency: int = 1, warmup: int = 0) -> LoadResult:
     """Call ``call`` ``requests`` times from ``concurrency`` threads (after ``warmup`` untimed
     calls); exceptions propagate after all threads stop."""
     for _ in range(warmup):
@@ -96,8 +100,13 @@ def run_load(call: Callable[[], object], requests: int, concurrency: int = 1,
     return LoadResult(requests, concurrency, elapsed, tuple(x for part in latencies for x in part))
 
 
-def run_interleaved(calls: Mapping[str, Callable[[], object]], rounds: int, requests: int,
-                    concurrency: int = 1, warmup: int = 1) -> dict[str, LoadResult]:
+def run_interleaved(
+    calls: Mapping[str, Callable[[], object]],
+    rounds: int,
+    requests: int,
+    concurrency: int = 1,
+    warmup: int = 1,
+) -> dict[str, LoadResult]:
     """Measure several callables in alternating rounds so that background noise on a shared
     machine hits them alike; returns each one's merged result."""
     results: dict[str, LoadResult] = {}
@@ -112,6 +121,7 @@ def rss_mb() -> float:
     """Resident memory of this process in MiB (psutil, else /proc)."""
     try:
         import psutil
+
         return psutil.Process(os.getpid()).memory_info().rss / 2**20
     except ImportError:
         with open("/proc/self/statm") as f:
@@ -128,8 +138,9 @@ def _format(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None,
-                file: TextIO | None = None) -> None:
+def print_table(
+    rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None, file: TextIO | None = None
+) -> None:
     """Rows of dicts as an aligned text table; missing cells print as '-'."""
     out = file or sys.stdout
     if not rows:
@@ -140,7 +151,9 @@ def print_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | N
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in cells:
-        print("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))), file=out)
+        print(
+            "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))), file=out
+        )
 
 
 # ------------------------------------------------------------------ time windows
@@ -158,8 +171,9 @@ class WindowCell:
         return percentile(self.latencies_ms, q) if self.latencies_ms else math.nan
 
 
-def closed_loop(call: Callable[[int, int], int | None], workers: int, warmup_s: float,
-                measure_s: float) -> WindowCell:
+def closed_loop(
+    call: Callable[[int, int], int | None], workers: int, warmup_s: float, measure_s: float
+) -> WindowCell:
     """``workers`` threads each run ``call(worker, i)`` back to back (``i``: that worker's
     request number, ``worker + k * workers``), for ``warmup_s`` and then ``measure_s`` seconds.
     ``call`` returns how many items it completed (None: one). Calls that finish inside the

@@ -28,6 +28,7 @@ A picture of part 1 (search latency over time, kill and restart marked) goes to
 ``build/benchmarks/scaleout_failover.png``. Last line:
 ``RESULT failed_searches=.. lost_writes=.. converge_s=.. moved_fraction=.. replica_qps_ratio=..``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,52 +59,82 @@ def part_failover(root: Path, load_s: float) -> dict:
     from tests.support.photos import real_photos
 
     artifact = make_test_artifact(root / "artifact")
-    embedder = start_embedder(EmbedderConfig.local(artifact_dir=artifact, host="127.0.0.1", port=0,
-                                             text_model="off", model_workers=1))
-    cluster = IndexerCluster(root / "failover", shards=2, replicas=2,
-                             collections="image:1280:flat:ip")
+    embedder = start_embedder(
+        EmbedderConfig.local(
+            artifact_dir=artifact, host="127.0.0.1", port=0, text_model="off", model_workers=1
+        )
+    )
+    cluster = IndexerCluster(root / "failover", shards=2, replicas=2, collections="image:1280:flat:ip")
     gateway = None
     try:
         cluster.wait_all_serving()
-        gateway = start_gateway(GatewayConfig.local(
-            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
-            embedder_addr=f"127.0.0.1:{embedder.port}",
-            indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),
-            downstream_timeout_s=10.0, retry=RetryPolicy(3, 0.05, 0.2),
-            reconnect_backoff_max_s=0.5, readiness_interval_s=0.5))
+        gateway = start_gateway(
+            GatewayConfig.local(
+                host="127.0.0.1",
+                port=0,
+                db_path=root / "catalogue.sqlite3",
+                embedder_addr=f"127.0.0.1:{embedder.port}",
+                indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),
+                downstream_timeout_s=10.0,
+                retry=RetryPolicy(3, 0.05, 0.2),
+                reconnect_backoff_max_s=0.5,
+                readiness_interval_s=0.5,
+            )
+        )
         photos = real_photos(8)
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            bootstrap_ids = [stub.AddListing(gateway_pb2.AddListingRequest(
-                listing=gateway_pb2.Listing(id=f"seed-{n}", title="seed", main_category="Appliances"),
-                images=[photos[n % len(photos)]]), timeout=60).listing.id for n in range(8)]
-        print(f"part 1: 2 shards x 2 replicas, {load_s:.0f} s mixed load (2 searchers, 1 writer)",
-              flush=True)
-        outcome = run_kill_scenario(cluster, f"127.0.0.1:{gateway.port}", photos, bootstrap_ids,
-                                    duration_s=load_s, kill_at_s=load_s / 4,
-                                    restart_at_s=load_s / 2, say=lambda m: print(m, flush=True))
+            bootstrap_ids = [
+                stub.AddListing(
+                    gateway_pb2.AddListingRequest(
+                        listing=gateway_pb2.Listing(id=f"seed-{n}", title="seed", main_category="Appliances"),
+                        images=[photos[n % len(photos)]],
+                    ),
+                    timeout=60,
+                ).listing.id
+                for n in range(8)
+            ]
+        print(f"part 1: 2 shards x 2 replicas, {load_s:.0f} s mixed load (2 searchers, 1 writer)", flush=True)
+        outcome = run_kill_scenario(
+            cluster,
+            f"127.0.0.1:{gateway.port}",
+            photos,
+            bootstrap_ids,
+            duration_s=load_s,
+            kill_at_s=load_s / 4,
+            restart_at_s=load_s / 2,
+            say=lambda m: print(m, flush=True),
+        )
     finally:
         if gateway is not None:
             gateway.stop(0)
         cluster.stop()
         embedder.stop(0)
-    print(f"  searches {outcome.searches}, failed {len(outcome.failed_searches)}; AddListing "
-          f"{outcome.adds}, RemoveListing {outcome.removes}, failed writes "
-          f"{len(outcome.failed_writes)}, lost writes {len(outcome.lost_writes)}; replicas "
-          f"{'identical' if not outcome.mismatches else outcome.mismatches}")
-    print(f"  search p99 before the kill {outcome.steady_p99_ms:.0f} ms, in the second after it "
-          f"{outcome.failover_p99_ms:.0f} ms; converged {outcome.converge_s:.1f} s after restart")
+    print(
+        f"  searches {outcome.searches}, failed {len(outcome.failed_searches)}; AddListing "
+        f"{outcome.adds}, RemoveListing {outcome.removes}, failed writes "
+        f"{len(outcome.failed_writes)}, lost writes {len(outcome.lost_writes)}; replicas "
+        f"{'identical' if not outcome.mismatches else outcome.mismatches}"
+    )
+    print(
+        f"  search p99 before the kill {outcome.steady_p99_ms:.0f} ms, in the second after it "
+        f"{outcome.failover_p99_ms:.0f} ms; converged {outcome.converge_s:.1f} s after restart"
+    )
     for problem in (outcome.failed_searches + outcome.failed_writes + outcome.lost_writes)[:5]:
         print(f"  ! {problem}")
     draw_timeline(outcome)
-    return {"failed_searches": len(outcome.failed_searches),
-            "lost_writes": len(outcome.lost_writes) + len(outcome.failed_writes),
-            "converge_s": outcome.converge_s, "failover_p99_ms": outcome.failover_p99_ms,
-            "identical": not outcome.mismatches}
+    return {
+        "failed_searches": len(outcome.failed_searches),
+        "lost_writes": len(outcome.lost_writes) + len(outcome.failed_writes),
+        "converge_s": outcome.converge_s,
+        "failover_p99_ms": outcome.failover_p99_ms,
+        "identical": not outcome.mismatches,
+    }
 
 
 def draw_timeline(outcome) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -128,21 +159,27 @@ def draw_timeline(outcome) -> None:
 
 def synthetic_items(count: int, seed: int):
     from services.gateway.downstream import IndexItem
+
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((count, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return [IndexItem(f"img-{seed}-{i}", vectors[i], f"listing-{seed}-{i // 2}", "Appliances",
-                      float(i % 500), "Leeds") for i in range(count)], vectors
+    return [
+        IndexItem(
+            f"img-{seed}-{i}", vectors[i], f"listing-{seed}-{i // 2}", "Appliances", float(i % 500), "Leeds"
+        )
+        for i in range(count)
+    ], vectors
 
 
 def upsert_all(shards, items, deadline_s: float = 120.0) -> None:
     from services.gateway.downstream import Deadline
+
     by_shard: dict = {}
     for item in items:
         by_shard.setdefault(shards.shard_for(item.listing_id), []).append(item)
     for shard, chunk in by_shard.items():
         for start in range(0, len(chunk), 500):
-            shards.upsert(shard, chunk[start:start + 500], Deadline(deadline_s))
+            shards.upsert(shard, chunk[start : start + 500], Deadline(deadline_s))
 
 
 def pin_to_own_cpus(replicas) -> str:
@@ -163,7 +200,7 @@ def pin_to_own_cpus(replicas) -> str:
                 os.sched_setaffinity(int(task.name), {cpu})
             except ProcessLookupError:  # a thread that just ended
                 pass
-    return "replicas pinned to CPUs " + ", ".join(str(c) for c in cpus[:len(replicas)])
+    return "replicas pinned to CPUs " + ", ".join(str(c) for c in cpus[: len(replicas)])
 
 
 def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
@@ -172,9 +209,13 @@ def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
     from services.gateway.downstream import Deadline, IndexerShards
     from tests.support.indexer_cluster import IndexerCluster
 
-    cluster = IndexerCluster(root / "qps", shards=1, replicas=1,
-                             collections=f"image:{DIM}:flat:ip",
-                             extra_env={"INDEXER_SNAPSHOT_WAL_RECORDS": "100000"})
+    cluster = IndexerCluster(
+        root / "qps",
+        shards=1,
+        replicas=1,
+        collections=f"image:{DIM}:flat:ip",
+        extra_env={"INDEXER_SNAPSHOT_WAL_RECORDS": "100000"},
+    )
     try:
         cluster.wait_all_serving()
         one = IndexerShards(cluster.topology(), RetryPolicy())
@@ -183,14 +224,18 @@ def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
         fresh = cluster.add_replica(0)
         cluster.start(fresh)
         converge_s = cluster.wait_serving(fresh)
-        print(f"part 2: 1 shard of {vectors:,} x {DIM} vectors; a new empty replica converged in "
-              f"{converge_s:.1f} s; {pin_to_own_cpus(cluster.replicas[0])}", flush=True)
+        print(
+            f"part 2: 1 shard of {vectors:,} x {DIM} vectors; a new empty replica converged in "
+            f"{converge_s:.1f} s; {pin_to_own_cpus(cluster.replicas[0])}",
+            flush=True,
+        )
         two = IndexerShards(cluster.topology(), RetryPolicy())
         no_filter = SearchFilter()
 
         def searcher(shards):
             def call(_worker: int, i: int) -> None:
-                shards.search(queries[i % 1000:i % 1000 + 1], 10, no_filter, Deadline(30))
+                shards.search(queries[i % 1000 : i % 1000 + 1], 10, no_filter, Deadline(30))
+
             return call
 
         cells = {1: [], 2: []}
@@ -203,8 +248,10 @@ def part_replica_qps(root: Path, vectors: int, measure_s: float) -> dict:
         cluster.stop()
     qps = {r: sum(c.per_s for c in cs) / len(cs) for r, cs in cells.items()}
     p99 = {r: float(np.mean([c.percentile(99) for c in cs])) for r, cs in cells.items()}
-    print(f"  concurrency 4: 1 replica {qps[1]:.1f} searches/s (p99 {p99[1]:.1f} ms), 2 replicas "
-          f"{qps[2]:.1f} searches/s (p99 {p99[2]:.1f} ms): ratio {qps[2] / qps[1]:.2f}")
+    print(
+        f"  concurrency 4: 1 replica {qps[1]:.1f} searches/s (p99 {p99[1]:.1f} ms), 2 replicas "
+        f"{qps[2]:.1f} searches/s (p99 {p99[2]:.1f} ms): ratio {qps[2] / qps[1]:.2f}"
+    )
     return {"replica_qps_ratio": qps[2] / qps[1], "new_replica_converge_s": converge_s}
 
 
@@ -221,8 +268,7 @@ def part_rebalance(root: Path, vectors: int) -> dict:
     catalogue = Catalogue.open(root / "catalogue.sqlite3")  # the shard map's home, as for gateways
     store = catalogue.shard_map_store()
     store.publish(initial(2))
-    cluster = IndexerCluster(root / "rebalance", shards=2, replicas=1,
-                             collections=f"image:{DIM}:flat:ip")
+    cluster = IndexerCluster(root / "rebalance", shards=2, replicas=1, collections=f"image:{DIM}:flat:ip")
     failures: list[str] = []
     searches = [0]
     stop = threading.Event()
@@ -235,8 +281,7 @@ def part_rebalance(root: Path, vectors: int) -> dict:
         watch.start()
         items, queries = synthetic_items(vectors, 11)
         upsert_all(shards, items)
-        print(f"part 3: {vectors:,} vectors on 2 shards; rebalancing to 3 under read load",
-              flush=True)
+        print(f"part 3: {vectors:,} vectors on 2 shards; rebalancing to 3 under read load", flush=True)
 
         def read() -> None:
             n = 0
@@ -254,8 +299,9 @@ def part_rebalance(root: Path, vectors: int) -> dict:
         for reader in readers:
             reader.start()
         started = time.perf_counter()
-        rebalancer = Rebalancer(store, cluster.topology(), write_token=None, settle_s=0.6,
-                                say=lambda m: print(m, flush=True))
+        rebalancer = Rebalancer(
+            store, cluster.topology(), write_token=None, settle_s=0.6, say=lambda m: print(m, flush=True)
+        )
         try:
             report = rebalancer.run(3)
         finally:
@@ -278,14 +324,20 @@ def part_rebalance(root: Path, vectors: int) -> dict:
         stop.set()
         cluster.stop()
         catalogue.close()
-    print(f"  {searches[0]} searches during the rebalance, {len(failures)} failed; moved "
-          f"{report.vectors_moved:,} of {report.vectors_before:,} vectors "
-          f"(fraction {report.moved_fraction:.3f}) in {seconds:.1f} s; per shard now {counts} "
-          f"(sum {sum(counts):,}); listings not found where the map says: {missing}")
+    print(
+        f"  {searches[0]} searches during the rebalance, {len(failures)} failed; moved "
+        f"{report.vectors_moved:,} of {report.vectors_before:,} vectors "
+        f"(fraction {report.moved_fraction:.3f}) in {seconds:.1f} s; per shard now {counts} "
+        f"(sum {sum(counts):,}); listings not found where the map says: {missing}"
+    )
     for problem in failures[:5]:
         print(f"  ! {problem}")
-    return {"failed_searches": len(failures), "missing": missing + (sum(counts) - vectors),
-            "moved_fraction": report.moved_fraction, "rebalance_s": seconds}
+    return {
+        "failed_searches": len(failures),
+        "missing": missing + (sum(counts) - vectors),
+        "moved_fraction": report.moved_fraction,
+        "rebalance_s": seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,10 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"after: {load_line()}; total {time.perf_counter() - started:.0f} s")
     failed = failover["failed_searches"] + rebalance["failed_searches"]
     lost = failover["lost_writes"] + rebalance["missing"] + (0 if failover["identical"] else 1)
-    print(f"RESULT failed_searches={failed} lost_writes={lost} "
-          f"converge_s={failover['converge_s']:.1f} moved_fraction={rebalance['moved_fraction']:.3f} "
-          f"replica_qps_ratio={qps['replica_qps_ratio']:.2f} "
-          f"failover_p99_ms={failover['failover_p99_ms']:.0f} rebalance_s={rebalance['rebalance_s']:.1f}")
+    print(
+        f"RESULT failed_searches={failed} lost_writes={lost} "
+        f"converge_s={failover['converge_s']:.1f} moved_fraction={rebalance['moved_fraction']:.3f} "
+        f"replica_qps_ratio={qps['replica_qps_ratio']:.2f} "
+        f"failover_p99_ms={failover['failover_p99_ms']:.0f} rebalance_s={rebalance['rebalance_s']:.1f}"
+    )
     return 0
 
 

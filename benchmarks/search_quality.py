@@ -28,6 +28,7 @@ artefact's search text weight, beside photo-only and title-only.
 The last line is ``RESULT text_top1=... fused_top1=... text_p_at_10=... [similar_p_at_10=...
 similar_photos_p_at_10=... similar_text_weight=... [hybrid_p_at_10=... search_text_weight=...]]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common.artifact import (CARD_FILE, EMBEDDINGS_DIR, IMAGE_EMBEDDINGS_FILE, TEXT_CARD_FILE,
-                             read_image_embeddings, read_text_embeddings)
+from common.artifact import (
+    CARD_FILE,
+    EMBEDDINGS_DIR,
+    IMAGE_EMBEDDINGS_FILE,
+    TEXT_CARD_FILE,
+    read_image_embeddings,
+    read_text_embeddings,
+)
 from common.prepared_data.frames import load_prepared
 from common.text import TextHead, image_listing_log_probs, listing_text
 from training.dataset import DEFAULT_OUT_DIR
@@ -65,8 +72,10 @@ def find_artifact(root: Path = REPO_ROOT / "artifacts") -> Path:
         return (Path(root) / "current").resolve()
     cards = sorted(Path(root).glob(f"*/{TEXT_CARD_FILE}"), key=lambda p: p.stat().st_mtime)
     if not cards:
-        raise SystemExit(f"no artefact with a text head under {root}; run "
-                         "`python -m training.text --artifact DIR` first or pass --artifact")
+        raise SystemExit(
+            f"no artefact with a text head under {root}; run "
+            "`python -m training.text --artifact DIR` first or pass --artifact"
+        )
     return cards[-1].parent
 
 
@@ -80,8 +89,9 @@ def load_text_index(artifact: Path) -> tuple[list[str], np.ndarray]:
     return loaded
 
 
-def search_quality(listings, ids: list[str], vectors: np.ndarray, query_rows: np.ndarray,
-                   cache_dir: Path, k: int = K) -> dict:
+def search_quality(
+    listings, ids: list[str], vectors: np.ndarray, query_rows: np.ndarray, cache_dir: Path, k: int = K
+) -> dict:
     """precision@k of title queries with the listing itself (and, for the strict number, its
     near-duplicates) removed. Returns per-query results too."""
     import faiss
@@ -106,12 +116,18 @@ def search_quality(listings, ids: list[str], vectors: np.ndarray, query_rows: np
         strict.append(np.mean([category_of[h] == want for h, _ in dup]))
         first.append(category_of[top[0][0]] == want)
         per_query.append({"id": pid, "title": titles[q], "category": want, "top": top})
-    return {"p_at_k": float(np.mean(plain)), "p_at_k_no_near_duplicates": float(np.mean(strict)),
-            "p_at_1": float(np.mean(first)), "queries": per_query, "catalogue": len(ids)}
+    return {
+        "p_at_k": float(np.mean(plain)),
+        "p_at_k_no_near_duplicates": float(np.mean(strict)),
+        "p_at_1": float(np.mean(first)),
+        "queries": per_query,
+        "catalogue": len(ids),
+    }
 
 
-def accuracy_rows(artifact: Path, data_dir: Path, listings, images, test_ids: list[str],
-                  text_vectors: dict, cache_dir: Path) -> dict:
+def accuracy_rows(
+    artifact: Path, data_dir: Path, listings, images, test_ids: list[str], text_vectors: dict, cache_dir: Path
+) -> dict:
     """Listing-level test top-1 of image-only, text-only and text+image, from the exported files."""
     head = TextHead.load(artifact)
     card = json.loads((artifact / CARD_FILE).read_text())
@@ -125,35 +141,55 @@ def accuracy_rows(artifact: Path, data_dir: Path, listings, images, test_ids: li
     image_lp = image_lp[[group_ids.index(pid) for pid in test_ids]]
     x = np.stack([text_vectors[pid] for pid in test_ids])
     row_of = {pid: i for i, pid in enumerate(listings["product_id"])}
-    texts = [listing_text(listings.at[row_of[pid], "title"], listings.at[row_of[pid], "description"])
-             for pid in test_ids]
+    texts = [
+        listing_text(listings.at[row_of[pid], "title"], listings.at[row_of[pid], "description"])
+        for pid in test_ids
+    ]
     text_p, fused_p = head.predict_text(x, texts), head.predict_fused(x, image_lp, texts)
-    return {"image": float((image_lp.argmax(1) == y).mean()),
-            "text": float((text_p.argmax(1) == y).mean()),
-            "text+image": float((fused_p.argmax(1) == y).mean()),
-            "listings": int(len(y)), "fusion": head.card.get("fusion", {}).get("name"),
-            "text_fusion": head.card.get("text_fusion", {}).get("name"),
-            "text_inputs": list(head.card["text_fusion_inputs"])}
+    return {
+        "image": float((image_lp.argmax(1) == y).mean()),
+        "text": float((text_p.argmax(1) == y).mean()),
+        "text+image": float((fused_p.argmax(1) == y).mean()),
+        "listings": int(len(y)),
+        "fusion": head.card.get("fusion", {}).get("name"),
+        "text_fusion": head.card.get("text_fusion", {}).get("name"),
+        "text_inputs": list(head.card["text_fusion_inputs"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifact", type=Path, default=None,
-                        help="artefact dir with a text head (default: newest under artifacts/)")
+    parser.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="artefact dir with a text head (default: newest under artifacts/)",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--queries", type=int, default=QUERIES)
-    parser.add_argument("--examples", type=int, default=3,
-                        help="example sessions to print (query -> top results)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the same measurement without the per-category breakdown and with "
-                             "one example (everything is cached, so both are about a minute)")
-    parser.add_argument("--query", action="append", default=[],
-                        help="also print the top 5 listings for this free-text query "
-                             "(repeatable); the session the README shows")
+    parser.add_argument(
+        "--examples", type=int, default=3, help="example sessions to print (query -> top results)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the same measurement without the per-category breakdown and with "
+        "one example (everything is cached, so both are about a minute)",
+    )
+    parser.add_argument(
+        "--query",
+        action="append",
+        default=[],
+        help="also print the top 5 listings for this free-text query "
+        "(repeatable); the session the README shows",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    parser.add_argument("--no-similar", action="store_true",
-                        help="skip the SimilarListings measurement (it starts the services)")
+    parser.add_argument(
+        "--no-similar",
+        action="store_true",
+        help="skip the SimilarListings measurement (it starts the services)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -168,12 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     # listings all are): the text index is what the artefact exports, the queries must be in it
     missing = set(listings["product_id"][listings["product_id"].isin(split_of.index)]) - set(ids)
     if missing:
-        raise SystemExit(f"{len(missing)} photographed listings have no text embedding in "
-                         f"{artifact}; re-run training.text")
+        raise SystemExit(
+            f"{len(missing)} photographed listings have no text embedding in {artifact}; re-run training.text"
+        )
     test_rows = np.flatnonzero(listings["product_id"].map(split_of).eq("test").to_numpy())
     rng = np.random.default_rng(SEED)
-    query_rows = np.sort(rng.choice(test_rows, size=min(args.queries, len(test_rows)),
-                                    replace=False))
+    query_rows = np.sort(rng.choice(test_rows, size=min(args.queries, len(test_rows)), replace=False))
     search = search_quality(listings, ids, vectors, query_rows, args.cache)
     test_ids = listings["product_id"].to_numpy()[test_rows].tolist()
     text_vectors = dict(zip(ids, vectors))
@@ -182,31 +218,41 @@ def main(argv: list[str] | None = None) -> int:
         acc = accuracy_rows(artifact, args.data, listings, images, test_ids, text_vectors, args.cache)
 
     print(f"artefact: {artifact}")
-    print(f"text index: {search['catalogue']} listings (faiss IndexFlatIP, all-MiniLM-L6-v2 of "
-          f"title + description); {len(query_rows)} test-split listings queried by their title, "
-          "the listing itself removed")
+    print(
+        f"text index: {search['catalogue']} listings (faiss IndexFlatIP, all-MiniLM-L6-v2 of "
+        f"title + description); {len(query_rows)} test-split listings queried by their title, "
+        "the listing itself removed"
+    )
     print()
     print(f"{'measure':52s} {'value':>8s}")
     print(f"{'category precision@10 (title query)':52s} {search['p_at_k']:8.1%}")
-    print(f"{'  same, near-duplicate re-posts also removed':52s} "
-          f"{search['p_at_k_no_near_duplicates']:8.1%}")
+    print(f"{'  same, near-duplicate re-posts also removed':52s} {search['p_at_k_no_near_duplicates']:8.1%}")
     print(f"{'category precision@1 (title query)':52s} {search['p_at_1']:8.1%}")
     print()
     if acc is None:
-        print(f"category top-1: not measured, {artifact} has no text heads (`python -m training.text "
-              f"--artifact {artifact}` fits them)")
+        print(
+            f"category top-1: not measured, {artifact} has no text heads (`python -m training.text "
+            f"--artifact {artifact}` fits them)"
+        )
     else:
         print(f"{'category top-1, test split, listing level':52s} {'':>8s}   ({acc['listings']} listings)")
         for name in ("image", "text", "text+image"):
             print(f"{'  ' + name:52s} {acc[name]:8.1%}")
-        print(f"  text = {' + '.join(acc['text_inputs'])} heads fused by {acc['text_fusion']}; "
-              f"text+image fused by {acc['fusion']} (both fit on the validation split)")
+        print(
+            f"  text = {' + '.join(acc['text_inputs'])} heads fused by {acc['text_fusion']}; "
+            f"text+image fused by {acc['fusion']} (both fit on the validation split)"
+        )
     if not args.quick:
         by_cat: dict[str, list] = {}
         for q in search["queries"]:
             by_cat.setdefault(q["category"], []).append(
-                np.mean([listings.set_index("product_id").at[h, "main_category"] == q["category"]
-                         for h, _ in q["top"]]))
+                np.mean(
+                    [
+                        listings.set_index("product_id").at[h, "main_category"] == q["category"]
+                        for h, _ in q["top"]
+                    ]
+                )
+            )
         print("\nprecision@10 by category:")
         for name in sorted(by_cat):
             print(f"  {name:40s} {np.mean(by_cat[name]):6.1%}  ({len(by_cat[name])} queries)")
@@ -227,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         titles = dict(zip(listings["product_id"], listings["title"]))
         cats = dict(zip(listings["product_id"], listings["main_category"]))
         prices = dict(zip(listings["product_id"], listings["price"]))
-        scores, found = index.search(embed_texts([listing_text(q) for q in args.query],
-                                                 cache_dir=args.cache), 5)
+        scores, found = index.search(
+            embed_texts([listing_text(q) for q in args.query], cache_dir=args.cache), 5
+        )
         for query, row_scores, row_found in zip(args.query, scores, found):
             print(f"\nSearchByText {query!r}:")
             for rank, (j, score) in enumerate(zip(row_found, row_scores), start=1):
@@ -238,31 +285,58 @@ def main(argv: list[str] | None = None) -> int:
     if (artifact / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE).is_file() and not args.no_similar:
         valid_rows = np.flatnonzero(listings["product_id"].map(split_of).eq("valid").to_numpy())
         if args.quick:
-            valid_rows = np.sort(rng.choice(valid_rows, size=min(args.queries, len(valid_rows)), replace=False))
+            valid_rows = np.sort(
+                rng.choice(valid_rows, size=min(args.queries, len(valid_rows)), replace=False)
+            )
         similar = similar_listings_quality(
-            artifact, args.data, listings, images, ids, vectors,
+            artifact,
+            args.data,
+            listings,
+            images,
+            ids,
+            vectors,
             listings["product_id"].to_numpy()[valid_rows].tolist(),
-            listings["product_id"].to_numpy()[query_rows].tolist(), args.cache)
+            listings["product_id"].to_numpy()[query_rows].tolist(),
+            args.cache,
+        )
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in search.items() if k != "queries"}
-                                        | {"top1": acc, "similar": similar}, indent=2, default=str) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {k: v for k, v in search.items() if k != "queries"} | {"top1": acc, "similar": similar},
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
     print(f"\n({time.time() - start:.0f} s)")
     extra = ""
     if similar is not None:
-        extra = (f" similar_p_at_10={similar['services']['fused']:.4f} "
-                 f"similar_photos_p_at_10={similar['services']['photos_only']:.4f} "
-                 f"similar_text_weight={similar['text_weight']:.1f}")
+        extra = (
+            f" similar_p_at_10={similar['services']['fused']:.4f} "
+            f"similar_photos_p_at_10={similar['services']['photos_only']:.4f} "
+            f"similar_text_weight={similar['text_weight']:.1f}"
+        )
         if "search" in similar:
-            extra += (f" hybrid_p_at_10={similar['search']['fused']:.4f} "
-                      f"search_text_weight={similar['search']['text_weight']:.1f}")
+            extra += (
+                f" hybrid_p_at_10={similar['search']['fused']:.4f} "
+                f"search_text_weight={similar['search']['text_weight']:.1f}"
+            )
     top1 = "" if acc is None else f"text_top1={acc['text']:.4f} fused_top1={acc['text+image']:.4f} "
     print(f"RESULT {top1}text_p_at_10={search['p_at_k']:.4f}{extra}")
     return 0
 
 
-def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, text_ids: list[str],
-                             text_vectors: np.ndarray, valid_ids: list[str], test_ids: list[str],
-                             cache_dir: Path = DEFAULT_CACHE_DIR) -> dict:
+def similar_listings_quality(
+    artifact: Path,
+    data_dir: Path,
+    listings,
+    images,
+    text_ids: list[str],
+    text_vectors: np.ndarray,
+    valid_ids: list[str],
+    test_ids: list[str],
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+) -> dict:
     """SimilarListings same-category precision@10 (`benchmarks.similar_quality`) with the text
     weight the artefact's ``fusion_weights.json`` holds (chosen on valid by training; when the
     artefact has none, chosen here on the valid listings offline), the test listings through the
@@ -274,8 +348,14 @@ def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, t
     from common.fusion_weights import FusionWeights, FusionWeightsMissing
 
     image_ids, image_vectors = read_image_embeddings(artifact)
-    data = SQ.SimilarityData(listings, image_ids, image_vectors,
-                             dict(zip(images["image_id"], images["product_id"])), text_ids, text_vectors)
+    data = SQ.SimilarityData(
+        listings,
+        image_ids,
+        image_vectors,
+        dict(zip(images["image_id"], images["product_id"])),
+        text_ids,
+        text_vectors,
+    )
     photographed = set(images["product_id"])
     valid_ids = [i for i in valid_ids if i in photographed]
     test_ids = [i for i in test_ids if i in photographed]
@@ -292,27 +372,40 @@ def similar_listings_quality(artifact: Path, data_dir: Path, listings, images, t
         weight, curve = SQ.choose_weight(data, valid_ids)
         served_weight, search_weight = weight, None
         source = f"chosen here: the artefact has no fusion_weights.json; {len(valid_ids)} valid listings"
-    print(f"  text weight on the valid split ({source}): "
-          + "  ".join(f"{w:.1f}:{p:.3f}" for w, p in curve.items()) + f"  -> {weight:.1f}")
+    print(
+        f"  text weight on the valid split ({source}): "
+        + "  ".join(f"{w:.1f}:{p:.3f}" for w, p in curve.items())
+        + f"  -> {weight:.1f}"
+    )
     offline = SQ.offline_precision(data, test_ids, (None, weight))
     services = SQ.through_services(artifact, Path(data_dir), test_ids, served_weight)
     print(f"  {'test split, ' + str(len(test_ids)) + ' listings':40s} {'services':>9s} {'offline':>9s}")
     print(f"  {'photos only':40s} {services['photos_only']:9.3f} {offline[None]:9.3f}")
     print(f"  {f'photos + text (w = {weight:.1f})':40s} {services['fused']:9.3f} {offline[weight]:9.3f}")
-    result = {"text_weight": weight, "weight_from_artifact": chosen is not None,
-              "valid_curve": {str(w): p for w, p in curve.items()},
-              "services": services, "offline": {"photos_only": offline[None], "fused": offline[weight]}}
+    result = {
+        "text_weight": weight,
+        "weight_from_artifact": chosen is not None,
+        "valid_curve": {str(w): p for w, p in curve.items()},
+        "services": services,
+        "offline": {"photos_only": offline[None], "fused": offline[weight]},
+    }
     if search_weight is not None:
         titles = dict(zip(listings["product_id"], listings["title"]))
         vectors = embed_texts([listing_text(titles[i]) for i in test_ids], cache_dir=cache_dir)
         hybrid = SQ.search_precision(data, test_ids, dict(zip(test_ids, vectors)), (0.0, search_weight, 1.0))
-        print(f"\nhybrid Search, same-category precision@{SQ.K} (query: a test listing's first photo + "
-              f"its title; itself excluded), offline, {len(test_ids)} listings")
+        print(
+            f"\nhybrid Search, same-category precision@{SQ.K} (query: a test listing's first photo + "
+            f"its title; itself excluded), offline, {len(test_ids)} listings"
+        )
         print(f"  {'photo only (w = 0)':40s} {hybrid[0.0]:9.3f}")
         print(f"  {'title only (w = 1)':40s} {hybrid[1.0]:9.3f}")
         print(f"  {f'photo + title (w = {search_weight:.1f}, artefact)':40s} {hybrid[search_weight]:9.3f}")
-        result["search"] = {"text_weight": search_weight, "photo_only": hybrid[0.0],
-                            "text_only": hybrid[1.0], "fused": hybrid[search_weight]}
+        result["search"] = {
+            "text_weight": search_weight,
+            "photo_only": hybrid[0.0],
+            "text_only": hybrid[1.0],
+            "fused": hybrid[search_weight],
+        }
     return result
 
 

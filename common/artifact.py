@@ -24,6 +24,7 @@ Layout (one writer per file)::
     embeddings/text_embeddings.npy    float32 (L, 384), one row a listing write_text_embeddings
     embeddings/text_ids.json          [listing id, ...] in the same order write_text_embeddings
 """
+
 from __future__ import annotations
 
 import json
@@ -64,9 +65,15 @@ TEXT_EMBEDDINGS_FILE = "text_embeddings.npy"
 TEXT_IDS_FILE = "text_ids.json"
 
 #: What a complete image-model artefact holds (the card is written last; see training.export).
-REQUIRED_FILES = (CARD_FILE, WEIGHTS_FILE, LABELS_FILE, METRICS_FILE,
-                  f"{EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_FILE}", f"{EMBEDDINGS_DIR}/{IMAGE_IDS_FILE}",
-                  f"{EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_JSON_FILE}")
+REQUIRED_FILES = (
+    CARD_FILE,
+    WEIGHTS_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    f"{EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_FILE}",
+    f"{EMBEDDINGS_DIR}/{IMAGE_IDS_FILE}",
+    f"{EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_JSON_FILE}",
+)
 
 
 def artifact_complete(directory: Path | str) -> bool:
@@ -80,8 +87,9 @@ def read_card(directory: Path | str) -> dict:
     return json.loads((Path(directory) / CARD_FILE).read_text())
 
 
-def write_image_embeddings(directory: Path | str, image_ids: Sequence[str], embeddings: np.ndarray,
-                           table: Any = None) -> None:
+def write_image_embeddings(
+    directory: Path | str, image_ids: Sequence[str], embeddings: np.ndarray, table: Any = None
+) -> None:
     """The catalogue photos' embeddings as .npy + ids, as the baseline project's JSON
     {id: [floats]}, and (with `table`, a pandas DataFrame) which listing, category and split each
     row is. (pandas is not imported here: the services read artefacts without it.)"""
@@ -94,7 +102,7 @@ def write_image_embeddings(directory: Path | str, image_ids: Sequence[str], embe
         handle.write("{")
         for i, (image_id, row) in enumerate(zip(image_ids, embeddings)):
             numbers = ",".join(f"{x:.7g}" for x in row.tolist())
-            handle.write(f'{"," if i else ""}\n{json.dumps(image_id)}: [{numbers}]')
+            handle.write(f"{',' if i else ''}\n{json.dumps(image_id)}: [{numbers}]")
         handle.write("\n}\n")
     if table is not None:
         table.to_csv(out / EMBEDDED_IMAGES_FILE, index=False)
@@ -113,8 +121,10 @@ def read_image_embeddings(directory: Path | str) -> tuple[list[str], np.ndarray]
     folder = Path(directory) / EMBEDDINGS_DIR
     vectors_path, ids_path = folder / IMAGE_EMBEDDINGS_FILE, folder / IMAGE_IDS_FILE
     if not vectors_path.is_file() or not ids_path.is_file():
-        raise FileNotFoundError(f"{folder} lacks {IMAGE_EMBEDDINGS_FILE} and {IMAGE_IDS_FILE}; export "
-                                "embeddings with the model or use --prepared with --embedder")
+        raise FileNotFoundError(
+            f"{folder} lacks {IMAGE_EMBEDDINGS_FILE} and {IMAGE_IDS_FILE}; export "
+            "embeddings with the model or use --prepared with --embedder"
+        )
     return _read_pair(vectors_path, ids_path, "image_ids")
 
 
@@ -133,6 +143,7 @@ def _read_pair(vectors_path: Path, ids_path: Path, ids_key: str) -> tuple[list[s
     if isinstance(ids, dict):
         ids = ids.get(ids_key) or ids.get("ids")
     if not isinstance(ids, list) or vectors.ndim != 2 or len(ids) != len(vectors):
-        raise ValueError(f"{ids_path} and {vectors_path} disagree: {len(ids or [])} ids, "
-                         f"vectors of shape {vectors.shape}")
+        raise ValueError(
+            f"{ids_path} and {vectors_path} disagree: {len(ids or [])} ids, vectors of shape {vectors.shape}"
+        )
     return [str(i) for i in ids], vectors

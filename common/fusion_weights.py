@@ -15,6 +15,7 @@ message names the command that refits it), exactly as a stale text head is (`com
 JSON only; this module imports neither torch nor gRPC. The embedder reads the file (it owns the
 artefact) and reports it in GetModelInfo; the gateway takes its defaults from there.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,9 @@ class FusionWeights:
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
                 raise FusionWeightsError(f"{name} must be a number in [0, 1], got {value!r}")
         if not self.image_model_version:
-            raise FusionWeightsError("image_model_version is empty: the weights must name the "
-                                     "image model they were chosen for")
+            raise FusionWeightsError(
+                "image_model_version is empty: the weights must name the image model they were chosen for"
+            )
 
     def check_image_model(self, model_version: str, artifact_dir: Path | str | None = None) -> None:
         """Raise FusionWeightsError unless these weights were chosen for ``model_version``."""
@@ -73,7 +75,8 @@ class FusionWeights:
                 f"the fusion weights in {FUSION_WEIGHTS_FILE} were chosen for image model "
                 f"{self.image_model_version}, but the image model is now {model_version}; choose "
                 f"them again with `{refit_command(artifact_dir)}` (training.text and "
-                "training.train do it when they refit the text heads)")
+                "training.train do it when they refit the text heads)"
+            )
 
     def save(self, directory: Path | str) -> Path:
         """Write ``fusion_weights.json`` into ``directory`` (atomically); returns its path."""
@@ -93,16 +96,19 @@ class FusionWeights:
         directory = Path(directory)
         path = directory / FUSION_WEIGHTS_FILE
         if not path.is_file():
-            raise FusionWeightsMissing(f"{path} is missing; choose the fusion weights with "
-                                     f"`{refit_command(directory)}`")
+            raise FusionWeightsMissing(
+                f"{path} is missing; choose the fusion weights with `{refit_command(directory)}`"
+            )
         try:
             payload = json.loads(path.read_text())
         except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
             raise FusionWeightsError(f"cannot read {path}: {exc}") from None
         if not isinstance(payload, dict) or payload.get("format_version") != FUSION_WEIGHTS_FORMAT_VERSION:
             version = payload.get("format_version") if isinstance(payload, dict) else None
-            raise FusionWeightsError(f"{path} has format_version {version!r}, expected "
-                                     f"{FUSION_WEIGHTS_FORMAT_VERSION}; run `{refit_command(directory)}`")
+            raise FusionWeightsError(
+                f"{path} has format_version {version!r}, expected "
+                f"{FUSION_WEIGHTS_FORMAT_VERSION}; run `{refit_command(directory)}`"
+            )
         payload.pop("format_version")
         known = set(cls.__dataclass_fields__)
         try:

@@ -13,6 +13,7 @@ browser shows (JPEG, PNG, WebP, GIF), recognised by its leading bytes, never by 
 client's Content-Type. Image ids are checked against `IMAGE_ID` before they touch a path, so no id
 can leave the store's folder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,7 @@ class ImageStore(Protocol):
     def delete(self, image_id: str) -> bool:
         """Remove the photo; False if there was none."""
 
-    def contains(self, image_id: str) -> bool:
-        ...
+    def contains(self, image_id: str) -> bool: ...
 
 
 def sniff_content_type(data: bytes) -> str | None:
@@ -98,8 +98,9 @@ def sniff_content_type(data: bytes) -> str | None:
 
 def check_image_id(image_id: str) -> str:
     if not isinstance(image_id, str) or not IMAGE_ID.match(image_id):
-        raise InvalidImageId(f"image id {str(image_id)[:80]!r} is not valid: 1-128 letters, digits, "
-                             "'-' or '_'")
+        raise InvalidImageId(
+            f"image id {str(image_id)[:80]!r} is not valid: 1-128 letters, digits, '-' or '_'"
+        )
     return image_id
 
 
@@ -120,7 +121,7 @@ class LocalImageStore:
     atomically (temporary file + rename), so a reader never sees half a photo."""
 
     def __init__(self, root: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self.root = Path(root).resolve()   # created by the first photo stored
+        self.root = Path(root).resolve()  # created by the first photo stored
         self.max_bytes = max_bytes
 
     def __repr__(self) -> str:
@@ -129,7 +130,7 @@ class LocalImageStore:
     def path_of(self, image_id: str) -> Path:
         check_image_id(image_id)
         path = self.root / image_id[:2] / image_id
-        if path.resolve().parent.parent != self.root:   # belt and braces: the id is checked above
+        if path.resolve().parent.parent != self.root:  # belt and braces: the id is checked above
             raise InvalidImageId(f"image id {image_id!r} leaves the store")
         return path
 
@@ -157,7 +158,7 @@ class LocalImageStore:
             head = file.read(16)
         size = source.stat().st_size
         if size > self.max_bytes or sniff_content_type(head) is None:
-            check_photo(source.read_bytes(), self.max_bytes)   # raises with the reason
+            check_photo(source.read_bytes(), self.max_bytes)  # raises with the reason
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source, path)
@@ -172,7 +173,7 @@ class LocalImageStore:
         except FileNotFoundError:
             raise ImageNotFound(f"no photo with id {image_id}") from None
         content_type = sniff_content_type(data)
-        if content_type is None:   # only a file changed behind the store's back gets here
+        if content_type is None:  # only a file changed behind the store's back gets here
             raise ImageNotFound(f"photo {image_id} is not readable as an image")
         return StoredImage(image_id, content_type, data)
 
@@ -195,8 +196,10 @@ def open_image_store(location: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -
         text = text.removeprefix("file://")
     elif "://" in text:
         scheme = text.split("://", 1)[0]
-        raise ImageStoreError(f"image store {text!r}: no {scheme}:// store is built in; use a "
-                              "folder path (an S3 store implements common.image_store.ImageStore)")
+        raise ImageStoreError(
+            f"image store {text!r}: no {scheme}:// store is built in; use a "
+            "folder path (an S3 store implements common.image_store.ImageStore)"
+        )
     return LocalImageStore(text, max_bytes)
 
 

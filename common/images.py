@@ -82,9 +82,7 @@ def open_image(
         try:
             img = Image.open(io.BytesIO(data), formats=formats)
         except Image.UnidentifiedImageError:
-            raise ImageError(
-                f"not a recognised image (accepted formats: {', '.join(formats)})"
-            ) from None
+            raise ImageError(f"not a recognised image (accepted formats: {', '.join(formats)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageError(f"image too large (decompression bomb guard): {exc}") from None
         except Exception as exc:  # noqa: BLE001 - decoders raise many types on hostile input
@@ -95,8 +93,7 @@ def open_image(
             raise ImageError(f"image has no pixels ({width}x{height})")
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError(
-                f"image is {width}x{height} = {width * height:,} pixels, "
-                f"over the limit of {max_pixels:,}"
+                f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
             )
         try:
             img.load()

@@ -4,6 +4,7 @@ The gateway receives or creates an ``x-request-id``; it is kept in a context var
 request is handled, written into every log line, and sent as metadata on downstream calls, so one
 failed request can be traced through embedder and indexer logs.
 """
+
 from __future__ import annotations
 
 import contextvars

@@ -17,6 +17,7 @@ as in the tests, never mix their series) and serves it over HTTP on its own port
 bounded: method and service names come from the protos, codes from gRPC, downstreams and
 collections from configuration; never a listing id or a request id.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,14 +34,12 @@ log = logging.getLogger(__name__)
 #: Seconds. Our RPCs take from ~0.1 ms (health, GetListing) over ~10-100 ms (an image through
 #: the model on a CPU, a search over a million vectors) to seconds (AddListing of 16 photos
 #: under load); the buckets resolve each decade in 1-2.5-5 steps.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 #: ``<SERVICE>_METRICS_PORT`` defaults: the gRPC port's last digit, 50050 -> 9450 and so on.
 DEFAULT_PORTS = {"gateway": 9450, "embedder": 9451, "indexer": 9452}
 
-_UNARY, _CLIENT_STREAM, _SERVER_STREAM, _BIDI = ("unary", "client_stream", "server_stream",
-                                                 "bidi_stream")
+_UNARY, _CLIENT_STREAM, _SERVER_STREAM, _BIDI = ("unary", "client_stream", "server_stream", "bidi_stream")
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -65,8 +64,9 @@ class _Series:
     """The started counter, handled counters (one per code) and histogram of one method: label
     lookups done once, not on every call (prometheus_client's ``labels`` takes a lock)."""
 
-    def __init__(self, started: Counter, handled: Counter, seconds: Histogram,
-                 labels: tuple[str, ...]) -> None:
+    def __init__(
+        self, started: Counter, handled: Counter, seconds: Histogram, labels: tuple[str, ...]
+    ) -> None:
         self.started = started.labels(*labels)
         self.seconds = seconds.labels(*labels)
         self._handled = handled
@@ -106,14 +106,21 @@ class GrpcServerMetrics:
     def __init__(self, registry: CollectorRegistry, buckets: Iterable[float] = LATENCY_BUCKETS):
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self.table = _SeriesTable(
-            Counter("grpc_server_started_total", "RPCs started on the server.", labels,
-                    registry=registry),
-            Counter("grpc_server_handled_total",
-                    "RPCs completed on the server, whatever their status code.",
-                    (*labels, "grpc_code"), registry=registry),
-            Histogram("grpc_server_handling_seconds",
-                      "Time from the start of an RPC to its status being set by the server.",
-                      labels, buckets=tuple(buckets), registry=registry))
+            Counter("grpc_server_started_total", "RPCs started on the server.", labels, registry=registry),
+            Counter(
+                "grpc_server_handled_total",
+                "RPCs completed on the server, whatever their status code.",
+                (*labels, "grpc_code"),
+                registry=registry,
+            ),
+            Histogram(
+                "grpc_server_handling_seconds",
+                "Time from the start of an RPC to its status being set by the server.",
+                labels,
+                buckets=tuple(buckets),
+                registry=registry,
+            ),
+        )
 
     def initialize(self, service_names: Iterable[str]) -> None:
         """Create the zero series of every method of ``service_names`` (as go-grpc-prometheus'
@@ -126,7 +133,8 @@ class GrpcServerMetrics:
                 continue
             for method in service.methods:
                 series = self.table.series(
-                    _grpc_type(method.client_streaming, method.server_streaming), name, method.name)
+                    _grpc_type(method.client_streaming, method.server_streaming), name, method.name
+                )
                 series.handled(grpc.StatusCode.OK)
 
     def interceptor(self) -> grpc.ServerInterceptor:
@@ -150,19 +158,25 @@ class ServerMetricsInterceptor(grpc.ServerInterceptor):
         series = self.metrics.table.series(grpc_type, service, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, series), handler.request_deserializer,
-                handler.response_serializer)
+                _unary(handler.unary_unary, series), handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(handler.stream_unary, series), handler.request_deserializer,
-                handler.response_serializer)
+                _unary(handler.stream_unary, series),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, series), handler.request_deserializer,
-                handler.response_serializer)
+                _streaming(handler.unary_stream, series),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, series), handler.request_deserializer,
-            handler.response_serializer)
+            _streaming(handler.stream_stream, series),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
 
 
 def _code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
@@ -211,14 +225,21 @@ class GrpcClientMetrics:
     def __init__(self, registry: CollectorRegistry, buckets: Iterable[float] = LATENCY_BUCKETS):
         labels = ("grpc_type", "grpc_service", "grpc_method", "downstream", "target")
         self.table = _SeriesTable(
-            Counter("grpc_client_started_total", "RPCs started by the client.", labels,
-                    registry=registry),
-            Counter("grpc_client_handled_total",
-                    "RPCs completed by the client, whatever their status code.",
-                    (*labels, "grpc_code"), registry=registry),
-            Histogram("grpc_client_handling_seconds",
-                      "Time from the start of an RPC to its status at the client.",
-                      labels, buckets=tuple(buckets), registry=registry))
+            Counter("grpc_client_started_total", "RPCs started by the client.", labels, registry=registry),
+            Counter(
+                "grpc_client_handled_total",
+                "RPCs completed by the client, whatever their status code.",
+                (*labels, "grpc_code"),
+                registry=registry,
+            ),
+            Histogram(
+                "grpc_client_handling_seconds",
+                "Time from the start of an RPC to its status at the client.",
+                labels,
+                buckets=tuple(buckets),
+                registry=registry,
+            ),
+        )
 
     def interceptor(self, downstream: str, target: str) -> grpc.UnaryUnaryClientInterceptor:
         return ClientMetricsInterceptor(self, downstream, target)
@@ -246,8 +267,10 @@ class ClientMetricsInterceptor(grpc.UnaryUnaryClientInterceptor):
 
         def record(call) -> None:
             code = call.code()
-            series.done(code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
-                        time.perf_counter() - start)
+            series.done(
+                code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN,
+                time.perf_counter() - start,
+            )
 
         outcome.add_done_callback(record)
         return outcome
@@ -295,12 +318,12 @@ class ServiceMetrics:
         if self._http is not None:
             return self.bound_port
         try:
-            self._http, _thread = start_http_server(self.port, addr=self.host,
-                                                         registry=self.registry)
+            self._http, _thread = start_http_server(self.port, addr=self.host, registry=self.registry)
         except OSError as exc:
             raise MetricsPortError(
                 f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}; set "
-                f"{self.setting} to a free port, or 0 to turn metrics off") from None
+                f"{self.setting} to a free port, or 0 to turn metrics off"
+            ) from None
         log.info("metrics on http://%s:%d/metrics", self.host, self.bound_port)
         return self.bound_port
 

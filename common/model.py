@@ -6,6 +6,7 @@ unpickles anything.
 
 The file names and the rest of the layout are declared in `common.artifact`.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from common.artifact import (CARD_FILE, CHECK_PHOTOS_DIR, LABELS_FILE, ONNX_FILE, ONNX_INT8_FILE,
-                             WEIGHTS_FILE)
+from common.artifact import CARD_FILE, CHECK_PHOTOS_DIR, LABELS_FILE, ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
 from common.backbones import Backbone, Preprocessing, get_backbone
 from common.files import sha256_file
 
@@ -40,8 +40,9 @@ class ArtifactError(RuntimeError):
 class ListingModel(nn.Module):
     """Backbone features (the embedding) followed by a linear head over the main categories."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, *, pretrained: bool = True,
-                 dropout: float = 0.2) -> None:
+    def __init__(
+        self, backbone: Backbone, num_classes: int, *, pretrained: bool = True, dropout: float = 0.2
+    ) -> None:
         super().__init__()
         self.backbone_name = backbone.name
         self.features = backbone.build(pretrained)
@@ -94,16 +95,17 @@ def save_artifact(directory: Path, model: ListingModel, categories: list[str], *
         "model_version": f"{backbone.name}-{weights_sha[:12]}",
         **card_fields,
     }
-    (directory / LABELS_FILE).write_text(json.dumps({"version": 1, "categories": list(categories)},
-                                                    indent=2))
+    (directory / LABELS_FILE).write_text(json.dumps({"version": 1, "categories": list(categories)}, indent=2))
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
     return card
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise ArtifactError(f"{path} is missing; export a model with `python -m training.train` "
-                            "or point the embedder at an artefact directory")
+        raise ArtifactError(
+            f"{path} is missing; export a model with `python -m training.train` "
+            "or point the embedder at an artefact directory"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -127,8 +129,10 @@ def load_artifact(directory: Path, *, verify_checksum: bool = True) -> Artifact:
     except KeyError as exc:
         raise ArtifactError(str(exc)) from None
     if backbone.embedding_dim != int(card["embedding_dim"]):
-        raise ArtifactError(f"model card says embedding_dim {card['embedding_dim']}, backbone "
-                            f"{backbone.name} produces {backbone.embedding_dim}")
+        raise ArtifactError(
+            f"model card says embedding_dim {card['embedding_dim']}, backbone "
+            f"{backbone.name} produces {backbone.embedding_dim}"
+        )
     weights = directory / card.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file():
         raise ArtifactError(f"weights file {weights} is missing")
@@ -138,8 +142,10 @@ def load_artifact(directory: Path, *, verify_checksum: bool = True) -> Artifact:
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:  # safetensors raises its own error type for a non-safetensors file
-        raise ArtifactError(f"cannot load {weights}: not a safetensors file that fits backbone {backbone.name} with "
-                            f"{len(card['categories'])} categories: {exc}") from None
+        raise ArtifactError(
+            f"cannot load {weights}: not a safetensors file that fits backbone {backbone.name} with "
+            f"{len(card['categories'])} categories: {exc}"
+        ) from None
     model.eval()
     return Artifact(model, card, Preprocessing.from_dict(card["preprocessing"]))
 
@@ -157,11 +163,14 @@ def fold_batch_norms(module: nn.Module) -> int:
     folded = 0
     previous: tuple[str, nn.Module] | None = None
     for name, child in list(module.named_children()):
-        if (isinstance(child, nn.BatchNorm2d) and previous is not None
-                and isinstance(previous[1], nn.Conv2d) and child.track_running_stats):
+        if (
+            isinstance(child, nn.BatchNorm2d)
+            and previous is not None
+            and isinstance(previous[1], nn.Conv2d)
+            and child.track_running_stats
+        ):
             setattr(module, previous[0], fuse_conv_bn_eval(previous[1], child))
-            after = nn.Sequential(getattr(child, "drop", nn.Identity()),
-                                  getattr(child, "act", nn.Identity()))
+            after = nn.Sequential(getattr(child, "drop", nn.Identity()), getattr(child, "act", nn.Identity()))
             setattr(module, name, after)
             folded += 1
             child = after
@@ -171,13 +180,14 @@ def fold_batch_norms(module: nn.Module) -> int:
     return folded
 
 
-def fold_batch_norms_measured(module: nn.Module, run: Callable[[torch.Tensor], object],
-                              input_size: int) -> tuple[int, float]:
+def fold_batch_norms_measured(
+    module: nn.Module, run: Callable[[torch.Tensor], object], input_size: int
+) -> tuple[int, float]:
     """Fold ``module``'s batch norms in place (``fold_batch_norms``) and return how many it
     folded and the largest change this made to ``run``'s output (a tensor or a tuple of them)
     on a seeded random batch: the check every caller must make, since pairs are found by order."""
     probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():   # not inference_mode: the folded weights must stay normal tensors
+    with torch.no_grad():  # not inference_mode: the folded weights must stay normal tensors
         before = run(probe)
         folded = fold_batch_norms(module)
         after = run(probe)
@@ -220,8 +230,9 @@ class EmbedAndClassify(nn.Module):
         return self.model.embed_and_classify(images)
 
 
-def export_onnx(module: nn.Module, input_size: int, path: Path,
-                output_names: tuple[str, ...] = ONNX_OUTPUTS) -> dict:
+def export_onnx(
+    module: nn.Module, input_size: int, path: Path, output_names: tuple[str, ...] = ONNX_OUTPUTS
+) -> dict:
     """Export ``module`` (images -> outputs) to ONNX at ``path`` with a dynamic batch size; the
     module's train/eval mode is left as it was. Returns what the model card records."""
     import warnings
@@ -238,22 +249,38 @@ def export_onnx(module: nn.Module, input_size: int, path: Path,
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             # The TorchScript exporter: a plain static graph of the traced network, readable by
             # every runtime we pin, and no dependency on onnxscript.
-            torch.onnx.export(module, (sample,), str(tmp), dynamo=False, opset_version=_opset(),
-                              input_names=[ONNX_INPUT], output_names=list(output_names),
-                              dynamic_axes=dynamic, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                (sample,),
+                str(tmp),
+                dynamo=False,
+                opset_version=_opset(),
+                input_names=[ONNX_INPUT],
+                output_names=list(output_names),
+                dynamic_axes=dynamic,
+                do_constant_folding=True,
+            )
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
         module.train(was_training)
     path.chmod(0o644)
     from common.runtimes import runtime_versions
-    return {"file": path.name, "sha256": sha256_file(path), "opset": _opset(),
-            "input": ONNX_INPUT, "outputs": list(output_names), "dynamic_batch": True,
-            "exported_with": runtime_versions()}
+
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "opset": _opset(),
+        "input": ONNX_INPUT,
+        "outputs": list(output_names),
+        "dynamic_batch": True,
+        "exported_with": runtime_versions(),
+    }
 
 
 def _opset() -> int:
     from common.runtimes import ONNX_OPSET
+
     return ONNX_OPSET
 
 
@@ -270,8 +297,13 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     this AVX2 CPU: full-range weights and asymmetric activations gave min / mean embedding
     cosine 0.62 / 0.86 (ONNX Runtime) and 0.73 / 0.91 (OpenVINO); 7-bit weights with symmetric
     activations 0.89 / 0.97 in both."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Photos(CalibrationDataReader):
@@ -282,7 +314,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             start = next(self._rows, None)
             if start is None:
                 return None
-            return {ONNX_INPUT: np.ascontiguousarray(calibration[start:start + 8], np.float32)}
+            return {ONNX_INPUT: np.ascontiguousarray(calibration[start : start + 8], np.float32)}
 
     int8_path = Path(int8_path)
     prepared = int8_path.with_suffix(".prep.onnx")
@@ -292,21 +324,32 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
     root.setLevel(logging.ERROR)  # the quantiser logs a line per adjusted channel on the root logger
     try:
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(int8_path), Photos(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=kept_float, reduce_range=True,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            Photos(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=kept_float,
+            reduce_range=True,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
     finally:
         root.setLevel(level)
         prepared.unlink(missing_ok=True)
     int8_path.chmod(0o644)
-    return {"file": int8_path.name, "sha256": sha256_file(int8_path),
-            "calibration_photos": int(len(calibration)),
-            "method": "onnxruntime quantize_static, QDQ, per-channel symmetric 7-bit weights, "
-                      "MinMax calibrated symmetric int8 activations, pooling, embedding and "
-                      "head in float32",
-            "float_nodes": kept_float}
+    return {
+        "file": int8_path.name,
+        "sha256": sha256_file(int8_path),
+        "calibration_photos": int(len(calibration)),
+        "method": "onnxruntime quantize_static, QDQ, per-channel symmetric 7-bit weights, "
+        "MinMax calibrated symmetric int8 activations, pooling, embedding and "
+        "head in float32",
+        "float_nodes": kept_float,
+    }
 
 
 def preprocess_files(files: list[Path], preprocessing: Preprocessing) -> np.ndarray:
@@ -342,9 +385,13 @@ def float_tail(model_path: Path) -> list[str]:
     return list(tail)
 
 
-def add_runtime_files(directory: Path, *, check_photos: list[Path],
-                      calibration_photos: list[Path] = (), model: ListingModel | None = None
-                      ) -> dict:
+def add_runtime_files(
+    directory: Path,
+    *,
+    check_photos: list[Path],
+    calibration_photos: list[Path] = (),
+    model: ListingModel | None = None,
+) -> dict:
     """Write ``model.onnx`` (and ``model.int8.onnx`` when calibration photos are given) and the
     check photos into an artefact directory, and record them in its model card; returns the card.
 
@@ -372,10 +419,10 @@ def add_runtime_files(directory: Path, *, check_photos: list[Path],
     runtimes["check_photos"] = names
     (directory / ONNX_INT8_FILE).unlink(missing_ok=True)
     if calibration_photos:
-        calibration = preprocess_files(list(calibration_photos)[:CALIBRATION_PHOTO_COUNT],
-                                       Preprocessing.from_dict(card["preprocessing"]))
-        runtimes["int8"] = quantize_int8(directory / ONNX_FILE, directory / ONNX_INT8_FILE,
-                                         calibration)
+        calibration = preprocess_files(
+            list(calibration_photos)[:CALIBRATION_PHOTO_COUNT], Preprocessing.from_dict(card["preprocessing"])
+        )
+        runtimes["int8"] = quantize_int8(directory / ONNX_FILE, directory / ONNX_INT8_FILE, calibration)
     card["runtimes"] = runtimes
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
     return card

@@ -3,6 +3,7 @@
 Used by data preparation (raw ``Products.csv`` prices), the gateway's catalogue loader and the
 indexer's attribute loader (the prepared ``price`` column, or a hand-written attributes CSV).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def price_value(raw: str | float | None) -> float | None:
 
 
 def price_flag(value: float | None, *, absurd_price: float) -> str:
-    """"" for an ordinary price, else "unparseable", "zero" or "absurd" (negative or huge)."""
+    """ "" for an ordinary price, else "unparseable", "zero" or "absurd" (negative or huge)."""
     if value is None or math.isnan(value):
         return "unparseable"
     if value == 0:

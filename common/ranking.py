@@ -19,6 +19,7 @@ and drops listings already liked, skipped or seen.
 
 All functions are deterministic: ties are broken by the id's first appearance in the inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,14 +47,17 @@ def _check_finite(scores: Mapping, what: str) -> None:
 
 def _ranked(scores: dict, order: dict, top_k: int | None) -> list[tuple[Hashable, float]]:
     ranked = sorted(scores.items(), key=lambda item: (-item[1], order[item[0]]))
-    return ranked if top_k is None else ranked[:max(0, int(top_k))]
+    return ranked if top_k is None else ranked[: max(0, int(top_k))]
 
 
-def weighted_cosine_fusion(image_scores: Mapping[Hashable, float],
-                           text_scores: Mapping[Hashable, float],
-                           text_weight: float = 0.5, *,
-                           missing: float | None = None,
-                           top_k: int | None = None) -> list[tuple[Hashable, float]]:
+def weighted_cosine_fusion(
+    image_scores: Mapping[Hashable, float],
+    text_scores: Mapping[Hashable, float],
+    text_weight: float = 0.5,
+    *,
+    missing: float | None = None,
+    top_k: int | None = None,
+) -> list[tuple[Hashable, float]]:
     """Fuse two {id: cosine} result lists into one ranking, best first.
 
     ``score(id) = (1 - text_weight) * image_score + text_weight * text_score``, over the union
@@ -84,15 +88,20 @@ def weighted_cosine_fusion(image_scores: Mapping[Hashable, float],
     order: dict = {}
     for key in list(image_scores) + list(text_scores):
         order.setdefault(key, len(order))
-    fused = {key: (1.0 - w) * float(image_scores.get(key, image_fill))
-             + w * float(text_scores.get(key, text_fill)) for key in order}
+    fused = {
+        key: (1.0 - w) * float(image_scores.get(key, image_fill)) + w * float(text_scores.get(key, text_fill))
+        for key in order
+    }
     return _ranked(fused, order, top_k)
 
 
-def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hashable]],
-                           weights: Sequence[float] | None = None,
-                           k: float = RRF_K, *,
-                           top_k: int | None = None) -> list[tuple[Hashable, float]]:
+def reciprocal_rank_fusion(
+    rankings: Sequence[Sequence[Hashable]],
+    weights: Sequence[float] | None = None,
+    k: float = RRF_K,
+    *,
+    top_k: int | None = None,
+) -> list[tuple[Hashable, float]]:
     """Reciprocal-rank fusion of several ranked id lists (each best first).
 
     ``score(id) = sum over lists i containing id of weights[i] / (k + rank_i(id))`` with rank 1
@@ -149,8 +158,9 @@ def _as_matrix(vectors: np.ndarray | None, what: str, dim: int | None) -> np.nda
     return array
 
 
-def recommend_query(liked: np.ndarray, skipped: np.ndarray | None = None,
-                    alpha: float = 1.0, beta: float = 0.5) -> np.ndarray:
+def recommend_query(
+    liked: np.ndarray, skipped: np.ndarray | None = None, alpha: float = 1.0, beta: float = 0.5
+) -> np.ndarray:
     """Rocchio relevance feedback: one unit query vector from liked and skipped embeddings.
 
     ``q = alpha * mean(liked) - beta * mean(skipped)``, normalised to unit length, where each

@@ -14,6 +14,7 @@ request, so ``workers`` threads of ``threads`` cores each run side by side.
 
 Nothing here knows about gRPC, the artefact layout or batching.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -106,11 +107,18 @@ class TorchSession:
 
     runtime = "torch"
 
-    def __init__(self, forward: Callable[[torch.Tensor], Sequence[torch.Tensor]], *,
-                 precision: str = "fp32", channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], Sequence[torch.Tensor]],
+        *,
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ) -> None:
         if precision not in ("fp32", "bf16"):
-            raise RuntimeUnavailable(f"runtime torch has no {precision} precision (fp32 or bf16; "
-                                     "int8 runs in onnxruntime or openvino)")
+            raise RuntimeUnavailable(
+                f"runtime torch has no {precision} precision (fp32 or bf16; "
+                "int8 runs in onnxruntime or openvino)"
+            )
         self.precision = precision
         self._forward = forward
         self._channels_last = channels_last
@@ -139,16 +147,20 @@ class OnnxRuntimeSession:
 
     runtime = "onnxruntime"
 
-    def __init__(self, model_path: Path, *, precision: str = "fp32", threads: int = 1,
-                 workers: int = 1) -> None:
+    def __init__(
+        self, model_path: Path, *, precision: str = "fp32", threads: int = 1, workers: int = 1
+    ) -> None:
         try:
             import onnxruntime
         except Exception as exc:
-            raise RuntimeUnavailable(f"runtime onnxruntime is not installed here ({exc}); "
-                                     "pip install onnxruntime, or choose another runtime") from None
+            raise RuntimeUnavailable(
+                f"runtime onnxruntime is not installed here ({exc}); "
+                "pip install onnxruntime, or choose another runtime"
+            ) from None
         if precision == "bf16":
-            raise RuntimeUnavailable("runtime onnxruntime has no bf16 precision on the CPU; "
-                                     "use openvino for bf16, or fp32/int8")
+            raise RuntimeUnavailable(
+                "runtime onnxruntime has no bf16 precision on the CPU; use openvino for bf16, or fp32/int8"
+            )
         self.precision = precision
         model = Path(model_path).read_bytes()
         options = onnxruntime.SessionOptions()
@@ -159,9 +171,10 @@ class OnnxRuntimeSession:
         # threads of an idle pool sleep instead of spinning: cores stay free for the others
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # compiled now, one per worker: a bad file fails at load, and no request pays for it
-        self._sessions = [onnxruntime.InferenceSession(model, options,
-                                                       providers=["CPUExecutionProvider"])
-                          for _ in range(max(1, workers))]
+        self._sessions = [
+            onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            for _ in range(max(1, workers))
+        ]
         self._input = self._sessions[0].get_inputs()[0].name
         self._assigned = itertools.count()
         self._local = threading.local()
@@ -180,6 +193,7 @@ class OnnxRuntimeSession:
 
 def openvino_capabilities() -> list[str]:
     import openvino
+
     return list(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
@@ -191,20 +205,23 @@ class OpenVinoSession:
 
     runtime = "openvino"
 
-    def __init__(self, model_path: Path, *, precision: str = "fp32", threads: int = 1,
-                 workers: int = 1) -> None:
+    def __init__(
+        self, model_path: Path, *, precision: str = "fp32", threads: int = 1, workers: int = 1
+    ) -> None:
         try:
             import openvino
         except Exception as exc:
-            raise RuntimeUnavailable(f"runtime openvino is not installed here ({exc}); "
-                                     "pip install openvino, or choose another runtime") from None
+            raise RuntimeUnavailable(
+                f"runtime openvino is not installed here ({exc}); "
+                "pip install openvino, or choose another runtime"
+            ) from None
         self.precision = precision
         core = openvino.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU",
-                                                                    "OPTIMIZATION_CAPABILITIES"):
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise RuntimeUnavailable(
                 "precision bf16 is not available in runtime openvino on this CPU (no native bf16: "
-                f"OpenVINO's CPU capabilities are {', '.join(openvino_capabilities())}); use fp32")
+                f"OpenVINO's CPU capabilities are {', '.join(openvino_capabilities())}); use fp32"
+            )
         config = {
             # int8 models carry their own quantised operations; the rest runs in f32
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
@@ -227,16 +244,17 @@ class OpenVinoSession:
         request = self._request()
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         request.infer({0: batch})
-        return tuple(np.array(request.get_output_tensor(i).data, copy=True)
-                     for i in range(len(self._compiled.outputs)))
+        return tuple(
+            np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self._compiled.outputs))
+        )
 
 
-def open_session(runtime: str, model_path: Path, *, precision: str = "fp32", threads: int = 1,
-                 workers: int = 1) -> Session:
+def open_session(
+    runtime: str, model_path: Path, *, precision: str = "fp32", threads: int = 1, workers: int = 1
+) -> Session:
     """Compile ``model_path`` (ONNX) in ``runtime``; ``RuntimeUnavailable`` says why not."""
     if runtime == "onnxruntime":
-        return OnnxRuntimeSession(model_path, precision=precision, threads=threads,
-                                  workers=workers)
+        return OnnxRuntimeSession(model_path, precision=precision, threads=threads, workers=workers)
     if runtime == "openvino":
         return OpenVinoSession(model_path, precision=precision, threads=threads, workers=workers)
     raise ValueError(f"no ONNX session for runtime {runtime!r}")
@@ -260,14 +278,18 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return (self.min_cosine >= self.bounds.min_cosine
-                and self.top1_agreement >= self.bounds.min_top1_agreement)
+        return (
+            self.min_cosine >= self.bounds.min_cosine
+            and self.top1_agreement >= self.bounds.min_top1_agreement
+        )
 
     def describe(self) -> str:
-        return (f"runtime {self.runtime} precision {self.precision} on {self.photos} check photos: "
-                f"min embedding cosine {self.min_cosine:.6f} (bound {self.bounds.min_cosine}), "
-                f"top-1 agreement {self.top1_agreement:.1%} "
-                f"(bound {self.bounds.min_top1_agreement:.0%})")
+        return (
+            f"runtime {self.runtime} precision {self.precision} on {self.photos} check photos: "
+            f"min embedding cosine {self.min_cosine:.6f} (bound {self.bounds.min_cosine}), "
+            f"top-1 agreement {self.top1_agreement:.1%} "
+            f"(bound {self.bounds.min_top1_agreement:.0%})"
+        )
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:
@@ -283,16 +305,19 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
     if len(reference) > 1:
         agree = np.argmax(reference[-1], axis=1) == np.argmax(candidate[-1], axis=1)
     else:
+
         def nearest(unit: np.ndarray) -> np.ndarray:
             similarity = unit @ unit.T
             np.fill_diagonal(similarity, -np.inf)
             return similarity.argmax(axis=1)
+
         agree = nearest(ref) == nearest(got)
     return min_cosine, float(agree.mean())
 
 
-def check_session(session: Session, reference: Sequence[np.ndarray], inputs: np.ndarray,
-                  bounds: CheckBounds | None = None) -> CheckResult:
+def check_session(
+    session: Session, reference: Sequence[np.ndarray], inputs: np.ndarray, bounds: CheckBounds | None = None
+) -> CheckResult:
     """Run ``session`` on the check inputs (twice: warm-up, then timed) and compare it with the
     reference outputs torch gave for the same inputs."""
     bounds = bounds or CHECK_BOUNDS[session.precision]
@@ -301,8 +326,15 @@ def check_session(session: Session, reference: Sequence[np.ndarray], inputs: np.
     outputs = session.run(inputs)
     elapsed = time.perf_counter() - started
     min_cosine, agreement = compare(reference, outputs)
-    return CheckResult(session.runtime, session.precision, int(inputs.shape[0]), min_cosine,
-                       agreement, bounds, elapsed / max(1, int(inputs.shape[0])))
+    return CheckResult(
+        session.runtime,
+        session.precision,
+        int(inputs.shape[0]),
+        min_cosine,
+        agreement,
+        bounds,
+        elapsed / max(1, int(inputs.shape[0])),
+    )
 
 
 #: Timed runs of each candidate in ``auto``'s speed trial. The machine may be busy with other
@@ -312,8 +344,9 @@ def check_session(session: Session, reference: Sequence[np.ndarray], inputs: np.
 SPEED_TRIAL_ROUNDS = 3
 
 
-def speed_trial(sessions: Sequence[Session], inputs: np.ndarray,
-                rounds: int = SPEED_TRIAL_ROUNDS) -> list[float]:
+def speed_trial(
+    sessions: Sequence[Session], inputs: np.ndarray, rounds: int = SPEED_TRIAL_ROUNDS
+) -> list[float]:
     """Seconds per photo of each session on ``inputs``: the fastest of ``rounds`` runs, the
     sessions taking turns (each is warmed up first)."""
     for session in sessions:
@@ -335,16 +368,22 @@ class Choice:
     """The session a setting resolved to, the checks that led there and what was passed over."""
 
     session: Session
-    check: CheckResult | None            # None for torch fp32 (the reference itself)
+    check: CheckResult | None  # None for torch fp32 (the reference itself)
     checks: list[CheckResult]
-    passed_over: list[str]                # "runtime/precision: why" for each candidate refused
+    passed_over: list[str]  # "runtime/precision: why" for each candidate refused
     #: auto's speed trial: seconds per photo of every candidate that passed, by "runtime/precision"
     speeds: dict[str, float] = field(default_factory=dict)
 
 
-def choose_session(setting: str, precision: str, *, reference: Session, inputs: np.ndarray,
-                   open_candidate: Callable[[str, str], Session],
-                   names: tuple[str, str] = ("runtime", "precision")) -> Choice:
+def choose_session(
+    setting: str,
+    precision: str,
+    *,
+    reference: Session,
+    inputs: np.ndarray,
+    open_candidate: Callable[[str, str], Session],
+    names: tuple[str, str] = ("runtime", "precision"),
+) -> Choice:
     """Resolve a runtime ``setting`` (auto or one of RUNTIMES) and ``precision`` to a session.
 
     ``reference`` is the torch fp32 session; ``inputs`` the preprocessed check photos;
@@ -363,11 +402,13 @@ def choose_session(setting: str, precision: str, *, reference: Session, inputs: 
     if setting == "torch" and precision == "fp32":
         return Choice(reference, None, [], [])
     if not len(inputs) and setting == "auto":
-        return Choice(reference, None, [], ["no check photos to compare a runtime with torch on: "
-                                            "serving torch fp32"])
+        return Choice(
+            reference, None, [], ["no check photos to compare a runtime with torch on: serving torch fp32"]
+        )
     if not len(inputs):
-        raise RuntimeUnavailable(f"refusing {label}: it needs check photos to be compared with "
-                                 "torch, and there are none")
+        raise RuntimeUnavailable(
+            f"refusing {label}: it needs check photos to be compared with torch, and there are none"
+        )
     expected = reference.run(inputs)
     candidates = [setting] if setting != "auto" else list(RUNTIMES)
     checks: list[CheckResult] = []
@@ -395,8 +436,9 @@ def choose_session(setting: str, precision: str, *, reference: Session, inputs: 
         if result.passed:
             passed.append((session, result))
         elif setting != "auto":
-            raise RuntimeUnavailable(f"refusing {label}: it fails the load-time check against "
-                                     f"torch: {result.describe()}")
+            raise RuntimeUnavailable(
+                f"refusing {label}: it fails the load-time check against torch: {result.describe()}"
+            )
         else:
             passed_over.append(f"{runtime}/{precision}: fails the check: {result.describe()}")
     if not passed:
@@ -406,7 +448,9 @@ def choose_session(setting: str, precision: str, *, reference: Session, inputs: 
         session, result = passed[0]
         return Choice(session, result, checks, passed_over)
     seconds = speed_trial([session for session, _ in passed], inputs)
-    speeds = {f"{session.runtime}/{session.precision}": per_photo
-              for (session, _), per_photo in zip(passed, seconds)}
+    speeds = {
+        f"{session.runtime}/{session.precision}": per_photo
+        for (session, _), per_photo in zip(passed, seconds)
+    }
     session, result = passed[seconds.index(min(seconds))]
     return Choice(session, result, checks, passed_over, speeds)

@@ -15,6 +15,7 @@ TLS is optional: TLS_CERT + TLS_KEY make a server speak TLS; adding TLS_CLIENT_C
 require client certificates signed by that CA (mutual TLS). Clients use TLS_CA (and
 TLS_CLIENT_CERT + TLS_CLIENT_KEY for mutual TLS) to reach such servers.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -33,26 +34,43 @@ AUTH_HEADER = "authorization"
 
 
 WRITE_TOKEN = Setting(
-    "WRITE_TOKEN", "write_token", secret=True,
+    "WRITE_TOKEN",
+    "write_token",
+    secret=True,
     help="bearer token required by write RPCs (Upsert, Delete, AddListing, RemoveListing); "
-         "the gateway sends it to the indexers. Unset: writes are open (a warning at start)")
+    "the gateway sends it to the indexers. Unset: writes are open (a warning at start)",
+)
 WRITE_TOKEN_FILE = Setting(
-    "WRITE_TOKEN_FILE", "write_token_file", Path,
-    help="file holding that token instead (a Docker or Kubernetes secret); not both")
+    "WRITE_TOKEN_FILE",
+    "write_token_file",
+    Path,
+    help="file holding that token instead (a Docker or Kubernetes secret); not both",
+)
 #: The write token's two settings; `resolve_write_token` makes one token of them.
 WRITE_TOKEN_SETTINGS = (WRITE_TOKEN, WRITE_TOKEN_FILE)
 
-TLS_CERT = Setting("TLS_CERT", "tls_cert", Path,
-                   help="PEM certificate (chain) of this server: TLS on its port (with TLS_KEY)")
+TLS_CERT = Setting(
+    "TLS_CERT",
+    "tls_cert",
+    Path,
+    help="PEM certificate (chain) of this server: TLS on its port (with TLS_KEY)",
+)
 TLS_KEY = Setting("TLS_KEY", "tls_key", Path, help="unencrypted PEM private key of TLS_CERT")
-TLS_CLIENT_CA = Setting("TLS_CLIENT_CA", "tls_client_ca", Path,
-                        help="CA whose client certificates the server requires (mutual TLS)")
-TLS_CA = Setting("TLS_CA", "tls_ca", Path,
-                 help="trust roots of TLS channels to other services (plaintext when unset)")
-TLS_CLIENT_CERT = Setting("TLS_CLIENT_CERT", "tls_client_cert", Path,
-                          help="client certificate sent on TLS channels (mutual TLS)")
-TLS_CLIENT_KEY = Setting("TLS_CLIENT_KEY", "tls_client_key", Path,
-                         help="unencrypted PEM private key of TLS_CLIENT_CERT")
+TLS_CLIENT_CA = Setting(
+    "TLS_CLIENT_CA",
+    "tls_client_ca",
+    Path,
+    help="CA whose client certificates the server requires (mutual TLS)",
+)
+TLS_CA = Setting(
+    "TLS_CA", "tls_ca", Path, help="trust roots of TLS channels to other services (plaintext when unset)"
+)
+TLS_CLIENT_CERT = Setting(
+    "TLS_CLIENT_CERT", "tls_client_cert", Path, help="client certificate sent on TLS channels (mutual TLS)"
+)
+TLS_CLIENT_KEY = Setting(
+    "TLS_CLIENT_KEY", "tls_client_key", Path, help="unencrypted PEM private key of TLS_CLIENT_CERT"
+)
 #: A server's TLS settings, then a client's.
 TLS_SERVER_SETTINGS = (TLS_CERT, TLS_KEY, TLS_CLIENT_CA)
 TLS_CLIENT_SETTINGS = (TLS_CA, TLS_CLIENT_CERT, TLS_CLIENT_KEY)
@@ -82,8 +100,9 @@ def resolve_secret(name: str, value: str | None, file: Path | None) -> str | Non
     try:
         secret = Path(file).read_text().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name}_FILE={file} cannot be read ({exc.__class__.__name__}): "
-                          "mount the secret there") from None
+        raise ConfigError(
+            f"{name}_FILE={file} cannot be read ({exc.__class__.__name__}): mount the secret there"
+        ) from None
     if not secret:
         raise ConfigError(f"{name}_FILE={file} is empty: put the secret in it")
     return secret
@@ -120,10 +139,12 @@ class WriteTokenInterceptor(grpc.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         header = metadata.get(AUTH_HEADER, "")
         if not header.startswith("Bearer "):
-            return _deny(grpc.StatusCode.UNAUTHENTICATED,
-                         f"{method} changes stored data and needs 'authorization: Bearer <token>' "
-                         "metadata (the server's WRITE_TOKEN)")
-        if not hmac.compare_digest(header[len("Bearer "):].encode(), self.expected):
+            return _deny(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} changes stored data and needs 'authorization: Bearer <token>' "
+                "metadata (the server's WRITE_TOKEN)",
+            )
+        if not hmac.compare_digest(header[len("Bearer ") :].encode(), self.expected):
             return _deny(grpc.StatusCode.PERMISSION_DENIED, f"{method}: the bearer token is not valid")
         return continuation(handler_call_details)
 
@@ -148,8 +169,11 @@ def check_key_pair(cert_name: str, cert: Path, key_name: str, key: Path) -> None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
     except ssl.SSLError as exc:
-        why = ("the key does not belong to the certificate" if exc.reason == "KEY_VALUES_MISMATCH"
-               else "expected a PEM certificate (chain) and its unencrypted PEM private key")
+        why = (
+            "the key does not belong to the certificate"
+            if exc.reason == "KEY_VALUES_MISMATCH"
+            else "expected a PEM certificate (chain) and its unencrypted PEM private key"
+        )
         raise ConfigError(f"{cert_name}={cert} / {key_name}={key}: {why}") from None
 
 
@@ -181,8 +205,13 @@ class TlsFiles:
     def from_values(cls, values: dict) -> "TlsFiles":
         """The TLS entries of a `Settings.read` result (removed from it; a server reads only
         TLS_SERVER_SETTINGS, a client only TLS_CLIENT_SETTINGS)."""
-        return cls(**{setting.field: values.pop(setting.field) for setting in TLS_SETTINGS
-                      if setting.field in values})
+        return cls(
+            **{
+                setting.field: values.pop(setting.field)
+                for setting in TLS_SETTINGS
+                if setting.field in values
+            }
+        )
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """TLS (or mutual TLS) credentials from TLS_CERT/TLS_KEY/TLS_CLIENT_CA; None for plaintext.
@@ -198,11 +227,11 @@ class TlsFiles:
         check_key_pair("TLS_CERT", self.tls_cert, "TLS_KEY", self.tls_key)
         if client_ca is not None:
             check_ca("TLS_CLIENT_CA", self.tls_client_ca, client_ca)
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                           require_client_auth=client_ca is not None)
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
 
-    def open_channel(self, target: str,
-                     options: list[tuple[str, object]] | None = None) -> grpc.Channel:
+    def open_channel(self, target: str, options: list[tuple[str, object]] | None = None) -> grpc.Channel:
         """A channel to ``target``: TLS when TLS_CA is set (with a client certificate for mutual
         TLS when TLS_CLIENT_CERT/TLS_CLIENT_KEY are set), plaintext otherwise."""
         ca = _read("TLS_CA", self.tls_ca)
@@ -214,15 +243,16 @@ class TlsFiles:
         if (client_cert is None) != (client_key is None):
             raise ConfigError("mutual TLS needs both TLS_CLIENT_CERT and TLS_CLIENT_KEY")
         if client_cert is not None:
-            check_key_pair("TLS_CLIENT_CERT", self.tls_client_cert,
-                           "TLS_CLIENT_KEY", self.tls_client_key)
+            check_key_pair("TLS_CLIENT_CERT", self.tls_client_cert, "TLS_CLIENT_KEY", self.tls_client_key)
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=ca, private_key=client_key, certificate_chain=client_cert)
+            root_certificates=ca, private_key=client_key, certificate_chain=client_cert
+        )
         return grpc.secure_channel(target, credentials, options=options)
 
 
-def open_channel(target: str, options: list[tuple[str, object]] | None = None,
-                 tls: TlsFiles | None = None) -> grpc.Channel:
+def open_channel(
+    target: str, options: list[tuple[str, object]] | None = None, tls: TlsFiles | None = None
+) -> grpc.Channel:
     """`TlsFiles.open_channel` with ``tls``, or the TLS settings from the environment for what
     builds no config object of its own (the Python client, tools, tests)."""
     return (tls or TlsFiles.from_env()).open_channel(target, options)

@@ -4,6 +4,7 @@ error mapping, Prometheus metrics (`common.metrics`) and graceful shutdown.
 Servicers stay thin and never need to know about these; a service calls ``create_server`` with
 its servicers, marks itself SERVING once its model or index is loaded, and ``serve_until_signal``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,7 @@ def clip_details(message: str, limit: int = MAX_DETAILS_BYTES) -> str:
     data = message.encode("utf-8", "replace")
     if len(data) <= limit:
         return message
-    return data[:max(0, limit - 48)].decode("utf-8", "ignore") + f"... ({len(data)} bytes, clipped)"
+    return data[: max(0, limit - 48)].decode("utf-8", "ignore") + f"... ({len(data)} bytes, clipped)"
 
 
 @contextmanager
@@ -93,8 +94,9 @@ class Server:
     metrics: ServiceMetrics | None = field(default=None, kw_only=True)
 
     def set_serving(self, serving: bool = True) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ["", *self.service_names]:
             self.health.set(name, status)
 
@@ -145,21 +147,34 @@ class RequestContextInterceptor(grpc.ServerInterceptor):
             start = time.perf_counter()
             try:
                 if isinstance(request, _Undecodable):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip_details(
-                        f"the request is not a valid {method} request message: "
-                        f"{type(request.error).__name__}: {request.error}"))
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        clip_details(
+                            f"the request is not a valid {method} request message: "
+                            f"{type(request.error).__name__}: {request.error}"
+                        ),
+                    )
                 return behaviour(request, context)
             except Exception as exc:
                 if context.code() is None:  # not an intentional abort
                     log.exception("unhandled error in %s", method)
-                    context.abort(grpc.StatusCode.INTERNAL, clip_details(
-                        f"internal error in {method}: {type(exc).__name__}: {exc}"))
+                    context.abort(
+                        grpc.StatusCode.INTERNAL,
+                        clip_details(f"internal error in {method}: {type(exc).__name__}: {exc}"),
+                    )
                 raise
             finally:
                 code = context.code() or grpc.StatusCode.OK
-                log.debug("rpc", extra={"fields": {
-                    "method": method, "code": code.name,
-                    "ms": round((time.perf_counter() - start) * 1000, 2)}})
+                log.debug(
+                    "rpc",
+                    extra={
+                        "fields": {
+                            "method": method,
+                            "code": code.name,
+                            "ms": round((time.perf_counter() - start) * 1000, 2),
+                        }
+                    },
+                )
                 logs.reset_request_id(token)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -211,7 +226,8 @@ def create_server(
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(
-        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server)
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], grpc_server
+    )
     if credentials is None:
         port = grpc_server.add_insecure_port(address)
     else:
@@ -226,20 +242,29 @@ def create_server(
             grpc_server.stop(None)
             raise
     grpc_server.start()
-    log.info("listening on port %d (%s)", port, "TLS" if credentials is not None else "plaintext",
-             extra={"fields": {"services": service_names,
-                               "max_receive_bytes": limits.max_receive_bytes,
-                               "max_send_bytes": limits.max_send_bytes,
-                               "max_concurrent_rpcs": limits.max_concurrent_rpcs,
-                               "max_workers": limits.max_workers,
-                               "max_connection_age_s": limits.max_connection_age_s}})
+    log.info(
+        "listening on port %d (%s)",
+        port,
+        "TLS" if credentials is not None else "plaintext",
+        extra={
+            "fields": {
+                "services": service_names,
+                "max_receive_bytes": limits.max_receive_bytes,
+                "max_send_bytes": limits.max_send_bytes,
+                "max_concurrent_rpcs": limits.max_concurrent_rpcs,
+                "max_workers": limits.max_workers,
+                "max_connection_age_s": limits.max_connection_age_s,
+            }
+        },
+    )
     server = Server(grpc_server, port, health_servicer, service_names, metrics=metrics)
     server.set_serving(False)
     return server
 
 
-def serve_until_signal(server: Server, *, grace: float = 5.0,
-                       on_stop: Callable[[], None] | None = None) -> None:
+def serve_until_signal(
+    server: Server, *, grace: float = 5.0, on_stop: Callable[[], None] | None = None
+) -> None:
     """Block until SIGTERM or SIGINT, then stop accepting work, let in-flight RPCs finish for
     ``grace`` seconds and run ``on_stop`` (e.g. a final snapshot)."""
     stopping = threading.Event()

@@ -21,6 +21,7 @@ primary key, so two maps can never share a version, and a new version is only wr
 the one it follows). Every gateway reads the newest version every few seconds, so they switch
 together within that time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,9 +57,11 @@ def partition_of(listing_id: str, partitions: int) -> int:
 
 def rendezvous_owner(partition: int, shards: int) -> int:
     """The shard with the highest rendezvous weight for ``partition`` among 0..shards-1."""
+
     def weight(shard: int) -> int:
         key = f"{partition}:{shard}".encode()
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
     return max(range(shards), key=weight)
 
 
@@ -98,8 +101,10 @@ class ShardMap:
         if self.version < 1:
             raise ShardMapError(f"shard map version must be >= 1, got {self.version}")
         if len(self.owners) != self.partitions:
-            raise ShardMapError(f"shard map v{self.version} gives {len(self.owners)} owners for "
-                                f"{self.partitions} partitions: every partition needs a shard")
+            raise ShardMapError(
+                f"shard map v{self.version} gives {len(self.owners)} owners for "
+                f"{self.partitions} partitions: every partition needs a shard"
+            )
         if any(owner < 0 for owner in self.owners):
             raise ShardMapError(f"shard map v{self.version} has a partition with no shard")
         if self.state not in STATES:
@@ -108,8 +113,9 @@ class ShardMap:
             raise ShardMapError(f"shard map v{self.version} is {self.state} but moves nothing")
         for partition in self.moves:
             if not 0 <= partition < self.partitions:
-                raise ShardMapError(f"shard map v{self.version} moves partition {partition}, "
-                                    f"outside 0..{self.partitions - 1}")
+                raise ShardMapError(
+                    f"shard map v{self.version} moves partition {partition}, outside 0..{self.partitions - 1}"
+                )
 
     @property
     def shards(self) -> int:
@@ -135,19 +141,26 @@ class ShardMap:
         return tuple(sorted({self.read_owner(p) for p in range(self.partitions)}))
 
     def to_json(self) -> dict:
-        return {"version": self.version, "partitions": self.partitions, "state": self.state,
-                "owners": list(self.owners),
-                "moves": {str(p): s for p, s in sorted(self.moves.items())},
-                "drop": {str(s): list(ps) for s, ps in sorted(self.drop.items())}}
+        return {
+            "version": self.version,
+            "partitions": self.partitions,
+            "state": self.state,
+            "owners": list(self.owners),
+            "moves": {str(p): s for p, s in sorted(self.moves.items())},
+            "drop": {str(s): list(ps) for s, ps in sorted(self.drop.items())},
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> "ShardMap":
         try:
-            return cls(version=int(data["version"]), partitions=int(data["partitions"]),
-                       owners=tuple(int(o) for o in data["owners"]), state=str(data["state"]),
-                       moves={int(p): int(s) for p, s in data.get("moves", {}).items()},
-                       drop={int(s): tuple(int(p) for p in ps)
-                             for s, ps in data.get("drop", {}).items()})
+            return cls(
+                version=int(data["version"]),
+                partitions=int(data["partitions"]),
+                owners=tuple(int(o) for o in data["owners"]),
+                state=str(data["state"]),
+                moves={int(p): int(s) for p, s in data.get("moves", {}).items()},
+                drop={int(s): tuple(int(p) for p in ps) for s, ps in data.get("drop", {}).items()},
+            )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ShardMapError):
                 raise

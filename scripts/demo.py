@@ -7,6 +7,7 @@ catalogue embeddings -> FAISS index -> running services -> sample queries, print
 Every stage reuses what is already built when its inputs did not change, so a re-run only starts
 the services and asks the queries. The picture of the results is written to build/demo/results.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,13 +105,16 @@ def choose_fusion_weights(artifact_dir: Path, text_ids: list[str], text_vectors)
         weights = FusionWeights.load(artifact_dir)
         state = "reused (same image model)"
     except FusionWeightsError:
-        weights = fusion_weights.fit(PREPARED, artifact_dir, artifact_dir, text_ids=text_ids,
-                                     text_vectors=text_vectors)
+        weights = fusion_weights.fit(
+            PREPARED, artifact_dir, artifact_dir, text_ids=text_ids, text_vectors=text_vectors
+        )
         state = "chosen on valid"
     if weights is not None:
-        print(f"    fusion weights {state}: hybrid Search text weight {weights.search_text_weight:.1f}, "
-              f"SimilarListings {weights.similar_text_weight:.1f} -> "
-              f"{(artifact_dir / 'fusion_weights.json').relative_to(REPO)}")
+        print(
+            f"    fusion weights {state}: hybrid Search text weight {weights.search_text_weight:.1f}, "
+            f"SimilarListings {weights.similar_text_weight:.1f} -> "
+            f"{(artifact_dir / 'fusion_weights.json').relative_to(REPO)}"
+        )
 
 
 def load_catalogue(db_path: Path) -> None:
@@ -131,14 +135,29 @@ def start_services(artifact_dir: Path) -> dict[str, stack.ServiceProcess]:
     logs = RUN_DIR / "logs"
     procs: dict[str, stack.ServiceProcess] = {}
     for shard, port in enumerate(shard_ports):
-        procs[f"indexer-{shard}"] = stack.spawn("indexer", port, logs / f"indexer-{shard}.log", {
-            **common_env, "INDEXER_DATA_DIR": str(RUN_DIR / f"indexer-{shard}")})
-    procs["embedder"] = stack.spawn("embedder", ports["embedder"], logs / "embedder.log", {
-        **common_env, "EMBEDDER_ARTIFACT_DIR": str(artifact_dir)})
-    procs["gateway"] = stack.spawn("gateway", ports["gateway"], logs / "gateway.log", {
-        **common_env, "EMBEDDER_ADDR": f"127.0.0.1:{ports['embedder']}",
-        "INDEXER_ADDRS": ",".join(f"127.0.0.1:{p}" for p in shard_ports),
-        "GATEWAY_DB": str(RUN_DIR / "catalogue.sqlite3")})
+        procs[f"indexer-{shard}"] = stack.spawn(
+            "indexer",
+            port,
+            logs / f"indexer-{shard}.log",
+            {**common_env, "INDEXER_DATA_DIR": str(RUN_DIR / f"indexer-{shard}")},
+        )
+    procs["embedder"] = stack.spawn(
+        "embedder",
+        ports["embedder"],
+        logs / "embedder.log",
+        {**common_env, "EMBEDDER_ARTIFACT_DIR": str(artifact_dir)},
+    )
+    procs["gateway"] = stack.spawn(
+        "gateway",
+        ports["gateway"],
+        logs / "gateway.log",
+        {
+            **common_env,
+            "EMBEDDER_ADDR": f"127.0.0.1:{ports['embedder']}",
+            "INDEXER_ADDRS": ",".join(f"127.0.0.1:{p}" for p in shard_ports),
+            "GATEWAY_DB": str(RUN_DIR / "catalogue.sqlite3"),
+        },
+    )
     try:
         for name, proc in procs.items():
             stack.wait_ready(proc, 300)
@@ -213,12 +232,14 @@ def run_queries(gateway_address: str) -> list[tuple[str, Path, list]]:
 
         # A user who liked the query listing and its most similar listing of the same category,
         # and skipped the best text match from another category.
-        liked = [listing.id] + [r.listing.id for r in similar
-                                if r.listing.main_category == listing.main_category][:1]
-        skipped = [r.listing.id for r in by_text
-                   if r.listing.main_category != listing.main_category][:1]
-        print(f"\n--- Recommend: liked {', '.join(liked)} ({listing.main_category}); "
-              f"skipped {', '.join(skipped) or 'nothing'}")
+        liked = [listing.id] + [
+            r.listing.id for r in similar if r.listing.main_category == listing.main_category
+        ][:1]
+        skipped = [r.listing.id for r in by_text if r.listing.main_category != listing.main_category][:1]
+        print(
+            f"\n--- Recommend: liked {', '.join(liked)} ({listing.main_category}); "
+            f"skipped {', '.join(skipped) or 'nothing'}"
+        )
         recommended = gateway.recommend(liked, skipped, k=5)
         print(textwrap.indent(results_table(recommended), "    "))
         panels.append(("Recommend", PREPARED / image_path(listing.image_ids[0]), recommended))
@@ -234,8 +255,7 @@ def draw_results(panels: list[tuple[str, Path, list]], out: Path) -> None:
     from PIL import Image
 
     columns = 1 + max(len(results) for _, _, results in panels)
-    fig, axes = plt.subplots(len(panels), columns, figsize=(2.6 * columns, 3.2 * len(panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(panels), columns, figsize=(2.6 * columns, 3.2 * len(panels)), squeeze=False)
     for row, (title, photo, results) in enumerate(panels):
         for ax in axes[row]:
             ax.axis("off")
@@ -249,7 +269,9 @@ def draw_results(panels: list[tuple[str, Path, list]], out: Path) -> None:
             price = "-" if result.listing.price is None else f"£{result.listing.price:,.0f}"
             axes[row][col].set_title(
                 f"#{result.rank} score {result.score:.2f}\n{textwrap.shorten(result.listing.title, 26)}\n"
-                f"{textwrap.shorten(result.listing.main_category, 26)} · {price}", fontsize=7)
+                f"{textwrap.shorten(result.listing.main_category, 26)} · {price}",
+                fontsize=7,
+            )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -258,8 +280,12 @@ def draw_results(panels: list[tuple[str, Path, list]], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="marketplace data folder (default: env DATA or ../shared/data/marketplace)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="marketplace data folder (default: env DATA or ../shared/data/marketplace)",
+    )
     parser.add_argument("--preset", default="probe", help="training preset (default: the fast probe)")
     args = parser.parse_args(argv)
 

@@ -4,6 +4,7 @@ The generated modules (marketplace/<service>/v1/*_pb2*.py) are committed; tests/
 regenerates them into a temporary folder and fails if they differ, so they never drift.
 Run: python -m scripts.gen_protos [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,15 @@ def generate(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     files = [str(p.relative_to(PROTOS)) for p in proto_files()]
-    args = ["grpc_tools.protoc", f"-I{PROTOS}", f"-I{well_known}",
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *files]
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *files,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     generated = sorted(p for p in (out / "marketplace").rglob("*.py*") if p.suffix in {".py", ".pyi"})

@@ -7,6 +7,7 @@ gateway's catalogue in `make up DB=postgres` (data in ``run/postgres/``) and for
 otherwise as the current user. It listens on 127.0.0.1 only, with trust authentication for
 local connections: a development server, not a production one.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,11 +26,15 @@ def postgres_bin_dir() -> Path:
     """The newest installed PostgreSQL server's bin directory (``$PG_BIN`` wins)."""
     if os.environ.get("PG_BIN"):
         return Path(os.environ["PG_BIN"])
-    found = sorted((p for g in PG_BIN_GLOBS for p in glob.glob(g) if Path(p, "initdb").exists()),
-                   key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0)
+    found = sorted(
+        (p for g in PG_BIN_GLOBS for p in glob.glob(g) if Path(p, "initdb").exists()),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+    )
     if not found:
-        raise RuntimeError("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: install "
-                           "the Debian package `postgresql` (bash .ci/run does)")
+        raise RuntimeError(
+            "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: install "
+            "the Debian package `postgresql` (bash .ci/run does)"
+        )
     return Path(found[-1])
 
 
@@ -56,34 +61,70 @@ class LocalPostgres:
 
     def init(self) -> "LocalPostgres":
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.user and subprocess.run(["runuser", "-u", self.user, "--", "test", "-x", str(self.root.parent)],
-                                        check=False).returncode != 0:
-            raise RuntimeError(f"the {self.user} user cannot enter {self.root.parent}, so PostgreSQL "
-                               "cannot keep its data there: use a run directory others can enter")
+        if (
+            self.user
+            and subprocess.run(
+                ["runuser", "-u", self.user, "--", "test", "-x", str(self.root.parent)], check=False
+            ).returncode
+            != 0
+        ):
+            raise RuntimeError(
+                f"the {self.user} user cannot enter {self.root.parent}, so PostgreSQL "
+                "cannot keep its data there: use a run directory others can enter"
+            )
         if self.user:
             shutil.chown(self.root, self.user)
             os.chmod(self.root, 0o700)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-sync", "--locale=C")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        )
         return self
 
     def start(self) -> "LocalPostgres":
         if not self.data.exists():
             self.init()
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
-                   "-c max_connections=200 -c shared_buffers=32MB")
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} "
+            "-c max_connections=200 -c shared_buffers=32MB"
+        )
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
-                           "-w", "-t", "60", "start", check=False)
+        result = self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+            check=False,
+        )
         if result.returncode != 0:
-            raise RuntimeError(f"PostgreSQL did not start: {result.stderr.strip()} "
-                               f"{self.log.read_text()[-2000:] if self.log.exists() else ''}")
+            raise RuntimeError(
+                f"PostgreSQL did not start: {result.stderr.strip()} "
+                f"{self.log.read_text()[-2000:] if self.log.exists() else ''}"
+            )
         return self
 
     def running(self) -> bool:
-        return self.data.exists() and self._run("pg_ctl", "-D", str(self.data), "status",
-                                                check=False).returncode == 0
+        return (
+            self.data.exists()
+            and self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)

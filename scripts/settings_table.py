@@ -7,6 +7,7 @@
 One row per declared setting, in the order the services and commands below declare them; a
 setting several of them read (the same declaration) is one row naming each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,16 +50,27 @@ def _cell(text: str) -> str:
 
 
 def render() -> str:
-    lines = ["| variable | flag | read by | default | values | meaning |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variable | flag | read by | default | values | meaning |", "|---|---|---|---|---|---|"]
     for setting, readers in declared():
         flag = f"`{setting.flag_name}`" if setting.flag_name else ""
         if setting.is_switch and setting.flag_name:
             flag = f"`{setting.flag_name}`, `--no-{setting.flag_name[2:]}`"
         default = setting.default_text
-        lines.append("| " + " | ".join(_cell(part) for part in (
-            f"`{setting.env}`", flag, ", ".join(readers), default, setting.values_text,
-            setting.help)) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(part)
+                for part in (
+                    f"`{setting.env}`",
+                    flag,
+                    ", ".join(readers),
+                    default,
+                    setting.values_text,
+                    setting.help,
+                )
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -67,12 +79,13 @@ def with_table(readme: str, table: str) -> str:
     start, end = readme.find(BEGIN), readme.find(END)
     if start < 0 or end < start:
         raise SystemExit(f"{README.name} has no {BEGIN!r} ... {END!r} markers")
-    return readme[:start + len(BEGIN)] + "\n" + table + "\n" + readme[end:]
+    return readme[: start + len(BEGIN)] + "\n" + table + "\n" + readme[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.settings_table",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.settings_table", description=__doc__.splitlines()[0]
+    )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help="rewrite the table in README.md")
     action.add_argument("--check", action="store_true", help="exit 1 if README.md differs")
@@ -86,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     wanted = with_table(current, table)
     if args.check:
         if wanted != current:
-            print(f"{args.readme} configuration table differs from the declarations: run "
-                  "python -m scripts.settings_table --write", file=sys.stderr)
+            print(
+                f"{args.readme} configuration table differs from the declarations: run "
+                "python -m scripts.settings_table --write",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if wanted != current:

@@ -23,6 +23,7 @@ in its database ``catalogue`` and starts two gateway replicas on it (``GATEWAY_P
 edge is given both (``GATEWAY_ADDR=ipv4:127.0.0.1:50050,127.0.0.1:50056``) and spreads its calls
 over them with gRPC's round_robin, so it keeps serving while either replica is down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,14 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait_healthy(address: str, timeout: float = 120.0, process: subprocess.Popen | None = None,
-                 log_path: Path | None = None, service: str = "", http: bool = False) -> None:
+def wait_healthy(
+    address: str,
+    timeout: float = 120.0,
+    process: subprocess.Popen | None = None,
+    log_path: Path | None = None,
+    service: str = "",
+    http: bool = False,
+) -> None:
     """Block until ``service`` at ``address`` reports SERVING (``http``: the edge's health
     endpoint answers); fail early if its process died."""
     deadline = time.monotonic() + timeout
@@ -103,9 +110,14 @@ def wait_ready(proc: "ServiceProcess", timeout: float = 120.0) -> None:
     """`wait_healthy`; for a gateway on its readiness entry, SERVING once it reaches every
     downstream over its own channels, so a first request does not meet a channel that is still
     backing off from a downstream that was not up yet."""
-    wait_healthy(proc.address, timeout, proc.process, proc.log_path,
-                 GATEWAY_SERVICE if proc.name == "gateway" else "",
-                 http=proc.name in HTTP_SERVICES)
+    wait_healthy(
+        proc.address,
+        timeout,
+        proc.process,
+        proc.log_path,
+        GATEWAY_SERVICE if proc.name == "gateway" else "",
+        http=proc.name in HTTP_SERVICES,
+    )
 
 
 @dataclass
@@ -135,24 +147,41 @@ class ServiceProcess:
         self.process.wait()
 
 
-def spawn(name: str, port: int, log_path: Path, env: dict[str, str] | None = None,
-          args: list[str] | None = None, module: str | None = None,
-          metrics_port: int = 0) -> ServiceProcess:
+def spawn(
+    name: str,
+    port: int,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    module: str | None = None,
+    metrics_port: int = 0,
+) -> ServiceProcess:
     """Start ``python -m services.<name> --port PORT`` (or ``python -m <module>``, e.g. a
     benchmark's stand-in server) with its output in ``log_path``. A service's Prometheus
     ``/metrics`` endpoint is off unless ``metrics_port`` is given: processes started side by side
     (tests, shards on one host) must not all bind the default metrics port."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    metrics = ([] if module or name not in DEFAULT_METRICS_PORTS
-               else ["--metrics-port", str(metrics_port)])
+    metrics = [] if module or name not in DEFAULT_METRICS_PORTS else ["--metrics-port", str(metrics_port)]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", module or f"services.{name}", "--host", "127.0.0.1",
-             "--port", str(port), *metrics,
-             *(args or [])],
-            cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                module or f"services.{name}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *metrics,
+                *(args or []),
+            ],
+            cwd=REPO,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return ServiceProcess(name, port, process, log_path)
 
 
@@ -178,31 +207,49 @@ def gateway_target(ports: list[int]) -> str:
     return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
 
 
-def up(run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0, *,
-       gateways: int = 1) -> dict[str, ServiceProcess]:
+def up(
+    run_dir: Path, env: dict[str, str] | None = None, timeout: float = 180.0, *, gateways: int = 1
+) -> dict[str, ServiceProcess]:
     """Start indexer, embedder, gateway (``gateways`` replicas of it, on one shared catalogue) and
     the edge in the background and wait until all are SERVING."""
     ports = {name: int(os.environ.get(f"{name.upper()}_PORT", DEFAULT_PORTS[name])) for name in SERVICES}
-    metrics_ports = {name: int(os.environ.get(f"{name.upper()}_METRICS_PORT", default))
-                     for name, default in DEFAULT_METRICS_PORTS.items()}
+    metrics_ports = {
+        name: int(os.environ.get(f"{name.upper()}_METRICS_PORT", default))
+        for name, default in DEFAULT_METRICS_PORTS.items()
+    }
     full_env = {**stack_env(run_dir, ports), **(env or {})}
     started: dict[str, ServiceProcess] = {}
-    replicas = list(GATEWAY_REPLICAS.items())[:max(0, gateways - 1)]
+    replicas = list(GATEWAY_REPLICAS.items())[: max(0, gateways - 1)]
     # the edge reaches every gateway replica (gRPC round_robin over the list), so it keeps
     # serving while one of them is down
-    edge_env = {**full_env, "GATEWAY_ADDR": gateway_target(
-        [ports["gateway"], *(int(os.environ.get(variable, default)) for _, (variable, default) in replicas)])}
+    edge_env = {
+        **full_env,
+        "GATEWAY_ADDR": gateway_target(
+            [
+                ports["gateway"],
+                *(int(os.environ.get(variable, default)) for _, (variable, default) in replicas),
+            ]
+        ),
+    }
     try:
         for name in SERVICES:
             if name == "web":  # last: after every gateway replica
                 for key, (variable, default) in replicas:
-                    proc = spawn("gateway", int(os.environ.get(variable, default)),
-                                 run_dir / "logs" / f"{key}.log", full_env)
+                    proc = spawn(
+                        "gateway",
+                        int(os.environ.get(variable, default)),
+                        run_dir / "logs" / f"{key}.log",
+                        full_env,
+                    )
                     (run_dir / f"{key}.pid").write_text(str(proc.process.pid))
                     started[key] = proc
-            proc = spawn(name, ports[name], run_dir / "logs" / f"{name}.log",
-                         edge_env if name == "web" else full_env,
-                         metrics_port=metrics_ports.get(name, 0))
+            proc = spawn(
+                name,
+                ports[name],
+                run_dir / "logs" / f"{name}.log",
+                edge_env if name == "web" else full_env,
+                metrics_port=metrics_ports.get(name, 0),
+            )
             (run_dir / f"{name}.pid").write_text(str(proc.process.pid))
             started[name] = proc
         for proc in started.values():
@@ -269,7 +316,7 @@ def _alive(pid: int) -> bool:
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    except ChildProcessError:   # not our child: `make up` started it from another process
+    except ChildProcessError:  # not our child: `make up` started it from another process
         pass
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -298,13 +345,17 @@ def bootstrap_catalogue(db_path: Path | str, prepared: Path) -> bool:
             print(f"catalogue {db_path}: {held:,} listings kept (not reloaded)")
             return False
         if not (prepared / LISTINGS_FILE).is_file():
-            print(f"catalogue {db_path} is empty and there is no prepared data at {prepared}: "
-                  "run `make demo` (or python -m training.prepare) and `make up` again, or add "
-                  "listings through the gateway")
+            print(
+                f"catalogue {db_path} is empty and there is no prepared data at {prepared}: "
+                "run `make demo` (or python -m training.prepare) and `make up` again, or add "
+                "listings through the gateway"
+            )
             return False
         report = catalogue.load_prepared(prepared)
-    print(f"catalogue {db_path}: loaded {report.listings:,} listings and {report.images:,} photos "
-          f"from {prepared}")
+    print(
+        f"catalogue {db_path}: loaded {report.listings:,} listings and {report.images:,} photos "
+        f"from {prepared}"
+    )
     return True
 
 
@@ -315,21 +366,28 @@ def fill_image_store(store_dir: Path, prepared: Path) -> None:
     if not (prepared / IMAGES_FILE).is_file():
         return
     report = fill_from_prepared(LocalImageStore(store_dir), prepared)
-    print(f"image store {store_dir}: {report.added:,} prepared photos added, "
-          f"{report.already_there:,} already there" +
-          (f", {report.skipped:,} skipped (missing or not photos)" if report.skipped else ""))
+    print(
+        f"image store {store_dir}: {report.added:,} prepared photos added, "
+        f"{report.already_there:,} already there"
+        + (f", {report.skipped:,} skipped (missing or not photos)" if report.skipped else "")
+    )
 
 
-def index_catalogue(db_path: Path | str, artifact_dir: Path, prepared: Path,
-                    procs: dict[str, "ServiceProcess"]) -> None:
+def index_catalogue(
+    db_path: Path | str, artifact_dir: Path, prepared: Path, procs: dict[str, "ServiceProcess"]
+) -> None:
     """Index the catalogue's photos (and listing texts) into the running indexer(s)."""
     from services.gateway import index_catalogue as indexing
 
     indexers = ",".join(p.address for n, p in procs.items() if n.startswith("indexer"))
-    source = (["--artifact", str(artifact_dir)] if (artifact_dir / "embeddings").is_dir()
-              else ["--prepared", str(prepared)])
-    code = indexing.main(["--db", str(db_path), "--indexers", indexers, *source,
-                          "--embedder", procs["embedder"].address])
+    source = (
+        ["--artifact", str(artifact_dir)]
+        if (artifact_dir / "embeddings").is_dir()
+        else ["--prepared", str(prepared)]
+    )
+    code = indexing.main(
+        ["--db", str(db_path), "--indexers", indexers, *source, "--embedder", procs["embedder"].address]
+    )
     if code != 0:
         raise RuntimeError(f"indexing the catalogue failed (exit code {code})")
 
@@ -338,32 +396,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="local stack of embedder, indexer and gateway")
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--run-dir", type=Path, default=REPO / "run")
-    parser.add_argument("--artifact-dir", type=Path,
-                        default=Path(os.environ.get("EMBEDDER_ARTIFACT_DIR")
-                                     or REPO / "artifacts" / "current"),
-                        help="model artefact the embedder serves (env EMBEDDER_ARTIFACT_DIR; "
-                             "default artifacts/current, made by `make demo`)")
-    parser.add_argument("--prepared", type=Path, default=REPO / "build" / "data",
-                        help="prepared data loaded into an empty catalogue on `up`")
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default=os.environ.get("DB") or "sqlite",
-                        help="catalogue: a SQLite file in the run directory and one gateway "
-                             "(default), or a local PostgreSQL server and two gateway replicas")
+    parser.add_argument(
+        "--artifact-dir",
+        type=Path,
+        default=Path(os.environ.get("EMBEDDER_ARTIFACT_DIR") or REPO / "artifacts" / "current"),
+        help="model artefact the embedder serves (env EMBEDDER_ARTIFACT_DIR; "
+        "default artifacts/current, made by `make demo`)",
+    )
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=REPO / "build" / "data",
+        help="prepared data loaded into an empty catalogue on `up`",
+    )
+    parser.add_argument(
+        "--db",
+        choices=["sqlite", "postgres"],
+        default=os.environ.get("DB") or "sqlite",
+        help="catalogue: a SQLite file in the run directory and one gateway "
+        "(default), or a local PostgreSQL server and two gateway replicas",
+    )
     args = parser.parse_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "up":
         artifact = args.artifact_dir.resolve()
         if not (artifact / CARD_FILE).is_file():
-            print(f"no model artefact at {args.artifact_dir} ({CARD_FILE} missing): run "
-                  "`make demo` once, which trains and exports one to artifacts/current, or point "
-                  "EMBEDDER_ARTIFACT_DIR / --artifact-dir at an exported artefact",
-                  file=sys.stderr)
+            print(
+                f"no model artefact at {args.artifact_dir} ({CARD_FILE} missing): run "
+                "`make demo` once, which trains and exports one to artifacts/current, or point "
+                "EMBEDDER_ARTIFACT_DIR / --artifact-dir at an exported artefact",
+                file=sys.stderr,
+            )
             return 2
         postgres = args.db == "postgres"
         db_path = start_postgres(args.run_dir) if postgres else args.run_dir / "catalogue.sqlite3"
         bootstrapped = bootstrap_catalogue(db_path, args.prepared)
         fill_image_store(args.run_dir / "images", args.prepared)
-        procs = up(args.run_dir, {"EMBEDDER_ARTIFACT_DIR": str(artifact), "GATEWAY_DB": str(db_path)},
-                   gateways=2 if postgres else 1)
+        procs = up(
+            args.run_dir,
+            {"EMBEDDER_ARTIFACT_DIR": str(artifact), "GATEWAY_DB": str(db_path)},
+            gateways=2 if postgres else 1,
+        )
         for name, proc in procs.items():
             print(f"{name:9s} {proc.address:22s} pid {proc.process.pid}  log {proc.log_path}")
         if bootstrapped:
@@ -384,8 +457,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, (variable, default) in GATEWAY_REPLICAS.items():
             if (args.run_dir / f"{key}.pid").exists():
                 port = int(os.environ.get(variable, default))
-                print(f"{key:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}  "
-                      f"(ready: {health_status(f'127.0.0.1:{port}', GATEWAY_SERVICE)})")
+                print(
+                    f"{key:9s} 127.0.0.1:{port:<6d} {health_status(f'127.0.0.1:{port}')}  "
+                    f"(ready: {health_status(f'127.0.0.1:{port}', GATEWAY_SERVICE)})"
+                )
         if (args.run_dir / "postgres" / "data").exists():
             server = local_postgres(args.run_dir)
             print(f"postgres  127.0.0.1:{server.port:<6d} {'RUNNING' if server.running() else 'STOPPED'}")

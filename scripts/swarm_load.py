@@ -13,6 +13,7 @@ retried once on the next target, as a gRPC retry policy with two attempts would
 failure, counts as failed. It stops when the stop file appears, after ``--max-seconds`` or after
 ``--max-requests`` calls, and writes sent / failed / retried counts and latencies as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,16 @@ class Tally:
     def summary(self, seconds: float) -> dict:
         ordered = sorted(self.latencies_ms)
         pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1) if ordered else None
-        return {"sent": self.sent, "failed": self.failed, "retried": self.retried,
-                "errors": dict(self.errors), "seconds": round(seconds, 1),
-                "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": round(ordered[-1], 1) if ordered else None}
+        return {
+            "sent": self.sent,
+            "failed": self.failed,
+            "retried": self.retried,
+            "errors": dict(self.errors),
+            "seconds": round(seconds, 1),
+            "p50_ms": pick(0.5),
+            "p99_ms": pick(0.99),
+            "max_ms": round(ordered[-1], 1) if ordered else None,
+        }
 
 
 class Targets:
@@ -99,7 +107,9 @@ class Targets:
             channel.close()
 
 
-def call_with_one_retry(targets: Targets, turn: int, method: str, request) -> tuple[object | None, bool, str | None]:
+def call_with_one_retry(
+    targets: Targets, turn: int, method: str, request
+) -> tuple[object | None, bool, str | None]:
     """(response or None, whether it was retried, error code name or None)."""
     try:
         return getattr(targets.stub(turn), method)(request, timeout=CALL_TIMEOUT_S), False, None
@@ -109,13 +119,18 @@ def call_with_one_retry(targets: Targets, turn: int, method: str, request) -> tu
     time.sleep(RETRY_BACKOFF_S)
     targets.refresh(force=True)
     try:
-        return getattr(targets.stub(turn + 1), method)(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True), True, None
+        return (
+            getattr(targets.stub(turn + 1), method)(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
+            True,
+            None,
+        )
     except grpc.RpcError as second:
         return None, True, second.code().name
 
 
-def worker(targets_file: Path, photos: list[bytes], tally: Tally, stop: threading.Event,
-           max_requests: int, seed: int) -> None:
+def worker(
+    targets_file: Path, photos: list[bytes], tally: Tally, stop: threading.Event, max_requests: int, seed: int
+) -> None:
     targets = Targets(targets_file)
     targets.refresh(force=True)
     listing_id = None
@@ -144,8 +159,12 @@ def worker(targets_file: Path, photos: list[bytes], tally: Tally, stop: threadin
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.swarm_load", description=__doc__.split("\n")[0])
-    parser.add_argument("--targets-file", required=True, type=Path,
-                        help="gateway addresses, host:port one a line (may change while running)")
+    parser.add_argument(
+        "--targets-file",
+        required=True,
+        type=Path,
+        help="gateway addresses, host:port one a line (may change while running)",
+    )
     parser.add_argument("--photo", action="append", required=True, type=Path, help="query photo (repeatable)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--stop-file", type=Path, required=True)
@@ -156,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     photos = [path.read_bytes() for path in args.photo]
     tally, stop = Tally(), threading.Event()
     started = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(args.targets_file, photos, tally, stop, args.max_requests, i),
-                                daemon=True) for i in range(args.workers)]
+    threads = [
+        threading.Thread(
+            target=worker, args=(args.targets_file, photos, tally, stop, args.max_requests, i), daemon=True
+        )
+        for i in range(args.workers)
+    ]
     for thread in threads:
         thread.start()
     while not stop.is_set() and not args.stop_file.exists() and time.monotonic() - started < args.max_seconds:

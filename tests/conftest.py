@@ -1,4 +1,5 @@
 """Shared test fixtures: one real model artefact per test session."""
+
 from __future__ import annotations
 
 import os

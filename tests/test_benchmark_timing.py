@@ -1,5 +1,6 @@
 """The closed-loop timer the embedder and gateway benchmarks share: what it counts, and that a
 failing call is reported rather than silently lowering the throughput."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,7 @@ def test_every_item_completed_in_the_window_counts_once_with_its_latency():
 
     def call(worker: int, i: int) -> int:
         seen.append((worker, i))
-        return 3          # e.g. a batch of three images
+        return 3  # e.g. a batch of three images
 
     cell = closed_loop(call, workers=2, warmup_s=0.0, measure_s=0.2)
     assert len(cell.latencies_ms) == pytest.approx(cell.per_s * 0.2)

@@ -1,6 +1,7 @@
 """The stack's foundation: each service starts as its own process, reports SERVING on the
 standard health service, and can be listed, described and called with the real grpcurl through
 server reflection (the same commands the README shows)."""
+
 from __future__ import annotations
 
 import shutil
@@ -30,8 +31,7 @@ def grpcurl_path() -> str:
 
 
 def grpcurl(*args: str) -> str:
-    result = subprocess.run([grpcurl_path(), "-plaintext", *args], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run([grpcurl_path(), "-plaintext", *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, f"grpcurl {' '.join(args)} failed: {result.stderr}"
     return result.stdout
 
@@ -41,8 +41,7 @@ def running_stack(tmp_path_factory, test_artifact):
     run_dir = tmp_path_factory.mktemp("stack")
     ports = {name: stack.free_port() for name in stack.SERVICES}
     env = stack.stack_env(run_dir, ports, test_artifact)
-    procs = {name: stack.spawn(name, ports[name], run_dir / f"{name}.log", env)
-             for name in stack.SERVICES}
+    procs = {name: stack.spawn(name, ports[name], run_dir / f"{name}.log", env) for name in stack.SERVICES}
     try:
         for proc in procs.values():
             stack.wait_ready(proc, 180)
@@ -74,9 +73,11 @@ def test_reflection_lists_and_describes(running_stack, name):
 def test_unknown_method_is_unimplemented_and_server_keeps_serving(running_stack):
     address = running_stack["indexer"].address
     with grpc.insecure_channel(address) as channel:
-        missing = channel.unary_unary("/marketplace.indexer.v1.Indexer/NoSuchMethod",
-                                      request_serializer=lambda b: b,
-                                      response_deserializer=lambda b: b)
+        missing = channel.unary_unary(
+            "/marketplace.indexer.v1.Indexer/NoSuchMethod",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
         with pytest.raises(grpc.RpcError) as raised:
             missing(b"", timeout=5)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED

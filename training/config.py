@@ -14,6 +14,7 @@ Modes:
   crops) and cached, which makes an epoch many times cheaper than end to end. ``unfrozen_blocks =
   "all"`` trains end to end on freshly augmented photos (the original project's way; slow on CPU).
 """
+
 from __future__ import annotations
 
 import json
@@ -93,31 +94,89 @@ PRESETS: dict[str, dict] = {
     # The fast mode used by the demo: frozen Lite0, cached features, a linear head.
     # (Centre view only: mirrored copies of the train photos cost a second backbone pass and did not
     # raise valid accuracy, 0.544 without vs 0.535 with.)
-    "probe": dict(name="lite0-probe", mode="probe", backbone="efficientnet_lite0", optimizer="adamw",
-                  lr=1e-3, weight_decay=1e-4, epochs=40, batch_size=64, label_smoothing=0.1, dropout=0.2,
-                  flip_views=False),
+    "probe": dict(
+        name="lite0-probe",
+        mode="probe",
+        backbone="efficientnet_lite0",
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=1e-4,
+        epochs=40,
+        batch_size=64,
+        label_smoothing=0.1,
+        dropout=0.2,
+        flip_views=False,
+    ),
     # The better backbone, frozen: EfficientNet-Lite2 at 260 px (about 2.5x the backbone time).
-    "lite2-probe": dict(name="lite2-probe", mode="probe", backbone="efficientnet_lite2", optimizer="adamw",
-                        lr=1e-3, weight_decay=1e-4, epochs=40, batch_size=64, label_smoothing=0.1, dropout=0.2,
-                        flip_views=False),
+    "lite2-probe": dict(
+        name="lite2-probe",
+        mode="probe",
+        backbone="efficientnet_lite2",
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=1e-4,
+        epochs=40,
+        batch_size=64,
+        label_smoothing=0.1,
+        dropout=0.2,
+        flip_views=False,
+    ),
     # Fine-tuning the last 5 of Lite0's 16 blocks (stage 6 and the head conv too) on cached activations
     # of the frozen stages: centre, mirror and 4 augmented views per train photo; LP-FT (the head
     # starts from the linear probe), BatchNorm statistics frozen, the best epoch chosen on valid.
-    "finetune": dict(name="lite0-finetune5", mode="finetune", backbone="efficientnet_lite0",
-                     unfrozen_blocks=5, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, epochs=8,
-                     batch_size=64, aug_views=4, flip_views=True, label_smoothing=0.1, dropout=0.2,
-                     init_head_from_probe=True, freeze_bn=True),
+    "finetune": dict(
+        name="lite0-finetune5",
+        mode="finetune",
+        backbone="efficientnet_lite0",
+        unfrozen_blocks=5,
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        epochs=8,
+        batch_size=64,
+        aug_views=4,
+        flip_views=True,
+        label_smoothing=0.1,
+        dropout=0.2,
+        init_head_from_probe=True,
+        freeze_bn=True,
+    ),
     # The original project's recipe: SGD lr 0.001, momentum 0.8, 3 epochs, end to end with flips,
     # random resized crops and Gaussian blur (Preprocessing.train_transform).
-    "original": dict(name="lite0-original", mode="finetune", backbone="efficientnet_lite0",
-                     unfrozen_blocks="all", optimizer="sgd", lr=0.001, momentum=0.8, weight_decay=0.0,
-                     epochs=3, batch_size=32, label_smoothing=0.0, schedule="constant",
-                     init_head_from_probe=False, freeze_bn=False),
+    "original": dict(
+        name="lite0-original",
+        mode="finetune",
+        backbone="efficientnet_lite0",
+        unfrozen_blocks="all",
+        optimizer="sgd",
+        lr=0.001,
+        momentum=0.8,
+        weight_decay=0.0,
+        epochs=3,
+        batch_size=32,
+        label_smoothing=0.0,
+        schedule="constant",
+        init_head_from_probe=False,
+        freeze_bn=False,
+    ),
     # The original recipe's optimiser on cached activations of the frozen early blocks.
-    "original-cached": dict(name="lite0-original-cached", mode="finetune", backbone="efficientnet_lite0",
-                            unfrozen_blocks=5, optimizer="sgd", lr=0.001, momentum=0.8, weight_decay=0.0,
-                            epochs=3, batch_size=32, label_smoothing=0.0, schedule="constant",
-                            init_head_from_probe=False, freeze_bn=False),
+    "original-cached": dict(
+        name="lite0-original-cached",
+        mode="finetune",
+        backbone="efficientnet_lite0",
+        unfrozen_blocks=5,
+        optimizer="sgd",
+        lr=0.001,
+        momentum=0.8,
+        weight_decay=0.0,
+        epochs=3,
+        batch_size=32,
+        label_smoothing=0.0,
+        schedule="constant",
+        init_head_from_probe=False,
+        freeze_bn=False,
+    ),
 }
 
 

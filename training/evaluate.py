@@ -13,6 +13,7 @@ Definitions (also written into the metrics JSON under ``definitions``):
   same listing is among the k nearest. Also reported against the test photos only (``test_gallery``),
   an easier reading of "query with one, find the other" (fewer distractors).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,8 +26,8 @@ DEFINITIONS = {
     "listing_top_k": "per test listing, its photos' class probabilities averaged",
     "precision_at_10": "per test photo, fraction of its 10 nearest train photos (cosine) in the same main category",
     "same_listing_recall_at_k": "per photo of a test listing with >= 2 photos, queried against the whole "
-                                "catalogue without itself: another photo of its listing among the k nearest "
-                                "(test_gallery: against the test photos only)",
+    "catalogue without itself: another photo of its listing among the k nearest "
+    "(test_gallery: against the test photos only)",
 }
 
 
@@ -44,8 +45,9 @@ def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((top == labels[:, None]).any(axis=1).mean())
 
 
-def listing_votes(probs: np.ndarray, labels: np.ndarray, listing_ids: Sequence[str]
-                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def listing_votes(
+    probs: np.ndarray, labels: np.ndarray, listing_ids: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Average the class probabilities of each listing's photos: (probs, labels, listing ids)."""
     ids = np.asarray(listing_ids)
     unique, inverse = np.unique(ids, return_inverse=True)
@@ -72,13 +74,18 @@ def per_class(matrix: np.ndarray, categories: Sequence[str]) -> dict:
         precision = tp / predicted if predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[name] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                     "support": actual}
+        out[name] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": actual,
+        }
     return out
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, listing_ids: Sequence[str],
-                           categories: Sequence[str]) -> dict:
+def classification_metrics(
+    probs: np.ndarray, labels: np.ndarray, listing_ids: Sequence[str], categories: Sequence[str]
+) -> dict:
     """Image- and listing-level accuracy, per-class precision/recall, confusion matrix (rows: true)."""
     labels = np.asarray(labels, dtype=int)
     listing_probs, listing_labels, _ = listing_votes(probs, labels, listing_ids)
@@ -100,8 +107,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def precision_at_k(embeddings: np.ndarray, labels: np.ndarray, query: np.ndarray, index: np.ndarray,
-                   k: int = 10) -> float:
+def precision_at_k(
+    embeddings: np.ndarray, labels: np.ndarray, query: np.ndarray, index: np.ndarray, k: int = 10
+) -> float:
     """Mean fraction of the k nearest `index` photos sharing the query's label (masks are boolean)."""
     if not query.any() or not index.any():
         return float("nan")
@@ -112,8 +120,9 @@ def precision_at_k(embeddings: np.ndarray, labels: np.ndarray, query: np.ndarray
     return float((labels[index][nearest] == labels[query][:, None]).mean())
 
 
-def same_listing_recall(embeddings: np.ndarray, listing_ids: Sequence[str], query: np.ndarray,
-                        ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+def same_listing_recall(
+    embeddings: np.ndarray, listing_ids: Sequence[str], query: np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[int, float]:
     """Recall@k of finding another photo of the query's listing in the whole set (itself excluded);
     queries are the photos selected by `query` whose listing has >= 2 photos."""
     ids = np.asarray(listing_ids)
@@ -126,19 +135,25 @@ def same_listing_recall(embeddings: np.ndarray, listing_ids: Sequence[str], quer
     emb = _normalise(embeddings)
     hits = {k: 0 for k in ks}
     for start in range(0, len(selected), 256):
-        rows = selected[start:start + 256]
+        rows = selected[start : start + 256]
         sims = emb[rows] @ emb.T
         sims[np.arange(len(rows)), rows] = -np.inf
-        order = np.argsort(-sims, axis=1)[:, :max(ks)]
+        order = np.argsort(-sims, axis=1)[:, : max(ks)]
         same = ids[order] == ids[rows][:, None]
         for k in ks:
             hits[k] += int(same[:, :k].any(axis=1).sum())
     return {k: hits[k] / len(selected) for k in ks}
 
 
-def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, splits: Sequence[str],
-                      listing_ids: Sequence[str], *, query_split: str = "test",
-                      index_split: str = "train") -> dict:
+def retrieval_metrics(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    splits: Sequence[str],
+    listing_ids: Sequence[str],
+    *,
+    query_split: str = "test",
+    index_split: str = "train",
+) -> dict:
     """precision@10 against the `index_split` photos, and same-listing recall@k with the whole
     catalogue as gallery (the headline) and with only the `query_split` photos as gallery."""
     splits = np.asarray(splits)
@@ -146,8 +161,9 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, splits: Sequen
     ids = np.asarray(listing_ids)
     query = splits == query_split
     catalogue = same_listing_recall(embeddings, ids, query, (1, 5, 10))
-    within = same_listing_recall(np.asarray(embeddings)[query], ids[query], np.ones(int(query.sum()), bool),
-                                 (1, 5, 10))
+    within = same_listing_recall(
+        np.asarray(embeddings)[query], ids[query], np.ones(int(query.sum()), bool), (1, 5, 10)
+    )
     multi = {p for p, n in zip(*np.unique(ids[query], return_counts=True)) if n >= 2}
     return {
         "precision_at_10": precision_at_k(embeddings, labels, query, splits == index_split, 10),
@@ -170,9 +186,14 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, splits: Sequen
 # --------------------------------------------------------------------------- pictures
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], categories: Sequence[str], path: Path,
-                   title: str = "Confusion matrix (test photos)") -> Path:
+def plot_confusion(
+    matrix: Sequence[Sequence[int]],
+    categories: Sequence[str],
+    path: Path,
+    title: str = "Confusion matrix (test photos)",
+) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -184,8 +205,15 @@ def plot_confusion(matrix: Sequence[Sequence[int]], categories: Sequence[str], p
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_xticks(range(len(categories)), categories, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(categories)), categories, fontsize=8)
     ax.set_xlabel("predicted")
@@ -202,17 +230,28 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "Training curv
     """Loss and accuracy per epoch for train and valid (keys train_loss, valid_loss, train_acc,
     valid_acc; missing values are skipped)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax, style in (("train_loss", loss_ax, "-"), ("valid_loss", loss_ax, "--"),
-                           ("train_acc", acc_ax, "-"), ("valid_acc", acc_ax, "--")):
+    for key, ax, style in (
+        ("train_loss", loss_ax, "-"),
+        ("valid_loss", loss_ax, "--"),
+        ("train_acc", acc_ax, "-"),
+        ("valid_acc", acc_ax, "--"),
+    ):
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
-            ax.plot(epochs, [np.nan if v is None else v for v in values], style, marker="o",
-                    markersize=3, label=key.replace("_", " "))
+            ax.plot(
+                epochs,
+                [np.nan if v is None else v for v in values],
+                style,
+                marker="o",
+                markersize=3,
+                label=key.replace("_", " "),
+            )
     loss_ax.set_xlabel("epoch")
     loss_ax.set_ylabel("cross-entropy")
     acc_ax.set_xlabel("epoch")

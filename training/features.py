@@ -19,6 +19,7 @@ Outputs of the backbone:
 * ``cut<n>``  -- the activation after the stem and the first n backbone blocks (float16 to halve the
   disk and memory), the input of `TrainableSuffix` when the last blocks are fine-tuned.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,7 @@ from common.backbones import Backbone
 from common.files import sha256_file
 from training.settings import TRAINING_PRECISION, TRAINING_RUNTIME
 from common.model import FOLD_TOLERANCE, export_onnx, fold_batch_norms_measured
-from common.runtimes import (Choice, RuntimeUnavailable, Session, TorchSession, choose_session,
-                             open_session)
+from common.runtimes import Choice, RuntimeUnavailable, Session, TorchSession, choose_session, open_session
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,11 @@ def backbone_blocks(features: nn.Module) -> list[nn.Module]:
     every stage, 16 for Lite0; ResNet34: every BasicBlock, 16)."""
     if _kind(features) == "efficientnet":
         return [block for stage in features.blocks for block in stage]
-    return [block for layer in (features.layer1, features.layer2, features.layer3, features.layer4)
-            for block in layer]
+    return [
+        block
+        for layer in (features.layer1, features.layer2, features.layer3, features.layer4)
+        for block in layer
+    ]
 
 
 def _stem(features: nn.Module) -> list[nn.Module]:
@@ -162,8 +165,15 @@ class FeatureStore:
     interrupted or incremental run keeps what it computed; a ``meta.json`` says what it holds.
     """
 
-    def __init__(self, root: Path, backbone: Backbone, view: ViewTransform, output: str, *,
-                 precision: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        backbone: Backbone,
+        view: ViewTransform,
+        output: str,
+        *,
+        precision: str | None = None,
+    ) -> None:
         self.meta = {
             "cache_version": CACHE_VERSION,
             "backbone": backbone.name,
@@ -218,9 +228,17 @@ class FeatureExtractor:
     fills every requested output at once.
     """
 
-    def __init__(self, backbone: Backbone, *, cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
-                 batch_size: int = 32, progress: bool = True, features: nn.Module | None = None,
-                 runtime: str | None = None, precision: str | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
+        batch_size: int = 32,
+        progress: bool = True,
+        features: nn.Module | None = None,
+        runtime: str | None = None,
+        precision: str | None = None,
+    ) -> None:
         self.backbone = backbone
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.batch_size = batch_size
@@ -239,8 +257,7 @@ class FeatureExtractor:
     @property
     def features(self) -> nn.Module:
         if self._features is None:
-            self._features = _folded(self.backbone.build(True).eval(),
-                                     self.backbone.preprocessing.input_size)
+            self._features = _folded(self.backbone.build(True).eval(), self.backbone.preprocessing.input_size)
         return self._features
 
     def _store(self, view: ViewTransform, output: str) -> FeatureStore | None:
@@ -264,22 +281,39 @@ class FeatureExtractor:
             if runtime == "torch":
                 return TorchSession(features, precision=precision, channels_last=True)
             if precision == "int8":
-                raise RuntimeUnavailable("int8 is not used for the training features (it would "
-                                         "train the head on quantised features)")
-            return open_session(runtime, self._onnx_file(features), precision=precision,
-                                threads=torch.get_num_threads(), workers=1)
+                raise RuntimeUnavailable(
+                    "int8 is not used for the training features (it would "
+                    "train the head on quantised features)"
+                )
+            return open_session(
+                runtime,
+                self._onnx_file(features),
+                precision=precision,
+                threads=torch.get_num_threads(),
+                workers=1,
+            )
 
-        choice = choose_session(self.runtime, self.precision, reference=reference, inputs=inputs,
-                                open_candidate=open_candidate,
-                                names=("TRAINING_RUNTIME", "TRAINING_PRECISION"))
+        choice = choose_session(
+            self.runtime,
+            self.precision,
+            reference=reference,
+            inputs=inputs,
+            open_candidate=open_candidate,
+            names=("TRAINING_RUNTIME", "TRAINING_PRECISION"),
+        )
         for reason in choice.passed_over:
             log.info("feature runtime passed over: %s", reason)
         if choice.speeds:
-            log.info("feature runtime speed trial (ms per photo): %s",
-                     ", ".join(f"{name} {seconds * 1e3:.1f}"
-                               for name, seconds in choice.speeds.items()))
-        log.info("backbone features computed by %s %s%s", choice.session.runtime,
-                 choice.session.precision, f" ({choice.check.describe()})" if choice.check else "")
+            log.info(
+                "feature runtime speed trial (ms per photo): %s",
+                ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in choice.speeds.items()),
+            )
+        log.info(
+            "backbone features computed by %s %s%s",
+            choice.session.runtime,
+            choice.session.precision,
+            f" ({choice.check.describe()})" if choice.check else "",
+        )
         self.choice = choice
         self._session_features = features
         self._session = None if choice.session is reference else choice.session
@@ -291,8 +325,14 @@ class FeatureExtractor:
         export_onnx(features, self.backbone.preprocessing.input_size, path, ("features",))
         return path
 
-    def get(self, paths: Sequence[Path | str], keys: Sequence[str], view: str = "center",
-            outputs: Sequence[str] = ("pooled",), desc: str | None = None) -> dict[str, np.ndarray]:
+    def get(
+        self,
+        paths: Sequence[Path | str],
+        keys: Sequence[str],
+        view: str = "center",
+        outputs: Sequence[str] = ("pooled",),
+        desc: str | None = None,
+    ) -> dict[str, np.ndarray]:
         if len(paths) != len(keys):
             raise ValueError("paths and keys differ in length")
         transform = ViewTransform(self.backbone, view)
@@ -316,15 +356,30 @@ class FeatureExtractor:
                     else:
                         stores[out].add(done_keys, values[out])
 
-            self._compute([path_of[k] for k in todo], todo, transform, outputs,
-                          desc or f"{self.backbone.name} {view}", save, flush)
+            self._compute(
+                [path_of[k] for k in todo],
+                todo,
+                transform,
+                outputs,
+                desc or f"{self.backbone.name} {view}",
+                save,
+                flush,
+            )
         if self.cache_dir is None:
             return {out: np.stack([memory[out][k] for k in keys]) for out in outputs}
         return {out: stores[out].get(keys) for out in outputs}
 
     @torch.inference_mode()
-    def _compute(self, paths: list, keys: list[str], transform: ViewTransform, outputs: Sequence[str],
-                 desc: str, save, flush: int) -> None:
+    def _compute(
+        self,
+        paths: list,
+        keys: list[str],
+        transform: ViewTransform,
+        outputs: Sequence[str],
+        desc: str,
+        save,
+        flush: int,
+    ) -> None:
         """Run the backbone over `paths`, handing every `flush` photos to ``save(keys, values)`` so an
         interrupted run keeps what it finished."""
         cuts = sorted({int(o[3:]) for o in outputs if o.startswith("cut")})
@@ -339,14 +394,24 @@ class FeatureExtractor:
         last = len(blocks) if "pooled" in outputs else max(cuts)
         pending: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         pending_keys: list[str] = []
-        bar = tqdm(total=len(paths), desc=desc, unit="img", file=sys.stderr, disable=not self.progress,
-                   dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(
+            total=len(paths),
+            desc=desc,
+            unit="img",
+            file=sys.stderr,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
         try:
             for start in range(0, len(paths), self.batch_size):
-                batch_keys = keys[start:start + self.batch_size]
-                batch = torch.stack([
-                    transform(_open_rgb(p), k) for p, k in zip(paths[start:start + self.batch_size], batch_keys)
-                ]).contiguous(memory_format=torch.channels_last)
+                batch_keys = keys[start : start + self.batch_size]
+                batch = torch.stack(
+                    [
+                        transform(_open_rgb(p), k)
+                        for p, k in zip(paths[start : start + self.batch_size], batch_keys)
+                    ]
+                ).contiguous(memory_format=torch.channels_last)
                 session = self.pooled_session(batch) if pooled_only else None
                 if session is not None:  # the whole backbone in the faster runtime
                     pending["pooled"].append(session.run(batch.contiguous().numpy())[0])
@@ -376,8 +441,9 @@ def _folded(features: nn.Module, input_size: int) -> nn.Module:
     pass on a CPU. Refuses a backbone whose outputs the folding would change."""
     _, worst = fold_batch_norms_measured(features, features, input_size)
     if worst > FOLD_TOLERANCE:
-        raise RuntimeError(f"folding the batch norms of {type(features).__name__} changed its "
-                           f"features by {worst:.3g}")
+        raise RuntimeError(
+            f"folding the batch norms of {type(features).__name__} changed its features by {worst:.3g}"
+        )
     return features.to(memory_format=torch.channels_last)
 
 

@@ -22,6 +22,7 @@ Only valid listings are queries; the test split is never looked at. Written: ``f
 (`common.fusion_weights.FusionWeights`, naming the image model version it was chosen for) and
 ``fusion_weights.png`` (both valid curves, the choices marked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.artifact import (EMBEDDINGS_DIR, FUSION_WEIGHTS_PLOT_FILE, IMAGE_EMBEDDINGS_FILE, read_card,
-                             read_image_embeddings, read_text_embeddings)
+from common.artifact import (
+    EMBEDDINGS_DIR,
+    FUSION_WEIGHTS_PLOT_FILE,
+    IMAGE_EMBEDDINGS_FILE,
+    read_card,
+    read_image_embeddings,
+    read_text_embeddings,
+)
 from common.fusion_weights import FusionWeights
 from common.text import TEXT_MODEL_NAME, listing_text
 
@@ -43,17 +50,28 @@ log = logging.getLogger("training.fusion_weights")
 K = 10
 #: The text weights tried on the valid split.
 WEIGHT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-SEARCH_MEASURE = (f"same-category precision@{K} of hybrid Search, query = a valid listing's first "
-                  "photo + its title, the listing itself excluded")
-SIMILAR_MEASURE = (f"same-category precision@{K} of SimilarListings, query = a valid listing "
-                   "(its photos + its text), itself excluded")
+SEARCH_MEASURE = (
+    f"same-category precision@{K} of hybrid Search, query = a valid listing's first "
+    "photo + its title, the listing itself excluded"
+)
+SIMILAR_MEASURE = (
+    f"same-category precision@{K} of SimilarListings, query = a valid listing "
+    "(its photos + its text), itself excluded"
+)
 
 
 class SimilarityData:
     """Photo and text vectors of the catalogue, indexed for the per-listing scores."""
 
-    def __init__(self, listings: pd.DataFrame, image_ids: list[str], image_vectors: np.ndarray,
-                 photo_listing: dict[str, str], text_ids: list[str], text_vectors: np.ndarray) -> None:
+    def __init__(
+        self,
+        listings: pd.DataFrame,
+        image_ids: list[str],
+        image_vectors: np.ndarray,
+        photo_listing: dict[str, str],
+        text_ids: list[str],
+        text_vectors: np.ndarray,
+    ) -> None:
         keep = [i for i, image_id in enumerate(image_ids) if image_id in photo_listing]
         self.image_vectors = np.asarray(image_vectors[keep], dtype=np.float32)
         owners = [photo_listing[image_ids[i]] for i in keep]
@@ -85,8 +103,11 @@ class SimilarityData:
         """SimilarListings: (photo score, text score) of every catalogue listing for one query
         listing; -inf where a listing has no photo / no text, and for the query listing itself."""
         q = self.row[listing_id]
-        image = self._photo_scores(self.photos_of[q]) if q in self.photos_of else \
-            np.full(len(self.listing_ids), -np.inf, dtype=np.float32)
+        image = (
+            self._photo_scores(self.photos_of[q])
+            if q in self.photos_of
+            else np.full(len(self.listing_ids), -np.inf, dtype=np.float32)
+        )
         text = self._text_scores(self.text[q])
         image[q] = text[q] = -np.inf
         return image, text
@@ -155,11 +176,17 @@ def offline_precision(data: SimilarityData, query_ids: list[str], weights, k: in
     return _precision(data, query_ids, weights, k, data.scores)
 
 
-def search_precision(data: SimilarityData, query_ids: list[str], title_vectors: dict[str, np.ndarray],
-                     weights, k: int = K) -> dict:
+def search_precision(
+    data: SimilarityData, query_ids: list[str], title_vectors: dict[str, np.ndarray], weights, k: int = K
+) -> dict:
     """Hybrid Search: {weight: same-category precision@k} of (first photo + title) queries."""
-    return _precision(data, query_ids, weights, k,
-                      lambda listing_id: data.search_scores(listing_id, title_vectors[listing_id]))
+    return _precision(
+        data,
+        query_ids,
+        weights,
+        k,
+        lambda listing_id: data.search_scores(listing_id, title_vectors[listing_id]),
+    )
 
 
 def best_weight(curve: dict) -> float:
@@ -173,8 +200,9 @@ def choose_weight(data: SimilarityData, valid_ids: list[str]) -> tuple[float, di
     return best_weight(curve), curve
 
 
-def choose_fusion_weights(data: SimilarityData, valid_ids: list[str],
-                          title_vectors: dict[str, np.ndarray], image_model_version: str) -> FusionWeights:
+def choose_fusion_weights(
+    data: SimilarityData, valid_ids: list[str], title_vectors: dict[str, np.ndarray], image_model_version: str
+) -> FusionWeights:
     """Both weights chosen on the valid listings (those with a photo), with their curves."""
     queries = [i for i in valid_ids if data.row.get(i) in data.photos_of]
     if not queries:
@@ -182,32 +210,49 @@ def choose_fusion_weights(data: SimilarityData, valid_ids: list[str],
     similar = offline_precision(data, queries, WEIGHT_GRID)
     search = search_precision(data, queries, title_vectors, WEIGHT_GRID)
     return FusionWeights(
-        search_text_weight=best_weight(search), similar_text_weight=best_weight(similar),
-        image_model_version=image_model_version, text_model=TEXT_MODEL_NAME, chosen_on="valid",
+        search_text_weight=best_weight(search),
+        similar_text_weight=best_weight(similar),
+        image_model_version=image_model_version,
+        text_model=TEXT_MODEL_NAME,
+        chosen_on="valid",
         measures={"search": SEARCH_MEASURE, "similar": SIMILAR_MEASURE},
-        valid_curves={"search": {f"{w:.1f}": round(p, 6) for w, p in search.items()},
-                      "similar": {f"{w:.1f}": round(p, 6) for w, p in similar.items()}},
-        valid_queries=len(queries))
+        valid_curves={
+            "search": {f"{w:.1f}": round(p, 6) for w, p in search.items()},
+            "similar": {f"{w:.1f}": round(p, 6) for w, p in similar.items()},
+        },
+        valid_queries=len(queries),
+    )
 
 
 def plot_curves(weights: FusionWeights, path: Path) -> None:
     """The two valid curves (precision@10 against the text weight), the choices marked."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for key, label, chosen in (("search", "hybrid Search (photo + title)", weights.search_text_weight),
-                               ("similar", "SimilarListings (photos + text)", weights.similar_text_weight)):
+    for key, label, chosen in (
+        ("search", "hybrid Search (photo + title)", weights.search_text_weight),
+        ("similar", "SimilarListings (photos + text)", weights.similar_text_weight),
+    ):
         curve = {float(w): p for w, p in weights.valid_curves[key].items()}
-        line, = ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=label)
+        (line,) = ax.plot(list(curve), list(curve.values()), marker="o", ms=3, label=label)
         ax.plot([chosen], [curve[chosen]], marker="*", ms=14, color=line.get_color())
-        ax.annotate(f"w = {chosen:.1f}", (chosen, curve[chosen]), textcoords="offset points",
-                    xytext=(6, 6), color=line.get_color())
+        ax.annotate(
+            f"w = {chosen:.1f}",
+            (chosen, curve[chosen]),
+            textcoords="offset points",
+            xytext=(6, 6),
+            color=line.get_color(),
+        )
     ax.set_xlabel("text weight w   (score = (1 - w) photo cosine + w text cosine)")
     ax.set_ylabel(f"same-category precision@{K}, valid")
-    ax.set_title(f"Fusion weights chosen on valid ({weights.valid_queries} listings)\n"
-                 f"image model {weights.image_model_version}", fontsize=9)
+    ax.set_title(
+        f"Fusion weights chosen on valid ({weights.valid_queries} listings)\n"
+        f"image model {weights.image_model_version}",
+        fontsize=9,
+    )
     ax.margins(y=0.15)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower center", fontsize=8)
@@ -226,9 +271,17 @@ def load_image_embeddings(artifact_dir: Path) -> tuple[list[str], np.ndarray] | 
         return None
 
 
-def fit(data_dir: Path, artifact_dir: Path, out_dir: Path, *, cache_dir: Path | None = None,
-        listings: pd.DataFrame | None = None, images: pd.DataFrame | None = None,
-        text_ids: list[str] | None = None, text_vectors: np.ndarray | None = None) -> FusionWeights | None:
+def fit(
+    data_dir: Path,
+    artifact_dir: Path,
+    out_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    listings: pd.DataFrame | None = None,
+    images: pd.DataFrame | None = None,
+    text_ids: list[str] | None = None,
+    text_vectors: np.ndarray | None = None,
+) -> FusionWeights | None:
     """Choose the weights for the artefact's image model and write ``fusion_weights.json`` and
     ``fusion_weights.png`` into ``out_dir``. Returns None (and writes nothing) when the artefact
     exports no image embeddings to rank with."""
@@ -239,8 +292,11 @@ def fit(data_dir: Path, artifact_dir: Path, out_dir: Path, *, cache_dir: Path | 
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
     photos = load_image_embeddings(artifact_dir)
     if photos is None:
-        log.warning("%s exports no image embeddings: no fusion weights chosen (the gateway keeps "
-                    "its built-in defaults)", artifact_dir)
+        log.warning(
+            "%s exports no image embeddings: no fusion weights chosen (the gateway keeps "
+            "its built-in defaults)",
+            artifact_dir,
+        )
         return None
     if listings is None or images is None:
         listings, images, _ = load_prepared(data_dir)
@@ -250,18 +306,33 @@ def fit(data_dir: Path, artifact_dir: Path, out_dir: Path, *, cache_dir: Path | 
             raise FileNotFoundError(f"{out_dir} has no text embeddings; run `python -m training.text` first")
         text_ids, text_vectors = loaded
     card = read_card(artifact_dir)
-    data = SimilarityData(listings, photos[0], photos[1], dict(zip(images["image_id"], images["product_id"])),
-                          list(text_ids), np.asarray(text_vectors, dtype=np.float32))
+    data = SimilarityData(
+        listings,
+        photos[0],
+        photos[1],
+        dict(zip(images["image_id"], images["product_id"])),
+        list(text_ids),
+        np.asarray(text_vectors, dtype=np.float32),
+    )
     split = listing_splits(images)
     valid_ids = sorted(pid for pid, s in split.items() if s == "valid")
     titles = dict(zip(listings["product_id"], listings["title"]))
-    vectors = embed_texts([listing_text(titles[i]) for i in valid_ids], cache_dir=cache_dir or DEFAULT_CACHE_DIR)
-    weights = choose_fusion_weights(data, valid_ids, dict(zip(valid_ids, vectors)), str(card["model_version"]))
+    vectors = embed_texts(
+        [listing_text(titles[i]) for i in valid_ids], cache_dir=cache_dir or DEFAULT_CACHE_DIR
+    )
+    weights = choose_fusion_weights(
+        data, valid_ids, dict(zip(valid_ids, vectors)), str(card["model_version"])
+    )
     weights.save(out_dir)
     plot_curves(weights, out_dir / FUSION_WEIGHTS_PLOT_FILE)
-    log.info("fusion weights on %d valid listings (%.0f s): hybrid Search w=%.1f, SimilarListings "
-             "w=%.1f -> %s", weights.valid_queries, time.perf_counter() - started,
-             weights.search_text_weight, weights.similar_text_weight, out_dir)
+    log.info(
+        "fusion weights on %d valid listings (%.0f s): hybrid Search w=%.1f, SimilarListings w=%.1f -> %s",
+        weights.valid_queries,
+        time.perf_counter() - started,
+        weights.search_text_weight,
+        weights.similar_text_weight,
+        out_dir,
+    )
     return weights
 
 
@@ -269,8 +340,11 @@ def format_curves(weights: FusionWeights) -> str:
     lines = [f"{'text weight':>12s} " + " ".join(f"{w:>6.1f}" for w in WEIGHT_GRID)]
     for key, chosen in (("search", weights.search_text_weight), ("similar", weights.similar_text_weight)):
         curve = weights.valid_curves[key]
-        lines.append(f"{key:>12s} " + " ".join(f"{curve[f'{w:.1f}']:6.3f}" for w in WEIGHT_GRID)
-                     + f"   -> {chosen:.1f}")
+        lines.append(
+            f"{key:>12s} "
+            + " ".join(f"{curve[f'{w:.1f}']:6.3f}" for w in WEIGHT_GRID)
+            + f"   -> {chosen:.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -278,22 +352,29 @@ def main(argv: list[str] | None = None) -> int:
     from training.dataset import DEFAULT_OUT_DIR
     from training.text import DEFAULT_CACHE_DIR
 
-    parser = argparse.ArgumentParser(prog="python -m training.fusion_weights",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.fusion_weights", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_OUT_DIR, help="prepared data folder")
-    parser.add_argument("--artifact", type=Path, required=True,
-                        help="artefact dir with embeddings/ (image and text vectors)")
+    parser.add_argument(
+        "--artifact", type=Path, required=True, help="artefact dir with embeddings/ (image and text vectors)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the artefact)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="text embedding cache")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     weights = fit(args.data, args.artifact, args.out or args.artifact, cache_dir=args.cache)
     if weights is None:
-        print(f"{args.artifact} has no {EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_FILE}: nothing chosen", file=sys.stderr)
+        print(
+            f"{args.artifact} has no {EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_FILE}: nothing chosen",
+            file=sys.stderr,
+        )
         return 1
     print(format_curves(weights))
-    print(f"chosen on valid ({weights.valid_queries} listings): search_text_weight="
-          f"{weights.search_text_weight:.1f} similar_text_weight={weights.similar_text_weight:.1f}")
+    print(
+        f"chosen on valid ({weights.valid_queries} listings): search_text_weight="
+        f"{weights.search_text_weight:.1f} similar_text_weight={weights.similar_text_weight:.1f}"
+    )
     return 0
 
 

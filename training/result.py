@@ -1,5 +1,6 @@
 """What a training run produces, shared by `training.train` (which makes it) and `training.export`
 (which writes it), so neither imports the other's internals."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

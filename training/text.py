@@ -40,6 +40,7 @@ of ``images.csv``, which are grouped by listing and by shared photo, so nothing 
    on the valid split for this image model by `training.fusion_weights` when the artefact exports
    image embeddings: ``fusion_weights.json`` + ``fusion_weights.png`` (the valid curves).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.artifact import (TEXT_FINETUNE_CURVE_FILE, TEXT_METRICS_FILE,
-                             read_card, write_text_embeddings)
+from common.artifact import TEXT_FINETUNE_CURVE_FILE, TEXT_METRICS_FILE, read_card, write_text_embeddings
 from common.files import sha256_file
 from common.prepared_data import SPLITS
 from common.prepared_data.frames import load_prepared
@@ -92,8 +92,10 @@ def listing_splits(images: pd.DataFrame) -> pd.Series:
     per_listing = images.groupby("product_id")["split"].agg(lambda s: sorted(set(s)))
     spanning = per_listing[per_listing.map(len) > 1]
     if len(spanning):
-        raise ValueError(f"{len(spanning)} listings have photos in several splits, e.g. "
-                         f"{spanning.index[:3].tolist()}; re-run training.prepare")
+        raise ValueError(
+            f"{len(spanning)} listings have photos in several splits, e.g. "
+            f"{spanning.index[:3].tolist()}; re-run training.prepare"
+        )
     return per_listing.map(lambda s: s[0])
 
 
@@ -122,15 +124,21 @@ class EmbeddingCache:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = np.array(sorted(self.vectors))
-        vectors = np.stack([self.vectors[k] for k in keys]) if len(keys) else \
-            np.zeros((0, TEXT_DIM), np.float32)
+        vectors = (
+            np.stack([self.vectors[k] for k in keys]) if len(keys) else np.zeros((0, TEXT_DIM), np.float32)
+        )
         tmp = self.path.with_suffix(".tmp.npz")
         np.savez(tmp, keys=keys, vectors=vectors.astype(np.float32))
         os.replace(tmp, self.path)
 
 
-def embed_texts(texts: list[str], *, cache_dir: Path = DEFAULT_CACHE_DIR,
-                encoder: TextEncoder | None = None, chunk: int = 256) -> np.ndarray:
+def embed_texts(
+    texts: list[str],
+    *,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    encoder: TextEncoder | None = None,
+    chunk: int = 256,
+) -> np.ndarray:
     """Embed texts with MiniLM, computing only those not cached yet (the model is loaded only
     when something is missing)."""
     model_version = f"{TEXT_MODEL_NAME}-gt-0.1.0"
@@ -142,18 +150,26 @@ def embed_texts(texts: list[str], *, cache_dir: Path = DEFAULT_CACHE_DIR,
         log.info("embedding %d distinct new texts (of %d)", len(todo), len(texts))
         start = time.time()
         for i in range(0, len(todo), chunk):
-            part = todo[i:i + chunk]
+            part = todo[i : i + chunk]
             vectors = encoder.encode([t for _, t in part])
             cache.vectors.update({k: v for (k, _), v in zip(part, vectors)})
             cache.save()  # an interrupted run keeps what it did
-            log.info("  %d/%d texts, %.0f s", min(i + chunk, len(todo)), len(todo),
-                     time.time() - start)
-    return np.stack([cache.vectors[k] for k in keys]).astype(np.float32) if keys else \
-        np.zeros((0, TEXT_DIM), np.float32)
+            log.info("  %d/%d texts, %.0f s", min(i + chunk, len(todo)), len(todo), time.time() - start)
+    return (
+        np.stack([cache.vectors[k] for k in keys]).astype(np.float32)
+        if keys
+        else np.zeros((0, TEXT_DIM), np.float32)
+    )
 
 
-def image_logits(artifact_dir: Path, data_dir: Path, images: pd.DataFrame, *,
-                 cache_dir: Path = DEFAULT_CACHE_DIR, batch_size: int = 32) -> np.ndarray:
+def image_logits(
+    artifact_dir: Path,
+    data_dir: Path,
+    images: pd.DataFrame,
+    *,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    batch_size: int = 32,
+) -> np.ndarray:
     """Per-photo logits of the artefact's image model (rows follow ``images``), cached by the
     artefact's model version and the sha256 of the prepared photo file."""
     card = read_card(artifact_dir)
@@ -173,18 +189,21 @@ def image_logits(artifact_dir: Path, data_dir: Path, images: pd.DataFrame, *,
 
         artifact = load_artifact(artifact_dir)
         transform = artifact.preprocessing.transform()
-        log.info("image model %s on %d photos (%d cached)", version, len(todo),
-                 len(keys) - len(todo))
+        log.info("image model %s on %d photos (%d cached)", version, len(todo), len(keys) - len(todo))
         start = time.time()
         with torch.inference_mode():
             for i in range(0, len(todo), batch_size):
-                part = todo[i:i + batch_size]
+                part = todo[i : i + batch_size]
                 batch = torch.stack([transform(open_image(Path(data_dir) / p)) for _, p in part])
                 _, logits = artifact.model.embed_and_classify(batch)
                 cached.update({k: row for (k, _), row in zip(part, logits.float().numpy())})
                 if (i // batch_size) % 8 == 0:
-                    log.info("  %d/%d photos, %.0f s", min(i + batch_size, len(todo)),
-                             len(todo), time.time() - start)
+                    log.info(
+                        "  %d/%d photos, %.0f s",
+                        min(i + batch_size, len(todo)),
+                        len(todo),
+                        time.time() - start,
+                    )
         path.parent.mkdir(parents=True, exist_ok=True)
         names = sorted(cached)
         tmp = path.with_suffix(".tmp.npz")
@@ -256,8 +275,9 @@ def weighted_fusion_params(sources: list[np.ndarray], y: np.ndarray) -> np.ndarr
         grad = np.einsum("knc,nc->k", stacked, p - onehot) / len(y)
         return -lp[rows, y].mean(), grad
 
-    result = minimize(objective, np.ones(len(sources)), jac=True, method="L-BFGS-B",
-                      bounds=[(0.0, 10.0)] * len(sources))
+    result = minimize(
+        objective, np.ones(len(sources)), jac=True, method="L-BFGS-B", bounds=[(0.0, 10.0)] * len(sources)
+    )
     return result.x
 
 
@@ -283,9 +303,11 @@ def choose_fusion(sources: list[np.ndarray], y: np.ndarray, num_classes: int) ->
 
     cv["weighted"] = score(weighted)
     for c in STACK_C_GRID:
+
         def stacked(train_idx, held_idx, c=c):
             w, bias = fit_logreg(features[train_idx], y[train_idx], c, num_classes)
             return logreg_log_probs(features[held_idx], w, bias)
+
         cv[f"stacking_C={c:g}"] = score(stacked)
     best = max(cv, key=lambda name: (cv[name]["accuracy"], -cv[name]["nll"]))
     if best == "weighted":
@@ -296,22 +318,30 @@ def choose_fusion(sources: list[np.ndarray], y: np.ndarray, num_classes: int) ->
         c = float(best.split("=")[1])
         weight, bias = fit_logreg(features, y, c, num_classes)
         params = {"C": c}
-    return {"kind": best.split("_C=")[0], "name": best, "params": params, "weight": weight,
-            "bias": bias, "cv": cv}
+    return {
+        "kind": best.split("_C=")[0],
+        "name": best,
+        "params": params,
+        "weight": weight,
+        "bias": bias,
+        "cv": cv,
+    }
 
 
 def apply_fusion(fusion: dict, sources: list[np.ndarray]) -> np.ndarray:
     return _log_softmax(np.hstack(sources) @ fusion["weight"].T + fusion["bias"])
 
 
-def near_duplicates(candidates: np.ndarray, protected: np.ndarray,
-                    threshold: float = NEAR_DUPLICATE_COSINE) -> np.ndarray:
+def near_duplicates(
+    candidates: np.ndarray, protected: np.ndarray, threshold: float = NEAR_DUPLICATE_COSINE
+) -> np.ndarray:
     """Boolean mask over ``candidates`` rows whose best cosine to any ``protected`` row is
     >= threshold (both unit-norm)."""
     if not len(candidates) or not len(protected):
         return np.zeros(len(candidates), bool)
-    best = np.concatenate([(candidates[s:s + 1024] @ protected.T).max(axis=1)
-                           for s in range(0, len(candidates), 1024)])
+    best = np.concatenate(
+        [(candidates[s : s + 1024] @ protected.T).max(axis=1) for s in range(0, len(candidates), 1024)]
+    )
     return best >= threshold
 
 
@@ -320,9 +350,15 @@ def fit_tfidf(texts: list[str], min_df: int = TFIDF_MIN_DF):
     `common.text.TfidfFeatures` reproduces at serving time."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=min_df, sublinear_tf=True,
-                                 lowercase=True, token_pattern=TFIDF_TOKEN_PATTERN, norm="l2",
-                                 dtype=np.float64)
+    vectorizer = TfidfVectorizer(
+        ngram_range=(1, 2),
+        min_df=min_df,
+        sublinear_tf=True,
+        lowercase=True,
+        token_pattern=TFIDF_TOKEN_PATTERN,
+        norm="l2",
+        dtype=np.float64,
+    )
     vectorizer.fit(texts)
     return vectorizer
 
@@ -341,35 +377,58 @@ def select_c(fit, grid, x_valid, y_valid) -> tuple[float, dict]:
 # ============================================================================ pipeline
 
 
-def train_text_heads(texts: list[str], embeddings: np.ndarray, y: np.ndarray, train_idx,
-                     valid_idx, num_classes: int) -> dict:
+def train_text_heads(
+    texts: list[str], embeddings: np.ndarray, y: np.ndarray, train_idx, valid_idx, num_classes: int
+) -> dict:
     """MiniLM and TF-IDF heads on one training set, each C chosen on validation."""
     c_minilm, grid_m = select_c(
         lambda c: fit_logreg(embeddings[train_idx], y[train_idx], c, num_classes),
-        C_GRID, embeddings[valid_idx], y[valid_idx])
+        C_GRID,
+        embeddings[valid_idx],
+        y[valid_idx],
+    )
     vectorizer = fit_tfidf([texts[i] for i in train_idx])
     x_train = vectorizer.transform([texts[i] for i in train_idx])
     x_valid = vectorizer.transform([texts[i] for i in valid_idx])
-    c_tfidf, grid_t = select_c(lambda c: fit_logreg(x_train, y[train_idx], c, num_classes),
-                               TFIDF_C_GRID, x_valid, y[valid_idx])
+    c_tfidf, grid_t = select_c(
+        lambda c: fit_logreg(x_train, y[train_idx], c, num_classes), TFIDF_C_GRID, x_valid, y[valid_idx]
+    )
     m_valid = logreg_log_probs(embeddings[valid_idx], *grid_m[c_minilm][2:])
     t_valid = logreg_log_probs(x_valid, *grid_t[c_tfidf][2:])
     return {
         "train_listings": int(len(train_idx)),
-        "minilm": {"C": c_minilm, "weight": grid_m[c_minilm][2], "bias": grid_m[c_minilm][3],
-                   "valid_top1_by_C": {f"{c:g}": round(v[0], 4) for c, v in grid_m.items()}},
-        "tfidf": {"C": c_tfidf, "weight": grid_t[c_tfidf][2], "bias": grid_t[c_tfidf][3],
-                  "vectorizer": vectorizer, "vocabulary_size": len(vectorizer.vocabulary_),
-                  "valid_top1_by_C": {f"{c:g}": round(v[0], 4) for c, v in grid_t.items()}},
-        "valid_top1": {"minilm": accuracy(m_valid, y[valid_idx]),
-                       "tfidf": accuracy(t_valid, y[valid_idx]),
-                       "minilm+tfidf (sum)": accuracy(m_valid + t_valid, y[valid_idx])},
+        "minilm": {
+            "C": c_minilm,
+            "weight": grid_m[c_minilm][2],
+            "bias": grid_m[c_minilm][3],
+            "valid_top1_by_C": {f"{c:g}": round(v[0], 4) for c, v in grid_m.items()},
+        },
+        "tfidf": {
+            "C": c_tfidf,
+            "weight": grid_t[c_tfidf][2],
+            "bias": grid_t[c_tfidf][3],
+            "vectorizer": vectorizer,
+            "vocabulary_size": len(vectorizer.vocabulary_),
+            "valid_top1_by_C": {f"{c:g}": round(v[0], 4) for c, v in grid_t.items()},
+        },
+        "valid_top1": {
+            "minilm": accuracy(m_valid, y[valid_idx]),
+            "tfidf": accuracy(t_valid, y[valid_idx]),
+            "minilm+tfidf (sum)": accuracy(m_valid + t_valid, y[valid_idx]),
+        },
     }
 
 
-def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
-        cache_dir: Path = DEFAULT_CACHE_DIR, extra_text: str = "auto",
-        finetune_epochs: int = 0, finetune_lr: float = FinetuneConfig.lr) -> dict:
+def run(
+    data_dir: Path,
+    artifact_dir: Path,
+    out_dir: Path,
+    *,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    extra_text: str = "auto",
+    finetune_epochs: int = 0,
+    finetune_lr: float = FinetuneConfig.lr,
+) -> dict:
     """The whole pipeline; returns the metrics dict (also written to text_metrics.json)."""
     listings, images, categories = load_prepared(data_dir)
     card = read_card(artifact_dir)
@@ -401,11 +460,17 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     train_sets = {"train": rows["train"]}
     if extra_text != "no":
         train_sets["train+extra"] = np.concatenate([rows["train"], extra_kept])
-    heads = {name: train_text_heads(texts, embeddings, y, idx, rows["valid"], num_classes)
-             for name, idx in train_sets.items()}
+    heads = {
+        name: train_text_heads(texts, embeddings, y, idx, rows["valid"], num_classes)
+        for name, idx in train_sets.items()
+    }
     for name, h in heads.items():
-        log.info("text heads on %s (%d listings): valid %s", name, h["train_listings"],
-                 {k: round(v, 3) for k, v in h["valid_top1"].items()})
+        log.info(
+            "text heads on %s (%d listings): valid %s",
+            name,
+            h["train_listings"],
+            {k: round(v, 3) for k, v in h["valid_top1"].items()},
+        )
     if extra_text == "yes":
         chosen = "train+extra"
     elif extra_text == "no":
@@ -415,9 +480,13 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     h = heads[chosen]
     vectorizer = h["tfidf"]["vectorizer"]
     vocabulary = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)
-    tensors = {"minilm.weight": h["minilm"]["weight"], "minilm.bias": h["minilm"]["bias"],
-               "tfidf.idf": vectorizer.idf_, "tfidf.weight": h["tfidf"]["weight"],
-               "tfidf.bias": h["tfidf"]["bias"]}
+    tensors = {
+        "minilm.weight": h["minilm"]["weight"],
+        "minilm.bias": h["minilm"]["bias"],
+        "tfidf.idf": vectorizer.idf_,
+        "tfidf.weight": h["tfidf"]["weight"],
+        "tfidf.bias": h["tfidf"]["bias"],
+    }
 
     # 2b. optionally MiniLM fine-tuned end to end on the same training listings
     finetuned, finetune_config, finetune_history = None, None, []
@@ -425,13 +494,22 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
         finetune_config = FinetuneConfig(epochs=finetune_epochs, lr=finetune_lr)
         train_idx = train_sets[chosen]
         finetuned, finetune_history = finetune(
-            [texts[i] for i in train_idx], y[train_idx], categories,
-            valid_texts=[texts[i] for i in rows["valid"]], valid_labels=y[rows["valid"]],
-            config=finetune_config, cache_dir=cache_dir)
+            [texts[i] for i in train_idx],
+            y[train_idx],
+            categories,
+            valid_texts=[texts[i] for i in rows["valid"]],
+            valid_labels=y[rows["valid"]],
+            config=finetune_config,
+            cache_dir=cache_dir,
+        )
     text_inputs = (["finetuned"] if finetuned is not None else []) + ["minilm", "tfidf"]
-    bare = TextHead(categories, tensors, vocabulary,
-                    {"text_fusion_inputs": text_inputs, "fusion_inputs": text_inputs + ["image"]},
-                    finetuned)
+    bare = TextHead(
+        categories,
+        tensors,
+        vocabulary,
+        {"text_fusion_inputs": text_inputs, "fusion_inputs": text_inputs + ["image"]},
+        finetuned,
+    )
 
     # 3. image-model log-probs per listing, valid and test
     eval_images = images[images["split"].isin(["valid", "test"])].reset_index(drop=True)
@@ -448,8 +526,9 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     s_valid, s_test = sources("valid"), sources("test")
     y_valid, y_test = y[rows["valid"]], y[rows["test"]]
     # the NumPy TF-IDF the services use must give scikit-learn's numbers
-    sk_valid = logreg_log_probs(vectorizer.transform([texts[i] for i in rows["valid"]]),
-                                h["tfidf"]["weight"], h["tfidf"]["bias"])
+    sk_valid = logreg_log_probs(
+        vectorizer.transform([texts[i] for i in rows["valid"]]), h["tfidf"]["weight"], h["tfidf"]["bias"]
+    )
     drift = float(np.abs(sk_valid - s_valid["tfidf"]).max())
     if drift > 1e-6:
         raise RuntimeError(f"common.text.TfidfFeatures differs from scikit-learn by {drift}")
@@ -459,17 +538,27 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
         return [s_valid[n] for n in names], [s_test[n] for n in names]
 
     fusions = {}
-    candidates = [("text", text_inputs), ("text+image", text_inputs + ["image"]),
-                  ("minilm+image", ["minilm", "image"])]
+    candidates = [
+        ("text", text_inputs),
+        ("text+image", text_inputs + ["image"]),
+        ("minilm+image", ["minilm", "image"]),
+    ]
     if finetuned is not None:  # what the frozen sources alone give, for comparison
-        candidates += [("frozen text", ["minilm", "tfidf"]),
-                       ("frozen text+image", ["minilm", "tfidf", "image"])]
+        candidates += [
+            ("frozen text", ["minilm", "tfidf"]),
+            ("frozen text+image", ["minilm", "tfidf", "image"]),
+        ]
     for key, names in candidates:
         valid_sources, _ = pick(names)
         fusions[key] = choose_fusion(valid_sources, y_valid, num_classes)
         fusions[key]["inputs"] = names
-        log.info("fusion %s: %s %s (valid CV %s)", key, fusions[key]["name"],
-                 fusions[key]["params"], fusions[key]["cv"][fusions[key]["name"]])
+        log.info(
+            "fusion %s: %s %s (valid CV %s)",
+            key,
+            fusions[key]["name"],
+            fusions[key]["params"],
+            fusions[key]["cv"][fusions[key]["name"]],
+        )
 
     def row(names, combine):
         v, t = pick(names)
@@ -498,50 +587,75 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     }
 
     # 5. the exported head, and its numbers re-computed from it
-    tensors |= {"text_fusion.weight": fusions["text"]["weight"],
-                "text_fusion.bias": fusions["text"]["bias"],
-                "fusion.weight": fusions["text+image"]["weight"],
-                "fusion.bias": fusions["text+image"]["bias"]}
+    tensors |= {
+        "text_fusion.weight": fusions["text"]["weight"],
+        "text_fusion.bias": fusions["text"]["bias"],
+        "fusion.weight": fusions["text+image"]["weight"],
+        "fusion.bias": fusions["text+image"]["bias"],
+    }
 
     def describe(f):
-        return {"kind": f["kind"], "name": f["name"], "params": f["params"], "inputs": f["inputs"],
-                "fit_on": "valid", "valid_cv": f["cv"]}
+        return {
+            "kind": f["kind"],
+            "name": f["name"],
+            "params": f["params"],
+            "inputs": f["inputs"],
+            "fit_on": "valid",
+            "valid_cv": f["cv"],
+        }
 
     head = TextHead(categories, tensors, vocabulary, dict(bare.card), finetuned)
     test_idx = rows["test"]
     test_texts = [texts[i] for i in test_idx]
     exported_text = accuracy(np.log(head.predict_text(embeddings[test_idx], test_texts)), y_test)
-    exported_fused = accuracy(np.log(head.predict_fused(embeddings[test_idx], s_test["image"],
-                                                        test_texts)), y_test)
+    exported_fused = accuracy(
+        np.log(head.predict_fused(embeddings[test_idx], s_test["image"], test_texts)), y_test
+    )
     assert abs(exported_text - table["text"]["test"]) < 1e-9
     assert abs(exported_fused - table["text+image"]["test"]) < 1e-9
 
     pred = apply_fusion(fusions["text+image"], pick(text_inputs + ["image"])[1]).argmax(1)
-    per_class = {name: {"listings": int((y_test == k).sum()),
-                        "text+image_top1": float((pred[y_test == k] == k).mean())
-                        if (y_test == k).any() else None}
-                 for k, name in enumerate(categories)}
+    per_class = {
+        name: {
+            "listings": int((y_test == k).sum()),
+            "text+image_top1": float((pred[y_test == k] == k).mean()) if (y_test == k).any() else None,
+        }
+        for k, name in enumerate(categories)
+    }
     metrics = {
         "level": "listing",
         "split_listings": counts,
         "image_model_version": card["model_version"],
         "text_model": TEXT_MODEL_NAME,
         "top1": table,
-        "text_heads": {n: {"train_listings": r["train_listings"], "valid_top1": r["valid_top1"],
-                           "minilm_C": r["minilm"]["C"], "tfidf_C": r["tfidf"]["C"],
-                           "tfidf_vocabulary": r["tfidf"]["vocabulary_size"],
-                           "minilm_valid_top1_by_C": r["minilm"]["valid_top1_by_C"],
-                           "tfidf_valid_top1_by_C": r["tfidf"]["valid_top1_by_C"]}
-                       for n, r in heads.items()},
+        "text_heads": {
+            n: {
+                "train_listings": r["train_listings"],
+                "valid_top1": r["valid_top1"],
+                "minilm_C": r["minilm"]["C"],
+                "tfidf_C": r["tfidf"]["C"],
+                "tfidf_vocabulary": r["tfidf"]["vocabulary_size"],
+                "minilm_valid_top1_by_C": r["minilm"]["valid_top1_by_C"],
+                "tfidf_valid_top1_by_C": r["tfidf"]["valid_top1_by_C"],
+            }
+            for n, r in heads.items()
+        },
         "text_heads_exported": chosen,
-        "extra_text": {"listings_without_photos": int(len(extra)),
-                       "dropped_near_duplicates_of_valid_test": int(dup.sum()),
-                       "used": int(len(extra_kept)) if "train+extra" in train_sets else 0,
-                       "near_duplicate_cosine": NEAR_DUPLICATE_COSINE},
+        "extra_text": {
+            "listings_without_photos": int(len(extra)),
+            "dropped_near_duplicates_of_valid_test": int(dup.sum()),
+            "used": int(len(extra_kept)) if "train+extra" in train_sets else 0,
+            "near_duplicate_cosine": NEAR_DUPLICATE_COSINE,
+        },
         "fusions": {k: describe(f) for k, f in fusions.items()},
-        "finetuned": None if finetuned is None else {
-            **asdict(finetune_config), "train_listings": int(len(train_sets[chosen])),
-            "trained_on": chosen, "history": finetune_history},
+        "finetuned": None
+        if finetuned is None
+        else {
+            **asdict(finetune_config),
+            "train_listings": int(len(train_sets[chosen])),
+            "trained_on": chosen,
+            "history": finetune_history,
+        },
         "image_aggregation": "log of mean softmax over a listing's photos",
         "test_per_class": per_class,
     }
@@ -550,22 +664,42 @@ def run(data_dir: Path, artifact_dir: Path, out_dir: Path, *,
     from training import fusion_weights
 
     out_dir = Path(out_dir)
-    chosen_weights = fusion_weights.fit(data_dir, artifact_dir, out_dir, cache_dir=cache_dir,
-                                        listings=listings, images=images,
-                                        text_ids=listings["product_id"].tolist(), text_vectors=embeddings)
-    metrics["fusion_weights"] = None if chosen_weights is None else {
-        "search_text_weight": chosen_weights.search_text_weight,
-        "similar_text_weight": chosen_weights.similar_text_weight,
-        "valid_queries": chosen_weights.valid_queries, "valid_curves": chosen_weights.valid_curves}
+    chosen_weights = fusion_weights.fit(
+        data_dir,
+        artifact_dir,
+        out_dir,
+        cache_dir=cache_dir,
+        listings=listings,
+        images=images,
+        text_ids=listings["product_id"].tolist(),
+        text_vectors=embeddings,
+    )
+    metrics["fusion_weights"] = (
+        None
+        if chosen_weights is None
+        else {
+            "search_text_weight": chosen_weights.search_text_weight,
+            "similar_text_weight": chosen_weights.similar_text_weight,
+            "valid_queries": chosen_weights.valid_queries,
+            "valid_curves": chosen_weights.valid_curves,
+        }
+    )
     extra_card = {}
     if finetuned is not None:
         extra_card["finetuned"] = {k: v for k, v in metrics["finetuned"].items() if k != "history"}
         plot_history(finetune_history, out_dir / TEXT_FINETUNE_CURVE_FILE)
-    head.save(out_dir, image_model_version=card["model_version"], text_heads_trained_on=chosen,
-              minilm_C=h["minilm"]["C"], tfidf={"C": h["tfidf"]["C"], "min_df": TFIDF_MIN_DF},
-              text_fusion=describe(fusions["text"]), fusion=describe(fusions["text+image"]),
-              image_aggregation=metrics["image_aggregation"],
-              test_top1={k: round(v["test"], 4) for k, v in table.items()}, **extra_card)
+    head.save(
+        out_dir,
+        image_model_version=card["model_version"],
+        text_heads_trained_on=chosen,
+        minilm_C=h["minilm"]["C"],
+        tfidf={"C": h["tfidf"]["C"], "min_df": TFIDF_MIN_DF},
+        text_fusion=describe(fusions["text"]),
+        fusion=describe(fusions["text+image"]),
+        image_aggregation=metrics["image_aggregation"],
+        test_top1={k: round(v["test"], 4) for k, v in table.items()},
+        **extra_card,
+    )
     write_text_embeddings(out_dir, listings["product_id"].tolist(), embeddings)
     (out_dir / TEXT_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -579,42 +713,64 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_OUT_DIR, help="prepared data folder")
     parser.add_argument("--artifact", type=Path, required=True, help="image model artefact dir")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the text head, metrics and text embeddings "
-                             "(default: the artefact directory)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the text head, metrics and text embeddings (default: the artefact directory)",
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR)
-    parser.add_argument("--extra-text", choices=("auto", "yes", "no"), default="auto",
-                        help="train the text heads also on listings without photos "
-                             "(auto: whichever scores better on valid)")
-    parser.add_argument("--finetune-epochs", type=int, default=0,
-                        help="also fine-tune MiniLM end to end for this many epochs (about 8 min "
-                             "an epoch on 2 cores; cached) as a third text source (default 0: "
-                             "frozen MiniLM and TF-IDF only; on the shared data 3 epochs gave "
-                             "no reliable gain, see training.text_finetune)")
+    parser.add_argument(
+        "--extra-text",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="train the text heads also on listings without photos (auto: whichever scores better on valid)",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="also fine-tune MiniLM end to end for this many epochs (about 8 min "
+        "an epoch on 2 cores; cached) as a third text source (default 0: "
+        "frozen MiniLM and TF-IDF only; on the shared data 3 epochs gave "
+        "no reliable gain, see training.text_finetune)",
+    )
     parser.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default, every core)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default, every core)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    metrics = run(args.data, args.artifact, args.out or args.artifact, cache_dir=args.cache,
-                  extra_text=args.extra_text, finetune_epochs=args.finetune_epochs,
-                  finetune_lr=args.finetune_lr)
+    metrics = run(
+        args.data,
+        args.artifact,
+        args.out or args.artifact,
+        cache_dir=args.cache,
+        extra_text=args.extra_text,
+        finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr,
+    )
     print(format_table(metrics))
-    print(f"text+image fusion: {metrics['fusions']['text+image']['name']} "
-          f"{metrics['fusions']['text+image']['params']}; text heads trained on "
-          f"{metrics['text_heads_exported']}")
+    print(
+        f"text+image fusion: {metrics['fusions']['text+image']['name']} "
+        f"{metrics['fusions']['text+image']['params']}; text heads trained on "
+        f"{metrics['text_heads_exported']}"
+    )
     if metrics.get("fusion_weights"):
-        print(f"gateway fusion weights chosen on valid: search_text_weight="
-              f"{metrics['fusion_weights']['search_text_weight']:.1f} similar_text_weight="
-              f"{metrics['fusion_weights']['similar_text_weight']:.1f}")
+        print(
+            f"gateway fusion weights chosen on valid: search_text_weight="
+            f"{metrics['fusion_weights']['search_text_weight']:.1f} similar_text_weight="
+            f"{metrics['fusion_weights']['similar_text_weight']:.1f}"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ About 8 minutes an epoch for 6,500 listings on 2 CPU cores. The result is cached
 that determines it (training texts and labels, settings, seed, model version), so re-running
 `training.text` for another image model does not train it again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,35 +69,45 @@ def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> 
     order = rng.permutation(len(lengths))
     batches = []
     for start in range(0, len(order), batch_size * BUCKET_BATCHES):
-        run = order[start:start + batch_size * BUCKET_BATCHES]
+        run = order[start : start + batch_size * BUCKET_BATCHES]
         run = run[np.argsort(lengths[run], kind="stable")]
-        batches += [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
+        batches += [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
-def cache_key(texts: list[str], labels: np.ndarray, categories: list[str],
-              config: FinetuneConfig) -> str:
+def cache_key(texts: list[str], labels: np.ndarray, categories: list[str], config: FinetuneConfig) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({"config": asdict(config), "categories": categories,
-                              "model": f"{TEXT_MODEL_NAME}@{TEXT_PACKAGE}"}).encode())
+    digest.update(
+        json.dumps(
+            {"config": asdict(config), "categories": categories, "model": f"{TEXT_MODEL_NAME}@{TEXT_PACKAGE}"}
+        ).encode()
+    )
     for text, label in zip(texts, labels.tolist()):
         digest.update(f"{label}\t{text}\n".encode())
     return digest.hexdigest()[:16]
 
 
-def finetune(texts: list[str], labels: np.ndarray, categories: list[str], *,
-             valid_texts: list[str] | None = None, valid_labels: np.ndarray | None = None,
-             config: FinetuneConfig = FinetuneConfig(), cache_dir: Path | None = None,
-             progress_every: int = 25) -> tuple[FineTunedTextClassifier, list[dict]]:
+def finetune(
+    texts: list[str],
+    labels: np.ndarray,
+    categories: list[str],
+    *,
+    valid_texts: list[str] | None = None,
+    valid_labels: np.ndarray | None = None,
+    config: FinetuneConfig = FinetuneConfig(),
+    cache_dir: Path | None = None,
+    progress_every: int = 25,
+) -> tuple[FineTunedTextClassifier, list[dict]]:
     """Train on (texts, labels); returns the model and one history row per epoch (train loss,
     valid top-1 / NLL when valid texts are given, seconds). Cached under ``cache_dir``."""
     import torch
 
     labels = np.asarray(labels, dtype=np.int64)
     if len(texts) != len(labels) or not len(texts):
-        raise ValueError(f"need one label per text and at least one text, got {len(texts)} texts "
-                         f"and {len(labels)} labels")
+        raise ValueError(
+            f"need one label per text and at least one text, got {len(texts)} texts and {len(labels)} labels"
+        )
     key = cache_key(texts, labels, list(categories), config)
     if cache_dir is not None:
         weights = Path(cache_dir) / f"text_finetuned_{key}.safetensors"
@@ -112,25 +123,38 @@ def finetune(texts: list[str], labels: np.ndarray, categories: list[str], *,
     model.encoder.train()
     model.head.train()
     optimiser = torch.optim.AdamW(
-        [{"params": list(model.encoder.parameters()), "lr": config.lr},
-         {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult}],
-        weight_decay=config.weight_decay)
+        [
+            {"params": list(model.encoder.parameters()), "lr": config.lr},
+            {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
+        ],
+        weight_decay=config.weight_decay,
+    )
     per_epoch = -(-len(texts) // config.batch_size)
     total = config.epochs * per_epoch
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimiser, max_lr=[config.lr, config.lr * config.head_lr_mult], total_steps=total,
-        pct_start=config.warmup, anneal_strategy="linear")
+        optimiser,
+        max_lr=[config.lr, config.lr * config.head_lr_mult],
+        total_steps=total,
+        pct_start=config.warmup,
+        anneal_strategy="linear",
+    )
     lengths = np.array([len(t) for t in texts])
     target = torch.from_numpy(labels)
     history, start, step = [], time.time(), 0
-    log.info("fine-tuning %s on %d texts: %d epochs of %d batches", TEXT_MODEL_NAME, len(texts),
-             config.epochs, per_epoch)
+    log.info(
+        "fine-tuning %s on %d texts: %d epochs of %d batches",
+        TEXT_MODEL_NAME,
+        len(texts),
+        config.epochs,
+        per_epoch,
+    )
     for epoch in range(config.epochs):
         loss_sum, seen = 0.0, 0
         for i, rows in enumerate(_batches(lengths, config.batch_size, rng)):
             logits = model.logits([texts[j] for j in rows])
-            loss = torch.nn.functional.cross_entropy(logits, target[rows],
-                                                     label_smoothing=config.label_smoothing)
+            loss = torch.nn.functional.cross_entropy(
+                logits, target[rows], label_smoothing=config.label_smoothing
+            )
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -141,17 +165,25 @@ def finetune(texts: list[str], labels: np.ndarray, categories: list[str], *,
             seen += len(rows)
             if progress_every and (i + 1) % progress_every == 0:
                 elapsed = time.time() - start
-                log.info("epoch %d/%d batch %d/%d loss %.3f  elapsed %s, about %s left",
-                         epoch + 1, config.epochs, i + 1, per_epoch, loss_sum / seen,
-                         _format_seconds(elapsed), _format_seconds(elapsed / step * (total - step)))
+                log.info(
+                    "epoch %d/%d batch %d/%d loss %.3f  elapsed %s, about %s left",
+                    epoch + 1,
+                    config.epochs,
+                    i + 1,
+                    per_epoch,
+                    loss_sum / seen,
+                    _format_seconds(elapsed),
+                    _format_seconds(elapsed / step * (total - step)),
+                )
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": time.time() - start}
         if valid_texts is not None and valid_labels is not None and len(valid_texts):
             lp = model.log_probs(valid_texts)
             truth = np.asarray(valid_labels)
             row["valid_top1"] = float((lp.argmax(1) == truth).mean())
             row["valid_nll"] = float(-lp[np.arange(len(truth)), truth].mean())
-        log.info("fine-tune epoch %d/%d: %s", epoch + 1, config.epochs,
-                 {k: round(v, 4) for k, v in row.items()})
+        log.info(
+            "fine-tune epoch %d/%d: %s", epoch + 1, config.epochs, {k: round(v, 4) for k, v in row.items()}
+        )
         history.append(row)
     model.encoder.eval()
     model.head.eval()

@@ -12,6 +12,7 @@ made it: re-running with unchanged inputs prints "up to date" and trains nothing
 
 Model selection uses the valid split only; the test split is looked at once, for the reported metrics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,7 @@ from training.config import PRESETS, TrainConfig, load_config, parse_override, p
 from training.dataset import DEFAULT_OUT_DIR, TrainingPhotos, load_training_photos
 from training.evaluate import DEFINITIONS, classification_metrics, retrieval_metrics, softmax
 from training.export import export_artifact, write_runtime_files
-from training.features import (DEFAULT_CACHE_DIR, FeatureExtractor, TrainableSuffix, backbone_blocks,
-                               cut_for)
+from training.features import DEFAULT_CACHE_DIR, FeatureExtractor, TrainableSuffix, backbone_blocks, cut_for
 from training.result import TrainResult
 
 log = logging.getLogger("training")
@@ -79,8 +79,16 @@ def single_thread():
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, mininterval=2.0, leave=False)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=2.0,
+        leave=False,
+    )
 
 
 def _schedule(optimiser, config: TrainConfig, steps: int):
@@ -88,13 +96,16 @@ def _schedule(optimiser, config: TrainConfig, steps: int):
         return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda _: 1.0)
     warmup = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        optimiser,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
 
 
 def _optimiser(groups: list[dict], config: TrainConfig):
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -107,8 +118,16 @@ def _freeze_bn(module: nn.Module) -> None:
 # --------------------------------------------------------------------------- the head (probe)
 
 
-def train_head(head: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
-               y_valid: np.ndarray, config: TrainConfig, *, progress: bool = True) -> list[dict]:
+def train_head(
+    head: nn.Linear,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_valid: np.ndarray,
+    y_valid: np.ndarray,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+) -> list[dict]:
     """Train a linear head on fixed features; keep the epoch with the best valid accuracy.
 
     `x_train` may hold several views of each train photo (rows repeated with their label).
@@ -121,18 +140,28 @@ def train_head(head: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, x_vali
     yv = torch.as_tensor(y_valid)
     dropout = nn.Dropout(config.dropout)
     steps_per_epoch = max(1, math.ceil(len(xt) / config.batch_size))
-    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay) \
-        if config.optimizer == "adamw" else _optimiser([{"params": head.parameters()}], config)
+    optimiser = (
+        torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer == "adamw"
+        else _optimiser([{"params": head.parameters()}], config)
+    )
     scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
     history, best = [], None
-    bar = tqdm(range(config.epochs), desc="head", unit="epoch", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        range(config.epochs),
+        desc="head",
+        unit="epoch",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     for epoch in bar:
         head.train()
         order = torch.randperm(len(xt), generator=generator)
         total_loss, correct = 0.0, 0
         for start in range(0, len(order), config.batch_size):
-            rows = order[start:start + config.batch_size]
+            rows = order[start : start + config.batch_size]
             logits = head(dropout(xt[rows]))
             loss = F.cross_entropy(logits, yt[rows], label_smoothing=config.label_smoothing)
             optimiser.zero_grad()
@@ -149,8 +178,11 @@ def train_head(head: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, x_vali
             entry["valid_loss"] = float(F.cross_entropy(logits, yv))
             entry["valid_acc"] = float((logits.argmax(1) == yv).float().mean())
             if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
-                best = ((entry["valid_acc"], -entry["valid_loss"]),
-                        {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch + 1)
+                best = (
+                    (entry["valid_acc"], -entry["valid_loss"]),
+                    {k: v.detach().clone() for k, v in head.state_dict().items()},
+                    epoch + 1,
+                )
         history.append(entry)
         bar.set_postfix(valid_acc=f"{entry.get('valid_acc', float('nan')):.3f}")
     if best is not None:
@@ -185,21 +217,36 @@ def cache_cut(features: nn.Module, backbone_name: str, cut: int) -> int:
 
 
 @torch.inference_mode()
-def _advance(features: nn.Module, activations: np.ndarray, start: int, stop: int,
-             batch: int = 128) -> np.ndarray:
+def _advance(
+    features: nn.Module, activations: np.ndarray, start: int, stop: int, batch: int = 128
+) -> np.ndarray:
     """Run frozen blocks ``start..stop`` over cached activations (float16 in and out)."""
     if start == stop:
         return activations
     blocks = nn.Sequential(*backbone_blocks(features)[start:stop]).eval()
-    out = [blocks(torch.from_numpy(activations[i:i + batch]).float()
-                  .contiguous(memory_format=torch.channels_last)).to(torch.float16).numpy()
-           for i in range(0, len(activations), batch)]
+    out = [
+        blocks(
+            torch.from_numpy(activations[i : i + batch]).float().contiguous(memory_format=torch.channels_last)
+        )
+        .to(torch.float16)
+        .numpy()
+        for i in range(0, len(activations), batch)
+    ]
     return np.concatenate(out)
 
 
-def finetune_cached(model: ListingModel, cut: int, views: CachedViews, train_rows: np.ndarray,
-                    train_views: list[str], labels: np.ndarray, valid_rows: np.ndarray,
-                    config: TrainConfig, *, progress: bool = True) -> list[dict]:
+def finetune_cached(
+    model: ListingModel,
+    cut: int,
+    views: CachedViews,
+    train_rows: np.ndarray,
+    train_views: list[str],
+    labels: np.ndarray,
+    valid_rows: np.ndarray,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+) -> list[dict]:
     """Train blocks ``cut..`` + head conv + linear head on cached activations; keep the best epoch
     on the valid split (centre view)."""
     generator = np.random.default_rng(config.seed)
@@ -209,10 +256,13 @@ def finetune_cached(model: ListingModel, cut: int, views: CachedViews, train_row
     trainable = list(suffix.parameters())
     for p in trainable + list(model.head.parameters()):
         p.requires_grad_(True)
-    optimiser = _optimiser([
-        {"params": trainable, "lr": config.lr},
-        {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
-    ], config)
+    optimiser = _optimiser(
+        [
+            {"params": trainable, "lr": config.lr},
+            {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
+        ],
+        config,
+    )
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
     y = torch.tensor(np.asarray(labels))
@@ -227,8 +277,8 @@ def finetune_cached(model: ListingModel, cut: int, views: CachedViews, train_row
         total_loss, correct, seen = 0.0, 0, 0
         bar = _progress(len(order), f"epoch {epoch + 1}/{config.epochs}", progress)
         for start in range(0, len(order), config.batch_size):
-            rows = order[start:start + config.batch_size]
-            x = views.batch(rows, [train_views[c] for c in chosen[start:start + config.batch_size]])
+            rows = order[start : start + config.batch_size]
+            x = views.batch(rows, [train_views[c] for c in chosen[start : start + config.batch_size]])
             logits = model.head(model.dropout(suffix(x)))
             loss = F.cross_entropy(logits, y[rows], label_smoothing=config.label_smoothing)
             optimiser.zero_grad()
@@ -248,12 +298,21 @@ def finetune_cached(model: ListingModel, cut: int, views: CachedViews, train_row
             entry["valid_loss"] = float(F.cross_entropy(logits, yv))
             entry["valid_acc"] = float((logits.argmax(1) == yv).float().mean())
             if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
-                best = ((entry["valid_acc"], -entry["valid_loss"]),
-                        {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+                best = (
+                    (entry["valid_acc"], -entry["valid_loss"]),
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    epoch + 1,
+                )
         history.append(entry)
-        log.info("epoch %d/%d  train loss %.3f acc %.3f  valid loss %s acc %s", epoch + 1, config.epochs,
-                 entry["train_loss"], entry["train_acc"], _fmt(entry.get("valid_loss")),
-                 _fmt(entry.get("valid_acc")))
+        log.info(
+            "epoch %d/%d  train loss %.3f acc %.3f  valid loss %s acc %s",
+            epoch + 1,
+            config.epochs,
+            entry["train_loss"],
+            entry["train_acc"],
+            _fmt(entry.get("valid_loss")),
+            _fmt(entry.get("valid_acc")),
+        )
     for p in model.parameters():
         p.requires_grad_(True)
     if best is not None:
@@ -264,22 +323,35 @@ def finetune_cached(model: ListingModel, cut: int, views: CachedViews, train_row
 
 
 @torch.no_grad()
-def cached_logits(model: ListingModel, suffix: TrainableSuffix, views: CachedViews, rows: np.ndarray,
-                  view: str, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_logits(
+    model: ListingModel,
+    suffix: TrainableSuffix,
+    views: CachedViews,
+    rows: np.ndarray,
+    view: str,
+    batch: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled features, logits) of `rows` computed from cached activations, in eval mode."""
     was_training = suffix.training
     suffix.eval()
     feats = []
     for start in range(0, len(rows), batch):
-        part = rows[start:start + batch]
+        part = rows[start : start + batch]
         feats.append(suffix(views.batch(part, [view] * len(part))))
     suffix.train(was_training)
     features = torch.cat(feats) if feats else torch.zeros(0, model.head.in_features)
     return features, model.head(features)
 
 
-def finetune_end_to_end(model: ListingModel, photos: TrainingPhotos, train_rows: np.ndarray,
-                        valid_rows: np.ndarray, config: TrainConfig, *, progress: bool = True) -> list[dict]:
+def finetune_end_to_end(
+    model: ListingModel,
+    photos: TrainingPhotos,
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+) -> list[dict]:
     """The baseline project's way: every epoch decodes and augments every train photo afresh."""
     from PIL import Image
 
@@ -290,10 +362,13 @@ def finetune_end_to_end(model: ListingModel, photos: TrainingPhotos, train_rows:
     labels = torch.as_tensor(photos.labels)
     model.to(memory_format=torch.channels_last)
     head_params = set(map(id, model.head.parameters()))
-    optimiser = _optimiser([
-        {"params": [p for p in model.parameters() if id(p) not in head_params], "lr": config.lr},
-        {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
-    ], config)
+    optimiser = _optimiser(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in head_params], "lr": config.lr},
+            {"params": list(model.head.parameters()), "lr": config.lr * config.head_lr_mult},
+        ],
+        config,
+    )
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
     generator = np.random.default_rng(config.seed)
@@ -314,7 +389,7 @@ def finetune_end_to_end(model: ListingModel, photos: TrainingPhotos, train_rows:
         total_loss, correct, seen = 0.0, 0, 0
         bar = _progress(len(order), f"epoch {epoch + 1}/{config.epochs}", progress)
         for start in range(0, len(order), config.batch_size):
-            rows = order[start:start + config.batch_size]
+            rows = order[start : start + config.batch_size]
             logits = model(load(rows, augment))
             loss = F.cross_entropy(logits, labels[rows], label_smoothing=config.label_smoothing)
             optimiser.zero_grad()
@@ -331,16 +406,26 @@ def finetune_end_to_end(model: ListingModel, photos: TrainingPhotos, train_rows:
         entry = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen}
         if len(valid_rows):
             with torch.no_grad():
-                logits = torch.cat([model(load(valid_rows[i:i + 64], evaluate))
-                                    for i in range(0, len(valid_rows), 64)])
+                logits = torch.cat(
+                    [model(load(valid_rows[i : i + 64], evaluate)) for i in range(0, len(valid_rows), 64)]
+                )
             entry["valid_loss"] = float(F.cross_entropy(logits, labels[valid_rows]))
             entry["valid_acc"] = float((logits.argmax(1) == labels[valid_rows]).float().mean())
             if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
-                best = ((entry["valid_acc"], -entry["valid_loss"]),
-                        {k: v.detach().clone() for k, v in model.state_dict().items()}, epoch + 1)
+                best = (
+                    (entry["valid_acc"], -entry["valid_loss"]),
+                    {k: v.detach().clone() for k, v in model.state_dict().items()},
+                    epoch + 1,
+                )
         history.append(entry)
-        log.info("epoch %d/%d  train loss %.3f acc %.3f  valid acc %s", epoch + 1, config.epochs,
-                 entry["train_loss"], entry["train_acc"], _fmt(entry.get("valid_acc")))
+        log.info(
+            "epoch %d/%d  train loss %.3f acc %.3f  valid acc %s",
+            epoch + 1,
+            config.epochs,
+            entry["train_loss"],
+            entry["train_acc"],
+            _fmt(entry.get("valid_acc")),
+        )
     if best is not None:
         model.load_state_dict(best[1])
         history.append({"best_epoch": best[2]})
@@ -400,14 +485,22 @@ class TrainingMode:
 
     def probe_config(self) -> TrainConfig:
         return self.config.with_overrides(
-            **PRESETS["probe"] | {"name": self.config.name, "backbone": self.config.backbone,
-                                  "seed": self.config.seed, "fit_on": self.config.fit_on})
+            **PRESETS["probe"]
+            | {
+                "name": self.config.name,
+                "backbone": self.config.backbone,
+                "seed": self.config.seed,
+                "fit_on": self.config.fit_on,
+            }
+        )
 
     def train(self, run: TrainingRun, head_history: list[dict]) -> list[dict]:
         """Train the model after the head step; return the history the artefact keeps."""
         if head_history:
-            log.info("probe head: valid acc %s", _fmt(max((h.get("valid_acc", 0) for h in head_history),
-                                                           default=None)))
+            log.info(
+                "probe head: valid acc %s",
+                _fmt(max((h.get("valid_acc", 0) for h in head_history), default=None)),
+            )
         return self._train(run)
 
     def _train(self, run: TrainingRun) -> list[dict]:
@@ -417,9 +510,9 @@ class TrainingMode:
         """Pooled features of every photo from the final model: one fresh pass of the exported model."""
         files, keys = run.photos.files, run.photos.keys
         backbone = get_backbone(run.backbone_name)
-        return FeatureExtractor(backbone, cache_dir=None, progress=run.progress,
-                                features=self.model.features).get(
-            files, keys, "center", ("pooled",), desc="final model, all photos")["pooled"]
+        return FeatureExtractor(
+            backbone, cache_dir=None, progress=run.progress, features=self.model.features
+        ).get(files, keys, "center", ("pooled",), desc="final model, all photos")["pooled"]
 
 
 class LinearProbe(TrainingMode):
@@ -465,25 +558,39 @@ class CachedFinetune(TrainingMode):
             full = np.zeros((n,) + advanced.shape[1:], dtype=np.float16)
             full[run.train_rows] = advanced
             act_views[view] = full
-        return finetune_cached(self.model, self.cut, CachedViews(act_views), run.train_rows,
-                               _train_views(self.config), run.photos.labels, run.valid_rows, self.config,
-                               progress=run.progress)
+        return finetune_cached(
+            self.model,
+            self.cut,
+            CachedViews(act_views),
+            run.train_rows,
+            _train_views(self.config),
+            run.photos.labels,
+            run.valid_rows,
+            self.config,
+            progress=run.progress,
+        )
 
     def final_features(self, run: TrainingRun, *, exact_outputs: bool) -> np.ndarray:
         if exact_outputs or self._center_activations is None:
             return super().final_features(run, exact_outputs=exact_outputs)
         suffix = TrainableSuffix(self.model.features, self.cut).eval()
         with torch.no_grad():
-            return cached_logits(self.model, suffix, CachedViews({"center": self._center_activations}),
-                                 np.arange(len(run.photos.files)), "center")[0].numpy()
+            return cached_logits(
+                self.model,
+                suffix,
+                CachedViews({"center": self._center_activations}),
+                np.arange(len(run.photos.files)),
+                "center",
+            )[0].numpy()
 
 
 class EndToEndFinetune(TrainingMode):
     """Every layer trained on photos decoded and augmented afresh each epoch (``unfrozen_blocks="all"``)."""
 
     def _train(self, run: TrainingRun) -> list[dict]:
-        return finetune_end_to_end(self.model, run.photos, run.train_rows, run.valid_rows, self.config,
-                                   progress=run.progress)
+        return finetune_end_to_end(
+            self.model, run.photos, run.train_rows, run.valid_rows, self.config, progress=run.progress
+        )
 
 
 def training_mode(config: TrainConfig, model: ListingModel) -> TrainingMode:
@@ -498,9 +605,15 @@ def training_mode(config: TrainConfig, model: ListingModel) -> TrainingMode:
 # --------------------------------------------------------------------------- the whole run
 
 
-def fit(config: TrainConfig, photos: TrainingPhotos, *, cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
-        progress: bool = True, extractor: FeatureExtractor | None = None,
-        exact_outputs: bool = True) -> TrainResult:
+def fit(
+    config: TrainConfig,
+    photos: TrainingPhotos,
+    *,
+    cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
+    progress: bool = True,
+    extractor: FeatureExtractor | None = None,
+    exact_outputs: bool = True,
+) -> TrainResult:
     """Train per `config` on `photos`; return the model and its outputs on every photo.
 
     With `exact_outputs` a fine-tuned model's outputs come from a fresh pass of the final model over
@@ -512,8 +625,9 @@ def fit(config: TrainConfig, photos: TrainingPhotos, *, cache_dir: Path | str | 
     backbone = get_backbone(config.backbone)
     model = ListingModel(backbone, len(photos.categories), pretrained=True, dropout=config.dropout)
     model.eval()
-    extractor = extractor or FeatureExtractor(backbone, cache_dir=cache_dir, progress=progress,
-                                              features=model.features)
+    extractor = extractor or FeatureExtractor(
+        backbone, cache_dir=cache_dir, progress=progress, features=model.features
+    )
     extractor._features = model.features  # one set of weights in memory
     mode = training_mode(config, model)
     files, keys, labels = photos.files, photos.keys, photos.labels
@@ -526,8 +640,16 @@ def fit(config: TrainConfig, photos: TrainingPhotos, *, cache_dir: Path | str | 
     # 1. backbone passes (cached): every photo's centre view; train photos' extra views.
     t0 = time.perf_counter()
     outputs = mode.cached_outputs()
-    run = TrainingRun(config, model, photos, config.backbone, train_rows, valid_rows,
-                      center=extractor.get(files, keys, "center", outputs), progress=progress)
+    run = TrainingRun(
+        config,
+        model,
+        photos,
+        config.backbone,
+        train_rows,
+        valid_rows,
+        center=extractor.get(files, keys, "center", outputs),
+        progress=progress,
+    )
     for view in mode.extra_views():
         run.extra[view] = extractor.get(train_files, train_keys, view, outputs)
     timings["features_s"] = time.perf_counter() - t0
@@ -536,12 +658,20 @@ def fit(config: TrainConfig, photos: TrainingPhotos, *, cache_dir: Path | str | 
     t0 = time.perf_counter()
     head_history: list[dict] = []
     if mode.fits_probe_head:
-        x_train = [run.center["pooled"][train_rows]] + [run.extra[v]["pooled"] for v in run.extra if v == "flip"]
+        x_train = [run.center["pooled"][train_rows]] + [
+            run.extra[v]["pooled"] for v in run.extra if v == "flip"
+        ]
         y_train = np.concatenate([labels[train_rows]] * len(x_train))
         with single_thread():
-            head_history = train_head(model.head, np.concatenate(x_train), y_train,
-                                      run.center["pooled"][valid_rows], labels[valid_rows],
-                                      mode.probe_config(), progress=progress)
+            head_history = train_head(
+                model.head,
+                np.concatenate(x_train),
+                y_train,
+                run.center["pooled"][valid_rows],
+                labels[valid_rows],
+                mode.probe_config(),
+                progress=progress,
+            )
     timings["head_s"] = time.perf_counter() - t0
 
     # 3. the mode's own training.
@@ -570,10 +700,12 @@ def evaluate_result(result: TrainResult, photos: TrainingPhotos) -> dict:
     for split in ("valid", "test"):
         rows = photos.mask(split)
         if rows.any():
-            metrics[split] = classification_metrics(probs[rows], photos.labels[rows],
-                                                    photos.listing_ids[rows], photos.categories)
-    metrics["retrieval"] = retrieval_metrics(result.embeddings, photos.labels, photos.splits,
-                                             photos.listing_ids)
+            metrics[split] = classification_metrics(
+                probs[rows], photos.labels[rows], photos.listing_ids[rows], photos.categories
+            )
+    metrics["retrieval"] = retrieval_metrics(
+        result.embeddings, photos.labels, photos.splits, photos.listing_ids
+    )
     return metrics
 
 
@@ -597,9 +729,17 @@ def up_to_date(out_dir: Path, key: str) -> dict | None:
 TEXT_REFIT_CHOICES = ("auto", "yes", "no")
 
 
-def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
-        cache_dir: Path | str | None = DEFAULT_CACHE_DIR, force: bool = False, progress: bool = True,
-        photos: TrainingPhotos | None = None, text: str = "auto") -> dict:
+def run(
+    config: TrainConfig,
+    data_dir: Path | str,
+    out_dir: Path | str,
+    *,
+    cache_dir: Path | str | None = DEFAULT_CACHE_DIR,
+    force: bool = False,
+    progress: bool = True,
+    photos: TrainingPhotos | None = None,
+    text: str = "auto",
+) -> dict:
     """Train, evaluate and export unless `out_dir` already holds this exact result; return the card.
 
     The text heads and text+image fusion weights (`training.text`) depend on the image model, so
@@ -617,6 +757,7 @@ def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
         log.info("%s is up to date (same data fingerprint and config); nothing to train", out_dir)
         if not card.get("runtimes"):  # exported before the inference runtimes: add their files
             from common.model import load_artifact
+
             card = write_runtime_files(Path(out_dir), load_artifact(Path(out_dir)).model, photos)
         card["up_to_date"] = True
         return card
@@ -629,13 +770,23 @@ def run(config: TrainConfig, data_dir: Path | str, out_dir: Path | str, *,
     if text == "yes" or (text == "auto" and had_text_heads):
         card["text_refit"] = refit_text_heads(Path(data_dir), Path(out_dir))
     elif had_text_heads:
-        log.warning("the text heads and fusion weights in %s were fit for the previous image model and "
-                    "will be refused at load; refit them with `python -m training.text --data %s "
-                    "--artifact %s`", out_dir, data_dir, out_dir)
+        log.warning(
+            "the text heads and fusion weights in %s were fit for the previous image model and "
+            "will be refused at load; refit them with `python -m training.text --data %s "
+            "--artifact %s`",
+            out_dir,
+            data_dir,
+            out_dir,
+        )
     elif (Path(out_dir) / FUSION_WEIGHTS_FILE).is_file():
-        log.warning("the fusion weights in %s were chosen for the previous image model and will be "
-                    "refused at load; choose them again with `python -m training.fusion_weights "
-                    "--data %s --artifact %s`", out_dir, data_dir, out_dir)
+        log.warning(
+            "the fusion weights in %s were chosen for the previous image model and will be "
+            "refused at load; choose them again with `python -m training.fusion_weights "
+            "--data %s --artifact %s`",
+            out_dir,
+            data_dir,
+            out_dir,
+        )
     return card
 
 
@@ -680,10 +831,15 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_OUT_DIR, help="prepared data folder")
-    parser.add_argument("--out", type=Path, default=None, help="artefact directory (default artifacts/<name>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="artefact directory (default artifacts/<name>)"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
     parser.add_argument("--config", type=Path, help="a JSON file of TrainConfig keys (may name a preset)")
     parser.add_argument("--mode", choices=("probe", "finetune"), help="override the mode")
@@ -693,20 +849,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache directory")
     parser.add_argument("--force", action="store_true", help="retrain even when the artefact is up to date")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--text", choices=TEXT_REFIT_CHOICES, default="auto",
-                        help="refit the text heads and fusion weights (training.text) on the new image "
-                             "model: auto = when the artefact directory already has them")
+    parser.add_argument(
+        "--text",
+        choices=TEXT_REFIT_CHOICES,
+        default="auto",
+        help="refit the text heads and fusion weights (training.text) on the new image "
+        "model: auto = when the artefact directory already has them",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     set_threads()
     try:
         config = build_config(args)
     except (ValueError, KeyError) as exc:
         parser.error(str(exc))
     out = args.out or Path("artifacts") / config.name
-    card = run(config, args.data, out, cache_dir=args.cache, force=args.force, progress=not args.no_progress,
-               text=args.text)
+    card = run(
+        config,
+        args.data,
+        out,
+        cache_dir=args.cache,
+        force=args.force,
+        progress=not args.no_progress,
+        text=args.text,
+    )
     print(format_summary(card))
     print(f"artefact: {out}  ({'up to date, nothing trained' if card.get('up_to_date') else 'written'})")
     return 0

@@ -16,6 +16,7 @@ csv module, for the services, whose images carry no pandas) and `common.prepared
 (typed pandas frames: `load_prepared`, and the writers `write_prepared` and `write_summary`, for
 training, the benchmarks and the demo).
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,11 +35,24 @@ SAMPLES_FILE = "samples.png"
 LABELS_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 LISTING_COLUMNS: tuple[str, ...] = (
-    "product_id", "title", "location", "description", "category",
-    "main_category", "price", "currency", "price_flag",
+    "product_id",
+    "title",
+    "location",
+    "description",
+    "category",
+    "main_category",
+    "price",
+    "currency",
+    "price_flag",
 )
 IMAGE_COLUMNS: tuple[str, ...] = (
-    "image_id", "product_id", "main_category", "label", "split", "path", "sha256",
+    "image_id",
+    "product_id",
+    "main_category",
+    "label",
+    "split",
+    "path",
+    "sha256",
 )
 #: Price flags that make a listing's price unknown to the services (see `common.prices.price_flag`).
 UNUSABLE_PRICE_FLAGS = frozenset({"unparseable", "absurd"})

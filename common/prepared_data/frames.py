@@ -1,5 +1,6 @@
 """The prepared data set as pandas frames: its typed reader and its writers (the file names and
 columns are declared in `common.prepared_data`)."""
+
 from __future__ import annotations
 
 import json
@@ -58,12 +59,15 @@ def load_prepared(out_dir: Path | str, *, check_files: bool = False) -> Prepared
     if check_files:
         absent = [p for p in images["path"] if not (out / p).is_file()]
         if absent:
-            raise DataNotFoundError(f"{len(absent)} image files listed in {IMAGES_FILE} are missing, e.g. {absent[:3]}")
+            raise DataNotFoundError(
+                f"{len(absent)} image files listed in {IMAGES_FILE} are missing, e.g. {absent[:3]}"
+            )
     return PreparedData(listings, images, list(labels.categories))
 
 
-def write_prepared(out_dir: Path | str, listings: pd.DataFrame, images: pd.DataFrame,
-                   labels: CategoryLabels) -> None:
+def write_prepared(
+    out_dir: Path | str, listings: pd.DataFrame, images: pd.DataFrame, labels: CategoryLabels
+) -> None:
     """Write ``labels.json``, ``listings.csv`` and ``images.csv`` (the CSVs atomically, in the
     declared column order, so a reader never sees half a file)."""
     out = Path(out_dir)

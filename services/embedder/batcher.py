@@ -12,6 +12,7 @@ but only while callers have announced items still on their way (``reserve``: a r
 images are being decoded). With no one else in flight it runs at once, so a lone caller never
 pays the batching delay.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,8 @@ class _Job:
     inputs: torch.Tensor
     future: Future
     outputs: list[np.ndarray] | None = None
-    taken: int = 0       # rows handed to the worker so far
-    done: int = 0        # rows whose outputs are in place
+    taken: int = 0  # rows handed to the worker so far
+    done: int = 0  # rows whose outputs are in place
     queued_at: float = field(default_factory=time.perf_counter)
 
     @property
@@ -95,9 +96,16 @@ class Reservation:
 
 
 class DynamicBatcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_s: float,
-                 name: str = "batcher", on_worker_start: Callable[[], None] | None = None,
-                 workers: int = 1) -> None:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        name: str = "batcher",
+        on_worker_start: Callable[[], None] | None = None,
+        workers: int = 1,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if workers < 1:
@@ -107,14 +115,15 @@ class DynamicBatcher:
         self.max_wait_s = max(0.0, max_wait_s)
         self._on_worker_start = on_worker_start
         self._jobs: deque[_Job] = deque()
-        self._queued = 0          # rows submitted and not yet taken by the worker
-        self._reserved = 0        # rows announced and not yet submitted
+        self._queued = 0  # rows submitted and not yet taken by the worker
+        self._reserved = 0  # rows announced and not yet submitted
         self._closed = False
         self._cond = threading.Condition()
         self.stats = BatcherStats()
         self.observer: BatchObserver | None = None
-        self._workers = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-                         for i in range(workers)]
+        self._workers = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+        ]
         for worker in self._workers:
             worker.start()
 
@@ -181,8 +190,7 @@ class DynamicBatcher:
             if self._closed:
                 return None
             deadline = time.monotonic() + self.max_wait_s
-            while (self._queued < self.max_batch_size and self._reserved > 0
-                   and not self._closed):
+            while self._queued < self.max_batch_size and self._reserved > 0 and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -225,11 +233,13 @@ class DynamicBatcher:
             model_seconds = time.perf_counter() - started
             self._route(live, outputs, int(batch.shape[0]))
             if self.observer is not None:
-                self._observe(int(batch.shape[0]), model_seconds,
-                              [started - job.queued_at for job, a, _ in live if a == 0])
+                self._observe(
+                    int(batch.shape[0]),
+                    model_seconds,
+                    [started - job.queued_at for job, a, _ in live if a == 0],
+                )
 
-    def _route(self, live: list[tuple[_Job, int, int]], outputs: Sequence[np.ndarray],
-               size: int) -> None:
+    def _route(self, live: list[tuple[_Job, int, int]], outputs: Sequence[np.ndarray], size: int) -> None:
         """Copy each caller's rows out of a finished batch; under the lock, because another
         worker may be filling other rows of the same job."""
         finished: list[_Job] = []
@@ -241,15 +251,14 @@ class DynamicBatcher:
                     offset += b - a
                     continue
                 if job.outputs is None:
-                    job.outputs = [np.empty((job.size, *out.shape[1:]), dtype=out.dtype)
-                                   for out in outputs]
+                    job.outputs = [np.empty((job.size, *out.shape[1:]), dtype=out.dtype) for out in outputs]
                 for target, out in zip(job.outputs, outputs):
-                    target[a:b] = out[offset:offset + (b - a)]
+                    target[a:b] = out[offset : offset + (b - a)]
                 offset += b - a
                 job.done += b - a
                 if job.done == job.size:
                     finished.append(job)
-        for job in finished:   # outside the lock: callbacks of the future run here
+        for job in finished:  # outside the lock: callbacks of the future run here
             _settle(job.future, result=tuple(job.outputs))
 
     def _observe(self, size: int, model_seconds: float, queue_waits: list[float]) -> None:

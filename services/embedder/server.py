@@ -1,4 +1,5 @@
 """gRPC front of the embedder: validates requests, calls the core, maps errors to status codes."""
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     shutting down -> UNAVAILABLE, EmbedText without a text model -> FAILED_PRECONDITION saying
     how to enable it."""
 
-    def __init__(self, core: Embedder, config: EmbedderConfig,
-                 metrics: EmbedderMetrics | None = None) -> None:
+    def __init__(
+        self, core: Embedder, config: EmbedderConfig, metrics: EmbedderMetrics | None = None
+    ) -> None:
         self.core = core
         self.config = config
         self.metrics = metrics
@@ -37,13 +39,15 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     def Embed(self, request, context):
         with service_errors(context):
             embeddings = self.core.embed(request.images)
-        return embedder_pb2.EmbedResponse(embeddings=[_vector(row) for row in embeddings],
-                                          model_version=self.core.model.version)
+        return embedder_pb2.EmbedResponse(
+            embeddings=[_vector(row) for row in embeddings], model_version=self.core.model.version
+        )
 
     def Classify(self, request, context):
         with service_errors(context):
-            results = self.core.classify(request.images, request.top_k,
-                                         include_embeddings=request.include_embeddings)
+            results = self.core.classify(
+                request.images, request.top_k, include_embeddings=request.include_embeddings
+            )
         response = embedder_pb2.ClassifyResponse(model_version=self.core.model.version)
         for result in results:
             item = response.results.add()
@@ -58,24 +62,34 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             embeddings = self.core.embed_text(list(request.texts))
         if self.metrics is not None:
             self.metrics.texts_embedded(len(embeddings))
-        return embedder_pb2.EmbedTextResponse(embeddings=[_vector(row) for row in embeddings],
-                                              text_model=self.core.text.name)
+        return embedder_pb2.EmbedTextResponse(
+            embeddings=[_vector(row) for row in embeddings], text_model=self.core.text.name
+        )
 
     def GetModelInfo(self, request, context):
         model, text, fusion = self.core.model, self.core.text, self.core.fusion_weights
         info = embedder_pb2.ModelInfo(
-            backbone=model.backbone, embedding_dim=model.embedding_dim,
-            categories=model.categories, model_version=model.version,
-            input_size=model.input_size, modalities=self.core.modalities,
+            backbone=model.backbone,
+            embedding_dim=model.embedding_dim,
+            categories=model.categories,
+            model_version=model.version,
+            input_size=model.input_size,
+            modalities=self.core.modalities,
             text_embedding_dim=text.dim if text is not None else 0,
-            text_model=text.name if text is not None else "", max_batch=self.config.max_batch,
+            text_model=text.name if text is not None else "",
+            max_batch=self.config.max_batch,
             max_image_bytes=self.config.max_image_bytes,
-            fusion_weights_problem=self.core.fusion_weights_problem)
+            fusion_weights_problem=self.core.fusion_weights_problem,
+        )
         if fusion is not None:
-            info.fusion_weights.CopyFrom(embedder_pb2.FusionWeights(
-                search_text_weight=fusion.search_text_weight,
-                similar_text_weight=fusion.similar_text_weight, chosen_on=fusion.chosen_on,
-                source=f"{FUSION_WEIGHTS_FILE} of {fusion.image_model_version}"))
+            info.fusion_weights.CopyFrom(
+                embedder_pb2.FusionWeights(
+                    search_text_weight=fusion.search_text_weight,
+                    similar_text_weight=fusion.similar_text_weight,
+                    chosen_on=fusion.chosen_on,
+                    source=f"{FUSION_WEIGHTS_FILE} of {fusion.image_model_version}",
+                )
+            )
         return info
 
 
@@ -98,8 +112,7 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
     credentials = config.tls.server_credentials()  # a bad TLS_* path fails before the model loads
     core = core or Embedder.from_config(config)
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "EMBEDDER_METRICS_PORT")
-    observed = (EmbedderMetrics(metrics.registry, core, config.batch_size)
-                if metrics is not None else None)
+    observed = EmbedderMetrics(metrics.registry, core, config.batch_size) if metrics is not None else None
     servicer = EmbedderServicer(core, config, observed)
 
     def register(server):
@@ -107,14 +120,19 @@ def start(config: EmbedderConfig, core: Embedder | None = None) -> EmbedderServe
         return [SERVICE_NAME]
 
     try:
-        server = create_server(register, f"{config.host}:{config.port}",
-                               limits=config.server_limits(), credentials=credentials,
-                               metrics=metrics)
+        server = create_server(
+            register,
+            f"{config.host}:{config.port}",
+            limits=config.server_limits(),
+            credentials=credentials,
+            metrics=metrics,
+        )
     except Exception:
         core.close()
         raise
-    embedder_server = EmbedderServer(server.grpc_server, server.port, server.health,
-                                     server.service_names, core, metrics=server.metrics)
+    embedder_server = EmbedderServer(
+        server.grpc_server, server.port, server.health, server.service_names, core, metrics=server.metrics
+    )
     embedder_server.set_serving(True)
     return embedder_server
 
@@ -127,6 +145,5 @@ def main(argv: list[str] | None = None) -> None:
     except ArtifactError as exc:
         log.error("cannot load the model from %s: %s", config.artifact_dir, exc)
         sys.exit(f"embedder: cannot start: {exc}")
-    log.info("embedder serving %s on %s:%d", " and ".join(server.core.modalities), config.host,
-             server.port)
+    log.info("embedder serving %s on %s:%d", " and ".join(server.core.modalities), config.host, server.port)
     serve_until_signal(server)

@@ -25,6 +25,7 @@ the back end's migration lock, so gateways starting together migrate once; a cat
 code is refused rather than misread. Add a migration by appending to the list. Nothing here
 knows about gRPC.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,6 @@ from services.gateway.catalogue_db import (
     Transaction,
     UniqueViolation,
     open_database,
-    parse_database_url,
 )
 from services.gateway.domain import Listing, Unavailable
 from services.gateway.shard_map_store import SHARD_MAP_MIGRATION, DatabaseShardMapStore
@@ -193,7 +193,7 @@ class OutboxStats:
 
 def _chunks(items: Sequence[str], size: int = _SQL_VARS) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def _marks(count: int) -> str:
@@ -211,8 +211,14 @@ class Catalogue:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, target: str | Path, *, max_connections: int = 16,
-             connect_timeout_s: float = 5.0, min_connections: int = 1) -> "Catalogue":
+    def open(
+        cls,
+        target: str | Path,
+        *,
+        max_connections: int = 16,
+        connect_timeout_s: float = 5.0,
+        min_connections: int = 1,
+    ) -> "Catalogue":
         """Open ``GATEWAY_DB`` (a path, ``sqlite:///path`` or ``postgresql://...``; a SQLite file
         and its folder are created if needed) and migrate it to `SCHEMA_VERSION`.
 
@@ -220,9 +226,12 @@ class Catalogue:
         server cannot be reached. PostgreSQL: a pool of ``max_connections``, ``min_connections``
         of them opened at once (a server passes its full size)."""
         try:
-            database = open_database(target, max_connections=max_connections,
-                                     connect_timeout_s=connect_timeout_s,
-                                     min_connections=min_connections)
+            database = open_database(
+                target,
+                max_connections=max_connections,
+                connect_timeout_s=connect_timeout_s,
+                min_connections=min_connections,
+            )
         except DatabaseUnavailable as exc:
             raise CatalogueUnavailable(str(exc)) from None
         except DatabaseError as exc:
@@ -273,8 +282,10 @@ class Catalogue:
             self._db.migration_lock(tx)
             version = self._db.schema_version(tx)
             if version > SCHEMA_VERSION:
-                raise CatalogueError(f"catalogue {self.path} has schema version {version}; this "
-                                     f"code knows up to {SCHEMA_VERSION} (newer gateway?)")
+                raise CatalogueError(
+                    f"catalogue {self.path} has schema version {version}; this "
+                    f"code knows up to {SCHEMA_VERSION} (newer gateway?)"
+                )
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[target - 1].format(**self._db.types).split(";"):
                     if statement.strip():
@@ -297,8 +308,8 @@ class Catalogue:
     def main_categories(self) -> list[str]:
         with self._tx() as tx:
             rows = tx.execute(
-                "SELECT DISTINCT main_category FROM listings WHERE main_category != '' "
-                "ORDER BY main_category").fetchall()
+                "SELECT DISTINCT main_category FROM listings WHERE main_category != '' ORDER BY main_category"
+            ).fetchall()
         return [row[0] for row in rows]
 
     def get(self, listing_id: str, *, include_pending: bool = False) -> Listing | None:
@@ -315,7 +326,9 @@ class Catalogue:
             rows += self._query(
                 f"SELECT {_L_COLUMNS}, i.image_id FROM listings l LEFT JOIN listing_images i "
                 f"ON i.listing_id = l.id WHERE l.id IN ({_marks(len(chunk))}){state} "
-                "ORDER BY l.id, i.position", chunk)
+                "ORDER BY l.id, i.position",
+                chunk,
+            )
         return _listings_with_images(rows)
 
     def listing_ids(self, *, include_pending: bool = False) -> list[str]:
@@ -325,16 +338,19 @@ class Catalogue:
 
     def image_rows(self, image_ids: Iterable[str] | None = None) -> list[ImageRow]:
         """Photos with their listing's attributes (all photos, or those of ``image_ids`` found)."""
-        query = ("SELECT i.image_id, l.id, l.main_category, l.price, l.location FROM listing_images i "
-                 "JOIN listings l ON l.id = i.listing_id")
+        query = (
+            "SELECT i.image_id, l.id, l.main_category, l.price, l.location FROM listing_images i "
+            "JOIN listings l ON l.id = i.listing_id"
+        )
         with self._tx() as tx:
             if image_ids is None:
                 rows = tx.execute(query + " ORDER BY l.id, i.position").fetchall()
             else:
                 rows = []
                 for chunk in _chunks(list(image_ids)):
-                    rows += tx.execute(query + f" WHERE i.image_id IN ({_marks(len(chunk))})",
-                                       chunk).fetchall()
+                    rows += tx.execute(
+                        query + f" WHERE i.image_id IN ({_marks(len(chunk))})", chunk
+                    ).fetchall()
         return [ImageRow(*row) for row in rows]
 
     def index_expectation(self) -> tuple[dict[str, tuple[str, ...]], set[str], dict[str, str]]:
@@ -344,15 +360,22 @@ class Catalogue:
             states = dict(tx.execute("SELECT id, state FROM listings").fetchall())
             images: dict[str, list[str]] = {}
             for image_id, listing_id in tx.execute(
-                    "SELECT image_id, listing_id FROM listing_images ORDER BY listing_id, position").fetchall():
+                "SELECT image_id, listing_id FROM listing_images ORDER BY listing_id, position"
+            ).fetchall():
                 images.setdefault(listing_id, []).append(image_id)
-            texts = {row[0] for row in tx.execute(
-                "SELECT listing_id FROM listing_vectors WHERE collection = 'text'").fetchall()}
+            texts = {
+                row[0]
+                for row in tx.execute(
+                    "SELECT listing_id FROM listing_vectors WHERE collection = 'text'"
+                ).fetchall()
+            }
         return {i: tuple(images.get(i, ())) for i in states}, texts, states
 
     def stored_vector_listings(self) -> set[str]:
         with self._tx() as tx:
-            return {row[0] for row in tx.execute("SELECT DISTINCT listing_id FROM listing_vectors").fetchall()}
+            return {
+                row[0] for row in tx.execute("SELECT DISTINCT listing_id FROM listing_vectors").fetchall()
+            }
 
     # ------------------------------------------------------------------ writes
 
@@ -364,11 +387,19 @@ class Catalogue:
             with self._tx() as tx:
                 _insert(tx, listing, price_flag, time.time())
         except UniqueViolation as exc:
-            raise DuplicateListing(f"listing {listing.id} or one of its image ids is already "
-                                   f"in the catalogue ({exc})") from None
+            raise DuplicateListing(
+                f"listing {listing.id} or one of its image ids is already in the catalogue ({exc})"
+            ) from None
 
-    def add_pending(self, listing: Listing, vectors: Sequence[StoredVector], shard: int, *,
-                    lease_holder: str = "", lease_s: float = 0.0) -> OutboxEntry:
+    def add_pending(
+        self,
+        listing: Listing,
+        vectors: Sequence[StoredVector],
+        shard: int,
+        *,
+        lease_holder: str = "",
+        lease_s: float = 0.0,
+    ) -> OutboxEntry:
         """AddListing's one transaction: the listing (``pending``), its photos, its vectors and the
         outbox entry that will push them to ``shard``. DuplicateListing if the listing id or an
         image id exists (nothing written). With ``lease_holder`` the entry is written already
@@ -385,19 +416,32 @@ class Catalogue:
                 tx.executemany(
                     "INSERT INTO listing_vectors (collection, item_id, listing_id, position, vector) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    [(v.collection, v.item_id, listing.id, n,
-                      np.asarray(v.vector, dtype="<f4").tobytes()) for n, v in enumerate(vectors)])
-                seq, holder = _enqueue(tx, listing.id, write_id, shard, UPSERT, item_ids, now,
-                                       lease_holder=lease_holder, lease_s=lease_s)
+                    [
+                        (v.collection, v.item_id, listing.id, n, np.asarray(v.vector, dtype="<f4").tobytes())
+                        for n, v in enumerate(vectors)
+                    ],
+                )
+                seq, holder = _enqueue(
+                    tx,
+                    listing.id,
+                    write_id,
+                    shard,
+                    UPSERT,
+                    item_ids,
+                    now,
+                    lease_holder=lease_holder,
+                    lease_s=lease_s,
+                )
         except UniqueViolation as exc:
-            raise DuplicateListing(f"listing {listing.id} or one of its image ids is already "
-                                   f"in the catalogue ({exc})") from None
+            raise DuplicateListing(
+                f"listing {listing.id} or one of its image ids is already in the catalogue ({exc})"
+            ) from None
         if not holder:
             return OutboxEntry(seq, listing.id, write_id, shard, UPSERT, item_ids)
-        as_stored = tuple(StoredVector(v.collection, v.item_id, np.asarray(v.vector, dtype="<f4"))
-                          for v in vectors)  # exactly what `claim` would read back
-        return OutboxEntry(seq, listing.id, write_id, shard, UPSERT, item_ids, 0, listing,
-                           as_stored, holder)
+        as_stored = tuple(
+            StoredVector(v.collection, v.item_id, np.asarray(v.vector, dtype="<f4")) for v in vectors
+        )  # exactly what `claim` would read back
+        return OutboxEntry(seq, listing.id, write_id, shard, UPSERT, item_ids, 0, listing, as_stored, holder)
 
     def remove(self, listing_id: str) -> Listing | None:
         """Delete a listing and its image ids (no index write queued); returns what was removed."""
@@ -407,8 +451,15 @@ class Catalogue:
                 tx.execute("DELETE FROM listings WHERE id = ?", (listing_id,))
         return listing
 
-    def remove_queued(self, listing_id: str, shard: int, *, text_collection: str = "text",
-                      lease_holder: str = "", lease_s: float = 0.0) -> tuple[Listing, OutboxEntry] | None:
+    def remove_queued(
+        self,
+        listing_id: str,
+        shard: int,
+        *,
+        text_collection: str = "text",
+        lease_holder: str = "",
+        lease_s: float = 0.0,
+    ) -> tuple[Listing, OutboxEntry] | None:
         """RemoveListing's one transaction: delete the listing (with its photos and vectors;
         pending or live) and queue the deletion of its photo and text vectors on ``shard``, after
         any write of it still queued. None if no listing has that id."""
@@ -419,8 +470,9 @@ class Catalogue:
                 return None
             item_ids = {"image": list(listing.image_ids), text_collection: [listing_id]}
             tx.execute("DELETE FROM listings WHERE id = ?", (listing_id,))
-            seq, holder = _enqueue(tx, listing_id, "", shard, DELETE, item_ids, now,
-                                   lease_holder=lease_holder, lease_s=lease_s)
+            seq, holder = _enqueue(
+                tx, listing_id, "", shard, DELETE, item_ids, now, lease_holder=lease_holder, lease_s=lease_s
+            )
         return listing, OutboxEntry(seq, listing_id, "", shard, DELETE, item_ids, lease_holder=holder)
 
     def queue_delete(self, listing_id: str, shard: int, item_ids: dict[str, list[str]]) -> int:
@@ -434,8 +486,10 @@ class Catalogue:
         None when the catalogue keeps no vectors for it."""
         with self._tx() as tx:
             row = tx.execute("SELECT write_id FROM listings WHERE id = ?", (listing_id,)).fetchone()
-            stored = tx.execute("SELECT collection, item_id FROM listing_vectors WHERE listing_id = ? "
-                                "ORDER BY position", (listing_id,)).fetchall()
+            stored = tx.execute(
+                "SELECT collection, item_id FROM listing_vectors WHERE listing_id = ? ORDER BY position",
+                (listing_id,),
+            ).fetchall()
             if row is None or not stored:
                 return None
             item_ids: dict[str, list[str]] = {}
@@ -450,27 +504,37 @@ class Catalogue:
         first in line for their listing (entries of one listing apply strictly in order)."""
         return [seq for seq, _ in self.due_outbox_shards(now, limit, listing_id)]
 
-    def due_outbox_shards(self, now: float, limit: int = 64,
-                          listing_id: str | None = None) -> list[tuple[int, int]]:
+    def due_outbox_shards(
+        self, now: float, limit: int = 64, listing_id: str | None = None
+    ) -> list[tuple[int, int]]:
         """`due_outbox` with each entry's shard: [(seq, shard)]."""
         where = " AND o.listing_id = ?" if listing_id is not None else ""
         params: tuple = (now, now) + ((listing_id,) if listing_id is not None else ()) + (limit,)
-        return [(int(row[0]), int(row[1])) for row in self._query(
-            "SELECT o.seq, o.shard FROM outbox o WHERE o.next_attempt_at <= ? AND o.lease_until < ?"
-            f"{where} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = o.listing_id "
-            "AND e.seq < o.seq) ORDER BY o.seq LIMIT ?", params)]
+        return [
+            (int(row[0]), int(row[1]))
+            for row in self._query(
+                "SELECT o.seq, o.shard FROM outbox o WHERE o.next_attempt_at <= ? AND o.lease_until < ?"
+                f"{where} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = o.listing_id "
+                "AND e.seq < o.seq) ORDER BY o.seq LIMIT ?",
+                params,
+            )
+        ]
 
     def pending_outbox(self, listing_id: str | None = None) -> list[int]:
         if listing_id is None:
             return [int(r[0]) for r in self._query("SELECT seq FROM outbox ORDER BY seq")]
-        return [int(r[0]) for r in self._query("SELECT seq FROM outbox WHERE listing_id = ? ORDER BY seq",
-                                               (listing_id,))]
+        return [
+            int(r[0])
+            for r in self._query("SELECT seq FROM outbox WHERE listing_id = ? ORDER BY seq", (listing_id,))
+        ]
 
     def pending_listing_ids(self) -> set[str]:
         with self._tx() as tx:
             return {row[0] for row in tx.execute("SELECT DISTINCT listing_id FROM outbox").fetchall()}
 
-    def claim(self, seq: int, holder: str, lease_s: float, *, ignore_backoff: bool = False) -> OutboxEntry | None:
+    def claim(
+        self, seq: int, holder: str, lease_s: float, *, ignore_backoff: bool = False
+    ) -> OutboxEntry | None:
         """Take entry ``seq`` for ``lease_s`` seconds if nobody holds it and it is first in line
         for its listing; returns it with what applying it needs, or None."""
         now = time.time()
@@ -481,7 +545,8 @@ class Catalogue:
                 "UPDATE outbox SET lease_holder = ?, lease_until = ? WHERE seq = ? AND lease_until < ?"
                 f"{backoff} AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.listing_id = outbox.listing_id "
                 "AND e.seq < outbox.seq) RETURNING seq, listing_id, write_id, shard, op, item_ids, attempts",
-                params).fetchone()
+                params,
+            ).fetchone()
             if row is None:
                 return None
             seq, listing_id, write_id, shard, op, item_ids, attempts = row
@@ -492,22 +557,37 @@ class Catalogue:
                 listing = None if found is None else found[0]
                 if found is not None and found[1] == write_id:
                     for collection, item_id, blob in tx.execute(
-                            "SELECT collection, item_id, vector FROM listing_vectors WHERE listing_id = ? "
-                            "ORDER BY collection, position", (listing_id,)).fetchall():
-                        vectors.append(StoredVector(collection, item_id,
-                                                    np.frombuffer(bytes(blob), dtype="<f4").copy()))
+                        "SELECT collection, item_id, vector FROM listing_vectors WHERE listing_id = ? "
+                        "ORDER BY collection, position",
+                        (listing_id,),
+                    ).fetchall():
+                        vectors.append(
+                            StoredVector(collection, item_id, np.frombuffer(bytes(blob), dtype="<f4").copy())
+                        )
                 else:
                     listing = None  # removed (or removed and added again) since: nothing to push
-        return OutboxEntry(int(seq), listing_id, write_id, int(shard), op, json.loads(item_ids),
-                           int(attempts), listing, tuple(vectors), holder)
+        return OutboxEntry(
+            int(seq),
+            listing_id,
+            write_id,
+            int(shard),
+            op,
+            json.loads(item_ids),
+            int(attempts),
+            listing,
+            tuple(vectors),
+            holder,
+        )
 
     def complete(self, entry: OutboxEntry) -> None:
         """The shard acknowledged ``entry``: drop it, and an upsert makes its listing live."""
         with self._tx() as tx:
             tx.execute("DELETE FROM outbox WHERE seq = ?", (entry.seq,))
             if entry.op == UPSERT:
-                tx.execute("UPDATE listings SET state = ? WHERE id = ? AND write_id = ?",
-                           (LIVE, entry.listing_id, entry.write_id))
+                tx.execute(
+                    "UPDATE listings SET state = ? WHERE id = ? AND write_id = ?",
+                    (LIVE, entry.listing_id, entry.write_id),
+                )
 
     def cancel_upsert(self, entry: OutboxEntry, holder: str, error: str) -> bool:
         """AddListing's shard refused or could not be reached: while ``holder`` still holds the
@@ -518,33 +598,46 @@ class Catalogue:
                 "UPDATE outbox SET op = ?, write_id = '', lease_holder = '', lease_until = 0, "
                 "attempts = 0, next_attempt_at = 0, last_error = ? WHERE seq = ? AND op = ? "
                 "AND lease_holder = ? RETURNING seq",
-                (DELETE, error[:1000], entry.seq, UPSERT, holder)).fetchone()
+                (DELETE, error[:1000], entry.seq, UPSERT, holder),
+            ).fetchone()
             if changed is None:
                 return False
-            tx.execute("DELETE FROM listings WHERE id = ? AND write_id = ?", (entry.listing_id, entry.write_id))
+            tx.execute(
+                "DELETE FROM listings WHERE id = ? AND write_id = ?", (entry.listing_id, entry.write_id)
+            )
         return True
 
     def fail(self, entry: OutboxEntry, error: str, retry_in_s: float) -> None:
         """Applying ``entry`` failed: release it and try again after ``retry_in_s``."""
         with self._tx() as tx:
-            tx.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
-                       "lease_holder = '', lease_until = 0 WHERE seq = ?",
-                       (error[:1000], time.time() + retry_in_s, entry.seq))
+            tx.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
+                "lease_holder = '', lease_until = 0 WHERE seq = ?",
+                (error[:1000], time.time() + retry_in_s, entry.seq),
+            )
 
     def outbox_stats(self) -> OutboxStats:
         with self._tx() as tx:
             count, oldest, failing = tx.execute(
-                "SELECT COUNT(*), MIN(created_at), SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END) "
-                "FROM outbox").fetchone()
-            last = tx.execute("SELECT last_error FROM outbox WHERE last_error != '' ORDER BY seq "
-                              "LIMIT 1").fetchone()
-        return OutboxStats(int(count), time.time() - oldest if oldest else 0.0, int(failing or 0),
-                           last[0] if last else "")
+                "SELECT COUNT(*), MIN(created_at), SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END) FROM outbox"
+            ).fetchone()
+            last = tx.execute(
+                "SELECT last_error FROM outbox WHERE last_error != '' ORDER BY seq LIMIT 1"
+            ).fetchone()
+        return OutboxStats(
+            int(count), time.time() - oldest if oldest else 0.0, int(failing or 0), last[0] if last else ""
+        )
 
     # ------------------------------------------------------------------ bulk load
 
-    def load_prepared(self, prepared_dir: str | Path, *, replace: bool = False,
-                      check_files: bool = True, only_with_images: bool = False) -> LoadReport:
+    def load_prepared(
+        self,
+        prepared_dir: str | Path,
+        *,
+        replace: bool = False,
+        check_files: bool = True,
+        only_with_images: bool = False,
+    ) -> LoadReport:
         """Load ``listings.csv`` and ``images.csv`` written by ``python -m training.prepare``.
 
         Prices flagged unparseable or absurd become unknown (NULL). An image is kept only if its
@@ -579,9 +672,22 @@ class Catalogue:
             if flag in UNUSABLE_PRICE_FLAGS:
                 unusable += 1
                 value = None
-            records.append((Listing(pid, row["title"], row.get("description", ""), row.get("category", ""),
-                                    row["main_category"], value, row.get("currency", ""),
-                                    row.get("location", ""), tuple(per_listing.get(pid, ()))), flag))
+            records.append(
+                (
+                    Listing(
+                        pid,
+                        row["title"],
+                        row.get("description", ""),
+                        row.get("category", ""),
+                        row["main_category"],
+                        value,
+                        row.get("currency", ""),
+                        row.get("location", ""),
+                        tuple(per_listing.get(pid, ())),
+                    ),
+                    flag,
+                )
+            )
 
         now = time.time()
         with self._tx() as tx:
@@ -591,26 +697,59 @@ class Catalogue:
             added = [(listing, flag) for listing, flag in records if listing.id not in present]
             _insert_many(tx, added, now)
         return LoadReport(
-            listings=len(added), images=sum(len(listing.image_ids) for listing, _ in added),
-            images_skipped_missing_file=missing_file, images_skipped_unknown_listing=unknown_listing,
-            prices_unusable=unusable)
+            listings=len(added),
+            images=sum(len(listing.image_ids) for listing, _ in added),
+            images_skipped_missing_file=missing_file,
+            images_skipped_unknown_listing=unknown_listing,
+            prices_unusable=unusable,
+        )
 
 
-def _insert(tx: Transaction, listing: Listing, price_flag: str, created_at: float, *,
-            state: str = LIVE, write_id: str = "") -> None:
+def _insert(
+    tx: Transaction,
+    listing: Listing,
+    price_flag: str,
+    created_at: float,
+    *,
+    state: str = LIVE,
+    write_id: str = "",
+) -> None:
     _insert_many(tx, [(listing, price_flag)], created_at, state=state, write_id=write_id)
 
 
-def _insert_many(tx: Transaction, records: Sequence[tuple[Listing, str]], created_at: float, *,
-                 state: str = LIVE, write_id: str = "") -> None:
+def _insert_many(
+    tx: Transaction,
+    records: Sequence[tuple[Listing, str]],
+    created_at: float,
+    *,
+    state: str = LIVE,
+    write_id: str = "",
+) -> None:
     tx.executemany(
         "INSERT INTO listings (id, title, description, category, main_category, price, currency, "
         "location, price_flag, created_at, state, write_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(l.id, l.title, l.description, l.category, l.main_category, l.price, l.currency, l.location,
-          flag, created_at, state, write_id) for l, flag in records])
+        [
+            (
+                l.id,
+                l.title,
+                l.description,
+                l.category,
+                l.main_category,
+                l.price,
+                l.currency,
+                l.location,
+                flag,
+                created_at,
+                state,
+                write_id,
+            )
+            for l, flag in records
+        ],
+    )
     tx.executemany(
         "INSERT INTO listing_images (image_id, listing_id, position) VALUES (?, ?, ?)",
-        [(image_id, l.id, position) for l, _ in records for position, image_id in enumerate(l.image_ids)])
+        [(image_id, l.id, position) for l, _ in records for position, image_id in enumerate(l.image_ids)],
+    )
 
 
 def _listings_with_images(rows: Sequence[tuple]) -> dict[str, Listing]:
@@ -625,13 +764,16 @@ def _listings_with_images(rows: Sequence[tuple]) -> dict[str, Listing]:
     return {i: Listing(*row, image_ids=tuple(images.get(i, ()))) for i, row in columns.items()}
 
 
-def _read_listing_and_write_id(tx: Transaction, listing_id: str, *,
-                               include_pending: bool) -> tuple[Listing, str] | None:
+def _read_listing_and_write_id(
+    tx: Transaction, listing_id: str, *, include_pending: bool
+) -> tuple[Listing, str] | None:
     """A listing with its photos and its ``write_id``, in one statement."""
     state = "" if include_pending else " AND l.state = 'live'"
-    rows = tx.execute(f"SELECT l.write_id, {_L_COLUMNS}, i.image_id FROM listings l LEFT JOIN "
-                      f"listing_images i ON i.listing_id = l.id WHERE l.id = ?{state} ORDER BY i.position",
-                      (listing_id,)).fetchall()
+    rows = tx.execute(
+        f"SELECT l.write_id, {_L_COLUMNS}, i.image_id FROM listings l LEFT JOIN "
+        f"listing_images i ON i.listing_id = l.id WHERE l.id = ?{state} ORDER BY i.position",
+        (listing_id,),
+    ).fetchall()
     if not rows:
         return None
     return _listings_with_images([row[1:] for row in rows])[listing_id], rows[0][0]
@@ -642,21 +784,34 @@ def _read_listing(tx: Transaction, listing_id: str, *, include_pending: bool) ->
     return None if found is None else found[0]
 
 
-def _enqueue(tx: Transaction, listing_id: str, write_id: str, shard: int, op: str,
-             item_ids: dict[str, list[str]], now: float, *, lease_holder: str = "",
-             lease_s: float = 0.0) -> tuple[int, str]:
+def _enqueue(
+    tx: Transaction,
+    listing_id: str,
+    write_id: str,
+    shard: int,
+    op: str,
+    item_ids: dict[str, list[str]],
+    now: float,
+    *,
+    lease_holder: str = "",
+    lease_s: float = 0.0,
+) -> tuple[int, str]:
     """Queue an entry; returns (seq, its lease holder). With ``lease_holder`` the entry is born
     held by it, but only when no earlier entry of the listing is queued (entries of one listing
     apply in order). The check runs after the statements that wrote the listing row, so on
     PostgreSQL it sees every entry of a transaction that touched the same row before this one."""
-    if lease_holder and tx.execute("SELECT 1 FROM outbox WHERE listing_id = ? LIMIT 1",
-                                   (listing_id,)).fetchone() is not None:
+    if (
+        lease_holder
+        and tx.execute("SELECT 1 FROM outbox WHERE listing_id = ? LIMIT 1", (listing_id,)).fetchone()
+        is not None
+    ):
         lease_holder = ""
     lease_until = now + lease_s if lease_holder else 0.0
-    row = tx.execute("INSERT INTO outbox (listing_id, write_id, shard, op, item_ids, created_at, "
-                     "lease_holder, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                     (listing_id, write_id, shard, op, json.dumps(item_ids), now, lease_holder,
-                      lease_until)).fetchone()
+    row = tx.execute(
+        "INSERT INTO outbox (listing_id, write_id, shard, op, item_ids, created_at, "
+        "lease_holder, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+        (listing_id, write_id, shard, op, json.dumps(item_ids), now, lease_holder, lease_until),
+    ).fetchone()
     return int(row[0]), lease_holder
 
 
@@ -686,4 +841,3 @@ def _catalogue_error(exc: DatabaseError) -> Exception:
     if isinstance(exc, DatabaseUnavailable):
         return CatalogueUnavailable(str(exc))
     return CatalogueError(str(exc))
-

@@ -38,6 +38,7 @@ without restarting the gateway and without failing requests on stale connections
 transactions run in pipeline mode: statements whose results are not read go out without waiting
 (AddListing's inserts and COMMIT in one round trip).
 """
+
 from __future__ import annotations
 
 import logging
@@ -92,30 +93,37 @@ def parse_database_url(value: str | Path) -> DatabaseUrl:
         return DatabaseUrl("sqlite", text, f"sqlite:///{text}")
     scheme = text.split("://", 1)[0].lower()
     if scheme == "sqlite":
-        path = text[len("sqlite://"):]
+        path = text[len("sqlite://") :]
         if not path.startswith("/") or path == "/":
-            raise DatabaseError(f"GATEWAY_DB={text!r}: a SQLite URL is sqlite:///relative/path or "
-                                "sqlite:////absolute/path")
+            raise DatabaseError(
+                f"GATEWAY_DB={text!r}: a SQLite URL is sqlite:///relative/path or sqlite:////absolute/path"
+            )
         path = path[1:]  # sqlite:///run/x -> run/x ; sqlite:////abs/x -> /abs/x
         return DatabaseUrl("sqlite", path, f"sqlite:///{path}")
     if scheme in ("postgresql", "postgres"):
         parts = urlsplit(text)
         if not parts.hostname and "host=" not in parts.query:
-            raise DatabaseError(f"GATEWAY_DB={mask_password(text)!r}: no host; expected "
-                                "postgresql://user:password@host:port/dbname")
+            raise DatabaseError(
+                f"GATEWAY_DB={mask_password(text)!r}: no host; expected "
+                "postgresql://user:password@host:port/dbname"
+            )
         try:
             parts.port  # noqa: B018 - raises ValueError on a malformed port
         except ValueError:
             raise DatabaseError(f"GATEWAY_DB={mask_password(text)!r}: the port is not a number") from None
         if not parts.path.strip("/"):
-            raise DatabaseError(f"GATEWAY_DB={mask_password(text)!r}: no database name; expected "
-                                "postgresql://user:password@host:port/dbname")
+            raise DatabaseError(
+                f"GATEWAY_DB={mask_password(text)!r}: no database name; expected "
+                "postgresql://user:password@host:port/dbname"
+            )
         password = secret_from_env("GATEWAY_DB_PASSWORD")
         if password is not None:
             text = with_password(text, password)
         return DatabaseUrl("postgresql", text, mask_password(text))
-    raise DatabaseError(f"GATEWAY_DB={mask_password(text)!r}: unknown scheme {scheme!r}; use a path, "
-                        "sqlite:///path or postgresql://user:password@host:port/dbname")
+    raise DatabaseError(
+        f"GATEWAY_DB={mask_password(text)!r}: unknown scheme {scheme!r}; use a path, "
+        "sqlite:///path or postgresql://user:password@host:port/dbname"
+    )
 
 
 def with_password(url: str, password: str) -> str:
@@ -123,11 +131,15 @@ def with_password(url: str, password: str) -> str:
     name the user and must not carry a password of its own."""
     parts = urlsplit(url)
     if parts.password is not None:
-        raise DatabaseError(f"GATEWAY_DB={mask_password(url)!r} has a password and GATEWAY_DB_PASSWORD"
-                            "(_FILE) is set too: keep one")
+        raise DatabaseError(
+            f"GATEWAY_DB={mask_password(url)!r} has a password and GATEWAY_DB_PASSWORD"
+            "(_FILE) is set too: keep one"
+        )
     if not parts.username:
-        raise DatabaseError(f"GATEWAY_DB={url!r} names no user for the password of GATEWAY_DB_PASSWORD"
-                            "(_FILE): postgresql://user@host:port/dbname")
+        raise DatabaseError(
+            f"GATEWAY_DB={url!r} names no user for the password of GATEWAY_DB_PASSWORD"
+            "(_FILE): postgresql://user@host:port/dbname"
+        )
     user, host = parts.netloc.rsplit("@", 1)
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
@@ -264,8 +276,14 @@ class PostgresDatabase:
     kind = "postgresql"
     types = {"real": "DOUBLE PRECISION", "blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY"}
 
-    def __init__(self, url: DatabaseUrl, *, max_connections: int = 16, connect_timeout_s: float = 5.0,
-                 min_connections: int = 1) -> None:
+    def __init__(
+        self,
+        url: DatabaseUrl,
+        *,
+        max_connections: int = 16,
+        connect_timeout_s: float = 5.0,
+        min_connections: int = 1,
+    ) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -276,23 +294,31 @@ class PostgresDatabase:
         try:  # one direct connection first: its error says why (refused, no such database, ...)
             psycopg.connect(url.target, connect_timeout=timeout).close()
         except psycopg.Error as exc:
-            raise DatabaseUnavailable(f"cannot connect to the catalogue database {url.display}: "
-                                      f"{_reason(exc)}") from None
+            raise DatabaseUnavailable(
+                f"cannot connect to the catalogue database {url.display}: {_reason(exc)}"
+            ) from None
         size = max(2, max_connections)
         warm = max(1, min(size, min_connections))
         self._pool = ConnectionPool(
             # a server opens it at full size (min_connections = max_connections): no request ever
             # waits for a connection to be set up; tools start with one and grow on demand
-            url.target, min_size=warm, max_size=size, open=False,
+            url.target,
+            min_size=warm,
+            max_size=size,
+            open=False,
             # autocommit: transactions are explicit BEGIN ... COMMIT (see `transaction`)
             kwargs={"autocommit": True, "connect_timeout": timeout},
-            timeout=connect_timeout_s, name="catalogue")
+            timeout=connect_timeout_s,
+            name="catalogue",
+        )
         try:
             self._pool.open(wait=True, timeout=max(connect_timeout_s, 2.0 * warm))
         except Exception as exc:  # PoolTimeout, OperationalError: the server is unreachable
             self._pool.close(timeout=0)
-            raise DatabaseUnavailable(f"cannot connect to the catalogue database {url.display}: "
-                                      f"{_first_line(exc) or type(exc).__name__}") from None
+            raise DatabaseUnavailable(
+                f"cannot connect to the catalogue database {url.display}: "
+                f"{_first_line(exc) or type(exc).__name__}"
+            ) from None
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -349,8 +375,10 @@ class PostgresDatabase:
         idle connection is checked and the dead ones replaced, so retrying makes sense)."""
         if not connection.closed and not connection.broken:
             return False  # a live connection failed: retrying would fail the same way
-        log.warning("catalogue database %s dropped pooled connections (server restarted?); "
-                    "checking the pool", self.url.display)
+        log.warning(
+            "catalogue database %s dropped pooled connections (server restarted?); checking the pool",
+            self.url.display,
+        )
         self._pool.check()
         return True
 
@@ -365,8 +393,9 @@ class PostgresDatabase:
         except psycopg.errors.UniqueViolation as exc:
             raise UniqueViolation(_first_line(exc)) from None
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
-            raise DatabaseUnavailable(f"catalogue database {self.url.display} unavailable: "
-                                      f"{_first_line(exc) or type(exc).__name__}") from None
+            raise DatabaseUnavailable(
+                f"catalogue database {self.url.display} unavailable: {_first_line(exc) or type(exc).__name__}"
+            ) from None
         except psycopg.Error as exc:
             raise DatabaseError(f"catalogue database {self.url.display}: {_first_line(exc)}") from None
 
@@ -390,13 +419,18 @@ class PostgresDatabase:
 Database = SqliteDatabase | PostgresDatabase
 
 
-def open_database(value: str | Path, *, max_connections: int = 16,
-                  connect_timeout_s: float = 5.0, min_connections: int = 1) -> Database:
+def open_database(
+    value: str | Path, *, max_connections: int = 16, connect_timeout_s: float = 5.0, min_connections: int = 1
+) -> Database:
     url = parse_database_url(value)
     if url.is_sqlite:
         return SqliteDatabase(url)
-    return PostgresDatabase(url, max_connections=max_connections, connect_timeout_s=connect_timeout_s,
-                            min_connections=min_connections)
+    return PostgresDatabase(
+        url,
+        max_connections=max_connections,
+        connect_timeout_s=connect_timeout_s,
+        min_connections=min_connections,
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ Write calls send ``authorization: Bearer <token>`` when a write token is given (
 ``WRITE_TOKEN`` environment variable; ``write_token=`` on `add` / `remove` sends a caller's own
 token instead, as the HTTP edge does with the token its caller presented). TLS follows ``TLS_CA`` (see `common.security`).
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,13 @@ from services.gateway.domain import (
 )
 
 #: Where a client finds the gateway: the HTTP edge's and the CLI's setting.
-GATEWAY_ADDR = Setting("GATEWAY_ADDR", "gateway_addr", default="127.0.0.1:50050", flag="--gateway",
-                       help="the gateway to call (a gRPC target)")
+GATEWAY_ADDR = Setting(
+    "GATEWAY_ADDR",
+    "gateway_addr",
+    default="127.0.0.1:50050",
+    flag="--gateway",
+    help="the gateway to call (a gRPC target)",
+)
 
 Image = bytes | str | os.PathLike
 
@@ -61,16 +67,26 @@ def read_image(image: Image) -> bytes:
 
 
 class GatewayClient:
-    def __init__(self, address: str, *, timeout: float = 10.0, write_token: str | None = None,
-                 channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 10.0,
+        write_token: str | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         token = write_token if write_token is not None else env_write_token()
         self._write_metadata = bearer_metadata(token)
         self._own_channel = channel is None
-        self.channel = channel or open_channel(address, [
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self.channel = channel or open_channel(
+            address,
+            [
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
+        )
         #: The raw stub, for callers who want the protos themselves.
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
@@ -88,125 +104,236 @@ class GatewayClient:
         return self.timeout if timeout is None else timeout
 
     @staticmethod
-    def _filter(main_category: str = "", min_price: float | None = None, max_price: float | None = None,
-                location: str = "", exclude: Iterable[str] = ()) -> gateway_pb2.ListingFilter:
-        return convert.filter_to_proto(SearchFilter(main_category, min_price, max_price, location,
-                                                    tuple(exclude)))
+    def _filter(
+        main_category: str = "",
+        min_price: float | None = None,
+        max_price: float | None = None,
+        location: str = "",
+        exclude: Iterable[str] = (),
+    ) -> gateway_pb2.ListingFilter:
+        return convert.filter_to_proto(
+            SearchFilter(main_category, min_price, max_price, location, tuple(exclude))
+        )
 
     # ------------------------------------------------------------------ reads
 
     def classify(self, image: Image, top_k: int = 3, *, timeout: float | None = None) -> Classification:
         reply = self.stub.ClassifyImage(
             gateway_pb2.ClassifyImageRequest(image=read_image(image), top_k=top_k),
-            timeout=self._timeout(timeout))
+            timeout=self._timeout(timeout),
+        )
         return convert.classification_from_proto(reply)
 
-    def search_by_image(self, image: Image, k: int = 10, *, main_category: str = "",
-                        min_price: float | None = None, max_price: float | None = None,
-                        location: str = "", exclude: Iterable[str] = (),
-                        allow_partial_results: bool = False,
-                        timeout: float | None = None) -> RankedResults:
-        reply = self.stub.SearchByImage(gateway_pb2.SearchByImageRequest(
-            image=read_image(image), k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude),
-            allow_partial_results=allow_partial_results),
-            timeout=self._timeout(timeout))
+    def search_by_image(
+        self,
+        image: Image,
+        k: int = 10,
+        *,
+        main_category: str = "",
+        min_price: float | None = None,
+        max_price: float | None = None,
+        location: str = "",
+        exclude: Iterable[str] = (),
+        allow_partial_results: bool = False,
+        timeout: float | None = None,
+    ) -> RankedResults:
+        reply = self.stub.SearchByImage(
+            gateway_pb2.SearchByImageRequest(
+                image=read_image(image),
+                k=k,
+                filter=self._filter(main_category, min_price, max_price, location, exclude),
+                allow_partial_results=allow_partial_results,
+            ),
+            timeout=self._timeout(timeout),
+        )
         return convert.ranked_from_proto(reply)
 
-    def search_by_text(self, query: str, k: int = 10, *, main_category: str = "",
-                       min_price: float | None = None, max_price: float | None = None,
-                       location: str = "", exclude: Iterable[str] = (),
-                       allow_partial_results: bool = False,
-                       timeout: float | None = None) -> RankedResults:
+    def search_by_text(
+        self,
+        query: str,
+        k: int = 10,
+        *,
+        main_category: str = "",
+        min_price: float | None = None,
+        max_price: float | None = None,
+        location: str = "",
+        exclude: Iterable[str] = (),
+        allow_partial_results: bool = False,
+        timeout: float | None = None,
+    ) -> RankedResults:
         """Listings whose title and description best match ``query``."""
-        reply = self.stub.SearchByText(gateway_pb2.SearchByTextRequest(
-            query=query, k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude),
-            allow_partial_results=allow_partial_results),
-            timeout=self._timeout(timeout))
+        reply = self.stub.SearchByText(
+            gateway_pb2.SearchByTextRequest(
+                query=query,
+                k=k,
+                filter=self._filter(main_category, min_price, max_price, location, exclude),
+                allow_partial_results=allow_partial_results,
+            ),
+            timeout=self._timeout(timeout),
+        )
         return convert.ranked_from_proto(reply)
 
-    def search(self, image: Image | None = None, text: str = "", k: int = 10, *,
-               text_weight: float | None = None, fusion: str = "weighted_cosine",
-               main_category: str = "", min_price: float | None = None,
-               max_price: float | None = None, location: str = "", exclude: Iterable[str] = (),
-               allow_partial_results: bool = False,
-               timeout: float | None = None) -> RankedResults:
+    def search(
+        self,
+        image: Image | None = None,
+        text: str = "",
+        k: int = 10,
+        *,
+        text_weight: float | None = None,
+        fusion: str = "weighted_cosine",
+        main_category: str = "",
+        min_price: float | None = None,
+        max_price: float | None = None,
+        location: str = "",
+        exclude: Iterable[str] = (),
+        allow_partial_results: bool = False,
+        timeout: float | None = None,
+    ) -> RankedResults:
         """Hybrid search by a photo and/or a text query. ``text_weight`` in [0, 1] (None: the
         gateway's default, 0.5); ``fusion`` "weighted_cosine" or "reciprocal_rank"."""
         request = gateway_pb2.HybridSearchRequest(
-            image=read_image(image) if image is not None else b"", text=text, k=k,
+            image=read_image(image) if image is not None else b"",
+            text=text,
+            k=k,
             filter=self._filter(main_category, min_price, max_price, location, exclude),
-            fusion=convert.fusion_to_proto(fusion), allow_partial_results=allow_partial_results)
+            fusion=convert.fusion_to_proto(fusion),
+            allow_partial_results=allow_partial_results,
+        )
         if text_weight is not None:
             request.text_weight = text_weight
         return convert.ranked_from_proto(self.stub.Search(request, timeout=self._timeout(timeout)))
 
-    def recommend(self, liked: Iterable[str], skipped: Iterable[str] = (), seen: Iterable[str] = (),
-                  k: int = 10, *, main_category: str = "", min_price: float | None = None,
-                  max_price: float | None = None, location: str = "", exclude: Iterable[str] = (),
-                  allow_partial_results: bool = False,
-                  timeout: float | None = None) -> RankedResults:
+    def recommend(
+        self,
+        liked: Iterable[str],
+        skipped: Iterable[str] = (),
+        seen: Iterable[str] = (),
+        k: int = 10,
+        *,
+        main_category: str = "",
+        min_price: float | None = None,
+        max_price: float | None = None,
+        location: str = "",
+        exclude: Iterable[str] = (),
+        allow_partial_results: bool = False,
+        timeout: float | None = None,
+    ) -> RankedResults:
         """Listings like the ``liked`` ones and unlike the ``skipped`` ones; liked, skipped and
         ``seen`` listings are never returned."""
-        reply = self.stub.Recommend(gateway_pb2.RecommendRequest(
-            liked_listing_ids=list(liked), skipped_listing_ids=list(skipped),
-            seen_listing_ids=list(seen), k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude),
-            allow_partial_results=allow_partial_results),
-            timeout=self._timeout(timeout))
+        reply = self.stub.Recommend(
+            gateway_pb2.RecommendRequest(
+                liked_listing_ids=list(liked),
+                skipped_listing_ids=list(skipped),
+                seen_listing_ids=list(seen),
+                k=k,
+                filter=self._filter(main_category, min_price, max_price, location, exclude),
+                allow_partial_results=allow_partial_results,
+            ),
+            timeout=self._timeout(timeout),
+        )
         return convert.ranked_from_proto(reply)
 
-    def similar(self, listing_id: str, k: int = 10, *, main_category: str = "",
-                min_price: float | None = None, max_price: float | None = None, location: str = "",
-                exclude: Iterable[str] = (), photos_only: bool = False,
-                allow_partial_results: bool = False,
-                timeout: float | None = None) -> RankedResults:
+    def similar(
+        self,
+        listing_id: str,
+        k: int = 10,
+        *,
+        main_category: str = "",
+        min_price: float | None = None,
+        max_price: float | None = None,
+        location: str = "",
+        exclude: Iterable[str] = (),
+        photos_only: bool = False,
+        allow_partial_results: bool = False,
+        timeout: float | None = None,
+    ) -> RankedResults:
         """Listings like ``listing_id``: by its photos and text fused, or by its photos alone."""
-        reply = self.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-            listing_id=listing_id, k=k, photos_only=photos_only,
-            filter=self._filter(main_category, min_price, max_price, location, exclude),
-            allow_partial_results=allow_partial_results),
-            timeout=self._timeout(timeout))
+        reply = self.stub.SimilarListings(
+            gateway_pb2.SimilarListingsRequest(
+                listing_id=listing_id,
+                k=k,
+                photos_only=photos_only,
+                filter=self._filter(main_category, min_price, max_price, location, exclude),
+                allow_partial_results=allow_partial_results,
+            ),
+            timeout=self._timeout(timeout),
+        )
         return convert.ranked_from_proto(reply)
 
-    def get(self, listing_id: str, *, include_pending: bool = False,
-            timeout: float | None = None) -> Listing:
-        reply = self.stub.GetListing(gateway_pb2.GetListingRequest(listing_id=listing_id,
-                                                                   include_pending=include_pending),
-                                     timeout=self._timeout(timeout))
+    def get(self, listing_id: str, *, include_pending: bool = False, timeout: float | None = None) -> Listing:
+        reply = self.stub.GetListing(
+            gateway_pb2.GetListingRequest(listing_id=listing_id, include_pending=include_pending),
+            timeout=self._timeout(timeout),
+        )
         return convert.listing_from_proto(reply)
 
     # ------------------------------------------------------------------ writes
 
-    def add(self, images: Sequence[Image], *, title: str, description: str = "", category: str = "",
-            main_category: str = "", price: float | None = None, currency: str = "",
-            location: str = "", listing_id: str = "", timeout: float | None = None,
-            write_token: str | None = None) -> Listing:
+    def add(
+        self,
+        images: Sequence[Image],
+        *,
+        title: str,
+        description: str = "",
+        category: str = "",
+        main_category: str = "",
+        price: float | None = None,
+        currency: str = "",
+        location: str = "",
+        listing_id: str = "",
+        timeout: float | None = None,
+        write_token: str | None = None,
+    ) -> Listing:
         """Add a listing with its photos; returns it with its assigned id and image ids.
         An empty ``main_category`` is predicted from the photos."""
-        return self.add_listing(images, title=title, description=description, category=category,
-                                main_category=main_category, price=price, currency=currency,
-                                location=location, listing_id=listing_id, timeout=timeout,
-                                write_token=write_token).listing
+        return self.add_listing(
+            images,
+            title=title,
+            description=description,
+            category=category,
+            main_category=main_category,
+            price=price,
+            currency=currency,
+            location=location,
+            listing_id=listing_id,
+            timeout=timeout,
+            write_token=write_token,
+        ).listing
 
-    def add_listing(self, images: Sequence[Image], *, title: str, description: str = "",
-                    category: str = "", main_category: str = "", price: float | None = None,
-                    currency: str = "", location: str = "", listing_id: str = "",
-                    timeout: float | None = None, write_token: str | None = None) -> AddedListing:
+    def add_listing(
+        self,
+        images: Sequence[Image],
+        *,
+        title: str,
+        description: str = "",
+        category: str = "",
+        main_category: str = "",
+        price: float | None = None,
+        currency: str = "",
+        location: str = "",
+        listing_id: str = "",
+        timeout: float | None = None,
+        write_token: str | None = None,
+    ) -> AddedListing:
         """`add`, also saying whether the listing's vectors are still pending (see AddedListing)."""
-        listing = Listing(listing_id, title, description, category, main_category, price, currency,
-                          location)
-        reply = self.stub.AddListing(gateway_pb2.AddListingRequest(
-            listing=convert.listing_to_proto(listing), images=[read_image(i) for i in images]),
-            timeout=self._timeout(timeout), metadata=self._write_auth(write_token))
+        listing = Listing(listing_id, title, description, category, main_category, price, currency, location)
+        reply = self.stub.AddListing(
+            gateway_pb2.AddListingRequest(
+                listing=convert.listing_to_proto(listing), images=[read_image(i) for i in images]
+            ),
+            timeout=self._timeout(timeout),
+            metadata=self._write_auth(write_token),
+        )
         return AddedListing(convert.listing_from_proto(reply.listing), bool(reply.pending))
 
-    def remove(self, listing_id: str, *, timeout: float | None = None,
-               write_token: str | None = None) -> RemovedListing:
-        reply = self.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id),
-                                        timeout=self._timeout(timeout),
-                                        metadata=self._write_auth(write_token))
+    def remove(
+        self, listing_id: str, *, timeout: float | None = None, write_token: str | None = None
+    ) -> RemovedListing:
+        reply = self.stub.RemoveListing(
+            gateway_pb2.RemoveListingRequest(listing_id=listing_id),
+            timeout=self._timeout(timeout),
+            metadata=self._write_auth(write_token),
+        )
         return convert.removed_from_proto(reply)
 
     def _write_auth(self, write_token: str | None):

@@ -48,6 +48,7 @@ defaults are in the declarations and the README's configuration table; here is w
     `common.security`: AddListing and RemoveListing need the token when it is set, and the
     gateway sends it on its Upsert/Delete calls to the indexer shards.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -56,26 +57,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import (INDEXER_PARTITIONS, LOG_LEVEL, REPO_ROOT, ConfigError, Setting,
-                           Settings, merged)
+from common.config import INDEXER_PARTITIONS, LOG_LEVEL, REPO_ROOT, ConfigError, Setting, Settings, merged
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
-from common.security import (TLS_CLIENT_SETTINGS, TLS_SERVER_SETTINGS, WRITE_TOKEN_SETTINGS,
-                             TlsFiles, resolve_write_token)
-from services.gateway.shards import (ShardMapError, ShardReplicas, parse_shard_replicas,
-                                     single_replica_shards)
+from common.security import (
+    TLS_CLIENT_SETTINGS,
+    TLS_SERVER_SETTINGS,
+    WRITE_TOKEN_SETTINGS,
+    TlsFiles,
+    resolve_write_token,
+)
+from services.gateway.shards import ShardMapError, ShardReplicas, parse_shard_replicas, single_replica_shards
 
 DEFAULT_EMBEDDER_ADDR = "127.0.0.1:50051"
 DEFAULT_INDEXER_ADDRS = "127.0.0.1:50052"
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 
 RETRY_ATTEMPTS = Setting(
-    "GATEWAY_RETRY_ATTEMPTS", "retry_attempts", int, 3, minimum=1,
+    "GATEWAY_RETRY_ATTEMPTS",
+    "retry_attempts",
+    int,
+    3,
+    minimum=1,
     help="attempts per downstream call (first try included); only UNAVAILABLE is retried, only "
-         "for idempotent calls, never beyond the request's deadline")
-RETRY_BACKOFF = Setting("GATEWAY_RETRY_BACKOFF_S", "retry_backoff_s", float, 0.05, minimum=0.0,
-                        help="first retry delay, doubled per retry, with random jitter (50-100%)")
-RETRY_BACKOFF_MAX = Setting("GATEWAY_RETRY_BACKOFF_MAX_S", "retry_backoff_max_s", float, 1.0,
-                            minimum=0.0, help="longest retry delay")
+    "for idempotent calls, never beyond the request's deadline",
+)
+RETRY_BACKOFF = Setting(
+    "GATEWAY_RETRY_BACKOFF_S",
+    "retry_backoff_s",
+    float,
+    0.05,
+    minimum=0.0,
+    help="first retry delay, doubled per retry, with random jitter (50-100%)",
+)
+RETRY_BACKOFF_MAX = Setting(
+    "GATEWAY_RETRY_BACKOFF_MAX_S", "retry_backoff_max_s", float, 1.0, minimum=0.0, help="longest retry delay"
+)
 
 
 @dataclass(frozen=True)
@@ -89,7 +105,7 @@ class RetryPolicy:
 
     def backoff(self, retry: int) -> float:
         """Upper bound of the delay before retry number ``retry`` (0-based)."""
-        return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** retry)
+        return min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**retry)
 
 
 def embedder_addr_setting(raw: str) -> str:
@@ -106,91 +122,229 @@ def indexer_shards_setting(raw: str) -> ShardReplicas:
 
 
 #: Where the catalogue, the shards and the embedder are: the gateway's and its commands'.
-DB = Setting("GATEWAY_DB", "db_path", default=REPO_ROOT / "run" / "catalogue.sqlite3", flag="--db",
-             parse=lambda raw: database_setting(raw),
-             help="listing catalogue: a path or `sqlite:///path` (embedded SQLite, one gateway), "
-                  "or `postgresql://user:password@host:port/db` (shared by every gateway "
-                  "replica); migrated at start; unusable or unreachable at start: the gateway "
-                  "exits with one line naming it")
+DB = Setting(
+    "GATEWAY_DB",
+    "db_path",
+    default=REPO_ROOT / "run" / "catalogue.sqlite3",
+    flag="--db",
+    parse=lambda raw: database_setting(raw),
+    help="listing catalogue: a path or `sqlite:///path` (embedded SQLite, one gateway), "
+    "or `postgresql://user:password@host:port/db` (shared by every gateway "
+    "replica); migrated at start; unusable or unreachable at start: the gateway "
+    "exits with one line naming it",
+)
 EMBEDDER_ADDR = Setting(
-    "EMBEDDER_ADDR", "embedder_addr", default=DEFAULT_EMBEDDER_ADDR, flag="--embedder",
+    "EMBEDDER_ADDR",
+    "embedder_addr",
+    default=DEFAULT_EMBEDDER_ADDR,
+    flag="--embedder",
     parse=embedder_addr_setting,
     help="the embedder replicas: one address, a comma list (hostnames resolved once at start), "
-         "or any gRPC target such as `dns:///name:port`: gRPC `round_robin` over replicas")
+    "or any gRPC target such as `dns:///name:port`: gRPC `round_robin` over replicas",
+)
 INDEXER_ADDRS = Setting(
-    "INDEXER_ADDRS", "indexer_addrs", default=(DEFAULT_INDEXER_ADDRS,), flag="--indexers",
-    parse=lambda raw: parse_indexer_addrs(raw), shown=DEFAULT_INDEXER_ADDRS,
-    help="comma list of indexer shards; order = shard number (`INDEXER_SHARDS` with one replica "
-         "per shard)")
+    "INDEXER_ADDRS",
+    "indexer_addrs",
+    default=(DEFAULT_INDEXER_ADDRS,),
+    flag="--indexers",
+    parse=lambda raw: parse_indexer_addrs(raw),
+    shown=DEFAULT_INDEXER_ADDRS,
+    help="comma list of indexer shards; order = shard number (`INDEXER_SHARDS` with one replica per shard)",
+)
 INDEXER_SHARDS = Setting(
-    "INDEXER_SHARDS", "indexer_shards", flag="--shards", parse=indexer_shards_setting,
+    "INDEXER_SHARDS",
+    "indexer_shards",
+    flag="--shards",
+    parse=indexer_shards_setting,
     help="shards with replicas, `0=a:50052|b:50052;1=c:50052|d:50052` (instead of "
-         "`INDEXER_ADDRS`); see [Scaling the indexer](#scaling-the-indexer)")
+    "`INDEXER_ADDRS`); see [Scaling the indexer](#scaling-the-indexer)",
+)
 SHARD_MAP = Setting(
-    "GATEWAY_SHARD_MAP", "shard_map", bool, False, parse=lambda raw: shard_map_setting(raw),
-    shown="off", help="on: create the versioned shard map in the catalogue database (`GATEWAY_DB`) "
+    "GATEWAY_SHARD_MAP",
+    "shard_map",
+    bool,
+    False,
+    parse=lambda raw: shard_map_setting(raw),
+    shown="off",
+    help="on: create the versioned shard map in the catalogue database (`GATEWAY_DB`) "
     "when it holds none (enables `python -m services.gateway.rebalance`); a map the database "
-    "holds is followed either way")
-SHARD_MAP_POLL = Setting("GATEWAY_SHARD_MAP_POLL_S", "shard_map_poll_s", float, 2.0, minimum=0.05,
-                         help="how often gateways re-read the shard map")
+    "holds is followed either way",
+)
+SHARD_MAP_POLL = Setting(
+    "GATEWAY_SHARD_MAP_POLL_S",
+    "shard_map_poll_s",
+    float,
+    2.0,
+    minimum=0.05,
+    help="how often gateways re-read the shard map",
+)
 
-GATEWAY_SETTINGS = merged((
-    Setting("GATEWAY_HOST", "host", default="0.0.0.0", help="interface to listen on"),
-    Setting("GATEWAY_PORT", "port", int, 50050, minimum=0, maximum=65535,
-            help="listening port (0: any free port)"),
-    DB,
-    Setting("GATEWAY_DB_CONNECT_TIMEOUT_S", "db_connect_timeout_s", float, 5.0, minimum=0.1,
+GATEWAY_SETTINGS = merged(
+    (
+        Setting("GATEWAY_HOST", "host", default="0.0.0.0", help="interface to listen on"),
+        Setting(
+            "GATEWAY_PORT",
+            "port",
+            int,
+            50050,
+            minimum=0,
+            maximum=65535,
+            help="listening port (0: any free port)",
+        ),
+        DB,
+        Setting(
+            "GATEWAY_DB_CONNECT_TIMEOUT_S",
+            "db_connect_timeout_s",
+            float,
+            5.0,
+            minimum=0.1,
             help="wait for a PostgreSQL connection (at start and per request); a database that "
-                 "went away makes calls UNAVAILABLE until it is back"),
-    Setting("GATEWAY_OUTBOX_INTERVAL_S", "outbox_interval_s", float, 0.5, minimum=0.01,
+            "went away makes calls UNAVAILABLE until it is back",
+        ),
+        Setting(
+            "GATEWAY_OUTBOX_INTERVAL_S",
+            "outbox_interval_s",
+            float,
+            0.5,
+            minimum=0.01,
             help="how often each gateway pushes index writes its shard has not acknowledged yet "
-                 "([docs/catalogue.md](docs/catalogue.md))"),
-    Setting("GATEWAY_OUTBOX_LEASE_S", "outbox_lease_s", float, 30.0, minimum=0.5,
-            help="how long one gateway holds such a write (another takes it over after)"),
-    Setting("GATEWAY_SEED_DIR", "seed_dir", Path,
-            help="prepared data loaded into an empty catalogue at start"),
-    EMBEDDER_ADDR, INDEXER_ADDRS, INDEXER_SHARDS, SHARD_MAP, SHARD_MAP_POLL, INDEXER_PARTITIONS,
-    Setting("GATEWAY_DOWNSTREAM_TIMEOUT_S", "downstream_timeout_s", float, 10.0, minimum=0.001,
-            help="deadline when the caller set none (a caller's deadline is always propagated)"),
-    Setting("GATEWAY_MAX_K", "max_k", int, 100, minimum=1,
-            help="largest `k` of the search RPCs (`k = 0` means 10)"),
-    Setting("GATEWAY_MAX_IMAGES", "max_images", int, 16, minimum=1,
-            help="most photos in one AddListing"),
-    Setting("GATEWAY_MAX_MESSAGE_MB", "max_message_bytes", int, 16, minimum=1, scale=1024 * 1024,
+            "([docs/catalogue.md](docs/catalogue.md))",
+        ),
+        Setting(
+            "GATEWAY_OUTBOX_LEASE_S",
+            "outbox_lease_s",
+            float,
+            30.0,
+            minimum=0.5,
+            help="how long one gateway holds such a write (another takes it over after)",
+        ),
+        Setting(
+            "GATEWAY_SEED_DIR", "seed_dir", Path, help="prepared data loaded into an empty catalogue at start"
+        ),
+        EMBEDDER_ADDR,
+        INDEXER_ADDRS,
+        INDEXER_SHARDS,
+        SHARD_MAP,
+        SHARD_MAP_POLL,
+        INDEXER_PARTITIONS,
+        Setting(
+            "GATEWAY_DOWNSTREAM_TIMEOUT_S",
+            "downstream_timeout_s",
+            float,
+            10.0,
+            minimum=0.001,
+            help="deadline when the caller set none (a caller's deadline is always propagated)",
+        ),
+        Setting(
+            "GATEWAY_MAX_K",
+            "max_k",
+            int,
+            100,
+            minimum=1,
+            help="largest `k` of the search RPCs (`k = 0` means 10)",
+        ),
+        Setting("GATEWAY_MAX_IMAGES", "max_images", int, 16, minimum=1, help="most photos in one AddListing"),
+        Setting(
+            "GATEWAY_MAX_MESSAGE_MB",
+            "max_message_bytes",
+            int,
+            16,
+            minimum=1,
+            scale=1024 * 1024,
             flag="--max-message-mb",
             help="largest request accepted and response sent, in MiB (RESOURCE_EXHAUSTED beyond); "
-                 "keep it at least `EMBEDDER_MAX_IMAGE_BYTES`"),
-    RETRY_ATTEMPTS, RETRY_BACKOFF, RETRY_BACKOFF_MAX,
-    Setting("GATEWAY_RECONNECT_BACKOFF_MAX_S", "reconnect_backoff_max_s", float, 2.0, minimum=0.1,
+            "keep it at least `EMBEDDER_MAX_IMAGE_BYTES`",
+        ),
+        RETRY_ATTEMPTS,
+        RETRY_BACKOFF,
+        RETRY_BACKOFF_MAX,
+        Setting(
+            "GATEWAY_RECONNECT_BACKOFF_MAX_S",
+            "reconnect_backoff_max_s",
+            float,
+            2.0,
+            minimum=0.1,
             help="cap on gRPC's reconnect backoff, so a restarted downstream is used again within "
-                 "about this time"),
-    Setting("GATEWAY_MODEL_INFO_TTL_S", "model_info_ttl_s", float, 60.0, minimum=0.0,
-            help="how long the embedder's model info is cached"),
-    Setting("GATEWAY_SEARCH_TEXT_WEIGHT", "search_text_weight", float, minimum=0.0, maximum=1.0,
+            "about this time",
+        ),
+        Setting(
+            "GATEWAY_MODEL_INFO_TTL_S",
+            "model_info_ttl_s",
+            float,
+            60.0,
+            minimum=0.0,
+            help="how long the embedder's model info is cached",
+        ),
+        Setting(
+            "GATEWAY_SEARCH_TEXT_WEIGHT",
+            "search_text_weight",
+            float,
+            minimum=0.0,
+            maximum=1.0,
             shown="unset: the artefact's",
             help="text weight `w` of hybrid Search when a request leaves `text_weight` unset: "
-                 "`(1 - w)·photo cosine + w·text cosine`; unset: the weight chosen on the valid "
-                 "split for the served image model (the embedder's GetModelInfo), else 0.5"),
-    Setting("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight", float, minimum=0.0,
-            maximum=1.0, shown="unset: the artefact's",
+            "`(1 - w)·photo cosine + w·text cosine`; unset: the weight chosen on the valid "
+            "split for the served image model (the embedder's GetModelInfo), else 0.5",
+        ),
+        Setting(
+            "GATEWAY_SIMILAR_TEXT_WEIGHT",
+            "similar_text_weight",
+            float,
+            minimum=0.0,
+            maximum=1.0,
+            shown="unset: the artefact's",
             help="text weight `w` of SimilarListings (0: photos only); unset: the weight chosen on "
-                 "the valid split for the served image model, else 0.7"),
-    Setting("GATEWAY_MAX_WORKERS", "max_workers", int, 16, minimum=1,
-            help="gRPC server worker threads (concurrent requests being handled)"),
-    Setting("GATEWAY_READINESS_INTERVAL_S", "readiness_interval_s", float, 5.0, minimum=0.0,
+            "the valid split for the served image model, else 0.7",
+        ),
+        Setting(
+            "GATEWAY_MAX_WORKERS",
+            "max_workers",
+            int,
+            16,
+            minimum=1,
+            help="gRPC server worker threads (concurrent requests being handled)",
+        ),
+        Setting(
+            "GATEWAY_READINESS_INTERVAL_S",
+            "readiness_interval_s",
+            float,
+            5.0,
+            minimum=0.0,
             help="how often the health of the embedder and every indexer shard is checked "
-                 "(0: off, the readiness entry stays SERVING)"),
-    Setting("GATEWAY_READINESS_TIMEOUT_S", "readiness_timeout_s", float, 1.0, minimum=0.01,
-            help="timeout of each readiness check"),
-    Setting("GATEWAY_METRICS_PORT", "metrics_port", int, DEFAULT_METRICS_PORTS["gateway"],
-            minimum=0, maximum=65535,
-            help="HTTP port of the Prometheus /metrics endpoint (0: metrics off)"),
-    Setting("IMAGE_STORE_DIR", "image_store_dir", Path, flag="--image-store",
+            "(0: off, the readiness entry stays SERVING)",
+        ),
+        Setting(
+            "GATEWAY_READINESS_TIMEOUT_S",
+            "readiness_timeout_s",
+            float,
+            1.0,
+            minimum=0.01,
+            help="timeout of each readiness check",
+        ),
+        Setting(
+            "GATEWAY_METRICS_PORT",
+            "metrics_port",
+            int,
+            DEFAULT_METRICS_PORTS["gateway"],
+            minimum=0,
+            maximum=65535,
+            help="HTTP port of the Prometheus /metrics endpoint (0: metrics off)",
+        ),
+        Setting(
+            "IMAGE_STORE_DIR",
+            "image_store_dir",
+            Path,
+            flag="--image-store",
             shown="unset: photos not kept",
             help="listing photo store folder (`common.image_store`, shared with the HTTP edge): "
-                 "photos of listings added through AddListing are kept there"),
-    LOG_LEVEL,
-), WRITE_TOKEN_SETTINGS, TLS_SERVER_SETTINGS, TLS_CLIENT_SETTINGS)
+            "photos of listings added through AddListing are kept there",
+        ),
+        LOG_LEVEL,
+    ),
+    WRITE_TOKEN_SETTINGS,
+    TLS_SERVER_SETTINGS,
+    TLS_CLIENT_SETTINGS,
+)
 _default = GATEWAY_SETTINGS.default
 
 
@@ -262,12 +416,13 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "GatewayConfig":
-        values = GATEWAY_SETTINGS.parse_args("python -m services.gateway",
-                                             "public API gateway", argv)
+        values = GATEWAY_SETTINGS.parse_args("python -m services.gateway", "public API gateway", argv)
         check_one_shard_list(values["indexer_shards"], values["indexer_addrs"])
-        retry = RetryPolicy(attempts=values.pop("retry_attempts"),
-                            initial_backoff_s=values.pop("retry_backoff_s"),
-                            max_backoff_s=values.pop("retry_backoff_max_s"))
+        retry = RetryPolicy(
+            attempts=values.pop("retry_attempts"),
+            initial_backoff_s=values.pop("retry_backoff_s"),
+            max_backoff_s=values.pop("retry_backoff_max_s"),
+        )
         token = resolve_write_token(values.pop("write_token"), values.pop("write_token_file"))
         tls = TlsFiles.from_values(values)
         return cls(**values, retry=retry, write_token=token, tls=tls)
@@ -277,8 +432,10 @@ def check_one_shard_list(shards: ShardReplicas | None, addrs: tuple[str, ...]) -
     """Setting ``INDEXER_SHARDS`` beside a non-default ``INDEXER_ADDRS`` is an error (which one
     would the operator mean?)."""
     if shards is not None and tuple(addrs) != (DEFAULT_INDEXER_ADDRS,):
-        raise ConfigError("set INDEXER_SHARDS or INDEXER_ADDRS, not both (INDEXER_SHARDS "
-                          "with one replica per shard is INDEXER_ADDRS)")
+        raise ConfigError(
+            "set INDEXER_SHARDS or INDEXER_ADDRS, not both (INDEXER_SHARDS "
+            "with one replica per shard is INDEXER_ADDRS)"
+        )
 
 
 def shard_lists(values: dict[str, Any]) -> ShardReplicas:
@@ -306,9 +463,11 @@ def shard_map_setting(value: str | None) -> bool:
         return False
     if lowered in {"1", "true", "yes", "on"}:
         return True
-    raise ConfigError(f"GATEWAY_SHARD_MAP={value!r} is not on or off: the shard map is kept in the "
-                      "catalogue database (GATEWAY_DB), not in a directory; set "
-                      "GATEWAY_SHARD_MAP=on")
+    raise ConfigError(
+        f"GATEWAY_SHARD_MAP={value!r} is not on or off: the shard map is kept in the "
+        "catalogue database (GATEWAY_DB), not in a directory; set "
+        "GATEWAY_SHARD_MAP=on"
+    )
 
 
 def parse_indexer_addrs(value: str) -> tuple[str, ...]:
@@ -362,11 +521,14 @@ def embedder_target(value: str) -> str:
             ip = ipaddress.ip_address(host)
         except ValueError:
             try:
-                ip = ipaddress.ip_address(socket.getaddrinfo(host, int(port), socket.AF_INET,
-                                                             socket.SOCK_STREAM)[0][4][0])
+                ip = ipaddress.ip_address(
+                    socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+                )
             except (OSError, IndexError):
-                raise ConfigError(f"EMBEDDER_ADDR host {host!r} does not resolve; use IP "
-                                  "addresses or a dns:///name:port target") from None
+                raise ConfigError(
+                    f"EMBEDDER_ADDR host {host!r} does not resolve; use IP "
+                    "addresses or a dns:///name:port target"
+                ) from None
         resolved.append((ip.version, f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"))
     versions = {version for version, _ in resolved}
     if len(versions) > 1:

@@ -61,6 +61,7 @@ fused by reciprocal rank with equal weights (``RECOMMEND_FUSION``: scale-free, n
 to calibrate cosines with), else the one ranking is used with its cosine scores. An unknown
 liked id is NOT_FOUND, no liked id INVALID_ARGUMENT; unknown skipped/seen ids are only excluded.
 """
+
 from __future__ import annotations
 
 import logging
@@ -116,8 +117,7 @@ DEFAULT_CURRENCY = "GBP"
 _LISTING_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 #: Longest value of each free-text listing field AddListing accepts (characters).
-FIELD_LIMITS = {"title": 500, "description": 20_000, "category": 500, "main_category": 200,
-                "location": 500}
+FIELD_LIMITS = {"title": 500, "description": 20_000, "category": 500, "main_category": 200, "location": 500}
 #: Text weight of a reciprocal-rank hybrid Search whose request leaves text_weight unset (equal
 #: weights; a weighted-cosine one takes `fusion_defaults`' choice).
 DEFAULT_TEXT_WEIGHT = 0.5
@@ -137,9 +137,17 @@ def candidate_count(k: int) -> int:
 
 
 class GatewayCore:
-    def __init__(self, catalogue: Catalogue, embedder: EmbedderClient, indexer: IndexerShards, *,
-                 max_k: int = 100, max_images: int = 16, outbox: OutboxApplier | None = None,
-                 fusion: FusionDefaults | None = None) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        embedder: EmbedderClient,
+        indexer: IndexerShards,
+        *,
+        max_k: int = 100,
+        max_images: int = 16,
+        outbox: OutboxApplier | None = None,
+        fusion: FusionDefaults | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.embedder = embedder
         self.indexer = indexer
@@ -196,8 +204,9 @@ class GatewayCore:
         categories, _, version = self.embedder.classify([image], top_k, deadline)
         return Classification(tuple(categories[0]), version)
 
-    def search_by_image(self, image: bytes, k: int, search_filter: SearchFilter,
-                        deadline: Deadline) -> list[RankedListing]:
+    def search_by_image(
+        self, image: bytes, k: int, search_filter: SearchFilter, deadline: Deadline
+    ) -> list[RankedListing]:
         self._require_image(image)
         k = self.resolve_k(k)
         search_filter.validate()
@@ -207,8 +216,15 @@ class GatewayCore:
         hits = self._search_collection(IMAGE_COLLECTION, query, k, search_filter, deadline)
         return self._attach(merge_by_listing(hits, k))
 
-    def similar_listings(self, listing_id: str, k: int, search_filter: SearchFilter,
-                         deadline: Deadline, *, photos_only: bool = False) -> list[RankedListing]:
+    def similar_listings(
+        self,
+        listing_id: str,
+        k: int,
+        search_filter: SearchFilter,
+        deadline: Deadline,
+        *,
+        photos_only: bool = False,
+    ) -> list[RankedListing]:
         """Listings like this one (never itself): by its photos and its text fused, or by its
         photos alone (``photos_only``, or when it has no text vector; see the module docstring)."""
         listing = self.get_listing(listing_id)
@@ -221,16 +237,20 @@ class GatewayCore:
         if text_query is None:
             return self._attach(self._similar_by_photos(listing, k, exclusion, deadline))
         candidates = candidate_count(k)
-        text = merge_by_listing(self._search_collection(TEXT_COLLECTION, text_query[None, :], candidates,
-                                                        exclusion, deadline), candidates, exclude=[listing_id])
+        text = merge_by_listing(
+            self._search_collection(TEXT_COLLECTION, text_query[None, :], candidates, exclusion, deadline),
+            candidates,
+            exclude=[listing_id],
+        )
         image = self._similar_by_photos(listing, candidates, exclusion, deadline, required=False)
         if not image:  # no indexed photo: the text ranking alone
             return self._attach([Hit(h.listing_id, h.score, "") for h in text[:k]])
         weight = self.fusion.similar_text_weight(deadline)
         return self._attach_fused(fuse_image_and_text(image, text, weight, WEIGHTED_COSINE, k))
 
-    def _similar_by_photos(self, listing: Listing, k: int, exclusion: SearchFilter, deadline: Deadline,
-                           *, required: bool = True) -> list[Hit]:
+    def _similar_by_photos(
+        self, listing: Listing, k: int, exclusion: SearchFilter, deadline: Deadline, *, required: bool = True
+    ) -> list[Hit]:
         """The listing's stored photo vectors as queries, merged by best score, itself left out.
         With ``required`` a listing without (indexed) photos is FAILED_PRECONDITION, else []."""
         if not listing.image_ids:
@@ -241,24 +261,36 @@ class GatewayCore:
         if not stored:
             if not required:
                 return []
-            raise FailedPrecondition(f"listing {listing.id} has no indexed photos; index the "
-                                     "catalogue first (python -m services.gateway.index_catalogue)")
+            raise FailedPrecondition(
+                f"listing {listing.id} has no indexed photos; index the "
+                "catalogue first (python -m services.gateway.index_catalogue)"
+            )
         queries = np.stack([item.vector for item in stored])
         hits = self._search_collection(IMAGE_COLLECTION, queries, k, exclusion, deadline)
         return merge_by_listing(hits, k, exclude=[listing.id])
 
-    def search_by_text(self, query: str, k: int, search_filter: SearchFilter,
-                       deadline: Deadline) -> list[RankedListing]:
+    def search_by_text(
+        self, query: str, k: int, search_filter: SearchFilter, deadline: Deadline
+    ) -> list[RankedListing]:
         """Listings whose text best matches ``query`` (cosine of MiniLM vectors), best first."""
         text = self._query_text(query)
         k = self.resolve_k(k)
         self._validate_filter(search_filter, deadline)
-        hits = self._search_collection(TEXT_COLLECTION, self._embed_query(text, deadline), k,
-                                       search_filter, deadline)
+        hits = self._search_collection(
+            TEXT_COLLECTION, self._embed_query(text, deadline), k, search_filter, deadline
+        )
         return self._attach([Hit(h.listing_id, h.score, "") for h in merge_by_listing(hits, k)])
 
-    def search(self, image: bytes, text: str, k: int, search_filter: SearchFilter,
-               text_weight: float | None, fusion: str, deadline: Deadline) -> list[RankedListing]:
+    def search(
+        self,
+        image: bytes,
+        text: str,
+        k: int,
+        search_filter: SearchFilter,
+        text_weight: float | None,
+        fusion: str,
+        deadline: Deadline,
+    ) -> list[RankedListing]:
         """Hybrid search: an image query and/or a text query, fused (see the module docstring)."""
         has_text = bool(text and text.strip())
         if not image and not has_text:
@@ -278,10 +310,14 @@ class GatewayCore:
         candidates = candidate_count(k)
         image_query = self.embedder.embed([image], deadline)
         text_query = self._embed_query(query, deadline)
-        image_hits = merge_by_listing(self._search_collection(
-            IMAGE_COLLECTION, image_query, candidates, search_filter, deadline), candidates)
-        text_hits = merge_by_listing(self._search_collection(
-            TEXT_COLLECTION, text_query, candidates, search_filter, deadline), candidates)
+        image_hits = merge_by_listing(
+            self._search_collection(IMAGE_COLLECTION, image_query, candidates, search_filter, deadline),
+            candidates,
+        )
+        text_hits = merge_by_listing(
+            self._search_collection(TEXT_COLLECTION, text_query, candidates, search_filter, deadline),
+            candidates,
+        )
         return self._attach_fused(fuse_image_and_text(image_hits, text_hits, weight, fusion, k))
 
     def _search_text_weight(self, text_weight: float | None, fusion: str, deadline: Deadline) -> float:
@@ -294,8 +330,15 @@ class GatewayCore:
             return self.fusion.search_text_weight(deadline)
         return DEFAULT_TEXT_WEIGHT
 
-    def recommend(self, liked: Sequence[str], skipped: Sequence[str], seen: Sequence[str], k: int,
-                  search_filter: SearchFilter, deadline: Deadline) -> list[RankedListing]:
+    def recommend(
+        self,
+        liked: Sequence[str],
+        skipped: Sequence[str],
+        seen: Sequence[str],
+        k: int,
+        search_filter: SearchFilter,
+        deadline: Deadline,
+    ) -> list[RankedListing]:
         """Listings like the liked ones and unlike the skipped ones, none of liked, skipped or
         seen returned (see the module docstring)."""
         liked = list(dict.fromkeys(i for i in liked if i))
@@ -305,8 +348,10 @@ class GatewayCore:
         if not liked:
             raise InvalidArgument("liked_listing_ids is empty: like at least one listing")
         if len(liked) + len(skipped) > MAX_FEEDBACK_IDS:
-            raise InvalidArgument(f"at most {MAX_FEEDBACK_IDS} liked and skipped listing ids in "
-                                  f"all, got {len(liked) + len(skipped)}")
+            raise InvalidArgument(
+                f"at most {MAX_FEEDBACK_IDS} liked and skipped listing ids in "
+                f"all, got {len(liked) + len(skipped)}"
+            )
         if len(seen) > MAX_SEEN_IDS:
             raise InvalidArgument(f"at most {MAX_SEEN_IDS} seen listing ids, got {len(seen)}")
         k = self.resolve_k(k)
@@ -314,12 +359,15 @@ class GatewayCore:
         known = self.catalogue.get_many(liked + skipped)
         unknown = [i for i in liked if i not in known]
         if unknown:
-            raise NotFound(f"liked listing{'s' if len(unknown) > 1 else ''} not found: "
-                           f"{', '.join(unknown[:10])}")
+            raise NotFound(
+                f"liked listing{'s' if len(unknown) > 1 else ''} not found: {', '.join(unknown[:10])}"
+            )
         skipped = [i for i in skipped if i in known]  # unknown skips can only be excluded
         feedback = [known[i] for i in liked + skipped]
-        vectors = {IMAGE_COLLECTION: self._listing_image_vectors(feedback, deadline),
-                   TEXT_COLLECTION: self._listing_text_vectors(feedback, deadline)}
+        vectors = {
+            IMAGE_COLLECTION: self._listing_image_vectors(feedback, deadline),
+            TEXT_COLLECTION: self._listing_text_vectors(feedback, deadline),
+        }
         excluded = liked + skipped + seen
         candidates = candidate_count(k)
         exclusion = search_filter.excluding(*excluded)
@@ -329,13 +377,16 @@ class GatewayCore:
             if not liked_vectors:
                 continue
             skipped_vectors = [per_listing[i] for i in skipped if i in per_listing]
-            query = recommend_query(np.stack(liked_vectors),
-                                    np.stack(skipped_vectors) if skipped_vectors else None)
+            query = recommend_query(
+                np.stack(liked_vectors), np.stack(skipped_vectors) if skipped_vectors else None
+            )
             hits = self._search_collection(collection, query, candidates, exclusion, deadline)
             rankings[collection] = merge_by_listing(hits, candidates, exclude=excluded)
         if not rankings:
-            raise FailedPrecondition("none of the liked listings has indexed vectors; index the "
-                                     "catalogue first (python -m services.gateway.index_catalogue)")
+            raise FailedPrecondition(
+                "none of the liked listings has indexed vectors; index the "
+                "catalogue first (python -m services.gateway.index_catalogue)"
+            )
         image, text = rankings.get(IMAGE_COLLECTION), rankings.get(TEXT_COLLECTION)
         if image is not None and text is not None:
             fused = fuse_image_and_text(image, text, 0.5, RECOMMEND_FUSION, k)
@@ -347,8 +398,9 @@ class GatewayCore:
 
     # ------------------------------------------------------------------ search helpers
 
-    def _validate_filter(self, search_filter: SearchFilter, deadline: Deadline, *,
-                         catalogue_fallback: bool = False) -> None:
+    def _validate_filter(
+        self, search_filter: SearchFilter, deadline: Deadline, *, catalogue_fallback: bool = False
+    ) -> None:
         search_filter.validate()
         if search_filter.main_category:
             search_filter.validate(self.categories(deadline, catalogue_fallback=catalogue_fallback))
@@ -357,8 +409,9 @@ class GatewayCore:
     def _query_text(query: str) -> str:
         """A text query -> the text to embed (`listing_text`), or InvalidArgument."""
         if len(query) > MAX_QUERY_CHARS:
-            raise InvalidArgument(f"the text query is {len(query)} characters long, the limit is "
-                                  f"{MAX_QUERY_CHARS}")
+            raise InvalidArgument(
+                f"the text query is {len(query)} characters long, the limit is {MAX_QUERY_CHARS}"
+            )
         text = listing_text(query)
         if not text:
             raise InvalidArgument("the text query is empty")
@@ -367,8 +420,9 @@ class GatewayCore:
     def _embed_query(self, text: str, deadline: Deadline) -> np.ndarray:
         return self.embedder.embed_text([text], deadline)
 
-    def _listing_image_vectors(self, listings: Sequence[Listing],
-                               deadline: Deadline) -> dict[str, np.ndarray]:
+    def _listing_image_vectors(
+        self, listings: Sequence[Listing], deadline: Deadline
+    ) -> dict[str, np.ndarray]:
         """{listing id: normalised mean of its stored photo vectors} (listings without any
         indexed photo are left out), fetched from the owning shards in parallel."""
         by_shard: dict[int, list[str]] = {}
@@ -383,11 +437,13 @@ class GatewayCore:
             if listing_id is not None and norm > 0 and math.isfinite(norm):
                 photos.setdefault(listing_id, []).append(item.vector / norm)
         means = {listing_id: np.mean(rows, axis=0) for listing_id, rows in photos.items()}
-        return {listing_id: mean / np.linalg.norm(mean) for listing_id, mean in means.items()
-                if np.linalg.norm(mean) > 1e-12}
+        return {
+            listing_id: mean / np.linalg.norm(mean)
+            for listing_id, mean in means.items()
+            if np.linalg.norm(mean) > 1e-12
+        }
 
-    def _listing_text_vectors(self, listings: Sequence[Listing],
-                              deadline: Deadline) -> dict[str, np.ndarray]:
+    def _listing_text_vectors(self, listings: Sequence[Listing], deadline: Deadline) -> dict[str, np.ndarray]:
         """{listing id: stored text vector}; empty when the shards have no text collection."""
         by_shard: dict[int, list[str]] = {}
         for listing in listings:
@@ -398,14 +454,17 @@ class GatewayCore:
             log.info("no text vectors for Recommend: %s", exc)
             return {}
         wanted = {listing.id for listing in listings}
-        return {item.id: item.vector for item in stored
-                if item.id in wanted and np.linalg.norm(item.vector) > 0}
+        return {
+            item.id: item.vector for item in stored if item.id in wanted and np.linalg.norm(item.vector) > 0
+        }
 
-    def _search_collection(self, collection: str, queries: np.ndarray, k: int,
-                           search_filter: SearchFilter, deadline: Deadline) -> list[list[Hit]]:
+    def _search_collection(
+        self, collection: str, queries: np.ndarray, k: int, search_filter: SearchFilter, deadline: Deadline
+    ) -> list[list[Hit]]:
         """Per query, the hits of all shards (one per listing per shard)."""
-        return self.indexer.search(queries, k, search_filter, deadline, collection=collection,
-                                   group_by_listing=True)
+        return self.indexer.search(
+            queries, k, search_filter, deadline, collection=collection, group_by_listing=True
+        )
 
     def _attach_fused(self, fused: Sequence[FusedHit]) -> list[RankedListing]:
         return self._attach([Hit(f.listing_id, f.score, f.matched_image_id) for f in fused])
@@ -423,8 +482,11 @@ class GatewayCore:
                 continue
             ranked.append(RankedListing(len(ranked) + 1, hit.score, hit.item_id, listing))
         if missing:
-            log.warning("index has vectors of %d listings missing from the catalogue: %s",
-                        len(missing), ", ".join(missing[:5]))
+            log.warning(
+                "index has vectors of %d listings missing from the catalogue: %s",
+                len(missing),
+                ", ".join(missing[:5]),
+            )
         return ranked
 
     # ------------------------------------------------------------------ writes
@@ -441,21 +503,24 @@ class GatewayCore:
         if not listing.title.strip():
             raise InvalidArgument("listing.title is required")
         if listing.id and not _LISTING_ID.match(listing.id):
-            raise InvalidArgument("listing.id must be 1-128 characters of letters, digits and . _ : - "
-                                  f"(or empty to assign one), got {listing.id!r}")
+            raise InvalidArgument(
+                "listing.id must be 1-128 characters of letters, digits and . _ : - "
+                f"(or empty to assign one), got {listing.id!r}"
+            )
         for name, limit in FIELD_LIMITS.items():
             value = getattr(listing, name)
             if len(value) > limit:
-                raise InvalidArgument(f"listing.{name} is {len(value)} characters long; the limit "
-                                      f"is {limit}")
+                raise InvalidArgument(f"listing.{name} is {len(value)} characters long; the limit is {limit}")
         if listing.price is not None and (not math.isfinite(listing.price) or listing.price < 0):
             raise InvalidArgument(f"listing.price must be a non-negative number, got {listing.price}")
         if listing.currency and not _CURRENCY.match(listing.currency):
-            raise InvalidArgument(f"listing.currency must be an ISO 4217 code such as GBP, "
-                                  f"got {listing.currency!r}")
+            raise InvalidArgument(
+                f"listing.currency must be an ISO 4217 code such as GBP, got {listing.currency!r}"
+            )
         currency = listing.currency or (DEFAULT_CURRENCY if listing.price is not None else "")
-        return listing.with_(id=listing.id or str(uuid.uuid4()), title=listing.title.strip(),
-                             currency=currency)
+        return listing.with_(
+            id=listing.id or str(uuid.uuid4()), title=listing.title.strip(), currency=currency
+        )
 
     def add_listing(self, listing: Listing, images: Sequence[bytes], deadline: Deadline) -> AddedListing:
         """Embed, store and index a listing; all or nothing (see the module docstring)."""
@@ -468,32 +533,40 @@ class GatewayCore:
             derived = listing.category.split(" / ")[0].strip()
             main_category = derived if derived in info.categories else ""
         if main_category and main_category not in info.categories:
-            raise InvalidArgument(f"listing.main_category {main_category!r} is not one of the "
-                                  f"model's categories: {', '.join(info.categories)}")
+            raise InvalidArgument(
+                f"listing.main_category {main_category!r} is not one of the "
+                f"model's categories: {', '.join(info.categories)}"
+            )
 
         # 1. Embed: nothing is stored yet, so a failure here needs no undo.
         if main_category:
             vectors = self.embedder.embed(images, deadline)
         else:
             predictions, vectors, _ = self.embedder.classify(
-                images, len(info.categories), deadline, include_embeddings=True)
+                images, len(info.categories), deadline, include_embeddings=True
+            )
             main_category = predict_category(predictions)
         text_vector = None
         if "text" in info.modalities:  # the embedder serves text: index the listing's text too
             text_vector = self.embedder.embed_text(
-                [listing_text(listing.title, listing.description)], deadline)[0]
-        listing = listing.with_(main_category=main_category,
-                                image_ids=tuple(str(uuid.uuid4()) for _ in images))
+                [listing_text(listing.title, listing.description)], deadline
+            )[0]
+        listing = listing.with_(
+            main_category=main_category, image_ids=tuple(str(uuid.uuid4()) for _ in images)
+        )
 
         # 2. One transaction: the pending listing, its vectors, the outbox entry for its shard.
         shard = self.indexer.shard_for(listing.id)
-        stored = [StoredVector(IMAGE_COLLECTION, image_id, vector)
-                  for image_id, vector in zip(listing.image_ids, vectors)]
+        stored = [
+            StoredVector(IMAGE_COLLECTION, image_id, vector)
+            for image_id, vector in zip(listing.image_ids, vectors)
+        ]
         if text_vector is not None:
             stored.append(StoredVector(TEXT_COLLECTION, listing.id, text_vector))
         try:  # the entry is written held by this gateway's applier: no claim before the push
-            entry = self.catalogue.add_pending(listing, stored, shard, lease_holder=self.outbox.holder,
-                                               lease_s=self.outbox.lease_s)
+            entry = self.catalogue.add_pending(
+                listing, stored, shard, lease_holder=self.outbox.holder, lease_s=self.outbox.lease_s
+            )
         except DuplicateListing as exc:
             raise AlreadyExists(str(exc)) from None
 
@@ -504,8 +577,13 @@ class GatewayCore:
         if pushed.cancelled:
             raise pushed.error
         pending = not pushed.done
-        log.info("added listing %s with %d photos on shard %d%s", listing.id, len(images), shard,
-                 " (vectors pending)" if pending else "")
+        log.info(
+            "added listing %s with %d photos on shard %d%s",
+            listing.id,
+            len(images),
+            shard,
+            " (vectors pending)" if pending else "",
+        )
         return AddedListing(listing, pending)
 
     def remove_listing(self, listing_id: str, deadline: Deadline) -> RemovedListing:
@@ -513,15 +591,23 @@ class GatewayCore:
         push that deletion (at once if the shard answers in time, else by the outbox loop)."""
         if not listing_id:
             raise InvalidArgument("listing_id is empty")
-        removed = self.catalogue.remove_queued(listing_id, self.indexer.shard_for(listing_id),
-                                               text_collection=TEXT_COLLECTION,
-                                               lease_holder=self.outbox.holder, lease_s=self.outbox.lease_s)
+        removed = self.catalogue.remove_queued(
+            listing_id,
+            self.indexer.shard_for(listing_id),
+            text_collection=TEXT_COLLECTION,
+            lease_holder=self.outbox.holder,
+            lease_s=self.outbox.lease_s,
+        )
         if removed is None:
             raise NotFound(f"listing {listing_id} not found")
         listing, entry = removed
         pending = not self.outbox.apply_listing(listing_id, deadline, leased=entry).done
-        log.info("removed listing %s (%d photos%s)", listing_id, len(listing.image_ids),
-                 ", vector deletion pending" if pending else "")
+        log.info(
+            "removed listing %s (%d photos%s)",
+            listing_id,
+            len(listing.image_ids),
+            ", vector deletion pending" if pending else "",
+        )
         return RemovedListing(listing_id, len(listing.image_ids), pending)
 
 

@@ -5,19 +5,40 @@ Python client's callers) can use them without knowing about protobuf or servicer
 maps them to and from the public protos; `common.serving.service_errors` maps the errors (each
 carries its status code, `common.errors`) to status codes for the servicer.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from common.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument,
-                           NotFound, PermissionDenied, ResourceExhausted, ServiceError,
-                           Unauthenticated, Unavailable)
+from common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
 
-__all__ = ["AlreadyExists", "DeadlineExceeded", "DownstreamError", "FailedPrecondition",
-           "GatewayError", "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted",
-           "ServiceError", "Unauthenticated", "Unavailable"]
+__all__ = [
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "DownstreamError",
+    "FailedPrecondition",
+    "GatewayError",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ServiceError",
+    "Unauthenticated",
+    "Unavailable",
+]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -71,15 +92,15 @@ class SearchFilter:
         for name, value in (("min_price", self.min_price), ("max_price", self.max_price)):
             if value is not None and not math.isfinite(value):
                 raise InvalidArgument(f"filter.{name} must be a finite number, got {value}")
-        if (self.min_price is not None and self.max_price is not None
-                and self.min_price > self.max_price):
-            raise InvalidArgument(f"filter.min_price {self.min_price:g} is greater than "
-                                  f"filter.max_price {self.max_price:g}")
-        if self.main_category and known_categories is not None \
-                and self.main_category not in known_categories:
+        if self.min_price is not None and self.max_price is not None and self.min_price > self.max_price:
+            raise InvalidArgument(
+                f"filter.min_price {self.min_price:g} is greater than filter.max_price {self.max_price:g}"
+            )
+        if self.main_category and known_categories is not None and self.main_category not in known_categories:
             raise InvalidArgument(
                 f"filter.main_category {self.main_category!r} is not a known category; "
-                f"known: {', '.join(sorted(known_categories))}")
+                f"known: {', '.join(sorted(known_categories))}"
+            )
 
     def excluding(self, *listing_ids: str) -> "SearchFilter":
         extra = tuple(i for i in listing_ids if i not in self.exclude_listing_ids)
@@ -106,8 +127,7 @@ class RankedResults(list):
     replica was down. Only a request with ``allow_partial_results`` gets an answer with missing
     shards; without it such a search fails with UNAVAILABLE naming the shard."""
 
-    def __init__(self, results: Iterable[RankedListing] = (),
-                 missing_shards: Iterable[int] = ()) -> None:
+    def __init__(self, results: Iterable[RankedListing] = (), missing_shards: Iterable[int] = ()) -> None:
         super().__init__(results)
         self.missing_shards: tuple[int, ...] = tuple(sorted(int(s) for s in missing_shards))
 
@@ -122,17 +142,18 @@ class RankedResults(list):
 
 
 def missing_shards_notice(missing_shards: Sequence[int]) -> str:
-    """"" for complete results, else a sentence saying which shards are missing and what that
+    """ "" for complete results, else a sentence saying which shards are missing and what that
     means for the results."""
     if not missing_shards:
         return ""
     if len(missing_shards) == 1:
         which = f"index shard {missing_shards[0]} is"
     else:
-        which = ("index shards " + ", ".join(map(str, missing_shards[:-1])) +
-                 f" and {missing_shards[-1]} are")
-    return (f"These results are incomplete: {which} unavailable, so listings stored there are "
-            "missing. Try again shortly for complete results.")
+        which = "index shards " + ", ".join(map(str, missing_shards[:-1])) + f" and {missing_shards[-1]} are"
+    return (
+        f"These results are incomplete: {which} unavailable, so listings stored there are "
+        "missing. Try again shortly for complete results."
+    )
 
 
 @dataclass(frozen=True)

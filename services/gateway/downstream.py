@@ -21,6 +21,7 @@ of the same shard, a write goes to all of them. A shard with every replica down 
 request (UNAVAILABLE naming it) unless the caller allowed partial results (`partial_results`),
 which are then never silent: the response names the missing shards.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -107,16 +108,25 @@ def channel_options(reconnect_backoff_max_s: float = 2.0, max_message_bytes: int
 class Downstream:
     """One named downstream target: its channel and a label for error messages."""
 
-    def __init__(self, name: str, target: str, *, reconnect_backoff_max_s: float = 2.0,
-                 client_metrics: GrpcClientMetrics | None = None,
-                 tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        target: str,
+        *,
+        reconnect_backoff_max_s: float = 2.0,
+        client_metrics: GrpcClientMetrics | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.name = name
         self.target = target
         self.label = f"{name} at {target}"
         self._channel = open_channel(target, channel_options(reconnect_backoff_max_s), tls)
         #: every call through it is counted and timed when metrics are on (`common.metrics`)
-        self.channel = (client_metrics.instrument(self._channel, name, target)
-                        if client_metrics is not None else self._channel)
+        self.channel = (
+            client_metrics.instrument(self._channel, name, target)
+            if client_metrics is not None
+            else self._channel
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -150,8 +160,11 @@ def map_rpc_error(label: str, error: grpc.RpcError, caller_input: bool = True) -
         return ResourceExhausted(f"{label}: {details}")
     if code == grpc.StatusCode.CANCELLED:
         return Unavailable(f"{label} cancelled the call: {details}")
-    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.UNIMPLEMENTED):
+    if code in (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ):
         return FailedPrecondition(f"{label}: {code.name}: {details}")
     name = code.name if code is not None else type(error).__name__
     return DownstreamError(f"{label} failed: {name}: {details}")
@@ -183,12 +196,19 @@ def call_all(calls: Sequence[Call], deadline: Deadline, policy: RetryPolicy) -> 
                     responses.append(futures[index].result())
                     break
                 except grpc.RpcError as error:
-                    if (error.code() == grpc.StatusCode.UNAVAILABLE and call.idempotent
-                            and retry + 1 < policy.attempts):
+                    if (
+                        error.code() == grpc.StatusCode.UNAVAILABLE
+                        and call.idempotent
+                        and retry + 1 < policy.attempts
+                    ):
                         delay = policy.backoff(retry) * random.uniform(0.5, 1.0)
                         if delay < deadline.remaining():
-                            log.info("retrying %s after UNAVAILABLE (%s) in %.0f ms",
-                                     call.label, error.details(), delay * 1000)
+                            log.info(
+                                "retrying %s after UNAVAILABLE (%s) in %.0f ms",
+                                call.label,
+                                error.details(),
+                                delay * 1000,
+                            )
                             time.sleep(delay)
                             retry += 1
                             futures[index] = start(call)
@@ -219,19 +239,34 @@ def served_fusion_weights(reply: embedder_pb2.ModelInfo) -> ServedFusionWeights 
     if not reply.HasField("fusion_weights"):
         return None
     weights = reply.fusion_weights
-    return ServedFusionWeights(float(weights.search_text_weight), float(weights.similar_text_weight),
-                               weights.chosen_on, weights.source)
+    return ServedFusionWeights(
+        float(weights.search_text_weight),
+        float(weights.similar_text_weight),
+        weights.chosen_on,
+        weights.source,
+    )
 
 
 class EmbedderClient:
     """The embedder replicas behind one round_robin channel."""
 
-    def __init__(self, target: str, policy: RetryPolicy, *, reconnect_backoff_max_s: float = 2.0,
-                 model_info_ttl_s: float = 60.0,
-                 client_metrics: GrpcClientMetrics | None = None,
-                 tls: TlsFiles | None = None) -> None:
-        self.downstream = Downstream("embedder", target, reconnect_backoff_max_s=reconnect_backoff_max_s,
-                                     client_metrics=client_metrics, tls=tls)
+    def __init__(
+        self,
+        target: str,
+        policy: RetryPolicy,
+        *,
+        reconnect_backoff_max_s: float = 2.0,
+        model_info_ttl_s: float = 60.0,
+        client_metrics: GrpcClientMetrics | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.downstream = Downstream(
+            "embedder",
+            target,
+            reconnect_backoff_max_s=reconnect_backoff_max_s,
+            client_metrics=client_metrics,
+            tls=tls,
+        )
         self.stub = embedder_pb2_grpc.EmbedderStub(self.downstream.channel)
         self.policy = policy
         self.model_info_ttl_s = model_info_ttl_s
@@ -252,18 +287,26 @@ class EmbedderClient:
     def model_info(self, deadline: Deadline, *, refresh: bool = False) -> ModelInfo:
         """The loaded model's categories, dimension and limits (cached for the TTL)."""
         with self._info_lock:
-            if (not refresh and self._info is not None
-                    and time.monotonic() - self._info_at < self.model_info_ttl_s):
+            if (
+                not refresh
+                and self._info is not None
+                and time.monotonic() - self._info_at < self.model_info_ttl_s
+            ):
                 return self._info
-        reply = call_one(self._call(self.stub.GetModelInfo, embedder_pb2.GetModelInfoRequest()),
-                         deadline, self.policy)
+        reply = call_one(
+            self._call(self.stub.GetModelInfo, embedder_pb2.GetModelInfoRequest()), deadline, self.policy
+        )
         info = ModelInfo(
-            categories=tuple(reply.categories), embedding_dim=int(reply.embedding_dim),
-            model_version=reply.model_version, max_batch=int(reply.max_batch) or 32,
-            max_image_bytes=int(reply.max_image_bytes), modalities=tuple(reply.modalities),
+            categories=tuple(reply.categories),
+            embedding_dim=int(reply.embedding_dim),
+            model_version=reply.model_version,
+            max_batch=int(reply.max_batch) or 32,
+            max_image_bytes=int(reply.max_image_bytes),
+            modalities=tuple(reply.modalities),
             text_embedding_dim=int(reply.text_embedding_dim),
             fusion_weights=served_fusion_weights(reply),
-            fusion_weights_problem=reply.fusion_weights_problem)
+            fusion_weights_problem=reply.fusion_weights_problem,
+        )
         with self._info_lock:
             self._info, self._info_at = info, time.monotonic()
         return info
@@ -272,17 +315,19 @@ class EmbedderClient:
         if len(images) <= 1:
             return [images]
         size = max(1, self.model_info(deadline).max_batch)
-        return [images[i:i + size] for i in range(0, len(images), size)]
+        return [images[i : i + size] for i in range(0, len(images), size)]
 
     def embed(self, images: Sequence[bytes], deadline: Deadline) -> np.ndarray:
         """(len(images), dim) float32 unit vectors, in input order; batches sent in parallel."""
         batches = self._batches(images, deadline)
-        replies = call_all([self._call(self.stub.Embed, embedder_pb2.EmbedRequest(images=list(batch)))
-                            for batch in batches], deadline, self.policy)
+        replies = call_all(
+            [self._call(self.stub.Embed, embedder_pb2.EmbedRequest(images=list(batch))) for batch in batches],
+            deadline,
+            self.policy,
+        )
         vectors = [_vector(v.values) for reply in replies for v in reply.embeddings]
         if len(vectors) != len(images):
-            raise DownstreamError(f"{self.label} returned {len(vectors)} embeddings for "
-                                  f"{len(images)} images")
+            raise DownstreamError(f"{self.label} returned {len(vectors)} embeddings for {len(images)} images")
         return np.stack(vectors)
 
     def embed_text(self, texts: Sequence[str], deadline: Deadline) -> np.ndarray:
@@ -292,29 +337,48 @@ class EmbedderClient:
         FailedPrecondition naming the embedder."""
         texts = list(texts)
         size = len(texts) if len(texts) <= 1 else max(1, self.model_info(deadline).max_batch)
-        batches = [texts[i:i + size] for i in range(0, len(texts), max(1, size))]
-        replies = call_all([self._call(self.stub.EmbedText, embedder_pb2.EmbedTextRequest(texts=batch))
-                            for batch in batches], deadline, self.policy)
+        batches = [texts[i : i + size] for i in range(0, len(texts), max(1, size))]
+        replies = call_all(
+            [
+                self._call(self.stub.EmbedText, embedder_pb2.EmbedTextRequest(texts=batch))
+                for batch in batches
+            ],
+            deadline,
+            self.policy,
+        )
         vectors = [_vector(v.values) for reply in replies for v in reply.embeddings]
         if len(vectors) != len(texts):
-            raise DownstreamError(f"{self.label} returned {len(vectors)} text embeddings for "
-                                  f"{len(texts)} texts")
+            raise DownstreamError(
+                f"{self.label} returned {len(vectors)} text embeddings for {len(texts)} texts"
+            )
         return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
 
-    def classify(self, images: Sequence[bytes], top_k: int, deadline: Deadline, *,
-                 include_embeddings: bool = False
-                 ) -> tuple[list[list[CategoryScore]], np.ndarray | None, str]:
+    def classify(
+        self, images: Sequence[bytes], top_k: int, deadline: Deadline, *, include_embeddings: bool = False
+    ) -> tuple[list[list[CategoryScore]], np.ndarray | None, str]:
         """Per image its top categories (best first), the embeddings if asked, the model version."""
         batches = self._batches(images, deadline)
-        replies = call_all([self._call(self.stub.Classify, embedder_pb2.ClassifyRequest(
-            images=list(batch), top_k=top_k, include_embeddings=include_embeddings))
-            for batch in batches], deadline, self.policy)
+        replies = call_all(
+            [
+                self._call(
+                    self.stub.Classify,
+                    embedder_pb2.ClassifyRequest(
+                        images=list(batch), top_k=top_k, include_embeddings=include_embeddings
+                    ),
+                )
+                for batch in batches
+            ],
+            deadline,
+            self.policy,
+        )
         results = [result for reply in replies for result in reply.results]
         if len(results) != len(images):
-            raise DownstreamError(f"{self.label} returned {len(results)} classifications for "
-                                  f"{len(images)} images")
-        categories = [[CategoryScore(c.category, float(c.probability)) for c in result.categories]
-                      for result in results]
+            raise DownstreamError(
+                f"{self.label} returned {len(results)} classifications for {len(images)} images"
+            )
+        categories = [
+            [CategoryScore(c.category, float(c.probability)) for c in result.categories] for result in results
+        ]
         vectors = None
         if include_embeddings:
             if any(not result.embedding.values for result in results):
@@ -338,12 +402,14 @@ class IndexItem:
     location: str = ""
 
     def to_proto(self) -> indexer_pb2.Item:
-        attributes = indexer_pb2.Attributes(listing_id=self.listing_id, category=self.category,
-                                            location=self.location)
+        attributes = indexer_pb2.Attributes(
+            listing_id=self.listing_id, category=self.category, location=self.location
+        )
         if self.price is not None:
             attributes.price = float(self.price)
-        return indexer_pb2.Item(id=self.id, vector=np.asarray(self.vector, dtype=np.float32).tolist(),
-                                attributes=attributes)
+        return indexer_pb2.Item(
+            id=self.id, vector=np.asarray(self.vector, dtype=np.float32).tolist(), attributes=attributes
+        )
 
 
 @dataclass(frozen=True)
@@ -368,19 +434,22 @@ def to_index_filter(search_filter: SearchFilter) -> indexer_pb2.Filter:
     if search_filter.location:
         must.append(indexer_pb2.Condition(field="location", equals=search_filter.location))
     if search_filter.exclude_listing_ids:
-        must.append(indexer_pb2.Condition(
-            field="listing_id",
-            none_of=indexer_pb2.StringList(values=list(search_filter.exclude_listing_ids))))
+        must.append(
+            indexer_pb2.Condition(
+                field="listing_id",
+                none_of=indexer_pb2.StringList(values=list(search_filter.exclude_listing_ids)),
+            )
+        )
     return indexer_pb2.Filter(must=must)
 
 
 # ----------------------------------------------------------------------------- replicas
 
 #: Replica states as the gateway sees them (logged on every change, once).
-UNKNOWN = "UNKNOWN"            # not probed or called yet: used, after the known-good ones
-SERVING = "SERVING"            # its health check says SERVING and its last call worked
-NOT_SERVING = "NOT_SERVING"    # it answers but is catching up (or refuses to serve)
-UNREACHABLE = "UNREACHABLE"    # a call or probe got UNAVAILABLE / ran out of time
+UNKNOWN = "UNKNOWN"  # not probed or called yet: used, after the known-good ones
+SERVING = "SERVING"  # its health check says SERVING and its last call worked
+NOT_SERVING = "NOT_SERVING"  # it answers but is catching up (or refuses to serve)
+UNREACHABLE = "UNREACHABLE"  # a call or probe got UNAVAILABLE / ran out of time
 MISSED_WRITES = "MISSED_WRITES"  # a write failed there while others took it: must catch up
 #: Codes after which a read moves on to another replica of the same shard.
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -419,8 +488,7 @@ class ReplicaEvents:
         log.log(level, "%s: %s -> %s%s", replica.label, old, new, f" ({why})" if why else "")
 
     def failover(self, shard: int, failed: "Replica", code: grpc.StatusCode, to: "Replica") -> None:
-        log.info("indexer shard %d: %s answered %s; asking %s", shard, failed.label, code.name,
-                 to.label)
+        log.info("indexer shard %d: %s answered %s; asking %s", shard, failed.label, code.name, to.label)
 
     def partial_result(self, shard: int, reason: str) -> None:
         log.warning("answering without indexer shard %d (allow_partial_results): %s", shard, reason)
@@ -429,15 +497,26 @@ class ReplicaEvents:
 class Replica:
     """One indexer process serving one shard: its channel, stubs and state."""
 
-    def __init__(self, shard: int, number: int, target: str, label: str, events: ReplicaEvents,
-                 reconnect_backoff_max_s: float,
-                 client_metrics: GrpcClientMetrics | None = None,
-                 tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        shard: int,
+        number: int,
+        target: str,
+        label: str,
+        events: ReplicaEvents,
+        reconnect_backoff_max_s: float,
+        client_metrics: GrpcClientMetrics | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.shard = shard
         self.number = number
-        self.downstream = Downstream(f"indexer shard {shard}", target,
-                                     reconnect_backoff_max_s=reconnect_backoff_max_s,
-                                     client_metrics=client_metrics, tls=tls)
+        self.downstream = Downstream(
+            f"indexer shard {shard}",
+            target,
+            reconnect_backoff_max_s=reconnect_backoff_max_s,
+            client_metrics=client_metrics,
+            tls=tls,
+        )
         self.downstream.label = label
         self.stub = indexer_pb2_grpc.IndexerStub(self.downstream.channel)
         self.replication = indexer_pb2_grpc.ReplicationStub(self.downstream.channel)
@@ -478,8 +557,9 @@ class ShardReplicas:
         one catching up refuses reads itself). Never one that missed writes: it is stale."""
         turn = next(self._turn) % len(self.replicas)
         rotated = self.replicas[turn:] + self.replicas[:turn]
-        return ([r for r in rotated if r.usable()]
-                + [r for r in rotated if not r.usable() and r.state != MISSED_WRITES])
+        return [r for r in rotated if r.usable()] + [
+            r for r in rotated if not r.usable() and r.state != MISSED_WRITES
+        ]
 
     def serving(self) -> list[Replica]:
         return [r for r in self.replicas if r.state == SERVING]
@@ -505,11 +585,18 @@ class IndexerShards:
     by itself before it serves.
     """
 
-    def __init__(self, topology: Sequence[str | Sequence[str]], policy: RetryPolicy, *,
-                 reconnect_backoff_max_s: float = 2.0, write_token: str | None = None,
-                 events: ReplicaEvents | None = None, routing: ShardRouting | None = None,
-                 client_metrics: GrpcClientMetrics | None = None,
-                 tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        topology: Sequence[str | Sequence[str]],
+        policy: RetryPolicy,
+        *,
+        reconnect_backoff_max_s: float = 2.0,
+        write_token: str | None = None,
+        events: ReplicaEvents | None = None,
+        routing: ShardRouting | None = None,
+        client_metrics: GrpcClientMetrics | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         if not topology:
             raise ValueError("at least one indexer shard is needed")
         self.events = events or ReplicaEvents()
@@ -518,11 +605,21 @@ class IndexerShards:
             targets = (targets,) if isinstance(targets, str) else tuple(targets)
             if not targets:
                 raise ValueError(f"indexer shard {shard} has no replica")
-            replicas = [Replica(shard, number, target,
-                                f"indexer shard {shard} at {target}" if len(targets) == 1
-                                else f"indexer shard {shard} replica {number} at {target}",
-                                self.events, reconnect_backoff_max_s, client_metrics, tls)
-                        for number, target in enumerate(targets)]
+            replicas = [
+                Replica(
+                    shard,
+                    number,
+                    target,
+                    f"indexer shard {shard} at {target}"
+                    if len(targets) == 1
+                    else f"indexer shard {shard} replica {number} at {target}",
+                    self.events,
+                    reconnect_backoff_max_s,
+                    client_metrics,
+                    tls,
+                )
+                for number, target in enumerate(targets)
+            ]
             self.replica_sets.append(ShardReplicas(shard, replicas))
         self.policy = policy
         self.write_metadata = bearer_metadata(write_token)  # the indexer's Upsert/Delete need it
@@ -547,8 +644,14 @@ class IndexerShards:
 
     # ------------------------------------------------------------------ reads
 
-    def _read(self, method: str, requests: Sequence[tuple[int, object]], deadline: Deadline, *,
-              partial: PartialResults | None = None) -> list:
+    def _read(
+        self,
+        method: str,
+        requests: Sequence[tuple[int, object]],
+        deadline: Deadline,
+        *,
+        partial: PartialResults | None = None,
+    ) -> list:
         """One reply per ``(shard, request)``, each from one replica of that shard, all shards
         in flight at once; None for a shard that is down when ``partial`` collects those."""
         metadata = outgoing_metadata()
@@ -562,7 +665,8 @@ class IndexerShards:
             if timeout <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before calling {replica.label}")
             attempt.future = getattr(replica.stub, method).future(
-                attempt.request, timeout=timeout, metadata=metadata)
+                attempt.request, timeout=timeout, metadata=metadata
+            )
 
         try:
             for attempt in attempts:
@@ -574,8 +678,9 @@ class IndexerShards:
                     attempt.future.cancel()
             raise
 
-    def _finish_read(self, attempt: "_ReadAttempt", start, deadline: Deadline,
-                     partial: PartialResults | None):
+    def _finish_read(
+        self, attempt: "_ReadAttempt", start, deadline: Deadline, partial: PartialResults | None
+    ):
         shard = attempt.replicas.shard
         rounds = 0
         while True:
@@ -604,10 +709,17 @@ class IndexerShards:
                         return None
                 rounds += 1
                 delay = self.policy.backoff(rounds - 1) * random.uniform(0.5, 1.0)
-                if (code == grpc.StatusCode.UNAVAILABLE and rounds < self.policy.attempts
-                        and delay < deadline.remaining()):
-                    log.info("retrying %s after UNAVAILABLE (%s) in %.0f ms", attempt.replicas.label,
-                             error.details(), delay * 1000)
+                if (
+                    code == grpc.StatusCode.UNAVAILABLE
+                    and rounds < self.policy.attempts
+                    and delay < deadline.remaining()
+                ):
+                    log.info(
+                        "retrying %s after UNAVAILABLE (%s) in %.0f ms",
+                        attempt.replicas.label,
+                        error.details(),
+                        delay * 1000,
+                    )
                     time.sleep(delay)
                     attempt.restart()
                     start(attempt)
@@ -622,65 +734,104 @@ class IndexerShards:
                 replica.set_state(SERVING, "answered a read")
             return reply
 
-    def search(self, queries: np.ndarray, k: int, search_filter: SearchFilter, deadline: Deadline, *,
-               collection: str = IMAGE_COLLECTION, group_by_listing: bool = True) -> list[list[Hit]]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        search_filter: SearchFilter,
+        deadline: Deadline,
+        *,
+        collection: str = IMAGE_COLLECTION,
+        group_by_listing: bool = True,
+    ) -> list[list[Hit]]:
         """Per query, the hits of every shard (each shard's top k), fanned out in parallel.
         Inside ``partial_results(True)`` a shard whose replicas are all down is left out."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         request = indexer_pb2.SearchRequest(
-            collection=collection, k=k, filter=to_index_filter(search_filter),
+            collection=collection,
+            k=k,
+            filter=to_index_filter(search_filter),
             group_by_listing=group_by_listing,
-            queries=[indexer_pb2.Vector(values=row.tolist()) for row in queries])
+            queries=[indexer_pb2.Vector(values=row.tolist()) for row in queries],
+        )
         shards = self.routing.search_shards()
-        replies = self._read("Search", [(shard, request) for shard in shards], deadline,
-                             partial=_partial_results.get())
+        replies = self._read(
+            "Search", [(shard, request) for shard in shards], deadline, partial=_partial_results.get()
+        )
         per_query: list[list[Hit]] = [[] for _ in range(len(queries))]
         for replica_set, reply in zip((self.replica_sets[s] for s in shards), replies):
             if reply is None:
                 continue
             if len(reply.results) != len(queries):
-                raise DownstreamError(f"{replica_set.label} returned {len(reply.results)} result "
-                                      f"lists for {len(queries)} queries")
+                raise DownstreamError(
+                    f"{replica_set.label} returned {len(reply.results)} result "
+                    f"lists for {len(queries)} queries"
+                )
             for hits, result in zip(per_query, reply.results):
-                hits.extend(Hit(n.attributes.listing_id or n.id, float(n.score), n.id)
-                            for n in result.neighbors)
+                hits.extend(
+                    Hit(n.attributes.listing_id or n.id, float(n.score), n.id) for n in result.neighbors
+                )
         return per_query
 
-    def fetch(self, shard: int, ids: Sequence[str], deadline: Deadline, *,
-              collection: str = IMAGE_COLLECTION) -> list[StoredItem]:
+    def fetch(
+        self, shard: int, ids: Sequence[str], deadline: Deadline, *, collection: str = IMAGE_COLLECTION
+    ) -> list[StoredItem]:
         """The stored vectors of ``ids`` found on ``shard`` (request order; unknown ids skipped)."""
-        reply = self._read("Fetch", [(int(shard), indexer_pb2.FetchRequest(
-            collection=collection, ids=list(ids)))], deadline)[0]
-        return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
-                for item in reply.items]
+        reply = self._read(
+            "Fetch", [(int(shard), indexer_pb2.FetchRequest(collection=collection, ids=list(ids)))], deadline
+        )[0]
+        return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id) for item in reply.items]
 
-    def fetch_many(self, ids_by_shard: dict[int, Sequence[str]], deadline: Deadline, *,
-                   collection: str = IMAGE_COLLECTION) -> list[StoredItem]:
+    def fetch_many(
+        self,
+        ids_by_shard: dict[int, Sequence[str]],
+        deadline: Deadline,
+        *,
+        collection: str = IMAGE_COLLECTION,
+    ) -> list[StoredItem]:
         """The stored vectors of the ids on each shard (``{shard: ids}``), all shards fetched in
         parallel in chunks of `FETCH_CHUNK` ids; unknown ids are skipped."""
         requests = []
         for shard, ids in sorted(ids_by_shard.items()):
             ids = list(ids)
             for start in range(0, len(ids), FETCH_CHUNK):
-                requests.append((int(shard), indexer_pb2.FetchRequest(
-                    collection=collection, ids=ids[start:start + FETCH_CHUNK])))
+                requests.append(
+                    (
+                        int(shard),
+                        indexer_pb2.FetchRequest(collection=collection, ids=ids[start : start + FETCH_CHUNK]),
+                    )
+                )
         replies = self._read("Fetch", requests, deadline) if requests else []
-        return [StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
-                for reply in replies for item in reply.items]
+        return [
+            StoredItem(item.id, _vector(item.vector), item.attributes.listing_id)
+            for reply in replies
+            for item in reply.items
+        ]
 
     def stats(self, deadline: Deadline, collection: str = "") -> list[indexer_pb2.GetStatsResponse]:
         request = indexer_pb2.GetStatsRequest(collection=collection)
         return self._read("GetStats", [(shard, request) for shard in range(len(self))], deadline)
 
-    def list_ids(self, shard: int, deadline: Deadline, *, collection: str = IMAGE_COLLECTION,
-                 page_size: int = 1000) -> list[tuple[str, str]]:
+    def list_ids(
+        self, shard: int, deadline: Deadline, *, collection: str = IMAGE_COLLECTION, page_size: int = 1000
+    ) -> list[tuple[str, str]]:
         """Every (item id, listing id) stored on ``shard`` in ``collection``, paged (ListIds;
         each page from one replica of the shard, like any read)."""
         listed: list[tuple[str, str]] = []
         token = ""
         while True:
-            reply = self._read("ListIds", [(int(shard), indexer_pb2.ListIdsRequest(
-                collection=collection, page_size=page_size, page_token=token))], deadline)[0]
+            reply = self._read(
+                "ListIds",
+                [
+                    (
+                        int(shard),
+                        indexer_pb2.ListIdsRequest(
+                            collection=collection, page_size=page_size, page_token=token
+                        ),
+                    )
+                ],
+                deadline,
+            )[0]
             listed.extend((entry.id, entry.listing_id) for entry in reply.ids)
             token = reply.next_page_token
             if not token:
@@ -705,10 +856,19 @@ class IndexerShards:
             if timeout <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before writing to {replica_set.label}")
             others_usable = sum(r.usable() for r in replica_set.replicas) > 0
-            futures = [(replica, getattr(replica.stub, method).future(
-                request, metadata=metadata,
-                timeout=timeout if replica.usable() or not others_usable
-                else min(timeout, SUSPECT_WRITE_S))) for replica in replica_set.replicas]
+            futures = [
+                (
+                    replica,
+                    getattr(replica.stub, method).future(
+                        request,
+                        metadata=metadata,
+                        timeout=timeout
+                        if replica.usable() or not others_usable
+                        else min(timeout, SUSPECT_WRITE_S),
+                    ),
+                )
+                for replica in replica_set.replicas
+            ]
             _await_writes([future for _, future in futures])
             stored, catching_up, down, refused = [], [], [], []
             for replica, future in futures:
@@ -727,8 +887,11 @@ class IndexerShards:
                 (catching_up if reply.replica_catching_up else stored).append((replica, reply))
             if stored:
                 for replica, error in down + refused:
-                    why = (f"{error.code().name}: {error.details()}" if error is not None
-                           else "no answer while the others had long stored it")
+                    why = (
+                        f"{error.code().name}: {error.details()}"
+                        if error is not None
+                        else "no answer while the others had long stored it"
+                    )
                     replica.set_state(MISSED_WRITES, f"a {method} failed there: {why}")
                 if down or refused:
                     self.catch_up_wanted.set()
@@ -739,19 +902,32 @@ class IndexerShards:
             rounds += 1
             delay = self.policy.backoff(rounds - 1) * random.uniform(0.5, 1.0)
             if not catching_up and rounds < self.policy.attempts and delay < deadline.remaining():
-                log.info("retrying %s on %s after every replica failed, in %.0f ms", method,
-                         replica_set.label, delay * 1000)
+                log.info(
+                    "retrying %s on %s after every replica failed, in %.0f ms",
+                    method,
+                    replica_set.label,
+                    delay * 1000,
+                )
                 time.sleep(delay)
                 continue
             if len(replica_set.replicas) == 1 and down and down[0][1] is not None:
                 raise map_rpc_error(down[0][0].label, down[0][1], caller_input=False)
-            reasons = [f"{r.label}: {e.code().name if e is not None else 'CANCELLED'}"
-                       for r, e in down] + [f"{r.label}: catching up" for r, _ in catching_up]
-            raise Unavailable(f"{replica_set.label} unavailable: no serving replica took the "
-                              f"{method} ({'; '.join(reasons)})")
+            reasons = [f"{r.label}: {e.code().name if e is not None else 'CANCELLED'}" for r, e in down] + [
+                f"{r.label}: catching up" for r, _ in catching_up
+            ]
+            raise Unavailable(
+                f"{replica_set.label} unavailable: no serving replica took the "
+                f"{method} ({'; '.join(reasons)})"
+            )
 
-    def upsert(self, shard: int, items: Sequence[IndexItem], deadline: Deadline, *,
-               collection: str = IMAGE_COLLECTION) -> indexer_pb2.UpsertResponse:
+    def upsert(
+        self,
+        shard: int,
+        items: Sequence[IndexItem],
+        deadline: Deadline,
+        *,
+        collection: str = IMAGE_COLLECTION,
+    ) -> indexer_pb2.UpsertResponse:
         """Store ``items`` on every replica of ``shard`` (replace by id, so a retry is harmless),
         and on the other shard of any item whose partition a rebalance is moving (each item's
         own route, so a batch of many listings is placed right)."""
@@ -760,16 +936,27 @@ class IndexerShards:
             for other in self.routing.shard_for(item.listing_id).writes:
                 if other != int(shard):
                     targets.setdefault(other, []).append(item)
-        replies = [self._write(target, "Upsert", indexer_pb2.UpsertRequest(
-            collection=collection, items=[item.to_proto() for item in chunk]), deadline)
-            for target, chunk in targets.items()]
+        replies = [
+            self._write(
+                target,
+                "Upsert",
+                indexer_pb2.UpsertRequest(collection=collection, items=[item.to_proto() for item in chunk]),
+                deadline,
+            )
+            for target, chunk in targets.items()
+        ]
         return replies[0]
 
-    def delete(self, shard: int, ids: Sequence[str], deadline: Deadline, *,
-               collection: str = IMAGE_COLLECTION) -> int:
+    def delete(
+        self, shard: int, ids: Sequence[str], deadline: Deadline, *, collection: str = IMAGE_COLLECTION
+    ) -> int:
         """Remove ``ids`` from ``shard`` (unknown ids ignored); returns how many were removed."""
-        reply = self._write(shard, "Delete", indexer_pb2.DeleteRequest(
-            collection=collection, ids=list(ids), strict=False), deadline)
+        reply = self._write(
+            shard,
+            "Delete",
+            indexer_pb2.DeleteRequest(collection=collection, ids=list(ids), strict=False),
+            deadline,
+        )
         return int(reply.deleted)
 
     # ------------------------------------------------------------------ health
@@ -797,25 +984,33 @@ class IndexerShards:
             if replica_set.serving():
                 continue
             states = "; ".join(seen.get(id(r), f"{r.label}: {r.state}") for r in replica_set.replicas)
-            problems.append(f"indexer shard {replica_set.shard} has no serving replica ({states})"
-                            if len(replica_set.replicas) > 1 else states)
+            problems.append(
+                f"indexer shard {replica_set.shard} has no serving replica ({states})"
+                if len(replica_set.replicas) > 1
+                else states
+            )
         return problems
 
     def _request_catch_up(self, replica: Replica, timeout_s: float) -> None:
         """Tell a replica that missed a write to catch up from its peers (it goes NOT_SERVING)."""
         try:
-            reply = replica.replication.CatchUp(indexer_pb2.CatchUpRequest(), timeout=timeout_s,
-                                                metadata=self.write_metadata)
+            reply = replica.replication.CatchUp(
+                indexer_pb2.CatchUpRequest(), timeout=timeout_s, metadata=self.write_metadata
+            )
         except grpc.RpcError as error:
-            log.info("%s missed writes and cannot be asked to catch up yet: %s", replica.label,
-                     error.code().name)
+            log.info(
+                "%s missed writes and cannot be asked to catch up yet: %s", replica.label, error.code().name
+            )
             return
         if reply.state == "refusing":  # it has no INDEXER_PEERS: it can never catch up
             if replica.refused_catch_up:
                 return
             replica.refused_catch_up = True
-            log.error("%s missed writes but cannot catch up (no INDEXER_PEERS?); it is not read "
-                      "from until it is restarted with its peers", replica.label)
+            log.error(
+                "%s missed writes but cannot catch up (no INDEXER_PEERS?); it is not read "
+                "from until it is restarted with its peers",
+                replica.label,
+            )
             return
         replica.refused_catch_up = False
         replica.set_state(NOT_SERVING, f"asked to catch up: {reply.state}")
@@ -847,8 +1042,12 @@ def _await_writes(futures: Sequence) -> None:
                 return
             if first_stored_at is None:
                 for future in futures:
-                    if future.done() and not future.cancelled() and future.exception() is None \
-                            and not future.result().replica_catching_up:
+                    if (
+                        future.done()
+                        and not future.cancelled()
+                        and future.exception() is None
+                        and not future.result().replica_catching_up
+                    ):
                         first_stored_at = time.monotonic()
                         break
             if first_stored_at is not None:
@@ -884,7 +1083,7 @@ class _ReadAttempt:
         if len(self.replicas.replicas) == 1:
             replica, error = self.failures[-1]
             return map_rpc_error(replica.label, error, caller_input=False)
-        tried = "; ".join(f"{r.label}: {e.code().name}" for r, e in self.failures[-len(self.order):])
+        tried = "; ".join(f"{r.label}: {e.code().name}" for r, e in self.failures[-len(self.order) :])
         if all(e.code() == grpc.StatusCode.DEADLINE_EXCEEDED for _, e in self.failures):
             return DeadlineExceeded(f"deadline exceeded waiting for {self.replicas.label} ({tried})")
         return Unavailable(f"{self.replicas.label} unavailable: every replica failed ({tried})")

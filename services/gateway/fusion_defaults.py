@@ -19,6 +19,7 @@ changes. If the embedder cannot be asked (down), the last weight resolved stays 
 embedder is not asked again for ``RETRY_AFTER_S`` (SimilarListings needs no embedder otherwise, so
 an outage must not slow it down on every call).
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,13 @@ class FusionWeight:
 class FusionDefaults:
     """Resolves the default text weight of each fusion (see the module docstring)."""
 
-    def __init__(self, model_info: Callable[..., ModelInfo], *, search_override: float | None = None,
-                 similar_override: float | None = None) -> None:
+    def __init__(
+        self,
+        model_info: Callable[..., ModelInfo],
+        *,
+        search_override: float | None = None,
+        similar_override: float | None = None,
+    ) -> None:
         self._model_info = model_info
         #: The settings, None where unset (then the embedder's artefact decides).
         self.overrides: dict[str, float | None] = {SEARCH: search_override, SIMILAR: similar_override}
@@ -89,8 +95,10 @@ class FusionDefaults:
                     self._failed_at = time.monotonic()
                 if current is not None:
                     return current
-                choice = FusionWeight(BUILT_IN[fusion], "the built-in default (the embedder could "
-                                                        f"not be asked for its fusion weights: {exc})")
+                choice = FusionWeight(
+                    BUILT_IN[fusion],
+                    f"the built-in default (the embedder could not be asked for its fusion weights: {exc})",
+                )
             else:
                 choice = from_model_info(fusion, info)
         with self._lock:
@@ -105,10 +113,15 @@ class FusionDefaults:
         parts = []
         for fusion in (SEARCH, SIMILAR):
             override = self.overrides[fusion]
-            parts.append(f"{WHAT[fusion]} text weight "
-                         + (f"{override:g} from {SETTINGS[fusion]}" if override is not None else
-                            f"from the embedder's artefact (GetModelInfo.fusion_weights; unset "
-                            f"{SETTINGS[fusion]} to keep it so), built-in {BUILT_IN[fusion]:g} if it has none"))
+            parts.append(
+                f"{WHAT[fusion]} text weight "
+                + (
+                    f"{override:g} from {SETTINGS[fusion]}"
+                    if override is not None
+                    else f"from the embedder's artefact (GetModelInfo.fusion_weights; unset "
+                    f"{SETTINGS[fusion]} to keep it so), built-in {BUILT_IN[fusion]:g} if it has none"
+                )
+            )
         return "; ".join(parts)
 
 
@@ -117,8 +130,14 @@ def from_model_info(fusion: str, info: ModelInfo) -> FusionWeight:
     served = info.fusion_weights
     if served is None:
         reason = info.fusion_weights_problem or "it serves none"
-        return FusionWeight(BUILT_IN[fusion], f"the built-in default (the embedder's image model "
-                                              f"{info.model_version} has no fusion weights: {reason})")
+        return FusionWeight(
+            BUILT_IN[fusion],
+            f"the built-in default (the embedder's image model "
+            f"{info.model_version} has no fusion weights: {reason})",
+        )
     value = served.search_text_weight if fusion == SEARCH else served.similar_text_weight
-    return FusionWeight(float(value), f"the embedder's artefact ({served.source or 'fusion_weights.json'}, "
-                                      f"chosen on the {served.chosen_on or 'valid'} split)")
+    return FusionWeight(
+        float(value),
+        f"the embedder's artefact ({served.source or 'fusion_weights.json'}, "
+        f"chosen on the {served.chosen_on or 'valid'} split)",
+    )

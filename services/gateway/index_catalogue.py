@@ -23,6 +23,7 @@ listing (item id = listing id), from ``<artefact>/embeddings/text_embeddings.npy
 calling the embedder's EmbedText on ``common.text.listing_text(title, description)`` of every
 catalogue listing. ``auto`` skips text (with a note) when neither is possible; ``on`` fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.artifact import (EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, read_image_embeddings,
-                             read_text_embeddings)
+from common.artifact import EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, read_image_embeddings, read_text_embeddings
 from common.config import Settings
 from common.listing_text import listing_text
 from common.prepared_data import IMAGES_FILE, read_rows
-from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
-                             resolve_write_token)
+from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles, resolve_write_token
 from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, embedder_target, shard_lists
@@ -68,8 +67,9 @@ class IndexReport:
     seconds: float = 0.0
 
 
-def embed_catalogue_texts(catalogue: Catalogue, embedder: EmbedderClient, *, batch_size: int = 128,
-                          progress: bool = True) -> tuple[list[str], np.ndarray]:
+def embed_catalogue_texts(
+    catalogue: Catalogue, embedder: EmbedderClient, *, batch_size: int = 128, progress: bool = True
+) -> tuple[list[str], np.ndarray]:
     """Embed ``listing_text(title, description)`` of every catalogue listing through EmbedText
     (listings whose text is empty are skipped)."""
     all_ids = catalogue.listing_ids()
@@ -77,10 +77,11 @@ def embed_catalogue_texts(catalogue: Catalogue, embedder: EmbedderClient, *, bat
     vectors: list[np.ndarray] = []
     with tqdm(total=len(all_ids), desc="embed text", unit="listing", disable=not progress) as bar:
         for start in range(0, len(all_ids), batch_size):
-            chunk = all_ids[start:start + batch_size]
+            chunk = all_ids[start : start + batch_size]
             listings = catalogue.get_many(chunk)
-            texts = {i: listing_text(listings[i].title, listings[i].description)
-                     for i in chunk if i in listings}
+            texts = {
+                i: listing_text(listings[i].title, listings[i].description) for i in chunk if i in listings
+            }
             texts = {i: text for i, text in texts.items() if text}
             if texts:
                 vectors.append(embedder.embed_text(list(texts.values()), Deadline(BATCH_TIMEOUT_S)))
@@ -89,26 +90,56 @@ def embed_catalogue_texts(catalogue: Catalogue, embedder: EmbedderClient, *, bat
     return ids, (np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32))
 
 
-def index_text_embeddings(catalogue: Catalogue, shards: IndexerShards, listing_ids: Sequence[str],
-                          vectors: np.ndarray, *, batch_size: int = 256,
-                          collection: str = TEXT_COLLECTION, progress: bool = True) -> IndexReport:
+def index_text_embeddings(
+    catalogue: Catalogue,
+    shards: IndexerShards,
+    listing_ids: Sequence[str],
+    vectors: np.ndarray,
+    *,
+    batch_size: int = 256,
+    collection: str = TEXT_COLLECTION,
+    progress: bool = True,
+) -> IndexReport:
     """Upsert text ``vectors`` (row i is listing ``listing_ids[i]``; item id = listing id) to the
     shards owning those listings; listings not in the catalogue are skipped and counted."""
     started = time.perf_counter()
     position = {listing_id: i for i, listing_id in enumerate(listing_ids)}
     listings = catalogue.get_many(position)
-    items = [IndexItem(listing_id, vectors[position[listing_id]], listing_id,
-                       listing.main_category, listing.price, listing.location)
-             for listing_id, listing in ((i, listings.get(i)) for i in position)
-             if listing is not None]
-    return _upsert_by_shard(shards, items, len(position) - len(listings), batch_size=batch_size,
-                            collection=collection, desc="index text", progress=progress,
-                            started=started)
+    items = [
+        IndexItem(
+            listing_id,
+            vectors[position[listing_id]],
+            listing_id,
+            listing.main_category,
+            listing.price,
+            listing.location,
+        )
+        for listing_id, listing in ((i, listings.get(i)) for i in position)
+        if listing is not None
+    ]
+    return _upsert_by_shard(
+        shards,
+        items,
+        len(position) - len(listings),
+        batch_size=batch_size,
+        collection=collection,
+        desc="index text",
+        progress=progress,
+        started=started,
+    )
 
 
-def _upsert_by_shard(shards: IndexerShards, items: Sequence[IndexItem], skipped: int, *,
-                     batch_size: int, collection: str, desc: str, progress: bool,
-                     started: float) -> IndexReport:
+def _upsert_by_shard(
+    shards: IndexerShards,
+    items: Sequence[IndexItem],
+    skipped: int,
+    *,
+    batch_size: int,
+    collection: str,
+    desc: str,
+    progress: bool,
+    started: float,
+) -> IndexReport:
     """Upsert ``items`` in batches to the shard owning each one's listing, shard by shard."""
     report = IndexReport(skipped_not_in_catalogue=skipped)
     by_shard: dict[int, list[IndexItem]] = {}
@@ -117,7 +148,7 @@ def _upsert_by_shard(shards: IndexerShards, items: Sequence[IndexItem], skipped:
     with tqdm(total=len(items), desc=desc, unit="vector", disable=not progress) as bar:
         for shard, shard_items in sorted(by_shard.items()):
             for start in range(0, len(shard_items), batch_size):
-                batch = shard_items[start:start + batch_size]
+                batch = shard_items[start : start + batch_size]
                 shards.upsert(shard, batch, Deadline(BATCH_TIMEOUT_S), collection=collection)
                 report.per_shard[shard] = report.per_shard.get(shard, 0) + len(batch)
                 report.upserted += len(batch)
@@ -126,8 +157,9 @@ def _upsert_by_shard(shards: IndexerShards, items: Sequence[IndexItem], skipped:
     return report
 
 
-def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
-                 embedder_addr: str, policy: RetryPolicy) -> tuple[list[str], np.ndarray] | str:
+def text_vectors(
+    mode: str, artifact_dir: Path | None, catalogue: Catalogue, embedder_addr: str, policy: RetryPolicy
+) -> tuple[list[str], np.ndarray] | str:
     """The text vectors to index for ``--text mode``: from the artefact, else through the
     embedder's EmbedText; or, when there are none, the reason (a string). ``on`` raises instead
     of returning a reason."""
@@ -146,8 +178,10 @@ def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
                 raise
             return f"no text embeddings in the artefact and the embedder is not reachable: {exc}"
         if "text" not in info.modalities:
-            reason = (f"the embedder at {embedder_addr} serves no text model (EMBEDDER_TEXT_MODEL) "
-                      f"and the artefact has no {EMBEDDINGS_DIR}/{TEXT_EMBEDDINGS_FILE}")
+            reason = (
+                f"the embedder at {embedder_addr} serves no text model (EMBEDDER_TEXT_MODEL) "
+                f"and the artefact has no {EMBEDDINGS_DIR}/{TEXT_EMBEDDINGS_FILE}"
+            )
             if mode == "on":
                 raise ValueError(reason)
             return reason
@@ -156,61 +190,104 @@ def text_vectors(mode: str, artifact_dir: Path | None, catalogue: Catalogue,
         embedder.close()
 
 
-def embed_prepared(prepared_dir: str | Path, catalogue: Catalogue, embedder: EmbedderClient, *,
-                   batch_size: int = 16, limit: int | None = None,
-                   progress: bool = True) -> tuple[list[str], np.ndarray]:
+def embed_prepared(
+    prepared_dir: str | Path,
+    catalogue: Catalogue,
+    embedder: EmbedderClient,
+    *,
+    batch_size: int = 16,
+    limit: int | None = None,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray]:
     """Embed the catalogue's photos found in the prepared folder through the embedder."""
     prepared = Path(prepared_dir)
     images = read_rows(prepared, IMAGES_FILE, required=("image_id", "path"))
     in_catalogue = {row.image_id for row in catalogue.image_rows()}
-    rows = [(r["image_id"], prepared / r["path"]) for r in images
-            if r["image_id"] in in_catalogue and (prepared / r["path"]).is_file()]
+    rows = [
+        (r["image_id"], prepared / r["path"])
+        for r in images
+        if r["image_id"] in in_catalogue and (prepared / r["path"]).is_file()
+    ]
     rows = rows[:limit] if limit is not None else rows
     ids: list[str] = []
     vectors: list[np.ndarray] = []
     with tqdm(total=len(rows), desc="embed", unit="photo", disable=not progress) as bar:
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
-            vectors.append(embedder.embed([path.read_bytes() for _, path in batch],
-                                          Deadline(BATCH_TIMEOUT_S)))
+            batch = rows[start : start + batch_size]
+            vectors.append(
+                embedder.embed([path.read_bytes() for _, path in batch], Deadline(BATCH_TIMEOUT_S))
+            )
             ids += [image_id for image_id, _ in batch]
             bar.update(len(batch))
     return ids, (np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32))
 
 
-def index_embeddings(catalogue: Catalogue, shards: IndexerShards, image_ids: Sequence[str],
-                     vectors: np.ndarray, *, batch_size: int = 256, collection: str = IMAGE_COLLECTION,
-                     progress: bool = True) -> IndexReport:
+def index_embeddings(
+    catalogue: Catalogue,
+    shards: IndexerShards,
+    image_ids: Sequence[str],
+    vectors: np.ndarray,
+    *,
+    batch_size: int = 256,
+    collection: str = IMAGE_COLLECTION,
+    progress: bool = True,
+) -> IndexReport:
     """Upsert ``vectors`` (row i is photo ``image_ids[i]``) to the shards owning their listings."""
     started = time.perf_counter()
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     rows = catalogue.image_rows(image_ids)
-    items = [IndexItem(row.image_id, vectors[position[row.image_id]], row.listing_id,
-                       row.main_category, row.price, row.location) for row in rows]
-    return _upsert_by_shard(shards, items, len(position) - len(rows), batch_size=batch_size,
-                            collection=collection, desc="index", progress=progress,
-                            started=started)
+    items = [
+        IndexItem(
+            row.image_id,
+            vectors[position[row.image_id]],
+            row.listing_id,
+            row.main_category,
+            row.price,
+            row.location,
+        )
+        for row in rows
+    ]
+    return _upsert_by_shard(
+        shards,
+        items,
+        len(position) - len(rows),
+        batch_size=batch_size,
+        collection=collection,
+        desc="index",
+        progress=progress,
+        started=started,
+    )
 
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
-INDEX_CATALOGUE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
-    "db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions", "embedder_addr")),
-    *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
+INDEX_CATALOGUE_SETTINGS = Settings(
+    *(
+        GATEWAY_SETTINGS[name]
+        for name in ("db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions", "embedder_addr")
+    ),
+    *WRITE_TOKEN_SETTINGS,
+    *TLS_CLIENT_SETTINGS,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.gateway.index_catalogue",
-                                     description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.gateway.index_catalogue",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--artifact", type=Path, help="model artefact with embeddings/")
     source.add_argument("--prepared", type=Path, help="prepared data folder (embed its photos)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="with --prepared: embed at most N photos")
     parser.add_argument("--collection", default=IMAGE_COLLECTION)
-    parser.add_argument("--text", choices=TEXT_MODES, default="auto",
-                        help='also fill the "text" collection: auto (if text vectors can be had), '
-                             "on (fail if not), off")
+    parser.add_argument(
+        "--text",
+        choices=TEXT_MODES,
+        default="auto",
+        help='also fill the "text" collection: auto (if text vectors can be had), on (fail if not), off',
+    )
     args = INDEX_CATALOGUE_SETTINGS.add_flags(parser).parse_args(argv)
     settings = INDEX_CATALOGUE_SETTINGS.read(args)
     # the embedder: with --prepared, and for text without precomputed text embeddings
@@ -224,16 +301,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
     try:
-        routing = routing_for(len(replicas), catalogue.shard_map_store(), settings["partitions"],
-                              create=settings["shard_map"])
+        routing = routing_for(
+            len(replicas), catalogue.shard_map_store(), settings["partitions"], create=settings["shard_map"]
+        )
     except ShardMapError as exc:
         catalogue.close()
         print(f"error: shard map: {exc}", file=sys.stderr)
         return 2
     tls = TlsFiles.from_values(settings)
-    shards = IndexerShards(replicas, policy, routing=routing, tls=tls,
-                           write_token=resolve_write_token(settings["write_token"],
-                                                           settings["write_token_file"]))
+    shards = IndexerShards(
+        replicas,
+        policy,
+        routing=routing,
+        tls=tls,
+        write_token=resolve_write_token(settings["write_token"], settings["write_token_file"]),
+    )
     try:
         with catalogue:
             if args.artifact is not None:
@@ -241,32 +323,35 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 embedder = EmbedderClient(embedder_target(args.embedder), policy, tls=tls)
                 try:
-                    ids, vectors = embed_prepared(args.prepared, catalogue, embedder,
-                                                  limit=args.limit)
+                    ids, vectors = embed_prepared(args.prepared, catalogue, embedder, limit=args.limit)
                 finally:
                     embedder.close()
-            report = index_embeddings(catalogue, shards, ids, vectors, batch_size=args.batch_size,
-                                      collection=args.collection)
+            report = index_embeddings(
+                catalogue, shards, ids, vectors, batch_size=args.batch_size, collection=args.collection
+            )
             texts = text_vectors(args.text, args.artifact, catalogue, args.embedder, policy)
             text_report = None
             if not isinstance(texts, str):
-                text_report = index_text_embeddings(catalogue, shards, *texts,
-                                                    batch_size=args.batch_size)
+                text_report = index_text_embeddings(catalogue, shards, *texts, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError, ServiceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         shards.close()
     shards_text = ", ".join(f"shard {s}: {n:,}" for s, n in sorted(report.per_shard.items()))
-    print(f"indexed {report.upserted:,} vectors ({shards_text}) in {report.seconds:.1f}s; "
-          f"{report.skipped_not_in_catalogue:,} photos skipped (not in the catalogue)")
+    print(
+        f"indexed {report.upserted:,} vectors ({shards_text}) in {report.seconds:.1f}s; "
+        f"{report.skipped_not_in_catalogue:,} photos skipped (not in the catalogue)"
+    )
     if text_report is None:
         print(f"text not indexed: {texts}")
     else:
         shards_text = ", ".join(f"shard {s}: {n:,}" for s, n in sorted(text_report.per_shard.items()))
-        print(f"indexed {text_report.upserted:,} listing text vectors ({shards_text}) in "
-              f"{text_report.seconds:.1f}s; {text_report.skipped_not_in_catalogue:,} listings "
-              "skipped (not in the catalogue)")
+        print(
+            f"indexed {text_report.upserted:,} listing text vectors ({shards_text}) in "
+            f"{text_report.seconds:.1f}s; {text_report.skipped_not_in_catalogue:,} listings "
+            "skipped (not in the catalogue)"
+        )
     return 0
 
 

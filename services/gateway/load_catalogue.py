@@ -8,6 +8,7 @@ left alone unless ``--replace``. One transaction: all rows or none. The gateway 
 start when ``GATEWAY_SEED_DIR`` is set and its catalogue is empty. Vectors are indexed separately
 (``python -m services.gateway.index_catalogue``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,33 +25,47 @@ LOAD_CATALOGUE_SETTINGS = Settings(GATEWAY_SETTINGS["db_path"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.gateway.load_catalogue",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, default=REPO_ROOT / "build" / "data",
-                        help="prepared data folder (default build/data)")
+    parser = argparse.ArgumentParser(
+        prog="python -m services.gateway.load_catalogue", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=REPO_ROOT / "build" / "data",
+        help="prepared data folder (default build/data)",
+    )
     parser.add_argument("--replace", action="store_true", help="empty the catalogue first")
-    parser.add_argument("--only-with-images", action="store_true",
-                        help="skip listings that have no usable photo")
-    parser.add_argument("--no-check-files", action="store_true",
-                        help="keep images.csv rows even if their file is missing")
+    parser.add_argument(
+        "--only-with-images", action="store_true", help="skip listings that have no usable photo"
+    )
+    parser.add_argument(
+        "--no-check-files", action="store_true", help="keep images.csv rows even if their file is missing"
+    )
     args = LOAD_CATALOGUE_SETTINGS.add_flags(parser).parse_args(argv)
     args.db = LOAD_CATALOGUE_SETTINGS.read(args)["db_path"]
     started = time.perf_counter()
     try:
         with Catalogue.open(args.db) as catalogue:
-            report = catalogue.load_prepared(args.prepared, replace=args.replace,
-                                             check_files=not args.no_check_files,
-                                             only_with_images=args.only_with_images)
+            report = catalogue.load_prepared(
+                args.prepared,
+                replace=args.replace,
+                check_files=not args.no_check_files,
+                only_with_images=args.only_with_images,
+            )
             total, images = catalogue.count(), catalogue.count_images()
             where = catalogue.path
     except (FileNotFoundError, ValueError, CatalogueError, CatalogueUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"loaded {report.listings:,} listings with {report.images:,} images from {args.prepared} "
-          f"into {where} in {time.perf_counter() - started:.1f}s")
-    print(f"skipped images: {report.images_skipped_missing_file:,} without a file, "
-          f"{report.images_skipped_unknown_listing:,} of unknown listings; "
-          f"{report.prices_unusable:,} flagged prices stored as unknown")
+    print(
+        f"loaded {report.listings:,} listings with {report.images:,} images from {args.prepared} "
+        f"into {where} in {time.perf_counter() - started:.1f}s"
+    )
+    print(
+        f"skipped images: {report.images_skipped_missing_file:,} without a file, "
+        f"{report.images_skipped_unknown_listing:,} of unknown listings; "
+        f"{report.prices_unusable:,} flagged prices stored as unknown"
+    )
     print(f"catalogue now holds {total:,} listings and {images:,} images")
     return 0
 

@@ -19,6 +19,7 @@ Counted as they happen (`MeteredReplicaEvents`, the downstream module's one hook
 * ``gateway_partial_results_total{shard}``: searches answered without a shard
   (``allow_partial_results``).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -30,8 +31,16 @@ from prometheus_client.registry import Collector
 
 from common.metrics import GrpcClientMetrics, ServiceMetrics
 from services.gateway.catalogue import Catalogue
-from services.gateway.downstream import (MISSED_WRITES, NOT_SERVING, SERVING, UNKNOWN, UNREACHABLE,
-                                         IndexerShards, Replica, ReplicaEvents)
+from services.gateway.downstream import (
+    MISSED_WRITES,
+    NOT_SERVING,
+    SERVING,
+    UNKNOWN,
+    UNREACHABLE,
+    IndexerShards,
+    Replica,
+    ReplicaEvents,
+)
 from services.gateway.readiness import DownstreamWatch
 
 REPLICA_STATES = (UNKNOWN, SERVING, NOT_SERVING, UNREACHABLE, MISSED_WRITES)
@@ -51,11 +60,15 @@ class GatewayMetrics(Collector):
         self.failovers = Counter(
             "gateway_indexer_failovers",
             "Reads moved from a failing indexer replica to another replica of the same shard.",
-            ["shard", "code"], registry=registry)
+            ["shard", "code"],
+            registry=registry,
+        )
         self.partial_results = Counter(
             "gateway_partial_results",
-            "Searches answered without a shard whose replicas were all down "
-            "(allow_partial_results).", ["shard"], registry=registry)
+            "Searches answered without a shard whose replicas were all down (allow_partial_results).",
+            ["shard"],
+            registry=registry,
+        )
         registry.register(self)
 
     def replica_events(self) -> ReplicaEvents:
@@ -64,14 +77,19 @@ class GatewayMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         if self.catalogue is not None:
-            yield GaugeMetricFamily("gateway_catalogue_listings", "Listings in the catalogue.",
-                                    value=self.catalogue.count())
-            yield GaugeMetricFamily("gateway_catalogue_images", "Listing photos in the catalogue.",
-                                    value=self.catalogue.count_images())
+            yield GaugeMetricFamily(
+                "gateway_catalogue_listings", "Listings in the catalogue.", value=self.catalogue.count()
+            )
+            yield GaugeMetricFamily(
+                "gateway_catalogue_images",
+                "Listing photos in the catalogue.",
+                value=self.catalogue.count_images(),
+            )
         ready = GaugeMetricFamily(
             "gateway_downstream_ready",
             "1 while the embedder passed its last readiness probe / an indexer replica is SERVING.",
-            labels=["downstream", "target"])
+            labels=["downstream", "target"],
+        )
         watch = self.watch
         if watch is not None:
             for downstream, serving in list(watch.serving.items()):
@@ -80,7 +98,8 @@ class GatewayMetrics(Collector):
             states = GaugeMetricFamily(
                 "gateway_indexer_replica_state",
                 "1 for the state each indexer replica is in, 0 for the others.",
-                labels=["downstream", "target", "state"])
+                labels=["downstream", "target", "state"],
+            )
             for replica in self.indexer.replicas:
                 where = [replica.downstream.name, replica.downstream.target]
                 current = replica.state
@@ -90,9 +109,11 @@ class GatewayMetrics(Collector):
             yield states
         yield ready
         if watch is not None:
-            yield GaugeMetricFamily("gateway_ready",
-                                    "1 while the gateway is ready (every downstream serving).",
-                                    value=1.0 if watch.ready else 0.0)
+            yield GaugeMetricFamily(
+                "gateway_ready",
+                "1 while the gateway is ready (every downstream serving).",
+                value=1.0 if watch.ready else 0.0,
+            )
 
 
 class MeteredReplicaEvents(ReplicaEvents):

@@ -16,6 +16,7 @@ holds its lease, so an Upsert and a later Delete of the same listing never overt
 the lease (``GATEWAY_OUTBOX_LEASE_S``) is longer than any single push (at most half of it), so a
 push that is slow is never still running when the next holder starts.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,8 +73,15 @@ class PushResult:
 
 
 class OutboxApplier:
-    def __init__(self, catalogue: Catalogue, indexer: IndexerShards, *, lease_s: float = 30.0,
-                 interval_s: float = 0.5, batch: int = 64) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        indexer: IndexerShards,
+        *,
+        lease_s: float = 30.0,
+        interval_s: float = 0.5,
+        batch: int = 64,
+    ) -> None:
         self.catalogue = catalogue
         self.indexer = indexer
         self.lease_s = lease_s
@@ -95,8 +103,9 @@ class OutboxApplier:
         """Push one claimed entry to its shard; mark it done (True) or schedule a retry (False)."""
         return self.push(entry, deadline) is None
 
-    def push(self, entry: OutboxEntry, deadline: Deadline, *,
-             cancel_refused_add: bool = False) -> ServiceError | None:
+    def push(
+        self, entry: OutboxEntry, deadline: Deadline, *, cancel_refused_add: bool = False
+    ) -> ServiceError | None:
         """Push a claimed entry; None when done. On failure the entry is released for a retry,
         or, with ``cancel_refused_add`` and an upsert the shard refused or could not be reached
         for (`REFUSALS`), the add is cancelled (`Catalogue.cancel_upsert`); the error is returned."""
@@ -106,12 +115,23 @@ class OutboxApplier:
             else:
                 self._push_upsert(entry, deadline)
         except ServiceError as exc:
-            if (cancel_refused_add and entry.op == UPSERT and isinstance(exc, REFUSALS)
-                    and self._cancel(entry, exc)):
+            if (
+                cancel_refused_add
+                and entry.op == UPSERT
+                and isinstance(exc, REFUSALS)
+                and self._cancel(entry, exc)
+            ):
                 raise _Cancelled(exc) from None
             delay = retry_delay(entry.attempts)
-            log.warning("outbox entry %d (%s listing %s on shard %d) not applied, retry in %.1f s: %s",
-                        entry.seq, entry.op, entry.listing_id, entry.shard, delay, exc.message)
+            log.warning(
+                "outbox entry %d (%s listing %s on shard %d) not applied, retry in %.1f s: %s",
+                entry.seq,
+                entry.op,
+                entry.listing_id,
+                entry.shard,
+                delay,
+                exc.message,
+            )
             self._record_failure(entry, exc.message, delay)
             self._shard_failed(entry.shard, delay)
             return exc
@@ -154,9 +174,16 @@ class OutboxApplier:
             return  # removed since (its delete entry follows): nothing to push
         by_collection: dict[str, list[IndexItem]] = {}
         for stored in entry.vectors:
-            by_collection.setdefault(stored.collection, []).append(IndexItem(
-                stored.item_id, stored.vector, listing.id, listing.main_category, listing.price,
-                listing.location))
+            by_collection.setdefault(stored.collection, []).append(
+                IndexItem(
+                    stored.item_id,
+                    stored.vector,
+                    listing.id,
+                    listing.main_category,
+                    listing.price,
+                    listing.location,
+                )
+            )
         # photos first, then the text vector: the same order the request path always used
         shard = self._route(entry)
         for collection in sorted(by_collection, key=lambda c: (c != IMAGE_COLLECTION, c)):
@@ -183,8 +210,14 @@ class OutboxApplier:
 
     # ------------------------------------------------------------------ one listing (request path)
 
-    def apply_listing(self, listing_id: str, deadline: Deadline, *, cancel_refused_add: bool = False,
-                      leased: OutboxEntry | None = None) -> PushResult:
+    def apply_listing(
+        self,
+        listing_id: str,
+        deadline: Deadline,
+        *,
+        cancel_refused_add: bool = False,
+        leased: OutboxEntry | None = None,
+    ) -> PushResult:
         """Push every pending entry of ``listing_id`` in order before ``deadline`` (an entry another
         gateway holds is waited for: it is being pushed). With ``cancel_refused_add``, an add the
         shard refused or could not be reached for is cancelled (see `push`). ``leased``: the entry

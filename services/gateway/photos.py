@@ -6,6 +6,7 @@ ids known). If the store refuses or fails, the listing is removed again and the 
 UNAVAILABLE: AddListing stays all or nothing. Without a store (``IMAGE_STORE_DIR`` unset) both
 calls do nothing, as before the store existed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,9 @@ class ListingPhotos:
                 kept.append(image_id)
         except (ImageStoreError, OSError) as exc:
             self.forget(kept)
-            raise Unavailable(f"the photo store could not keep the photos of listing "
-                              f"{listing.id}: {exc}") from None
+            raise Unavailable(
+                f"the photo store could not keep the photos of listing {listing.id}: {exc}"
+            ) from None
 
     def forget(self, image_ids: Sequence[str]) -> None:
         if self.store is None:

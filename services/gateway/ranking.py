@@ -12,6 +12,7 @@ shards or the catalogue:
 
 Ties are broken by listing id so results are deterministic whatever order shards answered in.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -41,8 +42,9 @@ def _order(hit: Hit) -> tuple[float, str, str]:
     return (-hit.score, hit.listing_id, hit.item_id)
 
 
-def merge_by_listing(hit_lists: Iterable[Iterable[Hit]], k: int | None = None,
-                     exclude: Iterable[str] = ()) -> list[Hit]:
+def merge_by_listing(
+    hit_lists: Iterable[Iterable[Hit]], k: int | None = None, exclude: Iterable[str] = ()
+) -> list[Hit]:
     """One hit per listing (its best-scoring item over all lists), best first, at most ``k``.
 
     With each list being a top-k of one query over one shard, the result is exactly the global
@@ -71,8 +73,13 @@ class FusedHit:
     matched_image_id: str
 
 
-def fuse_image_and_text(image_hits: Sequence[Hit], text_hits: Sequence[Hit], text_weight: float,
-                        method: str = WEIGHTED_COSINE, k: int | None = None) -> list[FusedHit]:
+def fuse_image_and_text(
+    image_hits: Sequence[Hit],
+    text_hits: Sequence[Hit],
+    text_weight: float,
+    method: str = WEIGHTED_COSINE,
+    k: int | None = None,
+) -> list[FusedHit]:
     """Combine an image ranking and a text ranking of listings (each one hit per listing, best
     first, e.g. from `merge_by_listing`) with `common.ranking`'s fusion:
 
@@ -84,14 +91,19 @@ def fuse_image_and_text(image_hits: Sequence[Hit], text_hits: Sequence[Hit], tex
     text = merge_by_listing([text_hits])
     if method == WEIGHTED_COSINE:
         fused = common_ranking.weighted_cosine_fusion(
-            {h.listing_id: h.score for h in image}, {h.listing_id: h.score for h in text},
-            text_weight, top_k=k)
+            {h.listing_id: h.score for h in image},
+            {h.listing_id: h.score for h in text},
+            text_weight,
+            top_k=k,
+        )
     elif method == RECIPROCAL_RANK:
         fused = common_ranking.reciprocal_rank_fusion(
             [[h.listing_id for h in image], [h.listing_id for h in text]],
-            [1.0 - text_weight, text_weight], RRF_K, top_k=k)
+            [1.0 - text_weight, text_weight],
+            RRF_K,
+            top_k=k,
+        )
     else:
         raise ValueError(f"unknown fusion method {method!r}")
     matched = {h.listing_id: h.item_id for h in image}
-    return [FusedHit(listing_id, float(score), matched.get(listing_id, ""))
-            for listing_id, score in fused]
+    return [FusedHit(listing_id, float(score), matched.get(listing_id, "")) for listing_id, score in fused]

@@ -22,6 +22,7 @@ logged once (``indexer shard 0 replica 1 at ...: SERVING -> UNREACHABLE``), read
 that are not serving, and replicas that missed a write are asked to catch up. A write that a
 replica missed wakes the watch at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class DownstreamWatch:
     """Probes ``downstreams`` on a thread and calls ``publish(status)`` when readiness changes."""
 
-    def __init__(self, downstreams: Sequence[Downstream], publish: Callable[[int], None], *,
-                 shards: IndexerShards | None = None, interval_s: float = 5.0,
-                 timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        downstreams: Sequence[Downstream],
+        publish: Callable[[int], None],
+        *,
+        shards: IndexerShards | None = None,
+        interval_s: float = 5.0,
+        timeout_s: float = 1.0,
+    ) -> None:
         self.downstreams = list(downstreams)
         self.shards = shards
         self.publish = publish

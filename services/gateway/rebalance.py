@@ -25,6 +25,7 @@ from the newest map's state; imports and drops are idempotent, so no listing is 
 twice. A replica down during an import or a drop is skipped with a warning: it catches up from a
 peer of its own shard (which has the result) before it serves again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,19 +39,34 @@ from dataclasses import dataclass, field
 import grpc
 
 from common.config import Settings
-from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
-                             bearer_metadata, resolve_write_token)
-from common.shard_map import (MIGRATING, STABLE, SWITCHED, ShardMap, ShardMapConflict,
-                              ShardMapError, ShardMapStore, plan)
+from common.security import (
+    TLS_CLIENT_SETTINGS,
+    WRITE_TOKEN_SETTINGS,
+    TlsFiles,
+    bearer_metadata,
+    resolve_write_token,
+)
+from common.shard_map import (
+    MIGRATING,
+    STABLE,
+    SWITCHED,
+    ShardMap,
+    ShardMapConflict,
+    ShardMapError,
+    ShardMapStore,
+    plan,
+)
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import GATEWAY_SETTINGS, shard_lists
 from services.gateway.shards import ShardReplicas
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
-REBALANCE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
-    "db_path", "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
-    *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
+REBALANCE_SETTINGS = Settings(
+    *(GATEWAY_SETTINGS[name] for name in ("db_path", "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
+    *WRITE_TOKEN_SETTINGS,
+    *TLS_CLIENT_SETTINGS,
+)
 
 log = logging.getLogger("rebalance")
 
@@ -74,9 +90,17 @@ class RebalanceReport:
 
 
 class Rebalancer:
-    def __init__(self, store: ShardMapStore, replicas: ShardReplicas, *, write_token: str | None,
-                 settle_s: float, rpc_timeout_s: float = 600.0, say=print,
-                 tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        store: ShardMapStore,
+        replicas: ShardReplicas,
+        *,
+        write_token: str | None,
+        settle_s: float,
+        rpc_timeout_s: float = 600.0,
+        say=print,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.store = store
         self.tls = tls or TlsFiles.from_env()
         self.replicas = replicas
@@ -98,8 +122,10 @@ class Rebalancer:
     def _publish(self, shard_map: ShardMap, report: RebalanceReport) -> ShardMap:
         self.store.publish(shard_map)
         report.versions.append(shard_map.version)
-        self.say(f"published shard map v{shard_map.version} ({shard_map.state}); waiting "
-                 f"{self.settle_s:.1f}s for every gateway to switch")
+        self.say(
+            f"published shard map v{shard_map.version} ({shard_map.state}); waiting "
+            f"{self.settle_s:.1f}s for every gateway to switch"
+        )
         time.sleep(self.settle_s)
         return shard_map
 
@@ -111,7 +137,8 @@ class Rebalancer:
                     channel = self._channels.get(target) or self.tls.open_channel(target)
                     self._channels[target] = channel
                     stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(
-                        indexer_pb2.GetStatsRequest(), timeout=10)
+                        indexer_pb2.GetStatsRequest(), timeout=10
+                    )
                 except grpc.RpcError:
                     continue
                 total += sum(c.count for c in stats.collections)
@@ -120,25 +147,32 @@ class Rebalancer:
 
     def run(self, to: int) -> RebalanceReport:
         if to > len(self.replicas):
-            raise ShardMapError(f"--to {to} needs shards 0..{to - 1} in INDEXER_SHARDS / "
-                                f"INDEXER_ADDRS; only {len(self.replicas)} are configured")
+            raise ShardMapError(
+                f"--to {to} needs shards 0..{to - 1} in INDEXER_SHARDS / "
+                f"INDEXER_ADDRS; only {len(self.replicas)} are configured"
+            )
         current = self.store.latest()
         if current is None:
-            raise ShardMapError("there is no shard map in the catalogue database yet: start "
-                                "the gateways with GATEWAY_SHARD_MAP=on (they create version 1 "
-                                "from the shards they route to), then rebalance")
-        report = RebalanceReport(from_shards=current.shards, to_shards=to,
-                                 partitions=current.partitions)
+            raise ShardMapError(
+                "there is no shard map in the catalogue database yet: start "
+                "the gateways with GATEWAY_SHARD_MAP=on (they create version 1 "
+                "from the shards they route to), then rebalance"
+            )
+        report = RebalanceReport(from_shards=current.shards, to_shards=to, partitions=current.partitions)
         if current.state == STABLE and not current.drop:
             if current.shards == to:
-                self.say(f"shard map v{current.version} already places every partition on {to} "
-                         "shard(s): nothing to move")
+                self.say(
+                    f"shard map v{current.version} already places every partition on {to} "
+                    "shard(s): nothing to move"
+                )
                 return report
             report.vectors_before = self._vectors(range(current.shards))
             owners = plan(current.owners, to)
             moves = {p: new for p, (old, new) in enumerate(zip(current.owners, owners)) if old != new}
-            self.say(f"moving {len(moves)} of {current.partitions} partitions from "
-                     f"{current.shards} to {to} shard(s)")
+            self.say(
+                f"moving {len(moves)} of {current.partitions} partitions from "
+                f"{current.shards} to {to} shard(s)"
+            )
             current = self._publish(current.next(state=MIGRATING, moves=moves), report)
         report.moved_partitions = len(current.moves) or sum(map(len, current.drop.values()))
         if current.state == MIGRATING:
@@ -149,9 +183,12 @@ class Rebalancer:
             drop: dict[int, list[int]] = defaultdict(list)
             for partition, _ in sorted(current.moves.items()):
                 drop[current.owners[partition]].append(partition)
-            current = self._publish(current.next(state=STABLE, owners=owners, moves={},
-                                                 drop={s: tuple(ps) for s, ps in drop.items()}),
-                                    report)
+            current = self._publish(
+                current.next(
+                    state=STABLE, owners=owners, moves={}, drop={s: tuple(ps) for s, ps in drop.items()}
+                ),
+                report,
+            )
         if current.drop:
             report.vectors_dropped = self._drop(current)
             self.store.publish(current.next(drop={}))
@@ -170,24 +207,37 @@ class Rebalancer:
             for replica in self.replicas[target]:
                 started = time.perf_counter()
                 try:
-                    reply = self._stub(replica).ImportPartitions(indexer_pb2.ImportPartitionsRequest(
-                        sources=list(self.replicas[source]), partitions=partitions,
-                        partition_count=shard_map.partitions), timeout=self.rpc_timeout_s,
-                        metadata=self.metadata)
+                    reply = self._stub(replica).ImportPartitions(
+                        indexer_pb2.ImportPartitionsRequest(
+                            sources=list(self.replicas[source]),
+                            partitions=partitions,
+                            partition_count=shard_map.partitions,
+                        ),
+                        timeout=self.rpc_timeout_s,
+                        metadata=self.metadata,
+                    )
                 except grpc.RpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise ShardMapError(f"import into shard {target} replica {replica} failed: "
-                                            f"{error.code().name}: {error.details()}") from None
-                    self.say(f"  shard {target} replica {replica} is down: it catches up from a "
-                             "peer of its shard when it is back")
+                        raise ShardMapError(
+                            f"import into shard {target} replica {replica} failed: "
+                            f"{error.code().name}: {error.details()}"
+                        ) from None
+                    self.say(
+                        f"  shard {target} replica {replica} is down: it catches up from a "
+                        "peer of its shard when it is back"
+                    )
                     continue
                 imported.append(reply.imported)
-                self.say(f"  shard {source} -> {target}: {len(partitions)} partition(s), "
-                         f"{reply.imported} vector(s) into {replica} from {reply.source} in "
-                         f"{time.perf_counter() - started:.2f}s")
+                self.say(
+                    f"  shard {source} -> {target}: {len(partitions)} partition(s), "
+                    f"{reply.imported} vector(s) into {replica} from {reply.source} in "
+                    f"{time.perf_counter() - started:.2f}s"
+                )
             if not imported:
-                raise ShardMapError(f"no replica of shard {target} took partitions from shard "
-                                    f"{source}; start one and run the rebalance again")
+                raise ShardMapError(
+                    f"no replica of shard {target} took partitions from shard "
+                    f"{source}; start one and run the rebalance again"
+                )
             moved += max(imported)
         return moved
 
@@ -196,28 +246,43 @@ class Rebalancer:
         for shard, partitions in sorted(shard_map.drop.items()):
             for replica in self.replicas[shard]:
                 try:
-                    reply = self._stub(replica).DropPartitions(indexer_pb2.DropPartitionsRequest(
-                        partitions=list(partitions), partition_count=shard_map.partitions),
-                        timeout=self.rpc_timeout_s, metadata=self.metadata)
+                    reply = self._stub(replica).DropPartitions(
+                        indexer_pb2.DropPartitionsRequest(
+                            partitions=list(partitions), partition_count=shard_map.partitions
+                        ),
+                        timeout=self.rpc_timeout_s,
+                        metadata=self.metadata,
+                    )
                 except grpc.RpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise ShardMapError(f"drop on shard {shard} replica {replica} failed: "
-                                            f"{error.code().name}: {error.details()}") from None
-                    self.say(f"  shard {shard} replica {replica} is down: it catches up from a "
-                             "peer of its shard when it is back")
+                        raise ShardMapError(
+                            f"drop on shard {shard} replica {replica} failed: "
+                            f"{error.code().name}: {error.details()}"
+                        ) from None
+                    self.say(
+                        f"  shard {shard} replica {replica} is down: it catches up from a "
+                        "peer of its shard when it is back"
+                    )
                     continue
                 dropped += reply.dropped
-                self.say(f"  shard {shard} replica {replica}: dropped {reply.dropped} vector(s) of "
-                         f"{len(partitions)} partition(s) it gave away")
+                self.say(
+                    f"  shard {shard} replica {replica}: dropped {reply.dropped} vector(s) of "
+                    f"{len(partitions)} partition(s) it gave away"
+                )
         return dropped
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.gateway.rebalance",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m services.gateway.rebalance", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--to", type=int, required=True, help="number of shards to spread over")
-    parser.add_argument("--settle-s", type=float, default=None,
-                        help="wait after each new map version (default 2 x poll interval + 1 s)")
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=None,
+        help="wait after each new map version (default 2 x poll interval + 1 s)",
+    )
     args = REBALANCE_SETTINGS.add_flags(parser).parse_args(argv)
     settings = REBALANCE_SETTINGS.read(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -229,14 +294,22 @@ def main(argv: list[str] | None = None) -> int:
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"rebalance: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2
-    rebalancer = Rebalancer(catalogue.shard_map_store(), replicas, write_token=token,
-                            settle_s=settle_s, tls=TlsFiles.from_values(settings))
+    rebalancer = Rebalancer(
+        catalogue.shard_map_store(),
+        replicas,
+        write_token=token,
+        settle_s=settle_s,
+        tls=TlsFiles.from_values(settings),
+    )
     started = time.perf_counter()
     try:
         report = rebalancer.run(args.to)
     except ShardMapConflict as exc:
-        print(f"rebalance: {exc}. Is another rebalance running? Run this one again once it has "
-              "finished (it resumes from the newest map).", file=sys.stderr)
+        print(
+            f"rebalance: {exc}. Is another rebalance running? Run this one again once it has "
+            "finished (it resumes from the newest map).",
+            file=sys.stderr,
+        )
         return 1
     except ShardMapError as exc:
         print(f"rebalance: {exc}", file=sys.stderr)
@@ -244,10 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rebalancer.close()
         catalogue.close()
-    print(f"rebalance done in {time.perf_counter() - started:.1f}s: {report.moved_partitions} "
-          f"partition(s), {report.vectors_moved} of {report.vectors_before} vectors moved "
-          f"(fraction {report.moved_fraction:.3f}), {report.vectors_dropped} dropped from old "
-          f"owners; map versions {report.versions}")
+    print(
+        f"rebalance done in {time.perf_counter() - started:.1f}s: {report.moved_partitions} "
+        f"partition(s), {report.vectors_moved} of {report.vectors_before} vectors moved "
+        f"(fraction {report.moved_fraction:.3f}), {report.vectors_dropped} dropped from old "
+        f"owners; map versions {report.versions}"
+    )
     return 0
 
 

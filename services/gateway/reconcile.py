@@ -22,6 +22,7 @@ keeps every vector AddListing wrote) are queued for upsert. Listings loaded in b
 by ``index_catalogue`` have no stored vectors: they are reported as ``unrepairable`` here; re-run
 ``python -m services.gateway.index_catalogue`` for them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.config import Settings
-from common.security import (TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles,
-                             resolve_write_token)
+from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles, resolve_write_token
 from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
 from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, shard_lists
@@ -58,8 +58,10 @@ class ReconcileReport:
         return self.orphans == 0 and self.missing == 0
 
     def line(self) -> str:
-        return (f"RECONCILE orphans={self.orphans} missing={self.missing} pending={self.pending} "
-                f"unrepairable={self.unrepairable} repaired={self.repaired}")
+        return (
+            f"RECONCILE orphans={self.orphans} missing={self.missing} pending={self.pending} "
+            f"unrepairable={self.unrepairable} repaired={self.repaired}"
+        )
 
 
 def _index_ids(indexer: IndexerShards, deadline: Deadline) -> dict[tuple[str, int], dict[str, str]]:
@@ -77,8 +79,14 @@ def _index_ids(indexer: IndexerShards, deadline: Deadline) -> dict[tuple[str, in
     return held
 
 
-def reconcile(catalogue: Catalogue, indexer: IndexerShards, *, repair: bool = False,
-              timeout_s: float = 120.0, applier: OutboxApplier | None = None) -> ReconcileReport:
+def reconcile(
+    catalogue: Catalogue,
+    indexer: IndexerShards,
+    *,
+    repair: bool = False,
+    timeout_s: float = 120.0,
+    applier: OutboxApplier | None = None,
+) -> ReconcileReport:
     deadline = Deadline(timeout_s)
     images_before, texts_before, states_before = catalogue.index_expectation()
     held = _index_ids(indexer, deadline)
@@ -91,14 +99,18 @@ def reconcile(catalogue: Catalogue, indexer: IndexerShards, *, repair: bool = Fa
         for item_id, listing_id in items.items():
             if listing_id in pending:
                 continue
-            owned = listing_id in states and indexer.shard_for(listing_id) == shard and (
-                collection != IMAGE_COLLECTION or item_id in images[listing_id])
+            owned = (
+                listing_id in states
+                and indexer.shard_for(listing_id) == shard
+                and (collection != IMAGE_COLLECTION or item_id in images[listing_id])
+            )
             if not owned:
                 orphans.setdefault((listing_id, shard), {}).setdefault(collection, []).append(item_id)
                 report.orphans += 1
                 if len(report.examples) < 10:
-                    report.examples.append(f"orphan {collection} vector {item_id} of listing "
-                                           f"{listing_id} on shard {shard}")
+                    report.examples.append(
+                        f"orphan {collection} vector {item_id} of listing {listing_id} on shard {shard}"
+                    )
 
     missing: dict[str, int] = {}
     for listing_id, state in states_before.items():
@@ -114,8 +126,7 @@ def reconcile(catalogue: Catalogue, indexer: IndexerShards, *, repair: bool = Fa
             missing[listing_id] = shard
             report.missing += len(absent)
             if len(report.examples) < 10:
-                report.examples.append(f"listing {listing_id} lacks {len(absent)} vector(s) on "
-                                       f"shard {shard}")
+                report.examples.append(f"listing {listing_id} lacks {len(absent)} vector(s) on shard {shard}")
 
     if repair and (orphans or missing):
         for (listing_id, shard), item_ids in orphans.items():
@@ -134,13 +145,20 @@ def reconcile(catalogue: Catalogue, indexer: IndexerShards, *, repair: bool = Fa
 
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
-RECONCILE_SETTINGS = Settings(*(GATEWAY_SETTINGS[name] for name in (
-    "db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions")),
-    *WRITE_TOKEN_SETTINGS, *TLS_CLIENT_SETTINGS)
+RECONCILE_SETTINGS = Settings(
+    *(
+        GATEWAY_SETTINGS[name]
+        for name in ("db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions")
+    ),
+    *WRITE_TOKEN_SETTINGS,
+    *TLS_CLIENT_SETTINGS,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.gateway.reconcile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m services.gateway.reconcile", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--repair", action="store_true", help="fix what is found (through the outbox)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole run")
     args = RECONCILE_SETTINGS.add_flags(parser).parse_args(argv)
@@ -153,22 +171,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     replicas = shard_lists(settings)
     try:
-        routing = routing_for(len(replicas), catalogue.shard_map_store(), settings["partitions"],
-                              create=settings["shard_map"])
+        routing = routing_for(
+            len(replicas), catalogue.shard_map_store(), settings["partitions"], create=settings["shard_map"]
+        )
     except ShardMapError as exc:
         catalogue.close()
         print(f"reconcile: shard map: {exc}", file=sys.stderr)
         return 2
-    indexer = IndexerShards(replicas, RetryPolicy(), routing=routing,
-                            write_token=resolve_write_token(settings.pop("write_token"),
-                                                            settings.pop("write_token_file")),
-                            tls=TlsFiles.from_values(settings))
+    indexer = IndexerShards(
+        replicas,
+        RetryPolicy(),
+        routing=routing,
+        write_token=resolve_write_token(settings.pop("write_token"), settings.pop("write_token_file")),
+        tls=TlsFiles.from_values(settings),
+    )
     try:
         report = reconcile(catalogue, indexer, repair=args.repair, timeout_s=args.timeout)
         if args.repair and report.repaired:
             after = reconcile(catalogue, indexer, timeout_s=args.timeout)
-            print(f"repaired {report.repaired}; after repair: orphans={after.orphans} "
-                  f"missing={after.missing}")
+            print(
+                f"repaired {report.repaired}; after repair: orphans={after.orphans} missing={after.missing}"
+            )
             report.orphans, report.missing = after.orphans, after.missing
     finally:
         indexer.close()

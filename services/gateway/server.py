@@ -14,6 +14,7 @@ is SERVING only while the embedder is and every indexer shard has a serving repl
 (readiness, `readiness`). Search RPCs with ``allow_partial_results`` answer without shards
 whose replicas are all down and name them in ``missing_shards``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,7 @@ from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.shard_map import ShardMapError
 from common.security import WriteTokenInterceptor
-from common.serving import (Server, ServerLimits, create_server, serve_until_signal,
-                            service_errors)
+from common.serving import Server, ServerLimits, create_server, serve_until_signal, service_errors
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import convert
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
@@ -60,8 +60,7 @@ _NO_DEADLINE = 1e8  # gRPC reports "no deadline" as None or as a huge number of 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """Thin: validate -> core -> map errors."""
 
-    def __init__(self, core: GatewayCore, config: GatewayConfig,
-                 photos: ListingPhotos | None = None) -> None:
+    def __init__(self, core: GatewayCore, config: GatewayConfig, photos: ListingPhotos | None = None) -> None:
         self.core = core
         self.config = config
         self.photos = photos or ListingPhotos(None)
@@ -85,8 +84,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 log.error("catalogue error: %s", exc)
                 raise Internal(f"catalogue error: {exc}") from exc
 
-    def _search(self, context: grpc.ServicerContext, request,
-                work: Callable[[Deadline], list]) -> gateway_pb2.SearchListingsResponse:
+    def _search(
+        self, context: grpc.ServicerContext, request, work: Callable[[Deadline], list]
+    ) -> gateway_pb2.SearchListingsResponse:
         """A search RPC: with ``request.allow_partial_results`` shards whose replicas are all
         down are left out and named in ``missing_shards``."""
         with partial_results(request.allow_partial_results) as outcome:
@@ -97,49 +97,91 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # ------------------------------------------------------------------ RPCs
 
     def ClassifyImage(self, request, context):
-        return self._run(context, lambda deadline: convert.classification_to_proto(
-            self.core.classify(request.image, request.top_k, deadline)))
+        return self._run(
+            context,
+            lambda deadline: convert.classification_to_proto(
+                self.core.classify(request.image, request.top_k, deadline)
+            ),
+        )
 
     def SearchByImage(self, request, context):
-        return self._search(context, request, lambda deadline: (
-            self.core.search_by_image(request.image, request.k,
-                                      convert.filter_from_proto(request.filter), deadline)))
+        return self._search(
+            context,
+            request,
+            lambda deadline: self.core.search_by_image(
+                request.image, request.k, convert.filter_from_proto(request.filter), deadline
+            ),
+        )
 
     def SearchByText(self, request, context):
-        return self._search(context, request, lambda deadline: (
-            self.core.search_by_text(request.query, request.k,
-                                     convert.filter_from_proto(request.filter), deadline)))
+        return self._search(
+            context,
+            request,
+            lambda deadline: self.core.search_by_text(
+                request.query, request.k, convert.filter_from_proto(request.filter), deadline
+            ),
+        )
 
     def Search(self, request, context):
-        return self._search(context, request, lambda deadline: (
-            self.core.search(request.image, request.text, request.k,
-                             convert.filter_from_proto(request.filter),
-                             request.text_weight if request.HasField("text_weight") else None,
-                             convert.fusion_from_proto(request.fusion), deadline)))
+        return self._search(
+            context,
+            request,
+            lambda deadline: self.core.search(
+                request.image,
+                request.text,
+                request.k,
+                convert.filter_from_proto(request.filter),
+                request.text_weight if request.HasField("text_weight") else None,
+                convert.fusion_from_proto(request.fusion),
+                deadline,
+            ),
+        )
 
     def Recommend(self, request, context):
-        return self._search(context, request, lambda deadline: (
-            self.core.recommend(list(request.liked_listing_ids), list(request.skipped_listing_ids),
-                                list(request.seen_listing_ids), request.k,
-                                convert.filter_from_proto(request.filter), deadline)))
+        return self._search(
+            context,
+            request,
+            lambda deadline: self.core.recommend(
+                list(request.liked_listing_ids),
+                list(request.skipped_listing_ids),
+                list(request.seen_listing_ids),
+                request.k,
+                convert.filter_from_proto(request.filter),
+                deadline,
+            ),
+        )
 
     def SimilarListings(self, request, context):
-        return self._search(context, request, lambda deadline: (
-            self.core.similar_listings(request.listing_id, request.k,
-                                       convert.filter_from_proto(request.filter), deadline,
-                                       photos_only=request.photos_only)))
+        return self._search(
+            context,
+            request,
+            lambda deadline: self.core.similar_listings(
+                request.listing_id,
+                request.k,
+                convert.filter_from_proto(request.filter),
+                deadline,
+                photos_only=request.photos_only,
+            ),
+        )
 
     def GetListing(self, request, context):
-        return self._run(context, lambda deadline: convert.listing_to_proto(
-            self.core.get_listing(request.listing_id, include_pending=request.include_pending)))
+        return self._run(
+            context,
+            lambda deadline: convert.listing_to_proto(
+                self.core.get_listing(request.listing_id, include_pending=request.include_pending)
+            ),
+        )
 
     def AddListing(self, request, context):
         def work(deadline):
-            added = self.core.add_listing(convert.listing_from_proto(request.listing),
-                                          list(request.images), deadline)
+            added = self.core.add_listing(
+                convert.listing_from_proto(request.listing), list(request.images), deadline
+            )
             self._keep_photos(added.listing, request.images, deadline)
-            return gateway_pb2.AddListingResponse(listing=convert.listing_to_proto(added.listing),
-                                                  pending=added.pending)
+            return gateway_pb2.AddListingResponse(
+                listing=convert.listing_to_proto(added.listing), pending=added.pending
+            )
+
         return self._run(context, work)
 
     def RemoveListing(self, request, context):
@@ -147,9 +189,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             image_ids = self.core.get_listing(request.listing_id).image_ids
             removed = self.core.remove_listing(request.listing_id, deadline)
             self.photos.forget(image_ids)
-            return gateway_pb2.RemoveListingResponse(listing_id=removed.listing_id,
-                                                     images_removed=removed.images_removed,
-                                                     pending=removed.pending)
+            return gateway_pb2.RemoveListingResponse(
+                listing_id=removed.listing_id, images_removed=removed.images_removed, pending=removed.pending
+            )
+
         return self._run(context, work)
 
     def _keep_photos(self, listing, images, deadline: Deadline) -> None:
@@ -160,8 +203,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             try:
                 self.core.remove_listing(listing.id, deadline)
             except ServiceError as exc:
-                log.error("listing %s stays without its photos: removing it failed: %s",
-                          listing.id, exc)
+                log.error("listing %s stays without its photos: removing it failed: %s", listing.id, exc)
             raise
 
 
@@ -188,8 +230,12 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     """The core; with ``metrics``, its downstream calls, replica events, catalogue and replica
     states are measured (`services.gateway.metrics`)."""
     pool = config.max_workers + 4  # every request thread, the outbox loop and readiness at once
-    catalogue = Catalogue.open(config.db_path, max_connections=pool, min_connections=pool,
-                               connect_timeout_s=config.db_connect_timeout_s)
+    catalogue = Catalogue.open(
+        config.db_path,
+        max_connections=pool,
+        min_connections=pool,
+        connect_timeout_s=config.db_connect_timeout_s,
+    )
     try:  # an unusable shard map refuses before anything else is started
         routing = shard_routing(config, catalogue)
     except BaseException:
@@ -201,25 +247,49 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         except (CatalogueError, UniqueViolation) as exc:  # another replica seeded it meanwhile
             log.info("catalogue not bootstrapped from %s: %s", config.seed_dir, exc)
         else:
-            log.info("catalogue bootstrapped from %s: %d listings, %d images", config.seed_dir,
-                     report.listings, report.images)
-    embedder = EmbedderClient(config.embedder_target, config.retry,
-                              reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                              model_info_ttl_s=config.model_info_ttl_s,
-                              client_metrics=metrics.client if metrics else None, tls=config.tls)
-    indexer = IndexerShards(config.indexer_replicas, config.retry,
-                            reconnect_backoff_max_s=config.reconnect_backoff_max_s,
-                            write_token=config.write_token, routing=routing,
-                            events=metrics.replica_events() if metrics else None,
-                            client_metrics=metrics.client if metrics else None, tls=config.tls)
+            log.info(
+                "catalogue bootstrapped from %s: %d listings, %d images",
+                config.seed_dir,
+                report.listings,
+                report.images,
+            )
+    embedder = EmbedderClient(
+        config.embedder_target,
+        config.retry,
+        reconnect_backoff_max_s=config.reconnect_backoff_max_s,
+        model_info_ttl_s=config.model_info_ttl_s,
+        client_metrics=metrics.client if metrics else None,
+        tls=config.tls,
+    )
+    indexer = IndexerShards(
+        config.indexer_replicas,
+        config.retry,
+        reconnect_backoff_max_s=config.reconnect_backoff_max_s,
+        write_token=config.write_token,
+        routing=routing,
+        events=metrics.replica_events() if metrics else None,
+        client_metrics=metrics.client if metrics else None,
+        tls=config.tls,
+    )
     if metrics is not None:
         metrics.catalogue, metrics.indexer = catalogue, indexer
-    outbox = OutboxApplier(catalogue, indexer, lease_s=config.outbox_lease_s,
-                           interval_s=config.outbox_interval_s)
-    fusion = FusionDefaults(embedder.model_info, search_override=config.search_text_weight,
-                            similar_override=config.similar_text_weight)
-    return GatewayCore(catalogue, embedder, indexer, max_k=config.max_k,
-                       max_images=config.max_images, outbox=outbox, fusion=fusion)
+    outbox = OutboxApplier(
+        catalogue, indexer, lease_s=config.outbox_lease_s, interval_s=config.outbox_interval_s
+    )
+    fusion = FusionDefaults(
+        embedder.model_info,
+        search_override=config.search_text_weight,
+        similar_override=config.similar_text_weight,
+    )
+    return GatewayCore(
+        catalogue,
+        embedder,
+        indexer,
+        max_k=config.max_k,
+        max_images=config.max_images,
+        outbox=outbox,
+        fusion=fusion,
+    )
 
 
 def shard_routing(config: GatewayConfig, catalogue: Catalogue) -> ShardRouting:
@@ -227,19 +297,23 @@ def shard_routing(config: GatewayConfig, catalogue: Catalogue) -> ShardRouting:
     version 1 with GATEWAY_SHARD_MAP=on), refusing one that cannot be used with the configured
     shards; else by hash over the configured shards."""
     try:
-        return routing_for(len(config.indexer_replicas), catalogue.shard_map_store(),
-                           config.partitions, create=config.shard_map)
+        return routing_for(
+            len(config.indexer_replicas),
+            catalogue.shard_map_store(),
+            config.partitions,
+            create=config.shard_map,
+        )
     except ShardMapError as exc:
-        raise ConfigError(f"shard map (GATEWAY_SHARD_MAP, in GATEWAY_DB {catalogue.path}): "
-                          f"{exc}") from None
+        raise ConfigError(f"shard map (GATEWAY_SHARD_MAP, in GATEWAY_DB {catalogue.path}): {exc}") from None
 
 
 def start(config: GatewayConfig) -> GatewayServer:
     metrics = ServiceMetrics.for_port(config.host, config.metrics_port, "GATEWAY_METRICS_PORT")
     observed = GatewayMetrics(metrics) if metrics is not None else None
     core = build_core(config, observed)
-    photos = ListingPhotos(open_image_store(config.image_store_dir, config.max_message_bytes)
-                           if config.image_store_dir else None)
+    photos = ListingPhotos(
+        open_image_store(config.image_store_dir, config.max_message_bytes) if config.image_store_dir else None
+    )
     servicer = GatewayServicer(core, config, photos)
 
     def register(server):
@@ -247,13 +321,19 @@ def start(config: GatewayConfig) -> GatewayServer:
         return [SERVICE_NAME]
 
     try:
-        server = create_server(register, f"{config.host}:{config.port}",
-                               limits=ServerLimits(max_receive_bytes=config.max_message_bytes,
-                                                   max_send_bytes=config.max_message_bytes,
-                                                   max_workers=config.max_workers,
-                                                   max_concurrent_rpcs=max(64, 4 * config.max_workers)),
-                               interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
-                               credentials=config.tls.server_credentials(), metrics=metrics)
+        server = create_server(
+            register,
+            f"{config.host}:{config.port}",
+            limits=ServerLimits(
+                max_receive_bytes=config.max_message_bytes,
+                max_send_bytes=config.max_message_bytes,
+                max_workers=config.max_workers,
+                max_concurrent_rpcs=max(64, 4 * config.max_workers),
+            ),
+            interceptors=[WriteTokenInterceptor(WRITE_METHODS, config.write_token)],
+            credentials=config.tls.server_credentials(),
+            metrics=metrics,
+        )
     except BaseException:
         core.close()
         raise
@@ -261,21 +341,36 @@ def start(config: GatewayConfig) -> GatewayServer:
         log.warning("WRITE_TOKEN is not set: AddListing and RemoveListing are open to any caller")
     core.outbox.start()  # pushes index writes left pending (a shard down, a gateway killed)
     log.info("fusion defaults: %s", core.fusion.describe_settings())
-    log.info("catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s", core.catalogue.path,
-             core.catalogue.count(), config.embedder_target, len(config.indexer_replicas),
-             "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)))
-    gateway = GatewayServer(server.grpc_server, server.port, server.health, server.service_names,
-                            core=core, metrics=server.metrics)
+    log.info(
+        "catalogue %s: %d listings; embedder %s; %d indexer shard(s): %s",
+        core.catalogue.path,
+        core.catalogue.count(),
+        config.embedder_target,
+        len(config.indexer_replicas),
+        "; ".join(f"{n}={'|'.join(r)}" for n, r in enumerate(config.indexer_replicas)),
+    )
+    gateway = GatewayServer(
+        server.grpc_server,
+        server.port,
+        server.health,
+        server.service_names,
+        core=core,
+        metrics=server.metrics,
+    )
     # every gateway follows the map's versions (also one routing by hash: when another gateway
     # creates the first map, this one must route by it too)
-    gateway.map_watch = ShardMapWatch(core.catalogue.shard_map_store(), core.indexer.routing,
-                                      config.shard_map_poll_s)
+    gateway.map_watch = ShardMapWatch(
+        core.catalogue.shard_map_store(), core.indexer.routing, config.shard_map_poll_s
+    )
     gateway.map_watch.start()
     if config.readiness_interval_s > 0:
         gateway.watch = DownstreamWatch(
-            [core.embedder.downstream], lambda status: server.health.set(SERVICE_NAME, status),
+            [core.embedder.downstream],
+            lambda status: server.health.set(SERVICE_NAME, status),
             shards=core.indexer,
-            interval_s=config.readiness_interval_s, timeout_s=config.readiness_timeout_s)
+            interval_s=config.readiness_interval_s,
+            timeout_s=config.readiness_timeout_s,
+        )
         if observed is not None:
             observed.watch = gateway.watch
         # the first check publishes the readiness entry: it never says SERVING before that

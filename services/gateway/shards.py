@@ -20,14 +20,14 @@ from it (listing -> one of P partitions -> its owner shard), so shards can be ad
 only some partitions (``python -m services.gateway.rebalance --to N``) instead of re-indexing;
 `ShardRouting` applies it and `ShardMapWatch` follows new versions.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
 from collections.abc import Iterable
-from common.shard_map import (ShardMap, ShardMapConflict, ShardMapError, ShardMapStore, initial,
-                              partition_of)
+from common.shard_map import ShardMap, ShardMapConflict, ShardMapError, ShardMapStore, initial, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,10 @@ def parse_shard_replicas(value: str) -> ShardReplicas:
             continue
         number, equals, targets = part.partition("=")
         if not equals or not number.strip().isdigit():
-            raise ShardMapError(f"INDEXER_SHARDS entry {part!r} is not shard=target|target "
-                                "(e.g. 0=10.0.0.1:50052|10.0.0.2:50052)")
+            raise ShardMapError(
+                f"INDEXER_SHARDS entry {part!r} is not shard=target|target "
+                "(e.g. 0=10.0.0.1:50052|10.0.0.2:50052)"
+            )
         shard = int(number)
         if shard in shards:
             raise ShardMapError(f"INDEXER_SHARDS lists shard {shard} twice")
@@ -78,8 +80,10 @@ def parse_shard_replicas(value: str) -> ShardReplicas:
         raise ShardMapError(f"INDEXER_SHARDS={value!r} names no indexer shard")
     missing = sorted(set(range(len(shards))) - set(shards))
     if missing:
-        raise ShardMapError(f"INDEXER_SHARDS has shards {sorted(shards)} but no shard "
-                            f"{', '.join(map(str, missing))}: number shards 0..N-1")
+        raise ShardMapError(
+            f"INDEXER_SHARDS has shards {sorted(shards)} but no shard "
+            f"{', '.join(map(str, missing))}: number shards 0..N-1"
+        )
     seen: dict[str, int] = {}
     for shard in sorted(shards):
         for target in shards[shard]:
@@ -128,9 +132,11 @@ class ShardRouting:
     def use(self, shard_map: ShardMap) -> None:
         """Switch to ``shard_map``; ShardMapError if it places partitions on unconfigured shards."""
         if shard_map.shards > self.shards:
-            raise ShardMapError(f"shard map v{shard_map.version} places partitions on shard "
-                                f"{shard_map.shards - 1}, but only shards 0..{self.shards - 1} are "
-                                "configured (INDEXER_SHARDS / INDEXER_ADDRS)")
+            raise ShardMapError(
+                f"shard map v{shard_map.version} places partitions on shard "
+                f"{shard_map.shards - 1}, but only shards 0..{self.shards - 1} are "
+                "configured (INDEXER_SHARDS / INDEXER_ADDRS)"
+            )
         self.map = shard_map
 
     def shard_for(self, listing_id: str) -> ShardRoute:
@@ -165,8 +171,11 @@ class ShardMapWatch:
             latest = self.store.latest()
         except ShardMapError as exc:
             if self._unreadable != str(exc):  # once per problem, not every poll
-                log.error("cannot read the shard map: %s; keeping %s", exc,
-                          f"v{self.routing.map.version}" if self.routing.map else "hash routing")
+                log.error(
+                    "cannot read the shard map: %s; keeping %s",
+                    exc,
+                    f"v{self.routing.map.version}" if self.routing.map else "hash routing",
+                )
                 self._unreadable = str(exc)
             return
         if self._unreadable is not None:
@@ -182,8 +191,13 @@ class ShardMapWatch:
                 log.error("not switching to shard map v%d: %s", latest.version, exc)
                 self._refused = latest.version
             return
-        log.info("switched to shard map v%d (%s, %d shards, %d partition(s) moving)",
-                 latest.version, latest.state, latest.shards, len(latest.moves))
+        log.info(
+            "switched to shard map v%d (%s, %d shards, %d partition(s) moving)",
+            latest.version,
+            latest.state,
+            latest.shards,
+            len(latest.moves),
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="shard-map-watch", daemon=True)
@@ -199,8 +213,9 @@ class ShardMapWatch:
             self._thread.join(timeout=self.interval_s + 1)
 
 
-def open_shard_map(store: ShardMapStore, shards: int, partitions: int, *,
-                   create: bool = True) -> ShardMap | None:
+def open_shard_map(
+    store: ShardMapStore, shards: int, partitions: int, *, create: bool = True
+) -> ShardMap | None:
     """The newest map in ``store``. With ``create``, an empty store gets version 1 for ``shards``
     shards (`common.shard_map.initial`: the original routing when ``partitions`` is a multiple);
     without it, None."""
@@ -213,18 +228,26 @@ def open_shard_map(store: ShardMapStore, shards: int, partitions: int, *,
         pass
     latest = store.latest()
     assert latest is not None
-    log.info("created shard map v%d: %d partitions on %d shard(s)", latest.version,
-             latest.partitions, latest.shards)
+    log.info(
+        "created shard map v%d: %d partitions on %d shard(s)",
+        latest.version,
+        latest.partitions,
+        latest.shards,
+    )
     return latest
 
 
-def routing_for(shards: int, store: ShardMapStore, partitions: int, *,
-                create: bool) -> ShardRouting:
+def routing_for(shards: int, store: ShardMapStore, partitions: int, *, create: bool) -> ShardRouting:
     """The routing a gateway (or a tool writing like one) uses: by the newest shard map in
     ``store`` (version 1 is created when the store is empty and ``create``), else by hash over
     ``shards``. ShardMapError when the map cannot be used with these shards."""
     shard_map = open_shard_map(store, shards, partitions, create=create)
     if shard_map is not None:
-        log.info("routing by shard map v%d (%s, %d partitions on %d shard(s))", shard_map.version,
-                 shard_map.state, shard_map.partitions, shard_map.shards)
+        log.info(
+            "routing by shard map v%d (%s, %d partitions on %d shard(s))",
+            shard_map.version,
+            shard_map.state,
+            shard_map.partitions,
+            shard_map.shards,
+        )
     return ShardRouting(shards, shard_map)

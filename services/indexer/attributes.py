@@ -5,6 +5,7 @@ never reused until the collection is compacted, so a stale label can never point
 String attributes are dictionary-encoded (code 0 is the empty string), which keeps filters to a
 few vectorised numpy comparisons over the whole catalogue.
 """
+
 from __future__ import annotations
 
 import io
@@ -121,7 +122,7 @@ class AttributeTable:
             self._codes["category"][slot] = self.vocabs["category"].encode(attrs.category)
             self._codes["location"][slot] = self.vocabs["location"].encode(attrs.location)
             self._price[slot] = np.nan if attrs.price is None else attrs.price
-        self._alive[self.size: self.size + n] = True
+        self._alive[self.size : self.size + n] = True
         self.size += n
         return slots
 
@@ -147,19 +148,23 @@ class AttributeTable:
         """A copy holding only live rows, renumbered 0..n-1, and the old slots in new order."""
         old_slots = self.live_slots()
         table = AttributeTable()
-        table.append([self.ids[s] for s in old_slots.tolist()],  # type: ignore[misc]
-                     [self.attributes(s) for s in old_slots.tolist()])
+        table.append(
+            [self.ids[s] for s in old_slots.tolist()],  # type: ignore[misc]
+            [self.attributes(s) for s in old_slots.tolist()],
+        )
         return table, old_slots
 
     # -- persistence (JSON + npz, never pickle) ------------------------------------------------
     def save(self, ids_path: Path, columns_path: Path) -> None:
-        meta = {"size": self.size, "ids": self.ids,
-                "vocabs": {k: v.values for k, v in self.vocabs.items()}}
-        ids_path.write_text(json.dumps(meta, ensure_ascii=False, separators=(",", ":")),
-                            encoding="utf-8")
+        meta = {"size": self.size, "ids": self.ids, "vocabs": {k: v.values for k, v in self.vocabs.items()}}
+        ids_path.write_text(json.dumps(meta, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
         buffer = io.BytesIO()
-        np.savez(buffer, alive=self.alive, price=self.price,
-                 **{f"code_{k}": self.codes(k) for k in self.STRING_COLUMNS})
+        np.savez(
+            buffer,
+            alive=self.alive,
+            price=self.price,
+            **{f"code_{k}": self.codes(k) for k in self.STRING_COLUMNS},
+        )
         columns_path.write_bytes(buffer.getvalue())
 
     @classmethod
@@ -176,8 +181,12 @@ class AttributeTable:
         table._alive = arrays["alive"].astype(bool)
         table._price = arrays["price"].astype(np.float64)
         table._codes = {k: arrays[f"code_{k}"].astype(np.int32) for k in cls.STRING_COLUMNS}
-        lengths = {len(table.ids), len(table._alive), len(table._price),
-                   *(len(v) for v in table._codes.values())}
+        lengths = {
+            len(table.ids),
+            len(table._alive),
+            len(table._price),
+            *(len(v) for v in table._codes.values()),
+        }
         if lengths != {size}:
             raise ValueError(f"attribute columns have inconsistent lengths {sorted(lengths)} (size {size})")
         for k in cls.STRING_COLUMNS:

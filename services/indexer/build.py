@@ -7,6 +7,7 @@ the indexer loads at start-up. Other collections in the data directory are kept.
 
 Run it while the indexer for that data directory is stopped (the directory is locked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ from services.indexer.attributes import Attributes
 from services.indexer.core import IndexStore, StoreOptions
 from common.errors import ServiceError
 from services.indexer.errors import IndexerError
-from services.indexer.loader import (attributes_from_prepared, load_attributes_csv, load_embeddings,
-                                     write_attributes_csv)
+from services.indexer.loader import (
+    attributes_from_prepared,
+    load_attributes_csv,
+    load_embeddings,
+    write_attributes_csv,
+)
 from services.indexer.spec import INDEX_TYPES, METRICS, CollectionSpec
 from services.indexer.vector_index import DEFAULT_BLAS_THRESHOLD, VectorIndex, tune_faiss
 
@@ -30,9 +35,15 @@ log = logging.getLogger("services.indexer.build")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m services.indexer.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--embeddings", type=Path, required=True,
-                        help="artefact dir or file: <name>_embeddings.npy (+ _ids.json), .npz or .json")
+    parser = argparse.ArgumentParser(
+        prog="python -m services.indexer.build", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--embeddings",
+        type=Path,
+        required=True,
+        help="artefact dir or file: <name>_embeddings.npy (+ _ids.json), .npz or .json",
+    )
     parser.add_argument("--ids", type=Path, help="ids JSON for a .npy file (default: found beside it)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "run" / "indexer")
     parser.add_argument("--collection", default="image")
@@ -69,9 +80,17 @@ def build(args: argparse.Namespace) -> dict:
     without = sum(1 for i in embeddings.ids if i not in lookup)
     if lookup and without:
         log.warning("%d of %d embeddings have no attributes row", without, len(embeddings.ids))
-    spec = CollectionSpec(args.collection, int(embeddings.vectors.shape[1]), args.index_type, args.metric,
-                          nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.m,
-                          ef_construction=args.ef_construction, ef_search=args.ef_search)
+    spec = CollectionSpec(
+        args.collection,
+        int(embeddings.vectors.shape[1]),
+        args.index_type,
+        args.metric,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=args.m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
     index = VectorIndex.build(spec, embeddings.ids, embeddings.vectors, attributes)
     built = time.perf_counter()
     store = IndexStore.open(args.data_dir, options=StoreOptions())
@@ -79,11 +98,18 @@ def build(args: argparse.Namespace) -> dict:
         store.replace_collection(index)
     finally:
         store.close(snapshot=False)
-    return {"collection": spec.name, "count": index.count, "dimension": spec.dimension,
-            "index_type": spec.index_type, "metric": spec.metric, "nlist": index.nlist,
-            "with_attributes": len(embeddings.ids) - without if lookup else 0,
-            "build_s": round(built - started, 2), "total_s": round(time.perf_counter() - started, 2),
-            "data_dir": str(args.data_dir)}
+    return {
+        "collection": spec.name,
+        "count": index.count,
+        "dimension": spec.dimension,
+        "index_type": spec.index_type,
+        "metric": spec.metric,
+        "nlist": index.nlist,
+        "with_attributes": len(embeddings.ids) - without if lookup else 0,
+        "build_s": round(built - started, 2),
+        "total_s": round(time.perf_counter() - started, 2),
+        "data_dir": str(args.data_dir),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,17 +29,23 @@ Limits
     ``INDEXER_BLAS_THRESHOLD`` is 20: FAISS 1.15's own default, 128000, is several times slower
     for batched search.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import (INDEXER_PARTITIONS, LOG_LEVEL, REPO_ROOT, ConfigError, Setting,
-                           merged)
+from common.config import INDEXER_PARTITIONS, LOG_LEVEL, REPO_ROOT, ConfigError, Setting, merged
 from common.metrics import DEFAULT_PORTS as DEFAULT_METRICS_PORTS
-from common.security import (TLS_CLIENT_SETTINGS, TLS_SERVER_SETTINGS, WRITE_TOKEN_SETTINGS,
-                             TlsFiles, resolve_write_token, write_token)
+from common.security import (
+    TLS_CLIENT_SETTINGS,
+    TLS_SERVER_SETTINGS,
+    WRITE_TOKEN_SETTINGS,
+    TlsFiles,
+    resolve_write_token,
+    write_token,
+)
 from common.serving import MiB, ServerLimits
 from services.indexer.errors import InvalidArgument
 from services.indexer.spec import CollectionSpec, parse_collections
@@ -60,55 +66,154 @@ def peers_setting(raw: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.split(",") if p.strip())
 
 
-INDEXER_SETTINGS = merged((
-    Setting("INDEXER_HOST", "host", default="0.0.0.0", help="interface to listen on"),
-    Setting("INDEXER_PORT", "port", int, 50052, minimum=0, maximum=65535,
-            help="listening port (0: any free port)"),
-    Setting("INDEXER_DATA_DIR", "data_dir", Path, REPO_ROOT / "run" / "indexer",
-            help="snapshot + write-ahead log"),
-    Setting("INDEXER_COLLECTIONS", "collections", parse=collections_setting,
+INDEXER_SETTINGS = merged(
+    (
+        Setting("INDEXER_HOST", "host", default="0.0.0.0", help="interface to listen on"),
+        Setting(
+            "INDEXER_PORT",
+            "port",
+            int,
+            50052,
+            minimum=0,
+            maximum=65535,
+            help="listening port (0: any free port)",
+        ),
+        Setting(
+            "INDEXER_DATA_DIR",
+            "data_dir",
+            Path,
+            REPO_ROOT / "run" / "indexer",
+            help="snapshot + write-ahead log",
+        ),
+        Setting(
+            "INDEXER_COLLECTIONS",
+            "collections",
+            parse=collections_setting,
             shown=f"`{DEFAULT_COLLECTIONS}`",
             help="the named vector spaces, `name:dim[:type[:metric[:key=value...]]]`, "
-                 "comma-separated; type flat/ivf_flat/hnsw, metric ip/l2 (see `spec.py`). "
-                 "Created empty on first start; when set, a stored collection of another "
-                 "dimension or metric refuses start-up (the built-in default never overrides "
-                 "what is stored)"),
-    Setting("INDEXER_AUTO_CREATE", "auto_create", bool, False,
-            help="an Upsert into an unknown collection creates it (off: a typo is NOT_FOUND)"),
-    Setting("INDEXER_SNAPSHOT_SECONDS", "snapshot_seconds", float, 300.0, minimum=0,
-            help="snapshot at most this often when something changed"),
-    Setting("INDEXER_SNAPSHOT_WAL_RECORDS", "snapshot_wal_records", int, 10_000, minimum=0,
-            help="snapshot as soon as the WAL holds this many records"),
-    Setting("INDEXER_SNAPSHOT_WAL_MB", "snapshot_wal_bytes", int, 1024, minimum=0, scale=MiB,
+            "comma-separated; type flat/ivf_flat/hnsw, metric ip/l2 (see `spec.py`). "
+            "Created empty on first start; when set, a stored collection of another "
+            "dimension or metric refuses start-up (the built-in default never overrides "
+            "what is stored)",
+        ),
+        Setting(
+            "INDEXER_AUTO_CREATE",
+            "auto_create",
+            bool,
+            False,
+            help="an Upsert into an unknown collection creates it (off: a typo is NOT_FOUND)",
+        ),
+        Setting(
+            "INDEXER_SNAPSHOT_SECONDS",
+            "snapshot_seconds",
+            float,
+            300.0,
+            minimum=0,
+            help="snapshot at most this often when something changed",
+        ),
+        Setting(
+            "INDEXER_SNAPSHOT_WAL_RECORDS",
+            "snapshot_wal_records",
+            int,
+            10_000,
+            minimum=0,
+            help="snapshot as soon as the WAL holds this many records",
+        ),
+        Setting(
+            "INDEXER_SNAPSHOT_WAL_MB",
+            "snapshot_wal_bytes",
+            int,
+            1024,
+            minimum=0,
+            scale=MiB,
             flag="--snapshot-wal-mb",
-            help="snapshot as soon as the WAL holds this many MiB"),
-    Setting("INDEXER_FSYNC", "fsync", bool, True,
-            help="fsync the WAL before replying (false only for throwaway data)"),
-    Setting("INDEXER_COMPACT_DEAD_FRACTION", "compact_dead_fraction", float, 0.3, minimum=0.0,
-            help="compact a collection at snapshot time when this fraction of its slots is dead"),
-    Setting("INDEXER_MAX_BATCH", "max_batch", int, 1024, minimum=1,
-            help="most items, queries or ids in one request"),
-    Setting("INDEXER_MAX_K", "max_k", int, 1000, minimum=1, help="largest k of a Search"),
-    Setting("INDEXER_MAX_MESSAGE_MB", "max_message_bytes", int, 64, minimum=1, scale=MiB,
+            help="snapshot as soon as the WAL holds this many MiB",
+        ),
+        Setting(
+            "INDEXER_FSYNC",
+            "fsync",
+            bool,
+            True,
+            help="fsync the WAL before replying (false only for throwaway data)",
+        ),
+        Setting(
+            "INDEXER_COMPACT_DEAD_FRACTION",
+            "compact_dead_fraction",
+            float,
+            0.3,
+            minimum=0.0,
+            help="compact a collection at snapshot time when this fraction of its slots is dead",
+        ),
+        Setting(
+            "INDEXER_MAX_BATCH",
+            "max_batch",
+            int,
+            1024,
+            minimum=1,
+            help="most items, queries or ids in one request",
+        ),
+        Setting("INDEXER_MAX_K", "max_k", int, 1000, minimum=1, help="largest k of a Search"),
+        Setting(
+            "INDEXER_MAX_MESSAGE_MB",
+            "max_message_bytes",
+            int,
+            64,
+            minimum=1,
+            scale=MiB,
             flag="--max-message-mb",
-            help="largest message received or sent, in MiB"),
-    Setting("INDEXER_FAISS_THREADS", "faiss_threads", int, 1, minimum=0,
+            help="largest message received or sent, in MiB",
+        ),
+        Setting(
+            "INDEXER_FAISS_THREADS",
+            "faiss_threads",
+            int,
+            1,
+            minimum=0,
             help="OpenMP threads per search (0: one per core); the indexer also sets "
-                 "`OMP_WAIT_POLICY=PASSIVE` unless set, so idle OpenMP threads sleep instead of "
-                 "spinning on the embedder's cores"),
-    Setting("INDEXER_BLAS_THRESHOLD", "blas_threshold", int, 20, minimum=1,
-            help="batches of at least this many queries use BLAS for exact distances"),
-    Setting("INDEXER_SHARD", "shard", int, -1, minimum=-1, shown="unset",
-            help="which shard this replica holds (refuses another shard's data)"),
-    INDEXER_PARTITIONS,
-    Setting("INDEXER_PEERS", "peers", parse=peers_setting, default=(), shown="unset",
-            help="the other replicas of this shard, `host:port,host:port`, to catch up from "
-                 "before serving"),
-    Setting("INDEXER_METRICS_PORT", "metrics_port", int, DEFAULT_METRICS_PORTS["indexer"],
-            minimum=0, maximum=65535,
-            help="HTTP port of the Prometheus /metrics endpoint (0: metrics off)"),
-    LOG_LEVEL,
-), WRITE_TOKEN_SETTINGS, TLS_SERVER_SETTINGS, TLS_CLIENT_SETTINGS)
+            "`OMP_WAIT_POLICY=PASSIVE` unless set, so idle OpenMP threads sleep instead of "
+            "spinning on the embedder's cores",
+        ),
+        Setting(
+            "INDEXER_BLAS_THRESHOLD",
+            "blas_threshold",
+            int,
+            20,
+            minimum=1,
+            help="batches of at least this many queries use BLAS for exact distances",
+        ),
+        Setting(
+            "INDEXER_SHARD",
+            "shard",
+            int,
+            -1,
+            minimum=-1,
+            shown="unset",
+            help="which shard this replica holds (refuses another shard's data)",
+        ),
+        INDEXER_PARTITIONS,
+        Setting(
+            "INDEXER_PEERS",
+            "peers",
+            parse=peers_setting,
+            default=(),
+            shown="unset",
+            help="the other replicas of this shard, `host:port,host:port`, to catch up from before serving",
+        ),
+        Setting(
+            "INDEXER_METRICS_PORT",
+            "metrics_port",
+            int,
+            DEFAULT_METRICS_PORTS["indexer"],
+            minimum=0,
+            maximum=65535,
+            help="HTTP port of the Prometheus /metrics endpoint (0: metrics off)",
+        ),
+        LOG_LEVEL,
+    ),
+    WRITE_TOKEN_SETTINGS,
+    TLS_SERVER_SETTINGS,
+    TLS_CLIENT_SETTINGS,
+)
 _default = INDEXER_SETTINGS.default
 
 
@@ -126,7 +231,8 @@ class IndexerConfig:
     data_dir: Path = _default("data_dir")
     log_level: str = _default("log_level")
     collections: tuple[CollectionSpec, ...] = field(
-        default_factory=lambda: collections_setting(DEFAULT_COLLECTIONS))
+        default_factory=lambda: collections_setting(DEFAULT_COLLECTIONS)
+    )
     collections_explicit: bool = False
     auto_create: bool = _default("auto_create")
     snapshot_seconds: float = _default("snapshot_seconds")
@@ -160,16 +266,21 @@ class IndexerConfig:
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "IndexerConfig":
-        values = INDEXER_SETTINGS.parse_args("python -m services.indexer",
-                                             "FAISS kNN index service", argv)
+        values = INDEXER_SETTINGS.parse_args("python -m services.indexer", "FAISS kNN index service", argv)
         if values["shard"] >= values["partitions"]:
-            raise ConfigError(f"INDEXER_SHARD={values['shard']} must be below INDEXER_PARTITIONS="
-                              f"{values['partitions']} (a shard owns at least one partition)")
+            raise ConfigError(
+                f"INDEXER_SHARD={values['shard']} must be below INDEXER_PARTITIONS="
+                f"{values['partitions']} (a shard owns at least one partition)"
+            )
         tls = TlsFiles.from_values(values)
         token = resolve_write_token(values.pop("write_token"), values.pop("write_token_file"))
         collections = values.pop("collections")
         if values["shard"] < 0:
             values["partitions"] = 0
-        return cls(**values, tls=tls, write_token=token,
-                   collections=collections or collections_setting(DEFAULT_COLLECTIONS),
-                   collections_explicit=collections is not None)
+        return cls(
+            **values,
+            tls=tls,
+            write_token=token,
+            collections=collections or collections_setting(DEFAULT_COLLECTIONS),
+            collections_explicit=collections is not None,
+        )

@@ -14,6 +14,7 @@ Snapshots (``IndexStore.snapshot``), periodically, every N WAL records, and on c
 Start-up (``IndexStore.open``): load the snapshot named by CURRENT (checksums verified), replay
 the newer WAL records, drop a torn tail with a warning; any other damage raises CorruptData.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -34,12 +35,27 @@ from services.indexer.errors import CorruptData, IndexerError, InvalidArgument, 
 from services.indexer.filters import Condition
 from services.indexer.snapshot import CURRENT, SNAPSHOTS, read_snapshot, write_snapshot
 from services.indexer.spec import DEFAULT_COLLECTION, CollectionSpec
-from services.indexer.vector_index import (DeleteResult, Hit, StoredItem, UpsertBatch, UpsertResult,
-                                           VectorIndex)
+from services.indexer.vector_index import (
+    DeleteResult,
+    Hit,
+    StoredItem,
+    UpsertBatch,
+    UpsertResult,
+    VectorIndex,
+)
 from services.indexer.wal import RecordKind, WalRecord, WriteAheadLog
 
-__all__ = ["Attributes", "Condition", "DeleteResult", "Hit", "IndexStore", "StoreOptions",
-           "StoredItem", "UpsertResult", "VectorIndex"]
+__all__ = [
+    "Attributes",
+    "Condition",
+    "DeleteResult",
+    "Hit",
+    "IndexStore",
+    "StoreOptions",
+    "StoredItem",
+    "UpsertResult",
+    "VectorIndex",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +65,10 @@ class StoreOptions:
     """How the store persists: see the config module for the matching environment variables."""
 
     fsync: bool = True
-    snapshot_every_records: int = 10_000   # snapshot once the WAL holds this many records ...
-    snapshot_every_bytes: int = 1 << 30    # ... or this many bytes (0 disables either trigger)
-    compact_dead_fraction: float = 0.3     # compact a collection at snapshot time above this
-    auto_create: bool = False              # Upsert into an unknown collection creates it
+    snapshot_every_records: int = 10_000  # snapshot once the WAL holds this many records ...
+    snapshot_every_bytes: int = 1 << 30  # ... or this many bytes (0 disables either trigger)
+    compact_dead_fraction: float = 0.3  # compact a collection at snapshot time above this
+    auto_create: bool = False  # Upsert into an unknown collection creates it
 
 
 class IndexStore:
@@ -81,7 +97,9 @@ class IndexStore:
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
-    def in_memory(cls, specs: Iterable[CollectionSpec] = (), options: StoreOptions = StoreOptions()) -> "IndexStore":
+    def in_memory(
+        cls, specs: Iterable[CollectionSpec] = (), options: StoreOptions = StoreOptions()
+    ) -> "IndexStore":
         """A store without persistence (benchmarks, tests, tools)."""
         store = cls(None, options)
         for spec in specs:
@@ -89,8 +107,14 @@ class IndexStore:
         return store
 
     @classmethod
-    def open(cls, data_dir: Path, specs: Iterable[CollectionSpec] = (), *,
-             specs_are_explicit: bool = True, options: StoreOptions = StoreOptions()) -> "IndexStore":
+    def open(
+        cls,
+        data_dir: Path,
+        specs: Iterable[CollectionSpec] = (),
+        *,
+        specs_are_explicit: bool = True,
+        options: StoreOptions = StoreOptions(),
+    ) -> "IndexStore":
         """Open (creating if needed) the data directory: lock it, load the snapshot, replay the
         WAL, then create configured collections that do not exist yet.
 
@@ -110,15 +134,20 @@ class IndexStore:
                 store.last_write_ms = snapshot.last_write_ms
             wal = WriteAheadLog(data_dir / "wal", fsync=options.fsync)
             replayed = 0
-            for record in wal.recover(snapshot.wal_segment if snapshot else 1,
-                                      snapshot.last_seq if snapshot else 0):
+            for record in wal.recover(
+                snapshot.wal_segment if snapshot else 1, snapshot.last_seq if snapshot else 0
+            ):
                 store._replay(record, f"WAL record {record.seq} in {wal.directory}")
                 replayed += 1
             store._wal = wal
             store._dirty = replayed > 0
-            log.info("recovered %s in %.2fs: %d WAL record(s) replayed",
-                     data_dir, time.perf_counter() - started, replayed,
-                     extra={"fields": {"collections": {n: c.count for n, c in store._collections.items()}}})
+            log.info(
+                "recovered %s in %.2fs: %d WAL record(s) replayed",
+                data_dir,
+                time.perf_counter() - started,
+                replayed,
+                extra={"fields": {"collections": {n: c.count for n, c in store._collections.items()}}},
+            )
             for spec in specs:
                 store._reconcile(spec, specs_are_explicit)
         except BaseException:
@@ -134,8 +163,9 @@ class IndexStore:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise IndexerError(f"data directory {self.data_dir} is in use by another indexer process "
-                               f"(lock {path} is held)") from None
+            raise IndexerError(
+                f"data directory {self.data_dir} is in use by another indexer process (lock {path} is held)"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -157,15 +187,22 @@ class IndexStore:
             return
         have = existing.spec
         if (have.dimension, have.metric) != (spec.dimension, spec.metric):
-            message = (f"collection {spec.name!r} is stored with dimension {have.dimension} / metric "
-                       f"{have.metric} but configured as {spec.dimension} / {spec.metric}")
+            message = (
+                f"collection {spec.name!r} is stored with dimension {have.dimension} / metric "
+                f"{have.metric} but configured as {spec.dimension} / {spec.metric}"
+            )
             if explicit:
                 raise InvalidArgument(message + "; fix INDEXER_COLLECTIONS or rebuild the collection")
             log.info("%s; keeping the stored collection (configuration is the default)", message)
         elif have.index_type != spec.index_type:
-            log.warning("collection %r is stored as %s, configured as %s; keeping %s (rebuild with "
-                        "python -m services.indexer.build to change it)", spec.name, have.index_type,
-                        spec.index_type, have.index_type)
+            log.warning(
+                "collection %r is stored as %s, configured as %s; keeping %s (rebuild with "
+                "python -m services.indexer.build to change it)",
+                spec.name,
+                have.index_type,
+                spec.index_type,
+                have.index_type,
+            )
 
     def _replay(self, record: WalRecord, where: str) -> None:
         """Apply one logged record; anything that does not fit is corruption."""
@@ -178,8 +215,9 @@ class IndexStore:
                 return
             index = self._collections.get(record.header["collection"])
             if index is None:
-                raise CorruptData(f"{where} writes to collection {record.header['collection']!r}, "
-                                  f"which does not exist")
+                raise CorruptData(
+                    f"{where} writes to collection {record.header['collection']!r}, which does not exist"
+                )
             if record.kind == RecordKind.UPSERT:
                 index.apply_upsert(decode_upsert(record, index.dimension))
             elif record.kind == RecordKind.DELETE:
@@ -224,8 +262,9 @@ class IndexStore:
                 self.snapshot()
 
     # -- writes --------------------------------------------------------------------------------------
-    def upsert(self, collection: str, ids: Sequence[str], vectors,
-               attributes: Sequence[Attributes] | None = None) -> UpsertResult:
+    def upsert(
+        self, collection: str, ids: Sequence[str], vectors, attributes: Sequence[Attributes] | None = None
+    ) -> UpsertResult:
         """Insert or replace items atomically; durable when it returns."""
         with self._write_lock:
             index = self._collection_for_upsert(collection, vectors)
@@ -252,8 +291,9 @@ class IndexStore:
             return self.collection(name)
         array = np.asarray(vectors)
         if array.ndim != 2 or not array.shape[0]:
-            raise InvalidArgument(f"collection {name!r} does not exist and cannot be created from "
-                                  "an empty upsert")
+            raise InvalidArgument(
+                f"collection {name!r} does not exist and cannot be created from an empty upsert"
+            )
         return self.create_collection(CollectionSpec(name, int(array.shape[1])))
 
     def _log(self, kind: RecordKind, header: dict, body: bytes = b"") -> None:
@@ -269,15 +309,30 @@ class IndexStore:
             self._journal.append(WalRecord(seq, kind, header, body))
         self._dirty = True
         wal = self._wal
-        if ((self.options.snapshot_every_records and wal.records_since_rotation >= self.options.snapshot_every_records)
-                or (self.options.snapshot_every_bytes and wal.bytes_since_rotation >= self.options.snapshot_every_bytes)):
+        if (
+            self.options.snapshot_every_records
+            and wal.records_since_rotation >= self.options.snapshot_every_records
+        ) or (
+            self.options.snapshot_every_bytes
+            and wal.bytes_since_rotation >= self.options.snapshot_every_bytes
+        ):
             self._snapshot_wanted.set()
 
     # -- reads ---------------------------------------------------------------------------------------
-    def search(self, collection: str, queries, k: int, conditions: Iterable[Condition] = (), *,
-               group_by_listing: bool = False, nprobe: int = 0, ef_search: int = 0) -> list[list[Hit]]:
-        return self.collection(collection).search(queries, k, conditions, group_by_listing=group_by_listing,
-                                                  nprobe=nprobe, ef_search=ef_search)
+    def search(
+        self,
+        collection: str,
+        queries,
+        k: int,
+        conditions: Iterable[Condition] = (),
+        *,
+        group_by_listing: bool = False,
+        nprobe: int = 0,
+        ef_search: int = 0,
+    ) -> list[list[Hit]]:
+        return self.collection(collection).search(
+            queries, k, conditions, group_by_listing=group_by_listing, nprobe=nprobe, ef_search=ef_search
+        )
 
     def fetch(self, collection: str, ids: Sequence[str]) -> tuple[list[StoredItem], list[str]]:
         return self.collection(collection).fetch(ids)
@@ -287,8 +342,16 @@ class IndexStore:
 
     def stats(self, collection: str = "") -> list[dict]:
         chosen = [self.collection(collection)] if collection else list(self._collections.values())
-        return [{"name": c.name, "count": c.count, "dimension": c.dimension,
-                 "index_type": c.spec.index_type, "metric": c.spec.metric} for c in chosen]
+        return [
+            {
+                "name": c.name,
+                "count": c.count,
+                "dimension": c.dimension,
+                "index_type": c.spec.index_type,
+                "metric": c.spec.metric,
+            }
+            for c in chosen
+        ]
 
     # -- snapshots -------------------------------------------------------------------------------------
     def snapshot(self, force: bool = False) -> str | None:
@@ -311,13 +374,18 @@ class IndexStore:
                     log.info("compacted collection %s: %d dead slot(s) dropped", index.name, dead)
             last_seq = self._wal.next_seq - 1
             segment = self._wal.rotate()
-            name = write_snapshot(self.data_dir, segment, last_seq, list(self._collections.values()),
-                                  fsync=self.options.fsync, last_write_ms=self.last_write_ms)
+            name = write_snapshot(
+                self.data_dir,
+                segment,
+                last_seq,
+                list(self._collections.values()),
+                fsync=self.options.fsync,
+                last_write_ms=self.last_write_ms,
+            )
             self._wal.drop_before(segment)
             self._dirty = False
             seconds = time.perf_counter() - started
-            log.info("snapshot %s written in %.2fs (WAL truncated up to seq %d)", name,
-                     seconds, last_seq)
+            log.info("snapshot %s written in %.2fs (WAL truncated up to seq %d)", name, seconds, last_seq)
             if self.snapshot_observer is not None:
                 self.snapshot_observer(seconds)
             return name
@@ -369,8 +437,7 @@ class IndexStore:
             self.snapshot(force=True)
             return len(journal)
 
-    def merge_partitions(self, collections: dict[str, VectorIndex],
-                         belongs: Callable[[str], bool]) -> int:
+    def merge_partitions(self, collections: dict[str, VectorIndex], belongs: Callable[[str], bool]) -> int:
         """Take over a peer's items whose listing (``belongs(listing_id)``) moves to this shard:
         drop what this store holds of them (an interrupted earlier import), upsert the peer's,
         re-apply the writes journalled since `begin_journal`, and snapshot. Returns how many
@@ -389,9 +456,13 @@ class IndexStore:
                 items, _ = source.fetch(source.ids())
                 chosen = [item for item in items if belongs(item.attributes.listing_id or item.id)]
                 for start in range(0, len(chosen), 1024):
-                    batch = chosen[start:start + 1024]
-                    self.upsert(name, [i.id for i in batch], np.stack([i.vector for i in batch]),
-                                [i.attributes for i in batch])
+                    batch = chosen[start : start + 1024]
+                    self.upsert(
+                        name,
+                        [i.id for i in batch],
+                        np.stack([i.vector for i in batch]),
+                        [i.attributes for i in batch],
+                    )
                 taken += len(chosen)
             for record in journal:
                 self._replay(record, f"import journal record {record.seq}")
@@ -407,7 +478,7 @@ class IndexStore:
                 held, _ = index.fetch(index.ids())
                 ids = [item.id for item in held if belongs(item.attributes.listing_id or item.id)]
                 for start in range(0, len(ids), 1024):
-                    dropped += self.delete(name, ids[start:start + 1024]).deleted
+                    dropped += self.delete(name, ids[start : start + 1024]).deleted
             return dropped
 
     def start_snapshots(self, interval_s: float) -> None:
@@ -452,8 +523,13 @@ class IndexStore:
 
 # -- WAL encodings of writes (JSON header + raw float32 body; no pickle) -----------------------------
 def encode_upsert(collection: str, batch: UpsertBatch) -> tuple[dict, bytes]:
-    header = {"collection": collection, "ids": batch.ids, "n": len(batch.ids),
-              "dim": int(batch.vectors.shape[1]), "attributes": [a.to_row() for a in batch.attributes]}
+    header = {
+        "collection": collection,
+        "ids": batch.ids,
+        "n": len(batch.ids),
+        "dim": int(batch.vectors.shape[1]),
+        "attributes": [a.to_row() for a in batch.attributes],
+    }
     return header, np.ascontiguousarray(batch.vectors, dtype="<f4").tobytes()
 
 
@@ -461,8 +537,10 @@ def decode_upsert(record: WalRecord, dimension: int) -> UpsertBatch:
     header = record.header
     n, dim = int(header["n"]), int(header["dim"])
     if dim != dimension or len(record.body) != n * dim * 4 or len(header["ids"]) != n:
-        raise ValueError(f"upsert of {n} x {dim} does not match its {len(record.body)}-byte body "
-                         f"or the collection dimension {dimension}")
+        raise ValueError(
+            f"upsert of {n} x {dim} does not match its {len(record.body)}-byte body "
+            f"or the collection dimension {dimension}"
+        )
     vectors = np.frombuffer(record.body, dtype="<f4").reshape(n, dim).astype(np.float32)
     attributes = [Attributes.from_row(row) for row in header["attributes"]]
     return UpsertBatch(list(header["ids"]), vectors, attributes)

@@ -9,6 +9,7 @@ core can say what went wrong in domain terms and stay testable without a server:
     IndexerError    -> FAILED_PRECONDITION (the store is closed, a peer to copy from is missing, ...)
     CorruptData     -> refuse to start     (snapshot or non-tail WAL corruption)
 """
+
 from __future__ import annotations
 
 from common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError

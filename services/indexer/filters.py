@@ -3,6 +3,7 @@
 The mask becomes a FAISS ``IDSelectorBitmap`` passed in the search parameters, so FAISS itself
 skips non-matching vectors and returns k matches whenever k exist (no over-fetch-and-drop).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ class Condition:
             raise InvalidArgument(f"unknown filter field {self.field!r}; known fields: {', '.join(FIELDS)}")
         allowed = STRING_OPS if self.field in STRING_FIELDS else NUMERIC_OPS
         if self.op not in allowed:
-            raise InvalidArgument(f"filter on {self.field!r} cannot use {self.op or 'no operator'!r}; "
-                                  f"use one of {', '.join(allowed)}")
+            raise InvalidArgument(
+                f"filter on {self.field!r} cannot use {self.op or 'no operator'!r}; "
+                f"use one of {', '.join(allowed)}"
+            )
         if self.op == "equals" and len(self.values) != 1:
             raise InvalidArgument(f"filter {self.field} equals needs exactly one value")
         if self.op == "range":

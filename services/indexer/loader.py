@@ -10,6 +10,7 @@ Attributes: a CSV with columns ``id, listing_id, category, price, location`` (on
 or the prepared data directory (``images.csv`` joined with ``listings.csv`` on ``product_id``),
 which ``attributes_from_prepared`` turns into the same mapping.
 """
+
 from __future__ import annotations
 
 import csv
@@ -79,8 +80,11 @@ def load_embeddings(path: Path, name: str = "image", ids_path: Path | None = Non
 
 
 def _ids_beside(file: Path) -> Path:
-    candidates = [file.with_name(file.name.replace("_embeddings.npy", "_ids.json")),
-                  file.with_name(file.stem + "_ids.json"), file.with_name("ids.json")]
+    candidates = [
+        file.with_name(file.name.replace("_embeddings.npy", "_ids.json")),
+        file.with_name(file.stem + "_ids.json"),
+        file.with_name("ids.json"),
+    ]
     for candidate in candidates:
         if candidate.exists():
             return candidate
@@ -93,11 +97,18 @@ def load_attributes_csv(path: Path) -> dict[str, Attributes]:
         reader = csv.DictReader(f)
         missing = [c for c in ("id",) if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected "
-                             f"{', '.join(ATTRIBUTE_COLUMNS)}")
-        return {row["id"]: Attributes(row.get("listing_id") or "", row.get("category") or "",
-                                      price_value(row.get("price")), row.get("location") or "")
-                for row in reader}
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(ATTRIBUTE_COLUMNS)}"
+            )
+        return {
+            row["id"]: Attributes(
+                row.get("listing_id") or "",
+                row.get("category") or "",
+                price_value(row.get("price")),
+                row.get("location") or "",
+            )
+            for row in reader
+        }
 
 
 def write_attributes_csv(attributes: dict[str, Attributes], path: Path) -> None:
@@ -106,15 +117,19 @@ def write_attributes_csv(attributes: dict[str, Attributes], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(ATTRIBUTE_COLUMNS)
         for item_id, a in attributes.items():
-            writer.writerow([item_id, a.listing_id, a.category, "" if a.price is None else a.price, a.location])
+            writer.writerow(
+                [item_id, a.listing_id, a.category, "" if a.price is None else a.price, a.location]
+            )
 
 
 def attributes_from_prepared(prepared_dir: Path) -> dict[str, Attributes]:
     """Per-image attributes from the prepared data (`common.prepared_data`): images.csv
     (image_id, product_id, main_category) joined with listings.csv (product_id, price, location)."""
     prepared_dir = Path(prepared_dir)
-    listings = {row["product_id"].strip(): row
-                for row in read_rows(prepared_dir, LISTINGS_FILE, required=("product_id", "price", "location"))}
+    listings = {
+        row["product_id"].strip(): row
+        for row in read_rows(prepared_dir, LISTINGS_FILE, required=("product_id", "price", "location"))
+    }
     attributes: dict[str, Attributes] = {}
     unmatched = 0
     for row in read_rows(prepared_dir, IMAGES_FILE, required=("image_id", "product_id", "main_category")):

@@ -4,6 +4,7 @@ FAISS searches are safe to run concurrently with each other but not with add/rem
 search must never observe half of a batch. Writers are preferred: once a writer waits, new
 readers queue behind it, so a steady stream of searches cannot starve writes. Not re-entrant.
 """
+
 from __future__ import annotations
 
 import threading

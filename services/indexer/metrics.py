@@ -13,6 +13,7 @@ Recorded as they happen:
 * ``indexer_search_seconds{collection}`` (histogram): each Search, inside the index (the
   gRPC handling time is ``grpc_server_handling_seconds``).
 """
+
 from __future__ import annotations
 
 import time
@@ -36,11 +37,18 @@ class IndexerMetrics(Collector):
     def __init__(self, registry: CollectorRegistry, store: IndexStore) -> None:
         self.store = store
         self.search_seconds = Histogram(
-            "indexer_search_seconds", "Seconds of one Search inside a collection's index.",
-            ["collection"], buckets=LATENCY_BUCKETS, registry=registry)
+            "indexer_search_seconds",
+            "Seconds of one Search inside a collection's index.",
+            ["collection"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.snapshot_seconds = Histogram(
-            "indexer_snapshot_duration_seconds", "Seconds to write one snapshot.",
-            buckets=SNAPSHOT_BUCKETS, registry=registry)
+            "indexer_snapshot_duration_seconds",
+            "Seconds to write one snapshot.",
+            buckets=SNAPSHOT_BUCKETS,
+            registry=registry,
+        )
         store.snapshot_observer = self.snapshot_seconds.observe
         registry.register(self)
 
@@ -48,8 +56,9 @@ class IndexerMetrics(Collector):
         self.search_seconds.labels(collection).observe(seconds)
 
     def collect(self) -> Iterator[Metric]:
-        vectors = GaugeMetricFamily("indexer_vectors", "Live vectors stored per collection.",
-                                    labels=["collection"])
+        vectors = GaugeMetricFamily(
+            "indexer_vectors", "Live vectors stored per collection.", labels=["collection"]
+        )
         for stats in self.store.stats():
             vectors.add_metric([stats["name"]], stats["count"])
         yield vectors
@@ -62,12 +71,17 @@ class IndexerMetrics(Collector):
                 wal_bytes += segment.stat().st_size
             except FileNotFoundError:  # dropped by a snapshot meanwhile
                 pass
-        yield GaugeMetricFamily("indexer_wal_bytes",
-                                "Bytes of write-ahead log on disk (writes not yet in a snapshot).",
-                                value=wal_bytes)
+        yield GaugeMetricFamily(
+            "indexer_wal_bytes",
+            "Bytes of write-ahead log on disk (writes not yet in a snapshot).",
+            value=wal_bytes,
+        )
         try:
             age = max(0.0, time.time() - (data_dir / CURRENT).stat().st_mtime)
         except FileNotFoundError:
             return
-        yield GaugeMetricFamily("indexer_seconds_since_last_snapshot",
-                                "Seconds since the current snapshot was written.", value=age)
+        yield GaugeMetricFamily(
+            "indexer_seconds_since_last_snapshot",
+            "Seconds since the current snapshot was written.",
+            value=age,
+        )

@@ -18,6 +18,7 @@ Design and failure cases: ``docs/indexer-replication.md``. In short:
   (``last_write_unix_ms``); otherwise it waits, so the replica with the newest data goes first
   and the others catch up from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,9 @@ class ReplicaIdentity:
         return self.shard >= 0
 
     def __str__(self) -> str:
-        return (f"shard {self.shard} of a {self.partitions}-partition cluster" if self.configured
-                else "no shard")
+        return (
+            f"shard {self.shard} of a {self.partitions}-partition cluster" if self.configured else "no shard"
+        )
 
 
 def check_identity(data_dir: Path, identity: ReplicaIdentity) -> None:
@@ -79,13 +81,16 @@ def check_identity(data_dir: Path, identity: ReplicaIdentity) -> None:
         stored = json.loads(path.read_text(encoding="utf-8"))
         have = ReplicaIdentity(int(stored["shard"]), int(stored["partitions"]))
         if have != identity:
-            raise ReplicaMismatch(f"data directory {data_dir} holds {have}, but this replica is "
-                                  f"configured as {identity} (INDEXER_SHARD / INDEXER_PARTITIONS); "
-                                  "point it at the right directory or an empty one")
+            raise ReplicaMismatch(
+                f"data directory {data_dir} holds {have}, but this replica is "
+                f"configured as {identity} (INDEXER_SHARD / INDEXER_PARTITIONS); "
+                "point it at the right directory or an empty one"
+            )
         return
     data_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"shard": identity.shard, "partitions": identity.partitions}) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps({"shard": identity.shard, "partitions": identity.partitions}) + "\n", encoding="utf-8"
+    )
 
 
 def stream_state(store: IndexStore, status: indexer_pb2.ReplicaStatus) -> Iterator[indexer_pb2.StateChunk]:
@@ -106,11 +111,17 @@ def stream_state(store: IndexStore, status: indexer_pb2.ReplicaStatus) -> Iterat
         for path in [*files, directory / MANIFEST]:
             with open(path, "rb") as handle:
                 data = handle.read(CHUNK_BYTES)
-                yield chunk(snapshot_file=indexer_pb2.SnapshotFileChunk(
-                    snapshot=directory.name, file=path.name, data=data))
+                yield chunk(
+                    snapshot_file=indexer_pb2.SnapshotFileChunk(
+                        snapshot=directory.name, file=path.name, data=data
+                    )
+                )
                 while data := handle.read(CHUNK_BYTES):
-                    yield chunk(snapshot_file=indexer_pb2.SnapshotFileChunk(
-                        snapshot=directory.name, file=path.name, data=data))
+                    yield chunk(
+                        snapshot_file=indexer_pb2.SnapshotFileChunk(
+                            snapshot=directory.name, file=path.name, data=data
+                        )
+                    )
         for record in store.records_after(last_seq):
             yield chunk(wal_record=encode_record(record.seq, record.kind, record.header, record.body))
 
@@ -118,10 +129,17 @@ def stream_state(store: IndexStore, status: indexer_pb2.ReplicaStatus) -> Iterat
 class Replicator:
     """The replication state of one indexer replica: serving, catching up, or refusing."""
 
-    def __init__(self, store: IndexStore, identity: ReplicaIdentity, peers: Sequence[str],
-                 on_serving: Callable[[bool], None], *, retry_s: float = 1.0,
-                 write_metadata: tuple[tuple[str, str], ...] = (),
-                 tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        store: IndexStore,
+        identity: ReplicaIdentity,
+        peers: Sequence[str],
+        on_serving: Callable[[bool], None],
+        *,
+        retry_s: float = 1.0,
+        write_metadata: tuple[tuple[str, str], ...] = (),
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.store = store
         self.tls = tls or TlsFiles.from_env()
         self.identity = identity
@@ -145,8 +163,13 @@ class Replicator:
     def status(self) -> indexer_pb2.ReplicaStatus:
         items = sum(entry["count"] for entry in self.store.stats())
         return indexer_pb2.ReplicaStatus(
-            shard=self.identity.shard, partitions=self.identity.partitions, state=self.state,
-            last_write_unix_ms=self.store.last_write_ms, items=items, detail=self.detail)
+            shard=self.identity.shard,
+            partitions=self.identity.partitions,
+            state=self.state,
+            last_write_unix_ms=self.store.last_write_ms,
+            items=items,
+            detail=self.detail,
+        )
 
     def request_catch_up(self) -> str:
         """Catch up now (a gateway saw this replica miss a write); NOT_SERVING until done."""
@@ -178,8 +201,13 @@ class Replicator:
 
     def _set(self, state: str, detail: str) -> None:
         if (state, detail) != (self.state, self.detail):
-            log.log(logging.ERROR if state == REFUSING else logging.INFO,
-                    "replica %s: %s%s", self.identity, state, f" ({detail})" if detail else "")
+            log.log(
+                logging.ERROR if state == REFUSING else logging.INFO,
+                "replica %s: %s%s",
+                self.identity,
+                state,
+                f" ({detail})" if detail else "",
+            )
         self.state, self.detail = state, detail
         self.on_serving(state == SERVING)
 
@@ -203,7 +231,8 @@ class Replicator:
         for peer, channel in self._channels.items():
             try:
                 statuses[peer] = indexer_pb2_grpc.ReplicationStub(channel).GetReplicaStatus(
-                    indexer_pb2.GetReplicaStatusRequest(), timeout=2)
+                    indexer_pb2.GetReplicaStatusRequest(), timeout=2
+                )
             except grpc.RpcError:
                 statuses[peer] = None
         return statuses
@@ -218,8 +247,13 @@ class Replicator:
                 continue
             theirs = ReplicaIdentity(status.shard, status.partitions)
             if theirs != self.identity:
-                log.error("peer %s holds %s but this replica is %s: not copying from it; fix "
-                          "INDEXER_PEERS or that peer's INDEXER_SHARD", peer, theirs, self.identity)
+                log.error(
+                    "peer %s holds %s but this replica is %s: not copying from it; fix "
+                    "INDEXER_PEERS or that peer's INDEXER_SHARD",
+                    peer,
+                    theirs,
+                    self.identity,
+                )
                 continue
             matching[peer] = status
         serving = [peer for peer, status in matching.items() if status.state == SERVING]
@@ -229,11 +263,17 @@ class Replicator:
                 self._wanted.set()
                 return False
             unreachable = [peer for peer, status in statuses.items() if status is None]
-            newer = [peer for peer, status in matching.items()
-                     if status.last_write_unix_ms > self.store.last_write_ms]
+            newer = [
+                peer
+                for peer, status in matching.items()
+                if status.last_write_unix_ms > self.store.last_write_ms
+            ]
             if unreachable or newer:
-                self.detail = (f"waiting: no peer serving; unreachable {', '.join(unreachable)}"
-                               if unreachable else f"waiting for {', '.join(newer)} (newer data) to serve")
+                self.detail = (
+                    f"waiting: no peer serving; unreachable {', '.join(unreachable)}"
+                    if unreachable
+                    else f"waiting for {', '.join(newer)} (newer data) to serve"
+                )
                 return False
             self._set(SERVING, "no peer serving and none holds newer data: serving own data")
             return True
@@ -248,9 +288,15 @@ class Replicator:
             raise
         self.caught_up_count += 1
         items = sum(index.count for index in collections.values())
-        log.info("caught up from %s in %.2fs: %d item(s), %d WAL record(s) after its snapshot, "
-                 "%d write(s) received meanwhile re-applied", peer, time.perf_counter() - started,
-                 items, copied, replayed)
+        log.info(
+            "caught up from %s in %.2fs: %d item(s), %d WAL record(s) after its snapshot, "
+            "%d write(s) received meanwhile re-applied",
+            peer,
+            time.perf_counter() - started,
+            items,
+            copied,
+            replayed,
+        )
         self._set(SERVING, "")
         return True
 
@@ -259,35 +305,39 @@ class Replicator:
             self._channels[target] = self.tls.open_channel(target)
         return self._channels[target]
 
-    def import_partitions(self, sources: Sequence[str], partitions: set[int],
-                          partition_count: int) -> tuple[int, str]:
+    def import_partitions(
+        self, sources: Sequence[str], partitions: set[int], partition_count: int
+    ) -> tuple[int, str]:
         """Rebalance: take over ``partitions`` from a serving replica among ``sources`` (another
         shard's). Returns (items taken over, the source copied)."""
         if self.identity.configured and partition_count != self.identity.partitions:
-            raise ReplicaMismatch(f"the rebalance uses {partition_count} partitions, this replica "
-                                  f"is {self.identity}")
+            raise ReplicaMismatch(
+                f"the rebalance uses {partition_count} partitions, this replica is {self.identity}"
+            )
         source = None
         for target in sources:
             try:
                 status = indexer_pb2_grpc.ReplicationStub(self._channel(target)).GetReplicaStatus(
-                    indexer_pb2.GetReplicaStatusRequest(), timeout=5)
+                    indexer_pb2.GetReplicaStatusRequest(), timeout=5
+                )
             except grpc.RpcError:
                 continue
             if status.state == SERVING and status.partitions in (0, partition_count):
                 source = target
                 break
         if source is None:
-            raise IndexerError(f"no serving replica among {', '.join(sources)} to import "
-                               f"partitions from")
+            raise IndexerError(f"no serving replica among {', '.join(sources)} to import partitions from")
         self.store.begin_journal()
         try:
             try:
                 collections, _, _ = self._copy_from(source, same_shard=False)
             except grpc.RpcError as error:  # the source went away mid-copy: the caller retries
-                raise IndexerError(f"copying from {source} failed: {error.code().name}: "
-                                   f"{error.details()}") from None
+                raise IndexerError(
+                    f"copying from {source} failed: {error.code().name}: {error.details()}"
+                ) from None
             taken = self.store.merge_partitions(
-                collections, lambda listing_id: partition_of(listing_id, partition_count) in partitions)
+                collections, lambda listing_id: partition_of(listing_id, partition_count) in partitions
+            )
         except BaseException:
             self.store.end_journal()
             raise
@@ -296,10 +346,12 @@ class Replicator:
 
     def drop_partitions(self, partitions: set[int], partition_count: int) -> int:
         if self.identity.configured and partition_count != self.identity.partitions:
-            raise ReplicaMismatch(f"the rebalance uses {partition_count} partitions, this replica "
-                                  f"is {self.identity}")
+            raise ReplicaMismatch(
+                f"the rebalance uses {partition_count} partitions, this replica is {self.identity}"
+            )
         dropped = self.store.drop_partitions(
-            lambda listing_id: partition_of(listing_id, partition_count) in partitions)
+            lambda listing_id: partition_of(listing_id, partition_count) in partitions
+        )
         log.info("dropped %d item(s) of %d partition(s) moved to another shard", dropped, len(partitions))
         return dropped
 

@@ -12,6 +12,7 @@ A snapshot is written into ``snapshots/.tmp-*``, fsynced, renamed into place, an
 leaves either the old or the new snapshot current, never a half-written one. Loading verifies
 every file's size and checksum and refuses to start on any mismatch.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +63,15 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def write_snapshot(data_dir: Path, wal_segment: int, last_seq: int,
-                   collections: list[VectorIndex], *, fsync: bool = True,
-                   last_write_ms: int = 0) -> str:
+def write_snapshot(
+    data_dir: Path,
+    wal_segment: int,
+    last_seq: int,
+    collections: list[VectorIndex],
+    *,
+    fsync: bool = True,
+    last_write_ms: int = 0,
+) -> str:
     """Write a snapshot of ``collections`` (callers hold their writer locks) and make it
     current; returns its name. Older snapshots are removed afterwards."""
     root = data_dir / SNAPSHOTS
@@ -82,11 +89,22 @@ def write_snapshot(data_dir: Path, wal_segment: int, last_seq: int,
             if fsync:
                 _fsync_file(path)
             files[role] = {"name": file_name, "bytes": path.stat().st_size, "crc32": file_crc32(path)}
-        entries.append({"spec": index.spec.to_json(), "trained": saved["trained"],
-                        "count": saved["count"], "files": files})
-    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "last_seq": last_seq, "wal_segment": wal_segment, "last_write_ms": last_write_ms,
-                "collections": entries}
+        entries.append(
+            {
+                "spec": index.spec.to_json(),
+                "trained": saved["trained"],
+                "count": saved["count"],
+                "files": files,
+            }
+        )
+    manifest = {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "last_seq": last_seq,
+        "wal_segment": wal_segment,
+        "last_write_ms": last_write_ms,
+        "collections": entries,
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if fsync:
         _fsync_file(tmp / MANIFEST)
@@ -121,9 +139,13 @@ def read_snapshot(data_dir: Path) -> LoadedSnapshot | None:
     Raises CorruptData when it is missing, damaged or inconsistent."""
     pointer = data_dir / CURRENT
     if not pointer.exists():
-        if (data_dir / SNAPSHOTS).exists() and any(p.name[:1] != "." for p in (data_dir / SNAPSHOTS).iterdir()):
-            raise CorruptData(f"{data_dir} has snapshots but no {CURRENT} file; restore it "
-                              f"(it holds the current snapshot's name) or rebuild the index")
+        if (data_dir / SNAPSHOTS).exists() and any(
+            p.name[:1] != "." for p in (data_dir / SNAPSHOTS).iterdir()
+        ):
+            raise CorruptData(
+                f"{data_dir} has snapshots but no {CURRENT} file; restore it "
+                f"(it holds the current snapshot's name) or rebuild the index"
+            )
         return None
     name = pointer.read_text(encoding="utf-8").strip()
     directory = data_dir / SNAPSHOTS / name
@@ -135,26 +157,39 @@ def read_snapshot(data_dir: Path) -> LoadedSnapshot | None:
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptData(f"snapshot manifest {manifest_path} is not valid JSON: {exc}") from None
     if manifest.get("format") != FORMAT:
-        raise CorruptData(f"snapshot {manifest_path} has format {manifest.get('format')!r}, "
-                          f"expected {FORMAT!r}")
+        raise CorruptData(
+            f"snapshot {manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
     collections: dict[str, VectorIndex] = {}
     for entry in manifest["collections"]:
         spec = CollectionSpec.from_json(entry["spec"])
-        for role, info in entry["files"].items():
+        for info in entry["files"].values():
             _verify_file(directory / info["name"], info)
         files = {role: info["name"] for role, info in entry["files"].items()}
         try:
             index = VectorIndex.load(spec, directory, {"files": files, "trained": entry["trained"]})
         except (ValueError, RuntimeError, KeyError, OSError) as exc:
-            raise CorruptData(f"snapshot {directory}: collection {spec.name!r} cannot be loaded: {exc}") from None
+            raise CorruptData(
+                f"snapshot {directory}: collection {spec.name!r} cannot be loaded: {exc}"
+            ) from None
         if index.count != entry["count"]:
-            raise CorruptData(f"snapshot {directory}: collection {spec.name!r} holds {index.count} items, "
-                              f"manifest says {entry['count']}")
+            raise CorruptData(
+                f"snapshot {directory}: collection {spec.name!r} holds {index.count} items, "
+                f"manifest says {entry['count']}"
+            )
         collections[spec.name] = index
-    log.info("loaded snapshot %s (%s)", name,
-             ", ".join(f"{n}: {c.count}" for n, c in collections.items()) or "empty")
-    return LoadedSnapshot(name, int(manifest["last_seq"]), int(manifest["wal_segment"]), collections,
-                          int(manifest.get("last_write_ms", 0)))
+    log.info(
+        "loaded snapshot %s (%s)",
+        name,
+        ", ".join(f"{n}: {c.count}" for n, c in collections.items()) or "empty",
+    )
+    return LoadedSnapshot(
+        name,
+        int(manifest["last_seq"]),
+        int(manifest["wal_segment"]),
+        collections,
+        int(manifest.get("last_write_ms", 0)),
+    )
 
 
 def _verify_file(path: Path, info: dict) -> None:
@@ -162,7 +197,8 @@ def _verify_file(path: Path, info: dict) -> None:
         raise CorruptData(f"snapshot file {path} is missing")
     size = path.stat().st_size
     if size != info["bytes"]:
-        raise CorruptData(f"snapshot file {path} has {size} bytes, manifest says {info['bytes']} "
-                          "(truncated or replaced)")
+        raise CorruptData(
+            f"snapshot file {path} has {size} bytes, manifest says {info['bytes']} (truncated or replaced)"
+        )
     if file_crc32(path) != info["crc32"]:
         raise CorruptData(f"snapshot file {path} fails its checksum (damaged on disk)")

@@ -5,6 +5,7 @@ A spec is written in configuration as ``name:dim[:type[:metric[:key=value...]]]`
 ``image:512:hnsw:ip:m=32:ef_construction=80:ef_search=64``. It is also stored (as JSON) in
 snapshots and in the write-ahead log, so a data directory describes itself.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,15 @@ DEFAULT_COLLECTION = "image"
 MAX_DIMENSION = 65536
 MAX_EF_SEARCH = 4096
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_KEYS = {"nlist": "nlist", "nprobe": "nprobe", "m": "hnsw_m", "hnsw_m": "hnsw_m",
-         "ef_construction": "ef_construction", "ef_search": "ef_search", "normalize": "normalize"}
+_KEYS = {
+    "nlist": "nlist",
+    "nprobe": "nprobe",
+    "m": "hnsw_m",
+    "hnsw_m": "hnsw_m",
+    "ef_construction": "ef_construction",
+    "ef_search": "ef_search",
+    "normalize": "normalize",
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,9 @@ class CollectionSpec:
         try:
             dimension = int(parts[1])
         except ValueError:
-            raise InvalidArgument(f"collection spec {text!r}: dimension {parts[1]!r} is not an integer") from None
+            raise InvalidArgument(
+                f"collection spec {text!r}: dimension {parts[1]!r} is not an integer"
+            ) from None
         kwargs: dict[str, object] = {"name": parts[0], "dimension": dimension}
         if len(parts) > 2 and parts[2]:
             kwargs["index_type"] = parts[2]
@@ -80,12 +90,17 @@ class CollectionSpec:
         for option in parts[4:]:
             key, _, value = option.partition("=")
             if key not in _KEYS or not value:
-                raise InvalidArgument(f"collection spec {text!r}: unknown option {option!r} "
-                                      f"(known: {', '.join(sorted(_KEYS))})")
+                raise InvalidArgument(
+                    f"collection spec {text!r}: unknown option {option!r} (known: {', '.join(sorted(_KEYS))})"
+                )
             try:
-                kwargs[_KEYS[key]] = (value.lower() in {"1", "true", "yes"}) if key == "normalize" else int(value)
+                kwargs[_KEYS[key]] = (
+                    (value.lower() in {"1", "true", "yes"}) if key == "normalize" else int(value)
+                )
             except ValueError:
-                raise InvalidArgument(f"collection spec {text!r}: {key}={value!r} is not an integer") from None
+                raise InvalidArgument(
+                    f"collection spec {text!r}: {key}={value!r} is not an integer"
+                ) from None
         return cls(**kwargs)  # type: ignore[arg-type]
 
     def to_json(self) -> dict:

@@ -31,6 +31,7 @@ Grouping by listing: search k' = 2k, keep the best item of each listing, and rep
 four times larger for any query that has fewer than k distinct listings while more candidates
 exist. It is exact for flat and never drops below k listings when k listings match.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,9 +50,9 @@ from services.indexer.locks import ReadWriteLock
 from services.indexer.spec import MAX_EF_SEARCH, CollectionSpec
 
 MAX_ID_BYTES = 256
-MIN_ONLINE_TRAIN = 10_000       # an IVF collection fed by upserts trains once it holds this many
-EXACT_FALLBACK_MAX = 262_144    # HNSW: brute-force a starved filtered query up to this many matches
-TRAIN_POINTS_PER_LIST = 64      # IVF training sample: this many vectors per list (FAISS wants >= 39)
+MIN_ONLINE_TRAIN = 10_000  # an IVF collection fed by upserts trains once it holds this many
+EXACT_FALLBACK_MAX = 262_144  # HNSW: brute-force a starved filtered query up to this many matches
+TRAIN_POINTS_PER_LIST = 64  # IVF training sample: this many vectors per list (FAISS wants >= 39)
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,7 @@ def use_blas_for(queries: int) -> None:
     against 2.5 ms on the SIMD loop, and a batch of 8 took 0.8 ms per query against 2.4 ms.
     The setting is process-wide, so concurrent searches of both kinds may now and then take
     the other path: that changes their speed, never their results."""
-    faiss.cvar.distance_compute_blas_threshold = (1 if queries >= _blas_from_queries
-                                                  else _NEVER_BLAS)
+    faiss.cvar.distance_compute_blas_threshold = 1 if queries >= _blas_from_queries else _NEVER_BLAS
 
 
 def auto_nlist(count: int) -> int:
@@ -146,8 +146,14 @@ def validate_ids(ids: Sequence[str]) -> list[str]:
 class VectorIndex:
     """A FAISS index for one collection with string ids, attributes, filters and grouping."""
 
-    def __init__(self, spec: CollectionSpec, *, faiss_index: faiss.Index | None = None,
-                 table: AttributeTable | None = None, trained: bool = False) -> None:
+    def __init__(
+        self,
+        spec: CollectionSpec,
+        *,
+        faiss_index: faiss.Index | None = None,
+        table: AttributeTable | None = None,
+        trained: bool = False,
+    ) -> None:
         self.spec = spec
         self.writer_lock = threading.RLock()
         self._lock = ReadWriteLock()
@@ -233,28 +239,33 @@ class VectorIndex:
             array = array[None, :]
         if array.ndim != 2 or (array.shape[0] and array.shape[1] != self.dimension):
             got = array.shape[-1] if array.ndim else 0
-            raise InvalidArgument(f"{what} has dimension {got}; collection {self.name!r} expects "
-                                  f"{self.dimension}")
+            raise InvalidArgument(
+                f"{what} has dimension {got}; collection {self.name!r} expects {self.dimension}"
+            )
         finite = np.isfinite(array).all(axis=1)
         if not finite.all():
             raise InvalidArgument(f"{what} {int(np.argmin(finite))} has a non-finite value (NaN or inf)")
         if self.spec.normalize and len(array):
             norms = np.linalg.norm(array, axis=1)
             if not (norms > 0).all():
-                raise InvalidArgument(f"{what} {int(np.argmin(norms > 0))} is all zeros and cannot be "
-                                      f"normalised for cosine similarity")
+                raise InvalidArgument(
+                    f"{what} {int(np.argmin(norms > 0))} is all zeros and cannot be "
+                    f"normalised for cosine similarity"
+                )
             array /= norms[:, None]
         return np.ascontiguousarray(array)
 
-    def prepare_upsert(self, ids: Sequence[str], vectors,
-                       attributes: Sequence[Attributes] | None = None) -> UpsertBatch:
+    def prepare_upsert(
+        self, ids: Sequence[str], vectors, attributes: Sequence[Attributes] | None = None
+    ) -> UpsertBatch:
         """Validate an upsert without changing anything (so it can be logged, then applied)."""
         checked_ids = validate_ids(ids)
         matrix = self.as_vectors(vectors if len(checked_ids) else np.zeros((0, self.dimension)))
         attrs = list(attributes) if attributes is not None else [Attributes()] * len(checked_ids)
         if not len(checked_ids) == len(matrix) == len(attrs):
-            raise InvalidArgument(f"{len(checked_ids)} ids, {len(matrix)} vectors and {len(attrs)} "
-                                  f"attribute sets do not match")
+            raise InvalidArgument(
+                f"{len(checked_ids)} ids, {len(matrix)} vectors and {len(attrs)} attribute sets do not match"
+            )
         for position, a in enumerate(attrs):
             if a.price is not None and not math.isfinite(a.price):
                 raise InvalidArgument(f"item {position}: price must be a finite number")
@@ -272,13 +283,16 @@ class VectorIndex:
             (stored if item_id in self._table.slot_of else unknown).append(item_id)
         if strict and unknown:
             shown = ", ".join(repr(i) for i in unknown[:5])
-            raise NotFound(f"{len(unknown)} id(s) not in collection {self.name!r}: {shown}"
-                           f"{' ...' if len(unknown) > 5 else ''}; nothing was deleted")
+            raise NotFound(
+                f"{len(unknown)} id(s) not in collection {self.name!r}: {shown}"
+                f"{' ...' if len(unknown) > 5 else ''}; nothing was deleted"
+            )
         return stored, unknown
 
     # -- writes ----------------------------------------------------------------------------------
-    def upsert(self, ids: Sequence[str], vectors,
-               attributes: Sequence[Attributes] | None = None) -> UpsertResult:
+    def upsert(
+        self, ids: Sequence[str], vectors, attributes: Sequence[Attributes] | None = None
+    ) -> UpsertResult:
         """Insert or replace items (all or none). Not durable by itself: see IndexStore."""
         with self.writer_lock:
             return self.apply_upsert(self.prepare_upsert(ids, vectors, attributes))
@@ -308,8 +322,9 @@ class VectorIndex:
 
     def apply_delete(self, ids: Sequence[str]) -> int:
         with self.writer_lock:
-            slots = np.asarray([self._table.slot_of[i] for i in ids if i in self._table.slot_of],
-                               dtype=np.int64)
+            slots = np.asarray(
+                [self._table.slot_of[i] for i in ids if i in self._table.slot_of], dtype=np.int64
+            )
             if not len(slots):
                 return 0
             with self._lock.write():
@@ -336,9 +351,16 @@ class VectorIndex:
 
     # -- bulk build, training, compaction ----------------------------------------------------------
     @classmethod
-    def build(cls, spec: CollectionSpec, ids: Sequence[str], vectors,
-              attributes: Sequence[Attributes] | None = None, *, train_size: int = 0,
-              seed: int = 1234) -> "VectorIndex":
+    def build(
+        cls,
+        spec: CollectionSpec,
+        ids: Sequence[str],
+        vectors,
+        attributes: Sequence[Attributes] | None = None,
+        *,
+        train_size: int = 0,
+        seed: int = 1234,
+    ) -> "VectorIndex":
         """A new index holding these items; IVF is trained on a random sample first
         (``train_size`` vectors, default 64 per list)."""
         index = cls(spec)
@@ -401,8 +423,11 @@ class VectorIndex:
             kind = self._kind
             new_index = None
             if kind != "idmap":
-                vectors = (self._index.reconstruct_batch(old_slots) if len(old_slots)
-                           else np.zeros((0, self.dimension), np.float32))
+                vectors = (
+                    self._index.reconstruct_batch(old_slots)
+                    if len(old_slots)
+                    else np.zeros((0, self.dimension), np.float32)
+                )
                 if kind == "ivf":
                     new_index = self._ivf_like(self._index)
                     new_index.add_with_ids(vectors, new_slots)
@@ -432,8 +457,16 @@ class VectorIndex:
         return new
 
     # -- reads -----------------------------------------------------------------------------------
-    def search(self, queries, k: int, conditions: Iterable[Condition] = (), *,
-               group_by_listing: bool = False, nprobe: int = 0, ef_search: int = 0) -> list[list[Hit]]:
+    def search(
+        self,
+        queries,
+        k: int,
+        conditions: Iterable[Condition] = (),
+        *,
+        group_by_listing: bool = False,
+        nprobe: int = 0,
+        ef_search: int = 0,
+    ) -> list[list[Hit]]:
         """k nearest neighbours of each query (best first) among items matching all conditions."""
         q = self.as_vectors(queries, "query")
         if k < 1:
@@ -443,8 +476,9 @@ class VectorIndex:
         conditions = tuple(conditions)
         with self._lock.read():
             if nprobe and self._kind == "ivf" and not 1 <= nprobe <= self.nlist:
-                raise InvalidArgument(f"nprobe must be in 1..{self.nlist} for collection "
-                                      f"{self.name!r} (got {nprobe})")
+                raise InvalidArgument(
+                    f"nprobe must be in 1..{self.nlist} for collection {self.name!r} (got {nprobe})"
+                )
             table = self._table
             mask = compile_mask(table, conditions) if conditions else None
             candidates = int(mask.sum()) if mask is not None else table.live_count
@@ -457,8 +491,13 @@ class VectorIndex:
                 scores, labels = searcher.knn(np.arange(len(q)), min(k, candidates))
                 rows = [_valid(scores[i], labels[i]) for i in range(len(q))]
             flip = -1.0 if self.spec.metric == "l2" else 1.0
-            return [[Hit(table.ids[slot], flip * float(score), table.attributes(slot))  # type: ignore[arg-type]
-                     for score, slot in zip(s.tolist(), l.tolist())] for s, l in rows]
+            return [
+                [
+                    Hit(table.ids[slot], flip * float(score), table.attributes(slot))  # type: ignore[arg-type]
+                    for score, slot in zip(s.tolist(), l.tolist())
+                ]
+                for s, l in rows
+            ]
 
     def fetch(self, ids: Sequence[str]) -> tuple[list[StoredItem], list[str]]:
         """Stored vectors and attributes of known ids (request order) and the unknown ids."""
@@ -511,13 +550,16 @@ class VectorIndex:
     def _check_consistent(self) -> None:
         index, table = self._index, self._table
         if index.d != self.dimension or index.metric_type != self.metric_type:
-            raise ValueError(f"index has dimension {index.d} / metric {index.metric_type}, spec says "
-                             f"{self.dimension} / {self.spec.metric}")
+            raise ValueError(
+                f"index has dimension {index.d} / metric {index.metric_type}, spec says "
+                f"{self.dimension} / {self.spec.metric}"
+            )
         expected = table.size if self._kind == "hnsw" else table.live_count
         if index.ntotal != expected:
             raise ValueError(f"index holds {index.ntotal} vectors but the id map expects {expected}")
-        expected_type = {"idmap": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat,
-                         "hnsw": faiss.IndexHNSWFlat}[self._kind]
+        expected_type = {"idmap": faiss.IndexIDMap2, "ivf": faiss.IndexIVFFlat, "hnsw": faiss.IndexHNSWFlat}[
+            self._kind
+        ]
         if not isinstance(index, expected_type):
             raise ValueError(f"index is a {type(index).__name__}, expected {expected_type.__name__}")
 
@@ -537,8 +579,15 @@ class _Searcher:
     """One search call: builds the FAISS selector/parameters once and answers k-NN requests,
     with the exact fallback for starved approximate queries."""
 
-    def __init__(self, owner: VectorIndex, queries: np.ndarray, mask: np.ndarray | None,
-                 candidates: int, nprobe: int, ef_search: int) -> None:
+    def __init__(
+        self,
+        owner: VectorIndex,
+        queries: np.ndarray,
+        mask: np.ndarray | None,
+        candidates: int,
+        nprobe: int,
+        ef_search: int,
+    ) -> None:
         self.owner = owner
         self.index = owner._index
         self.kind = owner._kind
@@ -554,8 +603,11 @@ class _Searcher:
             self._bits = owner._alive_mask_bits()
         else:
             self._bits = None
-        self.selector = (faiss.IDSelectorBitmap(len(self._bits), faiss.swig_ptr(self._bits))
-                         if self._bits is not None else None)
+        self.selector = (
+            faiss.IDSelectorBitmap(len(self._bits), faiss.swig_ptr(self._bits))
+            if self._bits is not None
+            else None
+        )
 
     def _params(self, k: int, exhaustive: bool = False):
         if self.kind == "ivf":
@@ -577,8 +629,9 @@ class _Searcher:
         q = self.queries[rows]
         params = self._params(k)
         use_blas_for(len(q))
-        scores, labels = (self.index.search(q, k, params=params) if params is not None
-                          else self.index.search(q, k))
+        scores, labels = (
+            self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
+        )
         if self.kind in ("ivf", "hnsw"):
             want = min(k, self.candidates)
             short = np.flatnonzero((labels >= 0).sum(axis=1) < want)
@@ -591,8 +644,11 @@ class _Searcher:
         use_blas_for(len(q))
         if self.kind == "ivf":
             return self.index.search(q, k, params=self._params(k, exhaustive=True))
-        slots = (np.flatnonzero(self.mask).astype(np.int64) if self.mask is not None
-                 else self.owner._table.live_slots())
+        slots = (
+            np.flatnonzero(self.mask).astype(np.int64)
+            if self.mask is not None
+            else self.owner._table.live_slots()
+        )
         if len(slots) > EXACT_FALLBACK_MAX:
             params = self._params(k)
             params.efSearch = MAX_EF_SEARCH

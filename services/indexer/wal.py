@@ -17,6 +17,7 @@ with a warning and the file truncated. Any other damage - a bad record followed 
 a damaged older segment, a gap in segments or sequence numbers - raises CorruptData, because
 acknowledged writes would be lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,8 @@ def encode_record(seq: int, kind: RecordKind, header: dict, body: bytes = b"") -
 def _decode_payload(seq: int, payload: bytes) -> WalRecord:
     kind, header_len = PAYLOAD_HEADER.unpack_from(payload)
     start = PAYLOAD_HEADER.size
-    header = json.loads(payload[start:start + header_len].decode("utf-8"))
-    return WalRecord(seq, RecordKind(kind), header, payload[start + header_len:])
+    header = json.loads(payload[start : start + header_len].decode("utf-8"))
+    return WalRecord(seq, RecordKind(kind), header, payload[start + header_len :])
 
 
 def decode_record(data: bytes) -> WalRecord:
@@ -76,8 +77,12 @@ def decode_record(data: bytes) -> WalRecord:
     if len(data) < RECORD_HEADER.size:
         raise CorruptData(f"WAL record of {len(data)} bytes is shorter than its header")
     magic, length, crc, seq = RECORD_HEADER.unpack_from(data)
-    payload = data[RECORD_HEADER.size:]
-    if magic != RECORD_MAGIC or length != len(payload) or zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc:
+    payload = data[RECORD_HEADER.size :]
+    if (
+        magic != RECORD_MAGIC
+        or length != len(payload)
+        or zlib.crc32(payload, zlib.crc32(_SEQ.pack(seq))) != crc
+    ):
         raise CorruptData(f"WAL record {seq} fails its checksum or length check")
     try:
         return _decode_payload(seq, payload)
@@ -135,8 +140,10 @@ class _SegmentReader:
                     decoded = _decode_payload(seq, payload)
                 except (ValueError, struct.error, UnicodeDecodeError) as exc:
                     # the checksum matched, so this is not a torn write but a bad writer
-                    raise CorruptData(f"WAL {self.path}: record at offset {offset} passes its "
-                                      f"checksum but cannot be decoded ({exc})") from None
+                    raise CorruptData(
+                        f"WAL {self.path}: record at offset {offset} passes its "
+                        f"checksum but cannot be decoded ({exc})"
+                    ) from None
                 offset = self.valid_end = end
                 yield decoded
 
@@ -150,8 +157,10 @@ class _SegmentReader:
             raise CorruptData(f"WAL segment {self.path} is truncated inside its header")
         magic, number = SEGMENT_HEADER.unpack(raw)
         if magic != SEGMENT_MAGIC or number != self.segment:
-            raise CorruptData(f"WAL segment {self.path} has a bad header (magic {magic!r}, number "
-                              f"{number}); it is not a WAL file of this indexer")
+            raise CorruptData(
+                f"WAL segment {self.path} has a bad header (magic {magic!r}, number "
+                f"{number}); it is not a WAL file of this indexer"
+            )
         return True
 
     def _read_at(self, f: BinaryIO, offset: int) -> tuple[int, bytes, int] | None:
@@ -173,20 +182,25 @@ class _SegmentReader:
         segment, otherwise corruption."""
         where = f"WAL segment {self.path} at offset {offset} of {self.size} bytes"
         if not self.is_last:
-            raise CorruptData(f"{where}: damaged record in a segment that is not the newest; "
-                              "acknowledged writes after it would be lost. Restore the data directory "
-                              "from a backup or rebuild the index (python -m services.indexer.build)")
+            raise CorruptData(
+                f"{where}: damaged record in a segment that is not the newest; "
+                "acknowledged writes after it would be lost. Restore the data directory "
+                "from a backup or rebuild the index (python -m services.indexer.build)"
+            )
         f.seek(offset + 1)
         rest = f.read()
         position = rest.find(RECORD_MAGIC)
         while position >= 0:
             if self._read_at(f, offset + 1 + position) is not None:
-                raise CorruptData(f"{where}: damaged record followed by valid records; refusing to "
-                                  "start rather than drop acknowledged writes. Restore the data "
-                                  "directory from a backup or rebuild the index")
+                raise CorruptData(
+                    f"{where}: damaged record followed by valid records; refusing to "
+                    "start rather than drop acknowledged writes. Restore the data "
+                    "directory from a backup or rebuild the index"
+                )
             position = rest.find(RECORD_MAGIC, position + 1)
-        log.warning("dropping torn WAL tail: %s (%d bytes of an unacknowledged write)",
-                    where, self.size - offset)
+        log.warning(
+            "dropping torn WAL tail: %s (%d bytes of an unacknowledged write)", where, self.size - offset
+        )
         self.torn = True
 
 
@@ -213,8 +227,10 @@ class WriteAheadLog:
             segment_path(self.directory, old).unlink()
         segments = [s for s in segments if s >= first_segment]
         if segments and segments[0] != first_segment:
-            raise CorruptData(f"WAL segment {first_segment:08d} is missing from {self.directory} "
-                              f"(found {segments[0]:08d} first): writes after the snapshot are lost")
+            raise CorruptData(
+                f"WAL segment {first_segment:08d} is missing from {self.directory} "
+                f"(found {segments[0]:08d} first): writes after the snapshot are lost"
+            )
         for previous, current in zip(segments, segments[1:]):
             if current != previous + 1:
                 raise CorruptData(f"WAL segment {previous + 1:08d} is missing from {self.directory}")
@@ -226,8 +242,10 @@ class WriteAheadLog:
                 if record.seq < expected:
                     continue  # already in the snapshot
                 if record.seq != expected:
-                    raise CorruptData(f"WAL {reader.path}: record sequence jumps from {expected - 1} "
-                                      f"to {record.seq}; records are missing")
+                    raise CorruptData(
+                        f"WAL {reader.path}: record sequence jumps from {expected - 1} "
+                        f"to {record.seq}; records are missing"
+                    )
                 expected += 1
                 yield record
             last_reader = reader

@@ -2,6 +2,7 @@
 variables, overridden by command-line flags. TLS to the gateway follows ``TLS_CA`` /
 ``TLS_CLIENT_*`` (`common.security`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,24 +13,56 @@ from common.config import LOG_LEVEL, REPO_ROOT, Setting, merged
 from common.security import TLS_CLIENT_SETTINGS, TlsFiles
 from services.gateway.client import GATEWAY_ADDR
 
-WEB_SETTINGS = merged((
-    Setting("WEB_HOST", "host", default="0.0.0.0", help="interface to listen on"),
-    Setting("WEB_PORT", "port", int, 8000, minimum=0, maximum=65535,
-            help="port of the page and the JSON API (0: any free port)"),
-    GATEWAY_ADDR,
-    Setting("IMAGE_STORE_DIR", "image_store_dir", Path, REPO_ROOT / "run" / "images",
+WEB_SETTINGS = merged(
+    (
+        Setting("WEB_HOST", "host", default="0.0.0.0", help="interface to listen on"),
+        Setting(
+            "WEB_PORT",
+            "port",
+            int,
+            8000,
+            minimum=0,
+            maximum=65535,
+            help="port of the page and the JSON API (0: any free port)",
+        ),
+        GATEWAY_ADDR,
+        Setting(
+            "IMAGE_STORE_DIR",
+            "image_store_dir",
+            Path,
+            REPO_ROOT / "run" / "images",
             flag="--image-store",
-            help="the listing photo store the gateway fills (`common.image_store`); the edge "
-                 "serves from it"),
-    Setting("WEB_SEED_DIR", "seed_dir", Path, flag="--seed-dir",
-            help="prepared data whose photos are linked into the store at start when missing"),
-    Setting("WEB_MAX_UPLOAD_MB", "max_upload_bytes", int, 16, minimum=1, scale=1024 * 1024,
+            help="the listing photo store the gateway fills (`common.image_store`); the edge serves from it",
+        ),
+        Setting(
+            "WEB_SEED_DIR",
+            "seed_dir",
+            Path,
+            flag="--seed-dir",
+            help="prepared data whose photos are linked into the store at start when missing",
+        ),
+        Setting(
+            "WEB_MAX_UPLOAD_MB",
+            "max_upload_bytes",
+            int,
+            16,
+            minimum=1,
+            scale=1024 * 1024,
             flag="--max-upload-mb",
-            help="largest request body, in MiB; a bigger upload is 413 before it is read"),
-    Setting("WEB_GATEWAY_TIMEOUT_S", "gateway_timeout_s", float, 30.0, minimum=0.1,
-            help="deadline of each gateway call"),
-    LOG_LEVEL,
-), TLS_CLIENT_SETTINGS)
+            help="largest request body, in MiB; a bigger upload is 413 before it is read",
+        ),
+        Setting(
+            "WEB_GATEWAY_TIMEOUT_S",
+            "gateway_timeout_s",
+            float,
+            30.0,
+            minimum=0.1,
+            help="deadline of each gateway call",
+        ),
+        LOG_LEVEL,
+    ),
+    TLS_CLIENT_SETTINGS,
+)
 _default = WEB_SETTINGS.default
 
 
@@ -58,7 +91,8 @@ class WebConfig:
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> "WebConfig":
-        values = WEB_SETTINGS.parse_args("python -m services.web",
-                                         "HTTP edge: the page and the JSON API", argv)
+        values = WEB_SETTINGS.parse_args(
+            "python -m services.web", "HTTP edge: the page and the JSON API", argv
+        )
         tls = TlsFiles.from_values(values)
         return cls(**values, tls=tls)

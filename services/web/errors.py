@@ -4,6 +4,7 @@ The mapping is the usual one (google.rpc / grpc-gateway): bad input 400, missing
 409, auth 401/403, a full server 429, a dead downstream 503, a timeout 504. ``detail`` is what
 the page shows, so it is the gateway's words, not ours.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -25,9 +26,14 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 
 #: The code name given to the framework's own HTTP errors (a malformed multipart body, ...).
-HTTP_CODE_NAMES: dict[int, str] = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
-                                   403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                                   405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED"}
+HTTP_CODE_NAMES: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    413: "RESOURCE_EXHAUSTED",
+}
 
 
 class EdgeError(Exception):
@@ -43,9 +49,12 @@ class EdgeError(Exception):
 def from_rpc_error(error: grpc.RpcError, gateway: str) -> EdgeError:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else "") or ""
-    if code == grpc.StatusCode.UNAVAILABLE and ("connect" in details or "Connection" in details
-                                                or not details):
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        "connect" in details or "Connection" in details or not details
+    ):
         # the channel's own words ("failed to connect to all addresses ...") mean nothing to a user
-        details = (f"The search service (gateway at {gateway}) is not reachable right now; "
-                   f"try again in a moment ({details or 'no answer'})")
+        details = (
+            f"The search service (gateway at {gateway}) is not reachable right now; "
+            f"try again in a moment ({details or 'no answer'})"
+        )
     return EdgeError(HTTP_STATUS.get(code, 500), code.name, details or code.name)

@@ -1,4 +1,5 @@
 """``python -m services.web``: the HTTP edge under uvicorn."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,13 @@ def bootstrap_photos(config: WebConfig) -> None:
         except OSError as exc:
             log.error("photos of %s not added to the store: %s", config.seed_dir, exc)
             return
-        log.info("image store %s: %d prepared photos added, %d already there, %d skipped",
-                 config.image_store_dir, report.added, report.already_there, report.skipped)
+        log.info(
+            "image store %s: %d prepared photos added, %d already there, %d skipped",
+            config.image_store_dir,
+            report.added,
+            report.already_there,
+            report.skipped,
+        )
 
     threading.Thread(target=fill, name="bootstrap-photos", daemon=True).start()
 
@@ -42,10 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("web", config.log_level)
     bootstrap_photos(config)
     app = create_app(config)
-    log.info("web edge for gateway %s on http://%s:%d/ (photos from %s)", config.gateway_addr,
-             config.host, config.port, config.image_store_dir)
+    log.info(
+        "web edge for gateway %s on http://%s:%d/ (photos from %s)",
+        config.gateway_addr,
+        config.host,
+        config.port,
+        config.image_store_dir,
+    )
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again with the handler
     # it found: this one, so a stop on request exits 0 like the other services.
     signal.signal(signal.SIGTERM, _stopped)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
-                access_log=config.log_level.lower() == "debug", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level.lower(),
+        access_log=config.log_level.lower() == "debug",
+        timeout_graceful_shutdown=5,
+    )

@@ -1,5 +1,6 @@
 """The settings' declarations (`common.config`): one declaration gives the config object's
 defaults, the flags, the values read and the README's table."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,7 @@ EXAMPLE = Settings(
     Setting("EXAMPLE_WAIT_S", "wait_s", float, 1.0, minimum=0.1),
     Setting("EXAMPLE_FSYNC", "fsync", bool, True),
     Setting("EXAMPLE_MODE", "mode", default="auto", choices=("auto", "on", "off")),
-    Setting("EXAMPLE_MESSAGE_MB", "message_bytes", int, 4, minimum=1, scale=1024 * 1024,
-            flag="--message-mb"),
+    Setting("EXAMPLE_MESSAGE_MB", "message_bytes", int, 4, minimum=1, scale=1024 * 1024, flag="--message-mb"),
     Setting("EXAMPLE_DIR", "directory", Path, required="EXAMPLE_DIR is required: say where"),
     Setting("EXAMPLE_TOKEN", "token", secret=True),
 )
@@ -44,9 +44,16 @@ def parse(argv: list[str]) -> dict:
 def test_defaults_apply_and_an_empty_variable_counts_as_unset(env):
     env.setenv("EXAMPLE_PORT", "")
     values = parse([])
-    assert values == {"port": 8000, "ratio": 0.5, "wait_s": 1.0, "fsync": True, "mode": "auto",
-                      "message_bytes": 4 * 1024 * 1024, "directory": Path("/srv/example"),
-                      "token": None}
+    assert values == {
+        "port": 8000,
+        "ratio": 0.5,
+        "wait_s": 1.0,
+        "fsync": True,
+        "mode": "auto",
+        "message_bytes": 4 * 1024 * 1024,
+        "directory": Path("/srv/example"),
+        "token": None,
+    }
 
 
 def test_the_environment_sets_values_and_a_flag_overrides_it(env):
@@ -56,27 +63,38 @@ def test_the_environment_sets_values_and_a_flag_overrides_it(env):
     env.setenv("EXAMPLE_MESSAGE_MB", "2")
     env.setenv("EXAMPLE_TOKEN", "t0ken")
     assert parse([]) | {"directory": None} == {
-        "port": 9000, "ratio": 0.5, "wait_s": 1.0, "fsync": False, "mode": "on",
-        "message_bytes": 2 * 1024 * 1024, "directory": None, "token": "t0ken"}
-    overridden = parse(["--port", "9100", "--fsync", "--mode", "off", "--message-mb", "3",
-                        "--directory", "/elsewhere"])
+        "port": 9000,
+        "ratio": 0.5,
+        "wait_s": 1.0,
+        "fsync": False,
+        "mode": "on",
+        "message_bytes": 2 * 1024 * 1024,
+        "directory": None,
+        "token": "t0ken",
+    }
+    overridden = parse(
+        ["--port", "9100", "--fsync", "--mode", "off", "--message-mb", "3", "--directory", "/elsewhere"]
+    )
     assert (overridden["port"], overridden["fsync"], overridden["mode"]) == (9100, True, "off")
     assert overridden["message_bytes"] == 3 * 1024 * 1024
     assert overridden["directory"] == Path("/elsewhere")
 
 
-@pytest.mark.parametrize("name, raw, message", [
-    ("EXAMPLE_PORT", "x", "EXAMPLE_PORT='x' is not an integer"),
-    ("EXAMPLE_PORT", "-1", "EXAMPLE_PORT=-1 must be between 0 and 65535"),
-    ("EXAMPLE_PORT", "70000", "EXAMPLE_PORT=70000 must be between 0 and 65535"),
-    ("EXAMPLE_RATIO", "1.5", "EXAMPLE_RATIO=1.5 must be between 0.0 and 1.0"),
-    ("EXAMPLE_RATIO", "half", "EXAMPLE_RATIO='half' is not a number"),
-    ("EXAMPLE_RATIO", "nan", "EXAMPLE_RATIO='nan' is not a finite number"),
-    ("EXAMPLE_WAIT_S", "0.01", "EXAMPLE_WAIT_S=0.01 must be >= 0.1"),
-    ("EXAMPLE_FSYNC", "maybe", "EXAMPLE_FSYNC='maybe' is not a boolean (use true/false)"),
-    ("EXAMPLE_MODE", "sometimes", "EXAMPLE_MODE='sometimes' must be one of auto, on, off"),
-    ("EXAMPLE_MESSAGE_MB", "0", "EXAMPLE_MESSAGE_MB=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "name, raw, message",
+    [
+        ("EXAMPLE_PORT", "x", "EXAMPLE_PORT='x' is not an integer"),
+        ("EXAMPLE_PORT", "-1", "EXAMPLE_PORT=-1 must be between 0 and 65535"),
+        ("EXAMPLE_PORT", "70000", "EXAMPLE_PORT=70000 must be between 0 and 65535"),
+        ("EXAMPLE_RATIO", "1.5", "EXAMPLE_RATIO=1.5 must be between 0.0 and 1.0"),
+        ("EXAMPLE_RATIO", "half", "EXAMPLE_RATIO='half' is not a number"),
+        ("EXAMPLE_RATIO", "nan", "EXAMPLE_RATIO='nan' is not a finite number"),
+        ("EXAMPLE_WAIT_S", "0.01", "EXAMPLE_WAIT_S=0.01 must be >= 0.1"),
+        ("EXAMPLE_FSYNC", "maybe", "EXAMPLE_FSYNC='maybe' is not a boolean (use true/false)"),
+        ("EXAMPLE_MODE", "sometimes", "EXAMPLE_MODE='sometimes' must be one of auto, on, off"),
+        ("EXAMPLE_MESSAGE_MB", "0", "EXAMPLE_MESSAGE_MB=0 must be >= 1"),
+    ],
+)
 def test_a_bad_value_stops_the_start_naming_the_variable(env, name, raw, message):
     env.setenv(name, raw)
     with pytest.raises(ConfigError) as raised:
@@ -105,8 +123,12 @@ def test_secrets_have_no_flag():
 
 
 # ------------------------------------------------------------------ the services' declarations
-SERVICES = [(EMBEDDER_SETTINGS, EmbedderConfig), (INDEXER_SETTINGS, IndexerConfig),
-            (GATEWAY_SETTINGS, GatewayConfig), (WEB_SETTINGS, WebConfig)]
+SERVICES = [
+    (EMBEDDER_SETTINGS, EmbedderConfig),
+    (INDEXER_SETTINGS, IndexerConfig),
+    (GATEWAY_SETTINGS, GatewayConfig),
+    (WEB_SETTINGS, WebConfig),
+]
 
 
 @pytest.mark.parametrize("settings, config", SERVICES, ids=lambda x: getattr(x, "__name__", ""))
@@ -145,8 +167,12 @@ def test_a_config_built_directly_is_checked_against_the_bounds(tmp_path):
 
 
 def test_local_configs_bind_loopback_on_a_free_port_without_metrics(tmp_path):
-    for config in (GatewayConfig.local(), IndexerConfig.local(),
-                   EmbedderConfig.local(tmp_path), WebConfig.local()):
+    for config in (
+        GatewayConfig.local(),
+        IndexerConfig.local(),
+        EmbedderConfig.local(tmp_path),
+        WebConfig.local(),
+    ):
         assert (config.host, config.port) == ("127.0.0.1", 0)
         assert getattr(config, "metrics_port", 0) == 0
 
@@ -155,7 +181,8 @@ def test_the_readme_table_is_the_declarations():
     readme = README.read_text()
     assert with_table(readme, render()) == readme, (
         "README.md's configuration table differs from the declarations: run "
-        "python -m scripts.settings_table --write")
+        "python -m scripts.settings_table --write"
+    )
 
 
 def test_every_declared_variable_is_in_the_table_once_per_declaration():
@@ -164,9 +191,17 @@ def test_every_declared_variable_is_in_the_table_once_per_declaration():
     for setting, readers in rows:
         assert f"| `{setting.env}` |" in table and readers
     assert len(table.splitlines()) == len(rows) + 2
-    assert {reader for reader, _, _ in READERS} >= {"embedder", "indexer", "gateway", "web",
-                                                   "rebalance", "reconcile", "index_catalogue",
-                                                   "load_catalogue", "training"}
+    assert {reader for reader, _, _ in READERS} >= {
+        "embedder",
+        "indexer",
+        "gateway",
+        "web",
+        "rebalance",
+        "reconcile",
+        "index_catalogue",
+        "load_catalogue",
+        "training",
+    }
 
 
 def test_the_commands_read_the_gateways_declarations_with_the_same_flags(monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 """One error base class carrying its gRPC status (`common.errors`) and one mapping for every
 servicer (`common.serving.service_errors`)."""
+
 from __future__ import annotations
 
 import grpc
@@ -38,33 +39,35 @@ def mapped(error: BaseException) -> tuple[grpc.StatusCode | None, str | None]:
     return context.code, context.details
 
 
-@pytest.mark.parametrize("error, code", [
-    # indexer
-    (indexer_errors.InvalidArgument("k must be in 1..1000 (got 0)"), "INVALID_ARGUMENT"),
-    (indexer_errors.NotFound("no collection 'imgae'"), "NOT_FOUND"),
-    (indexer_errors.LimitExceeded("2000 items in one request; the limit is 1024"),
-     "RESOURCE_EXHAUSTED"),
-    (indexer_errors.IndexerError("the index store is closed"), "FAILED_PRECONDITION"),
-    (indexer_errors.CorruptData("snapshot damaged"), "FAILED_PRECONDITION"),
-    (ReplicaMismatch("holds shard 0"), "FAILED_PRECONDITION"),
-    # embedder
-    (RequestError("no images: send at least one"), "INVALID_ARGUMENT"),
-    (BadImages([(0, "not an image")], 1), "INVALID_ARGUMENT"),
-    (EmbedderUnavailable("the embedder is shutting down"), "UNAVAILABLE"),
-    (TextNotServed("text embeddings are not served"), "FAILED_PRECONDITION"),
-    # gateway
-    (domain.InvalidArgument("k must be at most 100"), "INVALID_ARGUMENT"),
-    (domain.NotFound("no listing 'x'"), "NOT_FOUND"),
-    (domain.AlreadyExists("listing 'x' exists"), "ALREADY_EXISTS"),
-    (domain.FailedPrecondition("no text model"), "FAILED_PRECONDITION"),
-    (domain.Unavailable("embedder at a:1 is unavailable"), "UNAVAILABLE"),
-    (domain.DeadlineExceeded("the caller's deadline had expired"), "DEADLINE_EXCEEDED"),
-    (domain.ResourceExhausted("17 images; the limit is 16"), "RESOURCE_EXHAUSTED"),
-    (domain.Unauthenticated("no token"), "UNAUTHENTICATED"),
-    (domain.PermissionDenied("wrong token"), "PERMISSION_DENIED"),
-    (domain.DownstreamError("indexer shard 0: INTERNAL"), "INTERNAL"),
-    (domain.GatewayError("the embedder returned no categories"), "INTERNAL"),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        # indexer
+        (indexer_errors.InvalidArgument("k must be in 1..1000 (got 0)"), "INVALID_ARGUMENT"),
+        (indexer_errors.NotFound("no collection 'imgae'"), "NOT_FOUND"),
+        (indexer_errors.LimitExceeded("2000 items in one request; the limit is 1024"), "RESOURCE_EXHAUSTED"),
+        (indexer_errors.IndexerError("the index store is closed"), "FAILED_PRECONDITION"),
+        (indexer_errors.CorruptData("snapshot damaged"), "FAILED_PRECONDITION"),
+        (ReplicaMismatch("holds shard 0"), "FAILED_PRECONDITION"),
+        # embedder
+        (RequestError("no images: send at least one"), "INVALID_ARGUMENT"),
+        (BadImages([(0, "not an image")], 1), "INVALID_ARGUMENT"),
+        (EmbedderUnavailable("the embedder is shutting down"), "UNAVAILABLE"),
+        (TextNotServed("text embeddings are not served"), "FAILED_PRECONDITION"),
+        # gateway
+        (domain.InvalidArgument("k must be at most 100"), "INVALID_ARGUMENT"),
+        (domain.NotFound("no listing 'x'"), "NOT_FOUND"),
+        (domain.AlreadyExists("listing 'x' exists"), "ALREADY_EXISTS"),
+        (domain.FailedPrecondition("no text model"), "FAILED_PRECONDITION"),
+        (domain.Unavailable("embedder at a:1 is unavailable"), "UNAVAILABLE"),
+        (domain.DeadlineExceeded("the caller's deadline had expired"), "DEADLINE_EXCEEDED"),
+        (domain.ResourceExhausted("17 images; the limit is 16"), "RESOURCE_EXHAUSTED"),
+        (domain.Unauthenticated("no token"), "UNAUTHENTICATED"),
+        (domain.PermissionDenied("wrong token"), "PERMISSION_DENIED"),
+        (domain.DownstreamError("indexer shard 0: INTERNAL"), "INTERNAL"),
+        (domain.GatewayError("the embedder returned no categories"), "INTERNAL"),
+    ],
+)
 def test_each_services_errors_map_to_the_same_status_with_their_message(error, code):
     assert mapped(error) == (getattr(grpc.StatusCode, code), str(error))
     assert isinstance(error, ServiceError) and error.message == str(error)

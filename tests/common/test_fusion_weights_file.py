@@ -1,5 +1,6 @@
 """common.fusion_weights: the artefact's fusion weights file, written and read back, and refused
 when it was chosen for another image model (with the command that chooses them again)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,14 @@ from common.artifact import FUSION_WEIGHTS_FILE
 
 
 def weights(**changes) -> FusionWeights:
-    fields = dict(search_text_weight=0.7, similar_text_weight=0.8, image_model_version="lite0-aaa",
-                  text_model="all-MiniLM-L6-v2", valid_curves={"search": {"0.0": 0.4}}, valid_queries=3)
+    fields = dict(
+        search_text_weight=0.7,
+        similar_text_weight=0.8,
+        image_model_version="lite0-aaa",
+        text_model="all-MiniLM-L6-v2",
+        valid_curves={"search": {"0.0": 0.4}},
+        valid_queries=3,
+    )
     return FusionWeights(**(fields | changes))
 
 
@@ -29,8 +36,10 @@ def test_written_weights_read_back_for_their_image_model(tmp_path):
 def test_weights_chosen_for_another_image_model_are_refused_with_the_command(tmp_path):
     weights().save(tmp_path)
     (tmp_path / "model_card.json").write_text(json.dumps({"model_version": "lite0-bbb"}))
-    for load in (lambda: FusionWeights.load(tmp_path),
-                 lambda: FusionWeights.load(tmp_path, image_model_version="lite0-bbb")):
+    for load in (
+        lambda: FusionWeights.load(tmp_path),
+        lambda: FusionWeights.load(tmp_path, image_model_version="lite0-bbb"),
+    ):
         with pytest.raises(FusionWeightsError) as raised:
             load()
         message = str(raised.value)
@@ -39,7 +48,10 @@ def test_weights_chosen_for_another_image_model_are_refused_with_the_command(tmp
 
 
 def test_missing_malformed_or_out_of_range_files_are_refused(tmp_path):
-    with pytest.raises(FusionWeightsMissing, match="is missing; choose the fusion weights with `python -m training.fusion_weights"):
+    with pytest.raises(
+        FusionWeightsMissing,
+        match="is missing; choose the fusion weights with `python -m training.fusion_weights",
+    ):
         FusionWeights.load(tmp_path)
     path = tmp_path / FUSION_WEIGHTS_FILE
     path.write_text("{not json")

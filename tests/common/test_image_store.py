@@ -1,5 +1,6 @@
 """The listing photo store: what goes in is a real photo of a browser format and a bounded size,
 ids never leave the folder, writes are whole, and the prepared photos are linked in once."""
+
 from __future__ import annotations
 
 import csv
@@ -34,11 +35,13 @@ def test_a_photo_comes_back_as_it_went_in_with_its_type(store):
     again = store.get("0b6ade6e-5fc2-463d-9fee-cc6526c898f2")
     assert (again.data, again.content_type) == (photo, "image/jpeg")
     assert store.contains("0b6ade6e-5fc2-463d-9fee-cc6526c898f2")
-    assert not list(store.root.rglob(".incoming-*"))      # the temporary file was renamed
+    assert not list(store.root.rglob(".incoming-*"))  # the temporary file was renamed
 
 
-@pytest.mark.parametrize("fmt, content_type", [("PNG", "image/png"), ("WEBP", "image/webp"),
-                                               ("GIF", "image/gif"), ("JPEG", "image/jpeg")])
+@pytest.mark.parametrize(
+    "fmt, content_type",
+    [("PNG", "image/png"), ("WEBP", "image/webp"), ("GIF", "image/gif"), ("JPEG", "image/jpeg")],
+)
 def test_browser_formats_are_recognised_by_their_bytes(fmt, content_type):
     image = Image.new("RGB", (8, 8), (200, 30, 30))
     assert sniff_content_type(encode(image, fmt)) == content_type
@@ -56,8 +59,9 @@ def test_what_is_not_a_browser_photo_is_refused_in_words(store):
     assert not any(store.contains(i) for i in ("a1", "a2", "a3", "a4"))
 
 
-@pytest.mark.parametrize("image_id", ["..", "../secret", "a/b", "/etc/passwd", ".hidden", "a.b",
-                                      "", "x" * 129, "a\0b", "a\\b"])
+@pytest.mark.parametrize(
+    "image_id", ["..", "../secret", "a/b", "/etc/passwd", ".hidden", "a.b", "", "x" * 129, "a\0b", "a\\b"]
+)
 def test_no_id_leads_out_of_the_store(store, tmp_path, image_id):
     (tmp_path / "secret").write_bytes(b"\xff\xd8\xff secret")
     with pytest.raises(InvalidImageId):
@@ -85,9 +89,13 @@ def test_prepared_photos_are_linked_in_once(store, tmp_path):
     prepared = tmp_path / "prepared"
     (prepared / "images").mkdir(parents=True)
     photos = real_photos(2)
-    rows = [("p1", "images/p1.jpg"), ("p2", "images/p2.jpg"), ("p3", "images/missing.jpg"),
-            ("p4", "images/notes.jpg")]
-    for (image_id, path), data in zip(rows, photos):
+    rows = [
+        ("p1", "images/p1.jpg"),
+        ("p2", "images/p2.jpg"),
+        ("p3", "images/missing.jpg"),
+        ("p4", "images/notes.jpg"),
+    ]
+    for (_, path), data in zip(rows, photos):
         (prepared / path).write_bytes(data)
     (prepared / "images" / "notes.jpg").write_text("not a photo")
     with open(prepared / "images.csv", "w", newline="") as file:
@@ -97,6 +105,6 @@ def test_prepared_photos_are_linked_in_once(store, tmp_path):
     first = fill_from_prepared(store, prepared)
     assert (first.added, first.already_there, first.skipped) == (2, 0, 2)
     assert store.get("p2").data == photos[1]
-    assert os.path.samefile(store.path_of("p1"), prepared / "images" / "p1.jpg")   # linked
+    assert os.path.samefile(store.path_of("p1"), prepared / "images" / "p1.jpg")  # linked
     second = fill_from_prepared(store, prepared)
     assert (second.added, second.already_there, second.skipped) == (0, 2, 2)

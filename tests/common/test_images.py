@@ -47,7 +47,10 @@ def two_tone(width: int, height: int, first=(255, 0, 0), second=(0, 0, 255)) -> 
     [
         (b"", "empty"),
         (b"hello, this is not a picture", "not a recognised image"),
-        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "unreadable|corrupt|not a recognised"),  # JPEG magic, garbage body
+        (
+            b"\xff\xd8\xff\xe0" + b"\x00" * 64,
+            "unreadable|corrupt|not a recognised",
+        ),  # JPEG magic, garbage body
     ],
 )
 def test_rejects_non_images(data: bytes, words: str) -> None:
@@ -108,9 +111,9 @@ def test_missing_file_and_wrong_type(tmp_path: Path) -> None:
 
 def test_png_with_alpha_composited_on_black() -> None:
     rgba = Image.new("RGBA", (3, 1))
-    rgba.putpixel((0, 0), (255, 0, 0, 0))        # fully transparent red
+    rgba.putpixel((0, 0), (255, 0, 0, 0))  # fully transparent red
     rgba.putpixel((1, 0), (255, 255, 255, 128))  # half-transparent white
-    rgba.putpixel((2, 0), (10, 200, 30, 255))    # opaque
+    rgba.putpixel((2, 0), (10, 200, 30, 255))  # opaque
     img = open_image(encode(rgba, "PNG"))
     assert img.mode == "RGB"
     assert img.getpixel((0, 0)) == (0, 0, 0)
@@ -175,7 +178,9 @@ def test_exif_orientation_is_applied() -> None:
     assert b > 200 and r < 60
 
 
-@pytest.mark.skipif(not SHARED_RAW_SAMPLE.is_dir(), reason=f"real raw photos not present at {SHARED_RAW_SAMPLE}")
+@pytest.mark.skipif(
+    not SHARED_RAW_SAMPLE.is_dir(), reason=f"real raw photos not present at {SHARED_RAW_SAMPLE}"
+)
 def test_real_raw_phone_photos_decode() -> None:
     """The shared raw photos include MPO files (phone JPEGs with extra frames)."""
     files = sorted(SHARED_RAW_SAMPLE.glob("*.jpg"))

@@ -1,5 +1,6 @@
 """The shared gRPC metrics (`common.metrics`) on a real server and channel, read over HTTP from
 the real ``/metrics`` endpoint: names and labels of go-grpc-prometheus, exact counts per code."""
+
 from __future__ import annotations
 
 import socket
@@ -26,7 +27,9 @@ def server():
 
 def test_split_method():
     assert split_method("/marketplace.gateway.v1.Gateway/SearchByImage") == (
-        "marketplace.gateway.v1.Gateway", "SearchByImage")
+        "marketplace.gateway.v1.Gateway",
+        "SearchByImage",
+    )
 
 
 def test_server_counts_each_call_by_code_and_times_it(server):
@@ -62,8 +65,7 @@ def test_undecodable_request_is_counted_as_invalid_argument(server):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     channel.close()
     samples = scrape(server.metrics.bound_port)
-    assert value(samples, "grpc_server_handled_total", grpc_method="Check",
-                 grpc_code="INVALID_ARGUMENT") == 1
+    assert value(samples, "grpc_server_handled_total", grpc_method="Check", grpc_code="INVALID_ARGUMENT") == 1
 
 
 def test_client_metrics_label_the_downstream(server):
@@ -83,8 +85,7 @@ def test_client_metrics_label_the_downstream(server):
         samples = scrape(metrics.bound_port)
     finally:
         metrics.close()
-    labels = dict(grpc_service=HEALTH, grpc_method="Check", downstream="indexer shard 0",
-                  target=target)
+    labels = dict(grpc_service=HEALTH, grpc_method="Check", downstream="indexer shard 0", target=target)
     assert value(samples, "grpc_client_started_total", **labels) == 3
     assert value(samples, "grpc_client_handled_total", grpc_code="OK", **labels) == 2
     assert value(samples, "grpc_client_handled_total", grpc_code="NOT_FOUND", **labels) == 1

@@ -1,4 +1,5 @@
 """The gateway's ranking math: fusion of image and text result lists, and Rocchio recommendations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -77,8 +78,7 @@ def test_rrf_rewards_agreement_and_weights_favour_one_list():
     assert [i for i, _ in reciprocal_rank_fusion([image, text])] == ["a", "c", "b"]
     assert [i for i, _ in reciprocal_rank_fusion([image, text], weights=[0.2, 0.8])][0] == "c"
     assert [i for i, _ in reciprocal_rank_fusion([image, text], weights=[0.8, 0.2])][0] == "a"
-    assert [i for i, _ in reciprocal_rank_fusion([image, text], weights=[1.0, 0.0])] == \
-        ["a", "b", "c"]
+    assert [i for i, _ in reciprocal_rank_fusion([image, text], weights=[1.0, 0.0])] == ["a", "b", "c"]
 
 
 def test_rrf_counts_a_repeated_id_once_at_its_best_rank():
@@ -139,8 +139,7 @@ def test_recommendations_rank_like_liked_and_unlike_skipped():
 
 def test_recommend_query_beta_zero_ignores_skips_and_accepts_1d_inputs():
     liked = np.array([3.0, 4.0])
-    np.testing.assert_allclose(recommend_query(liked, np.array([1.0, 0.0]), beta=0.0),
-                               [0.6, 0.8], atol=1e-6)
+    np.testing.assert_allclose(recommend_query(liked, np.array([1.0, 0.0]), beta=0.0), [0.6, 0.8], atol=1e-6)
     np.testing.assert_allclose(recommend_query(liked, np.zeros((0, 2))), [0.6, 0.8], atol=1e-6)
 
 
@@ -149,14 +148,17 @@ def test_recommend_query_falls_back_to_liked_when_skips_cancel_it():
     np.testing.assert_allclose(recommend_query(v, v, alpha=1.0, beta=1.0), [0.0, 1.0], atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(liked=np.zeros((0, 4))),
-    dict(liked=None),
-    dict(liked=np.ones((1, 4)), skipped=np.ones((1, 3))),
-    dict(liked=np.zeros((1, 4))),
-    dict(liked=np.ones((1, 4)), alpha=0.0),
-    dict(liked=np.ones((1, 4)), beta=-1.0),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(liked=np.zeros((0, 4))),
+        dict(liked=None),
+        dict(liked=np.ones((1, 4)), skipped=np.ones((1, 3))),
+        dict(liked=np.zeros((1, 4))),
+        dict(liked=np.ones((1, 4)), alpha=0.0),
+        dict(liked=np.ones((1, 4)), beta=-1.0),
+    ],
+)
 def test_recommend_query_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
         recommend_query(**kwargs)

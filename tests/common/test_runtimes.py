@@ -4,6 +4,7 @@ take turns, so a burst of load elsewhere on the machine does not decide it.
 The sessions here are stand-ins with a known cost per photo (they sleep), so which one is the
 fastest is known; the real runtimes are checked against torch in tests/embedder.
 """
+
 from __future__ import annotations
 
 import time
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from common.runtimes import (RuntimeUnavailable, choose_session, speed_trial)
+from common.runtimes import RuntimeUnavailable, choose_session, speed_trial
 
 INPUTS = np.ones((4, 3, 8, 8), np.float32)
 
@@ -20,8 +21,15 @@ class TimedSession:
     """Returns the input's mean as its one output after sleeping ``per_photo`` seconds per photo;
     ``slow_runs`` makes the given run numbers (0 = warm-up) ten times slower, as load would."""
 
-    def __init__(self, runtime: str, per_photo: float, *, precision: str = "fp32",
-                 slow_runs: tuple[int, ...] = (), scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        runtime: str,
+        per_photo: float,
+        *,
+        precision: str = "fp32",
+        slow_runs: tuple[int, ...] = (),
+        scale: float = 1.0,
+    ) -> None:
         self.runtime, self.precision = runtime, precision
         self.per_photo, self.slow_runs, self.scale = per_photo, slow_runs, scale
         self.runs = 0
@@ -38,8 +46,8 @@ def choose(candidates: dict[str, TimedSession], reference: TimedSession, setting
         if runtime not in candidates:
             raise RuntimeUnavailable(f"runtime {runtime} is not installed here")
         return candidates[runtime]
-    return choose_session(setting, "fp32", reference=reference, inputs=INPUTS,
-                          open_candidate=open_candidate)
+
+    return choose_session(setting, "fp32", reference=reference, inputs=INPUTS, open_candidate=open_candidate)
 
 
 def test_the_speed_trial_ranks_sessions_by_their_cost_per_photo():
@@ -86,6 +94,8 @@ def test_an_explicit_runtime_is_not_timed_against_the_others():
     slow = TimedSession("onnxruntime", 0.004)
     choice = choose({"onnxruntime": slow}, reference, setting="onnxruntime")
     assert choice.session is slow and choice.speeds == {}
-    with pytest.raises(RuntimeUnavailable, match="refusing runtime=openvino precision=fp32: "
-                                                 "runtime openvino is not installed"):
+    with pytest.raises(
+        RuntimeUnavailable,
+        match="refusing runtime=openvino precision=fp32: runtime openvino is not installed",
+    ):
         choose({"onnxruntime": slow}, reference, setting="openvino")

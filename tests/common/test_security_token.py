@@ -1,5 +1,6 @@
 """The write token comes from WRITE_TOKEN or from the file WRITE_TOKEN_FILE names (a Docker or
 Kubernetes secret), and a token that cannot be used stops start-up with a message naming it."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,9 @@ def test_token_from_a_secret_file(monkeypatch, tmp_path):
     assert GatewayConfig.from_env([]).write_token == "from-file"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "cannot be read"), ("empty", "is empty"), ("both", "both set")])
+@pytest.mark.parametrize(
+    "case, message", [("missing", "cannot be read"), ("empty", "is empty"), ("both", "both set")]
+)
 def test_unusable_token_settings_are_named(monkeypatch, tmp_path, case, message):
     secret = tmp_path / "write_token"
     if case != "missing":

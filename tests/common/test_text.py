@@ -1,4 +1,5 @@
 """The listing-text definition, the offline MiniLM encoder and the exported text heads."""
+
 from __future__ import annotations
 
 import builtins
@@ -44,13 +45,16 @@ def test_listing_text_truncates_the_description_at_a_word_boundary():
 
 
 def test_listing_text_removes_the_posted_by_footer_that_names_the_category():
-    raw = ("Mirror wall art. Posted by Nisha in Dining, Living Room Furniture, Mirrors, Clocks & "
-           "Ornaments in Wokingham. 25 February 2022Size 45x45cm")
+    raw = (
+        "Mirror wall art. Posted by Nisha in Dining, Living Room Furniture, Mirrors, Clocks & "
+        "Ornaments in Wokingham. 25 February 2022Size 45x45cm"
+    )
     assert listing_text("Mirror wall art", raw) == "Mirror wall art. Mirror wall art. Size 45x45cm"
-    for footer in ("Posted by Felix in Beds & Bedroom Furniture, Double Beds in Lambeth. 25. "
-                   "February 2022",
-                   "Posted by Levi in Dining Tables & Chairs in Salford. February 25, 2022",
-                   "Posted by Maralyn in Men's Clothing, Coats & Jackets in Rawdon."):
+    for footer in (
+        "Posted by Felix in Beds & Bedroom Furniture, Double Beds in Lambeth. 25. February 2022",
+        "Posted by Levi in Dining Tables & Chairs in Salford. February 25, 2022",
+        "Posted by Maralyn in Men's Clothing, Coats & Jackets in Rawdon.",
+    ):
         cleaned = strip_boilerplate(f"Nice item. {footer}")
         assert "Posted by" not in cleaned and "Nice item." in cleaned
     assert strip_boilerplate("Posted by mistake\nstill here") == "Posted by mistake\nstill here"
@@ -74,8 +78,7 @@ def test_encoder_gives_unit_384_d_float32_vectors(encoder):
 
 
 def test_encoder_puts_similar_listings_closer(encoder):
-    table, kitchen, charger = encoder.encode(["oak dining table", "wooden kitchen table",
-                                              "iphone charger"])
+    table, kitchen, charger = encoder.encode(["oak dining table", "wooden kitchen table", "iphone charger"])
     assert float(table @ kitchen) > float(table @ charger) + 0.3
 
 
@@ -116,16 +119,24 @@ def _head(num_classes: int = 3, fusion: bool = True, tfidf: bool = True) -> Text
     inputs = ["minilm"]
     if tfidf:
         vocabulary = ["oak", "table", "oak table", "phone"]
-        tensors |= {"tfidf.idf": np.array([1.5, 1.2, 2.0, 1.1]),
-                    "tfidf.weight": rng.normal(size=(c, 4)), "tfidf.bias": np.zeros(c)}
+        tensors |= {
+            "tfidf.idf": np.array([1.5, 1.2, 2.0, 1.1]),
+            "tfidf.weight": rng.normal(size=(c, 4)),
+            "tfidf.bias": np.zeros(c),
+        }
         inputs = ["minilm", "tfidf"]
-        tensors |= {"text_fusion.weight": np.hstack([np.eye(c), np.eye(c)]),
-                    "text_fusion.bias": np.zeros(c)}
+        tensors |= {"text_fusion.weight": np.hstack([np.eye(c), np.eye(c)]), "text_fusion.bias": np.zeros(c)}
     if fusion:
-        tensors |= {"fusion.weight": np.hstack([np.eye(c)] * len(inputs) + [0.5 * np.eye(c)]),
-                    "fusion.bias": np.zeros(c)}
-    return TextHead([f"c{k}" for k in range(c)], tensors, vocabulary,
-                    {"text_fusion_inputs": inputs, "fusion_inputs": inputs + ["image"]})
+        tensors |= {
+            "fusion.weight": np.hstack([np.eye(c)] * len(inputs) + [0.5 * np.eye(c)]),
+            "fusion.bias": np.zeros(c),
+        }
+    return TextHead(
+        [f"c{k}" for k in range(c)],
+        tensors,
+        vocabulary,
+        {"text_fusion_inputs": inputs, "fusion_inputs": inputs + ["image"]},
+    )
 
 
 def test_text_head_round_trips_through_safetensors_and_json(tmp_path):
@@ -138,10 +149,10 @@ def test_text_head_round_trips_through_safetensors_and_json(tmp_path):
     x = np.random.default_rng(1).normal(size=(4, TEXT_DIM))
     texts = ["Oak table, oak legs", "phone", "nothing known", ""]
     image_lp = np.log(np.full((4, 3), 1 / 3))
-    np.testing.assert_allclose(loaded.predict_text(x, texts), head.predict_text(x, texts),
-                               atol=1e-5)
-    np.testing.assert_allclose(loaded.predict_fused(x, image_lp, texts),
-                               head.predict_fused(x, image_lp, texts), atol=1e-5)
+    np.testing.assert_allclose(loaded.predict_text(x, texts), head.predict_text(x, texts), atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.predict_fused(x, image_lp, texts), head.predict_fused(x, image_lp, texts), atol=1e-5
+    )
     np.testing.assert_allclose(loaded.predict_text(x, texts).sum(axis=1), 1.0, atol=1e-9)
     loaded.check_image_model("m-1")
     assert (tmp_path / "text_head.safetensors").stat().st_mode & 0o044  # group/other can read
@@ -172,8 +183,9 @@ def test_fusion_with_a_uniform_image_keeps_the_text_ranking_and_a_confident_imag
     x = np.random.default_rng(2).normal(size=(5, TEXT_DIM))
     texts = ["oak table"] * 5
     uniform = np.log(np.full((5, 3), 1 / 3))
-    np.testing.assert_array_equal(head.predict_fused(x, uniform, texts).argmax(1),
-                                  head.predict_text(x, texts).argmax(1))
+    np.testing.assert_array_equal(
+        head.predict_fused(x, uniform, texts).argmax(1), head.predict_text(x, texts).argmax(1)
+    )
     confident = np.log(np.tile([1e-9, 1e-9, 1.0], (5, 1)))
     assert (head.predict_fused(x, confident, texts).argmax(1) == 2).all()
 
@@ -202,9 +214,15 @@ def test_text_head_errors(tmp_path):
 def test_tfidf_features_reproduce_scikit_learn():
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    corpus = ["Oak dining table and 4 chairs", "oak table, oak legs; collection only",
-              "iPhone 12 charger cable", "Charger for iphone, USB-C", "Table lamp",
-              "Café chairs x2 (oak)", "a b c"]
+    corpus = [
+        "Oak dining table and 4 chairs",
+        "oak table, oak legs; collection only",
+        "iPhone 12 charger cable",
+        "Charger for iphone, USB-C",
+        "Table lamp",
+        "Café chairs x2 (oak)",
+        "a b c",
+    ]
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True, norm="l2")
     matrix = vectorizer.fit_transform(corpus)
     terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)

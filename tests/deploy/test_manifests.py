@@ -10,6 +10,7 @@ runs (the same import closure `test_containers` checks the Dockerfiles with). Th
 its gateway target, the photo store it shares with the gateways, and the NetworkPolicies that let
 only it (and labelled clients) reach the gateway and it reach only the gateway.
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,8 +43,12 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 #: Variables read by third-party code in the images rather than ours.
 THIRD_PARTY_ENV = {"HF_HUB_OFFLINE"}
 #: What each service cannot start without (besides the write token, checked apart).
-REQUIRED_ENV = {"embedder": {"EMBEDDER_ARTIFACT_DIR"}, "indexer": {"INDEXER_DATA_DIR"},
-                "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"}, WEB: {"GATEWAY_ADDR", "IMAGE_STORE_DIR"}}
+REQUIRED_ENV = {
+    "embedder": {"EMBEDDER_ARTIFACT_DIR"},
+    "indexer": {"INDEXER_DATA_DIR"},
+    "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"},
+    WEB: {"GATEWAY_ADDR", "IMAGE_STORE_DIR"},
+}
 #: Calls whose first argument is a variable name: a setting's declaration, or a direct read.
 _ENV_READERS = {"Setting", "getenv", "get"}
 _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
@@ -64,8 +69,11 @@ def env_read_by(service: str) -> frozenset[str]:
                     names.add(node.args[0].value)
                 elif name == "secret_from_env" and isinstance(node.args[0].value, str):  # NAME or NAME_FILE
                     names |= {node.args[0].value, f"{node.args[0].value}_FILE"}
-            elif (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
-                  and ast.unparse(node.value) == "os.environ"):
+            elif (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.slice, ast.Constant)
+                and ast.unparse(node.value) == "os.environ"
+            ):
                 names.add(node.slice.value)
     return frozenset(n for n in names if isinstance(n, str) and _ENV_NAME.match(n))
 
@@ -86,10 +94,21 @@ def service_port(service: str) -> int:
 def test_what_the_services_read_is_found():
     """The derivation itself: it must see the variables we know each service reads."""
     assert {"EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "LOG_LEVEL"} <= env_read_by("embedder")
-    assert {"INDEXER_DATA_DIR", "INDEXER_COLLECTIONS", "WRITE_TOKEN", "WRITE_TOKEN_FILE",
-            "TLS_CERT"} <= env_read_by("indexer")
-    assert {"EMBEDDER_ADDR", "INDEXER_ADDRS", "GATEWAY_DB", "GATEWAY_DB_PASSWORD_FILE", "WRITE_TOKEN_FILE",
-            "TLS_CA"} <= env_read_by("gateway")
+    assert {
+        "INDEXER_DATA_DIR",
+        "INDEXER_COLLECTIONS",
+        "WRITE_TOKEN",
+        "WRITE_TOKEN_FILE",
+        "TLS_CERT",
+    } <= env_read_by("indexer")
+    assert {
+        "EMBEDDER_ADDR",
+        "INDEXER_ADDRS",
+        "GATEWAY_DB",
+        "GATEWAY_DB_PASSWORD_FILE",
+        "WRITE_TOKEN_FILE",
+        "TLS_CA",
+    } <= env_read_by("gateway")
     assert "GATEWAY_DB" not in env_read_by("indexer")
     assert [service_port(s) for s in SERVICES] == [50051, 50052, 50050]
     assert {"GATEWAY_ADDR", "IMAGE_STORE_DIR", "WEB_PORT", "TLS_CA"} <= env_read_by(WEB)
@@ -100,7 +119,7 @@ def image_service(image: str) -> str:
     """``registry/marketplace-gateway:tag`` -> ``gateway``."""
     name = image.rsplit("/", 1)[-1].split("@")[0].split(":")[0]
     assert name.startswith("marketplace-"), image
-    service = name[len("marketplace-"):]
+    service = name[len("marketplace-") :]
     assert service in (*SERVICES, WEB) and (REPO / "services" / service / "Dockerfile").exists(), image
     return service
 
@@ -111,16 +130,22 @@ def check_env(service: str, env: dict[str, str], where: str) -> None:
     missing = REQUIRED_ENV[service] - set(env)
     assert not missing, f"{where}: {service} needs {sorted(missing)}"
     if service in ("indexer", "gateway"):
-        assert ("WRITE_TOKEN" in env) != ("WRITE_TOKEN_FILE" in env), f"{where}: {service} needs one write token"
+        assert ("WRITE_TOKEN" in env) != ("WRITE_TOKEN_FILE" in env), (
+            f"{where}: {service} needs one write token"
+        )
     if service == "gateway":
-        assert ("INDEXER_ADDRS" in env) != ("INDEXER_SHARDS" in env), f"{where}: the gateway needs one shard list"
+        assert ("INDEXER_ADDRS" in env) != ("INDEXER_SHARDS" in env), (
+            f"{where}: the gateway needs one shard list"
+        )
 
 
 def check_web_gateway_target(env: dict[str, str], gateway_names: set[str], where: str) -> None:
     """The web edge dials the gateway by a dns:/// name (round_robin over its replicas) on its port."""
     target = re.fullmatch(r"dns:///(?:tasks\.)?([\w.-]+):(\d+)", env["GATEWAY_ADDR"])
     assert target, f"{where}: GATEWAY_ADDR={env['GATEWAY_ADDR']} is not a dns:/// target (round_robin)"
-    assert target[1] in gateway_names and int(target[2]) == service_port("gateway"), f"{where}: {env['GATEWAY_ADDR']}"
+    assert target[1] in gateway_names and int(target[2]) == service_port("gateway"), (
+        f"{where}: {env['GATEWAY_ADDR']}"
+    )
 
 
 def gateway_shards(env: dict[str, str]) -> list[list[str]]:
@@ -132,8 +157,9 @@ def gateway_shards(env: dict[str, str]) -> list[list[str]]:
     return [[address] for address in env["INDEXER_ADDRS"].split(",")]
 
 
-def check_gateway_targets(env: dict[str, str], services: dict[str, int],
-                          indexers: dict[str, dict[str, str]], where: str) -> None:
+def check_gateway_targets(
+    env: dict[str, str], services: dict[str, int], indexers: dict[str, dict[str, str]], where: str
+) -> None:
     """EMBEDDER_ADDR names the embedder's address and port; the gateway's shard list holds every
     indexer, each in the shard its INDEXER_SHARD says, its INDEXER_PEERS the other replicas."""
     embedder = re.fullmatch(r"dns:///([\w.-]+):(\d+)", env["EMBEDDER_ADDR"])
@@ -141,17 +167,22 @@ def check_gateway_targets(env: dict[str, str], services: dict[str, int],
     assert services.get(embedder[1]) == int(embedder[2]) == service_port("embedder"), where
     shards = gateway_shards(env)
     listed = [address.rsplit(":", 1)[0] for replicas in shards for address in replicas]
-    assert sorted(listed) == sorted(indexers), f"{where}: the gateway lists {listed}, the indexers are {sorted(indexers)}"
+    assert sorted(listed) == sorted(indexers), (
+        f"{where}: the gateway lists {listed}, the indexers are {sorted(indexers)}"
+    )
     for number, replicas in enumerate(shards):
         for address in replicas:
             name, port = address.rsplit(":", 1)
             assert services.get(name) == int(port) == service_port("indexer"), f"{where}: {address}"
             indexer_env = indexers[name]
             if len(replicas) > 1 or "INDEXER_SHARD" in indexer_env:
-                assert indexer_env.get("INDEXER_SHARD") == str(number), f"{where}: {name} is not shard {number}"
+                assert indexer_env.get("INDEXER_SHARD") == str(number), (
+                    f"{where}: {name} is not shard {number}"
+                )
                 peers = sorted(indexer_env.get("INDEXER_PEERS", "").split(",")) if len(replicas) > 1 else [""]
-                assert peers == sorted(a for a in replicas if a != address) or len(replicas) == 1, \
+                assert peers == sorted(a for a in replicas if a != address) or len(replicas) == 1, (
                     f"{where}: {name}'s INDEXER_PEERS are not the other replicas of shard {number}"
+                )
 
 
 # --- docker-compose.yml and the Swarm stack ---------------------------------------------------
@@ -179,12 +210,17 @@ def test_compose_format_services_match_the_code(path):
         assert "command" not in service and "entrypoint" not in service, "the image's CMD runs the service"
         if kind == WEB:
             assert f"http://127.0.0.1:{port}/api/health" in test, f"{path.name} {name}: healthcheck"
-            targets = [p["target"] if isinstance(p, dict) else int(str(p).rsplit(":", 1)[1]) for p in service["ports"]]
+            targets = [
+                p["target"] if isinstance(p, dict) else int(str(p).rsplit(":", 1)[1])
+                for p in service["ports"]
+            ]
             assert targets == [port], f"{path.name} {name}: published port"
             continue
         assert f"127.0.0.1:{port} grpc.health.v1.Health/Check" in test, f"{path.name} {name}: healthcheck"
         if "INDEXER_PEERS" in env:  # replicas must see each other while catching up: alive, not SERVING
-            assert '"SERVING"' not in test, f"{path.name} {name}: a replica's healthcheck must not need SERVING"
+            assert '"SERVING"' not in test, (
+                f"{path.name} {name}: a replica's healthcheck must not need SERVING"
+            )
     indexers = {n: compose_env(spec["services"][n]) for n, k in services.items() if k == "indexer"}
     gateway_name = next(n for n, k in services.items() if k == "gateway")
     gateway = spec["services"][gateway_name]
@@ -200,8 +236,10 @@ def test_compose_format_services_match_the_code(path):
         (source,) = [m.split(":")[0] for m in mounts if m.split(":")[1] == env["IMAGE_STORE_DIR"]]
         assert source in spec["volumes"], f"{path.name}: the image store is not a named volume"
         return source
-    assert store_volume(spec["services"][web_name], web_env) == store_volume(gateway, compose_env(gateway)), \
+
+    assert store_volume(spec["services"][web_name], web_env) == store_volume(gateway, compose_env(gateway)), (
         f"{path.name}: web and gateway use different image stores"
+    )
 
 
 def test_swarm_stack_secrets_balancing_and_rollout():
@@ -211,7 +249,9 @@ def test_swarm_stack_secrets_balancing_and_rollout():
     for name, service in services.items():
         env = compose_env(service)
         if "WRITE_TOKEN_FILE" in env:
-            assert env["WRITE_TOKEN_FILE"] == "/run/secrets/write_token" and "write_token" in service["secrets"]
+            assert (
+                env["WRITE_TOKEN_FILE"] == "/run/secrets/write_token" and "write_token" in service["secrets"]
+            )
         deploy = service["deploy"]
         assert deploy["restart_policy"]["condition"] == "any"
         assert deploy["update_config"]["parallelism"] == 1
@@ -240,8 +280,12 @@ def test_swarm_prometheus_scrapes_every_task_of_every_service():
     spec = yaml.safe_load(SWARM.read_text())
     (config,) = [c["file"] for c in spec["configs"].values()]
     prometheus = yaml.safe_load((SWARM.parent / config).read_text())
-    scraped = {(name, sd["port"]) for job in prometheus["scrape_configs"] for sd in job.get("dns_sd_configs", [])
-               for name in sd["names"]}
+    scraped = {
+        (name, sd["port"])
+        for job in prometheus["scrape_configs"]
+        for sd in job.get("dns_sd_configs", [])
+        for name in sd["names"]
+    }
     expected = set()
     for name, service in spec["services"].items():
         env = compose_env(service)
@@ -251,7 +295,9 @@ def test_swarm_prometheus_scrapes_every_task_of_every_service():
             kind = image_service(image)
             assert ports and f"{kind.upper()}_METRICS_PORT" in env, f"{name}: no metrics port"
             expected.add((f"tasks.{name}", int(ports[0])))
-    assert expected and scraped == expected, f"scraped {sorted(scraped - expected)}, not scraped {sorted(expected - scraped)}"
+    assert expected and scraped == expected, (
+        f"scraped {sorted(scraped - expected)}, not scraped {sorted(expected - scraped)}"
+    )
     target = spec["services"]["prometheus"]["configs"][0]["target"]
     assert target == "/etc/prometheus/prometheus.yml", "the image's CMD reads that file"
 
@@ -262,29 +308,53 @@ def test_no_default_write_token_anywhere():
     for path in [SWARM, *K8S.rglob("*.yaml")]:
         text = path.read_text()
         assert not re.search(r"WRITE_TOKEN\s*[:=]\s*\S", text.replace("WRITE_TOKEN_FILE", "")), path
-    assert not [p for p in (K8S / "overlays" / "example" / "secrets").iterdir() if p.name != ".gitignore"
-                and subprocess.run(["git", "ls-files", "--error-unmatch", str(p)], cwd=REPO,
-                                   capture_output=True).returncode == 0], "secret values are committed"
+    assert not [
+        p
+        for p in (K8S / "overlays" / "example" / "secrets").iterdir()
+        if p.name != ".gitignore"
+        and subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(p)], cwd=REPO, capture_output=True
+        ).returncode
+        == 0
+    ], "secret values are committed"
 
 
-@pytest.mark.parametrize("missing, how", [("WRITE_TOKEN", "openssl rand -hex 32"),
-                                           ("POSTGRES_PASSWORD", "openssl rand -hex 24")])
+@pytest.mark.parametrize(
+    "missing, how", [("WRITE_TOKEN", "openssl rand -hex 32"), ("POSTGRES_PASSWORD", "openssl rand -hex 24")]
+)
 def test_compose_refuses_to_start_without_its_secrets(tmp_path, missing, how):
     compose = shutil.which("docker-compose")
     if compose is None:
         pytest.skip("no docker-compose CLI installed (apt-get install docker-compose)")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WRITE_TOKEN": "t", "POSTGRES_PASSWORD": "p"}
-    result = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                            timeout=60, env={k: v for k, v in env.items() if k != missing}, cwd=tmp_path)
+    result = subprocess.run(
+        [compose, "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if k != missing},
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert f"{missing} is not set" in result.stderr and how in result.stderr
-    ok = subprocess.run([compose, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
-                        timeout=60, env=env, cwd=tmp_path)
+    ok = subprocess.run(
+        [compose, "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
 
 
 def test_no_default_database_password_anywhere():
-    for path in [COMPOSE, SWARM, *K8S.rglob("*.yaml"), REPO / "scripts" / "compose" / "postgres-entrypoint.sh"]:
+    for path in [
+        COMPOSE,
+        SWARM,
+        *K8S.rglob("*.yaml"),
+        REPO / "scripts" / "compose" / "postgres-entrypoint.sh",
+    ]:
         text = path.read_text()
         assert "change-me" not in text and not re.search(r"\$\{POSTGRES_PASSWORD:-[^}]", text), path
     assert "${POSTGRES_PASSWORD:?" in COMPOSE.read_text()
@@ -294,7 +364,10 @@ def test_no_default_database_password_anywhere():
     assert compose_env(postgres)["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     assert compose_env(gateway)["GATEWAY_DB_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     assert "postgres_password" in postgres["secrets"] and "postgres_password" in gateway["secrets"]
-    assert "@" in compose_env(gateway)["GATEWAY_DB"] and ":" not in compose_env(gateway)["GATEWAY_DB"].split("//")[1].split("@")[0]
+    assert (
+        "@" in compose_env(gateway)["GATEWAY_DB"]
+        and ":" not in compose_env(gateway)["GATEWAY_DB"].split("//")[1].split("@")[0]
+    )
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -316,14 +389,22 @@ def validate_all(docs: list[dict]) -> None:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                raise AssertionError(f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}): "
-                                     f"{exc.message} at {'.'.join(map(str, exc.path))}") from None
+                raise AssertionError(
+                    f"{doc['kind']} {doc['metadata']['name']} (Kubernetes {version}): "
+                    f"{exc.message} at {'.'.join(map(str, exc.path))}"
+                ) from None
 
 
 def test_k8s_base_validates_against_the_kubernetes_schemas():
     docs = base_documents()
-    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "HorizontalPodAutoscaler",
-                                        "PodDisruptionBudget", "NetworkPolicy"}
+    assert {d["kind"] for d in docs} >= {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
     validate_all(docs)
     overlay = K8S / "overlays" / "example"
     validate_all(documents([overlay / "namespace.yaml"]))
@@ -363,7 +444,9 @@ def check_k8s(docs: list[dict], where: str) -> None:
         check_env(kind, env, label)
         for probe in ("readinessProbe", "livenessProbe"):
             if kind == WEB:  # HTTP: the edge answers (and reports the gateway's state) at /api/health
-                assert container[probe]["httpGet"] == {"path": "/api/health", "port": port}, f"{label}: {probe}"
+                assert container[probe]["httpGet"] == {"path": "/api/health", "port": port}, (
+                    f"{label}: {probe}"
+                )
                 continue
             if kind == "indexer" and probe == "livenessProbe":
                 # a catching-up replica says NOT_SERVING on every entry: alive = accepts connections
@@ -371,8 +454,9 @@ def check_k8s(docs: list[dict], where: str) -> None:
                 continue
             grpc_probe = container[probe]["grpc"]
             assert grpc_probe["port"] == port, f"{label}: {probe} port"
-            assert grpc_probe.get("service", "") == (HEALTH_NAMES[kind] if probe == "readinessProbe" else ""), \
-                f"{label}: {probe} asks the wrong health entry"
+            assert grpc_probe.get("service", "") == (
+                HEALTH_NAMES[kind] if probe == "readinessProbe" else ""
+            ), f"{label}: {probe} asks the wrong health entry"
         assert set(container["resources"]) == {"requests", "limits"}, label
         if "WRITE_TOKEN_FILE" in env:
             directory, key = env["WRITE_TOKEN_FILE"].rsplit("/", 1)
@@ -382,19 +466,28 @@ def check_k8s(docs: list[dict], where: str) -> None:
             if secrets:  # rendered: the generated secret exists and holds that key
                 assert key in secrets[name]["data"], f"{label}: secret {name} lacks {key}"
         # the Service in front selects these pods and forwards to the same port
-        selected = [s for s in by_kind["Service"].values()
-                    if all(pod_label in workload["spec"]["template"]["metadata"]["labels"].items()
-                           for pod_label in s["spec"]["selector"].items())]
+        selected = [
+            s
+            for s in by_kind["Service"].values()
+            if all(
+                pod_label in workload["spec"]["template"]["metadata"]["labels"].items()
+                for pod_label in s["spec"]["selector"].items()
+            )
+        ]
         assert selected and all(s["spec"]["ports"][0]["port"] == port for s in selected), label
         if kind == "indexer":
             assert workload["kind"] == "StatefulSet", label
             service = by_kind["Service"][workload["spec"]["serviceName"]]
             assert service["spec"]["clusterIP"] == "None", f"{label}: headless Service per replica"
             if "INDEXER_PEERS" in env:
-                assert service["spec"].get("publishNotReadyAddresses"), f"{label}: peers must see it while catching up"
+                assert service["spec"].get("publishNotReadyAddresses"), (
+                    f"{label}: peers must see it while catching up"
+                )
             shard_envs[workload["spec"]["serviceName"]] = env
         if kind == "embedder":
-            assert by_kind["Service"]["embedder"]["spec"]["clusterIP"] == "None", "dns:/// needs a headless Service"
+            assert by_kind["Service"]["embedder"]["spec"]["clusterIP"] == "None", (
+                "dns:/// needs a headless Service"
+            )
         if kind == "gateway":
             gateway_env = env
             gateway_services = {s["metadata"]["name"] for s in selected}
@@ -415,7 +508,9 @@ def check_k8s(docs: list[dict], where: str) -> None:
     budgets = [p["spec"]["selector"]["matchLabels"] for p in by_kind["PodDisruptionBudget"].values()]
     for workload, _ in pod_specs(docs):
         labels = workload["spec"]["template"]["metadata"]["labels"].items()
-        assert any(budget.items() <= labels for budget in budgets), f"{where}: no PDB for {workload['metadata']['name']}"
+        assert any(budget.items() <= labels for budget in budgets), (
+            f"{where}: no PDB for {workload['metadata']['name']}"
+        )
     # only the gateway reaches the embedder and the indexers
     for policy in by_kind["NetworkPolicy"].values():
         target = policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
@@ -428,22 +523,31 @@ def check_k8s(docs: list[dict], where: str) -> None:
                 sources |= {f["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for f in rule["from"]}
                 assert all(set(f) == {"podSelector"} for f in rule["from"]), "pods only, no namespaces or IPs"
             assert sources == allowed, f"{where}: {target} reachable from {sources}"
-    policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: p
-                for p in by_kind["NetworkPolicy"].values()}
+    policies = {
+        p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: p
+        for p in by_kind["NetworkPolicy"].values()
+    }
     assert {"embedder", "indexer", "gateway", WEB} <= set(policies)
     # the gateway: from the web pods and from pods labelled as gateway clients, on its port only
     (rule,) = policies["gateway"]["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": service_port("gateway")}]
     sources = [f["podSelector"]["matchLabels"] for f in rule["from"]]
-    assert sorted(map(str, sources)) == sorted(map(str, [{"app.kubernetes.io/name": WEB},
-                                                          {"marketplace/gateway-client": "true"}])), sources
+    assert sorted(map(str, sources)) == sorted(
+        map(str, [{"app.kubernetes.io/name": WEB}, {"marketplace/gateway-client": "true"}])
+    ), sources
     # the web edge: reaches the gateway's port and the cluster DNS, nothing else
     web_policy = policies[WEB]["spec"]
     assert "Egress" in web_policy["policyTypes"]
-    egress = {(str(r["to"][0]["podSelector"]["matchLabels"]), p["protocol"], p["port"])
-              for r in web_policy["egress"] for p in r["ports"]}
-    assert egress == {(str({"app.kubernetes.io/name": "gateway"}), "TCP", service_port("gateway")),
-                      (str({"k8s-app": "kube-dns"}), "UDP", 53), (str({"k8s-app": "kube-dns"}), "TCP", 53)}, egress
+    egress = {
+        (str(r["to"][0]["podSelector"]["matchLabels"]), p["protocol"], p["port"])
+        for r in web_policy["egress"]
+        for p in r["ports"]
+    }
+    assert egress == {
+        (str({"app.kubernetes.io/name": "gateway"}), "TCP", service_port("gateway")),
+        (str({"k8s-app": "kube-dns"}), "UDP", 53),
+        (str({"k8s-app": "kube-dns"}), "TCP", 53),
+    }, egress
     assert web_policy["ingress"] == [{"ports": [{"protocol": "TCP", "port": service_port(WEB)}]}]
 
 
@@ -484,14 +588,23 @@ def test_swarm_stack_is_read_by_the_docker_cli():
     """`docker stack config` (no daemon needed) reads the stack as `docker stack deploy` would,
     and refuses it while the host folders are not given."""
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode:
+    if (
+        docker is None
+        or subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode
+    ):
         pytest.skip("no docker CLI with `docker stack config` (docker.io) installed")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
-    refused = subprocess.run([docker, "stack", "config", "-c", str(SWARM)], capture_output=True, text=True,
-                             timeout=60, env=env)
+    refused = subprocess.run(
+        [docker, "stack", "config", "-c", str(SWARM)], capture_output=True, text=True, timeout=60, env=env
+    )
     assert refused.returncode != 0 and ("ARTIFACT_DIR" in refused.stderr or "PREPARED_DIR" in refused.stderr)
-    result = subprocess.run([docker, "stack", "config", "-c", str(SWARM)], capture_output=True, text=True,
-                            timeout=60, env={**env, "ARTIFACT_DIR": "/srv/model", "PREPARED_DIR": "/srv/data"})
+    result = subprocess.run(
+        [docker, "stack", "config", "-c", str(SWARM)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "ARTIFACT_DIR": "/srv/model", "PREPARED_DIR": "/srv/data"},
+    )
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
     assert rendered["services"]["embedder"]["deploy"]["endpoint_mode"] == "dnsrr"
@@ -500,15 +613,25 @@ def test_swarm_stack_is_read_by_the_docker_cli():
 
 def test_swarm_tls_overlay_merges_into_settings_the_services_read():
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode:
+    if (
+        docker is None
+        or subprocess.run([docker, "stack", "config", "--help"], capture_output=True).returncode
+    ):
         pytest.skip("no docker CLI with `docker stack config` (docker.io) installed")
-    result = subprocess.run([docker, "stack", "config", "-c", str(SWARM), "-c", str(SWARM.with_name("tls.yml"))],
-                            capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "ARTIFACT_DIR": "/m", "PREPARED_DIR": "/d"})
+    result = subprocess.run(
+        [docker, "stack", "config", "-c", str(SWARM), "-c", str(SWARM.with_name("tls.yml"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "ARTIFACT_DIR": "/m", "PREPARED_DIR": "/d"},
+    )
     assert result.returncode == 0, result.stderr
     rendered = yaml.safe_load(result.stdout)
-    grpc_services = {name: service for name, service in rendered["services"].items()
-                     if not name.startswith(("postgres", "web", "prometheus"))}
+    grpc_services = {
+        name: service
+        for name, service in rendered["services"].items()
+        if not name.startswith(("postgres", "web", "prometheus"))
+    }
     assert len(grpc_services) == 6
     web = rendered["services"]["web"]
     assert {"TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY"} <= set(compose_env(web)) <= env_read_by("web")
@@ -522,5 +645,7 @@ def test_swarm_tls_overlay_merges_into_settings_the_services_read():
         assert "/run/secrets/tls_flags" in mounted and "tls_flags" in " ".join(service["healthcheck"]["test"])
         (key,) = [s for s in service["secrets"] if s["source"] == "tls_key"]
         assert key["uid"] == "10001" and key["mode"] == 0o400, "the key is readable by the service user only"
-    assert set(rendered["services"]["embedder"]["environment"]) >= {"TLS_CLIENT_CA"}, "mutual TLS to the embedder"
+    assert set(rendered["services"]["embedder"]["environment"]) >= {"TLS_CLIENT_CA"}, (
+        "mutual TLS to the embedder"
+    )
     assert "write_token" not in {s["source"] for s in rendered["services"]["embedder"].get("secrets", [])}

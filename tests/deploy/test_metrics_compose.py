@@ -1,6 +1,7 @@
 """The compose stack's Prometheus: its configuration is valid for the real Prometheus (promtool
 of Debian's package), every service of docker-compose.yml is scraped on the metrics port it
 serves, and the image is built from the same base as the services."""
+
 from __future__ import annotations
 
 import shutil
@@ -29,8 +30,12 @@ def test_promtool_accepts_the_configuration():
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     if not Path(promtool).is_file():
         pytest.fail("promtool is missing: apt-get install prometheus (bash .ci/run installs it)")
-    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -56,8 +61,13 @@ def test_every_service_replica_is_discovered_on_its_metrics_port():
 def test_prometheus_image_uses_the_services_base_and_debian_package():
     service = compose()["services"]["prometheus"]
     assert service["build"]["dockerfile"] == "deploy/prometheus/Dockerfile"
-    assert service["build"]["args"]["BASE_IMAGE"] == compose()["services"]["gateway"]["build"]["args"]["BASE_IMAGE"]
+    assert (
+        service["build"]["args"]["BASE_IMAGE"]
+        == compose()["services"]["gateway"]["build"]["args"]["BASE_IMAGE"]
+    )
     dockerfile = (PROMETHEUS_DIR / "Dockerfile").read_text()
-    assert "FROM ${BASE_IMAGE}" in dockerfile and "install -y --no-install-recommends prometheus" in dockerfile
+    assert (
+        "FROM ${BASE_IMAGE}" in dockerfile and "install -y --no-install-recommends prometheus" in dockerfile
+    )
     assert "USER prometheus" in dockerfile
     assert "!deploy/prometheus/" in (REPO / ".dockerignore").read_text().splitlines()

@@ -1,5 +1,6 @@
 """`make up` / `make down` (scripts.stack) for real: processes on ports, the first `up` fills an
 empty catalogue and index from prepared data, `down` stops exactly what `up` started."""
+
 from __future__ import annotations
 
 import csv
@@ -28,8 +29,9 @@ def edge_get_json(url: str) -> dict:
 
 
 def test_up_without_a_model_artefact_says_how_to_get_one(tmp_path, capsys):
-    code = stack.main(["up", "--run-dir", str(tmp_path / "run"),
-                       "--artifact-dir", str(tmp_path / "no-model")])
+    code = stack.main(
+        ["up", "--run-dir", str(tmp_path / "run"), "--artifact-dir", str(tmp_path / "no-model")]
+    )
     assert code == 2
     assert "make demo" in capsys.readouterr().err
     assert not list((tmp_path / "run").glob("*.pid"))
@@ -44,8 +46,10 @@ def prepared(tmp_path) -> Path:
         pytest.skip(f"no real photos: {exc}")
     folder = tmp_path / "prepared"
     (folder / "images").mkdir(parents=True)
-    with open(folder / "listings.csv", "w", newline="") as listings, \
-            open(folder / "images.csv", "w", newline="") as images:
+    with (
+        open(folder / "listings.csv", "w", newline="") as listings,
+        open(folder / "images.csv", "w", newline="") as images,
+    ):
         lw, iw = csv.writer(listings), csv.writer(images)
         lw.writerow(["product_id", "title", "description", "main_category", "price", "location"])
         iw.writerow(["image_id", "product_id", "path"])
@@ -56,21 +60,19 @@ def prepared(tmp_path) -> Path:
     return folder
 
 
-def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_artifact, monkeypatch,
-                                                   capsys):
+def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_artifact, monkeypatch, capsys):
     ports = {name: stack.free_port() for name in stack.SERVICES}
     for name, port in ports.items():
         monkeypatch.setenv(f"{name.upper()}_PORT", str(port))
-    monkeypatch.setenv("EMBEDDER_TEXT_MODEL", "off")       # images only: a faster start
+    monkeypatch.setenv("EMBEDDER_TEXT_MODEL", "off")  # images only: a faster start
     monkeypatch.delenv("WRITE_TOKEN", raising=False)
     run_dir = tmp_path / "run"
-    args = ["--run-dir", str(run_dir), "--artifact-dir", str(test_artifact),
-            "--prepared", str(prepared)]
+    args = ["--run-dir", str(run_dir), "--artifact-dir", str(test_artifact), "--prepared", str(prepared)]
     try:
         assert stack.main(["up", *args]) == 0
         out = capsys.readouterr().out
         assert "loaded 3 listings and 3 photos" in out
-        assert "indexed 3 vectors" in out      # through the running embedder: no embeddings/
+        assert "indexed 3 vectors" in out  # through the running embedder: no embeddings/
         assert "image store" in out and "3 prepared photos added" in out
         page = f"http://127.0.0.1:{ports['web']}/"
         assert f"page: {page}" in out
@@ -85,7 +87,8 @@ def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_arti
         assert stack.main(["status"]) == 0
         status = capsys.readouterr().out.splitlines()
         assert [line.split()[:3] for line in status] == [
-            [name, f"127.0.0.1:{ports[name]}", "SERVING"] for name in stack.SERVICES]
+            [name, f"127.0.0.1:{ports[name]}", "SERVING"] for name in stack.SERVICES
+        ]
         gateway_line = status[SERVICES_ORDER.index("gateway")]
         assert gateway_line.endswith("(ready: SERVING)")  # the gateway's downstreams serve
         pids = {name: int((run_dir / f"{name}.pid").read_text()) for name in stack.SERVICES}
@@ -99,8 +102,7 @@ def test_up_fills_an_empty_stack_and_down_stops_it(tmp_path, prepared, test_arti
             os.kill(pid, 0)
 
 
-def test_up_with_postgres_runs_two_gateways_on_one_catalogue(prepared, test_artifact, monkeypatch,
-                                                             capsys):
+def test_up_with_postgres_runs_two_gateways_on_one_catalogue(prepared, test_artifact, monkeypatch, capsys):
     """`make up DB=postgres`: a real PostgreSQL in the run directory and two gateway replicas on
     it; a listing added through one is served by the other; `down` stops all, PostgreSQL too."""
     import shutil
@@ -117,8 +119,7 @@ def test_up_with_postgres_runs_two_gateways_on_one_catalogue(prepared, test_arti
     root = Path(tempfile.mkdtemp(prefix="stack-pg-"))
     root.chmod(0o755)  # PostgreSQL runs as its own user and must reach run/postgres
     run_dir = root / "run"
-    args = ["--run-dir", str(run_dir), "--artifact-dir", str(test_artifact),
-            "--prepared", str(prepared)]
+    args = ["--run-dir", str(run_dir), "--artifact-dir", str(test_artifact), "--prepared", str(prepared)]
     try:
         assert stack.main(["up", "--db", "postgres", *args]) == 0
         out = capsys.readouterr().out
@@ -126,9 +127,12 @@ def test_up_with_postgres_runs_two_gateways_on_one_catalogue(prepared, test_arti
         first = GatewayClient(f"127.0.0.1:{ports['gateway']}", timeout=60)
         other = GatewayClient(f"127.0.0.1:{second}", timeout=60)
         with first, other:
-            assert other.search_by_image(prepared / "images" / "photo-1.jpg", k=1)[0].listing.id == "listing-1"
-            added = first.add([prepared / "images" / "photo-2.jpg"], title="Another",
-                              main_category=CATEGORIES[2])
+            assert (
+                other.search_by_image(prepared / "images" / "photo-1.jpg", k=1)[0].listing.id == "listing-1"
+            )
+            added = first.add(
+                [prepared / "images" / "photo-2.jpg"], title="Another", main_category=CATEGORIES[2]
+            )
             assert other.get(added.id) == added
         assert stack.main(["status", "--run-dir", str(run_dir)]) == 0
         status = capsys.readouterr().out

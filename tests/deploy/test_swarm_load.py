@@ -1,6 +1,7 @@
 """scripts.swarm_load, the load client of `make swarm-check`, against a real stack: it counts
 what it sends, retries UNAVAILABLE once on the next gateway in its target list (a gateway that
 went away), and counts as failed what fails twice or with another code."""
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,37 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, test_artifact):
-    with Stack.start(tmp_path_factory.mktemp("swarm-load"), test_artifact, shards=1, bootstrap_listings=4,
-                     photos=4, text_model="off") as running:
+    with Stack.start(
+        tmp_path_factory.mktemp("swarm-load"),
+        test_artifact,
+        shards=1,
+        bootstrap_listings=4,
+        photos=4,
+        text_model="off",
+    ) as running:
         yield running
 
 
 def run_load(tmp_path, targets: list[str], max_requests: int) -> dict:
     (tmp_path / "targets").write_text("\n".join(targets) + "\n")
     out = tmp_path / "load.json"
-    code = swarm_load.main(["--targets-file", str(tmp_path / "targets"), "--workers", "2",
-                            *[arg for photo in photo_files(2) for arg in ("--photo", str(photo))],
-                            "--stop-file", str(tmp_path / "stop"), "--max-seconds", "120",
-                            "--max-requests", str(max_requests), "--out", str(out)])
+    code = swarm_load.main(
+        [
+            "--targets-file",
+            str(tmp_path / "targets"),
+            "--workers",
+            "2",
+            *[arg for photo in photo_files(2) for arg in ("--photo", str(photo))],
+            "--stop-file",
+            str(tmp_path / "stop"),
+            "--max-seconds",
+            "120",
+            "--max-requests",
+            str(max_requests),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text())
 

@@ -1,4 +1,5 @@
 """Embedder fixtures: one real server on an ephemeral port for the whole folder, real photos."""
+
 from __future__ import annotations
 
 import grpc
@@ -25,10 +26,19 @@ def photos() -> list[bytes]:
 def embedder_config(test_artifact) -> EmbedderConfig:
     # One torch thread: results don't depend on it and it copes best with a busy machine.
     # Images only (the text model has its own server in test_text_rpc.py).
-    return EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
-                          max_batch=MAX_BATCH, batch_size=8, max_wait_ms=20, torch_threads=1,
-                          decode_threads=2, max_image_bytes=MAX_IMAGE_BYTES,
-                          max_pixels=MAX_PIXELS, text_model="off")
+    return EmbedderConfig.local(
+        artifact_dir=test_artifact,
+        host="127.0.0.1",
+        port=0,
+        max_batch=MAX_BATCH,
+        batch_size=8,
+        max_wait_ms=20,
+        torch_threads=1,
+        decode_threads=2,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_pixels=MAX_PIXELS,
+        text_model="off",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +62,8 @@ def stub(channel) -> embedder_pb2_grpc.EmbedderStub:
 @pytest.fixture(scope="session")
 def embed(stub):
     """embed(images) -> (N, D) float32 array, through the real server."""
+
     def call(images: list[bytes]) -> np.ndarray:
         return vectors(stub.Embed(embedder_pb2.EmbedRequest(images=images), timeout=60))
+
     return call

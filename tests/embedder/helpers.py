@@ -1,4 +1,5 @@
 """Settings of the embedder test server and small helpers shared by the embedder tests."""
+
 from __future__ import annotations
 
 import numpy as np

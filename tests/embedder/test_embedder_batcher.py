@@ -1,4 +1,5 @@
 """The dynamic batcher on its own, with a fake model: gathering, splitting, routing, failures."""
+
 from __future__ import annotations
 
 import threading
@@ -56,7 +57,7 @@ def test_outputs_come_back_in_order_for_each_caller(model):
 def test_concurrent_submissions_are_gathered_into_one_model_call(model):
     batcher = DynamicBatcher(model, max_batch_size=8, max_wait_s=0.0)
     try:
-        model.gate.clear()                      # the model is busy with a first batch...
+        model.gate.clear()  # the model is busy with a first batch...
         first = batcher.submit(rows(0, 1))
         assert model.entered.wait(5)
         later = [batcher.submit(rows(100 * i, 2)) for i in range(1, 4)]  # ...while 3 more queue
@@ -85,17 +86,17 @@ def test_idle_worker_waits_for_announced_items_but_not_for_nobody(model):
     batcher = DynamicBatcher(model, max_batch_size=8, max_wait_s=2.0)
     try:
         start = time.monotonic()
-        batcher.submit(rows(0, 1)).result(5)    # nobody else announced: no waiting
+        batcher.submit(rows(0, 1)).result(5)  # nobody else announced: no waiting
         assert time.monotonic() - start < 1.0
 
-        reservation = batcher.reserve(1)        # a request still decoding its image
+        reservation = batcher.reserve(1)  # a request still decoding its image
         first = batcher.submit(rows(1, 1))
         time.sleep(0.1)
         second = reservation.submit(rows(2, 1))
         first.result(5), second.result(5)
-        assert model.batches[-1] == 2           # the worker waited and ran both together
+        assert model.batches[-1] == 2  # the worker waited and ran both together
 
-        with batcher.reserve(3):                # announced, then the request failed to decode
+        with batcher.reserve(3):  # announced, then the request failed to decode
             pass
         start = time.monotonic()
         batcher.submit(rows(3, 1)).result(5)
@@ -122,9 +123,9 @@ def test_close_fails_queued_work_and_refuses_new_work(model):
     running = batcher.submit(rows(0, 1))
     assert model.entered.wait(5)
     queued = batcher.submit(rows(1, 1))
-    batcher.close(timeout=0)                    # don't wait for the blocked model call
+    batcher.close(timeout=0)  # don't wait for the blocked model call
     model.gate.set()
-    running.result(5)                           # the batch in progress still finishes
+    running.result(5)  # the batch in progress still finishes
     with pytest.raises(BatcherClosed):
         queued.result(5)
     with pytest.raises(BatcherClosed):
@@ -141,7 +142,7 @@ def test_two_workers_run_batches_side_by_side_and_reassemble_a_split_request():
             in_flight[0] += 1
             most[0] = max(most[0], in_flight[0])
         try:
-            both_running.wait()      # fails (BrokenBarrierError) unless two calls overlap
+            both_running.wait()  # fails (BrokenBarrierError) unless two calls overlap
         except threading.BrokenBarrierError:
             pass
         with lock:
@@ -151,7 +152,7 @@ def test_two_workers_run_batches_side_by_side_and_reassemble_a_split_request():
 
     batcher = DynamicBatcher(model, max_batch_size=3, max_wait_s=0.0, workers=2)
     try:
-        (doubled,) = batcher.submit(rows(0, 6)).result(20)   # split 3 + 3 over both workers
+        (doubled,) = batcher.submit(rows(0, 6)).result(20)  # split 3 + 3 over both workers
         assert doubled.ravel().tolist() == [0, 2, 4, 6, 8, 10]
         assert most[0] == 2
         assert batcher.stats.batches == 2 and batcher.stats.items == 6

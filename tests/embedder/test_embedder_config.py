@@ -1,5 +1,6 @@
 """Configuration from env and flags, and refusing to start on a missing or inconsistent artefact
 (with a clear message, and without ever unpickling anything)."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,21 @@ from services.embedder.server import start
 
 pytestmark = pytest.mark.timeout(120)
 
-ENV_NAMES = ("EMBEDDER_ARTIFACT_DIR", "EMBEDDER_PORT", "EMBEDDER_MAX_BATCH", "EMBEDDER_BATCH_SIZE",
-             "EMBEDDER_MAX_WAIT_MS", "EMBEDDER_TORCH_THREADS", "EMBEDDER_MAX_IMAGE_BYTES",
-             "EMBEDDER_MAX_PIXELS", "EMBEDDER_RUNTIME", "EMBEDDER_PRECISION",
-             "EMBEDDER_DECODE_THREADS", "EMBEDDER_MODEL_WORKERS", "EMBEDDER_FOLD_BN")
+ENV_NAMES = (
+    "EMBEDDER_ARTIFACT_DIR",
+    "EMBEDDER_PORT",
+    "EMBEDDER_MAX_BATCH",
+    "EMBEDDER_BATCH_SIZE",
+    "EMBEDDER_MAX_WAIT_MS",
+    "EMBEDDER_TORCH_THREADS",
+    "EMBEDDER_MAX_IMAGE_BYTES",
+    "EMBEDDER_MAX_PIXELS",
+    "EMBEDDER_RUNTIME",
+    "EMBEDDER_PRECISION",
+    "EMBEDDER_DECODE_THREADS",
+    "EMBEDDER_MODEL_WORKERS",
+    "EMBEDDER_FOLD_BN",
+)
 
 
 @pytest.fixture
@@ -62,8 +74,7 @@ def test_runtime_defaults_to_auto_in_fp32(clean_env, tmp_path):
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(1, 1, 1), (2, 2, 1), (16, 2, 8)])
-def test_model_workers_share_the_cores_out_by_default(monkeypatch, tmp_path, cores, workers,
-                                                      threads):
+def test_model_workers_share_the_cores_out_by_default(monkeypatch, tmp_path, cores, workers, threads):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     config = EmbedderConfig(artifact_dir=tmp_path)
     assert (config.resolved_model_workers, config.resolved_torch_threads) == (workers, threads)
@@ -80,9 +91,15 @@ def test_model_workers_and_folding_come_from_env(clean_env, tmp_path):
     assert EmbedderConfig.from_env(["--fold-bn"]).fold_bn is True
 
 
-@pytest.mark.parametrize("name, value", [("EMBEDDER_MAX_BATCH", "0"), ("EMBEDDER_PORT", "x"),
-                                         ("EMBEDDER_RUNTIME", "tensorflow"),
-                                         ("EMBEDDER_PRECISION", "fp16")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("EMBEDDER_MAX_BATCH", "0"),
+        ("EMBEDDER_PORT", "x"),
+        ("EMBEDDER_RUNTIME", "tensorflow"),
+        ("EMBEDDER_PRECISION", "fp16"),
+    ],
+)
 def test_malformed_settings_fail_fast_naming_the_variable(clean_env, tmp_path, name, value):
     clean_env.setenv("EMBEDDER_ARTIFACT_DIR", str(tmp_path))
     clean_env.setenv(name, value)
@@ -173,7 +190,13 @@ def test_never_unpickles_a_pickled_weights_file(test_artifact, tmp_path):
 def test_the_process_exits_with_a_clear_message_when_the_artifact_is_missing(tmp_path):
     missing = tmp_path / "no-model-here"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "EMBEDDER_ARTIFACT_DIR": str(missing)}
-    result = subprocess.run([sys.executable, "-m", "services.embedder", "--port", "0"],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.embedder", "--port", "0"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "cannot start" in result.stderr and str(missing) in result.stderr

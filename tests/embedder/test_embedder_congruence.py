@@ -1,5 +1,6 @@
 """Congruence: the same images through gRPC and through the in-process core (a separate
 ``Embedder`` loaded from the same artefact) give identical vectors and categories."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,15 +25,16 @@ def test_embed_through_grpc_equals_the_in_process_core(embed, core, photos):
 
 
 def test_classify_through_grpc_equals_the_in_process_core(stub, core, photos):
-    reply = stub.Classify(embedder_pb2.ClassifyRequest(images=photos, top_k=5,
-                                                       include_embeddings=True), timeout=60)
+    reply = stub.Classify(
+        embedder_pb2.ClassifyRequest(images=photos, top_k=5, include_embeddings=True), timeout=60
+    )
     local = core.classify(photos, 5, include_embeddings=True)
     assert len(reply.results) == len(local)
     for remote, mine in zip(reply.results, local):
         assert [(c.category, c.probability) for c in remote.categories] == [
-            (name, np.float32(p)) for name, p in mine.categories]
-        np.testing.assert_array_equal(np.array(remote.embedding.values, dtype=np.float32),
-                                      mine.embedding)
+            (name, np.float32(p)) for name, p in mine.categories
+        ]
+        np.testing.assert_array_equal(np.array(remote.embedding.values, dtype=np.float32), mine.embedding)
 
 
 def test_the_core_raises_the_errors_the_servicer_maps(core, photos):

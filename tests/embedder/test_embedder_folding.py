@@ -1,5 +1,6 @@
 """Folding batch norms into convolutions: same outputs, fewer layers, and a check that refuses a
 model the folding got wrong."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,12 @@ def _random_bn(channels: int, seed: int) -> nn.BatchNorm2d:
 
 def test_folding_a_conv_bn_relu_stack_keeps_its_outputs():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _random_bn(8, 1), nn.ReLU(),
-                          nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), _random_bn(4, 2))).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        _random_bn(8, 1),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), _random_bn(4, 2)),
+    ).eval()
     inputs = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         before = model(inputs)
@@ -42,11 +47,12 @@ def test_a_batch_norm_without_a_conv_before_it_is_left_alone():
 
 
 def test_the_served_model_is_folded_and_embeds_as_the_unfolded_one(test_artifact, photos):
-    batch_norms = sum(isinstance(layer, nn.BatchNorm2d)
-                      for layer in load_artifact(test_artifact).model.modules())
+    batch_norms = sum(
+        isinstance(layer, nn.BatchNorm2d) for layer in load_artifact(test_artifact).model.modules()
+    )
     folded = ImageModel.load(test_artifact)
     plain = ImageModel.load(test_artifact, fold_bn=False)
-    assert folded.folded_batch_norms == batch_norms > 40   # EfficientNet-Lite0 has 49
+    assert folded.folded_batch_norms == batch_norms > 40  # EfficientNet-Lite0 has 49
     assert plain.folded_batch_norms == 0
     assert not any(isinstance(layer, nn.BatchNorm2d) for layer in folded._model.modules())
     inputs = torch.stack([folded.preprocess(data) for data in photos])
@@ -57,8 +63,8 @@ def test_the_served_model_is_folded_and_embeds_as_the_unfolded_one(test_artifact
 
 
 def test_a_fold_that_changes_the_outputs_refuses_to_serve(test_artifact, monkeypatch):
-    def wrong_fold(module: nn.Module) -> int:   # stands in for a layout folded the wrong way
-        count = fold_batch_norms(module)       # (its recursion calls wrong_fold too)
+    def wrong_fold(module: nn.Module) -> int:  # stands in for a layout folded the wrong way
+        count = fold_batch_norms(module)  # (its recursion calls wrong_fold too)
         if isinstance(module, nn.Conv2d):
             module.weight.data.mul_(3.0)
         return count

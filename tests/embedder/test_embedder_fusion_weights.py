@@ -1,6 +1,7 @@
 """The embedder reports its artefact's fusion weights (the gateway's defaults) in GetModelInfo,
 and refuses a file chosen for another image model: not served, the reason (with the command that
 chooses them again) in ``fusion_weights_problem``. Real servers on ephemeral ports."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ def model_info(config) -> embedder_pb2.ModelInfo:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             return embedder_pb2_grpc.EmbedderStub(channel).GetModelInfo(
-                embedder_pb2.GetModelInfoRequest(), timeout=30)
+                embedder_pb2.GetModelInfoRequest(), timeout=30
+            )
     finally:
         server.stop(grace=0)
 
@@ -54,8 +56,9 @@ def test_fusion_weights_for_the_served_model_are_reported(artefact, embedder_con
 def test_stale_fusion_weights_are_refused_with_the_command_to_run(artefact, embedder_config, caplog):
     from dataclasses import replace
 
-    FusionWeights(search_text_weight=0.6, similar_text_weight=0.9,
-                  image_model_version="efficientnet_lite0-0123456789ab").save(artefact)
+    FusionWeights(
+        search_text_weight=0.6, similar_text_weight=0.9, image_model_version="efficientnet_lite0-0123456789ab"
+    ).save(artefact)
     with caplog.at_level("WARNING", logger="services.embedder"):
         info = model_info(replace(embedder_config, artifact_dir=artefact))
     assert not info.HasField("fusion_weights")

@@ -4,6 +4,7 @@ Each runtime that is installed must give torch's outputs within its precision's 
 photos other than the check photos; a runtime that is missing or fails the check is passed over
 by ``auto`` (which then serves torch) and refused, naming the setting, when asked for explicitly.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,8 +15,7 @@ import pytest
 import torch
 
 from common import runtimes
-from common.model import (CHECK_PHOTOS_DIR, ONNX_FILE, ONNX_INT8_FILE, ArtifactError,
-                          add_runtime_files)
+from common.model import CHECK_PHOTOS_DIR, ONNX_FILE, ONNX_INT8_FILE, ArtifactError, add_runtime_files
 from common.runtimes import CHECK_BOUNDS, CheckBounds, compare
 from services.embedder.engine import ImageModel
 from tests.support.photos import photo_files
@@ -47,8 +47,9 @@ def int8_artifact(runtime_artifact, files, tmp_path_factory):
     """Also the int8 model, calibrated on other photos than the check photos (slow: a minute)."""
     directory = tmp_path_factory.mktemp("int8-artifact")
     shutil.copytree(runtime_artifact, directory, dirs_exist_ok=True)
-    add_runtime_files(directory, check_photos=files[:CHECK],
-                      calibration_photos=files[CHECK:CHECK + CALIBRATION])
+    add_runtime_files(
+        directory, check_photos=files[:CHECK], calibration_photos=files[CHECK : CHECK + CALIBRATION]
+    )
     return directory
 
 
@@ -74,6 +75,7 @@ def _installed(name: str) -> bool:
 
 def test_the_artefact_records_its_runtime_files(runtime_artifact):
     import json
+
     card = json.loads((runtime_artifact / "model_card.json").read_text())
     entry = card["runtimes"]
     assert entry["model_version"] == card["model_version"]
@@ -84,8 +86,7 @@ def test_the_artefact_records_its_runtime_files(runtime_artifact):
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-def test_each_runtime_gives_torchs_outputs_in_fp32(runtime_artifact, held_out, torch_outputs,
-                                                    runtime):
+def test_each_runtime_gives_torchs_outputs_in_fp32(runtime_artifact, held_out, torch_outputs, runtime):
     if not _installed(runtime):
         pytest.skip(f"{runtime} is not installed")
     model = ImageModel.load(runtime_artifact, runtime=runtime, threads=1, workers=2)
@@ -107,6 +108,7 @@ def test_int8_is_served_only_within_its_bounds(int8_artifact, held_out, torch_ou
     if not _installed(runtime):
         pytest.skip(f"{runtime} is not installed")
     import json
+
     entry = json.loads((int8_artifact / "model_card.json").read_text())["runtimes"]["int8"]
     assert entry["file"] == ONNX_INT8_FILE and entry["calibration_photos"] == CALIBRATION
     try:
@@ -135,7 +137,7 @@ def test_auto_serves_the_fastest_runtime_that_passes(runtime_artifact, held_out,
 
 
 def test_a_runtime_that_is_not_installed_is_passed_over_or_refused(runtime_artifact, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import onnxruntime -> ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     monkeypatch.setitem(sys.modules, "openvino", None)
     model = ImageModel.load(runtime_artifact, runtime="auto")
     assert model.runtime == "torch" and model.precision == "fp32"
@@ -153,8 +155,10 @@ def test_a_runtime_failing_the_check_is_passed_over_or_refused(runtime_artifact,
     assert model.runtime == "torch"
     assert any("fails the check" in reason for reason in model.choice.passed_over)
     runtime = "onnxruntime" if _installed("onnxruntime") else "openvino"
-    with pytest.raises(ArtifactError, match=f"refusing EMBEDDER_RUNTIME={runtime} "
-                                            "EMBEDDER_PRECISION=fp32: it fails the load-time check"):
+    with pytest.raises(
+        ArtifactError,
+        match=f"refusing EMBEDDER_RUNTIME={runtime} EMBEDDER_PRECISION=fp32: it fails the load-time check",
+    ):
         ImageModel.load(runtime_artifact, runtime=runtime)
 
 
@@ -181,8 +185,9 @@ def test_bf16_is_refused_where_the_runtime_cannot_honour_it(runtime_artifact):
             ImageModel.load(runtime_artifact, runtime="openvino", precision="bf16")
 
 
-def test_the_service_serves_torchs_embeddings_from_the_checked_runtime(runtime_artifact, files,
-                                                                        torch_outputs):
+def test_the_service_serves_torchs_embeddings_from_the_checked_runtime(
+    runtime_artifact, files, torch_outputs
+):
     import grpc
 
     from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
@@ -190,9 +195,15 @@ def test_the_service_serves_torchs_embeddings_from_the_checked_runtime(runtime_a
     from services.embedder.server import start
     from tests.embedder.helpers import vectors
 
-    config = EmbedderConfig.local(artifact_dir=runtime_artifact, host="127.0.0.1", port=0,
-                            model_workers=2, torch_threads=1, decode_threads=2,
-                            text_model="off")
+    config = EmbedderConfig.local(
+        artifact_dir=runtime_artifact,
+        host="127.0.0.1",
+        port=0,
+        model_workers=2,
+        torch_threads=1,
+        decode_threads=2,
+        text_model="off",
+    )
     server = start(config)
     try:
         assert server.core.model.choice.check is None or server.core.model.choice.check.passed

@@ -1,4 +1,5 @@
 """The embedder over real gRPC with real photos: vectors, categories, batching, limits."""
+
 from __future__ import annotations
 
 import threading
@@ -70,8 +71,7 @@ def test_a_batch_gives_the_same_vectors_as_single_calls(embed, photos):
     np.testing.assert_allclose(batch, singles, atol=1e-5)
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_vector(
-        stub, embed, photos, embedder_server):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_vector(stub, embed, photos, embedder_server):
     expected = embed(photos)
     before = embedder_server.core.batcher.stats.largest
     clients = 6
@@ -80,8 +80,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_vector(
 
     def client(i: int) -> None:
         barrier.wait(10)
-        results[i] = vectors(stub.Embed(
-            embedder_pb2.EmbedRequest(images=[photos[i % len(photos)]]), timeout=60))[0]
+        results[i] = vectors(
+            stub.Embed(embedder_pb2.EmbedRequest(images=[photos[i % len(photos)]]), timeout=60)
+        )[0]
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -99,22 +100,24 @@ def test_classify_returns_top_k_softmax_probabilities_best_first(stub, photos):
     assert len(reply.results) == 2
     for result in reply.results:
         probabilities = [c.probability for c in result.categories]
-        assert len(probabilities) == 3                      # top_k 0 means 3
+        assert len(probabilities) == 3  # top_k 0 means 3
         assert probabilities == sorted(probabilities, reverse=True)
         assert all(0.0 < p <= 1.0 for p in probabilities)
         assert {c.category for c in result.categories} <= set(MAIN_CATEGORIES)
         assert not result.HasField("embedding")
 
-    everything = stub.Classify(embedder_pb2.ClassifyRequest(images=photos[:1], top_k=100),
-                               timeout=60).results[0]
-    assert len(everything.categories) == len(MAIN_CATEGORIES)   # capped at the category count
+    everything = stub.Classify(
+        embedder_pb2.ClassifyRequest(images=photos[:1], top_k=100), timeout=60
+    ).results[0]
+    assert len(everything.categories) == len(MAIN_CATEGORIES)  # capped at the category count
     assert sum(c.probability for c in everything.categories) == pytest.approx(1.0, abs=1e-4)
     assert everything.categories[0].category == reply.results[0].categories[0].category
 
 
 def test_classify_with_embeddings_matches_embed_from_the_same_pass(stub, embed, photos):
-    reply = stub.Classify(embedder_pb2.ClassifyRequest(images=photos[:2], top_k=1,
-                                                       include_embeddings=True), timeout=60)
+    reply = stub.Classify(
+        embedder_pb2.ClassifyRequest(images=photos[:2], top_k=1, include_embeddings=True), timeout=60
+    )
     from_classify = np.array([list(r.embedding.values) for r in reply.results], dtype=np.float32)
     np.testing.assert_allclose(from_classify, embed(photos[:2]), atol=1e-5)
     assert all(len(r.categories) == 1 for r in reply.results)
@@ -125,8 +128,7 @@ def test_empty_and_oversized_requests_are_invalid_argument(stub, photos):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "at least one" in error.details()
 
-    error = rpc_error(stub.Classify,
-                      embedder_pb2.ClassifyRequest(images=[photos[0]] * (MAX_BATCH + 1)))
+    error = rpc_error(stub.Classify, embedder_pb2.ClassifyRequest(images=[photos[0]] * (MAX_BATCH + 1)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"limit is {MAX_BATCH}" in error.details()
 

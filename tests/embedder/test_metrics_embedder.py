@@ -1,5 +1,6 @@
 """The embedder's batching metrics: the batcher tells its observer each batch's size, model time
 and each submission's queue wait; `EmbedderMetrics` turns them into Prometheus series."""
+
 from __future__ import annotations
 
 import threading
@@ -35,9 +36,9 @@ def test_observer_sees_every_batch_with_its_queue_waits():
     recorder = Recorder()
     batcher.observer = recorder
     try:
-        first = batcher.submit(torch.zeros(1, 1))      # the model blocks on this one ...
+        first = batcher.submit(torch.zeros(1, 1))  # the model blocks on this one ...
         later = [batcher.submit(torch.zeros(3, 1)), batcher.submit(torch.zeros(3, 1))]
-        gate.set()                                      # ... while 6 rows queue up
+        gate.set()  # ... while 6 rows queue up
         for future in [first, *later]:
             future.result(10)
     finally:
@@ -45,7 +46,7 @@ def test_observer_sees_every_batch_with_its_queue_waits():
     sizes = [size for size, _, _ in recorder.batches]
     assert sum(sizes) == 7 and max(sizes) <= 4
     waits = [wait for _, _, batch_waits in recorder.batches for wait in batch_waits]
-    assert len(waits) == 3                      # one per submission, at its first batch
+    assert len(waits) == 3  # one per submission, at its first batch
     assert all(wait >= 0 for wait in waits)
     assert all(seconds >= 0 for _, seconds, _ in recorder.batches)
 
@@ -78,8 +79,9 @@ def test_embedder_metrics_on_a_real_embedder(test_artifact):
     from services.embedder.metrics import EmbedderMetrics
     from tests.support.photos import real_photos
 
-    core = Embedder.from_config(EmbedderConfig(artifact_dir=test_artifact, text_model="off",
-                                               batch_size=4, model_workers=1))
+    core = Embedder.from_config(
+        EmbedderConfig(artifact_dir=test_artifact, text_model="off", batch_size=4, model_workers=1)
+    )
     registry = CollectorRegistry()
     EmbedderMetrics(registry, core, batch_size=4)
     try:
@@ -93,10 +95,18 @@ def test_embedder_metrics_on_a_real_embedder(test_artifact):
     assert 1 <= value("embedder_batch_size_sum") / value("embedder_batch_size_count") <= 4
     assert value("embedder_queue_wait_seconds_count") == 2
     assert value("embedder_model_seconds_count") == value("embedder_batch_size_count")
-    assert value("embedder_model_info", {"model_version": core.model.version,
-                                         "backbone": core.model.backbone,
-                                         "embedding_dim": str(core.model.embedding_dim),
-                                         "text_model": ""}) == 1
+    assert (
+        value(
+            "embedder_model_info",
+            {
+                "model_version": core.model.version,
+                "backbone": core.model.backbone,
+                "embedding_dim": str(core.model.embedding_dim),
+                "text_model": "",
+            },
+        )
+        == 1
+    )
 
 
 def test_embedder_server_exports_text_counts_and_rpc_codes(embedder_config):
@@ -111,13 +121,11 @@ def test_embedder_server_exports_text_counts_and_rpc_codes(embedder_config):
     from tests.support.metrics import scrape, value
     from tests.support.text import start_text_embedder
 
-    server = start_text_embedder(replace(embedder_config, text_model="on",
-                                         metrics_port=free_port()))
+    server = start_text_embedder(replace(embedder_config, text_model="on", metrics_port=free_port()))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = embedder_pb2_grpc.EmbedderStub(channel)
-            stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["oak table", "bike", "lamp"]),
-                           timeout=60)
+            stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["oak table", "bike", "lamp"]), timeout=60)
             stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["sofa", "desk"]), timeout=60)
             with pytest.raises(grpc.RpcError) as raised:
                 stub.EmbedText(embedder_pb2.EmbedTextRequest(texts=["chair", " "]), timeout=60)

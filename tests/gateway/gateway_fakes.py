@@ -9,6 +9,7 @@ same vector); bytes starting with b"bad" are refused with INVALID_ARGUMENT. Fake
 force inner product over one dict per collection, with the indexer's filter semantics (checked
 against the real indexer in test_fake_indexer_congruence.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,9 @@ class Faults:
         self.metadata: list[dict] = []
         self.time_remaining: list[float | None] = []
 
-    def plan(self, method: str, code: grpc.StatusCode | None = None, times: int = 1,
-             delay: float = 0.0) -> None:
+    def plan(
+        self, method: str, code: grpc.StatusCode | None = None, times: int = 1, delay: float = 0.0
+    ) -> None:
         with self.lock:
             self.planned.setdefault(method, []).extend([(code, delay)] * times)
 
@@ -78,15 +80,18 @@ class FakeEmbedder(embedder_pb2_grpc.EmbedderServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no images")
         for index, image in enumerate(images):
             if image.startswith(b"bad"):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"images[{index}] is not a decodable image: cannot identify image file")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"images[{index}] is not a decodable image: cannot identify image file",
+                )
         return [fake_vector(image) for image in images]
 
     def Embed(self, request, context):
         self.faults.enter("Embed", context)
         vectors = self._vectors(request.images, context)
         return embedder_pb2.EmbedResponse(
-            embeddings=[embedder_pb2.Vector(values=v.tolist()) for v in vectors], model_version="fake-1")
+            embeddings=[embedder_pb2.Vector(values=v.tolist()) for v in vectors], model_version="fake-1"
+        )
 
     def Classify(self, request, context):
         self.faults.enter("Classify", context)
@@ -97,9 +102,12 @@ class FakeEmbedder(embedder_pb2_grpc.EmbedderServicer):
             logits = np.array([vector[i] * 4 for i in range(len(CATEGORIES))])
             probs = np.exp(logits) / np.exp(logits).sum()
             order = np.argsort(-probs)[:top_k]
-            result = embedder_pb2.Classification(categories=[
-                embedder_pb2.CategoryScore(category=CATEGORIES[i], probability=float(probs[i]))
-                for i in order])
+            result = embedder_pb2.Classification(
+                categories=[
+                    embedder_pb2.CategoryScore(category=CATEGORIES[i], probability=float(probs[i]))
+                    for i in order
+                ]
+            )
             if request.include_embeddings:
                 result.embedding.values.extend(vector.tolist())
             results.append(result)
@@ -107,9 +115,16 @@ class FakeEmbedder(embedder_pb2_grpc.EmbedderServicer):
 
     def GetModelInfo(self, request, context):
         self.faults.enter("GetModelInfo", context)
-        return embedder_pb2.ModelInfo(backbone="fake", embedding_dim=DIM, categories=CATEGORIES,
-                                      model_version="fake-1", input_size=8, modalities=["image"],
-                                      max_batch=4, max_image_bytes=1 << 20)
+        return embedder_pb2.ModelInfo(
+            backbone="fake",
+            embedding_dim=DIM,
+            categories=CATEGORIES,
+            model_version="fake-1",
+            input_size=8,
+            modalities=["image"],
+            max_batch=4,
+            max_image_bytes=1 << 20,
+        )
 
 
 def _matches(attributes: indexer_pb2.Attributes, item_id: str, condition) -> bool:
@@ -118,8 +133,9 @@ def _matches(attributes: indexer_pb2.Attributes, item_id: str, condition) -> boo
         if not attributes.HasField("price"):
             return False
         rng = condition.range
-        return ((not rng.HasField("gte") or attributes.price >= rng.gte)
-                and (not rng.HasField("lte") or attributes.price <= rng.lte))
+        return (not rng.HasField("gte") or attributes.price >= rng.gte) and (
+            not rng.HasField("lte") or attributes.price <= rng.lte
+        )
     value = item_id if field == "id" else getattr(attributes, field)
     op = condition.WhichOneof("op")
     if op == "equals":
@@ -135,7 +151,9 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
     def __init__(self) -> None:
         #: The "image" collection, which most tests look into; other collections are beside it.
         self.items: dict[str, tuple[np.ndarray, indexer_pb2.Attributes]] = {}
-        self.collections: dict[str, dict[str, tuple[np.ndarray, indexer_pb2.Attributes]]] = {"image": self.items}
+        self.collections: dict[str, dict[str, tuple[np.ndarray, indexer_pb2.Attributes]]] = {
+            "image": self.items
+        }
         self.lock = threading.Lock()
         self.faults = Faults()
 
@@ -164,15 +182,19 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
             found = [i for i in request.ids if i in items]
             for item_id in found:
                 del items[item_id]
-        return indexer_pb2.DeleteResponse(deleted=len(found),
-                                          not_found=[i for i in request.ids if i not in found])
+        return indexer_pb2.DeleteResponse(
+            deleted=len(found), not_found=[i for i in request.ids if i not in found]
+        )
 
     def Fetch(self, request, context):
         self.faults.enter("Fetch", context)
         with self.lock:
             items = self._collection(request.collection, context)
-            found = [indexer_pb2.Item(id=i, vector=items[i][0].tolist(), attributes=items[i][1])
-                     for i in request.ids if i in items]
+            found = [
+                indexer_pb2.Item(id=i, vector=items[i][0].tolist(), attributes=items[i][1])
+                for i in request.ids
+                if i in items
+            ]
             missing = [i for i in request.ids if i not in items]
         return indexer_pb2.FetchResponse(items=found, not_found=missing)
 
@@ -180,13 +202,18 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
         self.faults.enter("Search", context)
         with self.lock:
             items = self._collection(request.collection, context)
-            candidates = [(item_id, vector, attrs) for item_id, (vector, attrs) in items.items()
-                          if all(_matches(attrs, item_id, c) for c in request.filter.must)]
+            candidates = [
+                (item_id, vector, attrs)
+                for item_id, (vector, attrs) in items.items()
+                if all(_matches(attrs, item_id, c) for c in request.filter.must)
+            ]
         results = []
         for query in request.queries:
             q = np.asarray(query.values, dtype=np.float32)
-            scored = sorted(((float(vector @ q), item_id, attrs) for item_id, vector, attrs in candidates),
-                            key=lambda t: (-t[0], t[1]))
+            scored = sorted(
+                ((float(vector @ q), item_id, attrs) for item_id, vector, attrs in candidates),
+                key=lambda t: (-t[0], t[1]),
+            )
             neighbors, seen = [], set()
             for score, item_id, attrs in scored:
                 if request.group_by_listing:
@@ -203,9 +230,14 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
         with self.lock:
             names = [request.collection] if request.collection else sorted(self.collections)
             counts = [len(self._collection(name, context)) for name in names]
-        return indexer_pb2.GetStatsResponse(collections=[
-            indexer_pb2.CollectionStats(name=name, count=count, dimension=DIM, index_type="flat", metric="ip")
-            for name, count in zip(names, counts)])
+        return indexer_pb2.GetStatsResponse(
+            collections=[
+                indexer_pb2.CollectionStats(
+                    name=name, count=count, dimension=DIM, index_type="flat", metric="ip"
+                )
+                for name, count in zip(names, counts)
+            ]
+        )
 
     def ListIds(self, request, context):
         self.faults.enter("ListIds", context)
@@ -216,13 +248,15 @@ class FakeIndexer(indexer_pb2_grpc.IndexerServicer):
         page = chosen[:size]
         return indexer_pb2.ListIdsResponse(
             ids=[indexer_pb2.ListedId(id=i, listing_id=stored[i][1].listing_id) for i in page],
-            next_page_token=page[-1] if len(chosen) > size else "")
+            next_page_token=page[-1] if len(chosen) > size else "",
+        )
 
 
 def serve_embedder(servicer: FakeEmbedder, address: str = "127.0.0.1:0") -> Server:
     def register(server):
         embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server)
         return ["marketplace.embedder.v1.Embedder"]
+
     server = create_server(register, address)
     server.set_serving(True)
     return server
@@ -232,6 +266,7 @@ def serve_indexer(servicer: FakeIndexer, address: str = "127.0.0.1:0") -> Server
     def register(server):
         indexer_pb2_grpc.add_IndexerServicer_to_server(servicer, server)
         return ["marketplace.indexer.v1.Indexer"]
+
     server = create_server(register, address)
     server.set_serving(True)
     return server

@@ -1,6 +1,7 @@
 """The listing catalogue, one suite run against both back ends (SQLite file, real PostgreSQL):
 migrations, reads and writes, bulk load, the outbox (order, leases, backoff), concurrency, and
 faults (bad GATEWAY_DB, unreachable or vanished database, recovery without restart)."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,10 @@ pytestmark = pytest.mark.timeout(180)
 
 def vectors_of(item: Listing, dim: int = 4, text: bool = True) -> list[StoredVector]:
     rng = np.random.default_rng(len(item.id))
-    stored = [StoredVector("image", image_id, rng.standard_normal(dim).astype(np.float32))
-              for image_id in item.image_ids]
+    stored = [
+        StoredVector("image", image_id, rng.standard_normal(dim).astype(np.float32))
+        for image_id in item.image_ids
+    ]
     if text:
         stored.append(StoredVector("text", item.id, rng.standard_normal(3).astype(np.float32)))
     return stored
@@ -55,28 +58,34 @@ def set_schema_version(url: str, version: int) -> None:
 # ----------------------------------------------------------------------------- GATEWAY_DB
 
 
-@pytest.mark.parametrize("value, kind, target", [
-    ("run/catalogue.sqlite3", "sqlite", "run/catalogue.sqlite3"),
-    ("/abs/c.sqlite3", "sqlite", "/abs/c.sqlite3"),
-    ("sqlite:///run/c.sqlite3", "sqlite", "run/c.sqlite3"),
-    ("sqlite:////abs/c.sqlite3", "sqlite", "/abs/c.sqlite3"),
-    ("postgresql://u:pw@db:5432/cat", "postgresql", "postgresql://u:pw@db:5432/cat"),
-    ("postgres://u@db/cat?sslmode=require", "postgresql", "postgres://u@db/cat?sslmode=require"),
-])
+@pytest.mark.parametrize(
+    "value, kind, target",
+    [
+        ("run/catalogue.sqlite3", "sqlite", "run/catalogue.sqlite3"),
+        ("/abs/c.sqlite3", "sqlite", "/abs/c.sqlite3"),
+        ("sqlite:///run/c.sqlite3", "sqlite", "run/c.sqlite3"),
+        ("sqlite:////abs/c.sqlite3", "sqlite", "/abs/c.sqlite3"),
+        ("postgresql://u:pw@db:5432/cat", "postgresql", "postgresql://u:pw@db:5432/cat"),
+        ("postgres://u@db/cat?sslmode=require", "postgresql", "postgres://u@db/cat?sslmode=require"),
+    ],
+)
 def test_gateway_db_values(value, kind, target):
     parsed = parse_database_url(value)
     assert (parsed.kind, parsed.target) == (kind, target)
     assert "pw" not in parsed.display
 
 
-@pytest.mark.parametrize("value, message", [
-    ("mysql://u@h/db", "unknown scheme"),
-    ("postgresql://u:secret@/cat", "no host"),
-    ("postgresql://u:secret@h:5432/", "no database name"),
-    ("postgresql://u:secret@h:port/cat", "port"),
-    ("sqlite://relative", "sqlite:///"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("mysql://u@h/db", "unknown scheme"),
+        ("postgresql://u:secret@/cat", "no host"),
+        ("postgresql://u:secret@h:5432/", "no database name"),
+        ("postgresql://u:secret@h:port/cat", "port"),
+        ("sqlite://relative", "sqlite:///"),
+        ("", "empty"),
+    ],
+)
 def test_bad_gateway_db_values_name_the_setting(value, message):
     with pytest.raises(DatabaseError, match=message) as raised:
         parse_database_url(value)
@@ -100,8 +109,9 @@ def test_the_password_can_come_from_a_secret_file(monkeypatch, tmp_path):
     assert parse_database_url("run/c.sqlite3").target == "run/c.sqlite3"  # SQLite ignores it
 
 
-@pytest.mark.parametrize("url, message", [
-    ("postgresql://u:inline@h/cat", "keep one"), ("postgresql://h/cat", "names no user")])
+@pytest.mark.parametrize(
+    "url, message", [("postgresql://u:inline@h/cat", "keep one"), ("postgresql://h/cat", "names no user")]
+)
 def test_a_password_file_beside_an_unfit_url_is_refused(monkeypatch, tmp_path, url, message):
     secret = tmp_path / "db_password"
     secret.write_text("from-file")
@@ -234,7 +244,10 @@ def test_get_many_beyond_sql_variable_limit(catalogue_url):
         for start in range(0, 1200, 300):
             with catalogue._tx() as tx:  # bulk insert for speed; add() is one transaction each
                 from services.gateway.catalogue import _insert_many
-                _insert_many(tx, [(listing(f"L{i:04d}", images=("p",)), "") for i in range(start, start + 300)], 0.0)
+
+                _insert_many(
+                    tx, [(listing(f"L{i:04d}", images=("p",)), "") for i in range(start, start + 300)], 0.0
+                )
         found = catalogue.get_many([f"L{i:04d}" for i in range(1200)])
         assert len(found) == 1200 and found["L0999"].image_ids == ("L0999-p",)
 
@@ -270,7 +283,10 @@ def test_pending_listing_is_hidden_until_its_entry_is_done(catalogue_url):
         claimed = catalogue.claim(entry.seq, "A", lease_s=30)
         assert claimed.op == "upsert" and claimed.shard == 1 and claimed.listing == item
         assert [(v.collection, v.item_id) for v in claimed.vectors] == [
-            ("image", "L1-a"), ("image", "L1-b"), ("text", "L1")]
+            ("image", "L1-a"),
+            ("image", "L1-b"),
+            ("text", "L1"),
+        ]
         np.testing.assert_array_equal(claimed.vectors[0].vector, vectors_of(item)[0].vector)
         assert catalogue.claim(entry.seq, "B", lease_s=30) is None  # held by A
         assert catalogue.due_outbox(time.time()) == []
@@ -317,7 +333,10 @@ def test_a_request_writes_its_entry_already_leased_when_first_in_line(catalogue_
         add = catalogue.add_pending(item, vectors_of(item), shard=1, lease_holder="A", lease_s=30)
         assert (add.lease_holder, add.listing, add.attempts) == ("A", item, 0)
         assert [(v.collection, v.item_id) for v in add.vectors] == [
-            ("image", "L1-a"), ("image", "L1-b"), ("text", "L1")]
+            ("image", "L1-a"),
+            ("image", "L1-b"),
+            ("text", "L1"),
+        ]
         for mine, stored in zip(add.vectors, vectors_of(item)):
             assert mine.vector.dtype == np.dtype("<f4")
             np.testing.assert_array_equal(mine.vector, stored.vector)
@@ -365,8 +384,10 @@ def test_lease_expiry_and_backoff(catalogue_url):
 
 def test_concurrent_claims_give_each_entry_to_one_holder(catalogue_url):
     with Catalogue.open(catalogue_url) as catalogue:
-        seqs = [catalogue.add_pending(listing(f"L{i}"), vectors_of(listing(f"L{i}"), text=False), 0).seq
-                for i in range(20)]
+        seqs = [
+            catalogue.add_pending(listing(f"L{i}"), vectors_of(listing(f"L{i}"), text=False), 0).seq
+            for i in range(20)
+        ]
         won: dict[int, list[str]] = {seq: [] for seq in seqs}
         barrier = threading.Barrier(4)
 
@@ -401,16 +422,31 @@ def test_a_missing_postgres_database_is_named(postgres):
         Catalogue.open(postgres.url("nosuchdb"), connect_timeout_s=2.0)
 
 
-@pytest.mark.parametrize("value, expect", [
-    ("mysql://u@h/db", "unknown scheme"),
-    (None, "cannot connect to the catalogue database"),
-])
+@pytest.mark.parametrize(
+    "value, expect",
+    [
+        ("mysql://u@h/db", "unknown scheme"),
+        (None, "cannot connect to the catalogue database"),
+    ],
+)
 def test_gateway_refuses_to_start_with_one_line_naming_gateway_db(value, expect):
     value = value or f"postgresql://me:s3cret@127.0.0.1:{free_port()}/cat"
-    env = {**os.environ, "GATEWAY_DB": value, "GATEWAY_DB_CONNECT_TIMEOUT_S": "1",
-           "GATEWAY_PORT": "0", "EMBEDDER_ADDR": "127.0.0.1:1", "INDEXER_ADDRS": "127.0.0.1:2"}
-    result = subprocess.run([sys.executable, "-m", "services.gateway"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "GATEWAY_DB": value,
+        "GATEWAY_DB_CONNECT_TIMEOUT_S": "1",
+        "GATEWAY_PORT": "0",
+        "EMBEDDER_ADDR": "127.0.0.1:1",
+        "INDEXER_ADDRS": "127.0.0.1:2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "services.gateway"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "GATEWAY_DB" in last and expect in last and "s3cret" not in result.stderr

@@ -4,6 +4,7 @@ filtering, grouping, ordering or collection handling fails here instead of hidin
 
 Both servers get the same requests; the responses must be equal (scores to float tolerance).
 """
+
 from __future__ import annotations
 
 import grpc
@@ -56,8 +57,9 @@ def _items(prefix: str, count: int, seed: int) -> list[indexer_pb2.Item]:
     categories = ("Appliances", "Home & Garden", "Other Goods", "Baby & Kids Stuff")
     items = []
     for i in range(count):
-        attributes = indexer_pb2.Attributes(listing_id=f"L{i // 3}", category=categories[i % 4],
-                                            location=f"Town {i % 3}")
+        attributes = indexer_pb2.Attributes(
+            listing_id=f"L{i // 3}", category=categories[i % 4], location=f"Town {i % 3}"
+        )
         if i % 5:
             attributes.price = float(i * 7 % 53)
         items.append(indexer_pb2.Item(id=f"{prefix}{i:03d}", vector=_unit(rng), attributes=attributes))
@@ -69,8 +71,9 @@ def _same(responses: list, what: str) -> None:
     if isinstance(fake, indexer_pb2.SearchResponse):
         for q, (f_list, r_list) in enumerate(zip(fake.results, real.results, strict=True)):
             assert [n.id for n in f_list.neighbors] == [n.id for n in r_list.neighbors], f"{what}, query {q}"
-            assert np.allclose([n.score for n in f_list.neighbors], [n.score for n in r_list.neighbors],
-                               atol=1e-5), f"{what}, query {q}"
+            assert np.allclose(
+                [n.score for n in f_list.neighbors], [n.score for n in r_list.neighbors], atol=1e-5
+            ), f"{what}, query {q}"
             assert [n.attributes for n in f_list.neighbors] == [n.attributes for n in r_list.neighbors]
         assert len(fake.results) == len(real.results)
         return
@@ -104,13 +107,18 @@ def _condition(field: str, **op) -> indexer_pb2.Condition:
 def test_fake_indexer_answers_like_the_real_one(stubs) -> None:
     # Same ids in two collections: the collections are separate spaces on the real indexer.
     image_items = _items("p", 30, seed=1)
-    text_items = [indexer_pb2.Item(id=f"p{i:03d}", vector=_unit(np.random.default_rng(100 + i)),
-                                   attributes=image_items[i].attributes) for i in range(0, 30, 3)]
+    text_items = [
+        indexer_pb2.Item(
+            id=f"p{i:03d}", vector=_unit(np.random.default_rng(100 + i)), attributes=image_items[i].attributes
+        )
+        for i in range(0, 30, 3)
+    ]
     _both(stubs, "Upsert", indexer_pb2.UpsertRequest(collection="image", items=image_items), "upsert image")
     _both(stubs, "Upsert", indexer_pb2.UpsertRequest(collection="text", items=text_items), "upsert text")
     # A second upsert of some ids replaces them.
-    replaced = _both(stubs, "Upsert", indexer_pb2.UpsertRequest(collection="image", items=image_items[:4]),
-                     "upsert again")
+    replaced = _both(
+        stubs, "Upsert", indexer_pb2.UpsertRequest(collection="image", items=image_items[:4]), "upsert again"
+    )
     assert (replaced.inserted, replaced.replaced) == (0, 4)
 
     rng = np.random.default_rng(7)
@@ -121,34 +129,49 @@ def test_fake_indexer_answers_like_the_real_one(stubs) -> None:
         "category": [_condition("category", equals="Home & Garden")],
         "any_of listings": [_condition("listing_id", any_of=["L1", "L4", "L7"])],
         "none_of ids": [_condition("id", none_of=["p000", "p001", "p002", "p010"])],
-        "two conditions": [_condition("category", any_of=["Appliances", "Other Goods"]),
-                           _condition("price", lte=30.0)],
+        "two conditions": [
+            _condition("category", any_of=["Appliances", "Other Goods"]),
+            _condition("price", lte=30.0),
+        ],
     }
     for collection in COLLECTIONS:
         for name, must in filters.items():
             for group in (False, True):
-                request = indexer_pb2.SearchRequest(collection=collection, queries=queries, k=7,
-                                                    group_by_listing=group,
-                                                    filter=indexer_pb2.Filter(must=must))
+                request = indexer_pb2.SearchRequest(
+                    collection=collection,
+                    queries=queries,
+                    k=7,
+                    group_by_listing=group,
+                    filter=indexer_pb2.Filter(must=must),
+                )
                 _both(stubs, "Search", request, f"search {collection}, {name}, group={group}")
 
     fetch = indexer_pb2.FetchRequest(collection="text", ids=["p000", "p001", "p003", "nope"])
     fetched = _both(stubs, "Fetch", fetch, "fetch text")
     assert [i.id for i in fetched.items] == ["p000", "p003"] and list(fetched.not_found) == ["p001", "nope"]
 
-    _both(stubs, "Delete", indexer_pb2.DeleteRequest(collection="image", ids=["p000", "p001", "zzz"]), "delete")
+    _both(
+        stubs, "Delete", indexer_pb2.DeleteRequest(collection="image", ids=["p000", "p001", "zzz"]), "delete"
+    )
     # Deleting from "image" leaves "text" alone.
     _both(stubs, "Fetch", indexer_pb2.FetchRequest(collection="text", ids=["p000"]), "fetch after delete")
-    _both(stubs, "Search", indexer_pb2.SearchRequest(collection="image", queries=queries, k=5),
-          "search after delete")
+    _both(
+        stubs,
+        "Search",
+        indexer_pb2.SearchRequest(collection="image", queries=queries, k=5),
+        "search after delete",
+    )
     stats = [stub.GetStats(indexer_pb2.GetStatsRequest(collection="image"), timeout=10) for stub in stubs]
     assert [c.count for c in stats[0].collections] == [c.count for c in stats[1].collections] == [28]
     for collection in COLLECTIONS:  # every id with its listing, paged, as reconcile reads them
         token = ""
         while True:
-            page = _both(stubs, "ListIds", indexer_pb2.ListIdsRequest(collection=collection, page_size=7,
-                                                                     page_token=token),
-                         f"list ids {collection} after {token!r}")
+            page = _both(
+                stubs,
+                "ListIds",
+                indexer_pb2.ListIdsRequest(collection=collection, page_size=7, page_token=token),
+                f"list ids {collection} after {token!r}",
+            )
             token = page.next_page_token
             if not token:
                 break

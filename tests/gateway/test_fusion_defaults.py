@@ -1,5 +1,6 @@
 """services.gateway.fusion_defaults: the default text weights of hybrid Search and SimilarListings
 (a setting, else the embedder's artefact, else the built-in default), and what the log says."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,13 @@ class ModelInfoSource:
 
 
 def info(weights: ServedFusionWeights | None, problem: str = "") -> ModelInfo:
-    return ModelInfo(categories=("A",), embedding_dim=4, model_version="lite0-x",
-                     fusion_weights=weights, fusion_weights_problem=problem)
+    return ModelInfo(
+        categories=("A",),
+        embedding_dim=4,
+        model_version="lite0-x",
+        fusion_weights=weights,
+        fusion_weights_problem=problem,
+    )
 
 
 SERVED = ServedFusionWeights(0.7, 0.8, "valid", "fusion_weights.json of lite0-x")
@@ -41,7 +47,8 @@ def test_the_artefacts_weights_unless_a_setting_overrides(caplog):
         "hybrid Search text weight 0.70, from the embedder's artefact (fusion_weights.json of lite0-x, "
         "chosen on the valid split)",
         "SimilarListings text weight 0.80, from the embedder's artefact (fusion_weights.json of "
-        "lite0-x, chosen on the valid split)"]
+        "lite0-x, chosen on the valid split)",
+    ]
     overridden = FusionDefaults(source, search_override=0.2, similar_override=0.0)
     assert (overridden.search_text_weight(None), overridden.similar_text_weight(None)) == (0.2, 0.0)
     assert "from GATEWAY_SEARCH_TEXT_WEIGHT" in overridden.describe_settings()
@@ -54,7 +61,9 @@ def test_built_in_defaults_when_the_embedder_serves_none_and_why(caplog):
     with caplog.at_level(logging.INFO, logger="services.gateway.fusion_defaults"):
         assert (defaults.search_text_weight(None), defaults.similar_text_weight(None)) == (0.5, 0.7)
     assert "chosen for image model y" in caplog.records[0].getMessage()
-    assert caplog.records[0].getMessage().startswith("hybrid Search text weight 0.50, from the built-in default")
+    assert (
+        caplog.records[0].getMessage().startswith("hybrid Search text weight 0.50, from the built-in default")
+    )
 
 
 def test_an_unreachable_embedder_keeps_the_last_weight_and_a_new_artefact_brings_its_own(caplog, monkeypatch):

@@ -8,6 +8,7 @@ server and starts a new one on the same port (keeping the loaded model, so it ta
 reload). `test_killed_embedder_process...` (slow) does the same with a real embedder process
 killed with SIGKILL and started again.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,23 +39,43 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def spawn_embedder(port: int, root: Path, artifact: Path):
-    return spawn("embedder", port, root / "embedder.log",
-                 {"EMBEDDER_ARTIFACT_DIR": str(artifact), "LOG_LEVEL": "warning",
-                  "EMBEDDER_TEXT_MODEL": "off"})
+    return spawn(
+        "embedder",
+        port,
+        root / "embedder.log",
+        {"EMBEDDER_ARTIFACT_DIR": str(artifact), "LOG_LEVEL": "warning", "EMBEDDER_TEXT_MODEL": "off"},
+    )
 
 
 def start_shards(root: Path, count: int = 2) -> list:
-    return [start_indexer(IndexerConfig.local(
-        host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
-        collections=tuple(parse_collections("image:1280:flat:ip")), collections_explicit=True,
-        fsync=False)) for i in range(count)]
+    return [
+        start_indexer(
+            IndexerConfig.local(
+                host="127.0.0.1",
+                port=0,
+                data_dir=root / f"indexer-{i}",
+                log_level="warning",
+                collections=tuple(parse_collections("image:1280:flat:ip")),
+                collections_explicit=True,
+                fsync=False,
+            )
+        )
+        for i in range(count)
+    ]
 
 
 def gateway_config(root: Path, embedder_addr: str, shards, seed_dir: Path | None = None) -> GatewayConfig:
     return GatewayConfig.local(
-        host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=seed_dir,
-        embedder_addr=embedder_addr, indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
-        downstream_timeout_s=30.0, retry=RetryPolicy(3, 0.05, 0.2), reconnect_backoff_max_s=1.0)
+        host="127.0.0.1",
+        port=0,
+        db_path=root / "catalogue.sqlite3",
+        seed_dir=seed_dir,
+        embedder_addr=embedder_addr,
+        indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
+        downstream_timeout_s=30.0,
+        retry=RetryPolicy(3, 0.05, 0.2),
+        reconnect_backoff_max_s=1.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +83,9 @@ def real(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("gateway_real")
     prepared = make_mini_prepared(root / "prepared", per_category=2)
     # Images only: text search has its own servers in test_text_integration.py.
-    embedder_config = EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
-                                     text_model="off")
+    embedder_config = EmbedderConfig.local(
+        artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="off"
+    )
     embedder = start_embedder(embedder_config)
     embedder_config = replace(embedder_config, port=embedder.port)
     shards = start_shards(root)
@@ -76,11 +98,17 @@ def real(tmp_path_factory, test_artifact):
         report = index_embeddings(core.catalogue, core.indexer, ids, vectors, progress=False)
         assert report.upserted == len(ids) == 45 and len(report.per_shard) == 2
         state = SimpleNamespace(
-            root=root, prepared=prepared, embedder=embedder, embedder_config=embedder_config,
-            shards=shards, gateway=gateway, config=config,
+            root=root,
+            prepared=prepared,
+            embedder=embedder,
+            embedder_config=embedder_config,
+            shards=shards,
+            gateway=gateway,
+            config=config,
             client=GatewayClient(f"127.0.0.1:{gateway.port}", timeout=30),
             listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
-            images=pd.read_csv(prepared / "images.csv", dtype=str))
+            images=pd.read_csv(prepared / "images.csv", dtype=str),
+        )
         yield state
         state.client.close()
     finally:
@@ -103,7 +131,11 @@ def test_catalogue_was_bootstrapped_from_prepared_data(real):
     some = real.listings.iloc[0]
     got = real.client.get(some["product_id"])
     assert (got.title, got.location, got.main_category, got.price) == (
-        some["title"], some["location"], some["main_category"], some["price"])
+        some["title"],
+        some["location"],
+        some["main_category"],
+        some["price"],
+    )
 
 
 def test_search_by_a_catalogue_photo_returns_its_own_listing_first(real):
@@ -174,8 +206,13 @@ def test_similar_listings(real):
 def test_add_then_search_finds_it_then_remove_and_it_is_gone(real):
     photos = [p.read_bytes() for p in outside_photos(real.prepared, 2)]
     before = real.gateway.core.catalogue.count()
-    added = real.client.add(photos, title="Test listing", price=12.5, location="York, North Yorkshire",
-                            description="added by the integration test")
+    added = real.client.add(
+        photos,
+        title="Test listing",
+        price=12.5,
+        location="York, North Yorkshire",
+        description="added by the integration test",
+    )
     assert added.main_category in real.gateway.core.embedder.model_info(Deadline(5)).categories
     assert len(added.image_ids) == 2 and real.gateway.core.catalogue.count() == before + 1
 
@@ -194,7 +231,8 @@ def test_add_then_search_finds_it_then_remove_and_it_is_gone(real):
     shard = real.shards[real.gateway.core.indexer.shard_for(added.id)]
     with grpc.insecure_channel(f"127.0.0.1:{shard.port}") as channel:
         fetched = indexer_pb2_grpc.IndexerStub(channel).Fetch(
-            indexer_pb2.FetchRequest(ids=list(added.image_ids)), timeout=10)
+            indexer_pb2.FetchRequest(ids=list(added.image_ids)), timeout=10
+        )
     assert list(fetched.not_found) == list(added.image_ids)
     assert real.gateway.core.catalogue.count() == before
 

@@ -1,5 +1,6 @@
 """The gateway's image-store hook (`services.gateway.photos`): AddListing's photos are kept under
 their image ids, a store that refuses leaves nothing behind and says why, RemoveListing forgets."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,7 @@ def test_a_refusing_store_keeps_nothing_and_says_why(tmp_path):
     store = LocalImageStore(tmp_path, max_bytes=len(small))
     with pytest.raises(Unavailable, match="could not keep the photos of listing L1: .*limit"):
         ListingPhotos(store).keep(listing("i1", "i2"), [small, big])
-    assert not store.contains("i1")      # the first photo, stored before the failure, is gone
+    assert not store.contains("i1")  # the first photo, stored before the failure, is gone
 
 
 def test_without_a_store_nothing_happens():

@@ -1,5 +1,6 @@
 """The gateway's health entries over real gRPC: "" stays SERVING while the process runs, the
 Gateway service's entry follows the embedder and the indexer shards (`services.gateway.readiness`)."""
+
 from __future__ import annotations
 
 import logging
@@ -19,11 +20,17 @@ class Stack:
         self.embedder = serve_embedder(FakeEmbedder())
         self.shards = [serve_indexer(FakeIndexer()), serve_indexer(FakeIndexer())]
         self.shard_ports = [s.port for s in self.shards]
-        settings = dict(host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
-                        embedder_addr=f"127.0.0.1:{self.embedder.port}",
-                        indexer_addrs=tuple(f"127.0.0.1:{p}" for p in self.shard_ports),
-                        retry=RetryPolicy(1, 0.01, 0.01), reconnect_backoff_max_s=0.2,
-                        readiness_interval_s=0.1, readiness_timeout_s=0.5)
+        settings = dict(
+            host="127.0.0.1",
+            port=0,
+            db_path=tmp_path / "catalogue.sqlite3",
+            embedder_addr=f"127.0.0.1:{self.embedder.port}",
+            indexer_addrs=tuple(f"127.0.0.1:{p}" for p in self.shard_ports),
+            retry=RetryPolicy(1, 0.01, 0.01),
+            reconnect_backoff_max_s=0.2,
+            readiness_interval_s=0.1,
+            readiness_timeout_s=0.5,
+        )
         settings.update(overrides)
         self.gateway = start(GatewayConfig.local(**settings))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
@@ -64,8 +71,10 @@ def test_dead_shard_makes_the_gateway_not_ready_and_back(stack, caplog):
     stack.shards[1].stop(0)
     assert stack.wait_for("NOT_SERVING") == "NOT_SERVING"
     assert stack.status("") == "SERVING"  # liveness: the process still answers
-    assert any(f"indexer shard 1 at 127.0.0.1:{stack.shard_ports[1]}: UNAVAILABLE" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"indexer shard 1 at 127.0.0.1:{stack.shard_ports[1]}: UNAVAILABLE" in r.getMessage()
+        for r in caplog.records
+    )
     # the shard comes back on its port: ready again without restarting the gateway
     stack.shards[1] = serve_indexer(FakeIndexer(), f"127.0.0.1:{stack.shard_ports[1]}")
     assert stack.wait_for("SERVING") == "SERVING"
@@ -75,8 +84,7 @@ def test_dead_shard_makes_the_gateway_not_ready_and_back(stack, caplog):
 def test_embedder_reporting_not_serving_is_named(stack):
     stack.embedder.set_serving(False)
     assert stack.wait_for("NOT_SERVING") == "NOT_SERVING"
-    assert stack.gateway.watch.problems == [
-        f"embedder at 127.0.0.1:{stack.embedder.port}: NOT_SERVING"]
+    assert stack.gateway.watch.problems == [f"embedder at 127.0.0.1:{stack.embedder.port}: NOT_SERVING"]
 
 
 def test_not_ready_from_the_start_when_a_downstream_is_missing(tmp_path):

@@ -3,6 +3,7 @@ run, over real indexer servers (durable, one replica per shard) and a gateway ro
 versioned shard map kept in the catalogue database (SQLite and a real PostgreSQL); an interrupted
 rebalance is finished by running it again; the shard map store refuses inconsistent versions and
 lets only one of two writers advance the map."""
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,15 @@ from collections import Counter
 import grpc
 import pytest
 
-from common.shard_map import (ShardMap, ShardMapConflict, ShardMapError, initial, partition_of,
-                              plan, rendezvous_owner)
+from common.shard_map import (
+    ShardMap,
+    ShardMapConflict,
+    ShardMapError,
+    initial,
+    partition_of,
+    plan,
+    rendezvous_owner,
+)
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from scripts.stack import free_port
 from services.gateway.catalogue import Catalogue
@@ -52,15 +60,22 @@ def test_shard_map_store_refuses_inconsistent_maps(catalogue_url):
             ShardMap(2, 4, (0, 1, -1, 0))
         # a row whose body claims another version (written by hand, or by a broken tool)
         with catalogue._db.transaction() as tx:
-            tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES "
-                       "(?, ?, ?, ?)", (2, "stable", '{"version": 1, "partitions": 8, "state": '
-                                        '"stable", "owners": [0,1,0,1,0,1,0,1]}', 0.0))
+            tx.execute(
+                "INSERT INTO shard_maps (version, state, body, created_at) VALUES (?, ?, ?, ?)",
+                (
+                    2,
+                    "stable",
+                    '{"version": 1, "partitions": 8, "state": "stable", "owners": [0,1,0,1,0,1,0,1]}',
+                    0.0,
+                ),
+            )
         with pytest.raises(ShardMapError, match="two maps claim one version"):
             store.latest()
         with catalogue._db.transaction() as tx:
-            tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES "
-                       "(?, ?, ?, ?)", (3, "stable", '{"version": 3, "partitions": 8, "state": '
-                                        '"stable", "owners": [0,1,0]}', 0.0))
+            tx.execute(
+                "INSERT INTO shard_maps (version, state, body, created_at) VALUES (?, ?, ?, ?)",
+                (3, "stable", '{"version": 3, "partitions": 8, "state": "stable", "owners": [0,1,0]}', 0.0),
+            )
         with pytest.raises(ShardMapError, match="v3 .* every partition needs a shard"):
             store.latest()
     routing = ShardRouting(2)
@@ -110,25 +125,51 @@ class Cluster:
         self._opened: list[Catalogue] = []
         with Catalogue.open(db_url) as catalogue:
             catalogue.shard_map_store().publish(initial(2))
-        self.indexers = [start_indexer(IndexerConfig.local(
-            host="127.0.0.1", port=free_port(), data_dir=root / f"shard{s}", log_level="info",
-            collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
-            snapshot_seconds=0, fsync=False, shard=s, partitions=256)) for s in range(3)]
+        self.indexers = [
+            start_indexer(
+                IndexerConfig.local(
+                    host="127.0.0.1",
+                    port=free_port(),
+                    data_dir=root / f"shard{s}",
+                    log_level="info",
+                    collections=tuple(parse_collections(f"image:{DIM}:flat:ip")),
+                    collections_explicit=True,
+                    snapshot_seconds=0,
+                    fsync=False,
+                    shard=s,
+                    partitions=256,
+                )
+            )
+            for s in range(3)
+        ]
         self.embedder = serve_embedder(FakeEmbedder())
         self.replicas = tuple((f"127.0.0.1:{i.port}",) for i in self.indexers)
-        self.gateway = start_gateway(GatewayConfig.local(
-            host="127.0.0.1", port=0, db_path=db_url,
-            embedder_addr=f"127.0.0.1:{self.embedder.port}", indexer_shards=self.replicas,
-            downstream_timeout_s=5.0, retry=RetryPolicy(2, 0.01, 0.05), readiness_interval_s=0,
-            shard_map=True, shard_map_poll_s=0.1))
+        self.gateway = start_gateway(
+            GatewayConfig.local(
+                host="127.0.0.1",
+                port=0,
+                db_path=db_url,
+                embedder_addr=f"127.0.0.1:{self.embedder.port}",
+                indexer_shards=self.replicas,
+                downstream_timeout_s=5.0,
+                retry=RetryPolicy(2, 0.01, 0.05),
+                readiness_interval_s=0,
+                shard_map=True,
+                shard_map_poll_s=0.1,
+            )
+        )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         self.listings = [self.add(f"R-{i}") for i in range(listings)]
 
     def add(self, listing_id: str) -> gateway_pb2.Listing:
-        return self.stub.AddListing(gateway_pb2.AddListingRequest(
-            listing=gateway_pb2.Listing(id=listing_id, title=listing_id, main_category="Appliances"),
-            images=[f"photo {listing_id} {j}".encode() for j in range(2)]), timeout=5).listing
+        return self.stub.AddListing(
+            gateway_pb2.AddListingRequest(
+                listing=gateway_pb2.Listing(id=listing_id, title=listing_id, main_category="Appliances"),
+                images=[f"photo {listing_id} {j}".encode() for j in range(2)],
+            ),
+            timeout=5,
+        ).listing
 
     def holders(self) -> Counter:
         """image id -> how many shards hold it."""
@@ -172,8 +213,9 @@ def test_rebalance_2_to_3_under_reads_and_writes(cluster):
         while not stop.is_set():
             for listing in cluster.listings[:6]:
                 try:
-                    reply = cluster.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-                        listing_id=listing.id, k=5), timeout=5)
+                    reply = cluster.stub.SimilarListings(
+                        gateway_pb2.SimilarListingsRequest(listing_id=listing.id, k=5), timeout=5
+                    )
                     assert len(reply.results) == 5
                     searches[0] += 1
                 except (grpc.RpcError, AssertionError) as exc:
@@ -210,8 +252,9 @@ def test_rebalance_2_to_3_under_reads_and_writes(cluster):
     assert cluster.indexers[2].store.collection("image").count > 0
     # searches now reach all three shards and find listings that moved
     moved = next(l for l in cluster.listings if latest.owners[partition_of(l.id, 256)] == 2)
-    reply = cluster.stub.SearchByImage(gateway_pb2.SearchByImageRequest(
-        image=f"photo {moved.id} 0".encode(), k=1), timeout=5)
+    reply = cluster.stub.SearchByImage(
+        gateway_pb2.SearchByImageRequest(image=f"photo {moved.id} 0".encode(), k=1), timeout=5
+    )
     assert reply.results[0].listing.id == moved.id
 
 
@@ -253,12 +296,17 @@ def test_sigkill_of_the_rebalance_command_then_rerun(cluster):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(repo), "GATEWAY_DB": cluster.db_url,
-           "INDEXER_SHARDS": ";".join(f"{s}={r[0]}" for s, r in enumerate(cluster.replicas))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(repo),
+        "GATEWAY_DB": cluster.db_url,
+        "INDEXER_SHARDS": ";".join(f"{s}={r[0]}" for s, r in enumerate(cluster.replicas)),
+    }
     env.pop("INDEXER_ADDRS", None)
     command = [sys.executable, "-m", "services.gateway.rebalance", "--to", "3", "--settle-s", "1"]
-    process = subprocess.Popen(command, env=env, cwd=repo, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     store = cluster.store()
 
     def switched() -> bool:
@@ -281,5 +329,4 @@ def test_sigkill_of_the_rebalance_command_then_rerun(cluster):
     assert latest.state == "stable" and store.versions() == [1, 2, 3, 4, 5]
     for listing in cluster.listings:
         owner = latest.owners[partition_of(listing.id, 256)]
-        assert all(cluster.indexers[owner].store.collection("image").contains(i)
-                   for i in listing.image_ids)
+        assert all(cluster.indexers[owner].store.collection("image").contains(i) for i in listing.image_ids)

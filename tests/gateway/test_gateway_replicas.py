@@ -6,6 +6,7 @@ Reads fail over to the other replica of a shard, writes reach every replica, a r
 replica catches up before it serves, readiness needs one serving replica per shard, and a shard
 with every replica down is UNAVAILABLE naming it, or left out and named with
 allow_partial_results."""
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,21 @@ class ReplicatedStack:
         self.ports = [[free_port() for _ in range(REPLICAS)] for _ in range(SHARDS)]
         self.indexers = [[self.start_replica(s, r) for r in range(REPLICAS)] for s in range(SHARDS)]
         self.embedder = serve_embedder(FakeEmbedder())
-        shards = ";".join(f"{s}=" + "|".join(f"127.0.0.1:{p}" for p in ports)
-                          for s, ports in enumerate(self.ports))
+        shards = ";".join(
+            f"{s}=" + "|".join(f"127.0.0.1:{p}" for p in ports) for s, ports in enumerate(self.ports)
+        )
         self.config = GatewayConfig.local(
-            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
+            host="127.0.0.1",
+            port=0,
+            db_path=root / "catalogue.sqlite3",
             embedder_addr=f"127.0.0.1:{self.embedder.port}",
             indexer_shards=shard_replicas_setting(shards, "127.0.0.1:50052"),
-            downstream_timeout_s=5.0, retry=RetryPolicy(2, 0.01, 0.05), reconnect_backoff_max_s=0.2,
-            readiness_interval_s=0.2, readiness_timeout_s=0.5)
+            downstream_timeout_s=5.0,
+            retry=RetryPolicy(2, 0.01, 0.05),
+            reconnect_backoff_max_s=0.2,
+            readiness_interval_s=0.2,
+            readiness_timeout_s=0.5,
+        )
         self.gateway = start_gateway(self.config)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway.port}")
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
@@ -61,11 +69,21 @@ class ReplicatedStack:
 
     def start_replica(self, shard: int, replica: int):
         peers = tuple(f"127.0.0.1:{p}" for i, p in enumerate(self.ports[shard]) if i != replica)
-        return start_indexer(IndexerConfig.local(
-            host="127.0.0.1", port=self.ports[shard][replica],
-            data_dir=self.root / f"shard{shard}-replica{replica}", log_level="info",
-            collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
-            snapshot_seconds=0, fsync=False, shard=shard, partitions=256, peers=peers))
+        return start_indexer(
+            IndexerConfig.local(
+                host="127.0.0.1",
+                port=self.ports[shard][replica],
+                data_dir=self.root / f"shard{shard}-replica{replica}",
+                log_level="info",
+                collections=tuple(parse_collections(f"image:{DIM}:flat:ip")),
+                collections_explicit=True,
+                snapshot_seconds=0,
+                fsync=False,
+                shard=shard,
+                partitions=256,
+                peers=peers,
+            )
+        )
 
     def ready(self) -> str:
         reply = self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
@@ -73,9 +91,11 @@ class ReplicatedStack:
 
     def add(self, listing_id: str, photos: int = 2) -> gateway_pb2.Listing:
         request = gateway_pb2.AddListingRequest(
-            listing=gateway_pb2.Listing(id=listing_id, title=f"title {listing_id}",
-                                        main_category="Appliances", price=10.0),
-            images=[f"photo {listing_id} {i}".encode() for i in range(photos)])
+            listing=gateway_pb2.Listing(
+                id=listing_id, title=f"title {listing_id}", main_category="Appliances", price=10.0
+            ),
+            images=[f"photo {listing_id} {i}".encode() for i in range(photos)],
+        )
         return self.stub.AddListing(request, timeout=5).listing
 
     def contents(self, shard: int, replica: int, ids: list[str]) -> dict:
@@ -121,8 +141,9 @@ def test_writes_reach_every_replica_and_reads_spread_over_them(stack):
     assert sum(map(sum, before)) == 2 * 12  # every photo on both replicas of its shard
     served = {}
     for _ in range(8):
-        reply = stack.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-            listing_id=added[0].id, k=5), timeout=5)
+        reply = stack.stub.SimilarListings(
+            gateway_pb2.SimilarListingsRequest(listing_id=added[0].id, k=5), timeout=5
+        )
         assert len(reply.results) == 5 and not reply.missing_shards
     for replicas in stack.gateway.core.indexer.replica_sets:
         served[replicas.shard] = [r.state for r in replicas.replicas]
@@ -136,13 +157,13 @@ def test_a_dead_replica_is_failed_over_and_catches_up_when_back(stack, caplog):
         stack.indexers[shard][0].stop(0)
     # every read still answers (the first try of half of them hits a dead replica)
     for _ in range(6):
-        reply = stack.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-            listing_id=added[0].id, k=3), timeout=5)
+        reply = stack.stub.SimilarListings(
+            gateway_pb2.SimilarListingsRequest(listing_id=added[0].id, k=3), timeout=5
+        )
         assert len(reply.results) == 3 and not reply.missing_shards
     # writes are acknowledged by the surviving replica; the dead one misses them
     fresh = [stack.add(f"B-{i}") for i in range(4)]
-    removed = stack.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=added[1].id),
-                                       timeout=5)
+    removed = stack.stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=added[1].id), timeout=5)
     assert removed.images_removed == 2
     assert stack.ready() == "SERVING"  # one serving replica per shard is enough
     for shard in range(SHARDS):
@@ -152,8 +173,10 @@ def test_a_dead_replica_is_failed_over_and_catches_up_when_back(stack, caplog):
     ids = [i for listing in added + fresh for i in listing.image_ids]
     for shard in range(SHARDS):
         assert stack.contents(shard, 0, ids) == stack.contents(shard, 1, ids)
-        assert (stack.indexers[shard][0].store.stats()[0]["count"]
-                == stack.indexers[shard][1].store.stats()[0]["count"])
+        assert (
+            stack.indexers[shard][0].store.stats()[0]["count"]
+            == stack.indexers[shard][1].store.stats()[0]["count"]
+        )
     messages = [r.getMessage() for r in caplog.records]
     assert any("-> UNREACHABLE" in m for m in messages)
     assert any("answered UNAVAILABLE; asking" in m for m in messages)
@@ -182,14 +205,15 @@ def test_a_shard_with_every_replica_down(stack):
     assert answer.missing_shards == (down,) and not answer.complete
     assert [r.listing.id for r in answer] == [r.listing.id for r in reply.results]
     assert f"index shard {down} is unavailable" in answer.notice
-    by_photo = client.search_by_image(f"photo {up_listing.id} 0".encode(), 3,
-                                      allow_partial_results=True)
+    by_photo = client.search_by_image(f"photo {up_listing.id} 0".encode(), 3, allow_partial_results=True)
     assert by_photo.missing_shards == (down,) and by_photo[0].listing.id == up_listing.id
     with pytest.raises(grpc.RpcError) as error:
         client.search_by_image(f"photo {up_listing.id} 0".encode(), 3)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-    printed = cli.run(cli.build_parser().parse_args(
-        ["similar", up_listing.id, "-k", "5", "--allow-partial-results"]), client)
+    printed = cli.run(
+        cli.build_parser().parse_args(["similar", up_listing.id, "-k", "5", "--allow-partial-results"]),
+        client,
+    )
     assert printed.splitlines()[-1] == answer.notice and up_listing.id not in printed
     assert all(r.listing.id in printed for r in answer)
     wait_until(lambda: stack.ready() == "NOT_SERVING", 5)
@@ -202,9 +226,13 @@ def test_a_shard_with_every_replica_down(stack):
 
 def test_indexer_shards_parse_errors():
     assert shard_replicas_setting("0=a:1|b:1;1=c:1", "127.0.0.1:50052") == (("a:1", "b:1"), ("c:1",))
-    for bad, message in [("0=a:1;2=b:1", "no shard 1"), ("0=a:1|a:1", "twice in shard 0"),
-                         ("0=a:1;1=a:1", "in shards 0 and 1"), ("0=", "no replica"),
-                         ("x=a:1", "is not shard=target")]:
+    for bad, message in [
+        ("0=a:1;2=b:1", "no shard 1"),
+        ("0=a:1|a:1", "twice in shard 0"),
+        ("0=a:1;1=a:1", "in shards 0 and 1"),
+        ("0=", "no replica"),
+        ("x=a:1", "is not shard=target"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             shard_replicas_setting(bad, "127.0.0.1:50052")
     with pytest.raises(ConfigError, match="not both"):
@@ -225,17 +253,32 @@ def test_a_hung_replica_slows_neither_reads_nor_writes_for_long(tmp_path):
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(16)  # never accepted, never answered
-    live = start_indexer(IndexerConfig.local(
-        host="127.0.0.1", port=0, data_dir=tmp_path / "live", log_level="info",
-        collections=tuple(parse_collections(f"image:{DIM}:flat:ip")), collections_explicit=True,
-        snapshot_seconds=0, fsync=False))
+    live = start_indexer(
+        IndexerConfig.local(
+            host="127.0.0.1",
+            port=0,
+            data_dir=tmp_path / "live",
+            log_level="info",
+            collections=tuple(parse_collections(f"image:{DIM}:flat:ip")),
+            collections_explicit=True,
+            snapshot_seconds=0,
+            fsync=False,
+        )
+    )
     embedder = serve_embedder(FakeEmbedder())
     spec = f"0=127.0.0.1:{hole.getsockname()[1]}|127.0.0.1:{live.port}"
-    gateway = start_gateway(GatewayConfig.local(
-        host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
-        embedder_addr=f"127.0.0.1:{embedder.port}",
-        indexer_shards=shard_replicas_setting(spec, "127.0.0.1:50052"),
-        downstream_timeout_s=5.0, retry=RetryPolicy(1, 0.01, 0.05), readiness_interval_s=0))
+    gateway = start_gateway(
+        GatewayConfig.local(
+            host="127.0.0.1",
+            port=0,
+            db_path=tmp_path / "catalogue.sqlite3",
+            embedder_addr=f"127.0.0.1:{embedder.port}",
+            indexer_shards=shard_replicas_setting(spec, "127.0.0.1:50052"),
+            downstream_timeout_s=5.0,
+            retry=RetryPolicy(1, 0.01, 0.05),
+            readiness_interval_s=0,
+        )
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -245,16 +288,21 @@ def test_a_hung_replica_slows_neither_reads_nor_writes_for_long(tmp_path):
                 assert time.monotonic() - started < 3.9
             assert gateway.core.indexer.replica_sets[0].replicas[0].state == "UNREACHABLE"
             started = time.monotonic()
-            listing = stub.AddListing(gateway_pb2.AddListingRequest(
-                listing=gateway_pb2.Listing(id="H-1", title="hung", main_category="Appliances"),
-                images=[b"photo H-1"]), timeout=6).listing
+            listing = stub.AddListing(
+                gateway_pb2.AddListingRequest(
+                    listing=gateway_pb2.Listing(id="H-1", title="hung", main_category="Appliances"),
+                    images=[b"photo H-1"],
+                ),
+                timeout=6,
+            ).listing
             assert time.monotonic() - started < 3.5
             hung = gateway.core.indexer.replica_sets[0].replicas[0]
             assert hung.state == "MISSED_WRITES"
             for _ in range(3):  # never read from the replica that missed writes
                 started = time.monotonic()
-                reply = stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-                    listing_id=listing.id, k=1), timeout=6)
+                reply = stub.SimilarListings(
+                    gateway_pb2.SimilarListingsRequest(listing_id=listing.id, k=1), timeout=6
+                )
                 assert time.monotonic() - started < 1.5 and not reply.missing_shards
     finally:
         gateway.stop(0)

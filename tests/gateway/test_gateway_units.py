@@ -1,4 +1,5 @@
 """The gateway's core pieces without any server: merging, shard routing, config."""
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,15 @@ from services.gateway.shards import group_by_shard, shard_of
 
 
 def listing(listing_id: str, images=("a", "b"), **fields) -> Listing:
-    base = dict(title=f"title {listing_id}", description="desc", category="Home & Garden / Tables",
-                main_category="Home & Garden", price=12.5, currency="GBP", location="Leeds, West Yorkshire")
+    base = dict(
+        title=f"title {listing_id}",
+        description="desc",
+        category="Home & Garden / Tables",
+        main_category="Home & Garden",
+        price=12.5,
+        currency="GBP",
+        location="Leeds, West Yorkshire",
+    )
     base.update(fields)
     return Listing(listing_id, image_ids=tuple(f"{listing_id}-{i}" for i in images), **base)
 
@@ -32,13 +40,15 @@ def write_prepared(directory):
         "product_id,title,location,description,category,main_category,price,currency,price_flag\n"
         'p1,Oak table,"Leeds, West Yorkshire","Solid oak,\nseats 4",Home & Garden / Tables,Home & Garden,40.0,GBP,\n'
         "p2,Kettle,Wokingham,Works,Appliances / Kettles,Appliances,10000000.0,GBP,absurd\n"
-        "p3,Mystery,,,Other Goods,Other Goods,,,unparseable\n")
+        "p3,Mystery,,,Other Goods,Other Goods,,,unparseable\n"
+    )
     (directory / "images.csv").write_text(
         "image_id,product_id,main_category,label,split,path,sha256\n"
         "i1,p1,Home & Garden,6,train,images/i1.jpg,x\n"
         "i2,p1,Home & Garden,6,train,images/i2.jpg,x\n"
         "i3,p2,Appliances,0,test,images/i3.jpg,x\n"
-        "i4,p9,Appliances,0,test,images/i4.jpg,x\n")
+        "i4,p9,Appliances,0,test,images/i4.jpg,x\n"
+    )
     for name in ("i1", "i3", "i4"):  # i2's file is missing
         (directory / "images" / f"{name}.jpg").write_bytes(b"jpeg")
     return directory
@@ -58,6 +68,7 @@ def test_merge_by_listing_keeps_best_hit_per_listing_across_lists():
 
 def test_merge_by_listing_equals_global_top_k():
     import random
+
     rng = random.Random(7)
     lists = [[Hit(f"L{rng.randrange(30)}", rng.random(), f"i{q}-{j}") for j in range(40)] for q in range(4)]
     best: dict[str, float] = {}
@@ -81,8 +92,10 @@ def test_fusion_adapters():
 
 
 def test_predict_category_averages_over_photos():
-    photos = [[CategoryScore("A", 0.6), CategoryScore("B", 0.4)],
-              [CategoryScore("B", 0.9), CategoryScore("A", 0.1)]]
+    photos = [
+        [CategoryScore("A", 0.6), CategoryScore("B", 0.4)],
+        [CategoryScore("B", 0.9), CategoryScore("A", 0.1)],
+    ]
     assert predict_category(photos) == "B"
 
 
@@ -105,6 +118,7 @@ def test_shard_routing_matches_known_values():
     assert [shard_of(f"listing-{i}", 2) for i in range(8)] == [0, 1, 1, 0, 0, 1, 1, 1]
     assert [shard_of(f"listing-{i}", 3) for i in range(8)] == [2, 0, 0, 2, 1, 0, 2, 0]
     import hashlib
+
     expected = int.from_bytes(hashlib.blake2b(b"listing-1", digest_size=8).digest(), "big") % 5
     assert shard_of("listing-1", 5) == expected
 
@@ -160,8 +174,13 @@ def test_config_from_env(monkeypatch, tmp_path):
         parse_indexer_addrs("a:1,a:1")
 
 
-@pytest.mark.parametrize("name, field", [("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight"),
-                                         ("GATEWAY_SEARCH_TEXT_WEIGHT", "search_text_weight")])
+@pytest.mark.parametrize(
+    "name, field",
+    [
+        ("GATEWAY_SIMILAR_TEXT_WEIGHT", "similar_text_weight"),
+        ("GATEWAY_SEARCH_TEXT_WEIGHT", "search_text_weight"),
+    ],
+)
 def test_fusion_text_weights_from_env(monkeypatch, name, field):
     """Unset (or empty): None, the embedder's artefact decides; set: a number in [0, 1]."""
     monkeypatch.delenv(name, raising=False)
@@ -211,9 +230,14 @@ def test_gateway_refuses_a_shard_map_naming_unconfigured_shards(tmp_path):
     from services.gateway.server import start
 
     _publish(tmp_path / "db.sqlite3", initial(4))
-    config = GatewayConfig.local(host="127.0.0.1", port=0, db_path=tmp_path / "db.sqlite3",
-                           indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
-                           shard_map=False, readiness_interval_s=0)  # a stored map is followed
+    config = GatewayConfig.local(
+        host="127.0.0.1",
+        port=0,
+        db_path=tmp_path / "db.sqlite3",
+        indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
+        shard_map=False,
+        readiness_interval_s=0,
+    )  # a stored map is followed
     with pytest.raises(ConfigError, match="places partitions on shard 3, but only shards 0..1"):
         start(config)
 
@@ -224,12 +248,18 @@ def test_gateway_refuses_an_inconsistent_shard_map_in_the_database(tmp_path):
 
     db = tmp_path / "db.sqlite3"
     with Catalogue.open(db) as catalogue, catalogue._db.transaction() as tx:
-        tx.execute("INSERT INTO shard_maps (version, state, body, created_at) VALUES (?, ?, ?, ?)",
-                   (1, "stable", '{"version": 1, "partitions": 4, "state": "stable", '
-                                 '"owners": [0, 1, -1, 0]}', 0.0))
-    config = GatewayConfig.local(host="127.0.0.1", port=0, db_path=db,
-                           indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"), shard_map=True,
-                           readiness_interval_s=0)
+        tx.execute(
+            "INSERT INTO shard_maps (version, state, body, created_at) VALUES (?, ?, ?, ?)",
+            (1, "stable", '{"version": 1, "partitions": 4, "state": "stable", "owners": [0, 1, -1, 0]}', 0.0),
+        )
+    config = GatewayConfig.local(
+        host="127.0.0.1",
+        port=0,
+        db_path=db,
+        indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
+        shard_map=True,
+        readiness_interval_s=0,
+    )
     with pytest.raises(ConfigError, match="shard map v1 .* partition with no shard"):
         start(config)
 
@@ -243,9 +273,15 @@ def test_gateways_create_one_map_and_a_hash_routed_gateway_follows_it(tmp_path):
     db = tmp_path / "db.sqlite3"
 
     def config(shard_map: bool) -> GatewayConfig:
-        return GatewayConfig.local(host="127.0.0.1", port=0, db_path=db,
-                             indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"), shard_map=shard_map,
-                             shard_map_poll_s=0.05, readiness_interval_s=0)
+        return GatewayConfig.local(
+            host="127.0.0.1",
+            port=0,
+            db_path=db,
+            indexer_addrs=("127.0.0.1:1", "127.0.0.1:2"),
+            shard_map=shard_map,
+            shard_map_poll_s=0.05,
+            readiness_interval_s=0,
+        )
 
     hashed = start(config(False))
     try:

@@ -2,6 +2,7 @@
 filters reach the index, shards are fanned out and merged, writes are all or nothing, retries,
 deadlines, round_robin and error codes. The same behaviour against the real services is in
 test_gateway_integration.py."""
+
 from __future__ import annotations
 
 import time
@@ -54,11 +55,16 @@ class Stack:
         self.indexers = [FakeIndexer(), FakeIndexer()]
         self.indexer_servers = [serve_indexer(i) for i in self.indexers]
         settings = dict(
-            host="127.0.0.1", port=0, db_path=tmp_path / "catalogue.sqlite3",
+            host="127.0.0.1",
+            port=0,
+            db_path=tmp_path / "catalogue.sqlite3",
             embedder_addr=",".join(f"127.0.0.1:{s.port}" for s in self.embedder_servers),
             indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in self.indexer_servers),
-            downstream_timeout_s=5.0, retry=RetryPolicy(3, 0.01, 0.05), write_token=write_token,
-            max_workers=8)
+            downstream_timeout_s=5.0,
+            retry=RetryPolicy(3, 0.01, 0.05),
+            write_token=write_token,
+            max_workers=8,
+        )
         settings.update(overrides)
         self.config = GatewayConfig.local(**settings)
         self.gateway = start(self.config)
@@ -70,12 +76,24 @@ class Stack:
         catalogue = self.gateway.core.catalogue
         for listing_id, main, price, location, photos in LISTINGS:
             image_ids = tuple(f"{listing_id}-img{j}" for j in range(photos))
-            catalogue.add(Listing(listing_id, f"Title of {listing_id}", "", f"{main} / x", main, price,
-                                  "GBP" if price is not None else "", location, image_ids))
+            catalogue.add(
+                Listing(
+                    listing_id,
+                    f"Title of {listing_id}",
+                    "",
+                    f"{main} / x",
+                    main,
+                    price,
+                    "GBP" if price is not None else "",
+                    location,
+                    image_ids,
+                )
+            )
             shard = self.indexers[shard_of(listing_id, 2)]
             for j, image_id in enumerate(image_ids):
-                item = IndexItem(image_id, fake_vector(photo(listing_id, j)), listing_id, main, price,
-                                 location).to_proto()
+                item = IndexItem(
+                    image_id, fake_vector(photo(listing_id, j)), listing_id, main, price, location
+                ).to_proto()
                 shard.items[image_id] = (fake_vector(photo(listing_id, j)), item.attributes)
 
     def close(self) -> None:
@@ -128,23 +146,26 @@ def test_filters_hold(stack):
     assert {r.listing.id for r in appliances} == {"L-kettle", "L-fridge"}
     cheap = stack.client.search_by_image(query, k=10, min_price=10, max_price=40)
     assert {r.listing.id for r in cheap} == {"L-table", "L-chair", "L-kettle"}
-    leeds = stack.client.search_by_image(query, k=10, location="Leeds, West Yorkshire",
-                                         exclude=["L-table"])
+    leeds = stack.client.search_by_image(query, k=10, location="Leeds, West Yorkshire", exclude=["L-table"])
     assert {r.listing.id for r in leeds} == {"L-chair", "L-fridge"}
     combined = stack.client.search_by_image(query, k=10, main_category="Home & Garden", max_price=10)
     assert [r.listing.id for r in combined] == ["L-lamp"]
 
 
-@pytest.mark.parametrize("request_kwargs, message", [
-    (dict(image=b"", k=5), "image is empty"),
-    (dict(image=b"x", k=101), "k must be between 1 and 100"),
-    (dict(image=b"x", filter=gateway_pb2.ListingFilter(min_price=5, max_price=1)), "greater than"),
-    (dict(image=b"x", filter=gateway_pb2.ListingFilter(main_category="Cars")), "not a known category"),
-    (dict(image=b"bad bytes"), "images[0] is not a decodable image"),  # embedder's message passed through
-])
+@pytest.mark.parametrize(
+    "request_kwargs, message",
+    [
+        (dict(image=b"", k=5), "image is empty"),
+        (dict(image=b"x", k=101), "k must be between 1 and 100"),
+        (dict(image=b"x", filter=gateway_pb2.ListingFilter(min_price=5, max_price=1)), "greater than"),
+        (dict(image=b"x", filter=gateway_pb2.ListingFilter(main_category="Cars")), "not a known category"),
+        (dict(image=b"bad bytes"), "images[0] is not a decodable image"),  # embedder's message passed through
+    ],
+)
 def test_search_invalid_arguments(stack, request_kwargs, message):
-    error = rpc_error(stack.client.stub.SearchByImage,
-                      gateway_pb2.SearchByImageRequest(**request_kwargs), timeout=5)
+    error = rpc_error(
+        stack.client.stub.SearchByImage, gateway_pb2.SearchByImageRequest(**request_kwargs), timeout=5
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in error.details()
 
@@ -184,8 +205,13 @@ def test_similar_without_indexed_photos_is_failed_precondition(stack):
 
 def test_add_search_remove_round_trip(stack):
     images = [b"new photo A", b"new photo B"]
-    added = stack.client.add(images, title="  Brass lamp ", price=25, location="York, North Yorkshire",
-                             main_category="Home & Garden")
+    added = stack.client.add(
+        images,
+        title="  Brass lamp ",
+        price=25,
+        location="York, North Yorkshire",
+        main_category="Home & Garden",
+    )
     assert added.title == "Brass lamp" and added.currency == "GBP" and len(added.image_ids) == 2
     assert stack.client.get(added.id) == added
     shard = stack.indexers[shard_of(added.id, 2)]
@@ -211,14 +237,17 @@ def test_add_predicts_main_category_when_empty(stack):
     assert derived.main_category == "Appliances"
 
 
-@pytest.mark.parametrize("kwargs, code, message", [
-    (dict(title=""), grpc.StatusCode.INVALID_ARGUMENT, "title is required"),
-    (dict(title="t", main_category="Cars"), grpc.StatusCode.INVALID_ARGUMENT, "not one of the model's"),
-    (dict(title="t", price=-1), grpc.StatusCode.INVALID_ARGUMENT, "non-negative"),
-    (dict(title="t", listing_id="L-table"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
-    (dict(title="t", listing_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "listing.id"),
-    (dict(title="t", listing_id="L" * 129), grpc.StatusCode.INVALID_ARGUMENT, "1-128 characters"),
-])
+@pytest.mark.parametrize(
+    "kwargs, code, message",
+    [
+        (dict(title=""), grpc.StatusCode.INVALID_ARGUMENT, "title is required"),
+        (dict(title="t", main_category="Cars"), grpc.StatusCode.INVALID_ARGUMENT, "not one of the model's"),
+        (dict(title="t", price=-1), grpc.StatusCode.INVALID_ARGUMENT, "non-negative"),
+        (dict(title="t", listing_id="L-table"), grpc.StatusCode.ALREADY_EXISTS, "already exists"),
+        (dict(title="t", listing_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "listing.id"),
+        (dict(title="t", listing_id="L" * 129), grpc.StatusCode.INVALID_ARGUMENT, "1-128 characters"),
+    ],
+)
 def test_add_invalid(stack, kwargs, code, message):
     error = rpc_error(stack.client.add, [b"p"], **kwargs)
     assert error.code() == code and message in error.details()
@@ -272,14 +301,17 @@ def test_add_whose_outcome_is_unknown_is_pending_until_it_lands(stack):
     shard = stack.indexers[shard_number]
     before = _item_counts(stack)
     shard.faults.plan("Upsert", delay=2.5, times=2)  # the request's try and its retry
-    added = stack.client.add_listing([b"p1"], title="t", main_category="Other Goods", listing_id="L-x",
-                                     timeout=1.5)
+    added = stack.client.add_listing(
+        [b"p1"], title="t", main_category="Other Goods", listing_id="L-x", timeout=1.5
+    )
     assert added.pending and added.listing.id == "L-x"
     assert shard.faults.calls["Delete"] == 0  # nothing undone
     assert rpc_error(stack.client.get, "L-x").code() == grpc.StatusCode.NOT_FOUND
     assert stack.client.get("L-x", include_pending=True).image_ids == added.listing.image_ids
-    assert rpc_error(stack.client.add, [b"p2"], title="t", main_category="Other Goods",
-                     listing_id="L-x").code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (
+        rpc_error(stack.client.add, [b"p2"], title="t", main_category="Other Goods", listing_id="L-x").code()
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
     assert wait_for(lambda: stack.gateway.core.catalogue.get("L-x") is not None)
     assert stack.client.get("L-x").image_ids == added.listing.image_ids
     assert set(added.listing.image_ids) <= set(shard.items)
@@ -295,8 +327,9 @@ def test_add_writes_nothing_when_the_catalogue_is_unusable(stack, monkeypatch):
         raise CatalogueUnavailable("catalogue database sqlite:///x unavailable: disk I/O error")
 
     monkeypatch.setattr(stack.gateway.core.catalogue, "add_pending", broken_add)
-    error = rpc_error(stack.client.add, [b"p1", b"p2"], title="t", main_category="Other Goods",
-                      listing_id="L-y")
+    error = rpc_error(
+        stack.client.add, [b"p1", b"p2"], title="t", main_category="Other Goods", listing_id="L-y"
+    )
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "catalogue database" in error.details()
     assert sum(i.faults.calls["Upsert"] for i in stack.indexers) == 0  # the index never saw it
     assert _item_counts(stack) == before
@@ -410,11 +443,16 @@ def test_request_id_and_write_token_reach_the_downstreams(tmp_path):
 
         with grpc.insecure_channel(s.address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            stub.AddListing(gateway_pb2.AddListingRequest(
-                listing=gateway_pb2.Listing(title="t", main_category="Other Goods"), images=[b"p"]),
-                metadata=((REQUEST_ID_KEY, "trace-me-123"), ("authorization", "Bearer s3cret")), timeout=5)
-        seen = [m for e in s.embedders for m in e.faults.metadata] + \
-               [m for i in s.indexers for m in i.faults.metadata]
+            stub.AddListing(
+                gateway_pb2.AddListingRequest(
+                    listing=gateway_pb2.Listing(title="t", main_category="Other Goods"), images=[b"p"]
+                ),
+                metadata=((REQUEST_ID_KEY, "trace-me-123"), ("authorization", "Bearer s3cret")),
+                timeout=5,
+            )
+        seen = [m for e in s.embedders for m in e.faults.metadata] + [
+            m for i in s.indexers for m in i.faults.metadata
+        ]
         upserts = [m for m in seen if m["method"] == "Upsert"]
         assert upserts and all(m.get("authorization") == "Bearer s3cret" for m in upserts)
         assert all(m.get(REQUEST_ID_KEY) == "trace-me-123" for m in seen)
@@ -458,7 +496,9 @@ def test_hybrid_search_and_recommend_refuse_bad_requests(stack):
         return rpc_error(call, *args, **kwargs).code()
 
     assert code(stack.client.search) == grpc.StatusCode.INVALID_ARGUMENT  # neither image nor text
-    assert code(stack.client.search, photo("L-box"), "oak", text_weight=1.5) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code(stack.client.search, photo("L-box"), "oak", text_weight=1.5) == grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert code(stack.client.search_by_text, "   ") == grpc.StatusCode.INVALID_ARGUMENT
     assert code(stack.client.recommend, []) == grpc.StatusCode.INVALID_ARGUMENT
     error = rpc_error(stack.client.recommend, ["L-table", "L-nope"])
@@ -482,8 +522,12 @@ def test_cli_prints_tables(stack, tmp_path, capsys):
 
     photo_file = tmp_path / "q.jpg"
     photo_file.write_bytes(photo("L-table"))
-    assert cli.main(["--addr", stack.address, "search", str(photo_file), "-k", "3",
-                     "--category", "Home & Garden"]) == 0
+    assert (
+        cli.main(
+            ["--addr", stack.address, "search", str(photo_file), "-k", "3", "--category", "Home & Garden"]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["rank", "score", "title"] and set(lines[1]) <= {"-", " "}
     assert "Title of L-table" in lines[2] and "£40.00" in lines[2] and lines[2].endswith("L-table")
@@ -492,8 +536,7 @@ def test_cli_prints_tables(stack, tmp_path, capsys):
     assert "\nprice          -\n" in capsys.readouterr().out
     assert cli.main(["--addr", stack.address, "classify", str(photo_file)]) == 0
     assert "model fake-1" in capsys.readouterr().out
-    assert cli.main(["--addr", stack.address, "add", "--title", "Lamp", "--price", "3",
-                     str(photo_file)]) == 0
+    assert cli.main(["--addr", stack.address, "add", "--title", "Lamp", "--price", "3", str(photo_file)]) == 0
     added_id = capsys.readouterr().out.splitlines()[1].split()[-1]
     assert cli.main(["--addr", stack.address, "similar", added_id, "-k", "1"]) == 0
     assert "L-table" in capsys.readouterr().out  # same photo bytes as L-table's
@@ -515,13 +558,22 @@ def test_index_embeddings_routes_by_listing(stack, tmp_path):
     write_image_embeddings(tmp_path / "artifact", ids, vectors)
     loaded_ids, loaded = read_image_embeddings(tmp_path / "artifact")
     assert loaded_ids == ids and loaded.shape == vectors.shape
-    report = index_embeddings(stack.gateway.core.catalogue, stack.gateway.core.indexer, loaded_ids,
-                              loaded, batch_size=3, progress=False)
+    report = index_embeddings(
+        stack.gateway.core.catalogue,
+        stack.gateway.core.indexer,
+        loaded_ids,
+        loaded,
+        batch_size=3,
+        progress=False,
+    )
     assert report.upserted == len(rows) and report.skipped_not_in_catalogue == 1
     for row in rows:
         stored = stack.indexers[shard_of(row.listing_id, 2)].items[row.image_id][1]
-        assert (stored.listing_id, stored.category, stored.location) == \
-            (row.listing_id, row.main_category, row.location)
+        assert (stored.listing_id, stored.category, stored.location) == (
+            row.listing_id,
+            row.main_category,
+            row.location,
+        )
     assert sum(i.faults.calls["Upsert"] for i in stack.indexers) >= 3  # batched
 
 
@@ -552,8 +604,24 @@ def test_index_catalogue_text_needs_text_vectors_from_somewhere(stack, tmp_path)
 def test_cli_recommend_and_text_commands(stack, tmp_path, capsys):
     from services.gateway import cli
 
-    assert cli.main(["--addr", stack.address, "recommend", "--like", "L-table", "--skip", "L-kettle",
-                     "--seen", "L-box", "-k", "3"]) == 0
+    assert (
+        cli.main(
+            [
+                "--addr",
+                stack.address,
+                "recommend",
+                "--like",
+                "L-table",
+                "--skip",
+                "L-kettle",
+                "--seen",
+                "L-box",
+                "-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("rank") and len(out.splitlines()) == 5
     assert "L-table" not in out and "L-kettle" not in out and "L-box" not in out
@@ -561,8 +629,22 @@ def test_cli_recommend_and_text_commands(stack, tmp_path, capsys):
     photo_file.write_bytes(photo("L-table"))
     assert cli.main(["--addr", stack.address, "text", "oak table"]) == 1  # image-only embedder
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
-    assert cli.main(["--addr", stack.address, "hybrid", str(photo_file), "oak", "--fusion", "rrf",
-                     "--text-weight", "0.3"]) == 1
+    assert (
+        cli.main(
+            [
+                "--addr",
+                stack.address,
+                "hybrid",
+                str(photo_file),
+                "oak",
+                "--fusion",
+                "rrf",
+                "--text-weight",
+                "0.3",
+            ]
+        )
+        == 1
+    )
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
 
 
@@ -583,10 +665,12 @@ def test_catalogue_database_going_away_is_unavailable_then_recovers(tmp_path):
         try:
             assert s.client.get("L-box").id == "L-box"
             cluster.stop()
-            for call in (lambda: s.client.get("L-box"),
-                         lambda: s.client.search_by_image(photo("L-box"), k=1),
-                         lambda: s.client.add([b"p"], title="t", main_category="Other Goods"),
-                         lambda: s.client.remove("L-box")):
+            for call in (
+                lambda: s.client.get("L-box"),
+                lambda: s.client.search_by_image(photo("L-box"), k=1),
+                lambda: s.client.add([b"p"], title="t", main_category="Other Goods"),
+                lambda: s.client.remove("L-box"),
+            ):
                 error = rpc_error(call)
                 assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
                 assert "catalogue database" in error.details()

@@ -1,5 +1,6 @@
 """The gateway's metrics over its real /metrics endpoint: catalogue size, readiness per
 downstream (a shard going away shows as 0), client-side counts per downstream."""
+
 from __future__ import annotations
 
 import time
@@ -27,8 +28,16 @@ def test_readiness_per_downstream_and_catalogue_size(tmp_path):
             assert value(samples, "gateway_downstream_ready", downstream=downstream) == 1
         assert value(samples, "gateway_ready") == 1
         # the readiness probes themselves went through the instrumented channels
-        assert value(samples, "grpc_client_handled_total", downstream="indexer shard 1",
-                     grpc_method="Check", grpc_code="OK") >= 1
+        assert (
+            value(
+                samples,
+                "grpc_client_handled_total",
+                downstream="indexer shard 1",
+                grpc_method="Check",
+                grpc_code="OK",
+            )
+            >= 1
+        )
 
         stack.shards[1].stop(0)
         deadline = time.monotonic() + 10

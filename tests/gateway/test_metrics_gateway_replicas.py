@@ -1,6 +1,7 @@
 """The gateway's replica metrics on its real /metrics endpoint, with real indexer replicas
 (`test_gateway_replicas.ReplicatedStack`): failovers and partial results are counted by shard,
 each replica's state and readiness are exported, and the client metrics name every replica."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -47,12 +48,15 @@ def test_failovers_partial_results_and_replica_states(stack):
     for shard in range(SHARDS):
         stack.indexers[shard][0].stop(0)
     for _ in range(6):  # each read still answers; some first tries hit a dead replica
-        reply = stack.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-            listing_id=added[0].id, k=3), timeout=5)
+        reply = stack.stub.SimilarListings(
+            gateway_pb2.SimilarListingsRequest(listing_id=added[0].id, k=3), timeout=5
+        )
         assert len(reply.results) == 3 and not reply.missing_shards
     samples = scrape(port)
-    failovers = sum(value(samples, "gateway_indexer_failovers_total", shard=str(shard),
-                          code="UNAVAILABLE") for shard in range(SHARDS))
+    failovers = sum(
+        value(samples, "gateway_indexer_failovers_total", shard=str(shard), code="UNAVAILABLE")
+        for shard in range(SHARDS)
+    )
     assert failovers >= 1
     dead = [r for r in replicas if r.number == 0]
     for replica in dead:
@@ -63,15 +67,28 @@ def test_failovers_partial_results_and_replica_states(stack):
         assert value(samples, "gateway_downstream_ready", **where) == 0
         assert value(samples, "gateway_indexer_replica_state", state="SERVING", **where) == 0
     # the calls that failed over are in the client metrics of the dead replica's channel
-    assert sum(value(samples, "grpc_client_handled_total", downstream=r.downstream.name,
-                     target=r.downstream.target, grpc_method="Search", grpc_code="UNAVAILABLE")
-               for r in dead) >= 1
+    assert (
+        sum(
+            value(
+                samples,
+                "grpc_client_handled_total",
+                downstream=r.downstream.name,
+                target=r.downstream.target,
+                grpc_method="Search",
+                grpc_code="UNAVAILABLE",
+            )
+            for r in dead
+        )
+        >= 1
+    )
 
     down = shard_of(added[0].id, SHARDS)
     up_listing = next(listing for listing in added if shard_of(listing.id, SHARDS) != down)
     stack.indexers[down][1].stop(0)
-    reply = stack.stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-        listing_id=up_listing.id, k=5, allow_partial_results=True), timeout=5)
+    reply = stack.stub.SimilarListings(
+        gateway_pb2.SimilarListingsRequest(listing_id=up_listing.id, k=5, allow_partial_results=True),
+        timeout=5,
+    )
     assert list(reply.missing_shards) == [down]
     samples = scrape(port)
     assert value(samples, "gateway_partial_results_total", shard=str(down)) == 1

@@ -1,6 +1,7 @@
 """The reconcile command against real indexer shards (in-process servers on ephemeral ports) and
 the catalogue on both back ends: it finds vectors without a listing and listings without their
 vectors, repairs what the catalogue can repair through the outbox, and says what it cannot."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,10 +27,20 @@ def vector(seed: int) -> np.ndarray:
 
 @pytest.fixture
 def shards(tmp_path):
-    servers = [start_indexer(IndexerConfig.local(
-        host="127.0.0.1", port=0, data_dir=tmp_path / f"indexer-{n}", log_level="warning",
-        collections=tuple(parse_collections(f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")),
-        collections_explicit=True, fsync=False)) for n in range(2)]
+    servers = [
+        start_indexer(
+            IndexerConfig.local(
+                host="127.0.0.1",
+                port=0,
+                data_dir=tmp_path / f"indexer-{n}",
+                log_level="warning",
+                collections=tuple(parse_collections(f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")),
+                collections_explicit=True,
+                fsync=False,
+            )
+        )
+        for n in range(2)
+    ]
     client = IndexerShards([f"127.0.0.1:{s.port}" for s in servers], RetryPolicy(2, 0.01, 0.05))
     yield client
     client.close()
@@ -88,4 +99,5 @@ def test_reconcile_reports_then_repairs(catalogue_url, shards, capsys):
     addrs = ",".join(r.downstream.target for r in shards.replicas)
     assert main(["--db", catalogue_url, "--indexers", addrs]) == 1  # "bulk" still lacks its vector
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        "RECONCILE orphans=0 missing=1 pending=0 unrepairable=1 repaired=0")
+        "RECONCILE orphans=0 missing=1 pending=0 unrepairable=1 repaired=0"
+    )

@@ -6,6 +6,7 @@ During a bounded mixed load (searches + AddListing/RemoveListing) one replica of
 SIGKILLed and restarted: no search fails, no acknowledged write is lost, and the restarted
 replicas converge to exactly their peers' contents. A brand-new empty replica added to a shard
 converges and then serves."""
+
 from __future__ import annotations
 
 import time
@@ -26,18 +27,27 @@ pytestmark = pytest.mark.timeout(420)
 
 def gateway_config(root, embedder_port: int, cluster: IndexerCluster) -> GatewayConfig:
     return GatewayConfig.local(
-        host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
+        host="127.0.0.1",
+        port=0,
+        db_path=root / "catalogue.sqlite3",
         embedder_addr=f"127.0.0.1:{embedder_port}",
         indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),
-        downstream_timeout_s=10.0, retry=RetryPolicy(3, 0.05, 0.2), reconnect_backoff_max_s=0.5,
-        readiness_interval_s=0.5, readiness_timeout_s=1.0)
+        downstream_timeout_s=10.0,
+        retry=RetryPolicy(3, 0.05, 0.2),
+        reconnect_backoff_max_s=0.5,
+        readiness_interval_s=0.5,
+        readiness_timeout_s=1.0,
+    )
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, test_artifact):
     tmp_path = tmp_path_factory.mktemp("scaleout")
-    embedder = start_embedder(EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
-                                             text_model="off", model_workers=1))
+    embedder = start_embedder(
+        EmbedderConfig.local(
+            artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="off", model_workers=1
+        )
+    )
     cluster = IndexerCluster(tmp_path, shards=2, replicas=2, collections="image:1280:flat:ip")
     gateway = None
     try:
@@ -55,9 +65,13 @@ def stack(tmp_path_factory, test_artifact):
 def bootstrap_listings(stub, photos: list[bytes], count: int) -> list[str]:
     ids = []
     for n in range(count):
-        reply = stub.AddListing(gateway_pb2.AddListingRequest(
-            listing=gateway_pb2.Listing(id=f"seed-{n}", title=f"seed {n}", main_category="Appliances"),
-            images=[photos[n % len(photos)]]), timeout=30)
+        reply = stub.AddListing(
+            gateway_pb2.AddListingRequest(
+                listing=gateway_pb2.Listing(id=f"seed-{n}", title=f"seed {n}", main_category="Appliances"),
+                images=[photos[n % len(photos)]],
+            ),
+            timeout=30,
+        )
         ids.append(reply.listing.id)
     return ids
 
@@ -68,8 +82,15 @@ def test_sigkill_one_replica_of_each_shard_under_mixed_load(stack):
     photos = real_photos(6)
     with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         bootstrap_ids = bootstrap_listings(gateway_pb2_grpc.GatewayStub(channel), photos, 6)
-    outcome = run_kill_scenario(cluster, f"127.0.0.1:{gateway.port}", photos, bootstrap_ids,
-                                duration_s=16, kill_at_s=4, restart_at_s=8)
+    outcome = run_kill_scenario(
+        cluster,
+        f"127.0.0.1:{gateway.port}",
+        photos,
+        bootstrap_ids,
+        duration_s=16,
+        kill_at_s=4,
+        restart_at_s=8,
+    )
     print(outcome)
     assert outcome.searches > 20 and outcome.adds > 5 and outcome.removes > 1
     assert outcome.failed_searches == []
@@ -88,9 +109,16 @@ def test_a_brand_new_empty_replica_converges_then_serves(stack):
     gateways.append(gateway)
     with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        more = [stub.AddListing(gateway_pb2.AddListingRequest(
-            listing=gateway_pb2.Listing(id=f"late-{n}", title="late", main_category="Appliances"),
-            images=[photos[n % len(photos)]]), timeout=30).listing for n in range(4)]
+        more = [
+            stub.AddListing(
+                gateway_pb2.AddListingRequest(
+                    listing=gateway_pb2.Listing(id=f"late-{n}", title="late", main_category="Appliances"),
+                    images=[photos[n % len(photos)]],
+                ),
+                timeout=30,
+            ).listing
+            for n in range(4)
+        ]
         cluster.start(fresh)
         converge_s = cluster.wait_serving(fresh)
         print(f"new replica serving after {converge_s:.1f}s")

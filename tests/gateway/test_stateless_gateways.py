@@ -5,6 +5,7 @@ gateway SIGKILLed at random points of its write path, then restarted, losing not
 The embedder and the indexers run in this process (servers on real ports); the gateways are
 real processes (``python -m services.gateway``), so a SIGKILL is a real crash.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def photos(count: int) -> list[bytes]:
     base = real_photos(4)  # no marketplace data: distinct enough crops of the samples
     from PIL import Image
     import io
+
     out = []
     for n in range(count):
         image = Image.open(io.BytesIO(base[n % 4])).convert("RGB")
@@ -58,17 +60,29 @@ def photos(count: int) -> list[bytes]:
 
 
 def indexer_config(root: Path, n: int) -> IndexerConfig:
-    return IndexerConfig.local(host="127.0.0.1", port=0, data_dir=root / f"indexer-{n}", log_level="warning",
-                         collections=tuple(parse_collections("image:1280:flat:ip")),
-                         collections_explicit=True, fsync=False)
+    return IndexerConfig.local(
+        host="127.0.0.1",
+        port=0,
+        data_dir=root / f"indexer-{n}",
+        log_level="warning",
+        collections=tuple(parse_collections("image:1280:flat:ip")),
+        collections_explicit=True,
+        fsync=False,
+    )
 
 
 def gateway_env(db_url: str, embedder_port: int, shards, lease_s: float = 10) -> dict[str, str]:
-    return {"GATEWAY_DB": db_url, "EMBEDDER_ADDR": f"127.0.0.1:{embedder_port}",
-            "INDEXER_ADDRS": ",".join(f"127.0.0.1:{s.port}" for s in shards),
-            "LOG_LEVEL": "warning", "GATEWAY_OUTBOX_LEASE_S": str(lease_s), "GATEWAY_OUTBOX_INTERVAL_S": "0.2",
-            "GATEWAY_READINESS_INTERVAL_S": "1", "GATEWAY_DOWNSTREAM_TIMEOUT_S": "30",
-            "GATEWAY_MAX_WORKERS": "16"}
+    return {
+        "GATEWAY_DB": db_url,
+        "EMBEDDER_ADDR": f"127.0.0.1:{embedder_port}",
+        "INDEXER_ADDRS": ",".join(f"127.0.0.1:{s.port}" for s in shards),
+        "LOG_LEVEL": "warning",
+        "GATEWAY_OUTBOX_LEASE_S": str(lease_s),
+        "GATEWAY_OUTBOX_INTERVAL_S": "0.2",
+        "GATEWAY_READINESS_INTERVAL_S": "1",
+        "GATEWAY_DOWNSTREAM_TIMEOUT_S": "30",
+        "GATEWAY_MAX_WORKERS": "16",
+    }
 
 
 def shards_client(shards) -> IndexerShards:
@@ -78,8 +92,9 @@ def shards_client(shards) -> IndexerShards:
 @pytest.fixture(scope="module")
 def services(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("replicas")
-    embedder = start_embedder(EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
-                                             text_model="off"))
+    embedder = start_embedder(
+        EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="off")
+    )
     shards = [start_indexer(indexer_config(root, n)) for n in range(2)]
     yield root, embedder, shards
     for server in [embedder, *shards]:
@@ -138,8 +153,9 @@ def test_concurrent_adds_over_both_gateways_are_exact(two_gateways):
 
     def add(n: int):
         client = clients[n % 2]
-        return client.add_listing([images[n]], title=f"Listing {n}", main_category=CATEGORY,
-                                  listing_id=f"burst-{n:03d}", price=n)
+        return client.add_listing(
+            [images[n]], title=f"Listing {n}", main_category=CATEGORY, listing_id=f"burst-{n:03d}", price=n
+        )
 
     with ThreadPoolExecutor(16) as pool:
         added = list(pool.map(add, range(count)))
@@ -148,11 +164,13 @@ def test_concurrent_adds_over_both_gateways_are_exact(two_gateways):
         end = time.monotonic() + 60
         while catalogue.pending_outbox() and time.monotonic() < end:
             time.sleep(0.2)
+
     # the same ids again, through the other gateway, concurrently: every one refused, none doubled
     def again(n: int):
         try:
-            clients[1 - n % 2].add([images[n]], title="dup", main_category=CATEGORY,
-                                   listing_id=f"burst-{n:03d}")
+            clients[1 - n % 2].add(
+                [images[n]], title="dup", main_category=CATEGORY, listing_id=f"burst-{n:03d}"
+            )
         except grpc.RpcError as error:
             return error.code()
         return grpc.StatusCode.OK
@@ -170,17 +188,18 @@ def test_concurrent_adds_over_both_gateways_are_exact(two_gateways):
         assert listing.price == n and len(listing.image_ids) == 1
     indexer = shards_client(shards)
     try:
-        listed = [item for shard in range(2)
-                  for item in indexer.list_ids(shard, Deadline(30))]
+        listed = [item for shard in range(2) for item in indexer.list_ids(shard, Deadline(30))]
         burst = [(item, owner) for item, owner in listed if owner in ids]
         assert len(burst) == count and len({item for item, _ in burst}) == count  # no duplicates
+
         def found_by_its_photo(n: int) -> bool:  # k=5: a marketplace photo may have twins
             results = clients[n % 2].search_by_image(images[n], k=5)
             return f"burst-{n:03d}" in {r.listing.id for r in results}
 
         with ThreadPoolExecutor(8) as pool:
-            unfound = [n for n, found in zip(range(count), pool.map(found_by_its_photo, range(count)))
-                       if not found]
+            unfound = [
+                n for n, found in zip(range(count), pool.map(found_by_its_photo, range(count))) if not found
+            ]
         assert unfound == [], f"not found by their own photo: {unfound}"
         with Catalogue.open(url) as catalogue:
             report = reconcile(catalogue, indexer)
@@ -204,14 +223,18 @@ def test_a_serving_gateway_outlives_its_database_going_away(services, tmp_path):
         with GatewayClient(gateway.address, timeout=60) as client:
             added = client.add([before], title="Before the outage", main_category=CATEGORY)
             cluster.stop()
-            for call in (lambda: client.get(added.id),
-                         lambda: client.search_by_image(before, k=1),
-                         lambda: client.add([during], title="During the outage", main_category=CATEGORY)):
+            for call in (
+                lambda: client.get(added.id),
+                lambda: client.search_by_image(before, k=1),
+                lambda: client.add([during], title="During the outage", main_category=CATEGORY),
+            ):
                 with pytest.raises(grpc.RpcError) as raised:
                     call()
                 assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value.details()
-                assert f"catalogue database postgresql://postgres@127.0.0.1:{cluster.port}/outage" in \
-                    raised.value.details()
+                assert (
+                    f"catalogue database postgresql://postgres@127.0.0.1:{cluster.port}/outage"
+                    in raised.value.details()
+                )
             cluster.start()
             deadline = time.monotonic() + 90
             while True:
@@ -274,6 +297,7 @@ class CrashingShard:
             if point == "after":
                 self._kill(point, method)
             return result
+
         return wrapped
 
 
@@ -332,8 +356,12 @@ def test_gateway_killed_anywhere_in_the_write_path_loses_and_orphans_nothing(ser
                 listing_id = f"crash-{op:03d}"
                 attempted.append(listing_id)
                 try:
-                    client.add([images[len(attempted) - 1]], title=f"Crash {op}", main_category=CATEGORY,
-                               listing_id=listing_id)
+                    client.add(
+                        [images[len(attempted) - 1]],
+                        title=f"Crash {op}",
+                        main_category=CATEGORY,
+                        listing_id=listing_id,
+                    )
                     acknowledged_adds.add(listing_id)
                 except grpc.RpcError as error:
                     failures[f"AddListing {error.code().name}"] += 1
@@ -343,9 +371,11 @@ def test_gateway_killed_anywhere_in_the_write_path_loses_and_orphans_nothing(ser
         kills = [k for shard in crashing for k in shard.kills]
         assert any(k.startswith("before") for k in kills) and any(k.startswith("after") for k in kills)
         assert state["restarts"] >= 5
-        print(f"crash test: {state['restarts']} restarts; kills at shard writes: {kills}; "
-              f"{len(acknowledged_adds)} adds and {len(acknowledged_removes)} removes acknowledged; "
-              f"failed calls: {dict(failures)}")
+        print(
+            f"crash test: {state['restarts']} restarts; kills at shard writes: {kills}; "
+            f"{len(acknowledged_adds)} adds and {len(acknowledged_removes)} removes acknowledged; "
+            f"failed calls: {dict(failures)}"
+        )
 
         with Catalogue.open(url) as catalogue:
             end = time.monotonic() + 120

@@ -6,6 +6,7 @@ categories) with their ~100 real photos; photos are embedded through Embed and l
 EmbedText, written as an artefact's ``embeddings/`` files and indexed with
 ``python -m services.gateway.index_catalogue --artifact``'s ``main``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ from tests.support.text import start_text_embedder
 
 pytestmark = pytest.mark.timeout(300)
 
-CATEGORIES = ["Appliances", "Baby & Kids Stuff", "Clothes, Footwear & Accessories",
-              "Computers & Software", "Home & Garden", "Sports, Leisure & Travel"]
+CATEGORIES = [
+    "Appliances",
+    "Baby & Kids Stuff",
+    "Clothes, Footwear & Accessories",
+    "Computers & Software",
+    "Home & Garden",
+    "Sports, Leisure & Travel",
+]
 PER_CATEGORY = 10
 COLLECTIONS = "image:1280:flat:ip,text:384:flat:ip"
 #: The weights the embedder's artefact holds (fusion_weights.json), neither a built-in default.
@@ -50,52 +57,91 @@ ARTEFACT_SEARCH_WEIGHT, ARTEFACT_SIMILAR_WEIGHT = 0.3, 0.4
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("gateway_text")
-    prepared = make_mini_prepared(root / "prepared", per_category=PER_CATEGORY,
-                                  categories=CATEGORIES)
+    prepared = make_mini_prepared(root / "prepared", per_category=PER_CATEGORY, categories=CATEGORIES)
     # The embedder's artefact holds fusion weights chosen for its image model: the gateway's defaults.
     model = root / "model"
     shutil.copytree(test_artifact, model)
     version = json.loads((model / "model_card.json").read_text())["model_version"]
-    FusionWeights(search_text_weight=ARTEFACT_SEARCH_WEIGHT, similar_text_weight=ARTEFACT_SIMILAR_WEIGHT,
-                  image_model_version=version).save(model)
-    embedder = start_text_embedder(EmbedderConfig.local(
-        artifact_dir=model, host="127.0.0.1", port=0, text_model="on"))
-    shards = [start_indexer(IndexerConfig.local(
-        host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
-        collections=tuple(parse_collections(COLLECTIONS)), collections_explicit=True,
-        fsync=False)) for i in range(2)]
+    FusionWeights(
+        search_text_weight=ARTEFACT_SEARCH_WEIGHT,
+        similar_text_weight=ARTEFACT_SIMILAR_WEIGHT,
+        image_model_version=version,
+    ).save(model)
+    embedder = start_text_embedder(
+        EmbedderConfig.local(artifact_dir=model, host="127.0.0.1", port=0, text_model="on")
+    )
+    shards = [
+        start_indexer(
+            IndexerConfig.local(
+                host="127.0.0.1",
+                port=0,
+                data_dir=root / f"indexer-{i}",
+                log_level="warning",
+                collections=tuple(parse_collections(COLLECTIONS)),
+                collections_explicit=True,
+                fsync=False,
+            )
+        )
+        for i in range(2)
+    ]
     gateway = client = None
     try:
         config = GatewayConfig.local(
-            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=prepared,
+            host="127.0.0.1",
+            port=0,
+            db_path=root / "catalogue.sqlite3",
+            seed_dir=prepared,
             embedder_addr=f"127.0.0.1:{embedder.port}",
             indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
-            downstream_timeout_s=30.0, retry=RetryPolicy(3, 0.05, 0.2))
+            downstream_timeout_s=30.0,
+            retry=RetryPolicy(3, 0.05, 0.2),
+        )
         gateway = start_gateway(config)
         core = gateway.core
         # An artefact's embeddings/ folder, as training exports it (plus a text vector of a
         # listing the catalogue does not have, which indexing must skip).
         artefact = root / "artefact"
         (artefact / "embeddings").mkdir(parents=True)
-        image_ids, image_vectors = index_catalogue.embed_prepared(prepared, core.catalogue,
-                                                                  core.embedder, progress=False)
+        image_ids, image_vectors = index_catalogue.embed_prepared(
+            prepared, core.catalogue, core.embedder, progress=False
+        )
         np.save(artefact / "embeddings" / "image_embeddings.npy", image_vectors)
         (artefact / "embeddings" / "image_ids.json").write_text(json.dumps(image_ids))
         text_ids, text_vectors = index_catalogue.embed_catalogue_texts(
-            core.catalogue, core.embedder, batch_size=16, progress=False)
-        np.save(artefact / "embeddings" / "text_embeddings.npy",
-                np.concatenate([text_vectors, text_vectors[:1]]))
+            core.catalogue, core.embedder, batch_size=16, progress=False
+        )
+        np.save(
+            artefact / "embeddings" / "text_embeddings.npy", np.concatenate([text_vectors, text_vectors[:1]])
+        )
         (artefact / "embeddings" / "text_ids.json").write_text(json.dumps(text_ids + ["gone"]))
-        code = index_catalogue.main([
-            "--db", str(config.db_path), "--indexers", ",".join(config.indexer_addrs),
-            "--artifact", str(artefact), "--embedder", config.embedder_addr])
+        code = index_catalogue.main(
+            [
+                "--db",
+                str(config.db_path),
+                "--indexers",
+                ",".join(config.indexer_addrs),
+                "--artifact",
+                str(artefact),
+                "--embedder",
+                config.embedder_addr,
+            ]
+        )
         assert code == 0
         client = GatewayClient(f"127.0.0.1:{gateway.port}", timeout=60)
         yield SimpleNamespace(
-            root=root, prepared=prepared, shards=shards, gateway=gateway, client=client, config=config,
-            text_ids=text_ids, text_vectors=text_vectors, image_ids=image_ids, image_vectors=image_vectors,
+            root=root,
+            prepared=prepared,
+            shards=shards,
+            gateway=gateway,
+            client=client,
+            config=config,
+            text_ids=text_ids,
+            text_vectors=text_vectors,
+            image_ids=image_ids,
+            image_vectors=image_vectors,
             listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
-            images=pd.read_csv(prepared / "images.csv", dtype=str))
+            images=pd.read_csv(prepared / "images.csv", dtype=str),
+        )
     finally:
         if client is not None:
             client.close()
@@ -118,7 +164,8 @@ def ids(results) -> list[str]:
 def text_count(real, shard: int) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{real.shards[shard].port}") as channel:
         stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(
-            indexer_pb2.GetStatsRequest(collection=TEXT_COLLECTION), timeout=10)
+            indexer_pb2.GetStatsRequest(collection=TEXT_COLLECTION), timeout=10
+        )
     return sum(c.count for c in stats.collections)
 
 
@@ -131,8 +178,8 @@ def test_every_catalogue_listing_has_one_text_vector_on_its_shard(real):
     assert "text" in info.modalities and info.text_embedding_dim == 384
     # EmbedText through the gateway's client gives the vectors that were indexed
     again = real.gateway.core.embedder.embed_text(
-        [listing_text(real.listings.iloc[0]["title"], real.listings.iloc[0]["description"])],
-        Deadline(30))
+        [listing_text(real.listings.iloc[0]["title"], real.listings.iloc[0]["description"])], Deadline(30)
+    )
     row = real.text_ids.index(real.listings.iloc[0]["product_id"])
     np.testing.assert_allclose(again[0], real.text_vectors[row], atol=1e-5)
 
@@ -180,16 +227,18 @@ def test_hybrid_search_fuses_both_rankings(real):
     fused = real.client.search(photo, query, k=k, text_weight=0.5)  # weighted cosine
     assert len(fused) == k and {image_listing, text_listing} <= set(ids(fused))
     for result in fused:  # a listing missing from one list gets that list's lowest score
-        expected = (0.5 * by_image.get(result.listing.id, image_floor)
-                    + 0.5 * by_text.get(result.listing.id, text_floor))
+        expected = 0.5 * by_image.get(result.listing.id, image_floor) + 0.5 * by_text.get(
+            result.listing.id, text_floor
+        )
         assert result.score == pytest.approx(expected, abs=1e-4)
     # text_weight unset: the weight the embedder's artefact holds (fusion_weights.json)
     w = ARTEFACT_SEARCH_WEIGHT
     default = real.client.search(photo, query, k=k)
     assert len(default) == k
     for result in default:
-        expected = ((1 - w) * by_image.get(result.listing.id, image_floor)
-                    + w * by_text.get(result.listing.id, text_floor))
+        expected = (1 - w) * by_image.get(result.listing.id, image_floor) + w * by_text.get(
+            result.listing.id, text_floor
+        )
         assert result.score == pytest.approx(expected, abs=1e-4)
     assert fused[0].listing.id in (image_listing, text_listing)
     assert next(r for r in fused if r.listing.id == image_listing).matched_image_id
@@ -199,8 +248,11 @@ def test_hybrid_search_fuses_both_rankings(real):
     image_rank = {listing_id: rank for rank, listing_id in enumerate(by_image, 1)}
     text_rank = {listing_id: rank for rank, listing_id in enumerate(by_text, 1)}
     for result in rrf:  # 0.5 / (60 + image rank) + 0.5 / (60 + text rank); absent: nothing
-        expected = sum(0.5 / (60 + ranks[result.listing.id])
-                       for ranks in (image_rank, text_rank) if result.listing.id in ranks)
+        expected = sum(
+            0.5 / (60 + ranks[result.listing.id])
+            for ranks in (image_rank, text_rank)
+            if result.listing.id in ranks
+        )
         assert result.score == pytest.approx(expected, rel=1e-5)
 
 
@@ -261,11 +313,16 @@ def similar_by_hand(real, listing_id: str, k: int, text_weight: float | None) ->
     image_row = {image_id: row for row, image_id in enumerate(real.image_ids)}
     photos = real.images.groupby("product_id")["image_id"].apply(list).to_dict()
     own = real.image_vectors[[image_row[i] for i in photos[listing_id]]]
-    image = {other: float((own @ real.image_vectors[[image_row[i] for i in ids_]].T).max())
-             for other, ids_ in photos.items() if other != listing_id}
+    image = {
+        other: float((own @ real.image_vectors[[image_row[i] for i in ids_]].T).max())
+        for other, ids_ in photos.items()
+        if other != listing_id
+    }
     text_row = {other: row for row, other in enumerate(real.text_ids)}
     query = real.text_vectors[text_row[listing_id]]
-    text = {other: float(real.text_vectors[row] @ query) for other, row in text_row.items() if other != listing_id}
+    text = {
+        other: float(real.text_vectors[row] @ query) for other, row in text_row.items() if other != listing_id
+    }
 
     def top(scores: dict[str, float], n: int) -> dict[str, float]:
         return dict(sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:n])
@@ -275,8 +332,10 @@ def similar_by_hand(real, listing_id: str, k: int, text_weight: float | None) ->
     n = candidate_count(k)
     image, text = top(image, n), top(text, n)
     floor_image, floor_text = min(image.values()), min(text.values())
-    fused = {other: (1 - text_weight) * image.get(other, floor_image) + text_weight * text.get(other, floor_text)
-             for other in set(image) | set(text)}
+    fused = {
+        other: (1 - text_weight) * image.get(other, floor_image) + text_weight * text.get(other, floor_text)
+        for other in set(image) | set(text)
+    }
     return list(top(fused, k).items())
 
 
@@ -310,9 +369,13 @@ def test_similar_listings_photos_only_is_todays_ranking_and_fused_is_what_the_we
 
 def test_added_listing_is_found_by_text_and_removed_from_the_text_index(real):
     photos = [p.read_bytes() for p in outside_photos(real.prepared, 1)]
-    added = real.client.add(photos, title="Vintage brass telescope on a wooden tripod",
-                            description="Nautical style, extends to 60cm. Collection only.",
-                            price=35.0, main_category="Other Goods")
+    added = real.client.add(
+        photos,
+        title="Vintage brass telescope on a wooden tripod",
+        description="Nautical style, extends to 60cm. Collection only.",
+        price=35.0,
+        main_category="Other Goods",
+    )
     shard = real.gateway.core.indexer.shard_for(added.id)
     try:
         top = real.client.search_by_text("brass telescope", k=3)[0]
@@ -324,11 +387,14 @@ def test_added_listing_is_found_by_text_and_removed_from_the_text_index(real):
     assert added.id not in ids(real.client.search_by_text("brass telescope", k=10))
     with grpc.insecure_channel(f"127.0.0.1:{real.shards[shard].port}") as channel:
         fetched = indexer_pb2_grpc.IndexerStub(channel).Fetch(
-            indexer_pb2.FetchRequest(collection=TEXT_COLLECTION, ids=[added.id]), timeout=10)
+            indexer_pb2.FetchRequest(collection=TEXT_COLLECTION, ids=[added.id]), timeout=10
+        )
     assert list(fetched.not_found) == [added.id]
 
 
-def test_the_settings_override_the_artefacts_fusion_weights_and_the_log_says_where_each_came_from(real, caplog):
+def test_the_settings_override_the_artefacts_fusion_weights_and_the_log_says_where_each_came_from(
+    real, caplog
+):
     """A second gateway on the same embedder and shards, with GATEWAY_SEARCH_TEXT_WEIGHT and
     GATEWAY_SIMILAR_TEXT_WEIGHT set, fuses with those; the first (settings unset) with the
     artefact's. Each logs the weight it uses and its source."""
@@ -337,8 +403,9 @@ def test_the_settings_override_the_artefacts_fusion_weights_and_the_log_says_whe
     listings = real.listings.set_index("product_id")
     photo, query = photo_of(real, listings.index[3]), listings.loc[listings.index[40], "title"]
     listing_id = sorted(listings.index)[5]
-    config = replace(real.config, db_path=real.root / "second.sqlite3", search_text_weight=0.9,
-                     similar_text_weight=0.2)
+    config = replace(
+        real.config, db_path=real.root / "second.sqlite3", search_text_weight=0.9, similar_text_weight=0.2
+    )
     with caplog.at_level(logging.INFO, logger="services.gateway"):
         second = start_gateway(config)
         try:
@@ -362,5 +429,9 @@ def test_the_settings_override_the_artefacts_fusion_weights_and_the_log_says_whe
     assert "hybrid Search text weight 0.90, from the setting GATEWAY_SEARCH_TEXT_WEIGHT=0.9" in messages
     assert "SimilarListings text weight 0.20, from the setting GATEWAY_SIMILAR_TEXT_WEIGHT=0.2" in messages
     artefact = [m for m in messages if "from the embedder's artefact (fusion_weights.json of" in m]
-    assert any(m.startswith(f"hybrid Search text weight {ARTEFACT_SEARCH_WEIGHT:.2f}") for m in artefact), messages
-    assert any(m.startswith(f"SimilarListings text weight {ARTEFACT_SIMILAR_WEIGHT:.2f}") for m in artefact), messages
+    assert any(m.startswith(f"hybrid Search text weight {ARTEFACT_SEARCH_WEIGHT:.2f}") for m in artefact), (
+        messages
+    )
+    assert any(
+        m.startswith(f"SimilarListings text weight {ARTEFACT_SIMILAR_WEIGHT:.2f}") for m in artefact
+    ), messages

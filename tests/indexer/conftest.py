@@ -1,4 +1,5 @@
 """Indexer test configuration."""
+
 from __future__ import annotations
 
 import faiss

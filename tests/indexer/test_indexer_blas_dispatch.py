@@ -4,6 +4,7 @@ FAISS 1.15 compares its process-wide threshold with more than the query count: a
 lets a batch use BLAS also sends a single query through sgemm, at about twice the CPU. The
 choice must follow the query count and must never change the answer.
 """
+
 from __future__ import annotations
 
 import faiss
@@ -34,20 +35,21 @@ def test_few_queries_run_on_the_simd_loop_and_batches_on_blas(index):
     built.search(vectors[:1], 10)
     assert faiss.cvar.distance_compute_blas_threshold > 10**6  # no BLAS for one query
     built.search(vectors[:DEFAULT_BLAS_THRESHOLD], 10)
-    assert faiss.cvar.distance_compute_blas_threshold == 1     # BLAS for the batch
+    assert faiss.cvar.distance_compute_blas_threshold == 1  # BLAS for the batch
     tune_faiss(4)
     built.search(vectors[:4], 10)
-    assert faiss.cvar.distance_compute_blas_threshold == 1     # INDEXER_BLAS_THRESHOLD counts
+    assert faiss.cvar.distance_compute_blas_threshold == 1  # INDEXER_BLAS_THRESHOLD counts
 
 
 @pytest.mark.parametrize("group_by_listing", [False, True])
 def test_a_query_alone_gets_the_answer_it_gets_in_a_batch(index, group_by_listing):
     built, vectors = index
-    queries = vectors[100:100 + 2 * DEFAULT_BLAS_THRESHOLD]
-    batched = built.search(queries, 10, group_by_listing=group_by_listing)   # BLAS
+    queries = vectors[100 : 100 + 2 * DEFAULT_BLAS_THRESHOLD]
+    batched = built.search(queries, 10, group_by_listing=group_by_listing)  # BLAS
     for row, query in enumerate(queries[:5]):
         alone = built.search(query[None, :], 10, group_by_listing=group_by_listing)[0]  # SIMD
         assert [hit.id for hit in alone] == [hit.id for hit in batched[row]]
-        np.testing.assert_allclose([hit.score for hit in alone],
-                                   [hit.score for hit in batched[row]], atol=1e-5)
+        np.testing.assert_allclose(
+            [hit.score for hit in alone], [hit.score for hit in batched[row]], atol=1e-5
+        )
     assert vector_index._blas_from_queries == DEFAULT_BLAS_THRESHOLD

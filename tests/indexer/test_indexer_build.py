@@ -1,5 +1,6 @@
 """Loading the training pipeline's embeddings (the baseline project's JSON, .npy + ids, .npz), attributes from a
 CSV or the prepared data, and the build command writing a snapshot the server starts from."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,12 @@ from services.indexer.attributes import Attributes
 from services.indexer.config import IndexerConfig
 from services.indexer.core import IndexStore
 from common.prices import price_value
-from services.indexer.loader import (attributes_from_prepared, load_attributes_csv, load_embeddings,
-                                     write_attributes_csv)
+from services.indexer.loader import (
+    attributes_from_prepared,
+    load_attributes_csv,
+    load_embeddings,
+    write_attributes_csv,
+)
 from services.indexer.server import start
 from services.indexer.spec import CollectionSpec
 
@@ -88,24 +93,47 @@ def test_build_command_writes_a_snapshot_the_server_serves(tmp_path, capsys):
     store.upsert("text", ["t"], [[1.0, 0, 0, 0]])
     store.close()
 
-    code = build.main(["--embeddings", str(tmp_path / "model"), "--data-dir", str(data_dir),
-                       "--type", "ivf_flat", "--nlist", "2", "--prepared", str(tmp_path / "data")])
+    code = build.main(
+        [
+            "--embeddings",
+            str(tmp_path / "model"),
+            "--data-dir",
+            str(data_dir),
+            "--type",
+            "ivf_flat",
+            "--nlist",
+            "2",
+            "--prepared",
+            str(tmp_path / "data"),
+        ]
+    )
     assert code == 0
     summary = capsys.readouterr().out
     assert "count=30" in summary and "index_type=ivf_flat" in summary and "with_attributes=30" in summary
 
-    config = IndexerConfig.local(host="127.0.0.1", port=0, data_dir=data_dir, log_level="info",
-                           collections=(CollectionSpec("image", 1280), CollectionSpec("text", 384)),
-                           collections_explicit=False)
+    config = IndexerConfig.local(
+        host="127.0.0.1",
+        port=0,
+        data_dir=data_dir,
+        log_level="info",
+        collections=(CollectionSpec("image", 1280), CollectionSpec("text", 384)),
+        collections_explicit=False,
+    )
     server = start(config)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = indexer_pb2_grpc.IndexerStub(channel)
-            stats = {c.name: (c.count, c.dimension, c.index_type) for c in
-                     stub.GetStats(pb.GetStatsRequest(), timeout=5).collections}
+            stats = {
+                c.name: (c.count, c.dimension, c.index_type)
+                for c in stub.GetStats(pb.GetStatsRequest(), timeout=5).collections
+            }
             assert stats == {"image": (30, D, "ivf_flat"), "text": (1, 4, "flat")}
-            reply = stub.Search(pb.SearchRequest(queries=[pb.Vector(values=vectors[7].tolist())], k=1,
-                                                 params=pb.SearchParams(nprobe=2)), timeout=5)
+            reply = stub.Search(
+                pb.SearchRequest(
+                    queries=[pb.Vector(values=vectors[7].tolist())], k=1, params=pb.SearchParams(nprobe=2)
+                ),
+                timeout=5,
+            )
             top = reply.results[0].neighbors[0]
             assert (top.id, top.attributes.listing_id, top.attributes.price) == (ids[7], "P2", 20.0)
     finally:

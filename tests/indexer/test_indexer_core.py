@@ -1,5 +1,6 @@
 """The in-process core (VectorIndex): exactness against numpy, upsert/delete semantics, filters
 inside FAISS, grouping by listing, validation, tombstones, compaction and concurrency."""
+
 from __future__ import annotations
 
 import threading
@@ -20,7 +21,11 @@ TYPES = ["flat", "ivf_flat", "hnsw"]
 
 
 def make_index(index_type: str = "flat", metric: str = "ip", n: int = N, d: int = D, **options) -> tuple:
-    db = unit_vectors(n, d, seed=1) if metric == "ip" else np.random.default_rng(1).normal(size=(n, d)).astype(np.float32)
+    db = (
+        unit_vectors(n, d, seed=1)
+        if metric == "ip"
+        else np.random.default_rng(1).normal(size=(n, d)).astype(np.float32)
+    )
     spec = CollectionSpec("image", d, index_type, metric, **options)
     ids = ids_for(n)
     index = VectorIndex.build(spec, ids, db, catalogue_attributes(n))
@@ -34,7 +39,11 @@ def result_ids(hits) -> list[str]:
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_flat_search_equals_numpy_brute_force(metric):
     index, db, ids = make_index("flat", metric)
-    queries = unit_vectors(20, D, seed=2) if metric == "ip" else np.random.default_rng(2).normal(size=(20, D)).astype(np.float32)
+    queries = (
+        unit_vectors(20, D, seed=2)
+        if metric == "ip"
+        else np.random.default_rng(2).normal(size=(20, D)).astype(np.float32)
+    )
     rows, scores = brute_force(db, queries, 10, metric)
     results = index.search(queries, 10)
     for q, hits in enumerate(results):
@@ -64,8 +73,11 @@ def test_hnsw_recall_is_high():
 def test_upsert_replaces_vector_and_attributes(index_type):
     index, db, ids = make_index(index_type, nlist=8)
     new_vector = unit_vectors(1, D, seed=99)[0]
-    result = index.upsert([ids[5], "brand-new"], [new_vector, db[0]],
-                          [Attributes("L-new", "Music", 12.5, "Leeds"), Attributes()])
+    result = index.upsert(
+        [ids[5], "brand-new"],
+        [new_vector, db[0]],
+        [Attributes("L-new", "Music", 12.5, "Leeds"), Attributes()],
+    )
     assert (result.inserted, result.replaced) == (1, 1)
     assert index.count == N + 1
     top = index.search(new_vector, 1)[0][0]
@@ -101,10 +113,17 @@ def _allowed(attributes, predicate) -> np.ndarray:
 
 
 FILTERS = [
-    ([Condition.equals("category", "Music"), Condition.range("price", 100, 900)],
-     lambda a: a.category == "Music" and a.price is not None and 100 <= a.price <= 900),
-    ([Condition.none_of("listing_id", ["L0", "L1", "L2"]), Condition.any_of("category", ["Sports", "Clothes"])],
-     lambda a: a.listing_id not in {"L0", "L1", "L2"} and a.category in {"Sports", "Clothes"}),
+    (
+        [Condition.equals("category", "Music"), Condition.range("price", 100, 900)],
+        lambda a: a.category == "Music" and a.price is not None and 100 <= a.price <= 900,
+    ),
+    (
+        [
+            Condition.none_of("listing_id", ["L0", "L1", "L2"]),
+            Condition.any_of("category", ["Sports", "Clothes"]),
+        ],
+        lambda a: a.listing_id not in {"L0", "L1", "L2"} and a.category in {"Sports", "Clothes"},
+    ),
     ([Condition.range("price", gte=1200)], lambda a: a.price is not None and a.price >= 1200),
     ([Condition.equals("location", "Town 3")], lambda a: a.location == "Town 3"),
 ]
@@ -216,7 +235,7 @@ def test_ivf_collection_trains_itself_once_enough_vectors_arrive(monkeypatch):
     db = unit_vectors(3000, d, seed=14)
     ids = ids_for(3000)
     for start in range(0, 3000, 500):
-        index.upsert(ids[start:start + 500], db[start:start + 500])
+        index.upsert(ids[start : start + 500], db[start : start + 500])
         assert index.trained == (start + 500 >= 2000)
     assert index.count == 3000 and index.nlist == 45  # trained at 2000 vectors: about sqrt(2000) lists
     queries = unit_vectors(10, d, seed=15)
@@ -225,21 +244,27 @@ def test_ivf_collection_trains_itself_once_enough_vectors_arrive(monkeypatch):
     assert exact == [[ids[r] for r in row] for row in rows]
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda ix: ix.upsert(["a"], np.ones((1, D + 1))), "dimension 25"),
-    (lambda ix: ix.upsert(["a"], np.full((1, D), np.nan)), "non-finite"),
-    (lambda ix: ix.upsert(["a"], np.zeros((1, D))), "all zeros"),
-    (lambda ix: ix.upsert(["a", "a"], np.ones((2, D))), "appears twice"),
-    (lambda ix: ix.upsert([""], np.ones((1, D))), "non-empty"),
-    (lambda ix: ix.upsert(["x" * 257], np.ones((1, D))), "256 bytes"),
-    (lambda ix: ix.upsert(["a"], np.ones((1, D)), [Attributes(price=float("inf"))]), "price"),
-    (lambda ix: ix.search(np.ones(D), 0), "k must be"),
-    (lambda ix: ix.search(np.ones(D - 1), 5), "dimension 23"),
-    (lambda ix: ix.search(np.ones(D), 5, [Condition("colour", "equals", ("red",))]), "unknown filter field"),
-    (lambda ix: ix.search(np.ones(D), 5, [Condition("price", "equals", ("1",))]), "cannot use"),
-    (lambda ix: ix.search(np.ones(D), 5, [Condition("category", "range")]), "cannot use"),
-    (lambda ix: ix.search(np.ones(D), 5, ef_search=5000), "ef_search"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda ix: ix.upsert(["a"], np.ones((1, D + 1))), "dimension 25"),
+        (lambda ix: ix.upsert(["a"], np.full((1, D), np.nan)), "non-finite"),
+        (lambda ix: ix.upsert(["a"], np.zeros((1, D))), "all zeros"),
+        (lambda ix: ix.upsert(["a", "a"], np.ones((2, D))), "appears twice"),
+        (lambda ix: ix.upsert([""], np.ones((1, D))), "non-empty"),
+        (lambda ix: ix.upsert(["x" * 257], np.ones((1, D))), "256 bytes"),
+        (lambda ix: ix.upsert(["a"], np.ones((1, D)), [Attributes(price=float("inf"))]), "price"),
+        (lambda ix: ix.search(np.ones(D), 0), "k must be"),
+        (lambda ix: ix.search(np.ones(D - 1), 5), "dimension 23"),
+        (
+            lambda ix: ix.search(np.ones(D), 5, [Condition("colour", "equals", ("red",))]),
+            "unknown filter field",
+        ),
+        (lambda ix: ix.search(np.ones(D), 5, [Condition("price", "equals", ("1",))]), "cannot use"),
+        (lambda ix: ix.search(np.ones(D), 5, [Condition("category", "range")]), "cannot use"),
+        (lambda ix: ix.search(np.ones(D), 5, ef_search=5000), "ef_search"),
+    ],
+)
 def test_invalid_input_is_rejected_and_changes_nothing(call, message):
     index, _, _ = make_index()
     with pytest.raises(InvalidArgument, match=message):
@@ -260,8 +285,12 @@ def test_searches_never_see_half_a_batch():
     spec = CollectionSpec("image", d)
     base = unit_vectors(20, d, seed=16)
     ids = ids_for(20)
-    index = VectorIndex.build(spec, ids + ids_for(500, "other"), np.vstack([base, unit_vectors(500, d, seed=17)]),
-                              [Attributes("L", price=0.0)] * 20 + [Attributes("O")] * 500)
+    index = VectorIndex.build(
+        spec,
+        ids + ids_for(500, "other"),
+        np.vstack([base, unit_vectors(500, d, seed=17)]),
+        [Attributes("L", price=0.0)] * 20 + [Attributes("O")] * 500,
+    )
     stop = threading.Event()
     problems: list[str] = []
 

@@ -1,5 +1,6 @@
 """Crash recovery of the real server process: write while it is SIGKILLed mid-stream, restart it
 on the same data directory, and find every acknowledged item (and no half-written batch)."""
+
 from __future__ import annotations
 
 import os
@@ -33,13 +34,32 @@ def free_port() -> int:
 def spawn(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "WRITE_TOKEN"}
-    env.update(PYTHONPATH=str(REPO), INDEXER_COLLECTIONS=f"image:{D}:flat:ip", LOG_LEVEL="info",
-               INDEXER_SNAPSHOT_WAL_RECORDS="40", INDEXER_FAISS_THREADS="1")
+    env.update(
+        PYTHONPATH=str(REPO),
+        INDEXER_COLLECTIONS=f"image:{D}:flat:ip",
+        LOG_LEVEL="info",
+        INDEXER_SNAPSHOT_WAL_RECORDS="40",
+        INDEXER_FAISS_THREADS="1",
+    )
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "services.indexer", "--host", "127.0.0.1",
-                                    "--port", str(port), "--data-dir", str(data_dir)],
-                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.indexer",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     with grpc.insecure_channel(address) as channel:
@@ -48,7 +68,10 @@ def spawn(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
             if process.poll() is not None:
                 pytest.fail(f"indexer exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return process, address
             except grpc.RpcError:
                 pass
@@ -60,9 +83,14 @@ def spawn(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
 def batch_items(writer: int, number: int) -> list[pb.Item]:
     rng = np.random.default_rng(writer * 100_000 + number)
     vectors = rng.standard_normal((BATCH, D)).astype(np.float32)
-    return [pb.Item(id=f"w{writer}-b{number}-{j}", vector=vectors[j].tolist(),
-                    attributes=pb.Attributes(listing_id=f"w{writer}-b{number}", price=float(number)))
-            for j in range(BATCH)]
+    return [
+        pb.Item(
+            id=f"w{writer}-b{number}-{j}",
+            vector=vectors[j].tolist(),
+            attributes=pb.Attributes(listing_id=f"w{writer}-b{number}", price=float(number)),
+        )
+        for j in range(BATCH)
+    ]
 
 
 def expected_vector(item: pb.Item) -> np.ndarray:

@@ -1,5 +1,6 @@
 """IndexStore durability: WAL replay, snapshots, torn tails, corruption that refuses to start,
 configuration mismatches and the data-directory lock."""
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,18 @@ NO_AUTO_SNAPSHOT = StoreOptions(snapshot_every_records=0, snapshot_every_bytes=0
 
 
 def open_store(path: Path, specs=SPECS, **options) -> IndexStore:
-    return IndexStore.open(path, specs, options=StoreOptions(**{"snapshot_every_records": 0,
-                                                                "snapshot_every_bytes": 0, **options}))
+    return IndexStore.open(
+        path,
+        specs,
+        options=StoreOptions(**{"snapshot_every_records": 0, "snapshot_every_bytes": 0, **options}),
+    )
 
 
 def fill(store: IndexStore, n: int = 50, start: int = 0) -> tuple[list[str], np.ndarray]:
     ids = ids_for(n + start)[start:]
     vectors = unit_vectors(n, D, seed=start)
     for i in range(0, n, 10):  # several WAL records
-        store.upsert("image", ids[i:i + 10], vectors[i:i + 10], catalogue_attributes(n)[i:i + 10])
+        store.upsert("image", ids[i : i + 10], vectors[i : i + 10], catalogue_attributes(n)[i : i + 10])
     return ids, vectors
 
 
@@ -79,8 +83,11 @@ def test_snapshot_truncates_the_wal_and_restart_loads_snapshot_plus_newer_record
 
 
 def test_snapshot_of_every_index_type_round_trips(tmp_path):
-    specs = [CollectionSpec("flat", D), CollectionSpec("ivf", D, "ivf_flat", nlist=4),
-             CollectionSpec("hnsw", D, "hnsw")]
+    specs = [
+        CollectionSpec("flat", D),
+        CollectionSpec("ivf", D, "ivf_flat", nlist=4),
+        CollectionSpec("hnsw", D, "hnsw"),
+    ]
     store = open_store(tmp_path, specs)
     vectors = unit_vectors(300, D, seed=3)
     ids = ids_for(300)
@@ -256,9 +263,10 @@ def test_replayed_write_that_no_longer_fits_is_corruption(tmp_path):
     wal.close()
     kept = [r for r in records if r.header.get("spec", {}).get("name") != "other"]
     segment = newest_segment(tmp_path)
-    header = segment.read_bytes()[:SEGMENT_HEADER.size]
-    segment.write_bytes(header + b"".join(encode_record(n + 1, r.kind, r.header, r.body)
-                                          for n, r in enumerate(kept)))
+    header = segment.read_bytes()[: SEGMENT_HEADER.size]
+    segment.write_bytes(
+        header + b"".join(encode_record(n + 1, r.kind, r.header, r.body) for n, r in enumerate(kept))
+    )
     with pytest.raises(CorruptData, match="does not exist"):
         open_store(tmp_path)
 
@@ -278,7 +286,9 @@ def test_compaction_at_snapshot_time_keeps_data(tmp_path):
 
 def test_attributes_survive_restart(tmp_path):
     store = open_store(tmp_path)
-    store.upsert("image", ["a", "b"], unit_vectors(2, D), [Attributes("L1", "Music", 9.5, "Leeds"), Attributes()])
+    store.upsert(
+        "image", ["a", "b"], unit_vectors(2, D), [Attributes("L1", "Music", 9.5, "Leeds"), Attributes()]
+    )
     store.close()
     reopened = open_store(tmp_path)
     items, _ = reopened.fetch("image", ["a", "b"])

@@ -1,6 +1,7 @@
 """Replicas of one shard over real gRPC (in-process servers on real ports, durable data
 directories): a replica that missed writes catches up from a serving peer's snapshot + WAL
 before it serves, and data of another shard is refused naming both."""
+
 from __future__ import annotations
 
 import time
@@ -22,12 +23,23 @@ from tests.indexer.indexer_testutil import unit_vectors
 D = 8
 
 
-def config(data_dir: Path, port: int, peers: tuple[str, ...], shard: int = 0, count: int = 256,
-           **overrides) -> IndexerConfig:
-    return IndexerConfig.local(host="127.0.0.1", port=port, data_dir=data_dir, log_level="info",
-                         collections=tuple(parse_collections(f"image:{D}:flat:ip")),
-                         collections_explicit=True, snapshot_seconds=0, fsync=False,
-                         shard=shard, partitions=count, peers=peers, **overrides)
+def config(
+    data_dir: Path, port: int, peers: tuple[str, ...], shard: int = 0, count: int = 256, **overrides
+) -> IndexerConfig:
+    return IndexerConfig.local(
+        host="127.0.0.1",
+        port=port,
+        data_dir=data_dir,
+        log_level="info",
+        collections=tuple(parse_collections(f"image:{D}:flat:ip")),
+        collections_explicit=True,
+        snapshot_seconds=0,
+        fsync=False,
+        shard=shard,
+        partitions=count,
+        peers=peers,
+        **overrides,
+    )
 
 
 class Replica:
@@ -47,7 +59,8 @@ class Replica:
         deadline = time.monotonic() + timeout
         while not self.serving():
             assert time.monotonic() < deadline, self.replication.GetReplicaStatus(
-                pb.GetReplicaStatusRequest(), timeout=2)
+                pb.GetReplicaStatusRequest(), timeout=2
+            )
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -57,16 +70,22 @@ class Replica:
 
 def items(prefix: str, n: int, seed: int) -> list[pb.Item]:
     vectors = unit_vectors(n, D, seed)
-    return [pb.Item(id=f"{prefix}-{i}", vector=vectors[i].tolist(),
-                    attributes=pb.Attributes(listing_id=f"{prefix}-L{i // 2}", category="Music",
-                                             price=float(i)))
-            for i in range(n)]
+    return [
+        pb.Item(
+            id=f"{prefix}-{i}",
+            vector=vectors[i].tolist(),
+            attributes=pb.Attributes(listing_id=f"{prefix}-L{i // 2}", category="Music", price=float(i)),
+        )
+        for i in range(n)
+    ]
 
 
 def fetch_all(replica: Replica, ids: list[str]) -> dict[str, tuple]:
     reply = replica.indexer.Fetch(pb.FetchRequest(ids=ids), timeout=5)
-    return {item.id: (tuple(item.vector), item.attributes.listing_id, item.attributes.price)
-            for item in reply.items}
+    return {
+        item.id: (tuple(item.vector), item.attributes.listing_id, item.attributes.price)
+        for item in reply.items
+    }
 
 
 @pytest.fixture
@@ -129,8 +148,7 @@ def test_reads_refused_while_no_peer_can_be_copied(tmp_path):
         time.sleep(0.5)
         assert not replica.serving()
         with pytest.raises(grpc.RpcError) as error:
-            replica.indexer.Search(pb.SearchRequest(queries=[pb.Vector(values=[1.0] * D)], k=1),
-                                   timeout=5)
+            replica.indexer.Search(pb.SearchRequest(queries=[pb.Vector(values=[1.0] * D)], k=1), timeout=5)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "not serving yet" in error.value.details()
         # writes are still taken, and say the replica is catching up
@@ -145,7 +163,8 @@ def test_data_of_another_shard_is_refused_naming_both(tmp_path):
     first.stop()
     with pytest.raises(ReplicaMismatch) as error:
         start(config(tmp_path / "d", free_port(), (), shard=0, count=256))
-    assert ("holds shard 1 of a 256-partition cluster" in str(error.value)
-            and "configured as shard 0 of a 256-partition cluster" in str(error.value))
+    assert "holds shard 1 of a 256-partition cluster" in str(
+        error.value
+    ) and "configured as shard 0 of a 256-partition cluster" in str(error.value)
     with pytest.raises(ReplicaMismatch, match="configured as shard 1 of a 64-partition"):
         start(config(tmp_path / "d", free_port(), (), shard=1, count=64))

@@ -1,5 +1,6 @@
 """The indexer's metrics read from a real data directory: vectors per collection, WAL bytes,
 snapshot age and duration, search time per collection through the gRPC servicer."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Reliability fixtures: one real stack (subprocesses on loopback) per test module that asks for
 it, and a terminal-summary section that prints the suite's figures at the end of every run."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,7 @@ def stack(tmp_path_factory, test_artifact):
     text model is off here (it costs several seconds at each embedder start, and the fault test
     restarts it); ``python -m benchmarks.reliability`` runs with it on."""
     root = tmp_path_factory.mktemp("reliability")
-    running = Stack.start(root, test_artifact, shards=2, bootstrap_listings=8, photos=16,
-                          text_model="off")
+    running = Stack.start(root, test_artifact, shards=2, bootstrap_listings=8, photos=16, text_model="off")
     try:
         yield running
     finally:

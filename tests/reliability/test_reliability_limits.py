@@ -2,6 +2,7 @@
 is answered, checked on small in-process servers (no model): message size, concurrent RPCs,
 undecodable requests, and status messages that echo a caller's input. The real services' limits
 under bad input are exercised end to end by the fuzz in `test_reliability_stack`."""
+
 from __future__ import annotations
 
 import threading
@@ -20,9 +21,14 @@ SERVICE = "reliability.test.Probe"
 
 def _server(limits: ServerLimits, behaviour, deserializer=None):
     """A server with one unary method ``/reliability.test.Probe/Call``."""
-    handler = grpc.method_handlers_generic_handler(SERVICE, {
-        "Call": grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=deserializer,
-                                                    response_serializer=lambda b: b)})
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Call": grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=deserializer, response_serializer=lambda b: b
+            )
+        },
+    )
 
     def register(server):
         server.add_generic_rpc_handlers((handler,))
@@ -34,10 +40,12 @@ def _server(limits: ServerLimits, behaviour, deserializer=None):
 
 
 def _call(port: int, data: bytes, timeout: float = 10.0):
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[
-            ("grpc.max_send_message_length", 64 * MiB)]) as channel:
-        rpc = channel.unary_unary(f"/{SERVICE}/Call", request_serializer=lambda b: b,
-                                  response_deserializer=lambda b: b)
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * MiB)]
+    ) as channel:
+        rpc = channel.unary_unary(
+            f"/{SERVICE}/Call", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         try:
             return grpc.StatusCode.OK, rpc(data, timeout=timeout)
         except grpc.RpcError as error:
@@ -56,7 +64,8 @@ def test_every_service_sets_its_limits_deliberately(test_artifact):
     assert indexer.max_receive_bytes == 64 * MiB != default_grpc
     # a full request of maximum-size photos, capped at the embedder's ceiling (256 MiB)
     assert embedder.server_limits().max_receive_bytes == min(
-        embedder.max_batch * embedder.max_image_bytes + 64 * 1024, 256 * MiB)
+        embedder.max_batch * embedder.max_image_bytes + 64 * 1024, 256 * MiB
+    )
     assert gateway.max_message_bytes == 16 * MiB >= embedder.max_image_bytes  # one full photo fits
     assert (gateway.max_k, gateway.max_images) == (100, 16)
     assert IndexerConfig.from_env([]).max_k == 1000 and embedder.max_batch == 32
@@ -66,6 +75,7 @@ def test_every_service_sets_its_limits_deliberately(test_artifact):
 
 def test_gateway_message_limit_comes_from_the_environment(monkeypatch):
     from services.gateway.config import GatewayConfig
+
     monkeypatch.setenv("GATEWAY_MAX_MESSAGE_MB", "5")
     assert GatewayConfig.from_env([]).max_message_bytes == 5 * MiB
 
@@ -105,8 +115,9 @@ def test_over_the_concurrency_limit_is_resource_exhausted_and_then_served_again(
 
 
 def test_undecodable_request_is_invalid_argument_not_internal():
-    server = _server(ServerLimits(), lambda request, context: b"ok",
-                     deserializer=indexer_pb2.SearchRequest.FromString)
+    server = _server(
+        ServerLimits(), lambda request, context: b"ok", deserializer=indexer_pb2.SearchRequest.FromString
+    )
     try:
         code, details = _call(server.port, b"\xff\xff\xff\xff")
         assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -123,7 +134,7 @@ def test_long_status_messages_are_clipped_so_the_client_still_gets_them():
 
     server = _server(ServerLimits(), echo, deserializer=lambda b: b)
     try:
-        for listing_id in ("x" * 100_000, "\U0001F600" * 20_000):
+        for listing_id in ("x" * 100_000, "\U0001f600" * 20_000):
             code, details = _call(server.port, listing_id.encode())
             assert code == grpc.StatusCode.NOT_FOUND and details.startswith("listing ")
             assert "clipped" in details and len(details.encode()) <= MAX_DETAILS_BYTES

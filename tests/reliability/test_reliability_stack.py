@@ -6,6 +6,7 @@ same functions at a larger size.
 Figures (printed with ``-s``, in the "reliability figures" summary section, and as JUnit
 properties): requests sent, failed, bad inputs tried, acknowledged writes lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,9 +59,12 @@ def test_fuzz_every_rpc_gets_a_precise_status_and_service_continues(stack, recor
 def _auth_cases(stack, call, request):
     """(no token, wrong token, other scheme, right token) -> codes and details."""
     results = {}
-    for name, metadata in (("none", ()), ("wrong", (("authorization", "Bearer nope"),)),
-                           ("wrong, same length", (("authorization", "Bearer " + "x" * len(stack.token)),)),
-                           ("basic", (("authorization", f"Basic {stack.token}"),))):
+    for name, metadata in (
+        ("none", ()),
+        ("wrong", (("authorization", "Bearer nope"),)),
+        ("wrong, same length", (("authorization", "Bearer " + "x" * len(stack.token)),)),
+        ("basic", (("authorization", f"Basic {stack.token}"),)),
+    ):
         code, details, _ = call(request, metadata=metadata)
         results[name] = (code, details)
     return results
@@ -68,8 +72,14 @@ def _auth_cases(stack, call, request):
 
 def test_indexer_writes_need_the_token_reads_are_open(stack):
     vector = stack.good_vector()
-    upsert = indexer_pb2.UpsertRequest(collection="image", items=[indexer_pb2.Item(
-        id="auth-probe", vector=vector, attributes=indexer_pb2.Attributes(listing_id="auth-probe"))])
+    upsert = indexer_pb2.UpsertRequest(
+        collection="image",
+        items=[
+            indexer_pb2.Item(
+                id="auth-probe", vector=vector, attributes=indexer_pb2.Attributes(listing_id="auth-probe")
+            )
+        ],
+    )
     delete = indexer_pb2.DeleteRequest(collection="image", ids=["auth-probe"])
     for method, request in (("Upsert", upsert), ("Delete", delete)):
         denied = _auth_cases(stack, lambda r, **kw: stack.indexer(0, method, r, **kw), request)
@@ -79,21 +89,29 @@ def test_indexer_writes_need_the_token_reads_are_open(stack):
         assert denied["wrong, same length"][0] == CODE.PERMISSION_DENIED
         assert all(stack.token not in details for _, details in denied.values())
     fetch = indexer_pb2.FetchRequest(collection="image", ids=["auth-probe"])
-    assert list(indexer_pb2.FetchResponse.FromString(stack.indexer(0, "Fetch", fetch)[2]).not_found) \
-        == ["auth-probe"]  # nothing a denied Upsert sent was stored
+    assert list(indexer_pb2.FetchResponse.FromString(stack.indexer(0, "Fetch", fetch)[2]).not_found) == [
+        "auth-probe"
+    ]  # nothing a denied Upsert sent was stored
     assert stack.indexer(0, "Upsert", upsert, write=True)[0] == OK
     # reads need no token
     assert stack.indexer(0, "Fetch", fetch)[0] == OK
     assert stack.indexer(0, "GetStats", indexer_pb2.GetStatsRequest())[0] == OK
-    assert stack.indexer(0, "Search", indexer_pb2.SearchRequest(
-        collection="image", k=1, queries=[indexer_pb2.Vector(values=vector)]))[0] == OK
+    assert (
+        stack.indexer(
+            0,
+            "Search",
+            indexer_pb2.SearchRequest(collection="image", k=1, queries=[indexer_pb2.Vector(values=vector)]),
+        )[0]
+        == OK
+    )
     assert stack.indexer(0, "Delete", delete, write=True)[0] == OK
 
 
 def test_gateway_writes_need_the_token_reads_are_open(stack):
     listing_id = f"auth-{secrets.token_hex(4)}"
-    add = gateway_pb2.AddListingRequest(listing=gateway_pb2.Listing(id=listing_id, title="auth"),
-                                        images=[stack.photos[4]])
+    add = gateway_pb2.AddListingRequest(
+        listing=gateway_pb2.Listing(id=listing_id, title="auth"), images=[stack.photos[4]]
+    )
     remove = gateway_pb2.RemoveListingRequest(listing_id=listing_id)
     for method, request in (("AddListing", add), ("RemoveListing", remove)):
         denied = _auth_cases(stack, lambda r, **kw: stack.gateway(method, r, **kw), request)
@@ -113,8 +131,9 @@ def test_gateway_writes_need_the_token_reads_are_open(stack):
     assert stack.gateway("SearchByImage", gateway_pb2.SearchByImageRequest(image=stack.photos[4]))[0] == OK
     assert stack.gateway("ClassifyImage", gateway_pb2.ClassifyImageRequest(image=stack.photos[4]))[0] == OK
     assert stack.gateway("RemoveListing", remove, write=True)[0] == OK
-    assert stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=listing_id))[0] \
-        == CODE.NOT_FOUND
+    assert (
+        stack.gateway("GetListing", gateway_pb2.GetListingRequest(listing_id=listing_id))[0] == CODE.NOT_FOUND
+    )
 
 
 # ------------------------------------------------------------------------------ tracing
@@ -148,11 +167,17 @@ def test_request_id_from_the_client_is_in_every_service_log(stack):
     embedder's and every indexer shard's log lines for that request; a failed request can be
     followed to the service that rejected it."""
     good, bad = f"trace-ok-{secrets.token_hex(6)}", f"trace-bad-{secrets.token_hex(6)}"
-    code, details, _ = stack.gateway("SearchByImage", gateway_pb2.SearchByImageRequest(
-        image=stack.photos[5], k=3), metadata=[("x-request-id", good)])
+    code, details, _ = stack.gateway(
+        "SearchByImage",
+        gateway_pb2.SearchByImageRequest(image=stack.photos[5], k=3),
+        metadata=[("x-request-id", good)],
+    )
     assert code == OK, details
-    code, details, _ = stack.gateway("SearchByImage", gateway_pb2.SearchByImageRequest(
-        image=b"definitely not a photo", k=3), metadata=[("x-request-id", bad)])
+    code, details, _ = stack.gateway(
+        "SearchByImage",
+        gateway_pb2.SearchByImageRequest(image=b"definitely not a photo", k=3),
+        metadata=[("x-request-id", bad)],
+    )
     assert code == CODE.INVALID_ARGUMENT
 
     found = _wait_for_entries(stack, stack.keys, good)
@@ -164,23 +189,29 @@ def test_request_id_from_the_client_is_in_every_service_log(stack):
         assert f"/{INDEXER}/Search" in methods[key]
 
     failed = _wait_for_entries(stack, ["gateway", "embedder"], bad)
-    assert any(e.get("method") == f"/{GATEWAY}/SearchByImage" and e.get("code") == "INVALID_ARGUMENT"
-               for e in failed["gateway"])
-    assert any(e.get("method") == f"/{EMBEDDER}/Embed" and e.get("code") == "INVALID_ARGUMENT"
-               for e in failed["embedder"]), failed["embedder"]
+    assert any(
+        e.get("method") == f"/{GATEWAY}/SearchByImage" and e.get("code") == "INVALID_ARGUMENT"
+        for e in failed["gateway"]
+    )
+    assert any(
+        e.get("method") == f"/{EMBEDDER}/Embed" and e.get("code") == "INVALID_ARGUMENT"
+        for e in failed["embedder"]
+    ), failed["embedder"]
     assert all(not _log_entries(stack, key, bad) for key in stack.indexer_keys)  # never got there
 
 
 def test_request_id_made_by_the_gateway_reaches_the_embedder(stack):
     """Without an x-request-id from the client the gateway makes one and still passes it on."""
-    code, details, _ = stack.gateway("ClassifyImage", gateway_pb2.ClassifyImageRequest(
-        image=stack.photos[6]))
+    code, details, _ = stack.gateway("ClassifyImage", gateway_pb2.ClassifyImageRequest(image=stack.photos[6]))
     assert code == OK, details
     method = f"/{GATEWAY}/ClassifyImage"
     deadline = time.monotonic() + 10
     while True:
-        lines = [json.loads(line) for line in stack.log_path("gateway").read_text().splitlines()
-                 if method in line and line.startswith("{")]
+        lines = [
+            json.loads(line)
+            for line in stack.log_path("gateway").read_text().splitlines()
+            if method in line and line.startswith("{")
+        ]
         if lines or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -204,20 +235,32 @@ def test_bounded_load_no_request_fails_memory_stays_bounded(stack, record_proper
     for key, before in stats.rss_before.items():
         bound = max(256 * 2**20, before // 2)
         assert stats.rss_after[key] - before < bound, (
-            f"{key} grew from {mib(before)} to {mib(stats.rss_after[key])} during the load")
+            f"{key} grew from {mib(before)} to {mib(stats.rss_after[key])} during the load"
+        )
         assert stats.rss_peak[key] - before < 2 * bound
 
 
 # ------------------------------------------------------------------------------ faults
 
 
-def test_killed_services_unavailable_within_deadline_then_full_service_no_write_lost(
-        stack, record_property):
-    stats = run_faults(stack, services=["embedder", "indexer-0", "gateway"], concurrency=3,
-                       max_requests=1500, max_seconds=150, deadline_s=5.0, outage_s=0.5)
+def test_killed_services_unavailable_within_deadline_then_full_service_no_write_lost(stack, record_property):
+    stats = run_faults(
+        stack,
+        services=["embedder", "indexer-0", "gateway"],
+        concurrency=3,
+        max_requests=1500,
+        max_seconds=150,
+        deadline_s=5.0,
+        outage_s=0.5,
+    )
     RESULTS["faults"] = stats
-    report(record_property, "faults", describe_faults(stats), acked_writes=stats.acked_writes,
-           lost_writes=stats.lost_writes)
+    report(
+        record_property,
+        "faults",
+        describe_faults(stats),
+        acked_writes=stats.acked_writes,
+        lost_writes=stats.lost_writes,
+    )
     assert [outage.service for outage in stats.outages] == ["embedder", "indexer-0", "gateway"]
     assert stats.problems == [], "\n".join(stats.problems)
     for outage in stats.outages:

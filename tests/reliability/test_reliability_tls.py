@@ -7,6 +7,7 @@ mutual TLS -> a TLS client without a certificate fails, one with a certificate f
 fails, one with the CA's client certificate works. And the gateway reaches an mTLS indexer over
 its own TLS channel, with the write token, end to end.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -32,8 +33,15 @@ from services.indexer.server import start as start_indexer
 from services.indexer.spec import parse_collections
 
 pytestmark = pytest.mark.timeout(180)
-TLS_VARS = ("TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA", "TLS_CA", "TLS_CLIENT_CERT", "TLS_CLIENT_KEY",
-            "WRITE_TOKEN")
+TLS_VARS = (
+    "TLS_CERT",
+    "TLS_KEY",
+    "TLS_CLIENT_CA",
+    "TLS_CA",
+    "TLS_CLIENT_CERT",
+    "TLS_CLIENT_KEY",
+    "WRITE_TOKEN",
+)
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
 
@@ -43,18 +51,49 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _ca(directory: Path, name: str) -> None:
-    _openssl("req", "-x509", *EC, "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
-             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    _openssl(
+        "req",
+        "-x509",
+        *EC,
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
 
 
 def _leaf(directory: Path, name: str, ca: str, extensions: str) -> None:
     (directory / f"{name}.ext").write_text(extensions)
-    _openssl("req", *EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
-             cwd=directory)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
-             cwd=directory)
+    _openssl(
+        "req", *EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=directory
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        f"{ca}.pem",
+        "-CAkey",
+        f"{ca}.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        cwd=directory,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +105,19 @@ def pki(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pki")
     _ca(directory, "ca")
     _ca(directory, "rogue-ca")
-    _leaf(directory, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                     "extendedKeyUsage=serverAuth\n")
+    _leaf(
+        directory, "server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+    )
     _leaf(directory, "client", "ca", "extendedKeyUsage=clientAuth\n")
     _leaf(directory, "rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n")
-    return SimpleNamespace(dir=directory, **{name.replace("-", "_"): directory / f"{name}.pem"
-                                              for name in ("ca", "rogue-ca", "server", "client",
-                                                           "rogue-client")},
-                           key=lambda name: directory / f"{name}.key")
+    return SimpleNamespace(
+        dir=directory,
+        **{
+            name.replace("-", "_"): directory / f"{name}.pem"
+            for name in ("ca", "rogue-ca", "server", "client", "rogue-client")
+        },
+        key=lambda name: directory / f"{name}.key",
+    )
 
 
 @pytest.fixture
@@ -99,7 +143,8 @@ def _channel(port: int, pki, *, tls: bool, ca: Path | None = None, client: str |
     credentials = grpc.ssl_channel_credentials(
         root_certificates=(ca or pki.ca).read_bytes(),
         private_key=pki.key(client).read_bytes() if client else None,
-        certificate_chain=(pki.dir / f"{client}.pem").read_bytes() if client else None)
+        certificate_chain=(pki.dir / f"{client}.pem").read_bytes() if client else None,
+    )
     return grpc.secure_channel(target, credentials)
 
 
@@ -115,17 +160,30 @@ def _answers(port: int, pki, ask, **channel_kwargs) -> grpc.StatusCode:
 
 
 def _start_indexer(root: Path):
-    return start_indexer(IndexerConfig.local(
-        host="127.0.0.1", port=0, data_dir=root, log_level="warning",
-        collections=tuple(parse_collections("image:4:flat:ip")), collections_explicit=True,
-        fsync=False))
+    return start_indexer(
+        IndexerConfig.local(
+            host="127.0.0.1",
+            port=0,
+            data_dir=root,
+            log_level="warning",
+            collections=tuple(parse_collections("image:4:flat:ip")),
+            collections_explicit=True,
+            fsync=False,
+        )
+    )
 
 
 def _gateway_config(root: Path, indexer_port: int, token: str | None = None) -> GatewayConfig:
-    return GatewayConfig.local(host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3",
-                         embedder_addr=f"127.0.0.1:{free_port()}",  # nothing there: not needed
-                         indexer_addrs=(f"127.0.0.1:{indexer_port}",), downstream_timeout_s=10,
-                         retry=RetryPolicy(2, 0.05, 0.2), write_token=token)
+    return GatewayConfig.local(
+        host="127.0.0.1",
+        port=0,
+        db_path=root / "catalogue.sqlite3",
+        embedder_addr=f"127.0.0.1:{free_port()}",  # nothing there: not needed
+        indexer_addrs=(f"127.0.0.1:{indexer_port}",),
+        downstream_timeout_s=10,
+        retry=RetryPolicy(2, 0.05, 0.2),
+        write_token=token,
+    )
 
 
 def _ask_indexer(channel):
@@ -135,7 +193,8 @@ def _ask_indexer(channel):
 def _ask_gateway(channel):
     try:
         gateway_pb2_grpc.GatewayStub(channel).GetListing(
-            gateway_pb2.GetListingRequest(listing_id="no-such"), timeout=5)
+            gateway_pb2.GetListingRequest(listing_id="no-such"), timeout=5
+        )
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: the gateway itself answered
             raise
@@ -177,12 +236,27 @@ def test_gateway_tls(pki, clean_env, tmp_path, mutual):
 def test_embedder_mtls(pki, clean_env, test_artifact):
     from services.embedder.config import EmbedderConfig
     from services.embedder.server import start as start_embedder
+
     _server_env(clean_env, pki, mutual=True)
-    server = start_embedder(EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0,
-                                           torch_threads=1, decode_threads=1, text_model="off"))
+    server = start_embedder(
+        EmbedderConfig.local(
+            artifact_dir=test_artifact,
+            host="127.0.0.1",
+            port=0,
+            torch_threads=1,
+            decode_threads=1,
+            text_model="off",
+        )
+    )
     try:
-        _check_transport(server.port, pki, lambda channel: embedder_pb2_grpc.EmbedderStub(
-            channel).GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=5), mutual=True)
+        _check_transport(
+            server.port,
+            pki,
+            lambda channel: embedder_pb2_grpc.EmbedderStub(channel).GetModelInfo(
+                embedder_pb2.GetModelInfoRequest(), timeout=5
+            ),
+            mutual=True,
+        )
     finally:
         server.stop(0)
 
@@ -204,22 +278,37 @@ def test_gateway_to_indexer_over_mutual_tls_with_the_write_token(pki, clean_env,
         for n in range(2):  # two listings, one photo each: catalogue + vectors on the shard
             gateway.core.catalogue.add(Listing(f"tls-{n}", f"listing {n}", image_ids=(f"img-{n}",)))
         with _channel(indexer.port, pki, tls=True, client="client") as channel:
-            indexer_pb2_grpc.IndexerStub(channel).Upsert(indexer_pb2.UpsertRequest(
-                collection="image", items=[indexer_pb2.Item(
-                    id=f"img-{n}", vector=(vectors[0] + 0.1 * vectors[n + 1]).tolist(),
-                    attributes=indexer_pb2.Attributes(listing_id=f"tls-{n}")) for n in range(2)]),
-                timeout=10, metadata=[("authorization", f"Bearer {token}")])
+            indexer_pb2_grpc.IndexerStub(channel).Upsert(
+                indexer_pb2.UpsertRequest(
+                    collection="image",
+                    items=[
+                        indexer_pb2.Item(
+                            id=f"img-{n}",
+                            vector=(vectors[0] + 0.1 * vectors[n + 1]).tolist(),
+                            attributes=indexer_pb2.Attributes(listing_id=f"tls-{n}"),
+                        )
+                        for n in range(2)
+                    ],
+                ),
+                timeout=10,
+                metadata=[("authorization", f"Bearer {token}")],
+            )
         with _channel(gateway.port, pki, tls=True, client="client") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
-            similar = stub.SimilarListings(gateway_pb2.SimilarListingsRequest(listing_id="tls-0", k=3),
-                                           timeout=10)  # the gateway fetched from the indexer
+            similar = stub.SimilarListings(
+                gateway_pb2.SimilarListingsRequest(listing_id="tls-0", k=3), timeout=10
+            )  # the gateway fetched from the indexer
             assert [r.listing.id for r in similar.results] == ["tls-1"]
-            removed = stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id="tls-1"),
-                                         timeout=10, metadata=[("authorization", f"Bearer {token}")])
+            removed = stub.RemoveListing(
+                gateway_pb2.RemoveListingRequest(listing_id="tls-1"),
+                timeout=10,
+                metadata=[("authorization", f"Bearer {token}")],
+            )
             assert removed.images_removed == 1  # the gateway's Delete reached the indexer
         with _channel(indexer.port, pki, tls=True, client="client") as channel:
             fetched = indexer_pb2_grpc.IndexerStub(channel).Fetch(
-                indexer_pb2.FetchRequest(collection="image", ids=["img-0", "img-1"]), timeout=10)
+                indexer_pb2.FetchRequest(collection="image", ids=["img-0", "img-1"]), timeout=10
+            )
         assert list(fetched.not_found) == ["img-1"]
     finally:
         if gateway is not None:
@@ -227,12 +316,17 @@ def test_gateway_to_indexer_over_mutual_tls_with_the_write_token(pki, clean_env,
         indexer.stop(0)
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(TLS_CERT="server", TLS_KEY="client"), "the key does not belong to the certificate"),
-    (dict(TLS_CERT="not-pem", TLS_KEY="server"), "expected a PEM certificate (chain)"),
-    (dict(TLS_CERT="server", TLS_KEY="server", TLS_CLIENT_CA="not-pem"),
-     "TLS_CLIENT_CA=.*: expected PEM CA certificate"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(TLS_CERT="server", TLS_KEY="client"), "the key does not belong to the certificate"),
+        (dict(TLS_CERT="not-pem", TLS_KEY="server"), "expected a PEM certificate (chain)"),
+        (
+            dict(TLS_CERT="server", TLS_KEY="server", TLS_CLIENT_CA="not-pem"),
+            "TLS_CLIENT_CA=.*: expected PEM CA certificate",
+        ),
+    ],
+)
 def test_wrong_tls_files_are_named_before_binding(pki, clean_env, tmp_path, setting, message):
     """gRPC alone says only "Failed to bind to address" for a bad certificate or key."""
     (pki.dir / "not-pem.pem").write_text("hello\n")

@@ -5,6 +5,7 @@ category head, exported with ``save_artifact`` exactly as training exports a mod
 The embeddings are meaningful (pretrained features); the category probabilities are not (the
 head is random), so tests may check their shape, order and sums but not which category wins.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,6 +42,7 @@ def make_test_artifact(directory: Path | str, categories: list[str] | None = Non
     categories = list(categories or MAIN_CATEGORIES)
     if (directory / CARD_FILE).is_file():
         import json
+
         card = json.loads((directory / CARD_FILE).read_text())
         if card.get("categories") == categories and card.get("backbone") == BACKBONE:
             return directory
@@ -52,7 +54,12 @@ def make_test_artifact(directory: Path | str, categories: list[str] | None = Non
             weight = torch.randn(model.head.weight.shape, generator=generator) * 0.05
             model.head.weight.copy_(weight)
             model.head.bias.zero_()
-    save_artifact(directory, model.eval(), categories, trained=False,
-                  note="test artefact: pretrained ImageNet backbone, seeded random head",
-                  head_seed=HEAD_SEED)
+    save_artifact(
+        directory,
+        model.eval(),
+        categories,
+        trained=False,
+        note="test artefact: pretrained ImageNet backbone, seeded random head",
+        head_seed=HEAD_SEED,
+    )
     return directory

@@ -4,6 +4,7 @@
 Each replica is ``python -m services.indexer`` with its own data directory, ``INDEXER_SHARD``,
 ``INDEXER_PEERS`` (the other replicas of its shard) and one FAISS thread.
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,15 +33,24 @@ class ReplicaProcess:
 
 
 class IndexerCluster:
-    def __init__(self, root: Path, shards: int, replicas: int, collections: str, *,
-                 partitions: int = 256, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        shards: int,
+        replicas: int,
+        collections: str,
+        *,
+        partitions: int = 256,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.collections = collections
         self.partitions = partitions
         self.extra_env = extra_env or {}
         self.replicas: list[list[ReplicaProcess]] = [
             [ReplicaProcess(s, r, free_port(), root / f"shard{s}-replica{r}") for r in range(replicas)]
-            for s in range(shards)]
+            for s in range(shards)
+        ]
         for shard in self.replicas:
             for replica in shard:
                 self.start(replica)
@@ -48,8 +58,7 @@ class IndexerCluster:
     # -- topology -----------------------------------------------------------------------------------
     def shard_spec(self) -> str:
         """INDEXER_SHARDS for the gateway."""
-        return ";".join(f"{s}=" + "|".join(r.address for r in shard)
-                        for s, shard in enumerate(self.replicas))
+        return ";".join(f"{s}=" + "|".join(r.address for r in shard) for s, shard in enumerate(self.replicas))
 
     def topology(self) -> tuple[tuple[str, ...], ...]:
         return tuple(tuple(r.address for r in shard) for shard in self.replicas)
@@ -57,13 +66,23 @@ class IndexerCluster:
     # -- processes ----------------------------------------------------------------------------------
     def start(self, replica: ReplicaProcess) -> None:
         peers = ",".join(r.address for r in self.replicas[replica.shard] if r is not replica)
-        env = {"INDEXER_DATA_DIR": str(replica.data_dir), "INDEXER_COLLECTIONS": self.collections,
-               "INDEXER_SHARD": str(replica.shard), "INDEXER_PARTITIONS": str(self.partitions),
-               "INDEXER_PEERS": peers, "INDEXER_FAISS_THREADS": "1", "LOG_LEVEL": "info",
-               "INDEXER_SNAPSHOT_WAL_RECORDS": "200", **self.extra_env}
-        replica.process = spawn("indexer", replica.port,
-                                self.root / "logs" / f"shard{replica.shard}-replica{replica.number}.log",
-                                env)
+        env = {
+            "INDEXER_DATA_DIR": str(replica.data_dir),
+            "INDEXER_COLLECTIONS": self.collections,
+            "INDEXER_SHARD": str(replica.shard),
+            "INDEXER_PARTITIONS": str(self.partitions),
+            "INDEXER_PEERS": peers,
+            "INDEXER_FAISS_THREADS": "1",
+            "LOG_LEVEL": "info",
+            "INDEXER_SNAPSHOT_WAL_RECORDS": "200",
+            **self.extra_env,
+        }
+        replica.process = spawn(
+            "indexer",
+            replica.port,
+            self.root / "logs" / f"shard{replica.shard}-replica{replica.number}.log",
+            env,
+        )
 
     def kill(self, shard: int, number: int) -> None:
         """SIGKILL: no final snapshot, no goodbye."""
@@ -73,8 +92,12 @@ class IndexerCluster:
 
     def add_shard(self, replicas: int) -> int:
         shard = len(self.replicas)
-        self.replicas.append([ReplicaProcess(shard, r, free_port(), self.root / f"shard{shard}-replica{r}")
-                              for r in range(replicas)])
+        self.replicas.append(
+            [
+                ReplicaProcess(shard, r, free_port(), self.root / f"shard{shard}-replica{r}")
+                for r in range(replicas)
+            ]
+        )
         for replica in self.replicas[shard]:
             self.start(replica)
         return shard
@@ -94,11 +117,14 @@ class IndexerCluster:
             while time.monotonic() - started < timeout:
                 assert replica.process is not None
                 if replica.process.process.poll() is not None:
-                    raise RuntimeError(f"{replica.address} exited:\n"
-                                       f"{replica.process.log_path.read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"{replica.address} exited:\n{replica.process.log_path.read_text()[-3000:]}"
+                    )
                 try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return time.monotonic() - started
                 except grpc.RpcError:
                     pass
@@ -117,25 +143,31 @@ class IndexerCluster:
                     replica.process.stop(15)
 
     # -- contents -----------------------------------------------------------------------------------
-    def contents(self, replica: ReplicaProcess, ids: list[str], collection: str = "image"
-                 ) -> dict[str, tuple[tuple[float, ...], str, str, float, str]]:
+    def contents(
+        self, replica: ReplicaProcess, ids: list[str], collection: str = "image"
+    ) -> dict[str, tuple[tuple[float, ...], str, str, float, str]]:
         """id -> (vector, listing id, category, price, location) of the ``ids`` it holds."""
         found = {}
         with grpc.insecure_channel(replica.address) as channel:
             stub = indexer_pb2_grpc.IndexerStub(channel)
             for start in range(0, len(ids), 512):
-                reply = stub.Fetch(indexer_pb2.FetchRequest(collection=collection,
-                                                            ids=ids[start:start + 512]), timeout=30)
+                reply = stub.Fetch(
+                    indexer_pb2.FetchRequest(collection=collection, ids=ids[start : start + 512]), timeout=30
+                )
                 for item in reply.items:
                     a = item.attributes
-                    found[item.id] = (tuple(item.vector), a.listing_id, a.category,
-                                      a.price if a.HasField("price") else None, a.location)
+                    found[item.id] = (
+                        tuple(item.vector),
+                        a.listing_id,
+                        a.category,
+                        a.price if a.HasField("price") else None,
+                        a.location,
+                    )
         return found
 
     def count(self, replica: ReplicaProcess) -> int:
         with grpc.insecure_channel(replica.address) as channel:
-            stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(indexer_pb2.GetStatsRequest(),
-                                                                   timeout=30)
+            stats = indexer_pb2_grpc.IndexerStub(channel).GetStats(indexer_pb2.GetStatsRequest(), timeout=30)
         return sum(c.count for c in stats.collections)
 
 
@@ -162,9 +194,18 @@ class KillOutcome:
     restarted_at_s: float
 
 
-def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: list[bytes],
-                      seed_ids: list[str], *, duration_s: float, kill_at_s: float,
-                      restart_at_s: float, searchers: int = 2, say=print) -> KillOutcome:
+def run_kill_scenario(
+    cluster: IndexerCluster,
+    gateway_address: str,
+    photos: list[bytes],
+    seed_ids: list[str],
+    *,
+    duration_s: float,
+    kill_at_s: float,
+    restart_at_s: float,
+    searchers: int = 2,
+    say=print,
+) -> KillOutcome:
     """Searches (SearchByImage, SimilarListings) and AddListing/RemoveListing through the
     gateway at ``gateway_address`` for ``duration_s``; at ``kill_at_s`` one replica of every
     shard is SIGKILLed (alternating which), at ``restart_at_s`` restarted on its data directory.
@@ -191,11 +232,14 @@ def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: lis
             started = time.monotonic()
             try:
                 if n % 2:
-                    reply = stub.SearchByImage(gateway_pb2.SearchByImageRequest(
-                        image=photos[n % len(photos)], k=5), timeout=10)
+                    reply = stub.SearchByImage(
+                        gateway_pb2.SearchByImageRequest(image=photos[n % len(photos)], k=5), timeout=10
+                    )
                 else:
-                    reply = stub.SimilarListings(gateway_pb2.SimilarListingsRequest(
-                        listing_id=seed_ids[n % len(seed_ids)], k=5), timeout=10)
+                    reply = stub.SimilarListings(
+                        gateway_pb2.SimilarListingsRequest(listing_id=seed_ids[n % len(seed_ids)], k=5),
+                        timeout=10,
+                    )
                 if not reply.results:
                     raise AssertionError("no results")
             except (grpc.RpcError, AssertionError) as exc:
@@ -211,15 +255,22 @@ def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: lis
             n += 1
             listing_id = f"load-{n}"
             try:
-                reply = stub.AddListing(gateway_pb2.AddListingRequest(
-                    listing=gateway_pb2.Listing(id=listing_id, title=f"load listing {n}",
-                                                main_category="Appliances", price=float(n)),
-                    images=[photos[n % len(photos)]]), timeout=10)
+                reply = stub.AddListing(
+                    gateway_pb2.AddListingRequest(
+                        listing=gateway_pb2.Listing(
+                            id=listing_id,
+                            title=f"load listing {n}",
+                            main_category="Appliances",
+                            price=float(n),
+                        ),
+                        images=[photos[n % len(photos)]],
+                    ),
+                    timeout=10,
+                )
                 with lock:
                     added[listing_id] = list(reply.listing.image_ids)
                 if n % 3 == 0:
-                    stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id),
-                                       timeout=10)
+                    stub.RemoveListing(gateway_pb2.RemoveListingRequest(listing_id=listing_id), timeout=10)
                     with lock:
                         removed.add(listing_id)
             except grpc.RpcError as exc:
@@ -237,7 +288,9 @@ def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: lis
         kill_time = time.monotonic() - begin
         for replica in killed:
             cluster.kill(replica.shard, replica.number)
-        say(f"  {kill_time:.1f}s: SIGKILLed {', '.join(f'shard {r.shard} replica {r.number}' for r in killed)}")
+        say(
+            f"  {kill_time:.1f}s: SIGKILLed {', '.join(f'shard {r.shard} replica {r.number}' for r in killed)}"
+        )
         time.sleep(max(0.0, restart_at_s - (time.monotonic() - begin)))
         restart_time = time.monotonic()
         for replica in killed:
@@ -265,24 +318,42 @@ def run_kill_scenario(cluster: IndexerCluster, gateway_address: str, photos: lis
         for replica, view in zip(shard, views):
             for listing, image_ids in added.items():
                 if listing in removed:
-                    lost += [f"{listing} (removed) still on {replica.address}"
-                             for i in image_ids if i in view]
+                    lost += [
+                        f"{listing} (removed) still on {replica.address}" for i in image_ids if i in view
+                    ]
         owned = set().union(*views)
         for listing, image_ids in added.items():
             if listing not in removed and any(i in owned for i in image_ids):
                 for replica, view in zip(shard, views):
-                    lost += [f"{listing} image {i} missing on {replica.address}"
-                             for i in image_ids if i not in view]
+                    lost += [
+                        f"{listing} image {i} missing on {replica.address}"
+                        for i in image_ids
+                        if i not in view
+                    ]
         if any(view != views[0] for view in views) or len(set(counts)) > 1:
-            mismatches.append(f"shard {shard[0].shard}: counts {counts}, "
-                              f"{sum(view != views[0] for view in views)} replica(s) differ")
+            mismatches.append(
+                f"shard {shard[0].shard}: counts {counts}, "
+                f"{sum(view != views[0] for view in views)} replica(s) differ"
+            )
     for listing, image_ids in added.items():  # each kept listing is on some shard
         if listing not in removed and not any(
-                cluster.contents(shard[0], image_ids) for shard in cluster.replicas):
+            cluster.contents(shard[0], image_ids) for shard in cluster.replicas
+        ):
             lost.append(f"{listing} on no shard")
     after_kill = [ms for at, ms in latencies if kill_time <= at < kill_time + 1.0]
     steady = [ms for at, ms in latencies if at < kill_time]
-    return KillOutcome(len(latencies) + len(failed_searches), failed_searches, len(added),
-                       len(removed), failed_writes, lost, converge_s,
-                       percentile(after_kill, 99), percentile(steady, 99), mismatches,
-                       sorted(latencies), kill_time, restart_time - begin)
+    return KillOutcome(
+        len(latencies) + len(failed_searches),
+        failed_searches,
+        len(added),
+        len(removed),
+        failed_writes,
+        lost,
+        converge_s,
+        percentile(after_kill, 99),
+        percentile(steady, 99),
+        mismatches,
+        sorted(latencies),
+        kill_time,
+        restart_time - begin,
+    )

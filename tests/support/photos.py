@@ -1,5 +1,6 @@
 """Real photos for tests: marketplace listing photos when the shared data is there, otherwise
 scikit-image's sample photographs; plus helpers to encode them in the formats uploads come in."""
+
 from __future__ import annotations
 
 import io
@@ -29,11 +30,10 @@ def photo_files(count: int) -> list[Path]:
     """Up to ``count`` marketplace photo files (512x512 JPEGs), [] when the data is absent."""
     if not MARKETPLACE_IMAGES.is_dir():
         return []
-    chosen = [MARKETPLACE_IMAGES / name for name in _PREFERRED
-              if (MARKETPLACE_IMAGES / name).is_file()]
+    chosen = [MARKETPLACE_IMAGES / name for name in _PREFERRED if (MARKETPLACE_IMAGES / name).is_file()]
     if len(chosen) < count:
         extra = sorted(p for p in MARKETPLACE_IMAGES.glob("*.jpg") if p not in chosen)
-        chosen += extra[:count - len(chosen)]
+        chosen += extra[: count - len(chosen)]
     return chosen[:count]
 
 
@@ -42,8 +42,10 @@ def _sample_photos() -> list[Image.Image]:
         from skimage import data
     except ImportError:
         return []
-    return [Image.fromarray(getattr(data, name)()).convert("RGB")
-            for name in ("coffee", "astronaut", "chelsea", "rocket")]
+    return [
+        Image.fromarray(getattr(data, name)()).convert("RGB")
+        for name in ("coffee", "astronaut", "chelsea", "rocket")
+    ]
 
 
 def real_photos(count: int) -> list[bytes]:
@@ -53,8 +55,10 @@ def real_photos(count: int) -> list[bytes]:
         return [path.read_bytes() for path in files]
     samples = _sample_photos()
     if len(samples) < count:
-        raise NoPhotos(f"need {count} photos: {MARKETPLACE_IMAGES} is absent or small and "
-                       "scikit-image's samples are not enough")
+        raise NoPhotos(
+            f"need {count} photos: {MARKETPLACE_IMAGES} is absent or small and "
+            "scikit-image's samples are not enough"
+        )
     return [encode(image, "JPEG", quality=95) for image in samples[:count]]
 
 

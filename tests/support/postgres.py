@@ -1,6 +1,7 @@
 """A throwaway PostgreSQL cluster for tests: the machine's own server binaries (`scripts.postgres`),
 a fresh data directory under /tmp, a free loopback port, fsync off (a test cluster that dies is
 thrown away anyway), stopped and deleted by ``destroy()``."""
+
 from __future__ import annotations
 
 from pathlib import Path

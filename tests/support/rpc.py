@@ -1,4 +1,5 @@
 """Small helpers for asserting on gRPC outcomes: (response, code, details)."""
+
 from __future__ import annotations
 
 import grpc

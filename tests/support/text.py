@@ -4,6 +4,7 @@ Loading the text model takes many seconds on a busy CPU (importing sentence-tran
 of it), so the embedder and gateway text tests share one instance instead of each loading it.
 Tests skip when the offline package is not installed.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,12 +37,20 @@ def start_text_embedder(config):
     from services.embedder.engine import ImageModel
     from services.embedder.server import start
 
-    model = ImageModel.load(Path(config.artifact_dir), max_image_bytes=config.max_image_bytes,
-                            max_pixels=config.max_pixels)
+    model = ImageModel.load(
+        Path(config.artifact_dir), max_image_bytes=config.max_image_bytes, max_pixels=config.max_pixels
+    )
     fusion, problem = load_fusion_weights(config.artifact_dir, model.version)
-    core = Embedder(model, max_batch=config.max_batch, batch_size=config.batch_size,
-                    max_wait_ms=config.max_wait_ms, decode_threads=config.resolved_decode_threads,
-                    torch_threads=config.resolved_torch_threads,
-                    text_encoder=shared_text_encoder(), max_text_chars=config.max_text_chars,
-                    fusion_weights=fusion, fusion_weights_problem=problem)
+    core = Embedder(
+        model,
+        max_batch=config.max_batch,
+        batch_size=config.batch_size,
+        max_wait_ms=config.max_wait_ms,
+        decode_threads=config.resolved_decode_threads,
+        torch_threads=config.resolved_torch_threads,
+        text_encoder=shared_text_encoder(),
+        max_text_chars=config.max_text_chars,
+        fusion_weights=fusion,
+        fusion_weights_problem=problem,
+    )
     return start(config, core=core)

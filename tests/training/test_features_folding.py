@@ -1,5 +1,6 @@
 """The feature extractor runs the frozen backbone with its batch norms folded: the same features
 as the plain pretrained backbone, and a refusal when folding would change them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,7 @@ def test_folded_backbone_gives_the_plain_backbones_features(files):
     backbone = get_backbone("efficientnet_lite0")
     keys = [path.name for path in files]
     folded = FeatureExtractor(backbone, cache_dir=None, progress=False)
-    plain = FeatureExtractor(backbone, cache_dir=None, progress=False,
-                             features=backbone.build(True).eval())
+    plain = FeatureExtractor(backbone, cache_dir=None, progress=False, features=backbone.build(True).eval())
     a, b = folded.get(files, keys)["pooled"], plain.get(files, keys)["pooled"]
     assert not any(isinstance(layer, nn.BatchNorm2d) for layer in folded.features.modules())
     assert any(isinstance(layer, nn.BatchNorm2d) for layer in plain.features.modules())
@@ -41,4 +41,4 @@ def test_a_fold_that_changes_the_features_is_refused(monkeypatch):
     monkeypatch.setattr(common_model, "fold_batch_norms", wrong_fold)
     extractor = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None, progress=False)
     with pytest.raises(RuntimeError, match="changed its features"):
-        extractor.features
+        _ = extractor.features

@@ -1,6 +1,7 @@
 """The training feature pass runs the backbone in the faster runtimes (TRAINING_RUNTIME): the same
 pooled features as torch on real photos, chosen only after the check against torch, and a clear
 refusal when an explicitly requested runtime cannot be used."""
+
 from __future__ import annotations
 
 import sys
@@ -26,34 +27,39 @@ def files():
 
 @pytest.fixture(scope="module")
 def torch_features(files):
-    extractor = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None,
-                                 progress=False, runtime="torch")
+    extractor = FeatureExtractor(
+        get_backbone("efficientnet_lite0"), cache_dir=None, progress=False, runtime="torch"
+    )
     return extractor.get(files, [p.name for p in files])["pooled"]
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "auto"])
 def test_pooled_features_match_torch_in_each_runtime(files, torch_features, runtime):
     pytest.importorskip(runtime if runtime != "auto" else "onnxruntime")
-    extractor = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None,
-                                 progress=False, runtime=runtime, batch_size=4)
+    extractor = FeatureExtractor(
+        get_backbone("efficientnet_lite0"), cache_dir=None, progress=False, runtime=runtime, batch_size=4
+    )
     pooled = extractor.get(files, [p.name for p in files])["pooled"]
     assert extractor.choice is not None
     if runtime != "auto":
         assert extractor.choice.session.runtime == runtime and extractor.choice.check.passed
     np.testing.assert_allclose(pooled, torch_features, atol=1e-3)
-    cosine = (pooled * torch_features).sum(1) / (np.linalg.norm(pooled, axis=1)
-                                                 * np.linalg.norm(torch_features, axis=1))
+    cosine = (pooled * torch_features).sum(1) / (
+        np.linalg.norm(pooled, axis=1) * np.linalg.norm(torch_features, axis=1)
+    )
     assert cosine.min() > 0.9999
 
 
 def test_an_explicit_runtime_that_is_missing_is_refused_naming_the_setting(files, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    extractor = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None,
-                                 progress=False, runtime="onnxruntime")
+    extractor = FeatureExtractor(
+        get_backbone("efficientnet_lite0"), cache_dir=None, progress=False, runtime="onnxruntime"
+    )
     with pytest.raises(RuntimeUnavailable, match="TRAINING_RUNTIME=onnxruntime .*not installed"):
         extractor.get(files[:2], [p.name for p in files[:2]])
     monkeypatch.setitem(sys.modules, "openvino", None)
-    auto = FeatureExtractor(get_backbone("efficientnet_lite0"), cache_dir=None, progress=False,
-                            runtime="auto")
+    auto = FeatureExtractor(
+        get_backbone("efficientnet_lite0"), cache_dir=None, progress=False, runtime="auto"
+    )
     auto.get(files[:2], [p.name for p in files[:2]])
     assert auto.choice.session.runtime == "torch"

@@ -3,6 +3,7 @@ the valid split and written into the artefact, checked against an independent co
 ranks with the gateway's own fusion (`services.gateway.ranking.fuse_image_and_text`) on the
 vectors the artefact holds. The tiny prepared set of `test_text_classifier` (real MiniLM), with
 synthetic photo embeddings that carry the category plus noise."""
+
 from __future__ import annotations
 
 import json
@@ -47,20 +48,36 @@ def precision_by_hand(data, artefact, query) -> dict[float, float]:
     computed here from the artefact's files and fused by the gateway's own code."""
     listings = pd.read_csv(data / "listings.csv").set_index("product_id")
     images = pd.read_csv(data / "images.csv")
-    photo_vectors = dict(zip(json.loads((artefact / "embeddings" / "image_ids.json").read_text()),
-                             np.load(artefact / "embeddings" / "image_embeddings.npy")))
-    text_vectors = dict(zip(json.loads((artefact / "embeddings" / "text_ids.json").read_text()),
-                            np.load(artefact / "embeddings" / "text_embeddings.npy")))
+    photo_vectors = dict(
+        zip(
+            json.loads((artefact / "embeddings" / "image_ids.json").read_text()),
+            np.load(artefact / "embeddings" / "image_embeddings.npy"),
+        )
+    )
+    text_vectors = dict(
+        zip(
+            json.loads((artefact / "embeddings" / "text_ids.json").read_text()),
+            np.load(artefact / "embeddings" / "text_embeddings.npy"),
+        )
+    )
     photos = images.groupby("product_id")["image_id"].apply(list).to_dict()
     valid = sorted(images.loc[images["split"] == "valid", "product_id"].unique())
     n = candidate_count(K)
     hits = {w: [] for w in GRID}
     for listing_id in valid:
         query_photos, query_text = query(listing_id, photos, text_vectors, listings)
-        image = [Hit(other, float(max(photo_vectors[q] @ photo_vectors[p] for q in query_photos for p in ids_)), "")
-                 for other, ids_ in photos.items() if other != listing_id]
-        text = [Hit(other, float(vector @ query_text), other)
-                for other, vector in text_vectors.items() if other != listing_id]
+        image = [
+            Hit(
+                other, float(max(photo_vectors[q] @ photo_vectors[p] for q in query_photos for p in ids_)), ""
+            )
+            for other, ids_ in photos.items()
+            if other != listing_id
+        ]
+        text = [
+            Hit(other, float(vector @ query_text), other)
+            for other, vector in text_vectors.items()
+            if other != listing_id
+        ]
         image = sorted(image, key=lambda h: (-h.score, h.listing_id))[:n]
         text = sorted(text, key=lambda h: (-h.score, h.listing_id))[:n]
         own = listings.at[listing_id, "main_category"]
@@ -89,8 +106,10 @@ def test_the_text_fit_writes_the_weights_an_independent_computation_picks_on_val
     card = json.loads((artefact / "model_card.json").read_text())
     assert weights.image_model_version == card["model_version"] and weights.chosen_on == "valid"
     assert weights.valid_queries == metrics["split_listings"]["valid"] == 12
-    for key, query, value in (("similar", similar_query, weights.similar_text_weight),
-                              ("search", search_query, weights.search_text_weight)):
+    for key, query, value in (
+        ("similar", similar_query, weights.similar_text_weight),
+        ("search", search_query, weights.search_text_weight),
+    ):
         expected = precision_by_hand(data, artefact, query)
         curve = {float(w): p for w, p in weights.valid_curves[key].items()}
         assert curve == pytest.approx(expected, abs=1e-6), key
@@ -107,9 +126,12 @@ def test_weights_chosen_for_another_image_model_are_refused_with_the_command(fit
     stale.mkdir()
     shutil.copy(artefact / FUSION_WEIGHTS_FILE, stale)
     (stale / "model_card.json").write_text(json.dumps({"model_version": "efficientnet_lite0-new"}))
-    with pytest.raises(FusionWeightsError, match=f"now efficientnet_lite0-new; choose them again with "
-                                                 f"`python -m training.fusion_weights --data build/data "
-                                                 f"--artifact {stale}`"):
+    with pytest.raises(
+        FusionWeightsError,
+        match=f"now efficientnet_lite0-new; choose them again with "
+        f"`python -m training.fusion_weights --data build/data "
+        f"--artifact {stale}`",
+    ):
         FusionWeights.load(stale)
 
 
@@ -120,6 +142,9 @@ def test_the_command_alone_chooses_the_same_weights(fitted, prepared, tmp_path, 
     out.mkdir()
     shutil.copytree(artefact / "embeddings", out / "embeddings")
     shutil.copy(artefact / "model_card.json", out)
-    assert F.main(["--data", str(data), "--artifact", str(artefact), "--out", str(out), "--cache", str(cache)]) == 0
+    assert (
+        F.main(["--data", str(data), "--artifact", str(artefact), "--out", str(out), "--cache", str(cache)])
+        == 0
+    )
     assert FusionWeights.load(out) == FusionWeights.load(artefact)
     assert "search_text_weight=" in capsys.readouterr().out

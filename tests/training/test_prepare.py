@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,15 @@ from training.dataset import SHARED_DATA_DIR, data_dir_default
 HEADER = ",id,product_name,category,product_description,price,location\n"
 
 
-def listing_line(index: int, pid: str, title: str, category: str, description: str, price: str,
-                 town: str = "Leeds, West Yorkshire") -> str:
+def listing_line(
+    index: int,
+    pid: str,
+    title: str,
+    category: str,
+    description: str,
+    price: str,
+    town: str = "Leeds, West Yorkshire",
+) -> str:
     """One raw Products.csv line in the course format: quoted only when it holds a
     comma, so a bare \r can sit unquoted, as in the real file."""
     name = f"{title} | in {town} | Gumtree"
@@ -78,15 +84,25 @@ def test_parse_price(raw: str, value: float | None, currency: str) -> None:
 
 @pytest.mark.parametrize(
     "value, flag",
-    [(5.0, ""), (0.0, "zero"), (None, "unparseable"), (float("nan"), "unparseable"),
-     (100_000.0, ""), (100_000.01, "absurd"), (-5.0, "absurd")],
+    [
+        (5.0, ""),
+        (0.0, "zero"),
+        (None, "unparseable"),
+        (float("nan"), "unparseable"),
+        (100_000.0, ""),
+        (100_000.01, "absurd"),
+        (-5.0, "absurd"),
+    ],
 )
 def test_price_flag(value: float | None, flag: str) -> None:
     assert price_flag(value, absurd_price=100_000) == flag
 
 
 def test_split_title_and_main_category() -> None:
-    assert tables.split_title("Sofa | in Leeds, West Yorkshire | Gumtree") == ("Sofa", "Leeds, West Yorkshire")
+    assert tables.split_title("Sofa | in Leeds, West Yorkshire | Gumtree") == (
+        "Sofa",
+        "Leeds, West Yorkshire",
+    )
     assert tables.split_title("Desk | chair | in Bath | Gumtree") == ("Desk | chair", "Bath")
     assert tables.split_title("No suffix here") == ("No suffix here", None)
     assert tables.main_category_of("Home & Garden / Garden & Patio / Sheds") == "Home & Garden"
@@ -102,11 +118,18 @@ def write_products(path: Path, lines: list[str]) -> None:
 
 def test_row_broken_by_carriage_return_is_read_as_one_row(tmp_path: Path) -> None:
     path = tmp_path / "Products.csv"
-    write_products(path, [
-        listing_line(0, "p0", "Logs", "Home & Garden / Other", "Seasoned\rDumpy bags\rFree delivery", "£80.00"),
-        listing_line(1, "p1", "Table", "Home & Garden / Other", "Quoted, with comma\rand a CR", "£1,900.00"),
-        listing_line(2, "p2", "Lamp", "Home & Garden / Other", "plain", "£5.00"),
-    ])
+    write_products(
+        path,
+        [
+            listing_line(
+                0, "p0", "Logs", "Home & Garden / Other", "Seasoned\rDumpy bags\rFree delivery", "£80.00"
+            ),
+            listing_line(
+                1, "p1", "Table", "Home & Garden / Other", "Quoted, with comma\rand a CR", "£1,900.00"
+            ),
+            listing_line(2, "p2", "Lamp", "Home & Garden / Other", "plain", "£5.00"),
+        ],
+    )
     broken = pd.read_csv(path)  # the course's reader: \r ends a row
     assert len(broken) > 3 and broken.isna().any().any()
     raw, errors = tables.read_table(path, ["id", "price"])
@@ -129,14 +152,17 @@ def test_crlf_file_and_overlong_line_are_handled_and_reported(tmp_path: Path) ->
 
 def test_clean_listings_drops_only_incomplete_rows_and_flags_prices(tmp_path: Path) -> None:
     path = tmp_path / "Products.csv"
-    write_products(path, [
-        listing_line(0, "p0", "Lamp", "Appliances / Lamps", "ok", "£5.00"),
-        listing_line(1, "p1", "No category", "", "ok", "£5.00"),
-        listing_line(2, "p2", "Free bed", "Home & Garden / Beds", "ok", "Free"),
-        listing_line(3, "p3", "Bike", "Sports, Leisure & Travel / Bicycles", "ok", "£10,000,000.00"),
-        listing_line(4, "p4", "Chair", "Home & Garden / Chairs", "", "£0.00"),
-        listing_line(5, "p0", "Lamp again", "Appliances / Lamps", "dup", "£6.00"),
-    ])
+    write_products(
+        path,
+        [
+            listing_line(0, "p0", "Lamp", "Appliances / Lamps", "ok", "£5.00"),
+            listing_line(1, "p1", "No category", "", "ok", "£5.00"),
+            listing_line(2, "p2", "Free bed", "Home & Garden / Beds", "ok", "Free"),
+            listing_line(3, "p3", "Bike", "Sports, Leisure & Travel / Bicycles", "ok", "£10,000,000.00"),
+            listing_line(4, "p4", "Chair", "Home & Garden / Chairs", "", "£0.00"),
+            listing_line(5, "p0", "Lamp again", "Appliances / Lamps", "dup", "£6.00"),
+        ],
+    )
     raw, _ = tables.read_table(path, ["id"])
     listings, report = tables.clean_listings(raw, absurd_price=100_000)
     assert list(listings.columns) == list(LISTING_COLUMNS)
@@ -174,15 +200,26 @@ def synthetic_images(n_listings: int = 200, seed: int = 0) -> pd.DataFrame:
     rows = []
     for i in range(n_listings):
         for k in range(int(rng.integers(1, 3))):
-            rows.append({"image_id": f"i{i}_{k}", "product_id": f"p{i:03d}",
-                         "main_category": "abc"[i % 3], "sha256": f"h{i}_{k}"})
+            rows.append(
+                {
+                    "image_id": f"i{i}_{k}",
+                    "product_id": f"p{i:03d}",
+                    "main_category": "abc"[i % 3],
+                    "sha256": f"h{i}_{k}",
+                }
+            )
     frame = pd.DataFrame(rows)
     # p000 ~ p001 share a photo, p001 ~ p002 share another: one unit of 3 listings
     frame.loc[frame["image_id"] == "i1_0", "sha256"] = "h0_0"
     frame.loc[frame["image_id"] == "i2_0", "sha256"] = "shared"
     frame.loc[frame["image_id"] == "i1_1", "sha256"] = "shared"
     if not (frame["image_id"] == "i1_1").any():
-        frame.loc[len(frame)] = {"image_id": "i1_1", "product_id": "p001", "main_category": "b", "sha256": "shared"}
+        frame.loc[len(frame)] = {
+            "image_id": "i1_1",
+            "product_id": "p001",
+            "main_category": "b",
+            "sha256": "shared",
+        }
     return frame
 
 
@@ -199,19 +236,28 @@ def test_splits_group_reposts_stratify_and_are_reproducible() -> None:
 
 
 def test_leak_check_catches_listing_and_photo_overlap() -> None:
-    leaky = pd.DataFrame({
-        "image_id": ["a", "b", "c", "d"],
-        "product_id": ["p1", "p1", "p2", "p3"],
-        "sha256": ["x", "y", "z", "z"],
-        "split": ["train", "test", "train", "valid"],
-    })
+    leaky = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c", "d"],
+            "product_id": ["p1", "p1", "p2", "p3"],
+            "sha256": ["x", "y", "z", "z"],
+            "split": ["train", "test", "train", "valid"],
+        }
+    )
     assert splits.split_leaks(leaky) == {"listings_in_several_splits": 1, "photos_in_several_splits": 1}
     with pytest.raises(AssertionError, match="split leak"):
         splits.assert_no_leak(leaky)
-    near = leaky.assign(sha256=["x", "y", "z", "w"], product_id=["p1", "p1", "p2", "p3"],
-                        photo_group=["x", "y", "z", "z"], split=["train", "train", "train", "valid"])
-    assert splits.split_leaks(near) == {"listings_in_several_splits": 0, "photos_in_several_splits": 0,
-                                      "near_duplicate_groups_in_several_splits": 1}
+    near = leaky.assign(
+        sha256=["x", "y", "z", "w"],
+        product_id=["p1", "p1", "p2", "p3"],
+        photo_group=["x", "y", "z", "z"],
+        split=["train", "train", "train", "valid"],
+    )
+    assert splits.split_leaks(near) == {
+        "listings_in_several_splits": 0,
+        "photos_in_several_splits": 0,
+        "near_duplicate_groups_in_several_splits": 1,
+    }
     with pytest.raises(AssertionError, match="near_duplicate_groups_in_several_splits"):
         splits.assert_no_leak(near)
 
@@ -227,7 +273,7 @@ def product_shot(seed: int, size: int = 512) -> Image.Image:
     for _ in range(3):
         x0, y0 = rng.integers(0, size * 3 // 4, 2)
         w, h = rng.integers(size // 8, size // 3, 2)
-        pixels[y0:y0 + h, x0:x0 + w] = rng.integers(0, 120, 3)
+        pixels[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 120, 3)
     return Image.fromarray(pixels)
 
 
@@ -242,11 +288,15 @@ def fingerprints(folder: Path, images: list[Image.Image], quality: int = 95) -> 
     return np.stack(thumbs)
 
 
-def test_near_duplicate_photos_survive_resizing_and_reencoding_but_generic_shots_do_not_chain(tmp_path: Path) -> None:
+def test_near_duplicate_photos_survive_resizing_and_reencoding_but_generic_shots_do_not_chain(
+    tmp_path: Path,
+) -> None:
     originals = [decode(b) for b in real_photos(4)]
     # Each real photo at its own size and again as the data's 320 px quality-75 copy.
     resized = [img.resize((320, 320), Image.Resampling.LANCZOS) for img in originals]
-    thumbs = np.concatenate([fingerprints(tmp_path / "a", originals), fingerprints(tmp_path / "b", resized, quality=75)])
+    thumbs = np.concatenate(
+        [fingerprints(tmp_path / "a", originals), fingerprints(tmp_path / "b", resized, quality=75)]
+    )
     pairs = {tuple(p) for p in near_duplicates.near_duplicate_photo_pairs(thumbs).tolist()}
     assert pairs == {(k, k + 4) for k in range(4)}
 
@@ -259,15 +309,22 @@ def test_near_duplicate_photos_survive_resizing_and_reencoding_but_generic_shots
     generic = fingerprints(tmp_path / "c", shots + [white, white, darker])
     assert near_duplicates.near_duplicate_photo_pairs(generic).tolist() == []
     # The same shots re-encoded at 320 px pair with their originals only.
-    small = fingerprints(tmp_path / "d", [s.resize((320, 320), Image.Resampling.LANCZOS) for s in shots], quality=75)
-    both = {tuple(p) for p in near_duplicates.near_duplicate_photo_pairs(np.concatenate([generic[:12], small])).tolist()}
+    small = fingerprints(
+        tmp_path / "d", [s.resize((320, 320), Image.Resampling.LANCZOS) for s in shots], quality=75
+    )
+    both = {
+        tuple(p)
+        for p in near_duplicates.near_duplicate_photo_pairs(np.concatenate([generic[:12], small])).tolist()
+    }
     assert both == {(k, k + 12) for k in range(12)}
     assert near_duplicates.near_duplicate_photo_pairs(generic[:1]).shape == (0, 2)
 
 
 def test_near_duplicate_texts_are_reposts_not_a_shops_shared_signature() -> None:
-    signature = ("Specialists in graded and refurbished appliances, every item tested and guaranteed "
-                 "for twelve months, delivery across the city, open seven days, call the shop today.")
+    signature = (
+        "Specialists in graded and refurbished appliances, every item tested and guaranteed "
+        "for twelve months, delivery across the city, open seven days, call the shop today."
+    )
     texts = [
         "Bosch washing machine 8kg, white, A+++ rated, hardly used, collection from Leeds. " + signature,
         "Bosch washing machine 8kg white, A+++ rated, hardly used, collection from Leeds! " + signature,
@@ -277,9 +334,14 @@ def test_near_duplicate_texts_are_reposts_not_a_shops_shared_signature() -> None
         "",
     ]
     assert near_duplicates.near_duplicate_text_pairs(texts).tolist() == [[0, 1]]
-    assert near_duplicates.near_duplicate_text_pairs(texts, min_cosine=0.5).tolist() == [[0, 1], [0, 2], [1, 2]]
-    listings = pd.DataFrame({"product_id": ["a", "b", "c", "d", "e", "f"], "title": texts,
-                             "description": [""] * 6})
+    assert near_duplicates.near_duplicate_text_pairs(texts, min_cosine=0.5).tolist() == [
+        [0, 1],
+        [0, 2],
+        [1, 2],
+    ]
+    listings = pd.DataFrame(
+        {"product_id": ["a", "b", "c", "d", "e", "f"], "title": texts, "description": [""] * 6}
+    )
     assert near_duplicates.near_duplicate_text_links(listings) == [("a", "b")]
 
 
@@ -291,7 +353,11 @@ def test_splits_keep_near_duplicate_photos_and_reposted_texts_together() -> None
     links = [("p020", "p210"), ("p020", "missing")]
     apart = sum(
         splits.assign_splits(images.drop(columns="photo_group"), seed=seed)
-        .groupby(images["product_id"]).first().loc[["p010", "p200"]].nunique() > 1
+        .groupby(images["product_id"])
+        .first()
+        .loc[["p010", "p200"]]
+        .nunique()
+        > 1
         for seed in range(10)
     )
     assert apart > 0  # grouped by sha256 alone, the two listings often land in different splits
@@ -314,7 +380,9 @@ def tiny_data(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     categories = ["Appliances / Fridges", "Home & Garden / Sheds", "Other Goods / Misc"]
-    lines = [listing_line(i, f"p{i:02d}", f"Item {i}", categories[i % 3], "d", f"£{i},000.00") for i in range(12)]
+    lines = [
+        listing_line(i, f"p{i:02d}", f"Item {i}", categories[i % 3], "d", f"£{i},000.00") for i in range(12)
+    ]
     lines.append(listing_line(12, "p12", "No photo row", categories[0], "d", "£1.00"))
     lines.append(listing_line(13, "p13", "Missing category", "", "d", "£1.00"))
     write_products(data / "Products.csv", lines)
@@ -341,7 +409,9 @@ def tiny_data(tmp_path: Path) -> Path:
     for name, data_bytes in files.items():
         (data / "images" / name).write_bytes(data_bytes)
     for i in range(8, 12):  # plain photos for the remaining listings
-        (data / "images" / f"i{i:02d}a.jpg").write_bytes(jpeg(Image.new("RGB", (60 + i, 40), (i * 20, 90, 90))))
+        (data / "images" / f"i{i:02d}a.jpg").write_bytes(
+            jpeg(Image.new("RGB", (60 + i, 40), (i * 20, 90, 90)))
+        )
     top_left_320 = Image.new("RGB", (320, 320))
     top_left_320.paste(Image.new("RGB", (320, 160), (255, 255, 255)), (0, 0))
     (data / "images" / "i07a_resized.jpg").write_bytes(jpeg(top_left_320))  # the data's 320 px re-encodings
@@ -426,20 +496,33 @@ def test_data_dir_default_and_cli_explain_what_is_missing(tmp_path: Path, monkey
 # ------------------------------------------------------------------ the real data
 
 
-@pytest.mark.skipif(not (SHARED_DATA_DIR / "Products.csv").is_file(), reason=f"shared data not present at {SHARED_DATA_DIR}")
+@pytest.mark.skipif(
+    not (SHARED_DATA_DIR / "Products.csv").is_file(), reason=f"shared data not present at {SHARED_DATA_DIR}"
+)
 def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     """Tables plus file hashes (no re-encoding), so it runs in a few seconds."""
-    raw, errors = tables.read_table(SHARED_DATA_DIR / "Products.csv", ["id", "product_name", "category", "price"])
+    raw, errors = tables.read_table(
+        SHARED_DATA_DIR / "Products.csv", ["id", "product_name", "category", "price"]
+    )
     assert len(raw) == 7156 and errors == []
     listings, report = tables.clean_listings(raw)
     assert len(listings) == 7156 and report["dropped"] == []
     assert report["distinct_category_paths"] == 435
     assert report["prices"]["zero"] == 92 and report["prices"]["unparseable"] == 0
     assert listings["main_category"].value_counts().to_dict() == {
-        "Home & Garden": 834, "Office Furniture & Equipment": 647, "Computers & Software": 619,
-        "Music, Films, Books & Games": 618, "Health & Beauty": 613, "DIY Tools & Materials": 543,
-        "Other Goods": 531, "Appliances": 521, "Video Games & Consoles": 515, "Sports, Leisure & Travel": 465,
-        "Phones, Mobile Phones & Telecoms": 440, "Clothes, Footwear & Accessories": 413, "Baby & Kids Stuff": 397,
+        "Home & Garden": 834,
+        "Office Furniture & Equipment": 647,
+        "Computers & Software": 619,
+        "Music, Films, Books & Games": 618,
+        "Health & Beauty": 613,
+        "DIY Tools & Materials": 543,
+        "Other Goods": 531,
+        "Appliances": 521,
+        "Video Games & Consoles": 515,
+        "Sports, Leisure & Travel": 465,
+        "Phones, Mobile Phones & Telecoms": 440,
+        "Clothes, Footwear & Accessories": 413,
+        "Baby & Kids Stuff": 397,
     }
 
     image_rows, _ = tables.read_table(SHARED_DATA_DIR / "Images.csv", ["id", "product_id"])
@@ -449,10 +532,16 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     # test follows the shared folder as it grows instead of pinning one release of it.
     manifest = pd.read_csv(SHARED_DATA_DIR / "images_manifest.csv", dtype=str)
     assert len(manifest) == len(files)
-    assert (join["image_rows"], join["image_rows_joined"], join["image_rows_with_file"]) == (12604, 12604, len(manifest))
+    assert (join["image_rows"], join["image_rows_joined"], join["image_rows_with_file"]) == (
+        12604,
+        12604,
+        len(manifest),
+    )
     assert join["listings_without_image_rows"] == 104
     assert joined["product_id"].nunique() == manifest["product_id"].nunique()
-    assert joined["main_category"].value_counts().to_dict() == manifest["main_category"].value_counts().to_dict()
+    assert (
+        joined["main_category"].value_counts().to_dict() == manifest["main_category"].value_counts().to_dict()
+    )
 
     joined["sha256"] = [sha256_file(p) for p in joined["source"]]
     joined["blob"] = joined["image_id"].map(manifest.set_index("image_id")["git_blob_sha1"])
@@ -465,8 +554,9 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     by_bytes = joined.assign(split=splits.assign_splits(joined.drop(columns="blob")))
     assert (by_bytes.groupby("blob")["split"].nunique() > 1).sum() > 0  # the leak this test guards
 
-    thumbs = np.stack([np.frombuffer(photos.photo_fingerprint(p), dtype=np.uint8).reshape(32, 32)
-                       for p in joined["source"]])
+    thumbs = np.stack(
+        [np.frombuffer(photos.photo_fingerprint(p), dtype=np.uint8).reshape(32, 32) for p in joined["source"]]
+    )
     pairs = near_duplicates.near_duplicate_photo_pairs(thumbs)
     joined["photo_group"] = near_duplicates.photo_groups(joined.drop(columns="blob"), pairs)
     # Every source photo (blob) falls inside one near-duplicate group ...
@@ -476,9 +566,18 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     groups = joined.groupby("photo_group").agg(photos=("image_id", "size"), sources=("blob", "nunique"))
     assert groups["sources"].max() <= 4 and groups["photos"].max() <= 20
     hashes = near_duplicates._as_uint64(near_duplicates.perceptual_hashes(thumbs))
-    hash_only = sum(int(((np.bitwise_count(hashes[i] ^ hashes[i + 1:]) <= near_duplicates.NEAR_DUPLICATE_HAMMING)
-                         & (joined["blob"].to_numpy()[i + 1:] != joined["blob"].iat[i])).sum()) for i in range(len(joined)))
-    confirmed_other = int((joined["blob"].to_numpy()[pairs[:, 0]] != joined["blob"].to_numpy()[pairs[:, 1]]).sum())
+    hash_only = sum(
+        int(
+            (
+                (np.bitwise_count(hashes[i] ^ hashes[i + 1 :]) <= near_duplicates.NEAR_DUPLICATE_HAMMING)
+                & (joined["blob"].to_numpy()[i + 1 :] != joined["blob"].iat[i])
+            ).sum()
+        )
+        for i in range(len(joined))
+    )
+    confirmed_other = int(
+        (joined["blob"].to_numpy()[pairs[:, 0]] != joined["blob"].to_numpy()[pairs[:, 1]]).sum()
+    )
     assert hash_only > 2 * confirmed_other  # the confirmation step is what stops the chaining
 
     photographed = listings[listings["product_id"].isin(set(joined["product_id"]))]
@@ -490,8 +589,11 @@ def test_real_shared_data_reads_joins_and_splits_without_leaks() -> None:
     split_of = joined.groupby("product_id")["split"].first()
     assert all(split_of[a] == split_of[b] for a, b in links)  # re-posted texts on one side
     by_split = {s: set(g["product_id"]) for s, g in joined.groupby("split")}
-    assert not (by_split["train"] & by_split["valid"] or by_split["train"] & by_split["test"]
-                or by_split["valid"] & by_split["test"])
+    assert not (
+        by_split["train"] & by_split["valid"]
+        or by_split["train"] & by_split["test"]
+        or by_split["valid"] & by_split["test"]
+    )
     units = splits.split_units(joined, links)
     assert joined.groupby(units)["product_id"].nunique().max() <= 20  # no runaway unit
 

@@ -1,6 +1,7 @@
 """training.text: the text head, the fusion chosen on validation, the exported files, and the
 search-quality benchmark, end to end on a tiny synthetic prepared set with an untrained image
 model (a real MiniLM, a few dozen short texts)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from common.artifact import (EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, TEXT_FINETUNE_CURVE_FILE, TEXT_IDS_FILE,
-                             TEXT_METRICS_FILE)
+from common.artifact import (
+    EMBEDDINGS_DIR,
+    TEXT_EMBEDDINGS_FILE,
+    TEXT_FINETUNE_CURVE_FILE,
+    TEXT_IDS_FILE,
+    TEXT_METRICS_FILE,
+)
 from common.prepared_data import CategoryLabels
 from common.prepared_data.frames import write_prepared
 from common.text import TEXT_DIM, TextHead
@@ -20,12 +26,36 @@ from training import text as T
 
 CATEGORIES = ["Appliances", "Computers & Software", "Home & Garden"]
 WORDS = {
-    "Appliances": ["washing machine", "fridge freezer", "microwave oven", "tumble dryer",
-                   "dishwasher", "electric kettle", "vacuum cleaner", "toaster"],
-    "Computers & Software": ["gaming laptop", "desktop pc", "computer monitor", "keyboard",
-                             "graphics card", "wireless mouse", "usb hard drive", "printer"],
-    "Home & Garden": ["garden bench", "flower pots", "lawn mower", "oak wardrobe",
-                      "bedside table", "patio heater", "garden shed", "dining chairs"],
+    "Appliances": [
+        "washing machine",
+        "fridge freezer",
+        "microwave oven",
+        "tumble dryer",
+        "dishwasher",
+        "electric kettle",
+        "vacuum cleaner",
+        "toaster",
+    ],
+    "Computers & Software": [
+        "gaming laptop",
+        "desktop pc",
+        "computer monitor",
+        "keyboard",
+        "graphics card",
+        "wireless mouse",
+        "usb hard drive",
+        "printer",
+    ],
+    "Home & Garden": [
+        "garden bench",
+        "flower pots",
+        "lawn mower",
+        "oak wardrobe",
+        "bedside table",
+        "patio heater",
+        "garden shed",
+        "dining chairs",
+    ],
 }
 
 
@@ -116,20 +146,40 @@ def prepared(tmp_path_factory):
         for i, word in enumerate(WORDS[name]):
             for copy in range(2):  # 16 listings per category
                 pid = f"{label}-{i}-{copy}"
-                split = "train" if copy == 0 and i < 6 else ("valid" if copy == 1 and i < 4
-                                                              else "test" if copy == 1 else "none")
-                listings.append({"product_id": pid, "title": f"{word} for sale",
-                                 "location": "Leeds", "description": f"Good condition {word}.",
-                                 "category": f"{name} / Other", "main_category": name,
-                                 "price": 10.0, "currency": "GBP", "price_flag": ""})
+                split = (
+                    "train"
+                    if copy == 0 and i < 6
+                    else ("valid" if copy == 1 and i < 4 else "test" if copy == 1 else "none")
+                )
+                listings.append(
+                    {
+                        "product_id": pid,
+                        "title": f"{word} for sale",
+                        "location": "Leeds",
+                        "description": f"Good condition {word}.",
+                        "category": f"{name} / Other",
+                        "main_category": name,
+                        "price": 10.0,
+                        "currency": "GBP",
+                        "price_flag": "",
+                    }
+                )
                 if split == "none":
                     continue  # a listing without photos: extra text only
                 image_id = f"img-{pid}"
                 pixels = np.clip(np.array(colours[label]) + rng.normal(0, 20, (32, 32, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(data / "images" / f"{image_id}.jpg")
-                images.append({"image_id": image_id, "product_id": pid, "main_category": name,
-                               "label": label, "split": split, "path": f"images/{image_id}.jpg",
-                               "sha256": image_id})
+                images.append(
+                    {
+                        "image_id": image_id,
+                        "product_id": pid,
+                        "main_category": name,
+                        "label": label,
+                        "split": split,
+                        "path": f"images/{image_id}.jpg",
+                        "sha256": image_id,
+                    }
+                )
     write_prepared(data, pd.DataFrame(listings), pd.DataFrame(images), CategoryLabels(tuple(CATEGORIES)))
     model = ListingModel(get_backbone("efficientnet_lite0"), len(CATEGORIES), pretrained=False)
     save_artifact(artifact, model, CATEGORIES)
@@ -172,12 +222,15 @@ def test_search_quality_benchmark_prints_the_result_line(prepared, trained, caps
     from benchmarks import search_quality
 
     data, artifact, cache = prepared
-    assert search_quality.main(["--artifact", str(artifact), "--data", str(data),
-                                "--cache", str(cache), "--quick"]) == 0
+    assert (
+        search_quality.main(
+            ["--artifact", str(artifact), "--data", str(data), "--cache", str(cache), "--quick"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     fields = dict(item.split("=") for item in out[-1].split()[1:])
-    assert out[-1].startswith("RESULT ") and set(fields) == {"text_top1", "fused_top1",
-                                                              "text_p_at_10"}
+    assert out[-1].startswith("RESULT ") and set(fields) == {"text_top1", "fused_top1", "text_p_at_10"}
     metrics = trained["top1"]
     assert float(fields["text_top1"]) == pytest.approx(metrics["text"]["test"], abs=1e-4)
     assert float(fields["fused_top1"]) == pytest.approx(metrics["text+image"]["test"], abs=1e-4)
@@ -201,8 +254,15 @@ def test_finetune_lowers_the_loss_and_is_cached(tmp_path):
 
     texts, labels = _word_texts()
     config = FinetuneConfig(epochs=3, batch_size=8, lr=2e-4, seed=0)
-    model, history = finetune(texts, labels, CATEGORIES, valid_texts=texts[::2],
-                              valid_labels=labels[::2], config=config, cache_dir=tmp_path)
+    model, history = finetune(
+        texts,
+        labels,
+        CATEGORIES,
+        valid_texts=texts[::2],
+        valid_labels=labels[::2],
+        config=config,
+        cache_dir=tmp_path,
+    )
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["valid_top1"] > 0.8
@@ -233,8 +293,11 @@ def test_run_with_finetuning_exports_a_third_source(prepared, tmp_path, capsys):
     metrics = T.run(data, out, out, cache_dir=cache, finetune_epochs=2)
     assert metrics["fusions"]["text"]["inputs"] == ["finetuned", "minilm", "tfidf"]
     assert metrics["fusions"]["text+image"]["inputs"] == ["finetuned", "minilm", "tfidf", "image"]
-    assert {"text: MiniLM fine-tuned end to end", "text, frozen MiniLM + TF-IDF (fused)",
-            "text+image, frozen MiniLM + TF-IDF + image (fused)"} <= set(metrics["top1"])
+    assert {
+        "text: MiniLM fine-tuned end to end",
+        "text, frozen MiniLM + TF-IDF (fused)",
+        "text+image, frozen MiniLM + TF-IDF + image (fused)",
+    } <= set(metrics["top1"])
     assert [row["epoch"] for row in metrics["finetuned"]["history"]] == [1, 2]
     assert (out / "text_finetuned.safetensors").is_file()
     assert (out / TEXT_FINETUNE_CURVE_FILE).stat().st_size > 1000
@@ -244,18 +307,21 @@ def test_run_with_finetuning_exports_a_third_source(prepared, tmp_path, capsys):
         head.predict_text(np.zeros((1, TEXT_DIM)))
     # the files alone (the benchmark loads them) give the numbers training reported
     capsys.readouterr()
-    assert search_quality.main(["--artifact", str(out), "--data", str(data),
-                                "--cache", str(cache), "--quick"]) == 0
+    assert (
+        search_quality.main(["--artifact", str(out), "--data", str(data), "--cache", str(cache), "--quick"])
+        == 0
+    )
     fields = dict(item.split("=") for item in capsys.readouterr().out.split("\n")[-2].split()[1:])
     assert float(fields["text_top1"]) == pytest.approx(metrics["top1"]["text"]["test"], abs=1e-4)
-    assert float(fields["fused_top1"]) == pytest.approx(metrics["top1"]["text+image"]["test"],
-                                                        abs=1e-4)
+    assert float(fields["fused_top1"]) == pytest.approx(metrics["top1"]["text+image"]["test"], abs=1e-4)
 
 
 # ------------------------------------------------------------------ a new image model
 
 
-def test_retraining_the_image_model_refits_the_text_heads_or_leaves_them_refused(prepared, trained, tmp_path, capsys):
+def test_retraining_the_image_model_refits_the_text_heads_or_leaves_them_refused(
+    prepared, trained, tmp_path, capsys
+):
     """training.train refits the text heads and fusion of an artefact it retrains (they depend on
     the image model); told not to, the stale heads are refused at load with the command to run."""
     from common.text import TextHeadError
@@ -263,8 +329,15 @@ def test_retraining_the_image_model_refits_the_text_heads_or_leaves_them_refused
     from training.config import TrainConfig
 
     data, artifact, cache = prepared
-    config = TrainConfig(name="tiny-probe", mode="probe", backbone="efficientnet_lite0", epochs=5, batch_size=8,
-                         lr=0.01, seed=3)
+    config = TrainConfig(
+        name="tiny-probe",
+        mode="probe",
+        backbone="efficientnet_lite0",
+        epochs=5,
+        batch_size=8,
+        lr=0.01,
+        seed=3,
+    )
     for text, out in (("auto", tmp_path / "auto"), ("no", tmp_path / "no")):
         shutil.copytree(artifact, out)
         old_version = TextHead.load(out).card["image_model_version"]
@@ -276,15 +349,31 @@ def test_retraining_the_image_model_refits_the_text_heads_or_leaves_them_refused
             assert set(card["text_refit"]) >= {"text", "text+image"}
         else:
             assert "text_refit" not in card
-            with pytest.raises(TextHeadError, match=f"python -m training.text --data build/data --artifact {out}"):
+            with pytest.raises(
+                TextHeadError, match=f"python -m training.text --data build/data --artifact {out}"
+            ):
                 TextHead.load(out)
     # The refit artefact has image and text embeddings: SimilarListings quality through the real
     # services (weight chosen on valid), equal to the offline recomputation of the same rankings.
     from benchmarks import search_quality
 
     report = tmp_path / "similar.json"
-    assert search_quality.main(["--artifact", str(tmp_path / "auto"), "--data", str(data), "--cache", str(cache),
-                                "--quick", "--json", str(report)]) == 0
+    assert (
+        search_quality.main(
+            [
+                "--artifact",
+                str(tmp_path / "auto"),
+                "--data",
+                str(data),
+                "--cache",
+                str(cache),
+                "--quick",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     fields = dict(item.split("=") for item in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
     assert {"similar_p_at_10", "similar_photos_p_at_10", "similar_text_weight"} <= set(fields)
     similar = json.loads(report.read_text())["similar"]

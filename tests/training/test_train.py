@@ -1,5 +1,6 @@
 """training.train / features / evaluate / export on a tiny synthetic prepared set (seconds), plus
 one forward pass of the real pretrained backbone on a real photo."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,27 @@ from tests.training.tiny_data import CATEGORIES, make_tiny_prepared
 from training import train as T
 from training.config import TrainConfig, load_config, preset
 from training.dataset import load_training_photos
-from training.evaluate import (classification_metrics, listing_votes, precision_at_k,
-                               same_listing_recall)
-from training.features import (FeatureExtractor, FrozenPrefix, TrainableSuffix, backbone_blocks,
-                               cut_for)
+from training.evaluate import classification_metrics, listing_votes, precision_at_k, same_listing_recall
+from training.features import FeatureExtractor, FrozenPrefix, TrainableSuffix, backbone_blocks, cut_for
 
 #: Pretrained Lite0 weights at a 64 px input: the real code paths at a twelfth of the cost.
 TINY = "tiny_lite0"
 TINY_PROBE = dict(name="tiny-probe", mode="probe", backbone=TINY, epochs=30, batch_size=8, lr=0.01, seed=3)
-TINY_FINETUNE = dict(name="tiny-ft", mode="finetune", backbone=TINY, unfrozen_blocks=2, aug_views=1, epochs=4,
-                     batch_size=6, optimizer="sgd", lr=0.01, momentum=0.9, init_head_from_probe=True,
-                     label_smoothing=0.0, seed=3)
+TINY_FINETUNE = dict(
+    name="tiny-ft",
+    mode="finetune",
+    backbone=TINY,
+    unfrozen_blocks=2,
+    aug_views=1,
+    epochs=4,
+    batch_size=6,
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    init_head_from_probe=True,
+    label_smoothing=0.0,
+    seed=3,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,8 +53,13 @@ def one_thread():
 @pytest.fixture(scope="module", autouse=True)
 def tiny_backbone():
     lite0 = backbones.REGISTRY["efficientnet_lite0"]
-    tiny = Backbone(TINY, lite0.embedding_dim, Preprocessing(72, 64, SIGNED_UNIT_MEAN, SIGNED_UNIT_STD),
-                    lite0.build, lite0.build_imagenet)
+    tiny = Backbone(
+        TINY,
+        lite0.embedding_dim,
+        Preprocessing(72, 64, SIGNED_UNIT_MEAN, SIGNED_UNIT_STD),
+        lite0.build,
+        lite0.build_imagenet,
+    )
     backbones.REGISTRY[TINY] = tiny
     yield tiny
     del backbones.REGISTRY[TINY]
@@ -130,7 +146,8 @@ def test_feature_cache_computes_each_photo_once_and_notices_changed_bytes(photos
     # augmented views are reproducible, and differ from the centre view
     aug1 = again.get(files[:2], keys[:2], "aug0", ("pooled",))["pooled"]
     aug2 = CountingExtractor(backbone, cache_dir=None, progress=False).get(
-        files[:2], keys[:2], "aug0", ("pooled",))["pooled"]
+        files[:2], keys[:2], "aug0", ("pooled",)
+    )["pooled"]
     np.testing.assert_allclose(aug1, aug2, rtol=1e-4, atol=1e-5)
     assert not np.allclose(aug1, a["pooled"][:2], atol=1e-3)
 
@@ -172,14 +189,33 @@ def test_export_then_load_gives_identical_predictions_and_reruns_are_cached(tiny
     config = TrainConfig(**TINY_PROBE)
     card = T.run(config, tiny, out, cache_dir=cache, progress=False)
     assert card["up_to_date"] is False
-    for name in ("model_card.json", "model.safetensors", "labels.json", "metrics.json", "train_config.json",
-                 "predictions.csv", "confusion_matrix.png", "training_curves.png",
-                 "embeddings/image_embeddings.npy", "embeddings/image_ids.json",
-                 "embeddings/image_embeddings.json", "embeddings/images.csv"):
+    for name in (
+        "model_card.json",
+        "model.safetensors",
+        "labels.json",
+        "metrics.json",
+        "train_config.json",
+        "predictions.csv",
+        "confusion_matrix.png",
+        "training_curves.png",
+        "embeddings/image_embeddings.npy",
+        "embeddings/image_ids.json",
+        "embeddings/image_embeddings.json",
+        "embeddings/images.csv",
+    ):
         assert (out / name).is_file(), name
     card = json.loads((out / "model_card.json").read_text())
-    for key in ("backbone", "input_size", "preprocessing", "embedding_dim", "metrics", "data_fingerprint",
-                "created", "train_config", "model_version"):
+    for key in (
+        "backbone",
+        "input_size",
+        "preprocessing",
+        "embedding_dim",
+        "metrics",
+        "data_fingerprint",
+        "created",
+        "train_config",
+        "model_version",
+    ):
         assert key in card, key
     assert card["categories"] == list(CATEGORIES)
     load_file(str(out / "model.safetensors"))  # plain tensors, no pickle
@@ -207,8 +243,22 @@ def test_export_then_load_gives_identical_predictions_and_reruns_are_cached(tiny
 
 def test_cli_probe_writes_an_artefact(tiny, cache, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert T.main(["--data", str(tiny), "--out", str(out), "--cache", str(cache), "--no-progress",
-                   "--set", "epochs=5"]) == 0
+    assert (
+        T.main(
+            [
+                "--data",
+                str(tiny),
+                "--out",
+                str(out),
+                "--cache",
+                str(cache),
+                "--no-progress",
+                "--set",
+                "epochs=5",
+            ]
+        )
+        == 0
+    )
     assert "artefact:" in capsys.readouterr().out
     assert json.loads((out / "model_card.json").read_text())["train_config"]["epochs"] == 5
 
@@ -242,7 +292,9 @@ def test_listing_votes_and_classification_metrics():
     metrics = classification_metrics(probs, labels, listings, ["x", "y"])
     assert metrics["image_top1"] == 0.75 and metrics["listing_top1"] == 1.0
     assert metrics["confusion_matrix"] == [[1, 0], [1, 2]]
-    assert metrics["per_class"]["x"]["precision"] == 0.5 and metrics["per_class"]["y"]["recall"] == pytest.approx(2 / 3, abs=1e-3)
+    assert metrics["per_class"]["x"]["precision"] == 0.5 and metrics["per_class"]["y"][
+        "recall"
+    ] == pytest.approx(2 / 3, abs=1e-3)
 
 
 def test_retrieval_metrics_on_hand_made_embeddings():
@@ -263,6 +315,19 @@ def test_search_grid_and_table():
     configs = trials(TrainConfig.from_dict(DEFAULT_BASE), {"lr": [0.003, 0.01], "unfrozen_blocks": [1, 4]})
     assert [(c.lr, c.unfrozen_blocks) for c in configs] == [(0.003, 1), (0.003, 4), (0.01, 1), (0.01, 4)]
     assert all(c.mode == "finetune" and c.optimizer == "sgd" for c in configs)
-    table = format_table([{"trial": 1, "unfrozen_blocks": 4, "lr": 0.01, "momentum": 0.9, "epochs": 6,
-                           "best_epoch": 5, "valid_image_top1": 0.55, "valid_listing_top1": 0.58, "minutes": 3.0}])
+    table = format_table(
+        [
+            {
+                "trial": 1,
+                "unfrozen_blocks": 4,
+                "lr": 0.01,
+                "momentum": 0.9,
+                "epochs": 6,
+                "best_epoch": 5,
+                "valid_image_top1": 0.55,
+                "valid_listing_top1": 0.58,
+                "minutes": 3.0,
+            }
+        ]
+    )
     assert "valid img top-1" in table and "0.550" in table

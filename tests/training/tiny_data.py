@@ -1,6 +1,7 @@
 """A tiny prepared-data folder in the layout of `training.prepare` (see `common.prepared_data`):
 a few categories of synthetic photos that a model can tell apart (each category has its own colour
 and shape), listings of two photos, and train/valid/test splits grouped by listing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,9 @@ def _photo(category: int, listing: int, photo: int, size: int) -> Image.Image:
     return img
 
 
-def make_tiny_prepared(out: Path, *, listings_per_category: int = 5, photos_per_listing: int = 2,
-                       size: int = 96) -> Path:
+def make_tiny_prepared(
+    out: Path, *, listings_per_category: int = 5, photos_per_listing: int = 2, size: int = 96
+) -> Path:
     """Write the folder; per category, listings 0-2 are train, 3 valid, 4+ test."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -44,15 +46,33 @@ def make_tiny_prepared(out: Path, *, listings_per_category: int = 5, photos_per_
         for listing in range(listings_per_category):
             product_id = f"p{c}{listing:03d}"
             split = "train" if listing < 3 else "valid" if listing == 3 else "test"
-            listings.append({"product_id": product_id, "title": f"item {product_id}", "location": "Leeds",
-                             "description": "synthetic", "category": f"{category} / Things",
-                             "main_category": category, "price": 10.0, "currency": "GBP",
-                             "price_flag": "ok"})
+            listings.append(
+                {
+                    "product_id": product_id,
+                    "title": f"item {product_id}",
+                    "location": "Leeds",
+                    "description": "synthetic",
+                    "category": f"{category} / Things",
+                    "main_category": category,
+                    "price": 10.0,
+                    "currency": "GBP",
+                    "price_flag": "ok",
+                }
+            )
             for photo in range(photos_per_listing):
                 image_id = f"i{c}{listing:03d}{photo}"
                 path = f"images/{image_id}.jpg"
                 _photo(c, listing, photo, size).save(out / path, "JPEG", quality=92)
-                images.append({"image_id": image_id, "product_id": product_id, "main_category": category,
-                               "label": c, "split": split, "path": path, "sha256": "0" * 64})
+                images.append(
+                    {
+                        "image_id": image_id,
+                        "product_id": product_id,
+                        "main_category": category,
+                        "label": c,
+                        "split": split,
+                        "path": path,
+                        "sha256": "0" * 64,
+                    }
+                )
     write_prepared(out, pd.DataFrame(listings), pd.DataFrame(images), CategoryLabels(CATEGORIES))
     return out

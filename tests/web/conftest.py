@@ -5,6 +5,7 @@ ports; and the edge itself as a real process (``python -m services.web``) on a f
 catalogue is 39 real listings (3 per main category) with their real photos, indexed by photo and
 by text; the image store holds the prepared photos.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,9 +34,18 @@ UPLOAD_LIMIT_MB = 4
 
 def start_edge(root: Path, gateway_addr: str, store: Path, name: str = "web"):
     """``python -m services.web`` on a free port, waited for; the caller stops it."""
-    edge = spawn("web", free_port(), root / f"{name}.log", {
-        "GATEWAY_ADDR": gateway_addr, "IMAGE_STORE_DIR": str(store), "LOG_LEVEL": "warning",
-        "WEB_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB), "WEB_GATEWAY_TIMEOUT_S": "60"})
+    edge = spawn(
+        "web",
+        free_port(),
+        root / f"{name}.log",
+        {
+            "GATEWAY_ADDR": gateway_addr,
+            "IMAGE_STORE_DIR": str(store),
+            "LOG_LEVEL": "warning",
+            "WEB_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB),
+            "WEB_GATEWAY_TIMEOUT_S": "60",
+        },
+    )
     try:
         wait_healthy(edge.address, 120, edge.process, edge.log_path, http=True)
     except BaseException:
@@ -49,38 +59,63 @@ def web_stack(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("web_stack")
     prepared = make_mini_prepared(root / "prepared", per_category=3)
     store = root / "images"
-    embedder = start_text_embedder(EmbedderConfig.local(
-        artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="on"))
-    shards = [start_indexer(IndexerConfig.local(
-        host="127.0.0.1", port=0, data_dir=root / f"indexer-{i}", log_level="warning",
-        collections=tuple(parse_collections(COLLECTIONS)), collections_explicit=True,
-        fsync=False)) for i in range(2)]
+    embedder = start_text_embedder(
+        EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="on")
+    )
+    shards = [
+        start_indexer(
+            IndexerConfig.local(
+                host="127.0.0.1",
+                port=0,
+                data_dir=root / f"indexer-{i}",
+                log_level="warning",
+                collections=tuple(parse_collections(COLLECTIONS)),
+                collections_explicit=True,
+                fsync=False,
+            )
+        )
+        for i in range(2)
+    ]
     gateway = edge = None
     try:
         config = GatewayConfig.local(
-            host="127.0.0.1", port=0, db_path=root / "catalogue.sqlite3", seed_dir=prepared,
+            host="127.0.0.1",
+            port=0,
+            db_path=root / "catalogue.sqlite3",
+            seed_dir=prepared,
             embedder_addr=f"127.0.0.1:{embedder.port}",
             indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
-            downstream_timeout_s=60.0, retry=RetryPolicy(3, 0.05, 0.2),
-            write_token=WRITE_TOKEN, image_store_dir=store)
+            downstream_timeout_s=60.0,
+            retry=RetryPolicy(3, 0.05, 0.2),
+            write_token=WRITE_TOKEN,
+            image_store_dir=store,
+        )
         gateway = start_gateway(config)
         core = gateway.core
-        image_ids, vectors = index_catalogue.embed_prepared(prepared, core.catalogue,
-                                                            core.embedder, progress=False)
-        index_catalogue.index_embeddings(core.catalogue, core.indexer, image_ids, vectors,
-                                         progress=False)
+        image_ids, vectors = index_catalogue.embed_prepared(
+            prepared, core.catalogue, core.embedder, progress=False
+        )
+        index_catalogue.index_embeddings(core.catalogue, core.indexer, image_ids, vectors, progress=False)
         text_ids, text_vectors = index_catalogue.embed_catalogue_texts(
-            core.catalogue, core.embedder, batch_size=32, progress=False)
-        index_catalogue.index_text_embeddings(core.catalogue, core.indexer, text_ids,
-                                              text_vectors, progress=False)
+            core.catalogue, core.embedder, batch_size=32, progress=False
+        )
+        index_catalogue.index_text_embeddings(
+            core.catalogue, core.indexer, text_ids, text_vectors, progress=False
+        )
         filled = fill_from_prepared(LocalImageStore(store), prepared)
         assert filled.added == len(image_ids) and filled.skipped == 0
         edge = start_edge(root, f"127.0.0.1:{gateway.port}", store)
         yield SimpleNamespace(
-            root=root, prepared=prepared, store=store, gateway=gateway, edge=edge,
-            url=f"http://{edge.address}", gateway_config=config,
+            root=root,
+            prepared=prepared,
+            store=store,
+            gateway=gateway,
+            edge=edge,
+            url=f"http://{edge.address}",
+            gateway_config=config,
             listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
-            images=pd.read_csv(prepared / "images.csv", dtype=str))
+            images=pd.read_csv(prepared / "images.csv", dtype=str),
+        )
     finally:
         if edge is not None:
             edge.stop()

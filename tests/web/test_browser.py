@@ -3,6 +3,7 @@ installs it), against the real stack (`conftest.web_stack`): upload a real photo
 category and result cards whose photos loaded, open a listing and its similar listings, search by
 text, like listings and see the recommendations change, upload a text file and read the error, a
 phone-sized screen, and a dead gateway. Each step is saved as a PNG under ``build/web/``."""
+
 from __future__ import annotations
 
 import base64
@@ -19,10 +20,14 @@ from tests.web.conftest import start_edge
 pytestmark = pytest.mark.timeout(900)
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
-                 "--disable-gpu"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-gpu",
+]
 SHOTS = REPO_ROOT / "build" / "web"
-WAIT_MS = 120_000   # a busy 2-core machine embeds a photo in seconds, not milliseconds
+WAIT_MS = 120_000  # a busy 2-core machine embeds a photo in seconds, not milliseconds
 
 LOADED_CARDS = """([selector, count]) => Array.from(document.querySelectorAll(selector + ' .card img'))
     .filter((img) => img.complete && img.naturalWidth > 0).length >= count"""
@@ -31,8 +36,7 @@ LOADED_CARDS = """([selector, count]) => Array.from(document.querySelectorAll(se
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium chromium-driver "
-                    "(.ci/run does)")
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium chromium-driver (.ci/run does)")
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,7 @@ def test_visual_search_in_a_real_browser(browser, web_stack, tmp_path):
     page.goto(web_stack.url)
     assert page.title() == "Marketplace visual search"
     page.wait_for_function("document.querySelectorAll('#category option').length > 1")
-    assert page.locator("#category option").count() == 14   # "All categories" + the 13
+    assert page.locator("#category option").count() == 14  # "All categories" + the 13
     unlabelled = page.evaluate("""Array.from(document.querySelectorAll('input, select'))
         .filter((e) => !e.labels || e.labels.length === 0).map((e) => e.id)""")
     assert unlabelled == []
@@ -81,7 +85,8 @@ def test_visual_search_in_a_real_browser(browser, web_stack, tmp_path):
     page.wait_for_function("document.querySelector('#predicted-category').textContent.includes('%')")
     predicted = page.inner_text("#predicted-category")
     assert predicted.split(" (")[0] in page.eval_on_selector_all(
-        "#category option", "options => options.map(o => o.value)")
+        "#category option", "options => options.map(o => o.value)"
+    )
     assert page.locator("#prediction li").count() == 5
     wait_for_cards(page, "#results", 5)
     results = card_ids(page, "#results")
@@ -100,8 +105,10 @@ def test_visual_search_in_a_real_browser(browser, web_stack, tmp_path):
     wait_for_cards(page, "#similar", 3)
     similar = card_ids(page, "#similar")
     assert results[0] not in similar and len(similar) == 8
-    page.wait_for_function("Array.from(document.querySelectorAll('#details-photos img'))"
-                           ".every((img) => img.complete && img.naturalWidth > 0)")
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('#details-photos img'))"
+        ".every((img) => img.complete && img.naturalWidth > 0)"
+    )
     page.locator("#similar").scroll_into_view_if_needed()
     shot(page, "03-details-and-similar", full_page=False)
     page.click("#close-details")
@@ -117,8 +124,7 @@ def test_visual_search_in_a_real_browser(browser, web_stack, tmp_path):
     assert text_results != results
     shot(page, "04-text-search")
     page.set_input_files("#photo", str(photo))
-    page.wait_for_function("document.querySelector('#results-summary').textContent"
-                           ".includes('text weight')")
+    page.wait_for_function("document.querySelector('#results-summary').textContent.includes('text weight')")
     wait_for_cards(page, "#results", 5)
     shot(page, "05-photo-and-text")
 
@@ -132,9 +138,12 @@ def test_visual_search_in_a_real_browser(browser, web_stack, tmp_path):
     assert liked_first not in before
     assert cards.nth(0).locator(".like").get_attribute("aria-pressed") == "true"
     cards.nth(5).locator(".like").click()
-    page.wait_for_function("(before) => { const now = Array.from(document.querySelectorAll("
-                           "'#recommendations .card')).map(c => c.dataset.listingId);"
-                           " return now.length > 0 && now.join() !== before.join(); }", arg=before)
+    page.wait_for_function(
+        "(before) => { const now = Array.from(document.querySelectorAll("
+        "'#recommendations .card')).map(c => c.dataset.listingId);"
+        " return now.length > 0 && now.join() !== before.join(); }",
+        arg=before,
+    )
     wait_for_cards(page, "#recommendations", 5)
     after = card_ids(page, "#recommendations")
     assert after != before and liked_first not in after
@@ -156,23 +165,28 @@ def test_visual_search_in_a_real_browser(browser, web_stack, tmp_path):
 
 
 def test_the_page_fits_a_phone(browser, web_stack):
-    page, problems = new_page(browser, viewport={"width": 390, "height": 844},
-                              device_scale_factor=2, is_mobile=True, has_touch=True)
+    page, problems = new_page(
+        browser, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
     page.goto(web_stack.url)
     photo = outside_photos(web_stack.prepared, 2)[1]
     # dropped on the drop zone, as a file dragged from another window would be
-    page.evaluate("""([name, encoded]) => {
+    page.evaluate(
+        """([name, encoded]) => {
         const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
         const transfer = new DataTransfer();
         transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
         document.querySelector("#dropzone").dispatchEvent(
             new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
-    }""", [photo.name, base64.b64encode(photo.read_bytes()).decode()])
+    }""",
+        [photo.name, base64.b64encode(photo.read_bytes()).decode()],
+    )
     page.wait_for_function("document.querySelector('#predicted-category').textContent.includes('%')")
     wait_for_cards(page, "#results", 5)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
-    columns = page.evaluate("getComputedStyle(document.querySelector('#results'))"
-                            ".gridTemplateColumns.split(' ').length")
+    columns = page.evaluate(
+        "getComputedStyle(document.querySelector('#results')).gridTemplateColumns.split(' ').length"
+    )
     assert columns == 2
     shot(page, "08-phone")
     assert problems == []

@@ -10,6 +10,7 @@ token, so generated listings travel all the way to the gateway's own checks.
 The document is built from the application at import (schemathesis parametrizes at collection
 time); the first test checks that the running edge serves exactly that document.
 """
+
 from __future__ import annotations
 
 import httpx
@@ -33,10 +34,12 @@ def test_the_edge_serves_the_document_the_contract_tests_use(web_stack):
 
 
 @schema.parametrize()
-@settings(max_examples=15, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_every_endpoint_keeps_its_contract(case, web_stack):
-    response = case.call_and_validate(base_url=web_stack.url, timeout=120,
-                                      headers={"Authorization": f"Bearer {WRITE_TOKEN}"},
-                                      excluded_checks=[positive_data_acceptance])
+    response = case.call_and_validate(
+        base_url=web_stack.url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {WRITE_TOKEN}"},
+        excluded_checks=[positive_data_acceptance],
+    )
     assert response.status_code < 500, response.text

@@ -1,6 +1,7 @@
 """The edge's JSON API against the real stack (`conftest.web_stack`): every gateway RPC through
 HTTP, gRPC errors as HTTP codes with the gateway's words, photos from the image store, writes
 behind the gateway's token, bad uploads, and a dead gateway."""
+
 from __future__ import annotations
 
 import httpx
@@ -33,14 +34,21 @@ def test_the_page_and_its_assets_load(http):
     for asset in ("/static/app.js", "/static/style.css"):
         assert http.get(asset).status_code == 200
     spec = http.get("/openapi.json").json()
-    assert {"/predict/image", "/api/search/image", "/api/search/text", "/api/search",
-            "/api/listings/{listing_id}/similar", "/api/recommend", "/api/listings",
-            "/api/classify", "/api/images/{image_id}"} <= set(spec["paths"])
+    assert {
+        "/predict/image",
+        "/api/search/image",
+        "/api/search/text",
+        "/api/search",
+        "/api/listings/{listing_id}/similar",
+        "/api/recommend",
+        "/api/listings",
+        "/api/classify",
+        "/api/images/{image_id}",
+    } <= set(spec["paths"])
 
 
 def test_health_says_the_gateway_is_ready(http):
-    assert http.get("/api/health").json() == {"edge": "SERVING", "gateway": "SERVING",
-                                              "ready": True}
+    assert http.get("/api/health").json() == {"edge": "SERVING", "gateway": "SERVING", "ready": True}
 
 
 def test_predict_image_answers_like_the_original_project(http, web_stack):
@@ -66,8 +74,7 @@ def test_categories_are_the_models(http):
 def test_search_by_a_catalogue_photo_finds_its_listing_and_its_photo_is_served(http, web_stack):
     listing_id = some_listing(web_stack, 4)
     image_id, photo = photo_of(web_stack, listing_id)
-    results = http.post("/api/search/image", params={"k": 6},
-                        files=jpeg("image", photo)).json()["results"]
+    results = http.post("/api/search/image", params={"k": 6}, files=jpeg("image", photo)).json()["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5, 6]
     top = results[0]
     assert (top["listing"]["id"], top["matched_image_id"]) == (listing_id, image_id)
@@ -80,15 +87,19 @@ def test_search_by_a_catalogue_photo_finds_its_listing_and_its_photo_is_served(h
 
 def test_filters_reach_the_gateway(http, web_stack):
     _, photo = photo_of(web_stack, some_listing(web_stack))
-    results = http.post("/api/search/image", params={"k": 10, "main_category": "Home & Garden",
-                                                     "max_price": 500},
-                        files=jpeg("image", photo)).json()["results"]
+    results = http.post(
+        "/api/search/image",
+        params={"k": 10, "main_category": "Home & Garden", "max_price": 500},
+        files=jpeg("image", photo),
+    ).json()["results"]
     assert results and all(r["listing"]["main_category"] == "Home & Garden" for r in results)
     assert all(r["listing"]["price"] is not None and r["listing"]["price"] <= 500 for r in results)
     bad = http.get("/api/search/text", params={"q": "table", "min_price": 50, "max_price": 10})
     assert bad.status_code == 400
-    assert bad.json() == {"code": "INVALID_ARGUMENT",
-                          "detail": "filter.min_price 50 is greater than filter.max_price 10"}
+    assert bad.json() == {
+        "code": "INVALID_ARGUMENT",
+        "detail": "filter.min_price 50 is greater than filter.max_price 10",
+    }
 
 
 def test_text_and_hybrid_search(http, web_stack):
@@ -97,10 +108,12 @@ def test_text_and_hybrid_search(http, web_stack):
     assert all(r["image_url"] == f"/api/images/{r['listing']['image_ids'][0]}" for r in text)
     _, photo = photo_of(web_stack, some_listing(web_stack, 7))
     image_only = http.post("/api/search/image", params={"k": 5}, files=jpeg("image", photo))
-    as_image = http.post("/api/search", params={"k": 5}, files=jpeg("image", photo),
-                         data={"text": "sofa", "text_weight": "0"})
-    as_text = http.post("/api/search", params={"k": 5}, files=jpeg("image", photo),
-                        data={"text": "sofa", "text_weight": "1"})
+    as_image = http.post(
+        "/api/search", params={"k": 5}, files=jpeg("image", photo), data={"text": "sofa", "text_weight": "0"}
+    )
+    as_text = http.post(
+        "/api/search", params={"k": 5}, files=jpeg("image", photo), data={"text": "sofa", "text_weight": "1"}
+    )
     ids = lambda reply: [r["listing"]["id"] for r in reply.json()["results"]]  # noqa: E731
     assert ids(as_image) == ids(image_only)
     assert ids(as_text) == [r["listing"]["id"] for r in text]
@@ -128,8 +141,9 @@ def test_recommend_follows_likes(http, web_stack):
     first = http.post("/api/recommend", json={"liked": liked, "k": 8}).json()["results"]
     assert len(first) == 8 and liked[0] not in {r["listing"]["id"] for r in first}
     liked.append(some_listing(web_stack, 20))
-    second = http.post("/api/recommend", json={"liked": liked, "skipped": [first[0]["listing"]["id"]],
-                                               "k": 8}).json()["results"]
+    second = http.post(
+        "/api/recommend", json={"liked": liked, "skipped": [first[0]["listing"]["id"]], "k": 8}
+    ).json()["results"]
     assert [r["listing"]["id"] for r in second] != [r["listing"]["id"] for r in first]
     assert not set(liked) & {r["listing"]["id"] for r in second}
     unknown = http.post("/api/recommend", json={"liked": ["nope"]})
@@ -139,8 +153,9 @@ def test_recommend_follows_likes(http, web_stack):
 
 
 def test_bad_uploads_are_refused_in_words(http):
-    text_file = http.post("/predict/image", files=jpeg("image", b"just some text\n", "notes.txt",
-                                                       "text/plain"))
+    text_file = http.post(
+        "/predict/image", files=jpeg("image", b"just some text\n", "notes.txt", "text/plain")
+    )
     assert text_file.status_code == 400
     assert text_file.json()["code"] == "INVALID_ARGUMENT"
     assert "image" in text_file.json()["detail"].lower()
@@ -155,8 +170,12 @@ def test_bad_uploads_are_refused_in_words(http):
 def test_photo_ids_cannot_leave_the_store(http, web_stack):
     secret = web_stack.root / "secret.txt"
     secret.write_text("do not serve")
-    for path in ("/api/images/..%2Fsecret.txt", "/api/images/%2e%2e", "/api/images/.hidden",
-                 "/api/images/no-such-photo"):
+    for path in (
+        "/api/images/..%2Fsecret.txt",
+        "/api/images/%2e%2e",
+        "/api/images/.hidden",
+        "/api/images/no-such-photo",
+    ):
         reply = http.get(path)
         assert reply.status_code == 404, path
         assert "do not serve" not in reply.text
@@ -164,13 +183,16 @@ def test_photo_ids_cannot_leave_the_store(http, web_stack):
 
 def test_writes_need_the_token_and_keep_the_photos(http, web_stack):
     _, photo = photo_of(web_stack, some_listing(web_stack, 30))
-    form = {"title": "Web edge test chair", "price": "12.5", "location": "Leeds, West Yorkshire",
-            "main_category": "Home & Garden"}
+    form = {
+        "title": "Web edge test chair",
+        "price": "12.5",
+        "location": "Leeds, West Yorkshire",
+        "main_category": "Home & Garden",
+    }
     files = [("images", ("chair.jpg", photo, "image/jpeg"))]
     anonymous = http.post("/api/listings", data=form, files=files)
     assert anonymous.status_code == 401 and anonymous.json()["code"] == "UNAUTHENTICATED"
-    wrong = http.post("/api/listings", data=form, files=files,
-                      headers={"Authorization": "Bearer wrong"})
+    wrong = http.post("/api/listings", data=form, files=files, headers={"Authorization": "Bearer wrong"})
     assert wrong.status_code == 403 and wrong.json()["code"] == "PERMISSION_DENIED"
     auth = {"Authorization": f"Bearer {WRITE_TOKEN}"}
     added = http.post("/api/listings", data=form, files=files, headers=auth)
@@ -178,9 +200,8 @@ def test_writes_need_the_token_and_keep_the_photos(http, web_stack):
     listing = added.json()
     assert listing["title"] == "Web edge test chair" and listing["price"] == 12.5
     (image_id,) = listing["image_ids"]
-    assert http.get(f"/api/images/{image_id}").content == photo   # kept, not dropped
-    again = http.post("/api/listings", data={**form, "listing_id": listing["id"]}, files=files,
-                      headers=auth)
+    assert http.get(f"/api/images/{image_id}").content == photo  # kept, not dropped
+    again = http.post("/api/listings", data={**form, "listing_id": listing["id"]}, files=files, headers=auth)
     assert again.status_code == 409 and listing["id"] in again.json()["detail"]
     assert http.delete(f"/api/listings/{listing['id']}").status_code == 401
     removed = http.delete(f"/api/listings/{listing['id']}", headers=auth)
@@ -213,19 +234,29 @@ def test_a_shard_down_partial_results_name_it_and_without_the_option_503(web_sta
     from services.gateway.shards import shard_of
 
     config = web_stack.gateway_config
-    gateway = start_gateway(replace(config, port=0, seed_dir=None, readiness_interval_s=0,
-                                    indexer_addrs=(config.indexer_addrs[0], f"127.0.0.1:{free_port()}")))
+    gateway = start_gateway(
+        replace(
+            config,
+            port=0,
+            seed_dir=None,
+            readiness_interval_s=0,
+            indexer_addrs=(config.indexer_addrs[0], f"127.0.0.1:{free_port()}"),
+        )
+    )
     edge = start_edge(web_stack.root, f"127.0.0.1:{gateway.port}", web_stack.store, "web-partial")
     on_shard_0 = next(i for i in web_stack.listings["product_id"] if shard_of(i, 2) == 0)
     try:
         with httpx.Client(base_url=f"http://{edge.address}", timeout=120) as client:
             answers = {
-                "text": client.get("/api/search/text", params={
-                    "q": "chair", "k": 5, "allow_partial_results": "true"}),
-                "similar": client.get(f"/api/listings/{on_shard_0}/similar", params={
-                    "k": 5, "allow_partial_results": "true"}),
-                "recommend": client.post("/api/recommend", json={
-                    "liked": [on_shard_0], "k": 5, "allow_partial_results": True}),
+                "text": client.get(
+                    "/api/search/text", params={"q": "chair", "k": 5, "allow_partial_results": "true"}
+                ),
+                "similar": client.get(
+                    f"/api/listings/{on_shard_0}/similar", params={"k": 5, "allow_partial_results": "true"}
+                ),
+                "recommend": client.post(
+                    "/api/recommend", json={"liked": [on_shard_0], "k": 5, "allow_partial_results": True}
+                ),
             }
             for name, reply in answers.items():
                 assert reply.status_code == 200, (name, reply.text)
@@ -238,8 +269,11 @@ def test_a_shard_down_partial_results_name_it_and_without_the_option_503(web_sta
             assert refused.status_code == 503, refused.text
             assert refused.json()["code"] == "UNAVAILABLE"
             assert "shard 1" in refused.json()["detail"]
-            complete = httpx.get(f"{web_stack.url}/api/search/text", timeout=120, params={
-                "q": "chair", "k": 5, "allow_partial_results": "true"}).json()
+            complete = httpx.get(
+                f"{web_stack.url}/api/search/text",
+                timeout=120,
+                params={"q": "chair", "k": 5, "allow_partial_results": "true"},
+            ).json()
             assert complete["missing_shards"] == [] and complete["notice"] == ""
     finally:
         edge.stop()

@@ -34,7 +34,6 @@ Steps (each reports what it dropped and why, nothing is dropped silently):
 The output layout is declared in `common.prepared_data`, which is also its reader and writer.\n\nModules, one per step: `tables` (1, 2), `photos` (3), `near_duplicates` and `splits` (4),\n`report` (5), `pipeline` (all of them in order) and `cli` (the command line).
 """
 
-
 from training.prepare.cli import main
 from training.prepare.pipeline import prepare
 from training.prepare.report import format_summary

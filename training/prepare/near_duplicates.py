@@ -52,7 +52,7 @@ def perceptual_hashes(thumbs: np.ndarray) -> np.ndarray:
 def _as_uint64(bits: np.ndarray) -> np.ndarray:
     """(n, <=64) bool -> (n,) uint64, one bit per column."""
     padded = np.zeros((len(bits), 64), dtype=bool)
-    padded[:, :bits.shape[1]] = bits
+    padded[:, : bits.shape[1]] = bits
     return np.packbits(padded, axis=1).view(">u8").ravel().astype(np.uint64)
 
 
@@ -80,7 +80,7 @@ def near_duplicate_photo_pairs(
     flat /= np.where(norms > 0, norms, 1.0)[:, None]  # a flat grey photo correlates 0 with all
     found = []
     for start in range(0, n, _PAIR_CHUNK):
-        hamming = np.bitwise_count(hashes[start:start + _PAIR_CHUNK, None] ^ hashes[None, :])
+        hamming = np.bitwise_count(hashes[start : start + _PAIR_CHUNK, None] ^ hashes[None, :])
         rows, cols = np.nonzero(hamming <= max_hamming)
         rows = rows + start
         keep = rows < cols
@@ -92,18 +92,22 @@ def near_duplicate_photo_pairs(
     return np.concatenate(found).astype(np.int64)
 
 
-def near_duplicate_text_pairs(texts: Sequence[str], *, min_cosine: float = NEAR_DUPLICATE_TEXT_COSINE) -> np.ndarray:
+def near_duplicate_text_pairs(
+    texts: Sequence[str], *, min_cosine: float = NEAR_DUPLICATE_TEXT_COSINE
+) -> np.ndarray:
     """Index pairs (i < j, sorted) of texts whose TF-IDF (words and word pairs) cosine is >= `min_cosine`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     nonempty = [i for i, t in enumerate(texts) if t.strip()]
     if len(nonempty) < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    vectors = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit_transform([texts[i] for i in nonempty])
+    vectors = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit_transform(
+        [texts[i] for i in nonempty]
+    )
     index = np.asarray(nonempty)
     found = []
     for start in range(0, len(nonempty), _PAIR_CHUNK):
-        similar = (vectors[start:start + _PAIR_CHUNK] @ vectors.T).tocoo()
+        similar = (vectors[start : start + _PAIR_CHUNK] @ vectors.T).tocoo()
         rows = similar.row + start
         keep = (rows < similar.col) & (similar.data >= min_cosine - 1e-9)
         found.append(np.stack([index[rows[keep]], index[similar.col[keep]]], axis=1))
@@ -111,7 +115,9 @@ def near_duplicate_text_pairs(texts: Sequence[str], *, min_cosine: float = NEAR_
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
-def near_duplicate_text_links(listings: pd.DataFrame, *, min_cosine: float = NEAR_DUPLICATE_TEXT_COSINE) -> list[tuple[str, str]]:
+def near_duplicate_text_links(
+    listings: pd.DataFrame, *, min_cosine: float = NEAR_DUPLICATE_TEXT_COSINE
+) -> list[tuple[str, str]]:
     """Pairs of product ids whose listing texts (`common.text.listing_text`) are near-identical."""
     texts = [listing_text(t, d) for t, d in zip(listings["title"], listings["description"])]
     ids = listings["product_id"].tolist()

@@ -26,7 +26,6 @@ JPEG_QUALITY = 95
 FINGERPRINT_SIDE = 32
 
 
-
 @dataclass(frozen=True)
 class ImageJob:
     """One photo to clean; plain fields so it pickles cheaply to a worker process."""
@@ -57,7 +56,9 @@ def recentre_letterbox(img: Image.Image, *, threshold: int = PADDING_THRESHOLD) 
     Returns the (possibly new) image and whether it changed.
     """
     rgb = np.asarray(img.convert("RGB"))
-    pixels = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # ndarray.max(axis=2) is ~15x slower
+    pixels = np.maximum(
+        np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]
+    )  # ndarray.max(axis=2) is ~15x slower
     width, height = img.size
     offsets = []
     for profile, length in ((pixels.max(axis=0), width), (pixels.max(axis=1), height)):
@@ -85,6 +86,7 @@ class ImageOutcome:
     recentred: bool = False
     #: `photo_fingerprint` of the cleaned photo (empty on error).
     fingerprint: bytes = b""
+
 
 def clean_image(job: ImageJob) -> ImageOutcome:
     """Hash, validate and letterbox one photo.  Never raises for a bad photo: the
@@ -136,13 +138,17 @@ def output_side(source_size: tuple[int, int], max_side: int) -> int:
 
 def _finished(job: ImageJob, status: str, digest: str, *, recentred: bool) -> ImageOutcome:
     """The outcome of a photo whose target is written, with the target's fingerprint."""
-    return ImageOutcome(job.image_id, status, digest, recentred=recentred, fingerprint=photo_fingerprint(job.target))
+    return ImageOutcome(
+        job.image_id, status, digest, recentred=recentred, fingerprint=photo_fingerprint(job.target)
+    )
 
 
 def _is_clean_already(data: bytes, size: int) -> bool:
     """A size x size RGB baseline JPEG without EXIF needs no re-encoding."""
     with Image.open(io.BytesIO(data)) as img:
-        return img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size) and "exif" not in img.info
+        return (
+            img.format == "JPEG" and img.mode == "RGB" and img.size == (size, size) and "exif" not in img.info
+        )
 
 
 def _target_is_current(job: ImageJob) -> bool:
@@ -185,4 +191,3 @@ def photo_fingerprint(path: Path | str, side: int = FINGERPRINT_SIDE) -> bytes:
         img.draft("L", (2 * side, 2 * side))
         grey = img.convert("L").resize((side, side), Image.Resampling.BOX)
     return grey.tobytes()
-

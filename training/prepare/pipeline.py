@@ -87,7 +87,9 @@ def prepare(
     check_data_dir(data_dir, images_dir=images_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
 
-    raw, parse_errors = read_table(data_dir / "Products.csv", ["id", "product_name", "category", "product_description", "price"])
+    raw, parse_errors = read_table(
+        data_dir / "Products.csv", ["id", "product_name", "category", "product_description", "price"]
+    )
     listings, listing_report = clean_listings(raw, absurd_price=absurd_price)
     labels = CategoryLabels.from_names(listings["main_category"])
 
@@ -96,7 +98,15 @@ def prepare(
     joined, join_report = join_images(image_rows, listings, files)
 
     jobs = [
-        ImageJob(row.image_id, row.source, str(out_dir / image_path(row.image_id)), size, max_bytes, max_pixels, recentre)
+        ImageJob(
+            row.image_id,
+            row.source,
+            str(out_dir / image_path(row.image_id)),
+            size,
+            max_bytes,
+            max_pixels,
+            recentre,
+        )
         for row in joined.itertuples(index=False)
     ]
     outcomes = clean_images(jobs, workers=workers, progress=progress)
@@ -108,23 +118,36 @@ def prepare(
     images["sha256"] = images["image_id"].map(lambda i: outcome_of[i].sha256)
     images["label"] = images["main_category"].map(labels.encode).astype(int)
     images["path"] = images["image_id"].map(image_path)
-    thumbs = np.stack([
-        np.frombuffer(outcome_of[i].fingerprint, dtype=np.uint8).reshape(FINGERPRINT_SIDE, FINGERPRINT_SIDE)
-        for i in images["image_id"]
-    ]) if len(images) else np.zeros((0, FINGERPRINT_SIDE, FINGERPRINT_SIDE), dtype=np.uint8)
+    thumbs = (
+        np.stack(
+            [
+                np.frombuffer(outcome_of[i].fingerprint, dtype=np.uint8).reshape(
+                    FINGERPRINT_SIDE, FINGERPRINT_SIDE
+                )
+                for i in images["image_id"]
+            ]
+        )
+        if len(images)
+        else np.zeros((0, FINGERPRINT_SIDE, FINGERPRINT_SIDE), dtype=np.uint8)
+    )
     photo_pairs = near_duplicate_photo_pairs(thumbs)
     images["photo_group"] = photo_groups(images, photo_pairs)
     text_links = near_duplicate_text_links(listings[listings["product_id"].isin(set(images["product_id"]))])
-    images["split"] = assign_splits(images, fractions=fractions, seed=seed, links=text_links) if len(images) else []
+    images["split"] = (
+        assign_splits(images, fractions=fractions, seed=seed, links=text_links) if len(images) else []
+    )
     assert_no_leak(images)
     units = split_units(images, text_links) if len(images) else pd.Series(dtype=str)
     near_duplicates = {
         "photo_pairs": int(len(photo_pairs)),
         "photo_pairs_not_byte_identical": int(
-            sum(images.at[i, "sha256"] != images.at[j, "sha256"] for i, j in photo_pairs)),
+            sum(images.at[i, "sha256"] != images.at[j, "sha256"] for i, j in photo_pairs)
+        ),
         **(duplicate_report(images, "photo_group") if len(images) else {}),
         "text_pairs": len(text_links),
-        "largest_split_unit_listings": int(images.groupby(units)["product_id"].nunique().max()) if len(images) else 0,
+        "largest_split_unit_listings": int(images.groupby(units)["product_id"].nunique().max())
+        if len(images)
+        else 0,
         "max_hamming": NEAR_DUPLICATE_HAMMING,
         "min_correlation": NEAR_DUPLICATE_CORRELATION,
         "min_text_cosine": NEAR_DUPLICATE_TEXT_COSINE,
@@ -134,8 +157,11 @@ def prepare(
     write_prepared(out_dir, listings, images, labels)
     statuses = Counter(o.status for o in outcomes)
     referenced = set(images["path"])
-    stale = sum(1 for name in os.listdir(out_dir / IMAGES_DIR)
-                if name.endswith(".jpg") and f"{IMAGES_DIR}/{name}" not in referenced)
+    stale = sum(
+        1
+        for name in os.listdir(out_dir / IMAGES_DIR)
+        if name.endswith(".jpg") and f"{IMAGES_DIR}/{name}" not in referenced
+    )
 
     summary = PrepareSummary(
         data_dir=str(data_dir),
@@ -161,7 +187,9 @@ def prepare(
             recentred=sum(o.recentred for o in outcomes),
             skipped_already_done=statuses["skipped"],
             failed=len(failed),
-            failed_list=[{"image_id": o.image_id, "file": source_of[o.image_id], "error": o.error} for o in failed],
+            failed_list=[
+                {"image_id": o.image_id, "file": source_of[o.image_id], "error": o.error} for o in failed
+            ],
             usable=int(len(images)),
             stale_files_in_out_images=stale,
         ),
@@ -171,14 +199,20 @@ def prepare(
             seed=seed,
             fractions=list(fractions),
             units=int(units.nunique()),
-            listings_merged_by_shared_photos_or_texts=int(images["product_id"].nunique() - units.nunique()) if len(images) else 0,
+            listings_merged_by_shared_photos_or_texts=int(images["product_id"].nunique() - units.nunique())
+            if len(images)
+            else 0,
             **split_counts(images, labels.categories),
             leaks=split_leaks(images),
         ),
         labels=list(labels.categories),
     )
     if len(images):
-        summary.samples_png = str(save_samples_grid(images, out_dir, labels.categories, per_category=samples_per_category, seed=seed))
+        summary.samples_png = str(
+            save_samples_grid(
+                images, out_dir, labels.categories, per_category=samples_per_category, seed=seed
+            )
+        )
     summary.seconds = round(time.perf_counter() - started, 1)
     write_summary(out_dir, summary.to_json())
     return summary

@@ -81,8 +81,11 @@ class PrepareSummary:
 
     def to_json(self) -> dict:
         payload = {f.name: getattr(self, f.name) for f in fields(self)}
-        payload |= {"listings": asdict(self.listings), "photos": asdict(self.photos),
-                    "splits": self.splits.to_json()}
+        payload |= {
+            "listings": asdict(self.listings),
+            "photos": asdict(self.photos),
+            "splits": self.splits.to_json(),
+        }
         if self.samples_png is None:
             del payload["samples_png"]
         return payload
@@ -91,7 +94,9 @@ class PrepareSummary:
 def split_counts(images: pd.DataFrame, categories: Sequence[str]) -> dict:
     """Images and listings per split, and images per category and split."""
     per_category = (
-        images.groupby(["main_category", "split"]).size().unstack(fill_value=0)
+        images.groupby(["main_category", "split"])
+        .size()
+        .unstack(fill_value=0)
         .reindex(index=list(categories), columns=list(SPLITS), fill_value=0)
     )
     return {
@@ -101,7 +106,9 @@ def split_counts(images: pd.DataFrame, categories: Sequence[str]) -> dict:
     }
 
 
-def save_samples_grid(images: pd.DataFrame, out_dir: Path, categories: Sequence[str], *, per_category: int, seed: int) -> Path:
+def save_samples_grid(
+    images: pd.DataFrame, out_dir: Path, categories: Sequence[str], *, per_category: int, seed: int
+) -> Path:
     """A picture with one row of cleaned sample photos per main category."""
     import matplotlib
 
@@ -135,13 +142,23 @@ def save_samples_grid(images: pd.DataFrame, out_dir: Path, categories: Sequence[
 
 def format_summary(summary: PrepareSummary) -> str:
     """The summary as a few readable lines for the terminal."""
-    lst, prices, join, photos, splits = summary.listings, summary.prices, summary.join, summary.photos, summary.splits
+    lst, prices, join, photos, splits = (
+        summary.listings,
+        summary.prices,
+        summary.join,
+        summary.photos,
+        summary.splits,
+    )
     lines = [
         f"listings: {lst.rows_read:,} rows read, {lst.parse_errors} parse errors, {lst.kept:,} kept",
     ]
     for drop in lst.dropped:
-        lines.append(f"  dropped {drop['count']:,}: {drop['reason']} (e.g. {', '.join(drop['examples'][:3])})")
-    lines.append(f"  {len(lst.per_main_category)} main categories, {lst.distinct_category_paths} category paths")
+        lines.append(
+            f"  dropped {drop['count']:,}: {drop['reason']} (e.g. {', '.join(drop['examples'][:3])})"
+        )
+    lines.append(
+        f"  {len(lst.per_main_category)} main categories, {lst.distinct_category_paths} category paths"
+    )
     for category, n in lst.per_main_category.items():
         lines.append(f"    {category:<34} {n:>6,}")
     ordinary = prices["unflagged"]

@@ -85,7 +85,9 @@ def assign_splits(
     photo_group); `links` are product-id pairs that must share a split (see `split_units`).
     """
     if len(fractions) != len(SPLITS) or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-        raise ValueError(f"fractions must be {len(SPLITS)} non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"fractions must be {len(SPLITS)} non-negative numbers summing to 1, got {fractions}"
+        )
     units = split_units(images, links)
     counts = images.groupby([units, images["main_category"]]).size()
     unit_category: dict[str, str] = {}
@@ -122,7 +124,9 @@ def split_leaks(images: pd.DataFrame) -> dict[str, int]:
         "photos_in_several_splits": int((images.groupby("sha256")["split"].nunique() > 1).sum()),
     }
     if "photo_group" in images:
-        leaks["near_duplicate_groups_in_several_splits"] = int((images.groupby("photo_group")["split"].nunique() > 1).sum())
+        leaks["near_duplicate_groups_in_several_splits"] = int(
+            (images.groupby("photo_group")["split"].nunique() > 1).sum()
+        )
     return leaks
 
 

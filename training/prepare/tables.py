@@ -26,7 +26,7 @@ _IMAGE_NAME_RE = re.compile(r"^(?P<id>.+?)(?P<resized>_resized)?\.(?:jpe?g|png|w
 
 
 def split_title(product_name: str) -> tuple[str, str | None]:
-    """"Sofa | in Leeds, West Yorkshire | Gumtree" -> ("Sofa", "Leeds, West Yorkshire").
+    """ "Sofa | in Leeds, West Yorkshire | Gumtree" -> ("Sofa", "Leeds, West Yorkshire").
 
     The last " | in ... | Gumtree" is the suffix, so titles that contain " | " keep it.
     Returns location None when the name has no such suffix.
@@ -90,14 +90,19 @@ def clean_listings(
     A row is dropped only when it is really incomplete (no id, no title or no
     category) or repeats an earlier id; an odd price is kept and flagged instead.
     """
-    frame = pd.DataFrame({
-        "product_id": raw["id"].str.strip(),
-        "product_name": raw["product_name"].str.strip(),
-        "category": raw["category"].str.strip(),
-        "description": raw["product_description"].str.replace("\r\n", "\n").str.replace("\r", "\n").str.strip(),
-        "raw_price": raw["price"].str.strip(),
-        "raw_location": raw["location"].str.strip() if "location" in raw else "",
-    })
+    frame = pd.DataFrame(
+        {
+            "product_id": raw["id"].str.strip(),
+            "product_name": raw["product_name"].str.strip(),
+            "category": raw["category"].str.strip(),
+            "description": raw["product_description"]
+            .str.replace("\r\n", "\n")
+            .str.replace("\r", "\n")
+            .str.strip(),
+            "raw_price": raw["price"].str.strip(),
+            "raw_location": raw["location"].str.strip() if "location" in raw else "",
+        }
+    )
     titles = frame["product_name"].map(split_title)
     frame["title"] = [t for t, _ in titles]
     suffix_location = pd.Series([loc for _, loc in titles], index=frame.index, dtype=object)
@@ -105,11 +110,13 @@ def clean_listings(
 
     dropped: list[dict] = []
     keep = pd.Series(True, index=frame.index)
-    missing_fields = pd.DataFrame({
-        "product_id": frame["product_id"] == "",
-        "title": frame["title"] == "",
-        "category": frame["category"] == "",
-    })
+    missing_fields = pd.DataFrame(
+        {
+            "product_id": frame["product_id"] == "",
+            "title": frame["title"] == "",
+            "category": frame["category"] == "",
+        }
+    )
     reasons = missing_fields.apply(lambda row: ", ".join(c for c, bad in row.items() if bad), axis=1)
     for reason, rows in frame[reasons != ""].groupby(reasons[reasons != ""], sort=True):
         dropped.append(_drop_record(f"missing {reason}", rows))
@@ -152,11 +159,15 @@ def _price_report(frame: pd.DataFrame, parsed: list[ParsedPrice], absurd_price: 
     return {
         "parsed": int(parsed_prices.size),
         "unparseable": int((flags == "unparseable").sum()),
-        "unparseable_examples": [f"{pid}: {raw!r}" for pid, raw in unparseable.head(EXAMPLES).itertuples(index=False)],
+        "unparseable_examples": [
+            f"{pid}: {raw!r}" for pid, raw in unparseable.head(EXAMPLES).itertuples(index=False)
+        ],
         "zero": int((flags == "zero").sum()),
         "absurd": int((flags == "absurd").sum()),
         "absurd_threshold": absurd_price,
-        "absurd_examples": [float(v) for v in frame.loc[flags == "absurd", "price"].sort_values().tail(EXAMPLES)],
+        "absurd_examples": [
+            float(v) for v in frame.loc[flags == "absurd", "price"].sort_values().tail(EXAMPLES)
+        ],
         "without_currency_symbol": int(sum(p.value is not None and not p.had_symbol for p in parsed)),
         "currencies": {k: int(v) for k, v in Counter(c for c in frame["currency"] if c).most_common()},
         "all_parsed": _stats(parsed_prices),
@@ -174,7 +185,6 @@ def _stats(values: pd.Series) -> dict:
         "mean": round(float(values.mean()), 2),
         "max": float(values.max()),
     }
-
 
 
 def find_image_files(images_dir: Path) -> tuple[dict[str, Path], dict]:
@@ -215,7 +225,9 @@ def join_images(
     """The course's ``combined_df``: Images.csv inner-joined with the clean listings,
     restricted to images whose file exists.  Returns image_id, product_id,
     main_category and source (the file path) per joinable image, plus a report."""
-    rows = pd.DataFrame({"image_id": image_rows["id"].str.strip(), "product_id": image_rows["product_id"].str.strip()})
+    rows = pd.DataFrame(
+        {"image_id": image_rows["id"].str.strip(), "product_id": image_rows["product_id"].str.strip()}
+    )
     report: dict = {"image_rows": int(len(rows))}
     incomplete = (rows["image_id"] == "") | (rows["product_id"] == "")
     duplicate = ~incomplete & rows["image_id"].duplicated(keep="first")
@@ -223,7 +235,9 @@ def join_images(
     report["image_rows_duplicate_id"] = int(duplicate.sum())
     rows = rows[~incomplete & ~duplicate]
 
-    joined = rows.merge(listings[["product_id", "main_category"]], on="product_id", how="inner", validate="many_to_one")
+    joined = rows.merge(
+        listings[["product_id", "main_category"]], on="product_id", how="inner", validate="many_to_one"
+    )
     unknown = rows[~rows["product_id"].isin(listings["product_id"])]
     report["image_rows_joined"] = int(len(joined))
     report["image_rows_without_listing"] = int(len(unknown))
