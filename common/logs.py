@@ -62,9 +62,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted, not to the
+    stream it was when the handler was made: a main function called in-process (a test, a
+    command run from another) must not leave a handler on a stream its caller later closes
+    (pytest's captured stderr: "--- Logging error --- ... I/O operation on closed file")."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # noqa: D102 - read by StreamHandler.emit / flush
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.setStream; the stream is always sys.stderr
+        pass
+
+
 def setup_logging(service: str, level: str = "info") -> logging.Logger:
     """Send JSON lines for this process to stderr at the given level."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
