@@ -8,8 +8,8 @@ metadata matching the configured WRITE_TOKEN, compared in constant time: a missi
 UNAUTHENTICATED, a wrong one PERMISSION_DENIED. Read RPCs stay open. WRITE_TOKEN_FILE names a
 file holding the token instead (a Docker or Kubernetes secret, e.g. /run/secrets/write_token;
 surrounding whitespace is ignored); setting both is an error. When neither is set, writes are
-open and the server logs a warning at start-up (local development only). `secret_from_env` reads
-any such NAME / NAME_FILE pair (the gateway's GATEWAY_DB_PASSWORD too).
+open and the server logs a warning at start-up (local development only). `resolve_secret` makes
+one secret of any such NAME / NAME_FILE pair of settings (the gateway's GATEWAY_DB_PASSWORD too).
 
 TLS is optional: TLS_CERT + TLS_KEY make a server speak TLS; adding TLS_CLIENT_CA makes it
 require client certificates signed by that CA (mutual TLS). Clients use TLS_CA (and
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,13 +79,6 @@ TLS_SETTINGS = Settings(*TLS_SERVER_SETTINGS, *TLS_CLIENT_SETTINGS)
 def resolve_write_token(value: str | None, file: Path | None) -> str | None:
     """The write token from WRITE_TOKEN or the file WRITE_TOKEN_FILE names; None when neither."""
     return resolve_secret("WRITE_TOKEN", value, file)
-
-
-def secret_from_env(name: str) -> str | None:
-    """The secret in the environment variable NAME, or in the file NAME_FILE names (see
-    `resolve_secret`); for a secret not yet declared as a setting (GATEWAY_DB_PASSWORD)."""
-    file = os.environ.get(f"{name}_FILE") or None
-    return resolve_secret(name, os.environ.get(name) or None, Path(file) if file else None)
 
 
 def resolve_secret(name: str, value: str | None, file: Path | None) -> str | None:

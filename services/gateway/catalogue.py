@@ -215,12 +215,14 @@ class Catalogue:
         cls,
         target: str | Path,
         *,
+        password: str | None = None,
         max_connections: int = 16,
         connect_timeout_s: float = 5.0,
         min_connections: int = 1,
     ) -> "Catalogue":
         """Open ``GATEWAY_DB`` (a path, ``sqlite:///path`` or ``postgresql://...``; a SQLite file
-        and its folder are created if needed) and migrate it to `SCHEMA_VERSION`.
+        and its folder are created if needed) and migrate it to `SCHEMA_VERSION`. ``password``:
+        GATEWAY_DB_PASSWORD[_FILE], for a PostgreSQL URL that names only the user.
 
         CatalogueError for an unusable value or database, CatalogueUnavailable when a database
         server cannot be reached. PostgreSQL: a pool of ``max_connections``, ``min_connections``
@@ -228,6 +230,7 @@ class Catalogue:
         try:
             database = open_database(
                 target,
+                password=password,
                 max_connections=max_connections,
                 connect_timeout_s=connect_timeout_s,
                 min_connections=min_connections,

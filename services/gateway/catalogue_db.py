@@ -6,8 +6,9 @@
   default ``run/catalogue.sqlite3``): an embedded SQLite file, zero set-up, one gateway process;
 * ``postgresql://user:password@host:port/dbname`` (also ``postgres://``, and libpq's query
   parameters such as ``?sslmode=require``): a PostgreSQL server shared by any number of gateways.
-  The password may instead come from ``GATEWAY_DB_PASSWORD`` or the file ``GATEWAY_DB_PASSWORD_FILE``
-  names (a Docker or Kubernetes secret), with the URL giving only the user:
+  The password may instead come from the settings ``GATEWAY_DB_PASSWORD`` or the file
+  ``GATEWAY_DB_PASSWORD_FILE`` names (a Docker or Kubernetes secret; `services.gateway.config`),
+  given here as ``password``, with the URL naming only the user:
   ``postgresql://marketplace@postgres:5432/catalogue``.
 
 Both back ends give `catalogue.Catalogue` the same small interface, so every catalogue statement
@@ -51,8 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from common.security import secret_from_env
-
 log = logging.getLogger(__name__)
 
 #: Key of PostgreSQL's advisory lock held while migrating (any constant shared by all gateways).
@@ -84,8 +83,9 @@ class DatabaseUrl:
         return self.kind == "sqlite"
 
 
-def parse_database_url(value: str | Path) -> DatabaseUrl:
-    """``GATEWAY_DB`` -> `DatabaseUrl`; DatabaseError naming the setting when it cannot be used."""
+def parse_database_url(value: str | Path, password: str | None = None) -> DatabaseUrl:
+    """``GATEWAY_DB`` -> `DatabaseUrl`, with ``password`` (GATEWAY_DB_PASSWORD[_FILE]) put into a
+    PostgreSQL URL (SQLite has none); DatabaseError naming the setting when it cannot be used."""
     text = str(value).strip()
     if not text:
         raise DatabaseError("GATEWAY_DB is empty: give a path, sqlite:///path or postgresql://...")
@@ -116,7 +116,6 @@ def parse_database_url(value: str | Path) -> DatabaseUrl:
                 f"GATEWAY_DB={mask_password(text)!r}: no database name; expected "
                 "postgresql://user:password@host:port/dbname"
             )
-        password = secret_from_env("GATEWAY_DB_PASSWORD")
         if password is not None:
             text = with_password(text, password)
         return DatabaseUrl("postgresql", text, mask_password(text))
@@ -420,9 +419,14 @@ Database = SqliteDatabase | PostgresDatabase
 
 
 def open_database(
-    value: str | Path, *, max_connections: int = 16, connect_timeout_s: float = 5.0, min_connections: int = 1
+    value: str | Path,
+    *,
+    password: str | None = None,
+    max_connections: int = 16,
+    connect_timeout_s: float = 5.0,
+    min_connections: int = 1,
 ) -> Database:
-    url = parse_database_url(value)
+    url = parse_database_url(value, password)
     if url.is_sqlite:
         return SqliteDatabase(url)
     return PostgresDatabase(

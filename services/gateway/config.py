@@ -3,9 +3,10 @@ bounds, help; `common.config`): environment variables, overridden by command-lin
 commands (rebalance, reconcile, index_catalogue, load_catalogue) read the same declarations. The
 defaults are in the declarations and the README's configuration table; here is what some mean.
 
-``GATEWAY_DB``
+``GATEWAY_DB`` / ``GATEWAY_DB_PASSWORD`` / ``GATEWAY_DB_PASSWORD_FILE``
     An embedded SQLite file (created on first start; one gateway process) or a PostgreSQL
-    database shared by every gateway replica. Migrated to the current schema at start (replicas
+    database shared by every gateway replica; its password in the URL, or (a secret kept out of
+    the URL) in ``GATEWAY_DB_PASSWORD`` or the file ``GATEWAY_DB_PASSWORD_FILE`` names. Migrated to the current schema at start (replicas
     starting together take turns). A malformed value or a database that cannot be reached at
     start stops the gateway with one line naming this setting; a database that goes away later
     makes catalogue calls UNAVAILABLE until it is back (no restart needed).
@@ -64,6 +65,7 @@ from common.security import (
     TLS_SERVER_SETTINGS,
     WRITE_TOKEN_SETTINGS,
     TlsFiles,
+    resolve_secret,
     resolve_write_token,
 )
 from services.gateway.shards import ShardMapError, ShardReplicas, parse_shard_replicas, single_replica_shards
@@ -133,6 +135,22 @@ DB = Setting(
     "replica); migrated at start; unusable or unreachable at start: the gateway "
     "exits with one line naming it",
 )
+DB_PASSWORD = Setting(
+    "GATEWAY_DB_PASSWORD",
+    "db_password",
+    secret=True,
+    help="password of the PostgreSQL user `GATEWAY_DB` names, for a URL that carries none "
+    "(`postgresql://user@host:port/db`)",
+)
+DB_PASSWORD_FILE = Setting(
+    "GATEWAY_DB_PASSWORD_FILE",
+    "db_password_file",
+    Path,
+    help="file holding that password instead (a Docker or Kubernetes secret); not both",
+)
+#: The catalogue database and its password: what every reader of `GATEWAY_DB` reads.
+DB_SETTINGS = (DB, DB_PASSWORD, DB_PASSWORD_FILE)
+DB_FIELDS = tuple(setting.field for setting in DB_SETTINGS)
 EMBEDDER_ADDR = Setting(
     "EMBEDDER_ADDR",
     "embedder_addr",
@@ -191,7 +209,7 @@ GATEWAY_SETTINGS = merged(
             maximum=65535,
             help="listening port (0: any free port)",
         ),
-        DB,
+        *DB_SETTINGS,
         Setting(
             "GATEWAY_DB_CONNECT_TIMEOUT_S",
             "db_connect_timeout_s",
@@ -361,6 +379,8 @@ class GatewayConfig:
     host: str = _default("host")
     port: int = _default("port")
     db_path: Path | str = _default("db_path")  # GATEWAY_DB: a path or a URL
+    #: GATEWAY_DB_PASSWORD[_FILE]: the password of a PostgreSQL URL that names only the user
+    db_password: str | None = field(default=None, repr=False)
     seed_dir: Path | None = _default("seed_dir")
     embedder_addr: str = _default("embedder_addr")
     indexer_addrs: tuple[str, ...] = _default("indexer_addrs")
@@ -424,8 +444,9 @@ class GatewayConfig:
             max_backoff_s=values.pop("retry_backoff_max_s"),
         )
         token = resolve_write_token(values.pop("write_token"), values.pop("write_token_file"))
+        password = database_password(values)
         tls = TlsFiles.from_values(values)
-        return cls(**values, retry=retry, write_token=token, tls=tls)
+        return cls(**values, db_password=password, retry=retry, write_token=token, tls=tls)
 
 
 def check_one_shard_list(shards: ShardReplicas | None, addrs: tuple[str, ...]) -> None:
@@ -453,6 +474,22 @@ def database_setting(value: str) -> Path | str:
     except DatabaseError as exc:
         raise ConfigError(str(exc)) from None
     return value if "://" in value else Path(value)
+
+
+def database_password(values: dict[str, Any]) -> str | None:
+    """The password from the ``GATEWAY_DB_PASSWORD`` / ``GATEWAY_DB_PASSWORD_FILE`` values of a
+    `Settings.read` result (removed from it), checked against its ``GATEWAY_DB``: ConfigError
+    when both are set, the file cannot be read, or the URL has a password of its own or no user."""
+    from services.gateway.catalogue_db import DatabaseError, parse_database_url
+
+    password = resolve_secret(
+        "GATEWAY_DB_PASSWORD", values.pop("db_password"), values.pop("db_password_file")
+    )
+    try:
+        parse_database_url(values["db_path"], password)
+    except DatabaseError as exc:
+        raise ConfigError(str(exc)) from None
+    return password
 
 
 def shard_map_setting(value: str | None) -> bool:

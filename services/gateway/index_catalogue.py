@@ -43,7 +43,14 @@ from common.prepared_data import IMAGES_FILE, read_rows
 from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles, resolve_write_token
 from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, embedder_target, shard_lists
+from services.gateway.config import (
+    DB_FIELDS,
+    GATEWAY_SETTINGS,
+    RetryPolicy,
+    database_password,
+    embedder_target,
+    shard_lists,
+)
 from services.gateway.domain import ServiceError
 from services.gateway.downstream import (
     IMAGE_COLLECTION,
@@ -263,7 +270,14 @@ def index_embeddings(
 INDEX_CATALOGUE_SETTINGS = Settings(
     *(
         GATEWAY_SETTINGS[name]
-        for name in ("db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions", "embedder_addr")
+        for name in (
+            *DB_FIELDS,
+            "indexer_addrs",
+            "indexer_shards",
+            "shard_map",
+            "partitions",
+            "embedder_addr",
+        )
     ),
     *WRITE_TOKEN_SETTINGS,
     *TLS_CLIENT_SETTINGS,
@@ -296,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
     replicas = shard_lists(settings)
     try:
-        catalogue = Catalogue.open(args.db)
+        catalogue = Catalogue.open(args.db, password=database_password(settings))
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"error: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from common.config import REPO_ROOT, Settings
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import GATEWAY_SETTINGS
+from services.gateway.config import DB_SETTINGS, database_password
 
-#: What the command reads, declared with the gateway's settings (same variable, same flag).
-LOAD_CATALOGUE_SETTINGS = Settings(GATEWAY_SETTINGS["db_path"])
+#: What the command reads, declared with the gateway's settings (same variables, same flag).
+LOAD_CATALOGUE_SETTINGS = Settings(*DB_SETTINGS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-check-files", action="store_true", help="keep images.csv rows even if their file is missing"
     )
     args = LOAD_CATALOGUE_SETTINGS.add_flags(parser).parse_args(argv)
-    args.db = LOAD_CATALOGUE_SETTINGS.read(args)["db_path"]
+    settings = LOAD_CATALOGUE_SETTINGS.read(args)
+    args.db, password = settings["db_path"], database_password(settings)
     started = time.perf_counter()
     try:
-        with Catalogue.open(args.db) as catalogue:
+        with Catalogue.open(args.db, password=password) as catalogue:
             report = catalogue.load_prepared(
                 args.prepared,
                 replace=args.replace,

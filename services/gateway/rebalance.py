@@ -58,12 +58,12 @@ from common.shard_map import (
 )
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import GATEWAY_SETTINGS, shard_lists
+from services.gateway.config import DB_FIELDS, GATEWAY_SETTINGS, database_password, shard_lists
 from services.gateway.shards import ShardReplicas
 
 #: What the command reads, declared with the gateway's settings (same variables, same flags).
 REBALANCE_SETTINGS = Settings(
-    *(GATEWAY_SETTINGS[name] for name in ("db_path", "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
+    *(GATEWAY_SETTINGS[name] for name in (*DB_FIELDS, "shard_map_poll_s", "indexer_addrs", "indexer_shards")),
     *WRITE_TOKEN_SETTINGS,
     *TLS_CLIENT_SETTINGS,
 )
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     token = resolve_write_token(settings.pop("write_token"), settings.pop("write_token_file"))
     replicas = shard_lists(settings)
     try:
-        catalogue = Catalogue.open(settings["db_path"])
+        catalogue = Catalogue.open(settings["db_path"], password=database_password(settings))
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"rebalance: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from common.config import Settings
 from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles, resolve_write_token
 from common.shard_map import ShardMapError
 from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import GATEWAY_SETTINGS, RetryPolicy, shard_lists
+from services.gateway.config import DB_FIELDS, GATEWAY_SETTINGS, RetryPolicy, database_password, shard_lists
 from services.gateway.domain import FailedPrecondition
 from services.gateway.downstream import IMAGE_COLLECTION, TEXT_COLLECTION, Deadline, IndexerShards
 from services.gateway.outbox import OutboxApplier
@@ -148,7 +148,7 @@ def reconcile(
 RECONCILE_SETTINGS = Settings(
     *(
         GATEWAY_SETTINGS[name]
-        for name in ("db_path", "indexer_addrs", "indexer_shards", "shard_map", "partitions")
+        for name in (*DB_FIELDS, "indexer_addrs", "indexer_shards", "shard_map", "partitions")
     ),
     *WRITE_TOKEN_SETTINGS,
     *TLS_CLIENT_SETTINGS,
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RECONCILE_SETTINGS.read(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        catalogue = Catalogue.open(settings["db_path"])
+        catalogue = Catalogue.open(settings["db_path"], password=database_password(settings))
     except (CatalogueError, CatalogueUnavailable) as exc:
         print(f"reconcile: GATEWAY_DB: {exc}", file=sys.stderr)
         return 2

@@ -232,6 +232,7 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     pool = config.max_workers + 4  # every request thread, the outbox loop and readiness at once
     catalogue = Catalogue.open(
         config.db_path,
+        password=config.db_password,
         max_connections=pool,
         min_connections=pool,
         connect_timeout_s=config.db_connect_timeout_s,

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from services.embedder.server import SERVICE_NAME as EMBEDDER_SERVICE
+from services.gateway.config import GATEWAY_SETTINGS
 from services.gateway.server import SERVICE_NAME as GATEWAY_SERVICE
 from services.indexer.server import SERVICE_NAME as INDEXER_SERVICE
 from tests.deploy.test_containers import service_closure
@@ -49,6 +50,9 @@ REQUIRED_ENV = {
     "gateway": {"EMBEDDER_ADDR", "GATEWAY_DB"},
     WEB: {"GATEWAY_ADDR", "IMAGE_STORE_DIR"},
 }
+#: The variables naming a file that holds a secret: NAME_FILE of each secret setting (the write
+#: token, the catalogue database's password), mounted from a Secret on Kubernetes.
+SECRET_FILE_ENV = frozenset(f"{s.env}_FILE" for s in GATEWAY_SETTINGS if s.secret)
 #: Calls whose first argument is a variable name: a setting's declaration, or a direct read.
 _ENV_READERS = {"Setting", "getenv", "get"}
 _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
@@ -67,8 +71,6 @@ def env_read_by(service: str) -> frozenset[str]:
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
                 if name in _ENV_READERS and isinstance(node.args[0].value, str):
                     names.add(node.args[0].value)
-                elif name == "secret_from_env" and isinstance(node.args[0].value, str):  # NAME or NAME_FILE
-                    names |= {node.args[0].value, f"{node.args[0].value}_FILE"}
             elif (
                 isinstance(node, ast.Subscript)
                 and isinstance(node.slice, ast.Constant)
@@ -137,6 +139,14 @@ def check_env(service: str, env: dict[str, str], where: str) -> None:
         assert ("INDEXER_ADDRS" in env) != ("INDEXER_SHARDS" in env), (
             f"{where}: the gateway needs one shard list"
         )
+        if env["GATEWAY_DB"].startswith("postgresql://"):  # a user in the URL, its password apart
+            user = env["GATEWAY_DB"].split("//", 1)[1].split("@")[0]
+            assert "@" in env["GATEWAY_DB"] and user and ":" not in user, (
+                f"{where}: GATEWAY_DB={env['GATEWAY_DB']}"
+            )
+            assert ("GATEWAY_DB_PASSWORD" in env) != ("GATEWAY_DB_PASSWORD_FILE" in env), (
+                f"{where}: the gateway needs the database password once"
+            )
 
 
 def check_web_gateway_target(env: dict[str, str], gateway_names: set[str], where: str) -> None:
@@ -496,13 +506,16 @@ def check_k8s(docs: list[dict], where: str) -> None:
                 HEALTH_NAMES[kind] if probe == "readinessProbe" else ""
             ), f"{label}: {probe} asks the wrong health entry"
         assert set(container["resources"]) == {"requests", "limits"}, label
-        if "WRITE_TOKEN_FILE" in env:
-            directory, key = env["WRITE_TOKEN_FILE"].rsplit("/", 1)
+        for variable in SECRET_FILE_ENV & set(env):  # the file is a key of a mounted Secret
+            assert variable[: -len("_FILE")] not in env, f"{label}: the secret in the pod spec"
+            directory, key = env[variable].rsplit("/", 1)
             (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
             (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
             name = volume["secret"]["secretName"]
             if secrets:  # rendered: the generated secret exists and holds that key
                 assert key in secrets[name]["data"], f"{label}: secret {name} lacks {key}"
+        if kind == "gateway":  # the database password comes from a Secret file, not the URL
+            assert "GATEWAY_DB_PASSWORD_FILE" in env and "valueFrom" not in str(container["env"]), label
         # the Service in front selects these pods and forwards to the same port
         selected = [
             s
@@ -606,12 +619,14 @@ def render(overlay: Path) -> subprocess.CompletedProcess:
 
 def test_k8s_example_overlay_renders_validates_and_matches_the_code(tmp_path):
     copy = tmp_path / "k8s"
-    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("write_token", "catalogue_url"))
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("write_token", "catalogue_db_password"))
     secrets = copy / "overlays" / "example" / "secrets"
     refused = render(copy / "overlays" / "example")
     assert refused.returncode != 0 and "write_token" in refused.stderr, "renders without a write token"
     (secrets / "write_token").write_text("0123456789abcdef\n")
-    (secrets / "catalogue_url").write_text("postgresql://marketplace:pw@catalogue-db:5432/marketplace\n")
+    refused = render(copy / "overlays" / "example")
+    assert refused.returncode != 0 and "catalogue_db_password" in refused.stderr, "renders without it"
+    (secrets / "catalogue_db_password").write_text("0123456789abcdef0123\n")
     result = render(copy / "overlays" / "example")
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]

@@ -15,7 +15,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from common.config import REPO_ROOT
+from common.config import REPO_ROOT, ConfigError
 from scripts.stack import free_port
 from services.gateway.catalogue import (
     SCHEMA_VERSION,
@@ -26,6 +26,11 @@ from services.gateway.catalogue import (
     StoredVector,
 )
 from services.gateway.catalogue_db import DatabaseError, mask_password, parse_database_url
+from services.gateway.config import GatewayConfig, database_password
+from services.gateway.index_catalogue import INDEX_CATALOGUE_SETTINGS
+from services.gateway.load_catalogue import LOAD_CATALOGUE_SETTINGS
+from services.gateway.rebalance import REBALANCE_SETTINGS
+from services.gateway.reconcile import RECONCILE_SETTINGS
 from services.gateway.domain import Listing
 from tests.gateway.test_gateway_units import listing, write_prepared
 from tests.support.postgres import PostgresCluster
@@ -98,26 +103,74 @@ def test_passwords_are_masked():
 
 
 def test_the_password_can_come_from_a_secret_file(monkeypatch, tmp_path):
+    """GATEWAY_DB_PASSWORD_FILE is a declared setting of the gateway (and of its commands):
+    the config object gets the password, the URL stays without it."""
     secret = tmp_path / "db_password"
     secret.write_text("p@ss/w:rd\n")
     monkeypatch.delenv("GATEWAY_DB_PASSWORD", raising=False)
     monkeypatch.setenv("GATEWAY_DB_PASSWORD_FILE", str(secret))
-    parsed = parse_database_url("postgresql://marketplace@postgres:5432/catalogue")
+    monkeypatch.setenv("GATEWAY_DB", "postgresql://marketplace@postgres:5432/catalogue")
+    config = GatewayConfig.from_env([])
+    assert config.db_password == "p@ss/w:rd" and "p@ss" not in repr(config)
+    assert config.db_path == "postgresql://marketplace@postgres:5432/catalogue"
+    parsed = parse_database_url(config.db_path, config.db_password)
     assert parsed.target == "postgresql://marketplace:p%40ss%2Fw%3Ard@postgres:5432/catalogue"
     assert psycopg.conninfo.conninfo_to_dict(parsed.target)["password"] == "p@ss/w:rd"
     assert "p%40ss" not in parsed.display and "***" in parsed.display
-    assert parse_database_url("run/c.sqlite3").target == "run/c.sqlite3"  # SQLite ignores it
+    assert parse_database_url("run/c.sqlite3", "p").target == "run/c.sqlite3"  # SQLite ignores it
+    for command in (
+        LOAD_CATALOGUE_SETTINGS,
+        RECONCILE_SETTINGS,
+        REBALANCE_SETTINGS,
+        INDEX_CATALOGUE_SETTINGS,
+    ):
+        values = command.read()
+        assert database_password(values) == "p@ss/w:rd" and "db_password" not in values
+
+
+def test_the_password_from_the_environment(monkeypatch):
+    monkeypatch.delenv("GATEWAY_DB_PASSWORD_FILE", raising=False)
+    monkeypatch.setenv("GATEWAY_DB_PASSWORD", "env-pw")
+    monkeypatch.setenv("GATEWAY_DB", "postgresql://marketplace@postgres:5432/catalogue")
+    assert GatewayConfig.from_env([]).db_password == "env-pw"
+    monkeypatch.setenv("GATEWAY_DB_PASSWORD", "")
+    assert GatewayConfig.from_env([]).db_password is None
 
 
 @pytest.mark.parametrize(
     "url, message", [("postgresql://u:inline@h/cat", "keep one"), ("postgresql://h/cat", "names no user")]
 )
-def test_a_password_file_beside_an_unfit_url_is_refused(monkeypatch, tmp_path, url, message):
-    secret = tmp_path / "db_password"
-    secret.write_text("from-file")
-    monkeypatch.setenv("GATEWAY_DB_PASSWORD_FILE", str(secret))
+def test_a_password_beside_an_unfit_url_is_refused(url, message):
     with pytest.raises(DatabaseError, match=message) as raised:
-        parse_database_url(url)
+        parse_database_url(url, "from-file")
+    assert "from-file" not in str(raised.value) and "inline" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("inline", "keep one"),
+        ("no user", "names no user"),
+        ("both", "both set"),
+        ("missing", "cannot be read"),
+        ("empty", "is empty"),
+    ],
+)
+def test_unusable_password_settings_stop_the_start_naming_them(monkeypatch, tmp_path, case, message):
+    secret = tmp_path / "db_password"
+    if case != "missing":
+        secret.write_text("\n" if case == "empty" else "from-file")
+    monkeypatch.setenv("GATEWAY_DB_PASSWORD_FILE", str(secret))
+    monkeypatch.delenv("GATEWAY_DB_PASSWORD", raising=False)
+    if case == "both":
+        monkeypatch.setenv("GATEWAY_DB_PASSWORD", "from-env")
+    url = {"inline": "postgresql://u:inline@h/cat", "no user": "postgresql://h/cat"}.get(
+        case, "postgresql://u@h/c"
+    )
+    monkeypatch.setenv("GATEWAY_DB", url)
+    with pytest.raises(ConfigError, match=message) as raised:
+        GatewayConfig.from_env([])
+    assert "GATEWAY_DB" in str(raised.value)
     assert "from-file" not in str(raised.value) and "inline" not in str(raised.value)
 
 
