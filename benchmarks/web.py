@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway",
                 {
                     "GATEWAY_DB": str(db_path),
-                    "GATEWAY_SEED_DIR": str(prepared),
+                    "GATEWAY_BOOTSTRAP_DIR": str(prepared),
                     "EMBEDDER_ADDR": embedder.address,
                     "INDEXER_ADDRS": indexer.address,
                     "IMAGE_STORE_DIR": str(tmp / "images"),

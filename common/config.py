@@ -12,6 +12,7 @@ it came from) and what is expected, e.g. ``GATEWAY_MAX_K='lots' is not an intege
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from dataclasses import dataclass, fields, is_dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -41,7 +43,9 @@ class Setting:
     missing. ``scale`` multiplies the value into the field's unit (``..._MB`` settings into
     bytes). ``parse`` replaces the plain conversion for a setting with its own syntax (it raises
     `ConfigError` naming the variable). ``shown`` is the default as a person reads it in the
-    README (``8 MiB``, ``min(2, cores)``) when ``str(default)`` is not.
+    README (``8 MiB``, ``min(2, cores)``) when ``str(default)`` is not. ``deprecated_env``: former
+    names of the variable, still read (with a logged warning naming the new one) when it is unset,
+    for one release after a rename.
     """
 
     env: str
@@ -58,6 +62,7 @@ class Setting:
     shown: str | None = None
     required: str | None = None
     secret: bool = False
+    deprecated_env: tuple[str, ...] = ()
 
     @property
     def flag_name(self) -> str | None:
@@ -124,11 +129,23 @@ class Setting:
             raise ConfigError(f"{source}={value} must be <= {high}")
 
     def from_environment(self) -> Any:
-        """The value from the environment variable (empty counts as unset), else the default."""
-        raw = os.environ.get(self.env)
+        """The value from the environment variable (empty counts as unset), else from a former
+        name of it (``deprecated_env``, with a warning), else the default."""
+        raw, source = os.environ.get(self.env), self.env
+        for old in self.deprecated_env:
+            old_raw = os.environ.get(old)
+            if not old_raw:
+                continue
+            if raw:
+                log.warning("%s is ignored: %s is set (%s is its former name; remove it)", old, self.env, old)
+            else:
+                log.warning(
+                    "%s is deprecated: rename it %s (the old name is read for one release)", old, self.env
+                )
+                raw, source = old_raw, old
         if raw is None or raw == "":
             return self.default
-        return self.convert(raw, self.env)
+        return self.convert(raw, source)
 
     # ------------------------------------------------------------------ the README
     @property

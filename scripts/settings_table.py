@@ -49,6 +49,13 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _former_names(setting: Setting) -> str:
+    if not setting.deprecated_env:
+        return ""
+    names = " / ".join(f"`{name}`" for name in setting.deprecated_env)
+    return f" (formerly {names}: still read, with a warning, for one release)"
+
+
 def render() -> str:
     lines = ["| variable | flag | read by | default | values | meaning |", "|---|---|---|---|---|---|"]
     for setting, readers in declared():
@@ -66,7 +73,7 @@ def render() -> str:
                     ", ".join(readers),
                     default,
                     setting.values_text,
-                    setting.help,
+                    setting.help + _former_names(setting),
                 )
             )
             + " |"

@@ -398,7 +398,7 @@ print('\n'.join(map(str, photo_files(3))))" 2>/dev/null || true)
   echo "ok  GetListing of the removed listing: NotFound"
   [[ -z "${AFTER_WRITE_PATH:-}" ]] || "$AFTER_WRITE_PATH"   # e.g. compose-check's web edge checks
 
-  # The catalogue: the gateway loaded the prepared listings (GATEWAY_SEED_DIR) at start; its photo
+  # The catalogue: the gateway loaded the prepared listings (GATEWAY_BOOTSTRAP_DIR) at start; its photo
   # vectors go into the shards with index_catalogue, run inside the stack (service names as addresses).
   local index_args
   if [[ -f "$ARTIFACT_DIR/embeddings/image_embeddings.npy" ]]; then

@@ -237,7 +237,11 @@ GATEWAY_SETTINGS = merged(
             help="how long one gateway holds such a write (another takes it over after)",
         ),
         Setting(
-            "GATEWAY_SEED_DIR", "seed_dir", Path, help="prepared data loaded into an empty catalogue at start"
+            "GATEWAY_BOOTSTRAP_DIR",
+            "bootstrap_dir",
+            Path,
+            deprecated_env=("GATEWAY_SEED_DIR",),
+            help="prepared data loaded into an empty catalogue at start",
         ),
         EMBEDDER_ADDR,
         INDEXER_ADDRS,
@@ -381,7 +385,7 @@ class GatewayConfig:
     db_path: Path | str = _default("db_path")  # GATEWAY_DB: a path or a URL
     #: GATEWAY_DB_PASSWORD[_FILE]: the password of a PostgreSQL URL that names only the user
     db_password: str | None = field(default=None, repr=False)
-    seed_dir: Path | None = _default("seed_dir")
+    bootstrap_dir: Path | None = _default("bootstrap_dir")
     embedder_addr: str = _default("embedder_addr")
     indexer_addrs: tuple[str, ...] = _default("indexer_addrs")
     #: Replica targets per shard (INDEXER_SHARDS); None: one replica per INDEXER_ADDRS entry.

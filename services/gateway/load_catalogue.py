@@ -5,7 +5,7 @@
 Reads ``listings.csv`` and ``images.csv`` written by ``python -m training.prepare``; a listing's
 image ids are the rows of images.csv whose file exists. Listings already in the catalogue are
 left alone unless ``--replace``. One transaction: all rows or none. The gateway does the same at
-start when ``GATEWAY_SEED_DIR`` is set and its catalogue is empty. Vectors are indexed separately
+start when ``GATEWAY_BOOTSTRAP_DIR`` is set and its catalogue is empty. Vectors are indexed separately
 (``python -m services.gateway.index_catalogue``).
 """
 

@@ -242,15 +242,15 @@ def build_core(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     except BaseException:
         catalogue.close()
         raise
-    if config.seed_dir is not None and catalogue.count(include_pending=True) == 0:
+    if config.bootstrap_dir is not None and catalogue.count(include_pending=True) == 0:
         try:
-            report = catalogue.load_prepared(config.seed_dir)
-        except (CatalogueError, UniqueViolation) as exc:  # another replica seeded it meanwhile
-            log.info("catalogue not bootstrapped from %s: %s", config.seed_dir, exc)
+            report = catalogue.load_prepared(config.bootstrap_dir)
+        except (CatalogueError, UniqueViolation) as exc:  # another replica bootstrapped it meanwhile
+            log.info("catalogue not bootstrapped from %s: %s", config.bootstrap_dir, exc)
         else:
             log.info(
                 "catalogue bootstrapped from %s: %d listings, %d images",
-                config.seed_dir,
+                config.bootstrap_dir,
                 report.listings,
                 report.images,
             )

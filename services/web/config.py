@@ -35,10 +35,10 @@ WEB_SETTINGS = merged(
             help="the listing photo store the gateway fills (`common.image_store`); the edge serves from it",
         ),
         Setting(
-            "WEB_SEED_DIR",
-            "seed_dir",
+            "WEB_BOOTSTRAP_DIR",
+            "bootstrap_dir",
             Path,
-            flag="--seed-dir",
+            deprecated_env=("WEB_SEED_DIR",),
             help="prepared data whose photos are linked into the store at start when missing",
         ),
         Setting(
@@ -75,7 +75,7 @@ class WebConfig:
     port: int = _default("port")
     gateway_addr: str = _default("gateway_addr")
     image_store_dir: Path = _default("image_store_dir")
-    seed_dir: Path | None = _default("seed_dir")
+    bootstrap_dir: Path | None = _default("bootstrap_dir")
     max_upload_bytes: int = _default("max_upload_bytes")
     gateway_timeout_s: float = _default("gateway_timeout_s")
     log_level: str = _default("log_level")

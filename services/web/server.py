@@ -19,14 +19,14 @@ log = logging.getLogger(__name__)
 def bootstrap_photos(config: WebConfig) -> None:
     """Add the prepared photos missing from the store (in the background: the page serves
     meanwhile, and photos appear as they land)."""
-    if config.seed_dir is None:
+    if config.bootstrap_dir is None:
         return
 
     def fill() -> None:
         try:
-            report = fill_from_prepared(open_image_store(config.image_store_dir), config.seed_dir)
+            report = fill_from_prepared(open_image_store(config.image_store_dir), config.bootstrap_dir)
         except OSError as exc:
-            log.error("photos of %s not added to the store: %s", config.seed_dir, exc)
+            log.error("photos of %s not added to the store: %s", config.bootstrap_dir, exc)
             return
         log.info(
             "image store %s: %d prepared photos added, %d already there, %d skipped",

@@ -131,6 +131,56 @@ SERVICES = [
 ]
 
 
+RENAMED = Setting("EXAMPLE_BOOTSTRAP_DIR", "bootstrap_dir", Path, deprecated_env=("EXAMPLE_SEED_DIR",))
+
+
+def test_a_renamed_variable_is_still_read_under_its_former_name_with_a_warning(monkeypatch, caplog):
+    monkeypatch.delenv("EXAMPLE_BOOTSTRAP_DIR", raising=False)
+    monkeypatch.setenv("EXAMPLE_SEED_DIR", "/srv/old")
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert Settings(RENAMED).read()["bootstrap_dir"] == Path("/srv/old")
+    assert [r.getMessage() for r in caplog.records] == [
+        "EXAMPLE_SEED_DIR is deprecated: rename it EXAMPLE_BOOTSTRAP_DIR (the old name is read for one release)"
+    ]
+    caplog.clear()
+    monkeypatch.setenv("EXAMPLE_BOOTSTRAP_DIR", "/srv/new")  # the new name wins, the old is named
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert Settings(RENAMED).read()["bootstrap_dir"] == Path("/srv/new")
+    assert "EXAMPLE_SEED_DIR is ignored: EXAMPLE_BOOTSTRAP_DIR is set" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("EXAMPLE_SEED_DIR")
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert Settings(RENAMED).read()["bootstrap_dir"] == Path("/srv/new")
+    assert not caplog.records
+    parser = Settings(RENAMED).add_flags(argparse.ArgumentParser())
+    assert "--bootstrap-dir" in parser.format_help() and "seed" not in parser.format_help()
+
+
+def test_a_bad_value_under_the_former_name_is_named_by_it(monkeypatch):
+    setting = Setting("EXAMPLE_WORKERS", "workers", int, 1, deprecated_env=("EXAMPLE_THREADS",))
+    monkeypatch.delenv("EXAMPLE_WORKERS", raising=False)
+    monkeypatch.setenv("EXAMPLE_THREADS", "many")
+    with pytest.raises(ConfigError, match="EXAMPLE_THREADS='many' is not an integer"):
+        Settings(setting).read()
+
+
+@pytest.mark.parametrize(
+    "config, old, new",
+    [
+        (GatewayConfig, "GATEWAY_SEED_DIR", "GATEWAY_BOOTSTRAP_DIR"),
+        (WebConfig, "WEB_SEED_DIR", "WEB_BOOTSTRAP_DIR"),
+    ],
+)
+def test_the_seed_dir_settings_are_bootstrap_dir_and_read_the_old_name(monkeypatch, caplog, config, old, new):
+    monkeypatch.delenv(new, raising=False)
+    monkeypatch.setenv(old, "/srv/prepared")
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert config.from_env([]).bootstrap_dir == Path("/srv/prepared")
+    assert f"{old} is deprecated: rename it {new}" in caplog.text
+    monkeypatch.delenv(old)
+    assert config.from_env(["--bootstrap-dir", "/srv/flag"]).bootstrap_dir == Path("/srv/flag")
+
+
 @pytest.mark.parametrize("settings, config", SERVICES, ids=lambda x: getattr(x, "__name__", ""))
 def test_the_config_objects_defaults_are_the_declared_ones(settings, config):
     """One default per setting: the dataclass field's default is the declaration's."""

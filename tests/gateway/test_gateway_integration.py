@@ -64,12 +64,14 @@ def start_shards(root: Path, count: int = 2) -> list:
     ]
 
 
-def gateway_config(root: Path, embedder_addr: str, shards, seed_dir: Path | None = None) -> GatewayConfig:
+def gateway_config(
+    root: Path, embedder_addr: str, shards, bootstrap_dir: Path | None = None
+) -> GatewayConfig:
     return GatewayConfig.local(
         host="127.0.0.1",
         port=0,
         db_path=root / "catalogue.sqlite3",
-        seed_dir=seed_dir,
+        bootstrap_dir=bootstrap_dir,
         embedder_addr=embedder_addr,
         indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
         downstream_timeout_s=30.0,

@@ -90,7 +90,7 @@ def real(tmp_path_factory, test_artifact):
             host="127.0.0.1",
             port=0,
             db_path=root / "catalogue.sqlite3",
-            seed_dir=prepared,
+            bootstrap_dir=prepared,
             embedder_addr=f"127.0.0.1:{embedder.port}",
             indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
             downstream_timeout_s=30.0,

@@ -238,7 +238,7 @@ def test_a_shard_down_partial_results_name_it_and_without_the_option_503(web_sta
         replace(
             config,
             port=0,
-            seed_dir=None,
+            bootstrap_dir=None,
             readiness_interval_s=0,
             indexer_addrs=(config.indexer_addrs[0], f"127.0.0.1:{free_port()}"),
         )
