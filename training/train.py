@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -115,6 +116,92 @@ def _freeze_bn(module: nn.Module) -> None:
             layer.eval()
 
 
+# --------------------------------------------------------------------------- the epoch loop
+
+
+@dataclass
+class EpochSteps:
+    """What one way of training does in an epoch; `run_epochs` does the rest.
+
+    ``begin()`` puts the trained modules in train mode and returns the epoch's order of train rows
+    (drawing the epoch's randomness); ``logits(rows, start)`` are the train-mode logits of one batch
+    (``start``: its offset in that order); ``end()`` runs after the last batch; ``valid_logits()``
+    are the logits of the valid rows (None: no valid split, the last epoch is kept).
+    """
+
+    begin: Callable[[], Any]
+    logits: Callable[[Any, int], torch.Tensor]
+    valid_logits: Callable[[], torch.Tensor] | None = None
+    end: Callable[[], None] = lambda: None
+
+
+def run_epochs(
+    steps: EpochSteps,
+    *,
+    kept: nn.Module,
+    labels: torch.Tensor,
+    valid_labels: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    name: str,
+    progress: bool = True,
+    log_level: int = logging.INFO,
+) -> list[dict]:
+    """The one training loop: each epoch shuffles (`EpochSteps.begin`), runs the batches (loss
+    with the config's label smoothing, an optimiser and a scheduler step per batch), scores the
+    valid split, and keeps the state of ``kept`` from the epoch with the best valid accuracy (then
+    the lowest valid loss), loaded back at the end. ``labels`` are the label of each train row,
+    ``valid_labels`` of each valid row. Returns the per-epoch history (and the best epoch)."""
+    history, best = [], None
+    for epoch in range(config.epochs):
+        order = steps.begin()
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = _progress(len(order), f"{name} epoch {epoch + 1}/{config.epochs}", progress)
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            logits = steps.logits(rows, start)
+            loss = F.cross_entropy(logits, labels[rows], label_smoothing=config.label_smoothing)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(rows)
+            correct += int((logits.argmax(1) == labels[rows]).sum())
+            seen += len(rows)
+            bar.update(len(rows))
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        bar.close()
+        steps.end()
+        entry = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen}
+        if steps.valid_logits is not None:
+            logits = steps.valid_logits()
+            entry["valid_loss"] = float(F.cross_entropy(logits, valid_labels))
+            entry["valid_acc"] = float((logits.argmax(1) == valid_labels).float().mean())
+            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
+                best = (
+                    (entry["valid_acc"], -entry["valid_loss"]),
+                    {k: v.detach().clone() for k, v in kept.state_dict().items()},
+                    epoch + 1,
+                )
+        history.append(entry)
+        log.log(
+            log_level,
+            "%s epoch %d/%d  train loss %.3f acc %.3f  valid loss %s acc %s",
+            name,
+            epoch + 1,
+            config.epochs,
+            entry["train_loss"],
+            entry["train_acc"],
+            _fmt(entry.get("valid_loss")),
+            _fmt(entry.get("valid_acc")),
+        )
+    if best is not None:
+        kept.load_state_dict(best[1])
+        history.append({"best_epoch": best[2]})
+    return history
+
+
 # --------------------------------------------------------------------------- the head (probe)
 
 
@@ -146,49 +233,33 @@ def train_head(
         else _optimiser([{"params": head.parameters()}], config)
     )
     scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
-    history, best = [], None
-    bar = tqdm(
-        range(config.epochs),
-        desc="head",
-        unit="epoch",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-        leave=False,
-    )
-    for epoch in bar:
+
+    def begin() -> torch.Tensor:
         head.train()
-        order = torch.randperm(len(xt), generator=generator)
-        total_loss, correct = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            logits = head(dropout(xt[rows]))
-            loss = F.cross_entropy(logits, yt[rows], label_smoothing=config.label_smoothing)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(rows)
-            correct += int((logits.argmax(1) == yt[rows]).sum())
-        head.eval()
-        entry = {"epoch": epoch + 1, "train_loss": total_loss / len(xt), "train_acc": correct / len(xt)}
-        if len(xv):
-            with torch.no_grad():
-                logits = head(xv)
-            entry["valid_loss"] = float(F.cross_entropy(logits, yv))
-            entry["valid_acc"] = float((logits.argmax(1) == yv).float().mean())
-            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
-                best = (
-                    (entry["valid_acc"], -entry["valid_loss"]),
-                    {k: v.detach().clone() for k, v in head.state_dict().items()},
-                    epoch + 1,
-                )
-        history.append(entry)
-        bar.set_postfix(valid_acc=f"{entry.get('valid_acc', float('nan')):.3f}")
-    if best is not None:
-        head.load_state_dict(best[1])
-        history.append({"best_epoch": best[2]})
-    return history
+        return torch.randperm(len(xt), generator=generator)
+
+    def valid_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return head(xv)
+
+    steps = EpochSteps(
+        begin,
+        lambda rows, _start: head(dropout(xt[rows])),
+        valid_logits if len(xv) else None,
+        end=head.eval,
+    )
+    return run_epochs(
+        steps,
+        kept=head,
+        labels=yt,
+        valid_labels=yv,
+        optimiser=optimiser,
+        scheduler=scheduler,
+        config=config,
+        name="head",
+        progress=progress,
+        log_level=logging.DEBUG,  # many quick epochs
+    )
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -266,58 +337,40 @@ def finetune_cached(
     steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
     scheduler = _schedule(optimiser, config, config.epochs * steps_per_epoch)
     y = torch.tensor(np.asarray(labels))
-    history, best = [], None
-    for epoch in range(config.epochs):
+    chosen = np.zeros(0, dtype=int)  # the epoch's view of each train row, in the epoch's order
+
+    def begin() -> np.ndarray:
+        nonlocal chosen
         suffix.train()
         if config.freeze_bn:
             _freeze_bn(suffix)
         model.dropout.train()
         order = generator.permutation(train_rows)
         chosen = generator.integers(len(train_views), size=len(order))
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = _progress(len(order), f"epoch {epoch + 1}/{config.epochs}", progress)
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            x = views.batch(rows, [train_views[c] for c in chosen[start : start + config.batch_size]])
-            logits = model.head(model.dropout(suffix(x)))
-            loss = F.cross_entropy(logits, y[rows], label_smoothing=config.label_smoothing)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(rows)
-            correct += int((logits.argmax(1) == y[rows]).sum())
-            seen += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        bar.close()
-        entry = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen}
-        if len(valid_rows):
-            logits = cached_logits(model, suffix, views, valid_rows, "center")[1]
-            yv = y[valid_rows]
-            entry["valid_loss"] = float(F.cross_entropy(logits, yv))
-            entry["valid_acc"] = float((logits.argmax(1) == yv).float().mean())
-            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
-                best = (
-                    (entry["valid_acc"], -entry["valid_loss"]),
-                    {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    epoch + 1,
-                )
-        history.append(entry)
-        log.info(
-            "epoch %d/%d  train loss %.3f acc %.3f  valid loss %s acc %s",
-            epoch + 1,
-            config.epochs,
-            entry["train_loss"],
-            entry["train_acc"],
-            _fmt(entry.get("valid_loss")),
-            _fmt(entry.get("valid_acc")),
-        )
+        return order
+
+    def logits(rows: np.ndarray, start: int) -> torch.Tensor:
+        x = views.batch(rows, [train_views[c] for c in chosen[start : start + len(rows)]])
+        return model.head(model.dropout(suffix(x)))
+
+    steps = EpochSteps(
+        begin,
+        logits,
+        (lambda: cached_logits(model, suffix, views, valid_rows, "center")[1]) if len(valid_rows) else None,
+    )
+    history = run_epochs(
+        steps,
+        kept=model,
+        labels=y,
+        valid_labels=y[valid_rows],
+        optimiser=optimiser,
+        scheduler=scheduler,
+        config=config,
+        name="finetune",
+        progress=progress,
+    )
     for p in model.parameters():
         p.requires_grad_(True)
-    if best is not None:
-        model.load_state_dict(best[1])
-        history.append({"best_epoch": best[2]})
     model.eval()
     return history
 
@@ -380,55 +433,35 @@ def finetune_end_to_end(
                 tensors.append(transform(img.convert("RGB")))
         return torch.stack(tensors).contiguous(memory_format=torch.channels_last)
 
-    history, best = [], None
-    for epoch in range(config.epochs):
+    def begin() -> np.ndarray:
         model.train()
         if config.freeze_bn:
             _freeze_bn(model)
-        order = generator.permutation(train_rows)
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = _progress(len(order), f"epoch {epoch + 1}/{config.epochs}", progress)
-        for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
-            logits = model(load(rows, augment))
-            loss = F.cross_entropy(logits, labels[rows], label_smoothing=config.label_smoothing)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(rows)
-            correct += int((logits.argmax(1) == labels[rows]).sum())
-            seen += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        bar.close()
-        model.eval()
-        entry = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_acc": correct / seen}
-        if len(valid_rows):
-            with torch.no_grad():
-                logits = torch.cat(
-                    [model(load(valid_rows[i : i + 64], evaluate)) for i in range(0, len(valid_rows), 64)]
-                )
-            entry["valid_loss"] = float(F.cross_entropy(logits, labels[valid_rows]))
-            entry["valid_acc"] = float((logits.argmax(1) == labels[valid_rows]).float().mean())
-            if best is None or (entry["valid_acc"], -entry["valid_loss"]) > best[0]:
-                best = (
-                    (entry["valid_acc"], -entry["valid_loss"]),
-                    {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    epoch + 1,
-                )
-        history.append(entry)
-        log.info(
-            "epoch %d/%d  train loss %.3f acc %.3f  valid acc %s",
-            epoch + 1,
-            config.epochs,
-            entry["train_loss"],
-            entry["train_acc"],
-            _fmt(entry.get("valid_acc")),
-        )
-    if best is not None:
-        model.load_state_dict(best[1])
-        history.append({"best_epoch": best[2]})
+        return generator.permutation(train_rows)
+
+    def valid_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat(
+                [model(load(valid_rows[i : i + 64], evaluate)) for i in range(0, len(valid_rows), 64)]
+            )
+
+    steps = EpochSteps(
+        begin,
+        lambda rows, _start: model(load(rows, augment)),
+        valid_logits if len(valid_rows) else None,
+        end=model.eval,
+    )
+    history = run_epochs(
+        steps,
+        kept=model,
+        labels=labels,
+        valid_labels=labels[valid_rows],
+        optimiser=optimiser,
+        scheduler=scheduler,
+        config=config,
+        name="end to end",
+        progress=progress,
+    )
     model.eval()
     return history
 
