@@ -8,7 +8,7 @@ import json
 import pytest
 
 from common.fusion_weights import FusionWeights, FusionWeightsError, FusionWeightsMissing
-from common.artifact import FUSION_WEIGHTS_FILE
+from common.artifact import CARD_FILE, FUSION_WEIGHTS_FILE
 
 
 def weights(**changes) -> FusionWeights:
@@ -29,13 +29,13 @@ def test_written_weights_read_back_for_their_image_model(tmp_path):
     assert json.loads(path.read_text())["format_version"] == 1
     assert FusionWeights.load(tmp_path, image_model_version="lite0-aaa") == weights()
     # the version defaults to the model card beside the file
-    (tmp_path / "model_card.json").write_text(json.dumps({"model_version": "lite0-aaa"}))
+    (tmp_path / CARD_FILE).write_text(json.dumps({"model_version": "lite0-aaa"}))
     assert FusionWeights.load(tmp_path).similar_text_weight == 0.8
 
 
 def test_weights_chosen_for_another_image_model_are_refused_with_the_command(tmp_path):
     weights().save(tmp_path)
-    (tmp_path / "model_card.json").write_text(json.dumps({"model_version": "lite0-bbb"}))
+    (tmp_path / CARD_FILE).write_text(json.dumps({"model_version": "lite0-bbb"}))
     for load in (
         lambda: FusionWeights.load(tmp_path),
         lambda: FusionWeights.load(tmp_path, image_model_version="lite0-bbb"),

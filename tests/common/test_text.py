@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from common.artifact import TEXT_CARD_FILE, TEXT_HEAD_FILE, TEXT_VOCAB_FILE
 from common import text as text_module
 from common.text import (
     MAX_DESCRIPTION_CHARS,
@@ -142,9 +143,9 @@ def _head(num_classes: int = 3, fusion: bool = True, tfidf: bool = True) -> Text
 def test_text_head_round_trips_through_safetensors_and_json(tmp_path):
     head = _head()
     head.save(tmp_path, image_model_version="m-1")
-    card = json.loads((tmp_path / "text_card.json").read_text())
+    card = json.loads((tmp_path / TEXT_CARD_FILE).read_text())
     assert card["image_model_version"] == "m-1" and card["categories"] == ["c0", "c1", "c2"]
-    assert json.loads((tmp_path / "text_vocab.json").read_text()) == head.tfidf.terms
+    assert json.loads((tmp_path / TEXT_VOCAB_FILE).read_text()) == head.tfidf.terms
     loaded = TextHead.load(tmp_path)
     x = np.random.default_rng(1).normal(size=(4, TEXT_DIM))
     texts = ["Oak table, oak legs", "phone", "nothing known", ""]
@@ -155,7 +156,7 @@ def test_text_head_round_trips_through_safetensors_and_json(tmp_path):
     )
     np.testing.assert_allclose(loaded.predict_text(x, texts).sum(axis=1), 1.0, atol=1e-9)
     loaded.check_image_model("m-1")
-    assert (tmp_path / "text_head.safetensors").stat().st_mode & 0o044  # group/other can read
+    assert (tmp_path / TEXT_HEAD_FILE).stat().st_mode & 0o044  # group/other can read
     with pytest.raises(TextHeadError, match="refit them with `python -m training.text"):
         loaded.check_image_model("m-2")
 

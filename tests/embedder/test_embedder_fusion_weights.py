@@ -10,6 +10,7 @@ import shutil
 import grpc
 import pytest
 
+from common.artifact import CARD_FILE
 from common.fusion_weights import FusionWeights
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.server import start
@@ -43,7 +44,7 @@ def test_an_artefact_without_fusion_weights_serves_none_and_says_why(stub):
 def test_fusion_weights_for_the_served_model_are_reported(artefact, embedder_config):
     from dataclasses import replace
 
-    version = json.loads((artefact / "model_card.json").read_text())["model_version"]
+    version = json.loads((artefact / CARD_FILE).read_text())["model_version"]
     FusionWeights(search_text_weight=0.6, similar_text_weight=0.9, image_model_version=version).save(artefact)
     info = model_info(replace(embedder_config, artifact_dir=artefact))
     assert info.HasField("fusion_weights") and info.fusion_weights_problem == ""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.artifact import CARD_FILE
 from common import runtimes
 from common.model import CHECK_PHOTOS_DIR, ONNX_FILE, ONNX_INT8_FILE, ArtifactError, add_runtime_files
 from common.runtimes import CHECK_BOUNDS, CheckBounds, compare
@@ -76,7 +77,7 @@ def _installed(name: str) -> bool:
 def test_the_artefact_records_its_runtime_files(runtime_artifact):
     import json
 
-    card = json.loads((runtime_artifact / "model_card.json").read_text())
+    card = json.loads((runtime_artifact / CARD_FILE).read_text())
     entry = card["runtimes"]
     assert entry["model_version"] == card["model_version"]
     assert entry["onnx"]["file"] == ONNX_FILE and entry["onnx"]["opset"] == runtimes.ONNX_OPSET
@@ -109,7 +110,7 @@ def test_int8_is_served_only_within_its_bounds(int8_artifact, held_out, torch_ou
         pytest.skip(f"{runtime} is not installed")
     import json
 
-    entry = json.loads((int8_artifact / "model_card.json").read_text())["runtimes"]["int8"]
+    entry = json.loads((int8_artifact / CARD_FILE).read_text())["runtimes"]["int8"]
     assert entry["file"] == ONNX_INT8_FILE and entry["calibration_photos"] == CALIBRATION
     try:
         model = ImageModel.load(int8_artifact, runtime=runtime, precision="int8")

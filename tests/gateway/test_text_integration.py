@@ -21,6 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.artifact import (
+    CARD_FILE,
+    EMBEDDINGS_DIR,
+    IMAGE_EMBEDDINGS_FILE,
+    IMAGE_IDS_FILE,
+    TEXT_EMBEDDINGS_FILE,
+    TEXT_IDS_FILE,
+)
 from common.fusion_weights import FusionWeights
 from common.text import listing_text
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
@@ -61,7 +69,7 @@ def real(tmp_path_factory, test_artifact):
     # The embedder's artefact holds fusion weights chosen for its image model: the gateway's defaults.
     model = root / "model"
     shutil.copytree(test_artifact, model)
-    version = json.loads((model / "model_card.json").read_text())["model_version"]
+    version = json.loads((model / CARD_FILE).read_text())["model_version"]
     FusionWeights(
         search_text_weight=ARTEFACT_SEARCH_WEIGHT,
         similar_text_weight=ARTEFACT_SIMILAR_WEIGHT,
@@ -101,19 +109,19 @@ def real(tmp_path_factory, test_artifact):
         # An artefact's embeddings/ folder, as training exports it (plus a text vector of a
         # listing the catalogue does not have, which indexing must skip).
         artefact = root / "artefact"
-        (artefact / "embeddings").mkdir(parents=True)
+        (artefact / EMBEDDINGS_DIR).mkdir(parents=True)
         image_ids, image_vectors = index_catalogue.embed_prepared(
             prepared, core.catalogue, core.embedder, progress=False
         )
-        np.save(artefact / "embeddings" / "image_embeddings.npy", image_vectors)
-        (artefact / "embeddings" / "image_ids.json").write_text(json.dumps(image_ids))
+        np.save(artefact / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE, image_vectors)
+        (artefact / EMBEDDINGS_DIR / IMAGE_IDS_FILE).write_text(json.dumps(image_ids))
         text_ids, text_vectors = index_catalogue.embed_catalogue_texts(
             core.catalogue, core.embedder, batch_size=16, progress=False
         )
         np.save(
-            artefact / "embeddings" / "text_embeddings.npy", np.concatenate([text_vectors, text_vectors[:1]])
+            artefact / EMBEDDINGS_DIR / TEXT_EMBEDDINGS_FILE, np.concatenate([text_vectors, text_vectors[:1]])
         )
-        (artefact / "embeddings" / "text_ids.json").write_text(json.dumps(text_ids + ["gone"]))
+        (artefact / EMBEDDINGS_DIR / TEXT_IDS_FILE).write_text(json.dumps(text_ids + ["gone"]))
         code = index_catalogue.main(
             [
                 "--db",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from indexer_testutil import ids_for, unit_vectors
+from common.artifact import EMBEDDINGS_DIR, IMAGE_EMBEDDINGS_FILE, IMAGE_EMBEDDINGS_JSON_FILE, IMAGE_IDS_FILE
 from marketplace.indexer.v1 import indexer_pb2 as pb
 from marketplace.indexer.v1 import indexer_pb2_grpc
 from services.indexer import build
@@ -32,15 +33,15 @@ D = 12
 
 def write_npy(folder, ids, vectors):
     folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "image_embeddings.npy", vectors)
-    (folder / "image_ids.json").write_text(json.dumps(ids))
+    np.save(folder / IMAGE_EMBEDDINGS_FILE, vectors)
+    (folder / IMAGE_IDS_FILE).write_text(json.dumps(ids))
 
 
 def test_all_embedding_formats_load_the_same_data(tmp_path):
     ids, vectors = ids_for(30), unit_vectors(30, D)
-    write_npy(tmp_path / "npy" / "embeddings", ids, vectors)
+    write_npy(tmp_path / "npy" / EMBEDDINGS_DIR, ids, vectors)
     np.savez(tmp_path / "image_embeddings.npz", ids=np.array(ids), embeddings=vectors)
-    baseline = tmp_path / "baseline" / "image_embeddings.json"
+    baseline = tmp_path / "baseline" / IMAGE_EMBEDDINGS_JSON_FILE
     baseline.parent.mkdir()
     baseline.write_text(json.dumps({i: v.tolist() for i, v in zip(ids, vectors)}))
     for source in (tmp_path / "npy", tmp_path / "image_embeddings.npz", tmp_path / "baseline"):
@@ -50,7 +51,7 @@ def test_all_embedding_formats_load_the_same_data(tmp_path):
 
 
 def test_npy_without_ids_is_a_clear_error(tmp_path):
-    np.save(tmp_path / "image_embeddings.npy", unit_vectors(3, D))
+    np.save(tmp_path / IMAGE_EMBEDDINGS_FILE, unit_vectors(3, D))
     with pytest.raises(FileNotFoundError, match="no ids file"):
         load_embeddings(tmp_path)
 
@@ -85,7 +86,7 @@ def test_prepared_data_join_and_csv_round_trip(tmp_path):
 
 def test_build_command_writes_a_snapshot_the_server_serves(tmp_path, capsys):
     ids, vectors = ids_for(30), unit_vectors(30, D, seed=3)
-    write_npy(tmp_path / "model" / "embeddings", ids, vectors)
+    write_npy(tmp_path / "model" / EMBEDDINGS_DIR, ids, vectors)
     write_prepared(tmp_path / "data")
     data_dir = tmp_path / "indexer"
     # another collection already in the data directory is kept

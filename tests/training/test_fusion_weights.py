@@ -14,7 +14,16 @@ import pandas as pd
 import pytest
 
 from common.fusion_weights import FusionWeights, FusionWeightsError
-from common.artifact import FUSION_WEIGHTS_FILE, FUSION_WEIGHTS_PLOT_FILE
+from common.artifact import (
+    CARD_FILE,
+    EMBEDDINGS_DIR,
+    FUSION_WEIGHTS_FILE,
+    FUSION_WEIGHTS_PLOT_FILE,
+    IMAGE_EMBEDDINGS_FILE,
+    IMAGE_IDS_FILE,
+    TEXT_EMBEDDINGS_FILE,
+    TEXT_IDS_FILE,
+)
 from common.text import listing_text
 from services.gateway.core import candidate_count
 from services.gateway.ranking import WEIGHTED_COSINE, Hit, fuse_image_and_text
@@ -36,9 +45,9 @@ def fitted(prepared, tmp_path_factory):  # noqa: F811
     rng = np.random.default_rng(2)
     vectors = np.eye(16)[images["label"].to_numpy()] + rng.normal(0, 0.3, (len(images), 16))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    (out / "embeddings").mkdir(exist_ok=True)
-    np.save(out / "embeddings" / "image_embeddings.npy", vectors.astype(np.float32))
-    (out / "embeddings" / "image_ids.json").write_text(json.dumps(images["image_id"].tolist()))
+    (out / EMBEDDINGS_DIR).mkdir(exist_ok=True)
+    np.save(out / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE, vectors.astype(np.float32))
+    (out / EMBEDDINGS_DIR / IMAGE_IDS_FILE).write_text(json.dumps(images["image_id"].tolist()))
     metrics = T.run(data, out, out, cache_dir=cache)
     return data, out, metrics
 
@@ -50,14 +59,14 @@ def precision_by_hand(data, artefact, query) -> dict[float, float]:
     images = pd.read_csv(data / "images.csv")
     photo_vectors = dict(
         zip(
-            json.loads((artefact / "embeddings" / "image_ids.json").read_text()),
-            np.load(artefact / "embeddings" / "image_embeddings.npy"),
+            json.loads((artefact / EMBEDDINGS_DIR / IMAGE_IDS_FILE).read_text()),
+            np.load(artefact / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE),
         )
     )
     text_vectors = dict(
         zip(
-            json.loads((artefact / "embeddings" / "text_ids.json").read_text()),
-            np.load(artefact / "embeddings" / "text_embeddings.npy"),
+            json.loads((artefact / EMBEDDINGS_DIR / TEXT_IDS_FILE).read_text()),
+            np.load(artefact / EMBEDDINGS_DIR / TEXT_EMBEDDINGS_FILE),
         )
     )
     photos = images.groupby("product_id")["image_id"].apply(list).to_dict()
@@ -103,7 +112,7 @@ def chosen(curve: dict[float, float]) -> float:
 def test_the_text_fit_writes_the_weights_an_independent_computation_picks_on_valid(fitted):
     data, artefact, metrics = fitted
     weights = FusionWeights.load(artefact)  # for this artefact's image model: not refused
-    card = json.loads((artefact / "model_card.json").read_text())
+    card = json.loads((artefact / CARD_FILE).read_text())
     assert weights.image_model_version == card["model_version"] and weights.chosen_on == "valid"
     assert weights.valid_queries == metrics["split_listings"]["valid"] == 12
     for key, query, value in (
@@ -125,7 +134,7 @@ def test_weights_chosen_for_another_image_model_are_refused_with_the_command(fit
     stale = tmp_path / "stale"
     stale.mkdir()
     shutil.copy(artefact / FUSION_WEIGHTS_FILE, stale)
-    (stale / "model_card.json").write_text(json.dumps({"model_version": "efficientnet_lite0-new"}))
+    (stale / CARD_FILE).write_text(json.dumps({"model_version": "efficientnet_lite0-new"}))
     with pytest.raises(
         FusionWeightsError,
         match=f"now efficientnet_lite0-new; choose them again with "
@@ -140,8 +149,8 @@ def test_the_command_alone_chooses_the_same_weights(fitted, prepared, tmp_path, 
     _, _, cache = prepared
     out = tmp_path / "again"
     out.mkdir()
-    shutil.copytree(artefact / "embeddings", out / "embeddings")
-    shutil.copy(artefact / "model_card.json", out)
+    shutil.copytree(artefact / EMBEDDINGS_DIR, out / EMBEDDINGS_DIR)
+    shutil.copy(artefact / CARD_FILE, out)
     assert (
         F.main(["--data", str(data), "--artifact", str(artefact), "--out", str(out), "--cache", str(cache)])
         == 0

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from common.artifact import (
+    CARD_FILE,
     EMBEDDINGS_DIR,
+    TEXT_FINETUNED_FILE,
     TEXT_EMBEDDINGS_FILE,
     TEXT_FINETUNE_CURVE_FILE,
     TEXT_IDS_FILE,
@@ -213,7 +215,7 @@ def test_run_writes_head_metrics_and_text_embeddings(prepared, trained):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     head = TextHead.load(artifact)
     assert head.categories == CATEGORIES and head.has_fusion
-    card = json.loads((artifact / "model_card.json").read_text())
+    card = json.loads((artifact / CARD_FILE).read_text())
     assert head.card["image_model_version"] == card["model_version"]
     assert not list(artifact.glob("*.pkl")) and not list(artifact.glob("*.pickle"))
 
@@ -299,7 +301,7 @@ def test_run_with_finetuning_exports_a_third_source(prepared, tmp_path, capsys):
         "text+image, frozen MiniLM + TF-IDF + image (fused)",
     } <= set(metrics["top1"])
     assert [row["epoch"] for row in metrics["finetuned"]["history"]] == [1, 2]
-    assert (out / "text_finetuned.safetensors").is_file()
+    assert (out / TEXT_FINETUNED_FILE).is_file()
     assert (out / TEXT_FINETUNE_CURVE_FILE).stat().st_size > 1000
     head = TextHead.load(out)
     assert head.finetuned is not None and head.card["finetuned"]["epochs"] == 2

@@ -11,6 +11,21 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from common.artifact import (
+    CARD_FILE,
+    CONFUSION_MATRIX_FILE,
+    EMBEDDED_IMAGES_FILE,
+    EMBEDDINGS_DIR,
+    IMAGE_EMBEDDINGS_FILE,
+    IMAGE_EMBEDDINGS_JSON_FILE,
+    IMAGE_IDS_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    TRAINING_CURVES_FILE,
+    TRAIN_CONFIG_FILE,
+    WEIGHTS_FILE,
+)
 from common import backbones
 from common.backbones import SIGNED_UNIT_MEAN, SIGNED_UNIT_STD, Backbone, Preprocessing, get_backbone
 from common.model import load_artifact
@@ -190,21 +205,21 @@ def test_export_then_load_gives_identical_predictions_and_reruns_are_cached(tiny
     card = T.run(config, tiny, out, cache_dir=cache, progress=False)
     assert card["up_to_date"] is False
     for name in (
-        "model_card.json",
-        "model.safetensors",
-        "labels.json",
-        "metrics.json",
-        "train_config.json",
-        "predictions.csv",
-        "confusion_matrix.png",
-        "training_curves.png",
-        "embeddings/image_embeddings.npy",
-        "embeddings/image_ids.json",
-        "embeddings/image_embeddings.json",
-        "embeddings/images.csv",
+        CARD_FILE,
+        WEIGHTS_FILE,
+        LABELS_FILE,
+        METRICS_FILE,
+        TRAIN_CONFIG_FILE,
+        PREDICTIONS_FILE,
+        CONFUSION_MATRIX_FILE,
+        TRAINING_CURVES_FILE,
+        f"{EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_FILE}",
+        f"{EMBEDDINGS_DIR}/{IMAGE_IDS_FILE}",
+        f"{EMBEDDINGS_DIR}/{IMAGE_EMBEDDINGS_JSON_FILE}",
+        f"{EMBEDDINGS_DIR}/{EMBEDDED_IMAGES_FILE}",
     ):
         assert (out / name).is_file(), name
-    card = json.loads((out / "model_card.json").read_text())
+    card = json.loads((out / CARD_FILE).read_text())
     for key in (
         "backbone",
         "input_size",
@@ -218,12 +233,12 @@ def test_export_then_load_gives_identical_predictions_and_reruns_are_cached(tiny
     ):
         assert key in card, key
     assert card["categories"] == list(CATEGORIES)
-    load_file(str(out / "model.safetensors"))  # plain tensors, no pickle
+    load_file(str(out / WEIGHTS_FILE))  # plain tensors, no pickle
 
     artifact = load_artifact(out)
-    ids = json.loads((out / "embeddings/image_ids.json").read_text())
-    stored = np.load(out / "embeddings/image_embeddings.npy")
-    baseline_format = json.loads((out / "embeddings/image_embeddings.json").read_text())
+    ids = json.loads((out / EMBEDDINGS_DIR / IMAGE_IDS_FILE).read_text())
+    stored = np.load(out / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE)
+    baseline_format = json.loads((out / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_JSON_FILE).read_text())
     assert list(baseline_format) == ids and stored.shape == (len(ids), card["embedding_dim"])
     np.testing.assert_allclose(np.asarray(baseline_format[ids[0]]), stored[0], rtol=1e-5, atol=1e-6)
 
@@ -232,7 +247,7 @@ def test_export_then_load_gives_identical_predictions_and_reruns_are_cached(tiny
     with torch.inference_mode():
         embeddings, logits = artifact.model.embed_and_classify(batch)
     np.testing.assert_allclose(embeddings.numpy(), stored, atol=2e-4)
-    predictions = __import__("pandas").read_csv(out / "predictions.csv")
+    predictions = __import__("pandas").read_csv(out / PREDICTIONS_FILE)
     assert [CATEGORIES[i] for i in logits.argmax(1).tolist()] == predictions["predicted"].tolist()
 
     again = T.run(config, tiny, out, cache_dir=cache, progress=False)
@@ -260,7 +275,7 @@ def test_cli_probe_writes_an_artefact(tiny, cache, tmp_path, capsys):
         == 0
     )
     assert "artefact:" in capsys.readouterr().out
-    assert json.loads((out / "model_card.json").read_text())["train_config"]["epochs"] == 5
+    assert json.loads((out / CARD_FILE).read_text())["train_config"]["epochs"] == 5
 
 
 # ------------------------------------------------------------------ configs
