@@ -27,6 +27,7 @@ from services.gateway.catalogue import (
 )
 from services.gateway.catalogue_db import DatabaseError, mask_password, parse_database_url
 from services.gateway.config import GatewayConfig, database_password
+from services.gateway import load_catalogue
 from services.gateway.index_catalogue import INDEX_CATALOGUE_SETTINGS
 from services.gateway.load_catalogue import LOAD_CATALOGUE_SETTINGS
 from services.gateway.rebalance import REBALANCE_SETTINGS
@@ -172,6 +173,35 @@ def test_unusable_password_settings_stop_the_start_naming_them(monkeypatch, tmp_
         GatewayConfig.from_env([])
     assert "GATEWAY_DB" in str(raised.value)
     assert "from-file" not in str(raised.value) and "inline" not in str(raised.value)
+
+
+def test_a_real_postgres_user_logs_in_with_the_password_from_the_secret_file(postgres, monkeypatch, tmp_path):
+    """A role that needs its password (scram-sha-256): refused with the bare URL, let in by the
+    gateway's config and by a command (load_catalogue) with GATEWAY_DB_PASSWORD_FILE."""
+    url = postgres.create_database()
+    database, role = url.rsplit("/", 1)[1], f"pw_{os.getpid()}_{int(time.time() * 1000) % 100000}"
+    password = "p@ss/w:rd"
+    with psycopg.connect(postgres.url(), autocommit=True) as connection:
+        connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        connection.execute(f'ALTER DATABASE "{database}" OWNER TO {role}')
+        hba = postgres.data / "pg_hba.conf"  # this role only: password, before the trust lines
+        hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        connection.execute("SELECT pg_reload_conf()")
+    user_url = f"postgresql://{role}@127.0.0.1:{postgres.port}/{database}"
+    with pytest.raises((CatalogueError, CatalogueUnavailable), match="password"):
+        Catalogue.open(user_url).close()
+    secret = tmp_path / "db_password"
+    secret.write_text(password + "\n")
+    monkeypatch.delenv("GATEWAY_DB_PASSWORD", raising=False)
+    monkeypatch.setenv("GATEWAY_DB_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("GATEWAY_DB", user_url)
+    config = GatewayConfig.from_env([])
+    with Catalogue.open(config.db_path, password=config.db_password) as catalogue:
+        assert catalogue.count() == 0 and password not in catalogue.path
+    write_prepared(tmp_path / "prepared")
+    assert load_catalogue.main(["--prepared", str(tmp_path / "prepared"), "--no-check-files"]) == 0
+    with Catalogue.open(user_url, password=password) as catalogue:
+        assert catalogue.count() == 3
 
 
 # ----------------------------------------------------------------------------- lifecycle
