@@ -152,6 +152,15 @@ def test_filters_hold(stack):
     assert [r.listing.id for r in combined] == ["L-lamp"]
 
 
+def test_client_refuses_an_unknown_search_option(stack):
+    """The searches share their keyword arguments (`SearchOptions`): a misspelt one is an error,
+    not a filter silently dropped."""
+    with pytest.raises(TypeError, match="max_prise"):
+        stack.client.search_by_image(photo("L-table"), k=5, max_prise=10)
+    with pytest.raises(TypeError, match="text_wieght"):
+        stack.client.search(text="oak", text_wieght=0.5)
+
+
 @pytest.mark.parametrize(
     "request_kwargs, message",
     [
