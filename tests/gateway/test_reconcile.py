@@ -12,10 +12,8 @@ from services.gateway.config import RetryPolicy
 from services.gateway.downstream import Deadline, IndexerShards, IndexItem
 from services.gateway.outbox import OutboxApplier
 from services.gateway.reconcile import main, reconcile
-from services.indexer.config import IndexerConfig
-from services.indexer.server import start as start_indexer
-from services.indexer.spec import parse_collections
 from tests.gateway.test_gateway_units import listing
+from tests.support.services import start_shards
 
 DIM = 4
 
@@ -27,20 +25,7 @@ def vector(seed: int) -> np.ndarray:
 
 @pytest.fixture
 def shards(tmp_path):
-    servers = [
-        start_indexer(
-            IndexerConfig.local(
-                host="127.0.0.1",
-                port=0,
-                data_dir=tmp_path / f"indexer-{n}",
-                log_level="warning",
-                collections=tuple(parse_collections(f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")),
-                collections_explicit=True,
-                fsync=False,
-            )
-        )
-        for n in range(2)
-    ]
+    servers = start_shards(tmp_path, f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")
     client = IndexerShards([f"127.0.0.1:{s.port}" for s in servers], RetryPolicy(2, 0.01, 0.05))
     yield client
     client.close()
