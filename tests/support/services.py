@@ -22,9 +22,10 @@ from tests.support.text import start_text_embedder
 TEXT_STACK_COLLECTIONS = "image:1280:flat:ip,text:384:flat:ip"
 
 
-def start_shards(root: Path, collections: str, count: int = 2) -> list:
+def start_shards(root: Path, collections: str, count: int = 2, **settings) -> list:
     """``count`` indexer servers serving ``collections``, data in ``root/indexer-<n>`` (no fsync:
-    tests do not survive power cuts); the caller stops them."""
+    tests do not survive power cuts), with further `IndexerConfig.local` ``settings``; the caller
+    stops them."""
     return [
         start_indexer(
             IndexerConfig.local(
@@ -35,6 +36,7 @@ def start_shards(root: Path, collections: str, count: int = 2) -> list:
                 collections=tuple(parse_collections(collections)),
                 collections_explicit=True,
                 fsync=False,
+                **settings,
             )
         )
         for n in range(count)
