@@ -172,6 +172,25 @@ def embedder_settings(args, artifact_dir: Path) -> dict[str, str]:
     }
 
 
+def inprocess_embedder(args, artifact_dir: Path):
+    """The embedder's core in this process, with the benchmarked embedder's settings (no text)."""
+    from services.embedder.config import EmbedderConfig
+    from services.embedder.core import Embedder
+
+    return Embedder.from_config(
+        EmbedderConfig(
+            artifact_dir=artifact_dir,
+            host="127.0.0.1",
+            port=0,
+            torch_threads=args.torch_threads,
+            model_workers=args.model_workers,
+            batch_size=args.batch_size,
+            max_wait_ms=args.max_wait_ms,
+            text_model="off",
+        )
+    )
+
+
 def start_shards(count: int, dim: int, log_dir: Path) -> Iterator:
     """``count`` indexer processes with one flat image collection of ``dim`` each (no fsync),
     started one at a time: a caller that extends its list of services with them stops every one
@@ -536,8 +555,6 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
 
     from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from services.embedder.config import EmbedderConfig
-    from services.embedder.core import Embedder
     from services.gateway.catalogue import Catalogue
     from services.gateway.config import RetryPolicy
     from services.gateway.downstream import IndexerShards
@@ -588,18 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway",
             )
             services.append(gateway)
-            inprocess = Embedder.from_config(
-                EmbedderConfig(
-                    artifact_dir=artifact_dir,
-                    host="127.0.0.1",
-                    port=0,
-                    torch_threads=args.torch_threads,
-                    model_workers=args.model_workers,
-                    batch_size=args.batch_size,
-                    max_wait_ms=args.max_wait_ms,
-                    text_model="off",
-                )
-            )
+            inprocess = inprocess_embedder(args, artifact_dir)
             inprocess_runtime = inprocess.model.describe_runtime()["check"]
             query_vectors = np.concatenate(
                 [inprocess.embed(query_bytes[i : i + 8]) for i in range(0, len(query_bytes), 8)]
@@ -869,8 +875,6 @@ def run_catalogue_comparison(args) -> int:
 
     from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from scripts.postgres import LocalPostgres
-    from services.embedder.config import EmbedderConfig
-    from services.embedder.core import Embedder
     from services.gateway.catalogue import Catalogue
     from services.gateway.config import RetryPolicy
     from services.gateway.downstream import SERVICE_CONFIG, IndexerShards
@@ -936,18 +940,7 @@ def run_catalogue_comparison(args) -> int:
             gateways["pg1"] = gateways["pg2"][:1]
             services += gateways["sqlite"] + gateways["pg2"]
 
-            embedder = Embedder.from_config(
-                EmbedderConfig(
-                    artifact_dir=artifact_dir,
-                    host="127.0.0.1",
-                    port=0,
-                    torch_threads=args.torch_threads,
-                    model_workers=args.model_workers,
-                    batch_size=args.batch_size,
-                    max_wait_ms=args.max_wait_ms,
-                    text_model="off",
-                )
-            )
+            embedder = inprocess_embedder(args, artifact_dir)
             try:
                 query_vectors = np.concatenate(
                     [embedder.embed(query_bytes[i : i + 8]) for i in range(0, len(query_bytes), 8)]
