@@ -202,6 +202,12 @@ def create_app(
             )
         return data
 
+    def search_route(method: Literal["get", "post"], path: str, summary: str):
+        """The route of a search endpoint: listings ranked (SearchResults), or an error body."""
+        return getattr(app, method)(
+            path, response_model=SearchResults, responses=_ERRORS, tags=["search"], summary=summary
+        )
+
     def ranked(
         gateway_search: Callable[..., RankedResults],
         *args,
@@ -288,13 +294,7 @@ def create_app(
         data = photo(image)
         return ClassificationOut.of(call(lambda: gateway.classify(data, top_k=top_k)))
 
-    @app.post(
-        "/api/search/image",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="SearchByImage: listings whose photos look like this one",
-    )
+    @search_route("post", "/api/search/image", "SearchByImage: listings whose photos look like this one")
     def search_by_image(
         image: Annotated[UploadFile, File(description="the query photo")],
         search: Filter,
@@ -309,12 +309,8 @@ def create_app(
             allow_partial_results=allow_partial_results,
         )
 
-    @app.get(
-        "/api/search/text",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="SearchByText: listings whose title and description match a query",
+    @search_route(
+        "get", "/api/search/text", "SearchByText: listings whose title and description match a query"
     )
     def search_by_text(
         q: Annotated[str, Query(description="the text query")],
@@ -326,13 +322,7 @@ def create_app(
             gateway.search_by_text, q, k, search=search, allow_partial_results=allow_partial_results
         )
 
-    @app.post(
-        "/api/search",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="Search: a photo and/or a text query, fused",
-    )
+    @search_route("post", "/api/search", "Search: a photo and/or a text query, fused")
     def search(
         search: Filter,
         image: Annotated[UploadFile | None, File(description="the query photo")] = None,
@@ -372,12 +362,8 @@ def create_app(
     def get_listing(listing_id: Annotated[str, PathParam()]) -> ListingOut:
         return ListingOut.of(call(lambda: gateway.get(listing_id)))
 
-    @app.get(
-        "/api/listings/{listing_id}/similar",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="SimilarListings: listings that look like this one",
+    @search_route(
+        "get", "/api/listings/{listing_id}/similar", "SimilarListings: listings that look like this one"
     )
     def similar(
         listing_id: Annotated[str, PathParam()],
@@ -389,12 +375,8 @@ def create_app(
             gateway.similar, listing_id, k, search=search, allow_partial_results=allow_partial_results
         )
 
-    @app.post(
-        "/api/recommend",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="Recommend: listings like the liked ones and unlike the skipped ones",
+    @search_route(
+        "post", "/api/recommend", "Recommend: listings like the liked ones and unlike the skipped ones"
     )
     def recommend(body: RecommendIn) -> SearchResults:
         return ranked(
