@@ -90,7 +90,11 @@ def test_reconcile_reports_then_repairs(catalogue_url, shards, capsys):
     )
 
 
-@pytest.mark.parametrize("command, prefix", [(main, "reconcile: "), (index_catalogue_main, "error: ")])
+@pytest.mark.parametrize(
+    "command, prefix",
+    [(main, "reconcile: "), (index_catalogue_main, "error: ")],
+    ids=["reconcile", "index_catalogue"],
+)
 def test_the_tools_refuse_a_shard_map_for_other_shards(tmp_path, capsys, command, prefix):
     """reconcile and index_catalogue open the catalogue and the shards alike: a shard map made for
     three shards with two configured is refused, saying so, before anything is written."""
