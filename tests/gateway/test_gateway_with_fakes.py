@@ -355,7 +355,8 @@ def test_remove_is_committed_then_the_deletion_is_pushed(stack):
     # its vector is still in the index for a moment, but searches drop hits without a listing
     assert all(r.listing.id != "L-chair" for r in stack.client.search_by_image(photo("L-chair"), k=6))
     assert wait_for(lambda: "L-chair-img0" not in shard.items)
-    assert stack.gateway.core.catalogue.pending_outbox() == []
+    # the applier marks the entry done just after the shard's Delete returns: wait for that too
+    assert wait_for(lambda: stack.gateway.core.catalogue.pending_outbox() == [])
     assert rpc_error(stack.client.remove, "L-chair").code() == grpc.StatusCode.NOT_FOUND
 
 
