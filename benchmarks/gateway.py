@@ -60,6 +60,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,53 @@ def index_vectors(
 def start_service(name: str, env: dict[str, str], log_dir: Path, label: str):
     """``python -m services.<name>`` on a free port (not waited for: see ``wait_ready``)."""
     return spawn(name, free_port(), log_dir / f"{label}.log", {"LOG_LEVEL": "warning", **env})
+
+
+def embedder_settings(args, artifact_dir: Path) -> dict[str, str]:
+    """The benchmarked embedder's environment: the artefact and the command line's settings."""
+    return {
+        "EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
+        "EMBEDDER_TORCH_THREADS": str(args.torch_threads),
+        "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
+        "EMBEDDER_BATCH_SIZE": str(args.batch_size),
+        "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms),
+    }
+
+
+def inprocess_embedder(args, artifact_dir: Path):
+    """The embedder's core in this process, with the benchmarked embedder's settings (no text)."""
+    from services.embedder.config import EmbedderConfig
+    from services.embedder.core import Embedder
+
+    return Embedder.from_config(
+        EmbedderConfig(
+            artifact_dir=artifact_dir,
+            host="127.0.0.1",
+            port=0,
+            torch_threads=args.torch_threads,
+            model_workers=args.model_workers,
+            batch_size=args.batch_size,
+            max_wait_ms=args.max_wait_ms,
+            text_model="off",
+        )
+    )
+
+
+def start_shards(count: int, dim: int, log_dir: Path) -> Iterator:
+    """``count`` indexer processes with one flat image collection of ``dim`` each (no fsync),
+    started one at a time: a caller that extends its list of services with them stops every one
+    that started even when a later one fails to start."""
+    for i in range(count):
+        yield start_service(
+            "indexer",
+            {
+                "INDEXER_DATA_DIR": str(log_dir / f"indexer-{i}"),
+                "INDEXER_COLLECTIONS": f"image:{dim}:flat:ip",
+                "INDEXER_FSYNC": "false",
+            },
+            log_dir,
+            f"indexer-{i}",
+        )
 
 
 # ------------------------------------------------------------------ CPU per request
@@ -507,8 +555,6 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
 
     from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-    from services.embedder.config import EmbedderConfig
-    from services.embedder.core import Embedder
     from services.gateway.catalogue import Catalogue
     from services.gateway.config import RetryPolicy
     from services.gateway.downstream import IndexerShards
@@ -540,30 +586,12 @@ def main(argv: list[str] | None = None) -> int:
         queries, query_bytes = query_photos(photos, n_queries)
 
         # Start the stack's processes while the in-process embedder loads here.
-        embedder_env = {
-            "EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
-            "EMBEDDER_TORCH_THREADS": str(args.torch_threads),
-            "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
-            "EMBEDDER_BATCH_SIZE": str(args.batch_size),
-            "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms),
-        }
+        embedder_env = embedder_settings(args, artifact_dir)
         services: list = []
         inprocess = None
         try:
             services.append(start_service("embedder", embedder_env, tmp, "embedder"))
-            for i in range(args.shards):
-                services.append(
-                    start_service(
-                        "indexer",
-                        {
-                            "INDEXER_DATA_DIR": str(tmp / f"indexer-{i}"),
-                            "INDEXER_COLLECTIONS": f"image:{dim}:flat:ip",
-                            "INDEXER_FSYNC": "false",
-                        },
-                        tmp,
-                        f"indexer-{i}",
-                    )
-                )
+            services.extend(start_shards(args.shards, dim, tmp))  # appended one by one: all stopped
             shard_addresses = [s.address for s in services[1:]]
             gateway = start_service(
                 "gateway",
@@ -577,18 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway",
             )
             services.append(gateway)
-            inprocess = Embedder.from_config(
-                EmbedderConfig(
-                    artifact_dir=artifact_dir,
-                    host="127.0.0.1",
-                    port=0,
-                    torch_threads=args.torch_threads,
-                    model_workers=args.model_workers,
-                    batch_size=args.batch_size,
-                    max_wait_ms=args.max_wait_ms,
-                    text_model="off",
-                )
-            )
+            inprocess = inprocess_embedder(args, artifact_dir)
             inprocess_runtime = inprocess.model.describe_runtime()["check"]
             query_vectors = np.concatenate(
                 [inprocess.embed(query_bytes[i : i + 8]) for i in range(0, len(query_bytes), 8)]
@@ -858,8 +875,6 @@ def run_catalogue_comparison(args) -> int:
 
     from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from scripts.postgres import LocalPostgres
-    from services.embedder.config import EmbedderConfig
-    from services.embedder.core import Embedder
     from services.gateway.catalogue import Catalogue
     from services.gateway.config import RetryPolicy
     from services.gateway.downstream import SERVICE_CONFIG, IndexerShards
@@ -903,31 +918,12 @@ def run_catalogue_comparison(args) -> int:
             services.append(
                 start_service(
                     "embedder",
-                    {
-                        "EMBEDDER_ARTIFACT_DIR": str(artifact_dir),
-                        "EMBEDDER_TORCH_THREADS": str(args.torch_threads),
-                        "EMBEDDER_MODEL_WORKERS": str(args.model_workers),
-                        "EMBEDDER_BATCH_SIZE": str(args.batch_size),
-                        "EMBEDDER_MAX_WAIT_MS": str(args.max_wait_ms),
-                        "EMBEDDER_TEXT_MODEL": "off",
-                    },
+                    {**embedder_settings(args, artifact_dir), "EMBEDDER_TEXT_MODEL": "off"},
                     tmp,
                     "embedder",
                 )
             )
-            for i in range(args.shards):
-                services.append(
-                    start_service(
-                        "indexer",
-                        {
-                            "INDEXER_DATA_DIR": str(tmp / f"indexer-{i}"),
-                            "INDEXER_COLLECTIONS": f"image:{dim}:flat:ip",
-                            "INDEXER_FSYNC": "false",
-                        },
-                        tmp,
-                        f"indexer-{i}",
-                    )
-                )
+            services.extend(start_shards(args.shards, dim, tmp))  # appended one by one: all stopped
             shard_addresses = [s.address for s in services[1:]]
             common = {
                 "EMBEDDER_ADDR": services[0].address,
@@ -944,18 +940,7 @@ def run_catalogue_comparison(args) -> int:
             gateways["pg1"] = gateways["pg2"][:1]
             services += gateways["sqlite"] + gateways["pg2"]
 
-            embedder = Embedder.from_config(
-                EmbedderConfig(
-                    artifact_dir=artifact_dir,
-                    host="127.0.0.1",
-                    port=0,
-                    torch_threads=args.torch_threads,
-                    model_workers=args.model_workers,
-                    batch_size=args.batch_size,
-                    max_wait_ms=args.max_wait_ms,
-                    text_model="off",
-                )
-            )
+            embedder = inprocess_embedder(args, artifact_dir)
             try:
                 query_vectors = np.concatenate(
                     [embedder.embed(query_bytes[i : i + 8]) for i in range(0, len(query_bytes), 8)]

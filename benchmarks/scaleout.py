@@ -52,7 +52,6 @@ def part_failover(root: Path, load_s: float) -> dict:
     from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
     from services.embedder.config import EmbedderConfig
     from services.embedder.server import start as start_embedder
-    from services.gateway.config import GatewayConfig, RetryPolicy, shard_replicas_setting
     from services.gateway.server import start as start_gateway
     from tests.support.artifacts import make_test_artifact
     from tests.support.indexer_cluster import IndexerCluster, run_kill_scenario
@@ -68,19 +67,7 @@ def part_failover(root: Path, load_s: float) -> dict:
     gateway = None
     try:
         cluster.wait_all_serving()
-        gateway = start_gateway(
-            GatewayConfig.local(
-                host="127.0.0.1",
-                port=0,
-                db_path=root / "catalogue.sqlite3",
-                embedder_addr=f"127.0.0.1:{embedder.port}",
-                indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),
-                downstream_timeout_s=10.0,
-                retry=RetryPolicy(3, 0.05, 0.2),
-                reconnect_backoff_max_s=0.5,
-                readiness_interval_s=0.5,
-            )
-        )
+        gateway = start_gateway(cluster.gateway_config(root, embedder.port))
         photos = real_photos(8)
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)

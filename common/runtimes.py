@@ -17,6 +17,7 @@ Nothing here knows about gRPC, the artefact layout or batching.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import logging
 import threading
@@ -138,6 +139,16 @@ class TorchSession:
         return tuple(out.float().numpy() for out in outputs)
 
 
+def _import_runtime(module: str):
+    """The runtime's Python package, or RuntimeUnavailable saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        raise RuntimeUnavailable(
+            f"runtime {module} is not installed here ({exc}); pip install {module}, or choose another runtime"
+        ) from None
+
+
 # --------------------------------------------------------------------------- ONNX Runtime
 
 
@@ -150,13 +161,7 @@ class OnnxRuntimeSession:
     def __init__(
         self, model_path: Path, *, precision: str = "fp32", threads: int = 1, workers: int = 1
     ) -> None:
-        try:
-            import onnxruntime
-        except Exception as exc:
-            raise RuntimeUnavailable(
-                f"runtime onnxruntime is not installed here ({exc}); "
-                "pip install onnxruntime, or choose another runtime"
-            ) from None
+        onnxruntime = _import_runtime("onnxruntime")
         if precision == "bf16":
             raise RuntimeUnavailable(
                 "runtime onnxruntime has no bf16 precision on the CPU; use openvino for bf16, or fp32/int8"
@@ -208,13 +213,7 @@ class OpenVinoSession:
     def __init__(
         self, model_path: Path, *, precision: str = "fp32", threads: int = 1, workers: int = 1
     ) -> None:
-        try:
-            import openvino
-        except Exception as exc:
-            raise RuntimeUnavailable(
-                f"runtime openvino is not installed here ({exc}); "
-                "pip install openvino, or choose another runtime"
-            ) from None
+        openvino = _import_runtime("openvino")
         self.precision = precision
         core = openvino.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):

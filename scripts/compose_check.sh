@@ -39,9 +39,7 @@ CHECK=compose-check
 WORK="$REPO/build/compose"
 START=$(date +%s)
 # shellcheck source=scripts/lib/docker_check.sh
-source "$REPO/scripts/lib/docker_check.sh"
-LOG="$WORK/compose-check.log"
-exec > >(tee "$LOG") 2>&1
+source "$REPO/scripts/lib/docker_check.sh"   # from here on, output is also in $LOG
 
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-marketplace_check}"
 export WRITE_TOKEN="${WRITE_TOKEN:-check-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}"
@@ -72,11 +70,7 @@ cleanup() {
   fi
   stop_wheel_server
   stop_dockerd
-  if [[ $rc -eq 0 ]]; then
-    printf '\ncompose-check: PASSED in %s (log: %s)\n' "$(elapsed "$START")" "${LOG#$REPO/}"
-  else
-    printf '\ncompose-check: FAILED (exit %d) after %s (log: %s)\n' "$rc" "$(elapsed "$START")" "${LOG#$REPO/}"
-  fi
+  say_outcome "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -85,18 +79,20 @@ trap 'exit 130' INT TERM
 step "tools"
 ensure_tools
 
+# refuses_without VAR WHAT QUOTED: the compose file must refuse a stack without VAR and say how to
+# create WHAT (openssl rand); QUOTED (a grep pattern) picks the refusal's line to show
+refuses_without() {
+  local out
+  if out="$(unset "$1"; compose config -q 2>&1)"; then
+    die "docker-compose.yml accepted a stack without $1"
+  fi
+  grep -q "openssl rand" <<<"$out" || { echo "$out"; die "the refusal does not say how to create a $2"; }
+  echo "ok  without $1: $(grep -o "$3" <<<"$out" | head -1 | cut -c1-150)"
+}
 step "the compose file refuses to start without a write token"
-if out="$(unset WRITE_TOKEN; compose config -q 2>&1)"; then
-  die "docker-compose.yml accepted a stack without WRITE_TOKEN"
-fi
-grep -q "openssl rand" <<<"$out" || { echo "$out"; die "the refusal does not say how to create a token"; }
-echo "ok  without WRITE_TOKEN: $(grep -o 'WRITE_TOKEN.*' <<<"$out" | head -1 | cut -c1-150)"
+refuses_without WRITE_TOKEN token 'WRITE_TOKEN.*'
 step "... nor without a database password"
-if out="$(unset POSTGRES_PASSWORD; compose config -q 2>&1)"; then
-  die "docker-compose.yml accepted a stack without POSTGRES_PASSWORD"
-fi
-grep -q "openssl rand" <<<"$out" || { echo "$out"; die "the refusal does not say how to create a password"; }
-echo "ok  without POSTGRES_PASSWORD: $(grep -o 'POSTGRES_PASSWORD is not set.*' <<<"$out" | head -1 | cut -c1-150)"
+refuses_without POSTGRES_PASSWORD password 'POSTGRES_PASSWORD is not set.*'
 compose config -q
 
 prepare_images

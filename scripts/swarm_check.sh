@@ -30,9 +30,7 @@ CHECK=swarm-check
 WORK="$REPO/build/swarm"
 START=$(date +%s)
 # shellcheck source=scripts/lib/docker_check.sh
-source "$REPO/scripts/lib/docker_check.sh"
-LOG="$WORK/swarm-check.log"
-exec > >(tee "$LOG") 2>&1
+source "$REPO/scripts/lib/docker_check.sh"   # from here on, output is also in $LOG
 
 STACK="${SWARM_CHECK_STACK:-mktcheck}"
 export WRITE_TOKEN_SECRET="${STACK}_write_token"
@@ -102,11 +100,7 @@ cleanup() {
     step "summary"
     printf '%s\n' "${REPORT[@]}"
   fi
-  if [[ $rc -eq 0 ]]; then
-    printf '\nswarm-check: PASSED in %s (log: %s)\n' "$(elapsed "$START")" "${LOG#$REPO/}"
-  else
-    printf '\nswarm-check: FAILED (exit %d) after %s (log: %s)\n' "$rc" "$(elapsed "$START")" "${LOG#$REPO/}"
-  fi
+  say_outcome "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

@@ -3,11 +3,15 @@
 # the model artefact and prepared data to mount, and the grpcurl sample queries.
 #
 # The sourcing script sets REPO, WORK (its log folder), CHECK (its name, for messages) and
-# START, runs with `set -Eeuo pipefail`, and calls stop_dockerd / stop_wheel_server from its
-# EXIT trap. Caches shared by both checks live in build/compose (wheelhouse, base rootfs).
+# START, runs with `set -Eeuo pipefail`, and calls stop_dockerd / stop_wheel_server and
+# say_outcome from its EXIT trap. From the sourcing on, everything the check prints also goes to
+# its log, $WORK/$CHECK.log (LOG). Caches shared by both checks live in build/compose
+# (wheelhouse, base rootfs).
 
 CACHE="$REPO/build/compose"
 mkdir -p "$CACHE" "$WORK"
+LOG="$WORK/$CHECK.log"
+exec > >(tee "$LOG") 2>&1
 PY="$REPO/.venv/bin/python"
 [[ -x "$PY" ]] || PY="$(command -v python3)"
 GRPCURL="$REPO/.venv/bin/grpcurl"
@@ -28,6 +32,14 @@ step() { printf '\n=== [%4ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 die() { echo "$CHECK: FAILED: $*" >&2; exit 1; }
 nice_run() { nice -n 19 ionice -c3 "$@"; }
 elapsed() { local s=$(( $(date +%s) - $1 )); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
+# say_outcome RC: the check's last line, PASSED or FAILED, its time and its log
+say_outcome() {
+  if [[ $1 -eq 0 ]]; then
+    printf '\n%s: PASSED in %s (log: %s)\n' "$CHECK" "$(elapsed "$START")" "${LOG#"$REPO"/}"
+  else
+    printf '\n%s: FAILED (exit %d) after %s (log: %s)\n' "$CHECK" "$1" "$(elapsed "$START")" "${LOG#"$REPO"/}"
+  fi
+}
 
 compose() {
   if [[ -z "${COMPOSE_CMD:-}" ]]; then

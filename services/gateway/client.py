@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Required, TypedDict, Unpack
 
 import grpc
 
@@ -58,6 +59,34 @@ GATEWAY_ADDR = Setting(
 )
 
 Image = bytes | str | os.PathLike
+
+
+class SearchOptions(TypedDict, total=False):
+    """The keyword arguments every search takes: the filter (`SearchFilter`'s fields), whether a
+    shard with every replica down may be left out, and the call's timeout (None: the client's)."""
+
+    main_category: str
+    min_price: float | None
+    max_price: float | None
+    location: str
+    exclude: Iterable[str]
+    allow_partial_results: bool
+    timeout: float | None
+
+
+class ListingFields(TypedDict, total=False):
+    """The keyword arguments of `GatewayClient.add_listing`."""
+
+    title: Required[str]
+    description: str
+    category: str
+    main_category: str
+    price: float | None
+    currency: str
+    location: str
+    listing_id: str
+    timeout: float | None
+    write_token: str | None
 
 
 def read_image(image: Image) -> bytes:
@@ -103,17 +132,25 @@ class GatewayClient:
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
-    @staticmethod
-    def _filter(
-        main_category: str = "",
-        min_price: float | None = None,
-        max_price: float | None = None,
-        location: str = "",
-        exclude: Iterable[str] = (),
-    ) -> gateway_pb2.ListingFilter:
-        return convert.filter_to_proto(
-            SearchFilter(main_category, min_price, max_price, location, tuple(exclude))
+    def _ranked(self, rpc, request_type, options: SearchOptions, **fields) -> RankedResults:
+        """One search RPC: a ``request_type`` of ``fields`` plus the options' filter and
+        partial-results flag, called with the options' timeout."""
+        unknown = set(options) - SearchOptions.__annotations__.keys()
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        search_filter = SearchFilter(
+            options.get("main_category", ""),
+            options.get("min_price"),
+            options.get("max_price"),
+            options.get("location", ""),
+            tuple(options.get("exclude", ())),
         )
+        request = request_type(
+            filter=convert.filter_to_proto(search_filter),
+            allow_partial_results=options.get("allow_partial_results", False),
+            **fields,
+        )
+        return convert.ranked_from_proto(rpc(request, timeout=self._timeout(options.get("timeout"))))
 
     # ------------------------------------------------------------------ reads
 
@@ -124,54 +161,17 @@ class GatewayClient:
         )
         return convert.classification_from_proto(reply)
 
-    def search_by_image(
-        self,
-        image: Image,
-        k: int = 10,
-        *,
-        main_category: str = "",
-        min_price: float | None = None,
-        max_price: float | None = None,
-        location: str = "",
-        exclude: Iterable[str] = (),
-        allow_partial_results: bool = False,
-        timeout: float | None = None,
-    ) -> RankedResults:
-        reply = self.stub.SearchByImage(
-            gateway_pb2.SearchByImageRequest(
-                image=read_image(image),
-                k=k,
-                filter=self._filter(main_category, min_price, max_price, location, exclude),
-                allow_partial_results=allow_partial_results,
-            ),
-            timeout=self._timeout(timeout),
+    def search_by_image(self, image: Image, k: int = 10, **options: Unpack[SearchOptions]) -> RankedResults:
+        """Listings whose photos look like ``image``."""
+        return self._ranked(
+            self.stub.SearchByImage, gateway_pb2.SearchByImageRequest, options, image=read_image(image), k=k
         )
-        return convert.ranked_from_proto(reply)
 
-    def search_by_text(
-        self,
-        query: str,
-        k: int = 10,
-        *,
-        main_category: str = "",
-        min_price: float | None = None,
-        max_price: float | None = None,
-        location: str = "",
-        exclude: Iterable[str] = (),
-        allow_partial_results: bool = False,
-        timeout: float | None = None,
-    ) -> RankedResults:
+    def search_by_text(self, query: str, k: int = 10, **options: Unpack[SearchOptions]) -> RankedResults:
         """Listings whose title and description best match ``query``."""
-        reply = self.stub.SearchByText(
-            gateway_pb2.SearchByTextRequest(
-                query=query,
-                k=k,
-                filter=self._filter(main_category, min_price, max_price, location, exclude),
-                allow_partial_results=allow_partial_results,
-            ),
-            timeout=self._timeout(timeout),
+        return self._ranked(
+            self.stub.SearchByText, gateway_pb2.SearchByTextRequest, options, query=query, k=k
         )
-        return convert.ranked_from_proto(reply)
 
     def search(
         self,
@@ -181,27 +181,21 @@ class GatewayClient:
         *,
         text_weight: float | None = None,
         fusion: str = "weighted_cosine",
-        main_category: str = "",
-        min_price: float | None = None,
-        max_price: float | None = None,
-        location: str = "",
-        exclude: Iterable[str] = (),
-        allow_partial_results: bool = False,
-        timeout: float | None = None,
+        **options: Unpack[SearchOptions],
     ) -> RankedResults:
         """Hybrid search by a photo and/or a text query. ``text_weight`` in [0, 1] (None: the
         gateway's default, 0.5); ``fusion`` "weighted_cosine" or "reciprocal_rank"."""
-        request = gateway_pb2.HybridSearchRequest(
+        weight = {} if text_weight is None else {"text_weight": text_weight}  # unset: the default
+        return self._ranked(
+            self.stub.Search,
+            gateway_pb2.HybridSearchRequest,
+            options,
             image=read_image(image) if image is not None else b"",
             text=text,
             k=k,
-            filter=self._filter(main_category, min_price, max_price, location, exclude),
             fusion=convert.fusion_to_proto(fusion),
-            allow_partial_results=allow_partial_results,
+            **weight,
         )
-        if text_weight is not None:
-            request.text_weight = text_weight
-        return convert.ranked_from_proto(self.stub.Search(request, timeout=self._timeout(timeout)))
 
     def recommend(
         self,
@@ -209,56 +203,32 @@ class GatewayClient:
         skipped: Iterable[str] = (),
         seen: Iterable[str] = (),
         k: int = 10,
-        *,
-        main_category: str = "",
-        min_price: float | None = None,
-        max_price: float | None = None,
-        location: str = "",
-        exclude: Iterable[str] = (),
-        allow_partial_results: bool = False,
-        timeout: float | None = None,
+        **options: Unpack[SearchOptions],
     ) -> RankedResults:
         """Listings like the ``liked`` ones and unlike the ``skipped`` ones; liked, skipped and
         ``seen`` listings are never returned."""
-        reply = self.stub.Recommend(
-            gateway_pb2.RecommendRequest(
-                liked_listing_ids=list(liked),
-                skipped_listing_ids=list(skipped),
-                seen_listing_ids=list(seen),
-                k=k,
-                filter=self._filter(main_category, min_price, max_price, location, exclude),
-                allow_partial_results=allow_partial_results,
-            ),
-            timeout=self._timeout(timeout),
+        return self._ranked(
+            self.stub.Recommend,
+            gateway_pb2.RecommendRequest,
+            options,
+            liked_listing_ids=list(liked),
+            skipped_listing_ids=list(skipped),
+            seen_listing_ids=list(seen),
+            k=k,
         )
-        return convert.ranked_from_proto(reply)
 
     def similar(
-        self,
-        listing_id: str,
-        k: int = 10,
-        *,
-        main_category: str = "",
-        min_price: float | None = None,
-        max_price: float | None = None,
-        location: str = "",
-        exclude: Iterable[str] = (),
-        photos_only: bool = False,
-        allow_partial_results: bool = False,
-        timeout: float | None = None,
+        self, listing_id: str, k: int = 10, *, photos_only: bool = False, **options: Unpack[SearchOptions]
     ) -> RankedResults:
         """Listings like ``listing_id``: by its photos and text fused, or by its photos alone."""
-        reply = self.stub.SimilarListings(
-            gateway_pb2.SimilarListingsRequest(
-                listing_id=listing_id,
-                k=k,
-                photos_only=photos_only,
-                filter=self._filter(main_category, min_price, max_price, location, exclude),
-                allow_partial_results=allow_partial_results,
-            ),
-            timeout=self._timeout(timeout),
+        return self._ranked(
+            self.stub.SimilarListings,
+            gateway_pb2.SimilarListingsRequest,
+            options,
+            listing_id=listing_id,
+            k=k,
+            photos_only=photos_only,
         )
-        return convert.ranked_from_proto(reply)
 
     def get(self, listing_id: str, *, include_pending: bool = False, timeout: float | None = None) -> Listing:
         reply = self.stub.GetListing(
@@ -269,36 +239,10 @@ class GatewayClient:
 
     # ------------------------------------------------------------------ writes
 
-    def add(
-        self,
-        images: Sequence[Image],
-        *,
-        title: str,
-        description: str = "",
-        category: str = "",
-        main_category: str = "",
-        price: float | None = None,
-        currency: str = "",
-        location: str = "",
-        listing_id: str = "",
-        timeout: float | None = None,
-        write_token: str | None = None,
-    ) -> Listing:
-        """Add a listing with its photos; returns it with its assigned id and image ids.
-        An empty ``main_category`` is predicted from the photos."""
-        return self.add_listing(
-            images,
-            title=title,
-            description=description,
-            category=category,
-            main_category=main_category,
-            price=price,
-            currency=currency,
-            location=location,
-            listing_id=listing_id,
-            timeout=timeout,
-            write_token=write_token,
-        ).listing
+    def add(self, images: Sequence[Image], **fields: Unpack[ListingFields]) -> Listing:
+        """Add a listing with its photos (the keyword arguments of `add_listing`); returns it with
+        its assigned id and image ids. An empty ``main_category`` is predicted from the photos."""
+        return self.add_listing(images, **fields).listing
 
     def add_listing(
         self,

@@ -40,17 +40,9 @@ from common.artifact import EMBEDDINGS_DIR, TEXT_EMBEDDINGS_FILE, read_image_emb
 from common.config import Settings
 from common.listing_text import listing_text
 from common.prepared_data import IMAGES_FILE, read_rows
-from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles, resolve_write_token
-from common.shard_map import ShardMapError
-from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import (
-    DB_FIELDS,
-    GATEWAY_SETTINGS,
-    RetryPolicy,
-    database_password,
-    embedder_target,
-    shard_lists,
-)
+from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles
+from services.gateway.catalogue import Catalogue
+from services.gateway.config import DB_FIELDS, GATEWAY_SETTINGS, RetryPolicy, embedder_target
 from services.gateway.domain import ServiceError
 from services.gateway.downstream import (
     IMAGE_COLLECTION,
@@ -60,7 +52,7 @@ from services.gateway.downstream import (
     IndexerShards,
     IndexItem,
 )
-from services.gateway.shards import routing_for
+from services.gateway.tools import ToolSetupError, open_catalogue_and_shards
 
 TEXT_MODES = ("auto", "on", "off")
 BATCH_TIMEOUT_S = 120.0
@@ -308,28 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     args.embedder, args.db = settings["embedder_addr"], settings["db_path"]
 
     policy = RetryPolicy(attempts=5, initial_backoff_s=0.2, max_backoff_s=2.0)
-    replicas = shard_lists(settings)
-    try:
-        catalogue = Catalogue.open(args.db, password=database_password(settings))
-    except (CatalogueError, CatalogueUnavailable) as exc:
-        print(f"error: GATEWAY_DB: {exc}", file=sys.stderr)
-        return 2
-    try:
-        routing = routing_for(
-            len(replicas), catalogue.shard_map_store(), settings["partitions"], create=settings["shard_map"]
-        )
-    except ShardMapError as exc:
-        catalogue.close()
-        print(f"error: shard map: {exc}", file=sys.stderr)
-        return 2
     tls = TlsFiles.from_values(settings)
-    shards = IndexerShards(
-        replicas,
-        policy,
-        routing=routing,
-        tls=tls,
-        write_token=resolve_write_token(settings["write_token"], settings["write_token_file"]),
-    )
+    try:
+        catalogue, shards = open_catalogue_and_shards(settings, policy, tls)
+    except ToolSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         with catalogue:
             if args.artifact is not None:

@@ -33,10 +33,12 @@ import logging
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from common.config import Settings
 from common.security import (
@@ -203,35 +205,19 @@ class Rebalancer:
             by_route[(shard_map.owners[partition], target)].append(partition)
         moved = 0
         for (source, target), partitions in sorted(by_route.items()):
+            request = indexer_pb2.ImportPartitionsRequest(
+                sources=list(self.replicas[source]),
+                partitions=partitions,
+                partition_count=shard_map.partitions,
+            )
             imported = []
-            for replica in self.replicas[target]:
-                started = time.perf_counter()
-                try:
-                    reply = self._stub(replica).ImportPartitions(
-                        indexer_pb2.ImportPartitionsRequest(
-                            sources=list(self.replicas[source]),
-                            partitions=partitions,
-                            partition_count=shard_map.partitions,
-                        ),
-                        timeout=self.rpc_timeout_s,
-                        metadata=self.metadata,
-                    )
-                except grpc.RpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise ShardMapError(
-                            f"import into shard {target} replica {replica} failed: "
-                            f"{error.code().name}: {error.details()}"
-                        ) from None
-                    self.say(
-                        f"  shard {target} replica {replica} is down: it catches up from a "
-                        "peer of its shard when it is back"
-                    )
-                    continue
+            for replica, reply, seconds in self._on_each_replica(
+                target, "import into", "ImportPartitions", request
+            ):
                 imported.append(reply.imported)
                 self.say(
                     f"  shard {source} -> {target}: {len(partitions)} partition(s), "
-                    f"{reply.imported} vector(s) into {replica} from {reply.source} in "
-                    f"{time.perf_counter() - started:.2f}s"
+                    f"{reply.imported} vector(s) into {replica} from {reply.source} in {seconds:.2f}s"
                 )
             if not imported:
                 raise ShardMapError(
@@ -244,32 +230,43 @@ class Rebalancer:
     def _drop(self, shard_map: ShardMap) -> int:
         dropped = 0
         for shard, partitions in sorted(shard_map.drop.items()):
-            for replica in self.replicas[shard]:
-                try:
-                    reply = self._stub(replica).DropPartitions(
-                        indexer_pb2.DropPartitionsRequest(
-                            partitions=list(partitions), partition_count=shard_map.partitions
-                        ),
-                        timeout=self.rpc_timeout_s,
-                        metadata=self.metadata,
-                    )
-                except grpc.RpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise ShardMapError(
-                            f"drop on shard {shard} replica {replica} failed: "
-                            f"{error.code().name}: {error.details()}"
-                        ) from None
-                    self.say(
-                        f"  shard {shard} replica {replica} is down: it catches up from a "
-                        "peer of its shard when it is back"
-                    )
-                    continue
+            request = indexer_pb2.DropPartitionsRequest(
+                partitions=list(partitions), partition_count=shard_map.partitions
+            )
+            for replica, reply, _seconds in self._on_each_replica(
+                shard, "drop on", "DropPartitions", request
+            ):
                 dropped += reply.dropped
                 self.say(
                     f"  shard {shard} replica {replica}: dropped {reply.dropped} vector(s) of "
                     f"{len(partitions)} partition(s) it gave away"
                 )
         return dropped
+
+    def _on_each_replica(
+        self, shard: int, what: str, method: str, request: Message
+    ) -> Iterator[tuple[str, Any, float]]:
+        """The indexer RPC ``method`` with ``request`` on every replica of ``shard``: (replica,
+        reply, seconds) for each that answered. A replica that is down is said and passed over
+        (it catches up from a peer of its shard when it is back); any other error stops the
+        rebalance, naming ``what`` failed."""
+        for replica in self.replicas[shard]:
+            started = time.perf_counter()
+            try:
+                reply = getattr(self._stub(replica), method)(
+                    request, timeout=self.rpc_timeout_s, metadata=self.metadata
+                )
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise ShardMapError(
+                        f"{what} shard {shard} replica {replica} failed: {error.code().name}: {error.details()}"
+                    ) from None
+                self.say(
+                    f"  shard {shard} replica {replica} is down: it catches up from a "
+                    "peer of its shard when it is back"
+                )
+                continue
+            yield replica, reply, time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:

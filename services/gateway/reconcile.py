@@ -32,14 +32,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.config import Settings
-from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles, resolve_write_token
-from common.shard_map import ShardMapError
-from services.gateway.catalogue import Catalogue, CatalogueError, CatalogueUnavailable
-from services.gateway.config import DB_FIELDS, GATEWAY_SETTINGS, RetryPolicy, database_password, shard_lists
+from common.security import TLS_CLIENT_SETTINGS, WRITE_TOKEN_SETTINGS, TlsFiles
+from services.gateway.catalogue import Catalogue
+from services.gateway.config import DB_FIELDS, GATEWAY_SETTINGS, RetryPolicy
 from services.gateway.domain import FailedPrecondition
 from services.gateway.downstream import IMAGE_COLLECTION, TEXT_COLLECTION, Deadline, IndexerShards
 from services.gateway.outbox import OutboxApplier
-from services.gateway.shards import routing_for
+from services.gateway.tools import ToolSetupError, open_catalogue_and_shards
 
 log = logging.getLogger(__name__)
 
@@ -165,26 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RECONCILE_SETTINGS.read(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        catalogue = Catalogue.open(settings["db_path"], password=database_password(settings))
-    except (CatalogueError, CatalogueUnavailable) as exc:
-        print(f"reconcile: GATEWAY_DB: {exc}", file=sys.stderr)
-        return 2
-    replicas = shard_lists(settings)
-    try:
-        routing = routing_for(
-            len(replicas), catalogue.shard_map_store(), settings["partitions"], create=settings["shard_map"]
+        catalogue, indexer = open_catalogue_and_shards(
+            settings, RetryPolicy(), TlsFiles.from_values(settings)
         )
-    except ShardMapError as exc:
-        catalogue.close()
-        print(f"reconcile: shard map: {exc}", file=sys.stderr)
+    except ToolSetupError as exc:
+        print(f"reconcile: {exc}", file=sys.stderr)
         return 2
-    indexer = IndexerShards(
-        replicas,
-        RetryPolicy(),
-        routing=routing,
-        write_token=resolve_write_token(settings.pop("write_token"), settings.pop("write_token_file")),
-        tls=TlsFiles.from_values(settings),
-    )
     try:
         report = reconcile(catalogue, indexer, repair=args.repair, timeout_s=args.timeout)
         if args.repair and report.repaired:

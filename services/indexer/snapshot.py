@@ -27,7 +27,7 @@ from pathlib import Path
 from services.indexer.errors import CorruptData
 from services.indexer.spec import CollectionSpec
 from services.indexer.vector_index import VectorIndex
-from services.indexer.wal import fsync_dir
+from services.indexer.wal import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ def file_crc32(path: Path, chunk: int = 8 << 20) -> int:
     return crc
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_snapshot(
     data_dir: Path,
     wal_segment: int,
@@ -87,7 +79,7 @@ def write_snapshot(
         for role, file_name in saved["files"].items():
             path = tmp / file_name
             if fsync:
-                _fsync_file(path)
+                fsync_path(path)
             files[role] = {"name": file_name, "bytes": path.stat().st_size, "crc32": file_crc32(path)}
         entries.append(
             {
@@ -107,14 +99,14 @@ def write_snapshot(
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     if fsync:
-        _fsync_file(tmp / MANIFEST)
-        fsync_dir(tmp)
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
     final = root / name
     if final.exists():  # left by a crash before CURRENT was switched to it
         shutil.rmtree(final)
     os.rename(tmp, final)
     if fsync:
-        fsync_dir(root)
+        fsync_path(root)
     _write_atomically(data_dir / CURRENT, name + "\n", fsync)
     for other in root.iterdir():
         if other.name != name:
@@ -131,7 +123,7 @@ def _write_atomically(path: Path, text: str, fsync: bool) -> None:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if fsync:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def read_snapshot(data_dir: Path) -> LoadedSnapshot | None:

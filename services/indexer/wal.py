@@ -106,7 +106,8 @@ def list_segments(directory: Path) -> list[int]:
     return sorted(numbers)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file's data or a directory's entries (opened read-only, as POSIX allows both)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -283,7 +284,7 @@ class WriteAheadLog:
         self._file.write(SEGMENT_HEADER.pack(SEGMENT_MAGIC, number))
         self._sync()
         if self.fsync:
-            fsync_dir(self.directory)
+            fsync_path(self.directory)
         self.segment = number
         self.records_since_rotation = 0
         self.bytes_since_rotation = 0

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.image_store import ImageNotFound, ImageStore, InvalidImageId, open_image_store
 from marketplace.gateway.v1 import gateway_pb2
 from services.gateway.client import GatewayClient
+from services.gateway.domain import RankedResults
 from services.web.config import WebConfig
 from services.web.errors import HTTP_CODE_NAMES, EdgeError, from_rpc_error
 from services.web.schemas import (
@@ -201,13 +202,33 @@ def create_app(
             )
         return data
 
-    def filters(f: FilterIn) -> dict:
-        return dict(
-            main_category=f.main_category,
-            min_price=f.min_price,
-            max_price=f.max_price,
-            location=f.location,
-            exclude=f.exclude,
+    def search_route(method: Literal["get", "post"], path: str, summary: str):
+        """The route of a search endpoint: listings ranked (SearchResults), or an error body."""
+        return getattr(app, method)(
+            path, response_model=SearchResults, responses=_ERRORS, tags=["search"], summary=summary
+        )
+
+    def ranked(
+        gateway_search: Callable[..., RankedResults],
+        *args,
+        search: FilterIn,
+        allow_partial_results: bool,
+        **options,
+    ) -> SearchResults:
+        """One of the client's searches with the request's filter, as the JSON results."""
+        return SearchResults.of(
+            call(
+                lambda: gateway_search(
+                    *args,
+                    allow_partial_results=allow_partial_results,
+                    main_category=search.main_category,
+                    min_price=search.min_price,
+                    max_price=search.max_price,
+                    location=search.location,
+                    exclude=search.exclude,
+                    **options,
+                )
+            )
         )
 
     # ------------------------------------------------------------------ the page
@@ -273,34 +294,23 @@ def create_app(
         data = photo(image)
         return ClassificationOut.of(call(lambda: gateway.classify(data, top_k=top_k)))
 
-    @app.post(
-        "/api/search/image",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="SearchByImage: listings whose photos look like this one",
-    )
+    @search_route("post", "/api/search/image", "SearchByImage: listings whose photos look like this one")
     def search_by_image(
         image: Annotated[UploadFile, File(description="the query photo")],
         search: Filter,
         k: K = 10,
         allow_partial_results: Partial = False,
     ) -> SearchResults:
-        data = photo(image)
-        return SearchResults.of(
-            call(
-                lambda: gateway.search_by_image(
-                    data, k, allow_partial_results=allow_partial_results, **filters(search)
-                )
-            )
+        return ranked(
+            gateway.search_by_image,
+            photo(image),
+            k,
+            search=search,
+            allow_partial_results=allow_partial_results,
         )
 
-    @app.get(
-        "/api/search/text",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="SearchByText: listings whose title and description match a query",
+    @search_route(
+        "get", "/api/search/text", "SearchByText: listings whose title and description match a query"
     )
     def search_by_text(
         q: Annotated[str, Query(description="the text query")],
@@ -308,21 +318,11 @@ def create_app(
         k: K = 10,
         allow_partial_results: Partial = False,
     ) -> SearchResults:
-        return SearchResults.of(
-            call(
-                lambda: gateway.search_by_text(
-                    q, k, allow_partial_results=allow_partial_results, **filters(search)
-                )
-            )
+        return ranked(
+            gateway.search_by_text, q, k, search=search, allow_partial_results=allow_partial_results
         )
 
-    @app.post(
-        "/api/search",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="Search: a photo and/or a text query, fused",
-    )
+    @search_route("post", "/api/search", "Search: a photo and/or a text query, fused")
     def search(
         search: Filter,
         image: Annotated[UploadFile | None, File(description="the query photo")] = None,
@@ -341,18 +341,15 @@ def create_app(
         allow_partial_results: Partial = False,
     ) -> SearchResults:
         data = photo(image) if image is not None else None
-        return SearchResults.of(
-            call(
-                lambda: gateway.search(
-                    data or None,
-                    text,
-                    k,
-                    text_weight=text_weight,
-                    fusion=fusion,
-                    allow_partial_results=allow_partial_results,
-                    **filters(search),
-                )
-            )
+        return ranked(
+            gateway.search,
+            data or None,
+            text,
+            k,
+            text_weight=text_weight,
+            fusion=fusion,
+            search=search,
+            allow_partial_results=allow_partial_results,
         )
 
     @app.get(
@@ -365,12 +362,8 @@ def create_app(
     def get_listing(listing_id: Annotated[str, PathParam()]) -> ListingOut:
         return ListingOut.of(call(lambda: gateway.get(listing_id)))
 
-    @app.get(
-        "/api/listings/{listing_id}/similar",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="SimilarListings: listings that look like this one",
+    @search_route(
+        "get", "/api/listings/{listing_id}/similar", "SimilarListings: listings that look like this one"
     )
     def similar(
         listing_id: Annotated[str, PathParam()],
@@ -378,33 +371,22 @@ def create_app(
         k: K = 10,
         allow_partial_results: Partial = False,
     ) -> SearchResults:
-        return SearchResults.of(
-            call(
-                lambda: gateway.similar(
-                    listing_id, k, allow_partial_results=allow_partial_results, **filters(search)
-                )
-            )
+        return ranked(
+            gateway.similar, listing_id, k, search=search, allow_partial_results=allow_partial_results
         )
 
-    @app.post(
-        "/api/recommend",
-        response_model=SearchResults,
-        responses=_ERRORS,
-        tags=["search"],
-        summary="Recommend: listings like the liked ones and unlike the skipped ones",
+    @search_route(
+        "post", "/api/recommend", "Recommend: listings like the liked ones and unlike the skipped ones"
     )
     def recommend(body: RecommendIn) -> SearchResults:
-        return SearchResults.of(
-            call(
-                lambda: gateway.recommend(
-                    body.liked,
-                    body.skipped,
-                    body.seen,
-                    body.k,
-                    allow_partial_results=body.allow_partial_results,
-                    **filters(body.filter),
-                )
-            )
+        return ranked(
+            gateway.recommend,
+            body.liked,
+            body.skipped,
+            body.seen,
+            body.k,
+            search=body.filter,
+            allow_partial_results=body.allow_partial_results,
         )
 
     @app.get(

@@ -30,10 +30,10 @@ from services.gateway.config import GatewayConfig, RetryPolicy
 from services.gateway.downstream import Deadline
 from services.gateway.index_catalogue import embed_prepared, index_embeddings
 from services.gateway.server import start as start_gateway
-from services.indexer.config import IndexerConfig
-from services.indexer.server import start as start_indexer
-from services.indexer.spec import parse_collections
 from tests.gateway.gateway_data import make_mini_prepared, outside_photos, shared_data_dir
+from tests.support.services import start_shards
+
+IMAGE_COLLECTION_SPEC = "image:1280:flat:ip"
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,23 +45,6 @@ def spawn_embedder(port: int, root: Path, artifact: Path):
         root / "embedder.log",
         {"EMBEDDER_ARTIFACT_DIR": str(artifact), "LOG_LEVEL": "warning", "EMBEDDER_TEXT_MODEL": "off"},
     )
-
-
-def start_shards(root: Path, count: int = 2) -> list:
-    return [
-        start_indexer(
-            IndexerConfig.local(
-                host="127.0.0.1",
-                port=0,
-                data_dir=root / f"indexer-{i}",
-                log_level="warning",
-                collections=tuple(parse_collections("image:1280:flat:ip")),
-                collections_explicit=True,
-                fsync=False,
-            )
-        )
-        for i in range(count)
-    ]
 
 
 def gateway_config(
@@ -90,7 +73,7 @@ def real(tmp_path_factory, test_artifact):
     )
     embedder = start_embedder(embedder_config)
     embedder_config = replace(embedder_config, port=embedder.port)
-    shards = start_shards(root)
+    shards = start_shards(root, IMAGE_COLLECTION_SPEC)
     gateway = state = None
     try:
         config = gateway_config(root, f"127.0.0.1:{embedder.port}", shards, prepared)
@@ -283,7 +266,7 @@ def test_dead_embedder_is_unavailable_within_the_deadline_and_the_gateway_recove
 def test_killed_embedder_process_is_unavailable_and_the_gateway_recovers(tmp_path, test_artifact):
     port = free_port()
     embedder = spawn_embedder(port, tmp_path, test_artifact)
-    shards = start_shards(tmp_path, 2)
+    shards = start_shards(tmp_path, IMAGE_COLLECTION_SPEC)
     gateway = None
     try:
         wait_healthy(embedder.address, 180, embedder.process, embedder.log_path)

@@ -32,6 +32,7 @@ from services.indexer.config import IndexerConfig
 from services.indexer.server import start as start_indexer
 from services.indexer.spec import parse_collections
 from tests.gateway.gateway_fakes import DIM, FakeEmbedder, serve_embedder
+from tests.support.services import start_shards
 
 
 def test_initial_map_routes_like_the_hash_and_rendezvous_moves_a_third():
@@ -330,3 +331,34 @@ def test_sigkill_of_the_rebalance_command_then_rerun(cluster):
     for listing in cluster.listings:
         owner = latest.owners[partition_of(listing.id, 256)]
         assert all(cluster.indexers[owner].store.collection("image").contains(i) for i in listing.image_ids)
+
+
+def test_a_replica_that_is_down_is_passed_over_and_any_other_error_stops_the_rebalance(tmp_path):
+    (live,) = start_shards(tmp_path, f"image:{DIM}:flat:ip", count=1, shard=0, partitions=256)
+    dead = f"127.0.0.1:{free_port()}"
+    said: list[str] = []
+    rebalancer = Rebalancer(
+        None,
+        [[dead, f"127.0.0.1:{live.port}"]],
+        write_token=None,
+        settle_s=0,
+        rpc_timeout_s=10,
+        say=said.append,
+    )
+    try:
+        stable = ShardMap(2, 256, (0,) * 256, drop={0: (1, 2)})
+        assert rebalancer._drop(stable) == 0  # nothing was indexed: nothing to drop, but it answered
+        assert (
+            f"  shard 0 replica {dead} is down: it catches up from a peer of its shard when it is back"
+            in said
+        )
+        assert any(
+            f"shard 0 replica 127.0.0.1:{live.port}: dropped 0 vector(s) of 2 partition(s)" in s for s in said
+        )
+        with pytest.raises(
+            ShardMapError, match=rf"drop on shard 0 replica 127.0.0.1:{live.port} failed: INVALID_ARGUMENT"
+        ):
+            rebalancer._drop(ShardMap(2, 256, (0,) * 256, drop={0: (300,)}))
+    finally:
+        rebalancer.close()
+        live.stop(0)

@@ -152,6 +152,15 @@ def test_filters_hold(stack):
     assert [r.listing.id for r in combined] == ["L-lamp"]
 
 
+def test_client_refuses_an_unknown_search_option(stack):
+    """The searches share their keyword arguments (`SearchOptions`): a misspelt one is an error,
+    not a filter silently dropped."""
+    with pytest.raises(TypeError, match="max_prise"):
+        stack.client.search_by_image(photo("L-table"), k=5, max_prise=10)
+    with pytest.raises(TypeError, match="text_wieght"):
+        stack.client.search(text="oak", text_wieght=0.5)
+
+
 @pytest.mark.parametrize(
     "request_kwargs, message",
     [
@@ -346,7 +355,7 @@ def test_remove_is_committed_then_the_deletion_is_pushed(stack):
     # its vector is still in the index for a moment, but searches drop hits without a listing
     assert all(r.listing.id != "L-chair" for r in stack.client.search_by_image(photo("L-chair"), k=6))
     assert wait_for(lambda: "L-chair-img0" not in shard.items)
-    # the applier marks the entry done once the shard's Delete has returned: a moment later
+    # the applier marks the entry done just after the shard's Delete returns: wait for that too
     assert wait_for(lambda: stack.gateway.core.catalogue.pending_outbox() == [])
     assert rpc_error(stack.client.remove, "L-chair").code() == grpc.StatusCode.NOT_FOUND
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.shard_map import initial
 from services.gateway.catalogue import Catalogue, StoredVector
 from services.gateway.config import RetryPolicy
 from services.gateway.downstream import Deadline, IndexerShards, IndexItem
+from services.gateway.index_catalogue import main as index_catalogue_main
 from services.gateway.outbox import OutboxApplier
 from services.gateway.reconcile import main, reconcile
-from services.indexer.config import IndexerConfig
-from services.indexer.server import start as start_indexer
-from services.indexer.spec import parse_collections
 from tests.gateway.test_gateway_units import listing
+from tests.support.services import start_shards
 
 DIM = 4
 
@@ -27,20 +27,7 @@ def vector(seed: int) -> np.ndarray:
 
 @pytest.fixture
 def shards(tmp_path):
-    servers = [
-        start_indexer(
-            IndexerConfig.local(
-                host="127.0.0.1",
-                port=0,
-                data_dir=tmp_path / f"indexer-{n}",
-                log_level="warning",
-                collections=tuple(parse_collections(f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")),
-                collections_explicit=True,
-                fsync=False,
-            )
-        )
-        for n in range(2)
-    ]
+    servers = start_shards(tmp_path, f"image:{DIM}:flat:ip,text:{DIM}:flat:ip")
     client = IndexerShards([f"127.0.0.1:{s.port}" for s in servers], RetryPolicy(2, 0.01, 0.05))
     yield client
     client.close()
@@ -101,3 +88,21 @@ def test_reconcile_reports_then_repairs(catalogue_url, shards, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         "RECONCILE orphans=0 missing=1 pending=0 unrepairable=1 repaired=0"
     )
+
+
+@pytest.mark.parametrize(
+    "command, prefix",
+    [(main, "reconcile: "), (index_catalogue_main, "error: ")],
+    ids=["reconcile", "index_catalogue"],
+)
+def test_the_tools_refuse_a_shard_map_for_other_shards(tmp_path, capsys, command, prefix):
+    """reconcile and index_catalogue open the catalogue and the shards alike: a shard map made for
+    three shards with two configured is refused, saying so, before anything is written."""
+    db = tmp_path / "catalogue.sqlite3"
+    with Catalogue.open(str(db)) as catalogue:
+        catalogue.shard_map_store().publish(initial(3))
+    argv = ["--db", str(db), "--indexers", "127.0.0.1:1,127.0.0.1:2"]
+    if command is index_catalogue_main:
+        argv += ["--artifact", str(tmp_path)]
+    assert command(argv) == 2
+    assert capsys.readouterr().err.startswith(f"{prefix}shard map: ")

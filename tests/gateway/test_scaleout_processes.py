@@ -17,27 +17,11 @@ import pytest
 from marketplace.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.embedder.config import EmbedderConfig
 from services.embedder.server import start as start_embedder
-from services.gateway.config import GatewayConfig, RetryPolicy, shard_replicas_setting
 from services.gateway.server import start as start_gateway
 from tests.support.indexer_cluster import IndexerCluster, run_kill_scenario
 from tests.support.photos import real_photos
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def gateway_config(root, embedder_port: int, cluster: IndexerCluster) -> GatewayConfig:
-    return GatewayConfig.local(
-        host="127.0.0.1",
-        port=0,
-        db_path=root / "catalogue.sqlite3",
-        embedder_addr=f"127.0.0.1:{embedder_port}",
-        indexer_shards=shard_replicas_setting(cluster.shard_spec(), "127.0.0.1:50052"),
-        downstream_timeout_s=10.0,
-        retry=RetryPolicy(3, 0.05, 0.2),
-        reconnect_backoff_max_s=0.5,
-        readiness_interval_s=0.5,
-        readiness_timeout_s=1.0,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +36,7 @@ def stack(tmp_path_factory, test_artifact):
     gateway = None
     try:
         cluster.wait_all_serving()
-        gateway = start_gateway(gateway_config(tmp_path, embedder.port, cluster))
+        gateway = start_gateway(cluster.gateway_config(tmp_path, embedder.port, readiness_timeout_s=1.0))
         gateways = [gateway]
         yield tmp_path, embedder, cluster, gateways
     finally:
@@ -105,7 +89,7 @@ def test_a_brand_new_empty_replica_converges_then_serves(stack):
     # the gateways learn of the new replica first (it is down: writes skip it), then it starts
     fresh = cluster.add_replica(0)
     gateways[-1].stop(0)
-    gateway = start_gateway(gateway_config(root, embedder.port, cluster))
+    gateway = start_gateway(cluster.gateway_config(root, embedder.port, readiness_timeout_s=1.0))
     gateways.append(gateway)
     with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)

@@ -21,30 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.artifact import (
-    CARD_FILE,
-    EMBEDDINGS_DIR,
-    IMAGE_EMBEDDINGS_FILE,
-    IMAGE_IDS_FILE,
-    TEXT_EMBEDDINGS_FILE,
-    TEXT_IDS_FILE,
-)
 from common.fusion_weights import FusionWeights
 from common.text import listing_text
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
-from services.embedder.config import EmbedderConfig
 from services.gateway import index_catalogue
 from services.gateway.client import GatewayClient
 from services.gateway.core import candidate_count
-from services.gateway.config import GatewayConfig, RetryPolicy
 from services.gateway.downstream import TEXT_COLLECTION, Deadline
 from services.gateway.fusion_defaults import FusionDefaults
 from services.gateway.server import start as start_gateway
-from services.indexer.config import IndexerConfig
-from services.indexer.server import start as start_indexer
-from services.indexer.spec import parse_collections
 from tests.gateway.gateway_data import make_mini_prepared, outside_photos
-from tests.support.text import start_text_embedder
+from tests.support.services import text_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,7 +44,6 @@ CATEGORIES = [
     "Sports, Leisure & Travel",
 ]
 PER_CATEGORY = 10
-COLLECTIONS = "image:1280:flat:ip,text:384:flat:ip"
 #: The weights the embedder's artefact holds (fusion_weights.json), neither a built-in default.
 ARTEFACT_SEARCH_WEIGHT, ARTEFACT_SIMILAR_WEIGHT = 0.3, 0.4
 
@@ -69,59 +55,31 @@ def real(tmp_path_factory, test_artifact):
     # The embedder's artefact holds fusion weights chosen for its image model: the gateway's defaults.
     model = root / "model"
     shutil.copytree(test_artifact, model)
-    version = json.loads((model / CARD_FILE).read_text())["model_version"]
+    version = json.loads((model / "model_card.json").read_text())["model_version"]
     FusionWeights(
         search_text_weight=ARTEFACT_SEARCH_WEIGHT,
         similar_text_weight=ARTEFACT_SIMILAR_WEIGHT,
         image_model_version=version,
     ).save(model)
-    embedder = start_text_embedder(
-        EmbedderConfig.local(artifact_dir=model, host="127.0.0.1", port=0, text_model="on")
-    )
-    shards = [
-        start_indexer(
-            IndexerConfig.local(
-                host="127.0.0.1",
-                port=0,
-                data_dir=root / f"indexer-{i}",
-                log_level="warning",
-                collections=tuple(parse_collections(COLLECTIONS)),
-                collections_explicit=True,
-                fsync=False,
-            )
-        )
-        for i in range(2)
-    ]
-    gateway = client = None
-    try:
-        config = GatewayConfig.local(
-            host="127.0.0.1",
-            port=0,
-            db_path=root / "catalogue.sqlite3",
-            bootstrap_dir=prepared,
-            embedder_addr=f"127.0.0.1:{embedder.port}",
-            indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
-            downstream_timeout_s=30.0,
-            retry=RetryPolicy(3, 0.05, 0.2),
-        )
-        gateway = start_gateway(config)
+    with text_stack(root, model, prepared, downstream_timeout_s=30.0) as services:
+        gateway, shards, config = services.gateway, services.shards, services.config
         core = gateway.core
         # An artefact's embeddings/ folder, as training exports it (plus a text vector of a
         # listing the catalogue does not have, which indexing must skip).
         artefact = root / "artefact"
-        (artefact / EMBEDDINGS_DIR).mkdir(parents=True)
+        (artefact / "embeddings").mkdir(parents=True)
         image_ids, image_vectors = index_catalogue.embed_prepared(
             prepared, core.catalogue, core.embedder, progress=False
         )
-        np.save(artefact / EMBEDDINGS_DIR / IMAGE_EMBEDDINGS_FILE, image_vectors)
-        (artefact / EMBEDDINGS_DIR / IMAGE_IDS_FILE).write_text(json.dumps(image_ids))
+        np.save(artefact / "embeddings" / "image_embeddings.npy", image_vectors)
+        (artefact / "embeddings" / "image_ids.json").write_text(json.dumps(image_ids))
         text_ids, text_vectors = index_catalogue.embed_catalogue_texts(
             core.catalogue, core.embedder, batch_size=16, progress=False
         )
         np.save(
-            artefact / EMBEDDINGS_DIR / TEXT_EMBEDDINGS_FILE, np.concatenate([text_vectors, text_vectors[:1]])
+            artefact / "embeddings" / "text_embeddings.npy", np.concatenate([text_vectors, text_vectors[:1]])
         )
-        (artefact / EMBEDDINGS_DIR / TEXT_IDS_FILE).write_text(json.dumps(text_ids + ["gone"]))
+        (artefact / "embeddings" / "text_ids.json").write_text(json.dumps(text_ids + ["gone"]))
         code = index_catalogue.main(
             [
                 "--db",
@@ -136,28 +94,23 @@ def real(tmp_path_factory, test_artifact):
         )
         assert code == 0
         client = GatewayClient(f"127.0.0.1:{gateway.port}", timeout=60)
-        yield SimpleNamespace(
-            root=root,
-            prepared=prepared,
-            shards=shards,
-            gateway=gateway,
-            client=client,
-            config=config,
-            text_ids=text_ids,
-            text_vectors=text_vectors,
-            image_ids=image_ids,
-            image_vectors=image_vectors,
-            listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
-            images=pd.read_csv(prepared / "images.csv", dtype=str),
-        )
-    finally:
-        if client is not None:
+        try:
+            yield SimpleNamespace(
+                root=root,
+                prepared=prepared,
+                shards=shards,
+                gateway=gateway,
+                client=client,
+                config=config,
+                text_ids=text_ids,
+                text_vectors=text_vectors,
+                image_ids=image_ids,
+                image_vectors=image_vectors,
+                listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
+                images=pd.read_csv(prepared / "images.csv", dtype=str),
+            )
+        finally:
             client.close()
-        if gateway is not None:
-            gateway.stop(0)
-        for shard in shards:
-            shard.stop(0)
-        embedder.stop(0)
 
 
 def photo_of(real, listing_id: str) -> bytes:

@@ -5,79 +5,45 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from marketplace.indexer.v1 import indexer_pb2 as pb
 from marketplace.indexer.v1 import indexer_pb2_grpc
+from scripts.stack import free_port, wait_healthy
+from scripts.stack import spawn as spawn_service
 
-REPO = Path(__file__).resolve().parents[2]
 D = 16
 BATCH = 3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def spawn(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "WRITE_TOKEN"}
-    env.update(
-        PYTHONPATH=str(REPO),
-        INDEXER_COLLECTIONS=f"image:{D}:flat:ip",
-        LOG_LEVEL="info",
-        INDEXER_SNAPSHOT_WAL_RECORDS="40",
-        INDEXER_FAISS_THREADS="1",
+    """``python -m services.indexer`` on ``data_dir``, waited for until it serves; writes open
+    (an empty WRITE_TOKEN counts as unset, whatever the environment says)."""
+    indexer = spawn_service(
+        "indexer",
+        free_port(),
+        log_path,
+        {
+            "WRITE_TOKEN": "",
+            "INDEXER_COLLECTIONS": f"image:{D}:flat:ip",
+            "LOG_LEVEL": "info",
+            "INDEXER_SNAPSHOT_WAL_RECORDS": "40",
+            "INDEXER_FAISS_THREADS": "1",
+        },
+        args=["--data-dir", str(data_dir)],
     )
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.indexer",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(data_dir),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"indexer exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return process, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    process.kill()
-    pytest.fail(f"indexer not serving after 60 s:\n{log_path.read_text()[-3000:]}")
+    try:
+        wait_healthy(indexer.address, 60, indexer.process, log_path)
+    except BaseException:
+        indexer.kill()
+        raise
+    return indexer.process, indexer.address
 
 
 def batch_items(writer: int, number: int) -> list[pb.Item]:

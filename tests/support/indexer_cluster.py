@@ -63,6 +63,24 @@ class IndexerCluster:
     def topology(self) -> tuple[tuple[str, ...], ...]:
         return tuple(tuple(r.address for r in shard) for shard in self.replicas)
 
+    def gateway_config(self, root: Path, embedder_port: int, **settings):
+        """A gateway over this cluster (catalogue in ``root``) that notices a replica going and
+        coming back within a second; ``settings`` are further `GatewayConfig.local` settings."""
+        from services.gateway.config import GatewayConfig, RetryPolicy, shard_replicas_setting
+
+        return GatewayConfig.local(
+            host="127.0.0.1",
+            port=0,
+            db_path=root / "catalogue.sqlite3",
+            embedder_addr=f"127.0.0.1:{embedder_port}",
+            indexer_shards=shard_replicas_setting(self.shard_spec(), "127.0.0.1:50052"),
+            downstream_timeout_s=10.0,
+            retry=RetryPolicy(3, 0.05, 0.2),
+            reconnect_backoff_max_s=0.5,
+            readiness_interval_s=0.5,
+            **settings,
+        )
+
     # -- processes ----------------------------------------------------------------------------------
     def start(self, replica: ReplicaProcess) -> None:
         peers = ",".join(r.address for r in self.replicas[replica.shard] if r is not replica)

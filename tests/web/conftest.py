@@ -16,18 +16,11 @@ import pytest
 
 from common.image_store import LocalImageStore, fill_from_prepared
 from scripts.stack import free_port, spawn, wait_healthy
-from services.embedder.config import EmbedderConfig
 from services.gateway import index_catalogue
-from services.gateway.config import GatewayConfig, RetryPolicy
-from services.gateway.server import start as start_gateway
-from services.indexer.config import IndexerConfig
-from services.indexer.server import start as start_indexer
-from services.indexer.spec import parse_collections
 from tests.gateway.gateway_data import make_mini_prepared
-from tests.support.text import start_text_embedder
+from tests.support.services import text_stack
 
 WRITE_TOKEN = "web-test-token"
-COLLECTIONS = "image:1280:flat:ip,text:384:flat:ip"
 #: The test edge's upload limit (WEB_MAX_UPLOAD_MB), small so a too-big upload is cheap to send.
 UPLOAD_LIMIT_MB = 4
 
@@ -59,39 +52,15 @@ def web_stack(tmp_path_factory, test_artifact):
     root = tmp_path_factory.mktemp("web_stack")
     prepared = make_mini_prepared(root / "prepared", per_category=3)
     store = root / "images"
-    embedder = start_text_embedder(
-        EmbedderConfig.local(artifact_dir=test_artifact, host="127.0.0.1", port=0, text_model="on")
-    )
-    shards = [
-        start_indexer(
-            IndexerConfig.local(
-                host="127.0.0.1",
-                port=0,
-                data_dir=root / f"indexer-{i}",
-                log_level="warning",
-                collections=tuple(parse_collections(COLLECTIONS)),
-                collections_explicit=True,
-                fsync=False,
-            )
-        )
-        for i in range(2)
-    ]
-    gateway = edge = None
-    try:
-        config = GatewayConfig.local(
-            host="127.0.0.1",
-            port=0,
-            db_path=root / "catalogue.sqlite3",
-            bootstrap_dir=prepared,
-            embedder_addr=f"127.0.0.1:{embedder.port}",
-            indexer_addrs=tuple(f"127.0.0.1:{s.port}" for s in shards),
-            downstream_timeout_s=60.0,
-            retry=RetryPolicy(3, 0.05, 0.2),
-            write_token=WRITE_TOKEN,
-            image_store_dir=store,
-        )
-        gateway = start_gateway(config)
-        core = gateway.core
+    with text_stack(
+        root,
+        test_artifact,
+        prepared,
+        downstream_timeout_s=60.0,
+        write_token=WRITE_TOKEN,
+        image_store_dir=store,
+    ) as services:
+        core = services.gateway.core
         image_ids, vectors = index_catalogue.embed_prepared(
             prepared, core.catalogue, core.embedder, progress=False
         )
@@ -104,26 +73,21 @@ def web_stack(tmp_path_factory, test_artifact):
         )
         filled = fill_from_prepared(LocalImageStore(store), prepared)
         assert filled.added == len(image_ids) and filled.skipped == 0
-        edge = start_edge(root, f"127.0.0.1:{gateway.port}", store)
-        yield SimpleNamespace(
-            root=root,
-            prepared=prepared,
-            store=store,
-            gateway=gateway,
-            edge=edge,
-            url=f"http://{edge.address}",
-            gateway_config=config,
-            listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
-            images=pd.read_csv(prepared / "images.csv", dtype=str),
-        )
-    finally:
-        if edge is not None:
+        edge = start_edge(root, f"127.0.0.1:{services.gateway.port}", store)
+        try:
+            yield SimpleNamespace(
+                root=root,
+                prepared=prepared,
+                store=store,
+                gateway=services.gateway,
+                edge=edge,
+                url=f"http://{edge.address}",
+                gateway_config=services.config,
+                listings=pd.read_csv(prepared / "listings.csv", dtype={"price": float}),
+                images=pd.read_csv(prepared / "images.csv", dtype=str),
+            )
+        finally:
             edge.stop()
-        if gateway is not None:
-            gateway.stop(0)
-        for shard in shards:
-            shard.stop(0)
-        embedder.stop(0)
 
 
 def photo_of(stack, listing_id: str) -> tuple[str, bytes]:
