@@ -42,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.logs import outgoing_metadata
 from common.metrics import GrpcClientMetrics
 from common.security import TlsFiles, bearer_metadata, open_channel
+from common.vectors import float_vector
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from marketplace.indexer.v1 import indexer_pb2, indexer_pb2_grpc
 from services.gateway.config import RetryPolicy
@@ -790,7 +791,7 @@ class IndexerShards:
             k=k,
             filter=to_index_filter(search_filter),
             group_by_listing=group_by_listing,
-            queries=[indexer_pb2.Vector(values=row.tolist()) for row in queries],
+            queries=[float_vector(indexer_pb2.Vector, row) for row in queries],
         )
         shards = self.routing.search_shards()
         replies = self._read(
