@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +250,8 @@ class FeatureExtractor:
         #: the fastest runtime that matches torch on the first photos) and TRAINING_PRECISION
         self.runtime = runtime or TRAINING_RUNTIME.from_environment()
         self.precision = precision or TRAINING_PRECISION.from_environment()
-        self._session: Session | None = None
+        #: the runtime session for each tuple of outputs, for the backbone module it was made from
+        self._sessions: dict[tuple[str, ...], Session | None] = {}
         self._session_features: nn.Module | None = None
         self._export_dir: tempfile.TemporaryDirectory | None = None
         self.choice: Choice | None = None
@@ -269,17 +271,33 @@ class FeatureExtractor:
         return FeatureStore(self.cache_dir, self.backbone, view, output, precision=precision)
 
     def pooled_session(self, check_batch: torch.Tensor) -> Session | None:
-        """The session computing pooled features, chosen once per backbone module on the first
-        batch of real photos (`common.runtimes.choose_session`); None means torch."""
+        """The session computing pooled features (see `session_for`)."""
+        return self.session_for(("pooled",), check_batch)
+
+    def session_for(self, outputs: Sequence[str], check_batch: torch.Tensor) -> Session | None:
+        """The session computing `outputs` (``pooled`` and/or ``cut<n>`` activations), chosen once
+        per backbone module and outputs on the first batch of real photos
+        (`common.runtimes.choose_session`); None means torch, block by block.
+
+        Cut activations are cached as float16 and shared with torch's cache, so they come from a
+        runtime only at fp32: the session's outputs are each cut flattened (the check's cosine is
+        the whole activation's, per photo) and then the pooled features."""
+        outputs = tuple(outputs)
         features = self.features
-        if self._session_features is features:
-            return self._session
-        reference = TorchSession(features, channels_last=True)
+        if self._session_features is not features:
+            self._sessions, self._session_features = {}, features
+        if outputs in self._sessions:
+            return self._sessions[outputs]
+        if outputs != ("pooled",) and self.precision != "fp32":
+            self._sessions[outputs] = None
+            return None
+        module = features if outputs == ("pooled",) else _CutOutputs(features, outputs).eval()
+        reference = TorchSession(module, channels_last=True)
         inputs = check_batch[:CHECK_PHOTOS].numpy()
 
         def open_candidate(runtime: str, precision: str) -> Session:
             if runtime == "torch":
-                return TorchSession(features, precision=precision, channels_last=True)
+                return TorchSession(module, precision=precision, channels_last=True)
             if precision == "int8":
                 raise RuntimeUnavailable(
                     "int8 is not used for the training features (it would "
@@ -287,7 +305,7 @@ class FeatureExtractor:
                 )
             return open_session(
                 runtime,
-                self._onnx_file(features),
+                self._onnx_file(module, _session_outputs(outputs)),
                 precision=precision,
                 threads=torch.get_num_threads(),
                 workers=1,
@@ -309,20 +327,22 @@ class FeatureExtractor:
                 ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in choice.speeds.items()),
             )
         log.info(
-            "backbone features computed by %s %s%s",
+            "backbone %s computed by %s %s%s",
+            "+".join(outputs),
             choice.session.runtime,
             choice.session.precision,
             f" ({choice.check.describe()})" if choice.check else "",
         )
         self.choice = choice
-        self._session_features = features
-        self._session = None if choice.session is reference else choice.session
-        return self._session
+        session = None if choice.session is reference else choice.session
+        self._sessions[outputs] = session
+        return session
 
-    def _onnx_file(self, features: nn.Module) -> Path:
-        self._export_dir = tempfile.TemporaryDirectory(prefix="features-onnx-")
-        path = Path(self._export_dir.name) / "features.onnx"
-        export_onnx(features, self.backbone.preprocessing.input_size, path, ("features",))
+    def _onnx_file(self, module: nn.Module, outputs: Sequence[str] = ("pooled",)) -> Path:
+        if self._export_dir is None:
+            self._export_dir = tempfile.TemporaryDirectory(prefix="features-onnx-")
+        path = Path(self._export_dir.name) / f"features-{'-'.join(outputs)}.onnx"
+        export_onnx(module, self.backbone.preprocessing.input_size, path, tuple(outputs))
         return path
 
     def get(
@@ -387,7 +407,6 @@ class FeatureExtractor:
         if bad:
             raise ValueError(f"unknown outputs {bad}: use pooled or cut<n>")
         features = self.features.eval()
-        pooled_only = tuple(outputs) == ("pooled",)
         blocks = backbone_blocks(features)
         stem = nn.Sequential(*_stem(features))
         tail = nn.Sequential(*_tail(features))
@@ -403,18 +422,37 @@ class FeatureExtractor:
             dynamic_ncols=True,
             mininterval=2.0,
         )
+        cut_shapes: dict[str, tuple[int, ...]] = {}
+
+        def load(start: int) -> torch.Tensor:
+            return torch.stack(
+                [
+                    transform(_open_rgb(p), k)
+                    for p, k in zip(
+                        paths[start : start + self.batch_size], keys[start : start + self.batch_size]
+                    )
+                ]
+            ).contiguous(memory_format=torch.channels_last)
+
+        # Photos are decoded and transformed one batch ahead, in one thread (it keeps the views'
+        # seeded augmentations in order), while the backbone runs on the batch before.
+        decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         try:
+            upcoming = decoder.submit(load, 0) if paths else None
             for start in range(0, len(paths), self.batch_size):
                 batch_keys = keys[start : start + self.batch_size]
-                batch = torch.stack(
-                    [
-                        transform(_open_rgb(p), k)
-                        for p, k in zip(paths[start : start + self.batch_size], batch_keys)
-                    ]
-                ).contiguous(memory_format=torch.channels_last)
-                session = self.pooled_session(batch) if pooled_only else None
-                if session is not None:  # the whole backbone in the faster runtime
-                    pending["pooled"].append(session.run(batch.contiguous().numpy())[0])
+                batch = upcoming.result()
+                following = start + self.batch_size
+                upcoming = decoder.submit(load, following) if following < len(paths) else None
+                session = self.session_for(outputs, batch)
+                if session is not None:  # the backbone in the faster runtime
+                    results = session.run(batch.contiguous().numpy())
+                    for name, value in zip(_session_outputs(outputs), results):
+                        if name.startswith("cut"):
+                            if name not in cut_shapes:
+                                cut_shapes[name] = self._cut_shape(name, batch)
+                            value = value.reshape((len(value),) + cut_shapes[name]).astype(np.float16)
+                        pending[name].append(value)
                 else:  # torch, block by block, keeping the cut activations asked for
                     x = stem(batch)
                     for i, block in enumerate(blocks[:last]):
@@ -432,7 +470,48 @@ class FeatureExtractor:
                     pending = {o: [] for o in outputs}
                     pending_keys = []
         finally:
+            decoder.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+    def _cut_shape(self, name: str, batch: torch.Tensor) -> tuple[int, ...]:
+        """(C, H, W) of the activations after block ``cut<n>`` for this input size."""
+        with torch.inference_mode():
+            x = FrozenPrefix(self.features, int(name[3:]))(batch[:1])
+        return tuple(x.shape[1:])
+
+
+def _session_outputs(outputs: Sequence[str]) -> list[str]:
+    """The order of a `_CutOutputs` session's outputs: the cuts (ascending), then pooled."""
+    cuts = sorted(o for o in outputs if o.startswith("cut"))
+    cuts.sort(key=lambda o: int(o[3:]))
+    return cuts + (["pooled"] if "pooled" in outputs else [])
+
+
+class _CutOutputs(nn.Module):
+    """images -> (each requested cut activation flattened, ..., pooled features), for export to an
+    inference runtime; shares its parameters with `features`."""
+
+    def __init__(self, features: nn.Module, outputs: Sequence[str]) -> None:
+        super().__init__()
+        self.names = _session_outputs(outputs)
+        self.cuts = [int(o[3:]) for o in self.names if o.startswith("cut")]
+        self.pooled = "pooled" in self.names
+        self.stem = nn.Sequential(*_stem(features))
+        self.blocks = nn.ModuleList(backbone_blocks(features))
+        self.tail = nn.Sequential(*_tail(features))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.stem(images)
+        results = []
+        last = len(self.blocks) if self.pooled else max(self.cuts)
+        for i in range(last + 1):
+            if i in self.cuts:
+                results.append(x.flatten(1))
+            if i < last:
+                x = self.blocks[i](x)
+        if self.pooled:
+            results.append(self.tail(x).flatten(1))
+        return tuple(results)
 
 
 def _folded(features: nn.Module, input_size: int) -> nn.Module:

@@ -63,3 +63,31 @@ def test_an_explicit_runtime_that_is_missing_is_refused_naming_the_setting(files
     )
     auto.get(files[:2], [p.name for p in files[:2]])
     assert auto.choice.session.runtime == "torch"
+
+
+@pytest.mark.parametrize("view", ["center", "aug1"])
+def test_cut_activations_for_fine_tuning_match_torch_in_the_runtime(files, view):
+    """The cached fine-tuning's pass (cut activations + pooled features, augmented views too) from
+    the runtime fills the float16 cache with what torch block by block gives, to fp16 rounding."""
+    pytest.importorskip("onnxruntime")
+    outputs = ("pooled", "cut11")
+    keys = [p.name for p in files]
+    expected = FeatureExtractor(
+        get_backbone("efficientnet_lite0"), cache_dir=None, progress=False, runtime="torch", batch_size=4
+    ).get(files, keys, view, outputs)
+    extractor = FeatureExtractor(
+        get_backbone("efficientnet_lite0"),
+        cache_dir=None,
+        progress=False,
+        runtime="onnxruntime",
+        batch_size=4,
+    )
+    got = extractor.get(files, keys, view, outputs)
+    assert extractor.choice.session.runtime == "onnxruntime" and extractor.choice.check.passed
+    assert got["cut11"].dtype == np.float16 and got["cut11"].shape == expected["cut11"].shape
+    for name in outputs:
+        a = expected[name].reshape(len(files), -1).astype(np.float64)
+        b = got[name].reshape(len(files), -1).astype(np.float64)
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.min() > 0.9999, name
+    np.testing.assert_allclose(got["pooled"], expected["pooled"], atol=1e-3)
