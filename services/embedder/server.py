@@ -10,6 +10,7 @@ from common.logs import setup_logging
 from common.metrics import ServiceMetrics
 from common.model import ArtifactError
 from common.artifact import FUSION_WEIGHTS_FILE
+from common.vectors import float_vector
 from common.serving import Server, create_server, serve_until_signal, service_errors
 from marketplace.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderConfig
@@ -21,7 +22,7 @@ SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 
 
 def _vector(values) -> embedder_pb2.Vector:
-    return embedder_pb2.Vector(values=values.tolist())
+    return float_vector(embedder_pb2.Vector, values)
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
@@ -54,7 +55,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             for category, probability in result.categories:
                 item.categories.add(category=category, probability=probability)
             if result.embedding is not None:
-                item.embedding.values.extend(result.embedding.tolist())
+                item.embedding.CopyFrom(_vector(result.embedding))
         return response
 
     def EmbedText(self, request, context):
