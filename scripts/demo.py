@@ -98,6 +98,7 @@ def embed_listing_text(artifact_dir: Path) -> None:
 def choose_fusion_weights(artifact_dir: Path, text_ids: list[str], text_vectors) -> None:
     """The gateway's default text weights (hybrid Search, SimilarListings), chosen on the valid
     split for this image model (`training.fusion_weights`), unless the artefact has them already."""
+    from common.artifact import FUSION_WEIGHTS_FILE
     from common.fusion_weights import FusionWeights, FusionWeightsError
     from training import fusion_weights
 
@@ -113,7 +114,7 @@ def choose_fusion_weights(artifact_dir: Path, text_ids: list[str], text_vectors)
         print(
             f"    fusion weights {state}: hybrid Search text weight {weights.search_text_weight:.1f}, "
             f"SimilarListings {weights.similar_text_weight:.1f} -> "
-            f"{(artifact_dir / 'fusion_weights.json').relative_to(REPO)}"
+            f"{(artifact_dir / FUSION_WEIGHTS_FILE).relative_to(REPO)}"
         )
 
 
