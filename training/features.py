@@ -482,8 +482,7 @@ class FeatureExtractor:
 
 def _session_outputs(outputs: Sequence[str]) -> list[str]:
     """The order of a `_CutOutputs` session's outputs: the cuts (ascending), then pooled."""
-    cuts = sorted(o for o in outputs if o.startswith("cut"))
-    cuts.sort(key=lambda o: int(o[3:]))
+    cuts = sorted((o for o in outputs if o.startswith("cut")), key=lambda o: int(o[3:]))
     return cuts + (["pooled"] if "pooled" in outputs else [])
 
 
