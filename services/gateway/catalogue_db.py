@@ -206,10 +206,10 @@ class SqliteDatabase:
     def __init__(self, url: DatabaseUrl) -> None:
         self.url = url
         target = url.target
-        if target != ":memory:":
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         try:
+            if target != ":memory:":
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30)
             db.execute("PRAGMA foreign_keys = ON")
             if target != ":memory:":
@@ -217,6 +217,11 @@ class SqliteDatabase:
             db.execute("PRAGMA synchronous = FULL")
         except sqlite3.DatabaseError as exc:
             raise DatabaseError(f"catalogue {target} cannot be opened: {exc}") from None
+        except OSError as exc:
+            raise DatabaseError(
+                f"catalogue {target}: cannot make its folder {exc.filename} ({exc.strerror});"
+                " give a path in a writable folder"
+            ) from None
         self._db = db
 
     @contextmanager

@@ -230,6 +230,30 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path):
         Catalogue.open(f"sqlite:///{path}")
 
 
+def test_a_catalogue_path_under_a_file_is_refused_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    with pytest.raises(CatalogueError, match=r"cannot make its folder .*a-file"):
+        Catalogue.open(f"sqlite:///{blocker / 'catalogue.sqlite3'}")
+
+
+@pytest.mark.parametrize("tool", ["reconcile", "index_catalogue"])
+def test_the_tools_report_an_unusable_catalogue_path_without_a_traceback(tmp_path, tool):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    result = subprocess.run(
+        [sys.executable, "-m", f"services.gateway.{tool}", "--db", str(blocker / "c.sqlite3")]
+        + (["--prepared", str(tmp_path)] if tool == "index_catalogue" else []),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "GATEWAY_DB" in result.stderr and "cannot make its folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_version_1_catalogue_is_migrated_and_keeps_its_listings(tmp_path):
     """A file written by the gateway before the outbox (schema 1) opens as live listings."""
     path = tmp_path / "old.sqlite3"
