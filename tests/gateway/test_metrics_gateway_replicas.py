@@ -29,6 +29,7 @@ def stack(tmp_path):
     s.channel = grpc.insecure_channel(f"127.0.0.1:{s.gateway.port}")
     s.stub = gateway_pb2_grpc.GatewayStub(s.channel)
     wait_until(lambda: all(r.state == "SERVING" for r in s.gateway.core.indexer.replicas), 10)
+    s.probe_rarely()
     yield s
     s.close()
 
