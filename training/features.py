@@ -402,15 +402,12 @@ class FeatureExtractor:
     ) -> None:
         """Run the backbone over `paths`, handing every `flush` photos to ``save(keys, values)`` so an
         interrupted run keeps what it finished."""
-        cuts = sorted({int(o[3:]) for o in outputs if o.startswith("cut")})
         bad = [o for o in outputs if o != "pooled" and not (o.startswith("cut") and o[3:].isdigit())]
         if bad:
             raise ValueError(f"unknown outputs {bad}: use pooled or cut<n>")
-        features = self.features.eval()
-        blocks = backbone_blocks(features)
-        stem = nn.Sequential(*_stem(features))
-        tail = nn.Sequential(*_tail(features))
-        last = len(blocks) if "pooled" in outputs else max(cuts)
+        # The torch path runs the very module a runtime session is exported from.
+        module = _CutOutputs(self.features.eval(), outputs).eval()
+        names = _session_outputs(outputs)
         pending: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         pending_keys: list[str] = []
         bar = tqdm(
@@ -447,22 +444,15 @@ class FeatureExtractor:
                 session = self.session_for(outputs, batch)
                 if session is not None:  # the backbone in the faster runtime
                     results = session.run(batch.contiguous().numpy())
-                    for name, value in zip(_session_outputs(outputs), results):
-                        if name.startswith("cut"):
-                            if name not in cut_shapes:
-                                cut_shapes[name] = self._cut_shape(name, batch)
-                            value = value.reshape((len(value),) + cut_shapes[name]).astype(np.float16)
-                        pending[name].append(value)
-                else:  # torch, block by block, keeping the cut activations asked for
-                    x = stem(batch)
-                    for i, block in enumerate(blocks[:last]):
-                        if i in cuts:
-                            pending[f"cut{i}"].append(x.to(torch.float16).contiguous().numpy())
-                        x = block(x)
-                    if last in cuts:
-                        pending[f"cut{last}"].append(x.to(torch.float16).contiguous().numpy())
-                    if "pooled" in outputs:
-                        pending["pooled"].append(tail(x).flatten(1).float().numpy())
+                else:
+                    with torch.inference_mode():
+                        results = [r.float().numpy() for r in module(batch)]
+                for name, value in zip(names, results):
+                    if name.startswith("cut"):
+                        if name not in cut_shapes:
+                            cut_shapes[name] = self._cut_shape(name, batch)
+                        value = value.reshape((len(value),) + cut_shapes[name]).astype(np.float16)
+                    pending[name].append(value)
                 pending_keys += batch_keys
                 bar.update(len(batch_keys))
                 if len(pending_keys) >= flush or start + self.batch_size >= len(paths):
