@@ -45,7 +45,7 @@ class Setting:
     `ConfigError` naming the variable). ``shown`` is the default as a person reads it in the
     README (``8 MiB``, ``min(2, cores)``) when ``str(default)`` is not. ``deprecated_env``: former
     names of the variable, still read (with a logged warning naming the new one) when it is unset,
-    for one release after a rename.
+    for one release after a rename; ``deprecated_flags`` the same for former command-line flags.
     """
 
     env: str
@@ -63,6 +63,7 @@ class Setting:
     required: str | None = None
     secret: bool = False
     deprecated_env: tuple[str, ...] = ()
+    deprecated_flags: tuple[str, ...] = ()
 
     @property
     def flag_name(self) -> str | None:
@@ -185,6 +186,21 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+class _FormerFlag(argparse.Action):
+    """A renamed flag, still taken for one release: stores into the new flag's field and logs a
+    warning naming the new flag."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        log.warning(
+            "%s is deprecated: use %s (the old flag is taken for one release)", option_string, self.new
+        )
+        setattr(namespace, self.dest, values)
+
+
 class Settings:
     """The settings one service or command reads, by config field."""
 
@@ -218,6 +234,15 @@ class Settings:
                 )
             else:
                 parser.add_argument(name, dest=setting.field, default=None, help=text, metavar=setting.env)
+            for old in setting.deprecated_flags:
+                parser.add_argument(
+                    old,
+                    dest=setting.field,
+                    default=None,
+                    help=argparse.SUPPRESS,
+                    action=_FormerFlag,
+                    new=name,
+                )
         return parser
 
     def read(self, args: argparse.Namespace | None = None) -> dict[str, Any]:

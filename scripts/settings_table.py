@@ -50,9 +50,10 @@ def _cell(text: str) -> str:
 
 
 def _former_names(setting: Setting) -> str:
-    if not setting.deprecated_env:
+    former = setting.deprecated_env + setting.deprecated_flags
+    if not former:
         return ""
-    names = " / ".join(f"`{name}`" for name in setting.deprecated_env)
+    names = " / ".join(f"`{name}`" for name in former)
     return f" (formerly {names}: still read, with a warning, for one release)"
 
 

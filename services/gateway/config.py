@@ -241,6 +241,7 @@ GATEWAY_SETTINGS = merged(
             "bootstrap_dir",
             Path,
             deprecated_env=("GATEWAY_SEED_DIR",),
+            deprecated_flags=("--seed-dir",),
             help="prepared data loaded into an empty catalogue at start",
         ),
         EMBEDDER_ADDR,

@@ -39,6 +39,7 @@ WEB_SETTINGS = merged(
             "bootstrap_dir",
             Path,
             deprecated_env=("WEB_SEED_DIR",),
+            deprecated_flags=("--seed-dir",),
             help="prepared data whose photos are linked into the store at start when missing",
         ),
         Setting(

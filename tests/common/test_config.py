@@ -179,6 +179,10 @@ def test_the_seed_dir_settings_are_bootstrap_dir_and_read_the_old_name(monkeypat
     assert f"{old} is deprecated: rename it {new}" in caplog.text
     monkeypatch.delenv(old)
     assert config.from_env(["--bootstrap-dir", "/srv/flag"]).bootstrap_dir == Path("/srv/flag")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="common.config"):  # the former flag, for one release
+        assert config.from_env(["--seed-dir", "/srv/old-flag"]).bootstrap_dir == Path("/srv/old-flag")
+    assert "--seed-dir is deprecated: use --bootstrap-dir" in caplog.text
 
 
 @pytest.mark.parametrize("settings, config", SERVICES, ids=lambda x: getattr(x, "__name__", ""))
