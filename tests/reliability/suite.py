@@ -426,6 +426,12 @@ class Ledger:
         with self.lock:
             self.uncertain.add(listing_id)
 
+    def still_added(self, listing_id: str) -> bool:
+        """The acknowledged add is still in effect: no remove of it has been sent since (the load
+        may remove a listing while `verify_writes` is checking it)."""
+        with self.lock:
+            return listing_id in self.added and listing_id not in self.uncertain
+
 
 def verify_writes(
     stack: Stack, ledger: Ledger, *, timeout: float = 30.0, settle_s: float = 10.0
@@ -443,10 +449,11 @@ def verify_writes(
             "GetListing", gateway_pb2.GetListingRequest(listing_id=write.listing_id), timeout=timeout
         )
         if code != OK:
-            lost.append(f"{write.listing_id}: GetListing {code.name}: {details}")
+            if ledger.still_added(write.listing_id):
+                lost.append(f"{write.listing_id}: GetListing {code.name}: {details}")
             continue
         got = tuple(gateway_pb2.Listing.FromString(reply).image_ids)
-        if got != write.image_ids:
+        if got != write.image_ids and ledger.still_added(write.listing_id):
             lost.append(f"{write.listing_id}: catalogue photos {got} != acknowledged {write.image_ids}")
         by_shard.setdefault(write.shard, []).append(write)
     collections = {"image": lambda write: write.image_ids}
@@ -455,6 +462,7 @@ def verify_writes(
     for shard, writes in by_shard.items():
         for collection, ids_of in collections.items():
             ids = [item_id for write in writes for item_id in ids_of(write)]
+            listing_of = {item_id: write.listing_id for write in writes for item_id in ids_of(write)}
             for start in range(0, len(ids), 512):
                 chunk = ids[start : start + 512]
                 code, details, reply = stack.indexer(
@@ -470,7 +478,7 @@ def verify_writes(
                 lost += [
                     f"{item_id}: {collection} vector missing on shard {shard}"
                     for item_id in chunk
-                    if item_id in missing
+                    if item_id in missing and ledger.still_added(listing_of[item_id])
                 ]
     for write in removed:
         code, _, _ = stack.gateway(
