@@ -90,114 +90,74 @@ class TrainConfig:
         return replace(self, **changes)
 
 
+# The fast mode used by the demo: frozen Lite0, cached features, a linear head.
+# (Centre view only: mirrored copies of the train photos cost a second backbone pass and did not
+# raise valid accuracy, 0.544 without vs 0.535 with.)
+_PROBE = dict(
+    name="lite0-probe",
+    mode="probe",
+    backbone="efficientnet_lite0",
+    optimizer="adamw",
+    lr=1e-3,
+    weight_decay=1e-4,
+    epochs=40,
+    batch_size=64,
+    label_smoothing=0.1,
+    dropout=0.2,
+    flip_views=False,
+)
+# Fine-tuning the last 5 of Lite0's 16 blocks (stage 6 and the head conv too) on cached activations
+# of the frozen stages: centre, mirror and 4 augmented views per train photo; LP-FT (the head
+# starts from the linear probe), BatchNorm statistics frozen, the best epoch chosen on valid.
+_FINETUNE = dict(
+    name="lite0-finetune5",
+    mode="finetune",
+    backbone="efficientnet_lite0",
+    unfrozen_blocks=5,
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=1e-4,
+    epochs=8,
+    batch_size=64,
+    aug_views=4,
+    flip_views=True,
+    label_smoothing=0.1,
+    dropout=0.2,
+    init_head_from_probe=True,
+    freeze_bn=True,
+)
+# The original project's recipe: SGD lr 0.001, momentum 0.8, 3 epochs, end to end with flips,
+# random resized crops and Gaussian blur (Preprocessing.train_transform).
+_ORIGINAL = dict(
+    name="lite0-original",
+    mode="finetune",
+    backbone="efficientnet_lite0",
+    unfrozen_blocks="all",
+    optimizer="sgd",
+    lr=0.001,
+    momentum=0.8,
+    weight_decay=0.0,
+    epochs=3,
+    batch_size=32,
+    label_smoothing=0.0,
+    schedule="constant",
+    init_head_from_probe=False,
+    freeze_bn=False,
+)
+
 PRESETS: dict[str, dict] = {
-    # The fast mode used by the demo: frozen Lite0, cached features, a linear head.
-    # (Centre view only: mirrored copies of the train photos cost a second backbone pass and did not
-    # raise valid accuracy, 0.544 without vs 0.535 with.)
-    "probe": dict(
-        name="lite0-probe",
-        mode="probe",
-        backbone="efficientnet_lite0",
-        optimizer="adamw",
-        lr=1e-3,
-        weight_decay=1e-4,
-        epochs=40,
-        batch_size=64,
-        label_smoothing=0.1,
-        dropout=0.2,
-        flip_views=False,
-    ),
+    "probe": _PROBE,
     # The better backbone, frozen: EfficientNet-Lite2 at 260 px (about 2.5x the backbone time).
-    "lite2-probe": dict(
-        name="lite2-probe",
-        mode="probe",
-        backbone="efficientnet_lite2",
-        optimizer="adamw",
-        lr=1e-3,
-        weight_decay=1e-4,
-        epochs=40,
-        batch_size=64,
-        label_smoothing=0.1,
-        dropout=0.2,
-        flip_views=False,
-    ),
-    # Fine-tuning the last 5 of Lite0's 16 blocks (stage 6 and the head conv too) on cached activations
-    # of the frozen stages: centre, mirror and 4 augmented views per train photo; LP-FT (the head
-    # starts from the linear probe), BatchNorm statistics frozen, the best epoch chosen on valid.
-    "finetune": dict(
-        name="lite0-finetune5",
-        mode="finetune",
-        backbone="efficientnet_lite0",
-        unfrozen_blocks=5,
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=1e-4,
-        epochs=8,
-        batch_size=64,
-        aug_views=4,
-        flip_views=True,
-        label_smoothing=0.1,
-        dropout=0.2,
-        init_head_from_probe=True,
-        freeze_bn=True,
-    ),
+    "lite2-probe": _PROBE | dict(name="lite2-probe", backbone="efficientnet_lite2"),
+    "finetune": _FINETUNE,
     # The same on Lite2 at 260 px, with 2 augmented views instead of 4 to stay under an hour on
     # 2 cores (45 min from an empty cache on 2026-12-01): the best valid image top-1 of any mode,
     # 0.598, at about twice Lite0's backbone cost per photo in serving.
-    "lite2-finetune": dict(
-        name="lite2-finetune5",
-        mode="finetune",
-        backbone="efficientnet_lite2",
-        unfrozen_blocks=5,
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=1e-4,
-        epochs=8,
-        batch_size=64,
-        aug_views=2,
-        flip_views=True,
-        label_smoothing=0.1,
-        dropout=0.2,
-        init_head_from_probe=True,
-        freeze_bn=True,
-    ),
-    # The original project's recipe: SGD lr 0.001, momentum 0.8, 3 epochs, end to end with flips,
-    # random resized crops and Gaussian blur (Preprocessing.train_transform).
-    "original": dict(
-        name="lite0-original",
-        mode="finetune",
-        backbone="efficientnet_lite0",
-        unfrozen_blocks="all",
-        optimizer="sgd",
-        lr=0.001,
-        momentum=0.8,
-        weight_decay=0.0,
-        epochs=3,
-        batch_size=32,
-        label_smoothing=0.0,
-        schedule="constant",
-        init_head_from_probe=False,
-        freeze_bn=False,
-    ),
+    "lite2-finetune": _FINETUNE | dict(name="lite2-finetune5", backbone="efficientnet_lite2", aug_views=2),
+    "original": _ORIGINAL,
     # The original recipe's optimiser on cached activations of the frozen early blocks.
-    "original-cached": dict(
-        name="lite0-original-cached",
-        mode="finetune",
-        backbone="efficientnet_lite0",
-        unfrozen_blocks=5,
-        optimizer="sgd",
-        lr=0.001,
-        momentum=0.8,
-        weight_decay=0.0,
-        epochs=3,
-        batch_size=32,
-        label_smoothing=0.0,
-        schedule="constant",
-        init_head_from_probe=False,
-        freeze_bn=False,
-    ),
+    "original-cached": _ORIGINAL | dict(name="lite0-original-cached", unfrozen_blocks=5),
 }
 
 
