@@ -183,8 +183,7 @@ def call_all(calls: Sequence[Call], deadline: Deadline, policy: RetryPolicy) -> 
         timeout = deadline.remaining()
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline exceeded before calling {call.label}")
-        how = _Answered if inline else _future
-        return how(call.method, call.request, timeout=timeout, metadata=metadata + call.metadata)
+        return _send(call.method, call.request, inline, timeout=timeout, metadata=metadata + call.metadata)
 
     futures: list = []
     try:
@@ -237,8 +236,10 @@ def call_one(call: Call, deadline: Deadline, policy: RetryPolicy):
 # hand-offs per call that the profile of SearchByImage showed as the gateway's largest cost.
 
 
-def _future(method: grpc.UnaryUnaryMultiCallable, request, **kwargs):
-    return method.future(request, **kwargs)
+def _send(method: grpc.UnaryUnaryMultiCallable, request, inline: bool, **kwargs):
+    """The call, made on this thread and answered (``inline``) or sent as a gRPC future; either
+    is read with ``result()``."""
+    return _Answered(method, request, **kwargs) if inline else method.future(request, **kwargs)
 
 
 class _Answered:
@@ -702,9 +703,8 @@ class IndexerShards:
             timeout = (deadline.remaining() - reserve) / max(1, left)
             if timeout <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before calling {replica.label}")
-            how = _Answered if inline else _future
-            attempt.future = how(
-                getattr(replica.stub, method), attempt.request, timeout=timeout, metadata=metadata
+            attempt.future = _send(
+                getattr(replica.stub, method), attempt.request, inline, timeout=timeout, metadata=metadata
             )
 
         try:
